@@ -1,0 +1,3 @@
+from reflowpairs.cli import main
+
+main()

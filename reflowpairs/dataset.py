@@ -1,0 +1,103 @@
+"""Opening a LeRobotDataset for reflow, checking it against a policy, and fingerprinting it.
+
+Observations are addressed by the dataset's global frame ``index`` (the ``index`` column), which
+is what the pair store records as ``obs_index``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reflowpairs.errors import ReflowPairsError
+
+# lerobot logs a long, harmless traceback when torchcodec finds no FFmpeg and falls back to pyav.
+logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
+
+
+def open_dataset(repo_id: str, root: str | Path | None = None, episodes: list[int] | None = None, **kwargs):
+    """``LeRobotDataset(repo_id, root=root, episodes=episodes)`` with errors that name the input."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    if root is not None:
+        root = Path(root).expanduser()
+        if not (root / "meta" / "info.json").is_file():
+            raise ReflowPairsError(
+                f"--dataset-root {root} is not a LeRobotDataset (no meta/info.json there).",
+                "Point it at the dataset's local root, the directory holding meta/ and data/.",
+            )
+    try:
+        return LeRobotDataset(repo_id, root=root, episodes=episodes, **kwargs)
+    except ValueError as err:
+        raise ReflowPairsError(f"Dataset {repo_id}: {err}", "Check --episodes against the dataset.") from err
+    except Exception as err:  # noqa: BLE001 - hub and file errors come in many kinds
+        where = f"at {root}" if root is not None else "in the local cache or on the Hugging Face hub"
+        raise ReflowPairsError(
+            f"Could not open dataset {repo_id!r} {where} ({type(err).__name__}: {err}).",
+            "Give --dataset-root DIR for a local copy, or check the repo id and your network.",
+        ) from err
+
+
+def frame_indices(dataset) -> np.ndarray:
+    """Global frame ``index`` of each position of ``dataset`` (its selected episodes), int64."""
+    return np.asarray(dataset.hf_dataset.select_columns(["index"])["index"], dtype=np.int64).reshape(-1)
+
+
+def dataset_fingerprint(dataset) -> str:
+    """sha256 over every file under the dataset's ``meta/`` (info, tasks, episodes, stats), by path.
+
+    Two copies of the same dataset share it; a dataset with other episodes, frames, tasks or
+    statistics does not. Data files are not hashed (they can be hundreds of GB)."""
+    meta_dir = Path(dataset.root) / "meta"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in meta_dir.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(meta_dir)).encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def dataset_provenance(dataset, episodes: list[int] | None) -> dict[str, Any]:
+    """The manifest's ``dataset`` object."""
+    return {
+        "repo_id": dataset.repo_id,
+        "root": str(Path(dataset.root).resolve()),
+        "total_frames": int(dataset.meta.total_frames),
+        "total_episodes": int(dataset.meta.total_episodes),
+        "fps": int(dataset.meta.fps),
+        "episodes": episodes,
+        "fingerprint": dataset_fingerprint(dataset),
+    }
+
+
+def check_features(policy_config, dataset_meta, renames: dict[str, str] | None = None) -> None:
+    """Refuse a dataset that does not carry the policy's inputs and action with the right shapes.
+
+    The policy's feature names are after the preprocessor's renames; extra dataset keys are fine
+    (the policy ignores them) but are listed when something is wrong, to help spot a renamed key.
+    """
+    from lerobot.configs.types import FeatureType
+    from lerobot.utils.feature_utils import dataset_to_policy_features
+
+    renames = renames or {}
+    available = {renames.get(k, k): f for k, f in dataset_to_policy_features(dataset_meta.features).items()}
+    wanted = dict(policy_config.input_features)
+    wanted.update(policy_config.output_features)
+    problems: list[str] = []
+    for key, feature in wanted.items():
+        if key.startswith("observation.images.empty_camera_"):
+            continue
+        if key not in available:
+            problems.append(f"missing {key} {tuple(feature.shape)}")
+        elif feature.type is not FeatureType.VISUAL and tuple(available[key].shape) != tuple(feature.shape):
+            problems.append(f"{key} has shape {tuple(available[key].shape)}, the policy expects {tuple(feature.shape)}")
+    if problems:
+        extra = sorted(set(available) - set(wanted))
+        raise ReflowPairsError(
+            "The dataset does not match the policy's features: " + "; ".join(problems) + "."
+            + (f" Dataset keys the policy does not use: {', '.join(extra)}." if extra else ""),
+            "Use the dataset the policy was trained on (or one recorded with the same robot and cameras).",
+        )

@@ -1,0 +1,292 @@
+"""Stage 1: run the teacher's sampler over every frame of a dataset and store (X_0, X_1, obs_index) pairs.
+
+The teacher is loaded once. Frames are loaded in DataLoader workers, the engine samples K pairs
+per frame with one shared prefix per frame, and a background thread writes atomic shards while
+the device works on the next batch. X_0 is a pure function of (seed, obs_index, sample), so runs
+that batch differently, resume, or split the frames give the same pairs.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reflowpairs import __version__
+from reflowpairs.dataset import check_features, dataset_provenance, frame_indices, open_dataset
+from reflowpairs.engine import make_engine
+from reflowpairs.errors import ReflowPairsError
+from reflowpairs.noise import batch_noise
+from reflowpairs.pairstore import (
+    MANIFEST,
+    SHARDS_DIR,
+    PairStore,
+    Pairs,
+    PairStoreWriter,
+    new_manifest,
+    read_manifest,
+)
+from reflowpairs.solvers import SolverConfig
+from reflowpairs.teacher import load_policy, rename_map
+
+Progress = Callable[[int, int], None]
+"""``progress(frames_done_this_run, pairs_done_this_run)``, called after each batch."""
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of ``reflowpairs generate`` (see ``docs/pair-store.md`` for what is stored)."""
+
+    teacher: str
+    dataset: str
+    out: Path
+    dataset_root: Path | None = None
+    episodes: list[int] | None = None
+    samples_per_frame: int = 4
+    num_steps: int | None = None  # None: the teacher config's num_steps
+    solver: str = "euler"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    batch_size: int = 16  # frames per teacher call (each call samples batch_size * K pairs)
+    shard_size: int = 4096  # pairs per shard (rounded to whole frames)
+    seed: int = 0
+    device: str = "auto"
+    backend: str = "zarr"
+    num_workers: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    on_nonfinite: str = "error"  # "error" | "skip"
+    writer_id: str = "w0"
+
+
+@dataclass
+class GenerateResult:
+    out: Path
+    num_pairs: int  # in the whole store
+    num_frames: int  # in the whole store
+    new_pairs: int  # written by this run
+    seconds: float
+    skipped: list[int] = field(default_factory=list)  # obs_index of frames skipped for non-finite X_1
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.new_pairs / self.seconds if self.seconds > 0 else 0.0
+
+
+def software_versions() -> dict[str, str]:
+    import lerobot
+    import pyarrow
+    import zarr
+
+    return {
+        "reflowpairs": __version__,
+        "lerobot": getattr(lerobot, "__version__", "unknown"),
+        "torch": torch.__version__,
+        "zarr": zarr.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
+
+
+def _check_args(cfg: GenerateConfig) -> None:
+    if cfg.samples_per_frame < 1:
+        raise ReflowPairsError(f"--samples-per-frame must be at least 1, got {cfg.samples_per_frame}.")
+    if cfg.batch_size < 1:
+        raise ReflowPairsError(f"--batch-size must be at least 1, got {cfg.batch_size}.")
+    if cfg.on_nonfinite not in ("error", "skip"):
+        raise ReflowPairsError(f"--on-nonfinite must be 'error' or 'skip', got {cfg.on_nonfinite!r}.")
+    if cfg.resume and cfg.overwrite:
+        raise ReflowPairsError("--resume and --overwrite contradict each other.", "Give one of them.")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ReflowPairsError(f"--out {out} exists and is not a directory.")
+    has_store = (out / MANIFEST).exists()
+    if has_store and not (cfg.resume or cfg.overwrite):
+        raise ReflowPairsError(
+            f"--out {out} already holds a pair store.",
+            "Pass --resume to finish it (same teacher, dataset and settings), --overwrite to replace it, "
+            "or choose another --out.",
+        )
+    if cfg.resume and not has_store:
+        raise ReflowPairsError(f"--resume was given but {out} holds no pair store ({MANIFEST} missing).")
+    if not has_store and out.is_dir() and (out / SHARDS_DIR).exists():
+        raise ReflowPairsError(f"--out {out} has a shards/ directory but no manifest.", "Choose an empty --out.")
+
+
+def _diff(recorded: dict[str, Any], wanted: dict[str, Any], prefix: str) -> list[str]:
+    return [
+        f"{prefix}.{k}: store has {recorded.get(k)!r}, this run has {wanted.get(k)!r}"
+        for k in sorted(set(recorded) | set(wanted))
+        if recorded.get(k) != wanted.get(k)
+    ]
+
+
+def _resume_manifest(out: Path, fresh: dict[str, Any]) -> dict[str, Any]:
+    """The existing manifest, after checking it was made by the same teacher, dataset and settings."""
+    manifest = read_manifest(out)
+    differences = [f"backend: store has {manifest['backend']!r}, this run has {fresh['backend']!r}"] if manifest["backend"] != fresh["backend"] else []
+    differences += _diff(manifest["generation"], fresh["generation"], "generation")
+    differences += _diff({"fingerprint": manifest["teacher"].get("fingerprint")}, {"fingerprint": fresh["teacher"]["fingerprint"]}, "teacher")
+    differences += _diff({"fingerprint": manifest["dataset"].get("fingerprint")}, {"fingerprint": fresh["dataset"]["fingerprint"]}, "dataset")
+    if differences:
+        raise ReflowPairsError(
+            f"Cannot resume {out}: it was made with other inputs or settings: " + "; ".join(differences) + ".",
+            "Resume with the original settings, or use --overwrite to start over.",
+        )
+    return manifest
+
+
+def _clear_unlisted(out: Path, manifest: dict[str, Any]) -> None:
+    """Remove shards/ entries the manifest does not list (leftovers of an interrupted run)."""
+    from reflowpairs.pairstore import _remove
+
+    listed = {Path(s["path"]).name for s in manifest["shards"]}
+    for path in (out / SHARDS_DIR).glob("*"):
+        if path.name not in listed:
+            _remove(path)
+
+
+def _overwrite(out: Path) -> None:
+    from reflowpairs.pairstore import _remove
+
+    _remove(out / SHARDS_DIR)
+    _remove(out / MANIFEST)
+
+
+class _BackgroundWriter:
+    """Runs ``PairStoreWriter.add`` on a thread so the device never waits on shard I/O."""
+
+    def __init__(self, writer: PairStoreWriter, depth: int = 4):
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="reflowpairs-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.writer.add(item)
+                except BaseException as err:  # noqa: BLE001 - re-raised on the main thread
+                    self._error = err
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise ReflowPairsError(
+                f"Writing shards to {self.writer.out} failed: {type(self._error).__name__}: {self._error}.",
+                "Check free disk space and that the directory is writable; then rerun with --resume.",
+            ) from self._error
+
+    def put(self, pairs: Pairs) -> None:
+        self._raise()
+        self._queue.put(pairs)
+
+    def close(self, complete: bool) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+        self.writer.close(complete)
+
+
+def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Callable[[int, int], None] | None = None) -> GenerateResult:
+    """Run stage 1. ``on_plan(frames_to_do, frames_already_done)`` is called once before sampling."""
+    _check_args(cfg)
+    out = Path(cfg.out)
+    teacher = load_policy(cfg.teacher, cfg.device)
+    dataset = open_dataset(cfg.dataset, cfg.dataset_root, cfg.episodes)
+    check_features(teacher.config, dataset.meta, rename_map(teacher.preprocessor))
+    engine = make_engine(teacher.policy)
+    solver = SolverConfig(cfg.solver, cfg.num_steps or teacher.config.num_steps, cfg.rtol, cfg.atol)
+    positions_index = frame_indices(dataset)
+    generation = {
+        "num_steps": solver.num_steps,
+        "solver": solver.name,
+        "rtol": solver.rtol if solver.name == "dopri5" else None,
+        "atol": solver.atol if solver.name == "dopri5" else None,
+        "samples_per_frame": cfg.samples_per_frame,
+        "seed": cfg.seed,
+        "episodes": cfg.episodes,
+        "num_frames": int(len(positions_index)),
+        "dtype": "float32",
+    }
+    fresh = new_manifest(
+        cfg.backend,
+        engine.noise_shape,
+        (engine.noise_shape[0], engine.action_dim),
+        {
+            "teacher": teacher.provenance(),
+            "dataset": dataset_provenance(dataset, cfg.episodes),
+            "generation": generation,
+            "software": software_versions(),
+        },
+    )
+    # Nothing in --out is touched before every check above has passed.
+    if cfg.resume:
+        manifest = _resume_manifest(out, fresh)
+        _clear_unlisted(out, manifest)
+        done = set(PairStore(out).index()[0].tolist())
+    else:
+        if cfg.overwrite:
+            _overwrite(out)
+        manifest, done = fresh, set()
+    manifest["complete"] = False
+    todo = np.flatnonzero(~np.isin(positions_index, np.fromiter(done, np.int64, len(done))))
+    if on_plan is not None:
+        on_plan(len(todo), len(positions_index) - len(todo))
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _BackgroundWriter(PairStoreWriter(out, manifest, cfg.shard_size, cfg.samples_per_frame, cfg.writer_id))
+    skipped = manifest.setdefault("skipped_frames", [])
+    start, frames, pairs = time.perf_counter(), 0, 0
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, todo.tolist()),
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        pin_memory=str(engine.device).startswith("cuda"),
+    )
+    complete = False
+    try:
+        for batch in loader:
+            block, bad = _sample_batch(batch, teacher.preprocessor, engine, solver, cfg)
+            if bad and cfg.on_nonfinite == "error":
+                raise ReflowPairsError(
+                    f"The teacher produced non-finite X_1 (NaN or inf) for obs_index {bad}.",
+                    "Check the teacher checkpoint and that frame's observation; pass --on-nonfinite skip "
+                    "to record and skip such frames. Shards written so far are kept; rerun with --resume.",
+                )
+            skipped.extend(bad)
+            if len(block):
+                writer.put(block)
+            frames += len(batch["index"])
+            pairs += len(block)
+            if progress is not None:
+                progress(frames, pairs)
+        complete = True
+    finally:
+        writer.close(complete)
+    final = read_manifest(out)
+    return GenerateResult(out, final["num_pairs"], final["num_frames"], pairs, time.perf_counter() - start, list(skipped))
+
+
+def _sample_batch(batch: dict[str, Any], preprocessor, engine, solver: SolverConfig, cfg: GenerateConfig) -> tuple[Pairs, list[int]]:
+    """Sample K pairs for each frame of a raw dataset batch; frames with non-finite X_1 are dropped."""
+    obs_index = batch["index"].to(torch.int64).numpy()
+    k = cfg.samples_per_frame
+    noise = batch_noise(cfg.seed, obs_index.tolist(), k, engine.noise_shape)  # (B, K, T, D0)
+    x1 = engine.sample(preprocessor(batch), noise, solver).float().cpu()  # (B, K, T, D1)
+    finite = torch.isfinite(x1).flatten(1).all(dim=1).numpy()
+    keep = np.flatnonzero(finite)
+    block = Pairs(
+        x0=noise[keep].reshape(-1, *noise.shape[2:]).numpy(),
+        x1=x1[keep].reshape(-1, *x1.shape[2:]).numpy(),
+        obs_index=np.repeat(obs_index[keep], k),
+        sample=np.tile(np.arange(k, dtype=np.int32), len(keep)),
+    )
+    return block, obs_index[~finite].tolist()

@@ -1,0 +1,374 @@
+"""The sharded pair store: ``OUT/manifest.json`` plus ``OUT/shards/<name>.zarr|.parquet``.
+
+The format is a contract other tools can read without this package; ``docs/pair-store.md``
+states it and this module keeps to it. In short:
+
+- a shard holds n pairs: ``x0`` (n, T, D0) float32, ``x1`` (n, T, D1) float32, ``obs_index`` (n,)
+  int64, ``sample`` (n,) int32 (zarr v3 arrays, or Parquet columns with x0/x1 as fixed-size lists
+  of float32, each tensor flattened row-major);
+- a shard is written under ``shards/.tmp-<name>``, flushed, and renamed into place only when
+  complete; the manifest is then rewritten atomically (temp file + rename) to list it. The
+  manifest therefore only ever lists complete shards, and anything else under ``shards/`` is a
+  leftover from an interrupted run;
+- each shard entry records sha256 checksums of its four arrays' logical content (C order,
+  little-endian bytes), so a reader can prove a shard is the one that was written;
+- a shard holds whole frames only (all K samples of a frame land in the same shard), so a
+  resumed run can tell done frames from shard contents alone.
+
+One writer per process (``PairStoreWriter``): shard names carry the writer's id, so writers on
+several processes never collide, and a single manifest lists them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reflowpairs.errors import ReflowPairsError
+
+FORMAT = "reflowpairs.pairs"
+VERSION = 1
+BACKENDS = ("zarr", "parquet")
+MANIFEST = "manifest.json"
+SHARDS_DIR = "shards"
+TMP_PREFIX = ".tmp-"
+ARRAYS = ("x0", "x1", "obs_index", "sample")
+_DTYPES = {"x0": np.float32, "x1": np.float32, "obs_index": np.int64, "sample": np.int32}
+_SUFFIX = {"zarr": ".zarr", "parquet": ".parquet"}
+ZARR_CHUNK = 256  # pairs per zarr chunk along the first axis
+
+
+@dataclass
+class Pairs:
+    """A block of pairs: ``x0`` (n, T, D0) f32, ``x1`` (n, T, D1) f32, ``obs_index`` (n,) i64, ``sample`` (n,) i32."""
+
+    x0: np.ndarray
+    x1: np.ndarray
+    obs_index: np.ndarray
+    sample: np.ndarray
+
+    def __post_init__(self):
+        for name in ARRAYS:
+            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=_DTYPES[name]))
+        n = len(self.obs_index)
+        if not (len(self.x0) == len(self.x1) == len(self.sample) == n):
+            raise ValueError("x0, x1, obs_index and sample must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.obs_index)
+
+    def take(self, rows: np.ndarray | slice) -> Pairs:
+        return Pairs(self.x0[rows], self.x1[rows], self.obs_index[rows], self.sample[rows])
+
+    @staticmethod
+    def concat(blocks: list[Pairs]) -> Pairs:
+        return Pairs(*(np.concatenate([getattr(b, name) for b in blocks]) for name in ARRAYS))
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """sha256 of an array's logical content: C order, little-endian bytes of its dtype."""
+    return hashlib.sha256(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()).hexdigest()
+
+
+def checksums(pairs: Pairs) -> dict[str, str]:
+    return {name: array_sha256(getattr(pairs, name)) for name in ARRAYS}
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file under ``path`` (or ``path`` itself) and the directories holding them."""
+    paths = [path] if path.is_file() else [p for p in path.rglob("*")] + [path]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_shard(path: Path, pairs: Pairs, backend: str, attrs: dict[str, Any]) -> None:
+    """Write ``pairs`` to ``path`` atomically: into ``.tmp-<name>`` beside it, fsync, rename."""
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    _remove(tmp)
+    if backend == "zarr":
+        _write_zarr(tmp, pairs, attrs)
+    else:
+        _write_parquet(tmp, pairs, attrs)
+    _fsync_tree(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_zarr(path: Path, pairs: Pairs, attrs: dict[str, Any]) -> None:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.attrs.update(attrs)
+    for name in ARRAYS:
+        data = getattr(pairs, name)
+        chunks = (min(ZARR_CHUNK, max(len(data), 1)), *data.shape[1:])
+        array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
+        array[...] = data
+
+
+def _write_parquet(path: Path, pairs: Pairs, attrs: dict[str, Any]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def fixed(x: np.ndarray) -> pa.FixedSizeListArray:
+        width = int(np.prod(x.shape[1:]))
+        return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), width)
+
+    table = pa.table(
+        {
+            "obs_index": pa.array(pairs.obs_index),
+            "sample": pa.array(pairs.sample),
+            "x0": fixed(pairs.x0),
+            "x1": fixed(pairs.x1),
+        }
+    ).replace_schema_metadata({b"reflowpairs": json.dumps(attrs).encode()})
+    pq.write_table(table, path, row_group_size=1024)
+
+
+def read_shard(path: Path, backend: str, x0_shape: tuple[int, ...], x1_shape: tuple[int, ...], columns=ARRAYS) -> dict[str, np.ndarray]:
+    """Read ``columns`` of a shard as numpy arrays (x0/x1 reshaped to ``(n, *shape)``)."""
+    if backend == "zarr":
+        import zarr
+
+        group = zarr.open_group(str(path), mode="r")
+        return {name: np.asarray(group[name][...]) for name in columns}
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=list(columns))
+    out = {}
+    for name in columns:
+        column = table.column(name).combine_chunks()
+        if name in ("x0", "x1"):
+            shape = x0_shape if name == "x0" else x1_shape
+            out[name] = column.values.to_numpy(zero_copy_only=False).reshape(len(column), *shape)
+        else:
+            out[name] = column.to_numpy()
+    return out
+
+
+def shard_attrs(path: Path, backend: str) -> dict[str, Any]:
+    """The metadata a shard carries about itself (store id, name)."""
+    if backend == "zarr":
+        import zarr
+
+        return dict(zarr.open_group(str(path), mode="r").attrs)
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"reflowpairs", b"{}"))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+# --- manifest --------------------------------------------------------------------------------------
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """Rewrite ``out/manifest.json`` atomically (temp file, fsync, rename)."""
+    tmp = out / (TMP_PREFIX + MANIFEST)
+    with open(tmp, "w") as handle:
+        json.dump(manifest, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, out / MANIFEST)
+    _fsync_dir(out)
+
+
+def read_manifest(out: str | Path) -> dict[str, Any]:
+    """Parse and sanity-check ``out/manifest.json``; errors name the store and what is wrong."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        raise ReflowPairsError(f"{out} is not a pair store: it has no {MANIFEST}.", "Give the --out directory of `reflowpairs generate`.")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReflowPairsError(f"{path} is not valid JSON ({err}).", "The store's manifest is damaged; regenerate the store.") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ReflowPairsError(f"{path} is not a reflowpairs manifest (format is not {FORMAT!r}).")
+    if manifest.get("version") != VERSION:
+        raise ReflowPairsError(
+            f"{path} has format version {manifest.get('version')!r}; this build reads version {VERSION}.",
+            "Use the reflowpairs version that wrote it, or regenerate the store.",
+        )
+    missing = [k for k in ("backend", "num_pairs", "x0", "x1", "shards") if k not in manifest]
+    if missing or manifest["backend"] not in BACKENDS:
+        raise ReflowPairsError(f"{path} is missing fields or has an unknown backend: {missing or manifest['backend']}.")
+    return manifest
+
+
+# --- writer ----------------------------------------------------------------------------------------
+
+
+def new_manifest(backend: str, x0_shape, x1_shape, provenance: dict[str, Any]) -> dict[str, Any]:
+    """A manifest with no shards yet; ``provenance`` holds teacher/dataset/generation/software."""
+    if backend not in BACKENDS:
+        raise ReflowPairsError(f"Unknown --format {backend!r}.", f"Choose one of: {', '.join(BACKENDS)}.")
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "backend": backend,
+        "store_id": uuid.uuid4().hex,
+        "complete": False,
+        "num_pairs": 0,
+        "num_frames": 0,
+        "x0": {"shape": list(x0_shape), "dtype": "float32"},
+        "x1": {"shape": list(x1_shape), "dtype": "float32"},
+        **provenance,
+        "shards": [],
+    }
+
+
+class PairStoreWriter:
+    """Appends whole frames of pairs to a store and cuts them into atomic shards.
+
+    ``add`` takes pairs frame by frame (all K samples of a frame together); once ``shard_size``
+    pairs are buffered, a shard of ``max(K, shard_size // K * K)`` pairs is written and the manifest
+    rewritten. ``close`` writes what is left. Not thread-safe: one writer per process.
+    """
+
+    def __init__(self, out: str | Path, manifest: dict[str, Any], shard_size: int, samples_per_frame: int, writer_id: str = "w0"):
+        if shard_size < 1:
+            raise ReflowPairsError(f"--shard-size must be at least 1, got {shard_size}.")
+        self.out = Path(out)
+        self.manifest = manifest
+        self.samples_per_frame = samples_per_frame
+        self.pairs_per_shard = max(samples_per_frame, shard_size // samples_per_frame * samples_per_frame)
+        self.writer_id = writer_id
+        self._buffer: list[Pairs] = []
+        self._buffered = 0
+        (self.out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        taken = {Path(s["path"]).stem for s in manifest["shards"]}
+        self._seq = sum(1 for name in taken if name.startswith(f"{writer_id}-"))
+        write_manifest(self.out, manifest)
+
+    def add(self, pairs: Pairs) -> None:
+        self._buffer.append(pairs)
+        self._buffered += len(pairs)
+        while self._buffered >= self.pairs_per_shard:
+            block = Pairs.concat(self._buffer)
+            self._write(block.take(slice(0, self.pairs_per_shard)))
+            rest = block.take(slice(self.pairs_per_shard, None))
+            self._buffer, self._buffered = ([rest] if len(rest) else []), len(rest)
+
+    def close(self, complete: bool) -> None:
+        """Write buffered pairs as a last shard and mark the manifest complete (or not)."""
+        if self._buffered:
+            self._write(Pairs.concat(self._buffer))
+            self._buffer, self._buffered = [], 0
+        self.manifest["complete"] = complete
+        write_manifest(self.out, self.manifest)
+
+    def _write(self, pairs: Pairs) -> None:
+        name = f"{self.writer_id}-{self._seq:06d}{_SUFFIX[self.manifest['backend']]}"
+        rel = f"{SHARDS_DIR}/{name}"
+        attrs = {"format": FORMAT, "store_id": self.manifest["store_id"], "shard": rel}
+        write_shard(self.out / rel, pairs, self.manifest["backend"], attrs)
+        self._seq += 1
+        self.manifest["shards"].append(
+            {
+                "path": rel,
+                "num_pairs": len(pairs),
+                "num_frames": len(np.unique(pairs.obs_index)),
+                "obs_index_min": int(pairs.obs_index.min()),
+                "obs_index_max": int(pairs.obs_index.max()),
+                "sha256": checksums(pairs),
+            }
+        )
+        self.manifest["num_pairs"] += len(pairs)
+        self.manifest["num_frames"] += len(np.unique(pairs.obs_index))
+        write_manifest(self.out, self.manifest)
+
+
+# --- reader ----------------------------------------------------------------------------------------
+
+
+class PairStore:
+    """Read access to a pair store: its manifest, and shards on demand (nothing loaded up front)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.backend: str = self.manifest["backend"]
+        self.x0_shape = tuple(self.manifest["x0"]["shape"])
+        self.x1_shape = tuple(self.manifest["x1"]["shape"])
+        self.shards: list[dict[str, Any]] = self.manifest["shards"]
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_pairs"])
+
+    def shard_path(self, i: int) -> Path:
+        return self.path / self.shards[i]["path"]
+
+    def read(self, i: int, columns=ARRAYS) -> dict[str, np.ndarray]:
+        """Columns of shard ``i``; a missing or unreadable shard raises an error naming it."""
+        path = self.shard_path(i)
+        if not path.exists():
+            raise ReflowPairsError(f"Shard {self.shards[i]['path']} of store {self.path} is missing.", "The store is damaged; regenerate it or restore the file.")
+        try:
+            return read_shard(path, self.backend, self.x0_shape, self.x1_shape, columns)
+        except Exception as err:  # noqa: BLE001 - zarr/pyarrow/numcodecs raise many kinds
+            raise ReflowPairsError(
+                f"Shard {self.shards[i]['path']} of store {self.path} cannot be read ({type(err).__name__}: {err}).",
+                "The store is damaged; regenerate it or restore the file.",
+            ) from err
+
+    def read_pairs(self, i: int) -> Pairs:
+        return Pairs(**self.read(i))
+
+    def iter_shards(self) -> Iterator[Pairs]:
+        for i in range(len(self.shards)):
+            yield self.read_pairs(i)
+
+    def index(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(obs_index, sample)`` of every pair, in shard order (reads only those two columns)."""
+        cols = [self.read(i, ("obs_index", "sample")) for i in range(len(self.shards))]
+        if not cols:
+            return np.zeros(0, np.int64), np.zeros(0, np.int32)
+        return np.concatenate([c["obs_index"] for c in cols]), np.concatenate([c["sample"] for c in cols])
+
+    def verify_shard(self, i: int) -> list[str]:
+        """Problems with shard ``i``: unreadable, wrong row count/shape/dtype, or checksum mismatch."""
+        entry = self.shards[i]
+        try:
+            data = self.read(i)
+        except ReflowPairsError as err:
+            return [err.what]
+        problems = []
+        n = entry["num_pairs"]
+        expected = {"x0": (n, *self.x0_shape), "x1": (n, *self.x1_shape), "obs_index": (n,), "sample": (n,)}
+        for name in ARRAYS:
+            array = data[name]
+            if array.shape != expected[name] or array.dtype != _DTYPES[name]:
+                problems.append(f"{name} is {array.dtype}{list(array.shape)}, the manifest says {np.dtype(_DTYPES[name])}{list(expected[name])}")
+            elif array_sha256(array) != entry.get("sha256", {}).get(name):
+                problems.append(f"{name} does not match the checksum recorded when it was written")
+        return problems

@@ -1,0 +1,59 @@
+"""ODE solvers for lerobot's flow-matching convention: integrate dx/dt = v(x, t) from t=1 (noise)
+to t=0 (action).
+
+``euler`` is the teacher's own sampler (lerobot's ``euler_integrate``, bit for bit); ``midpoint``
+and ``rk4`` are fixed-step and ``dopri5`` adaptive (``rtol``/``atol``), all from torchdiffeq. Every
+solver only calls ``velocity(x_t, t)``, so they all reuse the engine's shared prefix cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from reflowpairs.errors import ReflowPairsError
+
+Velocity = Callable[[Tensor, Tensor], Tensor]
+"""``velocity(x_t (B, T, D), t (B,) float32) -> v_t (B, T, D)``."""
+
+SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """Which solver, how many steps (fixed-step solvers), and tolerances (``dopri5``)."""
+
+    name: str = "euler"
+    num_steps: int = 10
+    rtol: float = 1e-5
+    atol: float = 1e-5
+
+    def __post_init__(self):
+        if self.name not in SOLVERS:
+            raise ReflowPairsError(f"Unknown solver {self.name!r}.", f"Choose one of: {', '.join(SOLVERS)}.")
+        if self.num_steps < 1:
+            raise ReflowPairsError(f"num_steps must be at least 1, got {self.num_steps}.")
+
+
+def integrate(velocity: Velocity, noise: Tensor, solver: SolverConfig) -> Tensor:
+    """Integrate from ``noise`` (the x at t=1, shape (B, T, D)) to t=0 and return x_0, the action."""
+    if solver.name == "euler":
+        from lerobot.policies.common.flow_matching import euler_integrate
+
+        return euler_integrate(velocity, noise, solver.num_steps)
+    from torchdiffeq import odeint
+
+    batch = noise.shape[0]
+
+    def rhs(t: Tensor, x: Tensor) -> Tensor:
+        return velocity(x, t.to(torch.float32).expand(batch))
+
+    times = torch.tensor([1.0, 0.0], dtype=torch.float32, device=noise.device)
+    if solver.name == "dopri5":
+        path = odeint(rhs, noise, times, method="dopri5", rtol=solver.rtol, atol=solver.atol)
+    else:
+        path = odeint(rhs, noise, times, method=solver.name, options={"step_size": 1.0 / solver.num_steps})
+    return path[-1]

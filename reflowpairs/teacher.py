@@ -1,0 +1,201 @@
+"""Loading a lerobot flow-matching policy checkpoint (teacher, student init, eval) with lerobot's
+own classes, and fingerprinting it.
+
+A checkpoint is what ``lerobot-train`` saves as ``pretrained_model/``: ``config.json``,
+``model.safetensors`` and the policy pre/post-processor files; ``source`` is that directory or a
+hub repo id (loaded through lerobot's ``from_pretrained``, so hub ids work wherever the hub does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reflowpairs.errors import ReflowPairsError
+
+FLOW_MATCHING_POLICIES = ("smolvla", "pi0", "pi05")
+"""lerobot policy types that sample actions by integrating a flow-matching ODE."""
+
+SUPPORTED_POLICIES = ("smolvla",)
+"""Flow-matching policies this version has a sampling engine for (pi0/pi05 come next)."""
+
+PREPROCESSOR_FILE = "policy_preprocessor.json"
+POSTPROCESSOR_FILE = "policy_postprocessor.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_UNFINGERPRINTED_KEYS = ("device", "pretrained_path")
+
+
+@dataclass
+class LoadedPolicy:
+    """A policy with its processors, as loaded from ``source``."""
+
+    source: str
+    policy: Any  # lerobot PreTrainedPolicy
+    preprocessor: Any  # PolicyProcessorPipeline (observation dict -> model batch)
+    postprocessor: Any  # PolicyProcessorPipeline (normalised action -> dataset units)
+    fingerprint: dict[str, str]
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    @property
+    def policy_type(self) -> str:
+        return self.policy.config.type
+
+    def provenance(self) -> dict[str, Any]:
+        """The manifest's ``teacher`` object."""
+        return {"source": self.source, "policy_type": self.policy_type, **self.fingerprint}
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` if available, else ``mps``, else ``cpu``; other names are checked."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ReflowPairsError(f"--device {device} was asked for, but CUDA is not available here.", "Use --device cpu or auto.")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ReflowPairsError("--device mps was asked for, but MPS is not available here.", "Use --device cpu or auto.")
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        raise ReflowPairsError(f"Unknown device {device!r}.", "Use auto, cpu, cuda, cuda:N or mps.")
+    return device
+
+
+def is_local(source: str | Path) -> bool:
+    """True when ``source`` names an existing local path (a hub id otherwise, if it looks like one)."""
+    return Path(source).expanduser().exists()
+
+
+def checkpoint_file(source: str, filename: str) -> Path:
+    """Local path of ``filename`` in checkpoint ``source`` (from the hub cache for repo ids)."""
+    if is_local(source):
+        path = Path(source).expanduser() / filename
+        if not path.is_file():
+            raise ReflowPairsError(
+                f"Checkpoint {source} has no {filename}.",
+                "Point at a lerobot pretrained_model/ directory (config.json, model.safetensors and the "
+                "policy_preprocessor/postprocessor files, as lerobot-train saves them).",
+            )
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id=source, filename=filename))
+    except Exception as err:  # noqa: BLE001 - every hub failure means the same thing to the user
+        raise _unreachable(source, err) from err
+
+
+def _unreachable(source: str, err: Exception | None = None) -> ReflowPairsError:
+    if not _HUB_ID.match(source):
+        return ReflowPairsError(
+            f"Checkpoint {source!r} does not exist.", "Check the path; it should be a pretrained_model/ directory."
+        )
+    reason = f" ({type(err).__name__})" if err is not None else ""
+    return ReflowPairsError(
+        f"Checkpoint {source!r} is not a local directory and could not be fetched from the Hugging Face hub{reason}.",
+        "If it is a local path, check it; if it is a hub repo id, check the id and your network "
+        "(HF_HUB_OFFLINE=1 allows only what is already in the cache).",
+    )
+
+
+def read_policy_config(source: str):
+    """The checkpoint's lerobot ``PreTrainedConfig`` (its ``type`` says which policy it is)."""
+    from lerobot.configs.policies import PreTrainedConfig
+
+    config_path = checkpoint_file(source, "config.json")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ReflowPairsError(f"Cannot read {config_path}: {err}.", "Is the checkpoint complete?") from err
+    policy_type = raw.get("type")
+    if policy_type not in FLOW_MATCHING_POLICIES:
+        raise ReflowPairsError(
+            f"Checkpoint {source} is a {policy_type!r} policy, not a flow-matching policy.",
+            f"Reflow needs a policy that samples by integrating a flow-matching ODE ({', '.join(FLOW_MATCHING_POLICIES)}); "
+            "ACT, diffusion and other policies cannot be straightened this way.",
+        )
+    if policy_type not in SUPPORTED_POLICIES:
+        raise ReflowPairsError(
+            f"Checkpoint {source} is a {policy_type} policy; this version of reflowpairs supports "
+            f"{', '.join(SUPPORTED_POLICIES)} only.",
+            "pi0/pi05 support is planned; use a SmolVLA checkpoint for now.",
+        )
+    source_dir = config_path.parent
+    try:
+        return PreTrainedConfig.from_pretrained(source_dir)
+    except Exception as err:  # noqa: BLE001 - draccus raises many kinds
+        raise ReflowPairsError(f"Cannot parse {config_path} as a lerobot {policy_type} config: {err}.") from err
+
+
+def _sha256_file(path: Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def config_digest(config_json: dict) -> str:
+    """sha256 of a checkpoint config with keys that do not change the policy (device, pretrained_path) removed."""
+    kept = {k: v for k, v in config_json.items() if k not in _UNFINGERPRINTED_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint_checkpoint(source: str) -> dict[str, str]:
+    """``{"config_sha256", "weights_sha256", "fingerprint"}`` of checkpoint ``source``.
+
+    ``weights_sha256`` hashes model.safetensors byte for byte; ``fingerprint`` combines both and is
+    what stores and students compare."""
+    config_sha = config_digest(json.loads(checkpoint_file(source, "config.json").read_text()))
+    weights_sha = _sha256_file(checkpoint_file(source, "model.safetensors"))
+    combined = hashlib.sha256(f"{config_sha}:{weights_sha}".encode()).hexdigest()
+    return {"config_sha256": config_sha, "weights_sha256": weights_sha, "fingerprint": combined}
+
+
+def load_policy(source: str | Path, device: str = "auto") -> LoadedPolicy:
+    """Load a flow-matching policy checkpoint and its processors with lerobot's own classes.
+
+    Refuses non-flow-matching policies and checkpoints without processor files, with a clear error.
+    """
+    from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+
+    source = str(source)
+    device = resolve_device(device)
+    config = read_policy_config(source)
+    for name in (PREPROCESSOR_FILE, POSTPROCESSOR_FILE):
+        checkpoint_file(source, name)
+    fingerprint = fingerprint_checkpoint(source)
+    config.device = device
+    policy_cls = get_policy_class(config.type)
+    try:
+        policy = policy_cls.from_pretrained(source, config=config)
+    except Exception as err:  # noqa: BLE001
+        raise ReflowPairsError(f"lerobot could not load the {config.type} policy in {source}: {err}.") from err
+    policy.eval()
+    try:
+        preprocessor, postprocessor = make_pre_post_processors(
+            config,
+            pretrained_path=source,
+            preprocessor_overrides={"device_processor": {"device": device}},
+        )
+    except Exception as err:  # noqa: BLE001
+        raise ReflowPairsError(f"lerobot could not load the processors in {source}: {err}.") from err
+    return LoadedPolicy(source, policy, preprocessor, postprocessor, fingerprint)
+
+
+def rename_map(preprocessor) -> dict[str, str]:
+    """The dataset-to-policy key renames the checkpoint's preprocessor applies (often empty)."""
+    for step in getattr(preprocessor, "steps", []):
+        if hasattr(step, "rename_map"):
+            return dict(step.rename_map)
+    return {}

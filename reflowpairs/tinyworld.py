@@ -1,0 +1,295 @@
+"""The bundled tiny world: everything the demo, tests and examples need, built offline in seconds.
+
+Three pieces, each a real lerobot/transformers artefact written to disk:
+
+- a SmolVLM config + processor directory (``build_tiny_vlm``): random-weight VLM of ~0.4 M parameters;
+- a LeRobotDataset v3 (``build_tiny_dataset``) written with ``LeRobotDataset.create``, whose action
+  chunks depend on the state, the image and the task, and are *bimodal* for one task, so a
+  flow-matching teacher's 1-step sample (the mean of the modes) is visibly worse than its 10-step one;
+- a SmolVLA teacher (``build_tiny_teacher``) trained for a short while with lerobot's ordinary
+  flow-matching loss and saved exactly as ``lerobot-train`` saves ``pretrained_model/``.
+
+``build_tiny_world(root)`` builds all three under one directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TINY_IMAGE = 32  # dataset camera resolution (H = W)
+TINY_VLM_IMAGE = 64  # the VLM's image size; SmolVLA pads camera images up to it
+TINY_REPO_ID = "reflowpairs/tiny_reach"
+TASKS = ("reach up", "reach sideways")
+SPECIAL_TOKENS = {
+    "fake_image_token": "<fake_token_around_image>",
+    "image_token": "<image>",
+    "end_of_utterance_token": "<end_of_utterance>",
+    "global_image_token": "<global-img>",
+}
+
+
+@dataclass(frozen=True)
+class TinyWorld:
+    """Paths of a built tiny world."""
+
+    root: Path
+    vlm_dir: Path
+    dataset_root: Path
+    repo_id: str
+    teacher_dir: Path
+
+
+@dataclass(frozen=True)
+class TinyDatasetSpec:
+    """Shape of the tiny dataset: ``num_episodes`` episodes of ``episode_length`` frames at ``fps``."""
+
+    num_episodes: int = 10
+    episode_length: int = 24
+    fps: int = 10
+    seed: int = 0
+    state_dim: int = 2
+
+
+@dataclass(frozen=True)
+class TinyTeacherSpec:
+    """How the tiny teacher is shaped and trained."""
+
+    chunk_size: int = 8
+    max_action_dim: int = 6
+    max_state_dim: int = 6
+    num_steps: int = 10
+    train_steps: int = 200
+    batch_size: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+
+
+def build_tiny_vlm(out_dir: str | Path) -> Path:
+    """Write a tiny SmolVLM ``config.json`` plus processor (word-level tokenizer, image and video
+    processors) to ``out_dir``; ``SmolVLAConfig(vlm_model_name=out_dir, load_vlm_weights=False)``
+    then builds a real, random-weight SmolVLA from it without the hub."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        SmolVLMConfig,
+        SmolVLMImageProcessor,
+        SmolVLMProcessor,
+        SmolVLMVideoProcessor,
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for task in TASKS for w in task.split()} | {"\n", "a", "the", "task", "robot"})
+    specials = ["<pad>", "<unk>", "<s>", "</s>", *SPECIAL_TOKENS.values()]
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens=dict(SPECIAL_TOKENS),
+    )
+    patch = 16
+    processor = SmolVLMProcessor(
+        image_processor=SmolVLMImageProcessor(
+            do_image_splitting=False,
+            size={"longest_edge": TINY_VLM_IMAGE},
+            max_image_size={"longest_edge": TINY_VLM_IMAGE},
+        ),
+        tokenizer=tokenizer,
+        video_processor=SmolVLMVideoProcessor(),
+        image_seq_len=(TINY_VLM_IMAGE // patch // 2) ** 2,
+    )
+    config = SmolVLMConfig(
+        text_config={
+            "model_type": "llama",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": len(vocab),
+            "max_position_embeddings": 512,
+            "pad_token_id": vocab["<pad>"],
+            "rms_norm_eps": 1e-5,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": TINY_VLM_IMAGE,
+            "patch_size": patch,
+        },
+        scale_factor=2,
+        image_token_id=vocab["<image>"],
+        pad_token_id=vocab["<pad>"],
+    )
+    config.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def _render(state: np.ndarray) -> np.ndarray:
+    """A ``(H, W, 3)`` uint8 picture with a bright blob at ``state`` (in [-2, 2]^2)."""
+    grid = np.linspace(-2.0, 2.0, TINY_IMAGE, dtype=np.float32)
+    yy, xx = np.meshgrid(grid, grid, indexing="ij")
+    blob = np.exp(-((xx - state[0]) ** 2 + (yy - state[1]) ** 2) / 0.1)
+    img = np.stack([blob, 0.5 * blob, 1.0 - blob], axis=-1)
+    return (255 * np.clip(img, 0.0, 1.0)).astype(np.uint8)
+
+
+def tiny_features(state_dim: int = 2) -> dict:
+    """The tiny dataset's feature spec, in ``LeRobotDataset.create`` form."""
+    return {
+        "observation.state": {"dtype": "float32", "shape": (state_dim,), "names": None},
+        "observation.images.cam": {
+            "dtype": "image",
+            "shape": (TINY_IMAGE, TINY_IMAGE, 3),
+            "names": ["height", "width", "channels"],
+        },
+        "action": {"dtype": "float32", "shape": (state_dim,), "names": None},
+    }
+
+
+def tiny_episode(episode: int, spec: TinyDatasetSpec) -> tuple[str, np.ndarray, np.ndarray]:
+    """``(task, states (L, S), actions (L, S))`` of one episode; pure function of (seed, episode).
+
+    "reach up" moves the state steadily up; "reach sideways" moves it left *or* right, chosen at
+    random per episode and not visible in the first frame: the action chunk given the observation is
+    bimodal there. The action is the next state (a position target), as on real arms.
+    """
+    rng = np.random.default_rng([spec.seed, episode])
+    task = TASKS[episode % len(TASKS)]
+    sign = 1.0 if rng.random() < 0.5 else -1.0
+    direction = np.array([0.0, 1.0]) if task == TASKS[0] else np.array([sign, 0.0])
+    start = rng.uniform(-1.0, 1.0, size=2)
+    steps = np.arange(spec.episode_length + 1)[:, None]
+    wobble = 0.05 * np.sin(steps * 0.7 + rng.uniform(0, 2 * math.pi))
+    path = start[None, :] + 0.06 * steps * direction[None, :] + wobble * direction[::-1][None, :]
+    path = np.pad(path, ((0, 0), (0, spec.state_dim - 2))) if spec.state_dim > 2 else path
+    return task, path[:-1].astype(np.float32), path[1:].astype(np.float32)
+
+
+def build_tiny_dataset(root: str | Path, repo_id: str = TINY_REPO_ID, spec: TinyDatasetSpec = TinyDatasetSpec()):
+    """Write the tiny LeRobotDataset (v3, images as PNG frames, no video) to ``root`` and return it."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    dataset = LeRobotDataset.create(
+        repo_id=repo_id, fps=spec.fps, root=root, features=tiny_features(spec.state_dim), use_videos=False
+    )
+    for episode in range(spec.num_episodes):
+        task, states, actions = tiny_episode(episode, spec)
+        for state, action in zip(states, actions, strict=True):
+            dataset.add_frame(
+                {
+                    "observation.state": state,
+                    "observation.images.cam": _render(state),
+                    "action": action,
+                    "task": task,
+                }
+            )
+        dataset.save_episode()
+    dataset.finalize()
+    return LeRobotDataset(repo_id, root=root)
+
+
+def tiny_smolvla_config(vlm_dir: str | Path, dataset_meta, spec: TinyTeacherSpec = TinyTeacherSpec()):
+    """A ``SmolVLAConfig`` for the tiny VLM with features taken from ``dataset_meta``."""
+    from lerobot.configs.types import FeatureType
+    from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+    from lerobot.utils.feature_utils import dataset_to_policy_features
+
+    features = dataset_to_policy_features(dataset_meta.features)
+    return SmolVLAConfig(
+        vlm_model_name=str(Path(vlm_dir).resolve()),
+        load_vlm_weights=False,
+        chunk_size=spec.chunk_size,
+        n_action_steps=spec.chunk_size,
+        max_action_dim=spec.max_action_dim,
+        max_state_dim=spec.max_state_dim,
+        num_steps=spec.num_steps,
+        resize_imgs_with_padding=(TINY_VLM_IMAGE, TINY_VLM_IMAGE),
+        tokenizer_max_length=16,
+        num_vlm_layers=4,
+        device="cpu",
+        push_to_hub=False,
+        input_features={k: f for k, f in features.items() if f.type is not FeatureType.ACTION},
+        output_features={k: f for k, f in features.items() if f.type is FeatureType.ACTION},
+    )
+
+
+def build_tiny_teacher(
+    vlm_dir: str | Path,
+    dataset,
+    out_dir: str | Path,
+    spec: TinyTeacherSpec = TinyTeacherSpec(),
+) -> Path:
+    """Train a tiny SmolVLA on ``dataset`` with lerobot's own flow-matching loss (``policy.forward``)
+    and save it as ``lerobot-train`` saves ``pretrained_model/``: config.json, model.safetensors and
+    the policy pre/post-processor files."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    torch.manual_seed(spec.seed)
+    cfg = tiny_smolvla_config(vlm_dir, dataset.meta, spec)
+    policy = SmolVLAPolicy(cfg)
+    preprocessor, postprocessor = make_pre_post_processors(cfg, dataset_stats=dataset.meta.stats)
+    fps = dataset.meta.fps
+    train_set = LeRobotDataset(
+        dataset.repo_id,
+        root=dataset.root,
+        delta_timestamps={"action": [i / fps for i in range(cfg.chunk_size)]},
+    )
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=spec.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(spec.seed),
+    )
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.train_steps)
+    policy.train()
+    step = 0
+    while step < spec.train_steps:
+        for batch in loader:
+            loss, _ = policy.forward(preprocessor(batch))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step >= spec.train_steps:
+                break
+    out_dir = Path(out_dir)
+    policy.save_pretrained(out_dir)
+    preprocessor.save_pretrained(out_dir)
+    postprocessor.save_pretrained(out_dir)
+    (out_dir / "tiny_training.json").write_text(json.dumps({"final_loss": float(loss), "steps": step}))
+    return out_dir
+
+
+def build_tiny_world(
+    root: str | Path,
+    dataset_spec: TinyDatasetSpec = TinyDatasetSpec(),
+    teacher_spec: TinyTeacherSpec = TinyTeacherSpec(),
+) -> TinyWorld:
+    """Build VLM dir, dataset and teacher under ``root`` (``vlm/``, ``dataset/``, ``teacher/``)."""
+    root = Path(root).resolve()
+    vlm_dir = build_tiny_vlm(root / "vlm")
+    dataset = build_tiny_dataset(root / "dataset", TINY_REPO_ID, dataset_spec)
+    teacher_dir = build_tiny_teacher(vlm_dir, dataset, root / "teacher", teacher_spec)
+    return TinyWorld(root, vlm_dir, root / "dataset", TINY_REPO_ID, teacher_dir)

@@ -1,0 +1,53 @@
+"""Shared offline fixtures: the tiny world (VLM dir, dataset, trained teacher) built once per session,
+a second, differently shaped world the main code paths never special-case, and a generated store."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from reflowpairs.tinyworld import TinyDatasetSpec, TinyTeacherSpec, TinyWorld, build_tiny_world
+
+logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> TinyWorld:
+    """The bundled tiny world, with a briefly trained teacher (tests need a real ODE, not a good one)."""
+    return build_tiny_world(tmp_path_factory.mktemp("tiny") / "world", teacher_spec=TinyTeacherSpec(train_steps=60))
+
+
+@pytest.fixture(scope="session")
+def other_world(tmp_path_factory) -> TinyWorld:
+    """Another shape of world: 3-d state and action, chunk 5, max_action_dim 4, 3 short episodes."""
+    return build_tiny_world(
+        tmp_path_factory.mktemp("other") / "world",
+        dataset_spec=TinyDatasetSpec(num_episodes=3, episode_length=10, state_dim=3, seed=7),
+        teacher_spec=TinyTeacherSpec(chunk_size=5, max_action_dim=4, max_state_dim=4, num_steps=6, train_steps=10, batch_size=8),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_world, tmp_path_factory) -> Path:
+    """A complete zarr pair store over episodes 0-5 of the tiny world, K=2, small shards."""
+    from reflowpairs.generate import GenerateConfig, generate
+
+    out = tmp_path_factory.mktemp("store") / "pairs"
+    generate(
+        GenerateConfig(
+            teacher=str(tiny_world.teacher_dir),
+            dataset=tiny_world.repo_id,
+            dataset_root=tiny_world.dataset_root,
+            out=out,
+            episodes=[0, 1, 2, 3, 4, 5],
+            samples_per_frame=2,
+            batch_size=8,
+            shard_size=64,
+            device="cpu",
+        )
+    )
+    return out
