@@ -156,6 +156,11 @@ def tiny_world(
     out_console.print(table)
 
 
+
+# Commands that live in their own modules register themselves on `app` when imported.
+from reflowpairs.cli import eval_cmd, store_cmds, train_cmd  # noqa: E402,F401
+
+
 def main() -> None:
     app()
 

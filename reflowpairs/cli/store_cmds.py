@@ -1,0 +1,1 @@
+"""Commands registered on the reflowpairs app (filled in by its own issue)."""
