@@ -278,7 +278,7 @@ def build_tiny_teacher(
     policy.save_pretrained(out_dir)
     preprocessor.save_pretrained(out_dir)
     postprocessor.save_pretrained(out_dir)
-    (out_dir / "tiny_training.json").write_text(json.dumps({"final_loss": float(loss), "steps": step}))
+    (out_dir / "tiny_training.json").write_text(json.dumps({"final_loss": loss.item(), "steps": step}))
     return out_dir
 
 

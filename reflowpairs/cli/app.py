@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.panel import Panel
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -61,7 +61,7 @@ def user_errors():
     except ReflowPairsError as err:
         if _state["debug"]:
             console.print_exception()
-        console.print(Panel(f"{err.what}\n{err.hint}".strip(), title="reflowpairs: error", border_style="red", expand=False))
+        console.print(f"[bold red]error:[/] {escape(err.what)} {escape(err.hint)}".rstrip(), soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted.[/] Completed shards are saved; rerun the same command with --resume to finish.")

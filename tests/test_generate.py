@@ -1,0 +1,259 @@
+"""Stage 1: the pair-store contract read back with plain zarr/pyarrow, X_0 determinism, X_1 equal to the
+teacher's own sampler, --episodes, both backends, resume, and the errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from reflowpairs.cli import app
+from reflowpairs.dataset import open_dataset
+from reflowpairs.errors import ReflowPairsError
+from reflowpairs.generate import GenerateConfig, generate
+from reflowpairs.noise import initial_noise
+from reflowpairs.teacher import load_policy
+
+runner = CliRunner()
+
+
+def _generate(world, out: Path, **overrides) -> Path:
+    settings = dict(
+        teacher=str(world.teacher_dir), dataset=world.repo_id, dataset_root=world.dataset_root, out=out,
+        episodes=[0, 1], samples_per_frame=3, batch_size=4, shard_size=20, device="cpu",
+    )
+    settings.update(overrides)
+    generate(GenerateConfig(**settings))
+    return out
+
+
+def read_plain(store: Path) -> dict[str, np.ndarray]:
+    """Read a store with plain zarr / pyarrow, following docs/pair-store.md, not this package."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    t0, d0 = manifest["x0"]["shape"]
+    t1, d1 = manifest["x1"]["shape"]
+    parts = []
+    for shard in manifest["shards"]:
+        path = store / shard["path"]
+        if manifest["backend"] == "zarr":
+            group = zarr.open_group(str(path), mode="r")
+            assert group["x0"].dtype == np.float32 and group["obs_index"].dtype == np.int64
+            assert group["sample"].dtype == np.int32 and group["x1"].dtype == np.float32
+            part = {name: np.asarray(group[name][...]) for name in ("x0", "x1", "obs_index", "sample")}
+        else:
+            table = pq.read_table(path)
+            assert str(table.schema.field("obs_index").type) == "int64"
+            assert str(table.schema.field("sample").type) == "int32"
+            for name, width in (("x0", t0 * d0), ("x1", t1 * d1)):
+                kind = table.schema.field(name).type
+                assert pa.types.is_fixed_size_list(kind) and kind.list_size == width and kind.value_type == pa.float32()
+            n = table.num_rows
+            part = {
+                "x0": np.stack(table.column("x0").to_numpy(zero_copy_only=False)).reshape(n, t0, d0),
+                "x1": np.stack(table.column("x1").to_numpy(zero_copy_only=False)).reshape(n, t1, d1),
+                "obs_index": table.column("obs_index").to_numpy(),
+                "sample": table.column("sample").to_numpy(),
+            }
+        assert len(part["obs_index"]) == shard["num_pairs"]
+        parts.append(part)
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.lexsort((out["sample"], out["obs_index"]))
+    return {k: v[order] for k, v in out.items()}
+
+
+@pytest.mark.parametrize("backend", ["zarr", "parquet"])
+def test_store_contract_read_with_plain_libraries(tiny_world, tmp_path, backend):
+    store = _generate(tiny_world, tmp_path / backend, backend=backend)
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["format"] == "reflowpairs.pairs" and manifest["version"] == 1
+    assert manifest["backend"] == backend and manifest["complete"] is True
+    for key in ("teacher", "dataset", "generation", "software"):
+        assert isinstance(manifest[key], dict)
+    assert manifest["teacher"]["policy_type"] == "smolvla" and len(manifest["teacher"]["fingerprint"]) == 64
+    want = {"num_steps": 10, "solver": "euler", "samples_per_frame": 3, "seed": 0, "episodes": [0, 1]}
+    assert {k: manifest["generation"][k] for k in want} == want
+    assert set(manifest["software"]) >= {"reflowpairs", "lerobot", "torch"}
+    assert manifest["x0"] == {"shape": [8, 6], "dtype": "float32"}
+    assert manifest["x1"] == {"shape": [8, 2], "dtype": "float32"}
+    assert all(s["path"].startswith("shards/") and s["path"].endswith("." + backend) for s in manifest["shards"])
+    assert len(manifest["shards"]) > 1  # shard_size=20 with 48 frames x 3 samples
+
+    pairs = read_plain(store)
+    frames = open_dataset(tiny_world.repo_id, tiny_world.dataset_root, [0, 1])
+    expected_index = np.sort(np.asarray(frames.hf_dataset.select_columns(["index"])["index"]))
+    assert manifest["num_pairs"] == len(pairs["obs_index"]) == len(expected_index) * 3
+    keys = set(zip(pairs["obs_index"].tolist(), pairs["sample"].tolist(), strict=True))
+    assert keys == {(int(i), k) for i in expected_index for k in range(3)}  # each (obs_index, sample) once
+    assert pairs["x0"].shape[1:] == (8, 6) and pairs["x1"].shape[1:] == (8, 2)
+    for row in (0, len(pairs["obs_index"]) - 1):
+        want = initial_noise(0, int(pairs["obs_index"][row]), int(pairs["sample"][row]), (8, 6)).numpy()
+        np.testing.assert_array_equal(pairs["x0"][row], want)
+
+
+def test_backends_and_batch_sizes_store_identical_pairs(tiny_world, tmp_path):
+    a = read_plain(_generate(tiny_world, tmp_path / "a", batch_size=1, shard_size=7, backend="zarr"))
+    b = read_plain(_generate(tiny_world, tmp_path / "b", batch_size=5, shard_size=1000, backend="parquet"))
+    for key in ("obs_index", "sample", "x0"):
+        np.testing.assert_array_equal(a[key], b[key])
+    np.testing.assert_allclose(a["x1"], b["x1"], atol=1e-5, rtol=0)
+
+
+def test_x1_equals_predict_action_chunk_from_stored_x0(other_world, tmp_path):
+    """For a differently shaped teacher/dataset: every X_1 is the teacher's own sampler output from X_0."""
+    store = _generate(other_world, tmp_path / "s", episodes=None, samples_per_frame=2, batch_size=3)
+    pairs = read_plain(store)
+    teacher = load_policy(str(other_world.teacher_dir), "cpu")
+    dataset = open_dataset(other_world.repo_id, other_world.dataset_root)
+    position = {int(i): p for p, i in enumerate(np.asarray(dataset.hf_dataset.select_columns(["index"])["index"]))}
+    assert len(pairs["obs_index"]) == len(position) * 2
+    worst = 0.0
+    for row in range(len(pairs["obs_index"])):
+        item = dataset[position[int(pairs["obs_index"][row])]]
+        batch = teacher.preprocessor(torch.utils.data.default_collate([item]))
+        teacher.policy.reset()
+        x1 = teacher.policy.predict_action_chunk(batch, noise=torch.from_numpy(pairs["x0"][row])[None])
+        worst = max(worst, float((x1[0].numpy() - pairs["x1"][row]).__abs__().max()))
+    assert worst < 1e-4
+
+
+def test_episodes_select_frames(tiny_world, tmp_path):
+    store = _generate(tiny_world, tmp_path / "e", episodes=[3], samples_per_frame=1)
+    pairs = read_plain(store)
+    dataset = open_dataset(tiny_world.repo_id, tiny_world.dataset_root)
+    episode_of = dict(zip(np.asarray(dataset.hf_dataset["index"]).tolist(), np.asarray(dataset.hf_dataset["episode_index"]).tolist(), strict=True))
+    assert {episode_of[int(i)] for i in pairs["obs_index"]} == {3}
+    assert len(pairs["obs_index"]) == 24
+
+
+def test_resume_finishes_an_interrupted_store_identically(tiny_world, tmp_path):
+    full = read_plain(_generate(tiny_world, tmp_path / "full"))
+    partial = _generate(tiny_world, tmp_path / "partial")
+    manifest = json.loads((partial / "manifest.json").read_text())
+    dropped = manifest["shards"][3:]
+    manifest["shards"] = manifest["shards"][:3]
+    manifest["num_pairs"] = sum(s["num_pairs"] for s in manifest["shards"])
+    manifest["complete"] = False
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    (partial / "shards" / (".tmp-" + Path(dropped[0]["path"]).name)).mkdir()  # a half-written leftover
+    _generate(tiny_world, partial, resume=True)
+    resumed = read_plain(partial)
+    for key in ("obs_index", "sample", "x0"):
+        np.testing.assert_array_equal(full[key], resumed[key])
+    np.testing.assert_allclose(full["x1"], resumed["x1"], atol=1e-5, rtol=0)
+    assert json.loads((partial / "manifest.json").read_text())["complete"] is True
+    assert not list((partial / "shards").glob(".tmp-*"))
+
+
+def test_resume_with_other_settings_names_the_difference(tiny_world, tmp_path):
+    store = _generate(tiny_world, tmp_path / "s")
+    before = (store / "manifest.json").read_text()
+    with pytest.raises(ReflowPairsError, match="samples_per_frame"):
+        _generate(tiny_world, store, resume=True, samples_per_frame=2)
+    assert (store / "manifest.json").read_text() == before
+
+
+def test_existing_store_is_refused_and_untouched(tiny_world, tmp_path):
+    store = _generate(tiny_world, tmp_path / "s")
+    before = {p: p.stat().st_mtime_ns for p in store.rglob("*")}
+    result = runner.invoke(app, ["generate", "--teacher", str(tiny_world.teacher_dir), "--dataset", tiny_world.repo_id,
+                                 "--dataset-root", str(tiny_world.dataset_root), "--out", str(store), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "already holds a pair store" in result.output and "--resume" in result.output
+    assert "Traceback" not in result.output
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before
+
+
+def test_cli_generate_end_to_end(tiny_world, tmp_path):
+    out = tmp_path / "cli"
+    result = runner.invoke(app, ["generate", "--teacher", str(tiny_world.teacher_dir), "--dataset", tiny_world.repo_id,
+                                 "--dataset-root", str(tiny_world.dataset_root), "--out", str(out), "--episodes", "0,2",
+                                 "--samples-per-frame", "2", "--num-steps", "3", "--format", "parquet", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_pairs"] == 2 * 24 * 2 and manifest["generation"]["num_steps"] == 3
+    assert "96" in result.output  # the summary table names the pair count
+
+
+def _cli_error(args: list[str]) -> str:
+    result = runner.invoke(app, ["generate", *args])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    return " ".join(result.output.split())
+
+
+def test_missing_teacher_path(tiny_world, tmp_path):
+    text = _cli_error(["--teacher", str(tmp_path / "nope" / "pretrained_model"), "--dataset", tiny_world.repo_id,
+                       "--dataset-root", str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert "does not exist" in text and "nope" in text
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("policy_type", ["act", "diffusion"])
+def test_non_flow_matching_policy_is_refused(tiny_world, tmp_path, policy_type):
+    from lerobot.configs.policies import PreTrainedConfig
+
+    config_cls = PreTrainedConfig.get_choice_class(policy_type)
+    ckpt = tmp_path / policy_type
+    config_cls().save_pretrained(ckpt)
+    text = _cli_error(["--teacher", str(ckpt), "--dataset", tiny_world.repo_id, "--dataset-root",
+                       str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert f"'{policy_type}' policy, not a flow-matching policy" in text
+
+
+def test_checkpoint_without_processor_files_is_refused(tiny_world, tmp_path):
+    ckpt = tmp_path / "bare"
+    shutil.copytree(tiny_world.teacher_dir, ckpt)
+    for path in ckpt.glob("policy_*processor*"):
+        path.unlink()
+    text = _cli_error(["--teacher", str(ckpt), "--dataset", tiny_world.repo_id, "--dataset-root",
+                       str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert "has no policy_preprocessor.json" in text
+
+
+def test_dataset_that_does_not_match_the_teacher(tiny_world, other_world, tmp_path):
+    text = _cli_error(["--teacher", str(other_world.teacher_dir), "--dataset", tiny_world.repo_id, "--dataset-root",
+                       str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert "does not match the policy's features" in text
+    assert "observation.state has shape (2,), the policy expects (3,)" in text
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_dataset_root(tiny_world, tmp_path):
+    text = _cli_error(["--teacher", str(tiny_world.teacher_dir), "--dataset", tiny_world.repo_id, "--dataset-root",
+                       str(tmp_path / "nodata"), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert "is not a LeRobotDataset" in text and "nodata" in text
+
+
+def _nan_teacher(world, tmp_path) -> Path:
+    """A copy of the teacher whose action output bias is NaN for the first action dimension."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "nan_teacher"
+    shutil.copytree(world.teacher_dir, ckpt)
+    weights = load_file(ckpt / "model.safetensors")
+    weights["model.action_out_proj.bias"][0] = float("nan")
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    return ckpt
+
+
+def test_nonfinite_teacher_output_stops_naming_the_frame(tiny_world, tmp_path):
+    ckpt = _nan_teacher(tiny_world, tmp_path)
+    with pytest.raises(ReflowPairsError, match=r"non-finite X_1 .* obs_index \[0, 1, 2, 3\]"):
+        _generate(tiny_world, tmp_path / "o", teacher=str(ckpt))
+    result = generate(GenerateConfig(teacher=str(ckpt), dataset=tiny_world.repo_id, dataset_root=tiny_world.dataset_root,
+                                     out=tmp_path / "skip", episodes=[0], samples_per_frame=1, device="cpu", on_nonfinite="skip"))
+    assert result.num_pairs == 0 and result.skipped == list(range(24))
+    assert json.loads((tmp_path / "skip" / "manifest.json").read_text())["skipped_frames"] == list(range(24))
+
+
+def test_usage_error_exit_code_2(tiny_world, tmp_path):
+    result = runner.invoke(app, ["generate", "--teacher", str(tiny_world.teacher_dir)])
+    assert result.exit_code == 2
