@@ -182,8 +182,10 @@ def tiny_episode(episode: int, spec: TinyDatasetSpec) -> tuple[str, np.ndarray, 
 
 def build_tiny_dataset(root: str | Path, repo_id: str = TINY_REPO_ID, spec: TinyDatasetSpec = TinyDatasetSpec()):
     """Write the tiny LeRobotDataset (v3, images as PNG frames, no video) to ``root`` and return it."""
+    import datasets
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
+    datasets.disable_progress_bars()  # one "Map" bar per episode is noise here
     dataset = LeRobotDataset.create(
         repo_id=repo_id, fps=spec.fps, root=root, features=tiny_features(spec.state_dim), use_videos=False
     )
