@@ -119,6 +119,20 @@ def _check_args(cfg: GenerateConfig) -> None:
         raise ReflowPairsError(f"--out {out} has a shards/ directory but no manifest.", "Choose an empty --out.")
 
 
+def _check_writable(out: Path) -> None:
+    """Fail early, before any work, when ``out`` cannot be created or written (read-only, no space)."""
+    probe = out / ".tmp-write-probe"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"reflowpairs")
+        probe.unlink()
+    except OSError as err:
+        raise ReflowPairsError(
+            f"Cannot write to --out {out} ({err.strerror or err}).",
+            "Choose a writable directory with free space; nothing was written.",
+        ) from err
+
+
 def _diff(recorded: dict[str, Any], wanted: dict[str, Any], prefix: str) -> list[str]:
     return [
         f"{prefix}.{k}: store has {recorded.get(k)!r}, this run has {wanted.get(k)!r}"
@@ -179,10 +193,7 @@ class _BackgroundWriter:
 
     def _raise(self) -> None:
         if self._error is not None:
-            raise ReflowPairsError(
-                f"Writing shards to {self.writer.out} failed: {type(self._error).__name__}: {self._error}.",
-                "Check free disk space and that the directory is writable; then rerun with --resume.",
-            ) from self._error
+            raise _write_failed(self.writer.out, self._error) from self._error
 
     def put(self, pairs: Pairs) -> None:
         self._raise()
@@ -192,7 +203,17 @@ class _BackgroundWriter:
         self._queue.put(None)
         self._thread.join()
         self._raise()
-        self.writer.close(complete)
+        try:
+            self.writer.close(complete)
+        except OSError as err:
+            raise _write_failed(self.writer.out, err) from err
+
+
+def _write_failed(out: Path, err: BaseException) -> ReflowPairsError:
+    return ReflowPairsError(
+        f"Writing the pair store {out} failed ({type(err).__name__}: {err}). Every shard the manifest lists is complete.",
+        "Free disk space or fix permissions, then rerun the same command with --resume.",
+    )
 
 
 def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Callable[[int, int], None] | None = None) -> GenerateResult:
@@ -227,21 +248,24 @@ def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Cal
             "software": software_versions(),
         },
     )
+    manifest = _resume_manifest(out, fresh) if cfg.resume else fresh
     # Nothing in --out is touched before every check above has passed.
+    _check_writable(out)
     if cfg.resume:
-        manifest = _resume_manifest(out, fresh)
         _clear_unlisted(out, manifest)
         done = set(PairStore(out).index()[0].tolist())
     else:
         if cfg.overwrite:
             _overwrite(out)
-        manifest, done = fresh, set()
+        done = set()
     manifest["complete"] = False
     todo = np.flatnonzero(~np.isin(positions_index, np.fromiter(done, np.int64, len(done))))
     if on_plan is not None:
         on_plan(len(todo), len(positions_index) - len(todo))
-    out.mkdir(parents=True, exist_ok=True)
-    writer = _BackgroundWriter(PairStoreWriter(out, manifest, cfg.shard_size, cfg.samples_per_frame, cfg.writer_id))
+    try:
+        writer = _BackgroundWriter(PairStoreWriter(out, manifest, cfg.shard_size, cfg.samples_per_frame, cfg.writer_id))
+    except OSError as err:
+        raise _write_failed(out, err) from err
     skipped = manifest.setdefault("skipped_frames", [])
     start, frames, pairs = time.perf_counter(), 0, 0
     loader = torch.utils.data.DataLoader(
