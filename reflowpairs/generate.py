@@ -36,6 +36,8 @@ from reflowpairs.pairstore import (
 from reflowpairs.solvers import SolverConfig
 from reflowpairs.teacher import load_policy, rename_map
 
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 Progress = Callable[[int, int], None]
 """``progress(frames_done_this_run, pairs_done_this_run)``, called after each batch."""
 
@@ -63,6 +65,7 @@ class GenerateConfig:
     resume: bool = False
     overwrite: bool = False
     on_nonfinite: str = "error"  # "error" | "skip"
+    dtype: str = "float32"  # teacher compute dtype: float32, or bfloat16/float16 through torch.autocast
     writer_id: str = "w0"
 
 
@@ -101,6 +104,8 @@ def _check_args(cfg: GenerateConfig) -> None:
         raise ReflowPairsError(f"--batch-size must be at least 1, got {cfg.batch_size}.")
     if cfg.on_nonfinite not in ("error", "skip"):
         raise ReflowPairsError(f"--on-nonfinite must be 'error' or 'skip', got {cfg.on_nonfinite!r}.")
+    if cfg.dtype not in COMPUTE_DTYPES:
+        raise ReflowPairsError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {cfg.dtype!r}.")
     if cfg.resume and cfg.overwrite:
         raise ReflowPairsError("--resume and --overwrite contradict each other.", "Give one of them.")
     out = Path(cfg.out)
@@ -235,7 +240,7 @@ def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Cal
         "seed": cfg.seed,
         "episodes": cfg.episodes,
         "num_frames": int(len(positions_index)),
-        "dtype": "float32",
+        "dtype": cfg.dtype,
     }
     fresh = new_manifest(
         cfg.backend,
@@ -304,7 +309,9 @@ def _sample_batch(batch: dict[str, Any], preprocessor, engine, solver: SolverCon
     obs_index = batch["index"].to(torch.int64).numpy()
     k = cfg.samples_per_frame
     noise = batch_noise(cfg.seed, obs_index.tolist(), k, engine.noise_shape)  # (B, K, T, D0)
-    x1 = engine.sample(preprocessor(batch), noise, solver).float().cpu()  # (B, K, T, D1)
+    compute = COMPUTE_DTYPES[cfg.dtype]
+    with torch.autocast(engine.device.type, dtype=compute, enabled=compute is not torch.float32):
+        x1 = engine.sample(preprocessor(batch), noise, solver).float().cpu()  # (B, K, T, D1)
     finite = torch.isfinite(x1).flatten(1).all(dim=1).numpy()
     keep = np.flatnonzero(finite)
     block = Pairs(

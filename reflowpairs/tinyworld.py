@@ -70,7 +70,27 @@ class TinyTeacherSpec:
     seed: int = 0
 
 
-def build_tiny_vlm(out_dir: str | Path) -> Path:
+@dataclass(frozen=True)
+class VLMSpec:
+    """Sizes of the local SmolVLM. The default is the tiny one (~0.4 M parameters with its SmolVLA);
+    ``VLMSpec.small()`` is a few-million-parameter one where compute, not overhead, dominates."""
+
+    text_hidden: int = 64
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    image_size: int = TINY_VLM_IMAGE
+
+    @staticmethod
+    def small() -> VLMSpec:
+        return VLMSpec(text_hidden=256, text_layers=8, text_heads=8, text_kv_heads=4,
+                       vision_hidden=128, vision_layers=4, vision_heads=4, image_size=128)
+
+
+def build_tiny_vlm(out_dir: str | Path, spec: VLMSpec = VLMSpec()) -> Path:
     """Write a tiny SmolVLM ``config.json`` plus processor (word-level tokenizer, image and video
     processors) to ``out_dir``; ``SmolVLAConfig(vlm_model_name=out_dir, load_vlm_weights=False)``
     then builds a real, random-weight SmolVLA from it without the hub."""
@@ -102,32 +122,32 @@ def build_tiny_vlm(out_dir: str | Path) -> Path:
     processor = SmolVLMProcessor(
         image_processor=SmolVLMImageProcessor(
             do_image_splitting=False,
-            size={"longest_edge": TINY_VLM_IMAGE},
-            max_image_size={"longest_edge": TINY_VLM_IMAGE},
+            size={"longest_edge": spec.image_size},
+            max_image_size={"longest_edge": spec.image_size},
         ),
         tokenizer=tokenizer,
         video_processor=SmolVLMVideoProcessor(),
-        image_seq_len=(TINY_VLM_IMAGE // patch // 2) ** 2,
+        image_seq_len=(spec.image_size // patch // 2) ** 2,
     )
     config = SmolVLMConfig(
         text_config={
             "model_type": "llama",
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            "hidden_size": spec.text_hidden,
+            "intermediate_size": 2 * spec.text_hidden,
+            "num_hidden_layers": spec.text_layers,
+            "num_attention_heads": spec.text_heads,
+            "num_key_value_heads": spec.text_kv_heads,
             "vocab_size": len(vocab),
             "max_position_embeddings": 512,
             "pad_token_id": vocab["<pad>"],
             "rms_norm_eps": 1e-5,
         },
         vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": TINY_VLM_IMAGE,
+            "hidden_size": spec.vision_hidden,
+            "intermediate_size": 2 * spec.vision_hidden,
+            "num_hidden_layers": spec.vision_layers,
+            "num_attention_heads": spec.vision_heads,
+            "image_size": spec.image_size,
             "patch_size": patch,
         },
         scale_factor=2,
@@ -206,12 +226,15 @@ def build_tiny_dataset(root: str | Path, repo_id: str = TINY_REPO_ID, spec: Tiny
 
 
 def tiny_smolvla_config(vlm_dir: str | Path, dataset_meta, spec: TinyTeacherSpec = TinyTeacherSpec()):
-    """A ``SmolVLAConfig`` for the tiny VLM with features taken from ``dataset_meta``."""
+    """A ``SmolVLAConfig`` for the local VLM in ``vlm_dir`` with features taken from ``dataset_meta``."""
     from lerobot.configs.types import FeatureType
+    from transformers import AutoConfig
     from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
     from lerobot.utils.feature_utils import dataset_to_policy_features
 
     features = dataset_to_policy_features(dataset_meta.features)
+    vlm = AutoConfig.from_pretrained(vlm_dir)
+    image = vlm.vision_config.image_size
     return SmolVLAConfig(
         vlm_model_name=str(Path(vlm_dir).resolve()),
         load_vlm_weights=False,
@@ -220,9 +243,9 @@ def tiny_smolvla_config(vlm_dir: str | Path, dataset_meta, spec: TinyTeacherSpec
         max_action_dim=spec.max_action_dim,
         max_state_dim=spec.max_state_dim,
         num_steps=spec.num_steps,
-        resize_imgs_with_padding=(TINY_VLM_IMAGE, TINY_VLM_IMAGE),
+        resize_imgs_with_padding=(image, image),
         tokenizer_max_length=16,
-        num_vlm_layers=4,
+        num_vlm_layers=vlm.text_config.num_hidden_layers,
         device="cpu",
         push_to_hub=False,
         input_features={k: f for k, f in features.items() if f.type is not FeatureType.ACTION},
@@ -281,6 +304,22 @@ def build_tiny_teacher(
     preprocessor.save_pretrained(out_dir)
     postprocessor.save_pretrained(out_dir)
     (out_dir / "tiny_training.json").write_text(json.dumps({"final_loss": loss.item(), "steps": step}))
+    return out_dir
+
+
+def save_untrained_policy(vlm_dir: str | Path, dataset, out_dir: str | Path, spec: TinyTeacherSpec = TinyTeacherSpec()) -> Path:
+    """Save a random-weight SmolVLA for ``dataset`` as a checkpoint (for speed benchmarks, where quality is moot)."""
+    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    torch.manual_seed(spec.seed)
+    cfg = tiny_smolvla_config(vlm_dir, dataset.meta, spec)
+    policy = SmolVLAPolicy(cfg)
+    preprocessor, postprocessor = make_pre_post_processors(cfg, dataset_stats=dataset.meta.stats)
+    out_dir = Path(out_dir)
+    policy.save_pretrained(out_dir)
+    preprocessor.save_pretrained(out_dir)
+    postprocessor.save_pretrained(out_dir)
     return out_dir
 
 

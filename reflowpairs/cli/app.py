@@ -103,6 +103,7 @@ def generate(
     resume: Annotated[bool, typer.Option(help="Finish an interrupted store in --out.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a store already in --out.")] = False,
     on_nonfinite: Annotated[str, typer.Option(help="error (stop) or skip (record and skip the frame).")] = "error",
+    dtype: Annotated[str, typer.Option(help="Teacher compute dtype: float32, bfloat16 or float16 (autocast; for CUDA).")] = "float32",
 ) -> None:
     """Run the teacher's sampler over every frame and store (X_0, X_1, obs_index) pairs."""
     from reflowpairs.generate import GenerateConfig
@@ -112,7 +113,7 @@ def generate(
         teacher=teacher, dataset=dataset, out=out, dataset_root=dataset_root, episodes=parse_episodes(episodes),
         samples_per_frame=samples_per_frame, num_steps=num_steps, solver=solver, rtol=rtol, atol=atol,
         batch_size=batch_size, shard_size=shard_size, seed=seed, device=device, backend=format,
-        num_workers=num_workers, resume=resume, overwrite=overwrite, on_nonfinite=on_nonfinite,
+        num_workers=num_workers, resume=resume, overwrite=overwrite, on_nonfinite=on_nonfinite, dtype=dtype,
     )
     with user_errors(), _progress() as bar:
         task = bar.add_task("frames", total=None, rate="")

@@ -1,0 +1,144 @@
+"""Stage-1 throughput: `reflowpairs generate` vs two plain lerobot loops, side by side in one run.
+
+Sides, all over the same frames of the same dataset with the same teacher and the same X_0:
+
+- plain_single: what a user writes first: one frame at a time, `policy.predict_action_chunk(batch, noise=...)` once
+  per sample;
+- plain_batched: the best plain loop: frames batched at --batch-size, still one `predict_action_chunk` per sample;
+- reflowpairs: `reflowpairs.generate.generate(...)` end to end (data loading, the prefix-cached engine, shard
+  writing to a temporary store).
+
+The sides are interleaved and repeated (--repeats); torch threads are pinned (--threads). Prints pairs/s (median and
+spread) and the ratios reflowpairs / plain_*, per K. With --dtype bfloat16 it also reports the max |X_1| difference to
+fp32 on the benchmark frames.
+
+    python benchmarks/bench_generate.py --size small --ks 1,4,16 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
+
+
+def build_world(root: Path, size: str):
+    """A dataset (the tiny world's) and an untrained teacher of the requested size."""
+    from reflowpairs.dataset import open_dataset
+    from reflowpairs.tinyworld import TINY_REPO_ID, VLMSpec, build_tiny_dataset, build_tiny_vlm, save_untrained_policy
+
+    vlm = build_tiny_vlm(root / "vlm", VLMSpec.small() if size == "small" else VLMSpec())
+    build_tiny_dataset(root / "dataset")
+    dataset = open_dataset(TINY_REPO_ID, root / "dataset")
+    teacher = save_untrained_policy(vlm, dataset, root / "teacher")
+    return dataset, teacher
+
+
+def plain_loop(policy, preprocessor, dataset, positions, noise_of, k: int, batch_size: int, device: str) -> int:
+    """predict_action_chunk once per sample, frames batched ``batch_size`` at a time (1 = the naive loop)."""
+    pairs = 0
+    for start in range(0, len(positions), batch_size):
+        items = [dataset[p] for p in positions[start : start + batch_size]]
+        batch = preprocessor(torch.utils.data.default_collate(items))
+        noise = noise_of([int(i["index"]) for i in items], k)  # (B, K, T, D)
+        for s in range(k):
+            policy.reset()
+            x1 = policy.predict_action_chunk(batch, noise=noise[:, s].to(device))
+            pairs += x1.shape[0]
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return pairs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["tiny", "small"], default="small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ks", default="1,4,16")
+    parser.add_argument("--episodes", default="0,1", help="tiny-world episodes to run over (24 frames each)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--num-steps", type=int, default=10)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--skip-single", action="store_true", help="leave out the (slow) one-frame-at-a-time loop")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from reflowpairs.generate import GenerateConfig, generate
+    from reflowpairs.noise import batch_noise
+    from reflowpairs.teacher import load_policy
+
+    from reflowpairs.dataset import open_dataset
+
+    root = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    episodes = [int(e) for e in args.episodes.split(",")]
+    full, teacher_dir = build_world(root, args.size)
+    dataset = open_dataset(full.repo_id, full.root, episodes)
+    teacher = load_policy(str(teacher_dir), args.device)
+    policy, pre = teacher.policy, teacher.preprocessor
+    policy.config.num_steps = args.num_steps
+    n_params = sum(p.numel() for p in policy.parameters())
+    positions = list(range(len(dataset)))
+    shape = (policy.config.chunk_size, policy.config.max_action_dim)
+
+    def noise_of(indices, k):
+        return batch_noise(0, indices, k, shape)
+
+    print(f"teacher: SmolVLA {args.size}, {n_params / 1e6:.2f} M parameters; device {args.device}; "
+          f"{args.threads} torch thread(s); {len(positions)} frames; batch {args.batch_size}; {args.num_steps} Euler steps")
+    runs = 0
+
+    def run_reflowpairs(k: int) -> float:
+        nonlocal runs
+        runs += 1
+        cfg = GenerateConfig(teacher=str(teacher_dir), dataset=dataset.repo_id, dataset_root=dataset.root,
+                             out=root / f"store{runs}", episodes=episodes, samples_per_frame=k, batch_size=args.batch_size,
+                             num_steps=args.num_steps, device=args.device, dtype=args.dtype, shard_size=4096)
+        result = generate(cfg)  # result.seconds covers its sampling loop (loading, engine, writing), not start-up
+        return result.new_pairs / result.seconds
+
+    for k in [int(x) for x in args.ks.split(",")]:
+        sides = ["plain_batched", "reflowpairs"] + ([] if args.skip_single else ["plain_single"])
+        rates: dict[str, list[float]] = {s: [] for s in sides}
+        for _ in range(args.repeats):
+            for side in sides:  # interleaved: every repeat runs every side once
+                if side == "reflowpairs":
+                    rate = run_reflowpairs(k)
+                else:
+                    bs = 1 if side == "plain_single" else args.batch_size
+                    t0 = time.perf_counter()
+                    pairs = plain_loop(policy, pre, dataset, positions, noise_of, k, bs, args.device)
+                    rate = pairs / (time.perf_counter() - t0)
+                rates[side].append(rate)
+        med = {s: statistics.median(v) for s, v in rates.items()}
+        print(f"\nK={k}")
+        for side, values in rates.items():
+            print(f"  {side:14s} {med[side]:9.1f} pairs/s  (min {min(values):.1f}, max {max(values):.1f}, n={len(values)})")
+        for side in sides:
+            if side != "reflowpairs":
+                print(f"  ratio reflowpairs / {side}: {med['reflowpairs'] / med[side]:.2f}x")
+
+    if args.dtype != "float32":
+        from reflowpairs.pairstore import PairStore
+
+        stores = sorted(root.glob("store*"))
+        ref = GenerateConfig(teacher=str(teacher_dir), dataset=dataset.repo_id, dataset_root=dataset.root,
+                             out=root / "fp32", episodes=[0], samples_per_frame=1, num_steps=args.num_steps, device=args.device)
+        low = GenerateConfig(**{**ref.__dict__, "out": root / "low", "dtype": args.dtype})
+        generate(ref)
+        generate(low)
+        a, b = PairStore(root / "fp32").read_pairs(0), PairStore(root / "low").read_pairs(0)
+        print(f"\n{args.dtype} vs float32 X_1: max |diff| {abs(a.x1 - b.x1).max():.3e}, "
+              f"mean |diff| {abs(a.x1 - b.x1).mean():.3e} (X_1 std {a.x1.std():.3f}); {len(stores)} stores")
+
+
+if __name__ == "__main__":
+    main()
