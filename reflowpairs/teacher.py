@@ -110,6 +110,7 @@ def _unreachable(source: str, err: Exception | None = None) -> ReflowPairsError:
 
 def read_policy_config(source: str):
     """The checkpoint's lerobot ``PreTrainedConfig`` (its ``type`` says which policy it is)."""
+    import lerobot.policies.factory  # noqa: F401 - registers every policy config type with draccus
     from lerobot.configs.policies import PreTrainedConfig
 
     config_path = checkpoint_file(source, "config.json")
