@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,10 @@ import torch
 
 from reflowpairs import __version__
 from reflowpairs.dataset import check_features, dataset_provenance, frame_indices, open_dataset
+from reflowpairs.distributed import DistContext
 from reflowpairs.engine import make_engine
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.merge import PARTS_DIR, absorb_parts
 from reflowpairs.noise import batch_noise
 from reflowpairs.pairstore import (
     MANIFEST,
@@ -32,6 +35,7 @@ from reflowpairs.pairstore import (
     PairStoreWriter,
     new_manifest,
     read_manifest,
+    write_manifest,
 )
 from reflowpairs.solvers import SolverConfig
 from reflowpairs.teacher import load_policy, rename_map
@@ -65,6 +69,7 @@ class GenerateConfig:
     resume: bool = False
     overwrite: bool = False
     on_nonfinite: str = "error"  # "error" | "skip"
+    partition: tuple[int, int] | None = None  # (i, P): only frames with obs_index % P == i
     dtype: str = "float32"  # teacher compute dtype: float32, or bfloat16/float16 through torch.autocast
     writer_id: str = "w0"
 
@@ -120,6 +125,8 @@ def _check_args(cfg: GenerateConfig) -> None:
         )
     if cfg.resume and not has_store:
         raise ReflowPairsError(f"--resume was given but {out} holds no pair store ({MANIFEST} missing).")
+    if cfg.partition is not None and not (cfg.partition[1] >= 1 and 0 <= cfg.partition[0] < cfg.partition[1]):
+        raise ReflowPairsError(f"--partition {cfg.partition[0]}/{cfg.partition[1]} is not a slice i/P with 0 <= i < P.")
     if not has_store and out.is_dir() and (out / SHARDS_DIR).exists():
         raise ReflowPairsError(f"--out {out} has a shards/ directory but no manifest.", "Choose an empty --out.")
 
@@ -221,16 +228,25 @@ def _write_failed(out: Path, err: BaseException) -> ReflowPairsError:
     )
 
 
-def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Callable[[int, int], None] | None = None) -> GenerateResult:
-    """Run stage 1. ``on_plan(frames_to_do, frames_already_done)`` is called once before sampling."""
-    _check_args(cfg)
-    out = Path(cfg.out)
-    teacher = load_policy(cfg.teacher, cfg.device)
+@dataclass
+class _Job:
+    """Everything loaded once per process: the teacher, the dataset and what the store will record."""
+
+    teacher: Any
+    dataset: Any
+    engine: Any
+    solver: SolverConfig
+    frame_index: np.ndarray  # global obs_index of each dataset position (selected episodes)
+    fresh: dict[str, Any]  # the manifest a new store would start with
+
+
+def _prepare(cfg: GenerateConfig, device: str) -> _Job:
+    teacher = load_policy(cfg.teacher, device)
     dataset = open_dataset(cfg.dataset, cfg.dataset_root, cfg.episodes)
     check_features(teacher.config, dataset.meta, rename_map(teacher.preprocessor))
     engine = make_engine(teacher.policy)
     solver = SolverConfig(cfg.solver, cfg.num_steps or teacher.config.num_steps, cfg.rtol, cfg.atol)
-    positions_index = frame_indices(dataset)
+    frame_index = frame_indices(dataset)
     generation = {
         "num_steps": solver.num_steps,
         "solver": solver.name,
@@ -239,51 +255,114 @@ def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Cal
         "samples_per_frame": cfg.samples_per_frame,
         "seed": cfg.seed,
         "episodes": cfg.episodes,
-        "num_frames": int(len(positions_index)),
+        "num_frames": int(len(frame_index)),
         "dtype": cfg.dtype,
     }
-    fresh = new_manifest(
-        cfg.backend,
-        engine.noise_shape,
-        (engine.noise_shape[0], engine.action_dim),
-        {
-            "teacher": teacher.provenance(),
-            "dataset": dataset_provenance(dataset, cfg.episodes),
-            "generation": generation,
-            "software": software_versions(),
-        },
-    )
-    manifest = _resume_manifest(out, fresh) if cfg.resume else fresh
+    provenance = {
+        "teacher": teacher.provenance(),
+        "dataset": dataset_provenance(dataset, cfg.episodes),
+        "generation": generation,
+        "software": software_versions(),
+    }
+    if cfg.partition is not None:
+        provenance["partition"] = {"index": cfg.partition[0], "count": cfg.partition[1]}
+    fresh = new_manifest(cfg.backend, engine.noise_shape, (engine.noise_shape[0], engine.action_dim), provenance)
+    return _Job(teacher, dataset, engine, solver, frame_index, fresh)
+
+
+def _open_store(out: Path, job: _Job, cfg: GenerateConfig) -> dict[str, Any]:
+    """The store's manifest after the --resume / --overwrite checks; only then is --out touched."""
+    manifest = _resume_manifest(out, job.fresh) if cfg.resume else job.fresh
+    if cfg.resume and manifest.get("partition") != job.fresh.get("partition"):
+        raise ReflowPairsError(f"Cannot resume {out}: it is partition {manifest.get('partition')}, this run is {job.fresh.get('partition')}.")
     # Nothing in --out is touched before every check above has passed.
     _check_writable(out)
     if cfg.resume:
         _clear_unlisted(out, manifest)
-        done = set(PairStore(out).index()[0].tolist())
-    else:
-        if cfg.overwrite:
-            _overwrite(out)
-        done = set()
+        absorb_parts(out, manifest)  # sub-stores of an interrupted multi-process run
+    elif cfg.overwrite:
+        _overwrite(out)
     manifest["complete"] = False
-    todo = np.flatnonzero(~np.isin(positions_index, np.fromiter(done, np.int64, len(done))))
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _todo(job: _Job, out: Path, partition: tuple[int, int] | None) -> tuple[np.ndarray, int]:
+    """Dataset positions still to sample (in this partition) and how many frames are done."""
+    done = np.unique(PairStore(out).index()[0])
+    selected = np.ones(len(job.frame_index), dtype=bool)
+    if partition is not None:
+        selected = job.frame_index % partition[1] == partition[0]
+    todo = np.flatnonzero(selected & ~np.isin(job.frame_index, done))
+    return todo, int(selected.sum()) - len(todo)
+
+
+def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Callable[[int, int], None] | None = None) -> GenerateResult:
+    """Run stage 1. ``on_plan(frames_to_do, frames_already_done)`` is called once before sampling.
+
+    Launched with torchrun / accelerate (WORLD_SIZE > 1), each process samples its own share of the remaining frames
+    into ``OUT/parts/<rank>``, and the main process moves those shards into the store at the end."""
+    _check_args(cfg)
+    dist = DistContext.from_env()
+    if dist.world > 1 and cfg.partition is not None:
+        raise ReflowPairsError("--partition is for single-process slices; do not combine it with a multi-process launch.")
+    out = Path(cfg.out)
+    job = _prepare(cfg, dist.device(cfg.device))
+    failure = None
+    if dist.is_main:
+        try:
+            manifest = _open_store(out, job, cfg)
+        except ReflowPairsError as err:
+            failure = (err.what, err.hint)
+    failure = dist.broadcast(failure)
+    if failure is not None:
+        raise ReflowPairsError(*failure)
+    todo, done = _todo(job, out, cfg.partition)
     if on_plan is not None:
-        on_plan(len(todo), len(positions_index) - len(todo))
+        on_plan(len(todo), done)
+    if dist.world == 1:
+        result = _sample_frames(job, out, manifest, todo, cfg.writer_id, cfg, progress)
+        final = read_manifest(out)
+        return GenerateResult(out, final["num_pairs"], final["num_frames"], *result)
+    token = dist.broadcast(uuid.uuid4().hex[:8])
+    part = out / PARTS_DIR / f"rank{dist.rank:03d}-{token}"
+    sub = dict(read_manifest(out), shards=[], num_pairs=0, num_frames=0, skipped_frames=[])
     try:
-        writer = _BackgroundWriter(PairStoreWriter(out, manifest, cfg.shard_size, cfg.samples_per_frame, cfg.writer_id))
+        result, failure = _sample_frames(job, part, sub, todo[dist.rank :: dist.world], f"{token}-r{dist.rank:03d}", cfg, progress), None
+    except ReflowPairsError as err:
+        result, failure = (0, 0.0, []), (f"[rank {dist.rank}] {err.what}", err.hint)
+    failures = [f for f in dist.all_gather(failure) if f is not None]
+    if dist.is_main:
+        top = read_manifest(out)
+        absorb_parts(out, top)
+    dist.barrier()
+    if failures:
+        raise ReflowPairsError(*failures[0])
+    final = read_manifest(out)
+    new_pairs = sum(r[0] for r in dist.all_gather(result))
+    return GenerateResult(out, final["num_pairs"], final["num_frames"], new_pairs, result[1], final.get("skipped_frames", []))
+
+
+def _sample_frames(job: _Job, out: Path, manifest: dict[str, Any], positions: np.ndarray, writer_id: str, cfg: GenerateConfig, progress: Progress | None) -> tuple[int, float, list[int]]:
+    """Sample every frame at dataset ``positions`` into the store at ``out``; returns (pairs, seconds, skipped)."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        writer = _BackgroundWriter(PairStoreWriter(out, manifest, cfg.shard_size, cfg.samples_per_frame, writer_id))
     except OSError as err:
         raise _write_failed(out, err) from err
     skipped = manifest.setdefault("skipped_frames", [])
     start, frames, pairs = time.perf_counter(), 0, 0
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, todo.tolist()),
+        torch.utils.data.Subset(job.dataset, positions.tolist()),
         batch_size=cfg.batch_size,
         shuffle=False,
         num_workers=cfg.num_workers,
-        pin_memory=str(engine.device).startswith("cuda"),
+        pin_memory=job.engine.device.type == "cuda",
     )
     complete = False
     try:
         for batch in loader:
-            block, bad = _sample_batch(batch, teacher.preprocessor, engine, solver, cfg)
+            block, bad = _sample_batch(batch, job.teacher.preprocessor, job.engine, job.solver, cfg)
             if bad and cfg.on_nonfinite == "error":
                 raise ReflowPairsError(
                     f"The teacher produced non-finite X_1 (NaN or inf) for obs_index {bad}.",
@@ -300,8 +379,7 @@ def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Cal
         complete = True
     finally:
         writer.close(complete)
-    final = read_manifest(out)
-    return GenerateResult(out, final["num_pairs"], final["num_frames"], pairs, time.perf_counter() - start, list(skipped))
+    return pairs, time.perf_counter() - start, list(skipped)
 
 
 def _sample_batch(batch: dict[str, Any], preprocessor, engine, solver: SolverConfig, cfg: GenerateConfig) -> tuple[Pairs, list[int]]:

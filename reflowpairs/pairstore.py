@@ -300,6 +300,7 @@ class PairStoreWriter:
                 "num_frames": len(np.unique(pairs.obs_index)),
                 "obs_index_min": int(pairs.obs_index.min()),
                 "obs_index_max": int(pairs.obs_index.max()),
+                "store_id": self.manifest["store_id"],
                 "sha256": checksums(pairs),
             }
         )

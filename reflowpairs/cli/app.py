@@ -53,6 +53,17 @@ def parse_episodes(text: str | None) -> list[int] | None:
     return sorted(episodes)
 
 
+def parse_partition(text: str | None) -> tuple[int, int] | None:
+    """``"i/P"`` -> ``(i, P)``."""
+    if not text:
+        return None
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a slice like 0/4", param_hint="--partition") from None
+    return index, count
+
+
 @contextlib.contextmanager
 def user_errors():
     """Turn ``ReflowPairsError`` into one red paragraph and exit 1; Ctrl-C into a short note."""
@@ -68,7 +79,7 @@ def user_errors():
         raise typer.Exit(130) from None
 
 
-def _progress() -> Progress:
+def _progress(main: bool = True) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -78,7 +89,7 @@ def _progress() -> Progress:
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
-        disable=not console.is_terminal and os.environ.get("REFLOWPAIRS_PROGRESS") != "1",
+        disable=not main or (not console.is_terminal and os.environ.get("REFLOWPAIRS_PROGRESS") != "1"),
     )
 
 
@@ -104,6 +115,7 @@ def generate(
     overwrite: Annotated[bool, typer.Option(help="Replace a store already in --out.")] = False,
     on_nonfinite: Annotated[str, typer.Option(help="error (stop) or skip (record and skip the frame).")] = "error",
     dtype: Annotated[str, typer.Option(help="Teacher compute dtype: float32, bfloat16 or float16 (autocast; for CUDA).")] = "float32",
+    partition: Annotated[str | None, typer.Option(help="Run one slice i/P of the frames (obs_index % P == i); combine slices with `reflowpairs merge`.")] = None,
 ) -> None:
     """Run the teacher's sampler over every frame and store (X_0, X_1, obs_index) pairs."""
     from reflowpairs.generate import GenerateConfig
@@ -114,8 +126,9 @@ def generate(
         samples_per_frame=samples_per_frame, num_steps=num_steps, solver=solver, rtol=rtol, atol=atol,
         batch_size=batch_size, shard_size=shard_size, seed=seed, device=device, backend=format,
         num_workers=num_workers, resume=resume, overwrite=overwrite, on_nonfinite=on_nonfinite, dtype=dtype,
+        partition=parse_partition(partition),
     )
-    with user_errors(), _progress() as bar:
+    with user_errors(), _progress(main=os.environ.get("RANK", "0") == "0") as bar:
         task = bar.add_task("frames", total=None, rate="")
 
         def on_plan(todo: int, done: int) -> None:
@@ -128,6 +141,8 @@ def generate(
             bar.update(task, completed=frames, rate=f"{pairs / elapsed:,.1f} pairs/s")
 
         result = run_generate(cfg, progress=on_batch, on_plan=on_plan)
+    if os.environ.get("RANK", "0") != "0":
+        return
     table = Table(title=f"pair store {result.out}", show_header=False)
     table.add_row("pairs", f"{result.num_pairs:,} ({result.new_pairs:,} new)")
     table.add_row("frames", f"{result.num_frames:,}")
@@ -135,6 +150,20 @@ def generate(
     if result.skipped:
         table.add_row("skipped (non-finite)", ", ".join(map(str, result.skipped)))
     out_console.print(table)
+
+
+@app.command()
+def merge(
+    slices: Annotated[list[Path], typer.Argument(help="Stores made with --partition i/P (same teacher, dataset and settings).")],
+    out: Annotated[Path, typer.Option(help="New directory for the combined store.")],
+) -> None:
+    """Combine partition slices into one pair store (shards are copied; slices are left as they are)."""
+    from reflowpairs.merge import merge_stores
+
+    with user_errors():
+        manifest = merge_stores(slices, out)
+    state = "complete" if manifest["complete"] else f"INCOMPLETE ({manifest['num_frames']} of {manifest['generation']['num_frames']} frames)"
+    out_console.print(f"merged {len(slices)} slices into {out}: {manifest['num_pairs']:,} pairs, {manifest['num_frames']:,} frames, {state}")
 
 
 @app.command("tiny-world")

@@ -1,0 +1,109 @@
+"""Stage 1 across processes: torchrun with 2 CPU processes (gloo), --partition slices + merge, and a resumed run
+with another process count all store exactly the pairs of one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from reflowpairs.cli import app
+from reflowpairs.generate import GenerateConfig, generate
+
+from .test_generate import read_plain
+
+EPISODES = [0, 1, 2]
+runner = CliRunner()
+
+
+def _args(world, out: Path, *extra: str) -> list[str]:
+    return ["generate", "--teacher", str(world.teacher_dir), "--dataset", world.repo_id, "--dataset-root",
+            str(world.dataset_root), "--out", str(out), "--episodes", ",".join(map(str, EPISODES)),
+            "--samples-per-frame", "2", "--num-steps", "3", "--shard-size", "10", "--batch-size", "4", "--device", "cpu", *extra]
+
+
+def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", f"--nproc_per_node={nproc}", "-m", "reflowpairs", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def single(tiny_world, tmp_path_factory) -> dict[str, np.ndarray]:
+    out = tmp_path_factory.mktemp("single") / "pairs"
+    assert runner.invoke(app, _args(tiny_world, out)).exit_code == 0
+    return read_plain(out)
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    for key in ("obs_index", "sample", "x0"):
+        np.testing.assert_array_equal(a[key], b[key])
+    np.testing.assert_allclose(a["x1"], b["x1"], atol=1e-5, rtol=0)
+
+
+def test_two_processes_store_the_same_pairs_each_on_its_own_frames(tiny_world, tmp_path, single):
+    out = tmp_path / "pairs"
+    proc = _torchrun(_args(tiny_world, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is True and not (out / "parts").exists()
+    _same(single, read_plain(out))
+    frames_by_rank: dict[str, set[int]] = {}
+    for shard in manifest["shards"]:
+        rank = Path(shard["path"]).name.split("-")[1]  # <token>-r<rank>-<seq>
+        obs = zarr.open_group(str(out / shard["path"]), mode="r")["obs_index"][...]
+        frames_by_rank.setdefault(rank, set()).update(obs.tolist())
+    assert sorted(frames_by_rank) == ["r000", "r001"]
+    assert frames_by_rank["r000"].isdisjoint(frames_by_rank["r001"])
+
+
+def test_partitions_merged_equal_one_process(tiny_world, tmp_path, single):
+    slices = []
+    for i in range(3):
+        out = tmp_path / f"slice{i}"
+        result = runner.invoke(app, _args(tiny_world, out, "--partition", f"{i}/3"))
+        assert result.exit_code == 0, result.output
+        obs = read_plain(out)["obs_index"]
+        assert set((obs % 3).tolist()) == {i}
+        slices.append(str(out))
+    result = runner.invoke(app, ["merge", *slices, "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    assert "complete" in result.output
+    assert json.loads((tmp_path / "merged" / "manifest.json").read_text())["complete"] is True
+    _same(single, read_plain(tmp_path / "merged"))
+
+    partial = runner.invoke(app, ["merge", slices[0], slices[2], "--out", str(tmp_path / "partial")])
+    assert partial.exit_code == 0 and "INCOMPLETE" in partial.output
+
+
+def test_merge_refuses_slices_of_another_job_and_overlaps(tiny_world, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert runner.invoke(app, _args(tiny_world, a, "--partition", "0/2")).exit_code == 0
+    assert runner.invoke(app, _args(tiny_world, b, "--partition", "1/2", "--seed", "5")).exit_code == 0
+    result = runner.invoke(app, ["merge", str(a), str(b), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 1 and "generation.seed: 0 vs 5" in " ".join(result.output.split())
+    result = runner.invoke(app, ["merge", str(a), str(a), "--out", str(tmp_path / "m2")])
+    assert result.exit_code == 1 and "both hold frame obs_index" in " ".join(result.output.split())
+
+
+def test_single_process_run_resumed_by_two_processes(tiny_world, tmp_path, single):
+    out = tmp_path / "pairs"
+    assert runner.invoke(app, _args(tiny_world, out)).exit_code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:2]  # as if the run had stopped after two shards
+    manifest["num_pairs"] = sum(s["num_pairs"] for s in manifest["shards"])
+    manifest["num_frames"] = sum(s["num_frames"] for s in manifest["shards"])
+    manifest["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    proc = _torchrun(_args(tiny_world, out, "--resume"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["complete"] is True
+    _same(single, read_plain(out))
