@@ -107,3 +107,24 @@ def test_single_process_run_resumed_by_two_processes(tiny_world, tmp_path, singl
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "manifest.json").read_text())["complete"] is True
     _same(single, read_plain(out))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_accelerate_launch_two_cpu_processes(tiny_world, tmp_path, single):
+    out = tmp_path / "pairs"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "reflowpairs", *_args(tiny_world, out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = {p.name.split("-")[1] for p in (out / "shards").iterdir()}
+    assert ranks == {"r000", "r001"}  # two processes really each wrote their own shards
+    _same(single, read_plain(out))
