@@ -265,7 +265,8 @@ def _prepare(cfg: GenerateConfig, device: str) -> _Job:
         "software": software_versions(),
     }
     if cfg.partition is not None:
-        provenance["partition"] = {"index": cfg.partition[0], "count": cfg.partition[1]}
+        index, count = cfg.partition
+        provenance["partition"] = {"index": index, "count": count, "num_frames": int((frame_index % count == index).sum())}
     fresh = new_manifest(cfg.backend, engine.noise_shape, (engine.noise_shape[0], engine.action_dim), provenance)
     return _Job(teacher, dataset, engine, solver, frame_index, fresh)
 

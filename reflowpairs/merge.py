@@ -74,7 +74,14 @@ def _absorb(out: Path, manifest: dict[str, Any], part: Path, part_manifest: dict
             continue
         name = prefix + Path(entry["path"]).name
         _place(src, out / SHARDS_DIR / name, move)
-        manifest["shards"].append({**entry, "path": f"{SHARDS_DIR}/{name}", "store_id": entry.get("store_id", part_manifest["store_id"])})
+        manifest["shards"].append(
+            {
+                **entry,
+                "path": f"{SHARDS_DIR}/{name}",
+                "store_id": entry.get("store_id", part_manifest["store_id"]),
+                "written_as": entry.get("written_as", entry["path"]),
+            }
+        )
         manifest["num_pairs"] += entry["num_pairs"]
         manifest["num_frames"] += entry["num_frames"]
         write_manifest(out, manifest)

@@ -128,3 +128,18 @@ def test_accelerate_launch_two_cpu_processes(tiny_world, tmp_path, single):
     ranks = {p.name.split("-")[1] for p in (out / "shards").iterdir()}
     assert ranks == {"r000", "r001"}  # two processes really each wrote their own shards
     _same(single, read_plain(out))
+
+
+def test_partition_slices_and_merged_stores_validate(tiny_world, tmp_path):
+    from reflowpairs.validate import ValidateConfig, validate
+
+    slices = []
+    for i in range(2):
+        out = tmp_path / f"slice{i}"
+        assert runner.invoke(app, _args(tiny_world, out, "--partition", f"{i}/2")).exit_code == 0
+        report = validate(ValidateConfig(store=out, dataset=tiny_world.repo_id, dataset_root=tiny_world.dataset_root))
+        assert report.status == "sound", report
+        slices.append(out)
+    runner.invoke(app, ["merge", *map(str, slices), "--out", str(tmp_path / "merged")])
+    report = validate(ValidateConfig(store=tmp_path / "merged"))
+    assert report.status == "sound", report

@@ -1,0 +1,207 @@
+"""What a pair store holds: layout, provenance and statistics, as plain JSON-ready dicts.
+
+Everything is computed shard by shard with running sums (Chan et al.'s pairwise merge of means and
+sums of squared deviations, in float64), so inspecting a store of millions of pairs holds one shard
+in memory at a time. Non-finite values are counted and left out of the statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reflowpairs.errors import ReflowPairsError
+from reflowpairs.pairstore import MANIFEST, PairStore
+
+ShardProgress = Callable[[int, int], None]
+"""``progress(shards_done, shards_total)``, called after each shard."""
+
+
+@dataclass
+class RunningStats:
+    """Per-column count / mean / M2 / min / max over rows seen so far, finite values only.
+
+    ``update(x)`` takes ``x`` of shape ``(n, C)``; column ``c`` aggregates ``x[:, c]`` over every
+    call. ``M2`` is the sum of squared deviations from the mean, so ``std = sqrt(M2 / count)``
+    (population standard deviation)."""
+
+    columns: int
+    count: np.ndarray = field(init=False)
+    mean: np.ndarray = field(init=False)
+    m2: np.ndarray = field(init=False)
+    min: np.ndarray = field(init=False)
+    max: np.ndarray = field(init=False)
+    nonfinite: int = 0
+
+    def __post_init__(self):
+        self.count = np.zeros(self.columns, np.int64)
+        self.mean = np.zeros(self.columns, np.float64)
+        self.m2 = np.zeros(self.columns, np.float64)
+        self.min = np.full(self.columns, np.inf)
+        self.max = np.full(self.columns, -np.inf)
+
+    def update(self, x: np.ndarray, block_rows: int = 1 << 16) -> None:
+        """Add the rows of ``x`` ``(n, C)``, ``block_rows`` at a time (bounds float64 temporaries)."""
+        x = np.asarray(x).reshape(-1, self.columns)
+        for start in range(0, len(x), block_rows):
+            self._update(x[start : start + block_rows])
+
+    def _update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64)
+        finite = np.isfinite(x)
+        self.nonfinite += int(x.size - finite.sum())
+        n = finite.sum(axis=0)
+        if not n.any():
+            return
+        clean = np.where(finite, x, 0.0)
+        safe_n = np.maximum(n, 1)
+        mean = clean.sum(axis=0) / safe_n
+        m2 = np.where(finite, (x - mean) ** 2, 0.0).sum(axis=0)
+        total = self.count + n
+        safe_total = np.maximum(total, 1)
+        delta = mean - self.mean
+        self.mean = self.mean + delta * n / safe_total
+        self.m2 = self.m2 + m2 + delta**2 * self.count * n / safe_total
+        self.count = total
+        self.min = np.minimum(self.min, np.where(finite, x, np.inf).min(axis=0))
+        self.max = np.maximum(self.max, np.where(finite, x, -np.inf).max(axis=0))
+
+    def summary(self) -> dict[str, list[float | None]]:
+        """``{"count", "min", "max", "mean", "std"}``, one value per column (None where no finite value)."""
+
+        def values(a: np.ndarray) -> list[float | None]:
+            return [float(v) if c > 0 else None for v, c in zip(a, self.count, strict=True)]
+
+        return {
+            "count": [int(c) for c in self.count],
+            "min": values(self.min),
+            "max": values(self.max),
+            "mean": values(self.mean),
+            "std": values(np.sqrt(self.m2 / np.maximum(self.count, 1))),
+        }
+
+
+def bytes_on_disk(path: Path) -> int:
+    """Size of a file, or of every file under a directory (symlinks not followed)."""
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return 0
+
+
+def summarize(path: str | Path, statistics: bool = True, progress: ShardProgress | None = None) -> dict[str, Any]:
+    """Everything ``reflowpairs inspect`` shows, as one JSON-ready dict.
+
+    Keys: ``path``, ``backend``, ``store_id``, ``complete``, ``shards``, ``pairs``, ``frames``
+    (distinct obs_index values in the listed shards), ``samples_per_frame`` (``{"recorded": K,
+    "min": .., "max": ..}`` pairs per frame observed), ``x0``/``x1`` (``{"shape", "dtype"}``),
+    ``bytes_on_disk``, ``bytes_per_pair``, ``teacher``, ``dataset``, ``generation``, ``software``,
+    ``skipped_frames``, and with ``statistics`` also ``statistics``: ``x0`` (overall ``mean``,
+    ``std``, ``nonfinite``) and ``x1`` (per action dimension ``min``/``max``/``mean``/``std`` lists of
+    length D1, plus ``nonfinite``). Reads the listed shards one at a time; a missing or unreadable
+    shard raises ``ReflowPairsError`` naming it.
+    """
+    store = PairStore(path)
+    manifest = store.manifest
+    x0_stats = RunningStats(1)
+    x1_stats = RunningStats(store.x1_shape[-1])
+    obs_parts: list[tuple[np.ndarray, np.ndarray]] = []
+    columns = ("obs_index", "x0", "x1") if statistics else ("obs_index",)
+    pairs = 0
+    for i in range(len(store.shards)):
+        data = store.read(i, columns)
+        obs_parts.append(np.unique(data["obs_index"], return_counts=True))
+        pairs += len(data["obs_index"])
+        if statistics:
+            x0_stats.update(data["x0"].reshape(-1, 1))
+            x1_stats.update(data["x1"].reshape(-1, store.x1_shape[-1]))
+        if progress is not None:
+            progress(i + 1, len(store.shards))
+    frames, per_frame = _frame_counts(obs_parts)
+    shard_bytes = sum(bytes_on_disk(store.shard_path(i)) for i in range(len(store.shards)))
+    summary: dict[str, Any] = {
+        "path": str(store.path),
+        "backend": store.backend,
+        "store_id": manifest.get("store_id"),
+        "complete": bool(manifest.get("complete", False)),
+        "shards": len(store.shards),
+        "pairs": pairs,
+        "frames": frames,
+        "samples_per_frame": {
+            "recorded": manifest.get("generation", {}).get("samples_per_frame"),
+            "min": per_frame[0],
+            "max": per_frame[1],
+        },
+        "x0": {"shape": list(store.x0_shape), "dtype": manifest["x0"].get("dtype")},
+        "x1": {"shape": list(store.x1_shape), "dtype": manifest["x1"].get("dtype")},
+        "bytes_on_disk": shard_bytes + bytes_on_disk(store.path / MANIFEST),
+        "bytes_per_pair": shard_bytes / pairs if pairs else None,
+        "teacher": manifest.get("teacher", {}),
+        "dataset": manifest.get("dataset", {}),
+        "generation": manifest.get("generation", {}),
+        "software": manifest.get("software", {}),
+        "skipped_frames": list(manifest.get("skipped_frames", [])),
+    }
+    if statistics:
+        x0 = x0_stats.summary()
+        x1 = x1_stats.summary()
+        summary["statistics"] = {
+            "x0": {"mean": x0["mean"][0], "std": x0["std"][0], "nonfinite": x0_stats.nonfinite},
+            "x1": {k: x1[k] for k in ("min", "max", "mean", "std")} | {"nonfinite": x1_stats.nonfinite},
+        }
+    return summary
+
+
+def _frame_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[int, tuple[int | None, int | None]]:
+    """Distinct frames, and (min, max) pairs per frame, from each shard's ``(values, counts)`` of obs_index.
+
+    Memory is 16 bytes per distinct frame per shard, never per pair."""
+    if not parts:
+        return 0, (None, None)
+    values = np.concatenate([v for v, _ in parts])
+    counts = np.concatenate([c for _, c in parts])
+    if not len(values):
+        return 0, (None, None)
+    frames, inverse = np.unique(values, return_inverse=True)
+    per = np.bincount(inverse, weights=counts).astype(np.int64)
+    return len(frames), (int(per.min()), int(per.max()))
+
+
+def locate_pair(store: PairStore, index: int) -> tuple[int, int]:
+    """``(shard, row)`` of global pair ``index`` (pairs numbered in manifest shard order)."""
+    total = sum(int(s["num_pairs"]) for s in store.shards)
+    if not 0 <= index < total:
+        raise ReflowPairsError(
+            f"--pair {index} is out of range: store {store.path} holds {total} pairs.",
+            f"Give a pair number from 0 to {total - 1}." if total else "The store holds no pairs yet.",
+        )
+    offsets = np.cumsum([0] + [int(s["num_pairs"]) for s in store.shards])
+    shard = int(np.searchsorted(offsets, index, side="right") - 1)
+    return shard, index - int(offsets[shard])
+
+
+def pair(path: str | Path, index: int, rows: int = 3) -> dict[str, Any]:
+    """One pair as a JSON-ready dict: ``index``, ``shard``, ``row``, ``obs_index``, ``sample``, and the
+    first ``rows`` rows (chunk steps) of ``x0`` (rows x D0) and ``x1`` (rows x D1) as nested lists."""
+    store = PairStore(path)
+    shard, row = locate_pair(store, index)
+    data = store.read(shard)
+    if row >= len(data["obs_index"]):
+        raise ReflowPairsError(
+            f"Shard {store.shards[shard]['path']} holds {len(data['obs_index'])} pairs, fewer than its manifest entry says.",
+            "The store is damaged; run `reflowpairs validate` on it.",
+        )
+    return {
+        "index": index,
+        "shard": store.shards[shard]["path"],
+        "row": row,
+        "obs_index": int(data["obs_index"][row]),
+        "sample": int(data["sample"][row]),
+        "x0": data["x0"][row, :rows].tolist(),
+        "x1": data["x1"][row, :rows].tolist(),
+    }
