@@ -225,6 +225,47 @@ def build_tiny_dataset(root: str | Path, repo_id: str = TINY_REPO_ID, spec: Tiny
     return LeRobotDataset(repo_id, root=root)
 
 
+PUSHT_REPO_ID = "reflowpairs/tiny_pusht"
+
+
+def build_pusht_dataset(root: str | Path, num_episodes: int = 4, episode_length: int = 30, seed: int = 0):
+    """A small LeRobotDataset with the PushT environment's features (``observation.image`` 96x96x3,
+    ``observation.state`` 2, ``action`` 2), recorded from real gym-pusht rollouts of a smooth random-walk
+    controller, so a teacher trained on it runs unchanged in ``lerobot-eval --env.type=pusht``."""
+    import datasets
+    import gymnasium as gym
+    import gym_pusht  # noqa: F401 - registers gym_pusht/PushT-v0
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    datasets.disable_progress_bars()
+    features = {
+        "observation.image": {"dtype": "image", "shape": (96, 96, 3), "names": ["height", "width", "channels"]},
+        "observation.state": {"dtype": "float32", "shape": (2,), "names": None},
+        "action": {"dtype": "float32", "shape": (2,), "names": None},
+    }
+    dataset = LeRobotDataset.create(repo_id=PUSHT_REPO_ID, fps=10, root=root, features=features, use_videos=False)
+    env = gym.make("gym_pusht/PushT-v0", obs_type="pixels_agent_pos", render_mode="rgb_array")
+    rng = np.random.default_rng(seed)
+    for episode in range(num_episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        target = obs["agent_pos"].astype(np.float32)
+        for _ in range(episode_length):
+            target = np.clip(target + rng.normal(0.0, 15.0, size=2), 0.0, 512.0).astype(np.float32)
+            dataset.add_frame(
+                {
+                    "observation.image": obs["pixels"],
+                    "observation.state": obs["agent_pos"].astype(np.float32),
+                    "action": target,
+                    "task": "push the T",
+                }
+            )
+            obs, *_ = env.step(target)
+        dataset.save_episode()
+    env.close()
+    dataset.finalize()
+    return LeRobotDataset(PUSHT_REPO_ID, root=root)
+
+
 def tiny_smolvla_config(vlm_dir: str | Path, dataset_meta, spec: TinyTeacherSpec = TinyTeacherSpec()):
     """A ``SmolVLAConfig`` for the local VLM in ``vlm_dir`` with features taken from ``dataset_meta``."""
     from lerobot.configs.types import FeatureType
