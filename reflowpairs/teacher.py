@@ -50,8 +50,9 @@ class LoadedPolicy:
         return self.policy.config.type
 
     def provenance(self) -> dict[str, Any]:
-        """The manifest's ``teacher`` object."""
-        return {"source": self.source, "policy_type": self.policy_type, **self.fingerprint}
+        """The manifest's ``teacher`` object (a local source as an absolute path, so it resolves from anywhere)."""
+        source = str(Path(self.source).expanduser().resolve()) if is_local(self.source) else self.source
+        return {"source": source, "policy_type": self.policy_type, **self.fingerprint}
 
 
 def resolve_device(device: str) -> str:
@@ -163,10 +164,11 @@ def fingerprint_checkpoint(source: str) -> dict[str, str]:
     return {"config_sha256": config_sha, "weights_sha256": weights_sha, "fingerprint": combined}
 
 
-def load_policy(source: str | Path, device: str = "auto") -> LoadedPolicy:
+def load_policy(source: str | Path, device: str = "auto", fingerprint: dict[str, str] | None = None) -> LoadedPolicy:
     """Load a flow-matching policy checkpoint and its processors with lerobot's own classes.
 
     Refuses non-flow-matching policies and checkpoints without processor files, with a clear error.
+    ``fingerprint``: the checkpoint's ``fingerprint_checkpoint`` when the caller has it already.
     """
     from lerobot.policies.factory import get_policy_class, make_pre_post_processors
 
@@ -175,7 +177,7 @@ def load_policy(source: str | Path, device: str = "auto") -> LoadedPolicy:
     config = read_policy_config(source)
     for name in (PREPROCESSOR_FILE, POSTPROCESSOR_FILE):
         checkpoint_file(source, name)
-    fingerprint = fingerprint_checkpoint(source)
+    fingerprint = fingerprint or fingerprint_checkpoint(source)
     config.device = device
     policy_cls = get_policy_class(config.type)
     try:

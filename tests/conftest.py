@@ -12,7 +12,7 @@ import torch
 from reflowpairs.tinyworld import TinyDatasetSpec, TinyTeacherSpec, TinyWorld, build_tiny_world
 
 logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models; and subprocess tests share the 2 cores
 
 
 @pytest.fixture(scope="session")

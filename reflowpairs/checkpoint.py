@@ -1,0 +1,212 @@
+"""Student checkpoints in lerobot-train's layout, written atomically.
+
+::
+
+    OUT/checkpoints/<step>/pretrained_model/   config.json, model.safetensors, policy pre/post-processor files
+    OUT/checkpoints/<step>/training_state/     optimizer, scheduler, step and RNG state (lerobot's own files)
+                                               + reflow_state.json (data position, settings, provenance)
+    OUT/checkpoints/last -> <step>             relative symlink, as lerobot-train makes it
+
+``<step>`` is lerobot's ``get_step_identifier`` (zero-padded to 6 digits). Each checkpoint is written
+into ``checkpoints/.tmp-<step>``, fsynced, and renamed into place; ``last`` is then repointed by
+renaming a fresh symlink over it. A crash at any moment leaves ``last`` on a complete checkpoint (or
+absent, before the first one), and at worst a ``.tmp-*`` leftover that the next run removes.
+
+``pretrained_model/config.json`` is the init checkpoint's own config.json, key for key and value for
+value, except ``pretrained_path`` (the init checkpoint, as lerobot-train records ``--policy.path``) and,
+only when asked for, ``num_steps`` (``--student-num-steps``). Writing the init's JSON rather than
+re-serialising the loaded config guarantees that no field drifts (the predecessor's
+``load_vlm_weights`` and leftover-field bugs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from reflowpairs.errors import ReflowPairsError
+
+STATE_FILE = "reflow_state.json"
+STATE_FORMAT = "reflowpairs.train"
+STATE_VERSION = 1
+TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
+
+
+def checkpoints_dir(out: str | Path) -> Path:
+    from lerobot.utils.constants import CHECKPOINTS_DIR
+
+    return Path(out) / CHECKPOINTS_DIR
+
+
+def last_link(out: str | Path) -> Path:
+    from lerobot.utils.constants import LAST_CHECKPOINT_LINK
+
+    return checkpoints_dir(out) / LAST_CHECKPOINT_LINK
+
+
+def pretrained_dir(checkpoint: Path) -> Path:
+    from lerobot.utils.constants import PRETRAINED_MODEL_DIR
+
+    return checkpoint / PRETRAINED_MODEL_DIR
+
+
+def training_state_dir(checkpoint: Path) -> Path:
+    from lerobot.utils.constants import TRAINING_STATE_DIR
+
+    return checkpoint / TRAINING_STATE_DIR
+
+
+def last_checkpoint(out: str | Path) -> Path | None:
+    """The checkpoint ``OUT/checkpoints/last`` points at (resolved), or None if there is none yet."""
+    link = last_link(out)
+    if not link.is_symlink() and not link.exists():
+        return None
+    target = link.resolve()
+    if not target.is_dir():
+        raise ReflowPairsError(
+            f"{link} points at {target}, which does not exist.",
+            "Repoint it at a complete checkpoints/<step> directory, or start a new run in another --out.",
+        )
+    return target
+
+
+def student_config_json(init_config: dict[str, Any], init_source: str, num_steps: int | None = None) -> dict[str, Any]:
+    """The student's config.json: the init checkpoint's, with ``pretrained_path`` set to ``init_source``
+    and ``num_steps`` set only when ``num_steps`` is given. Nothing else changes."""
+    config = dict(init_config)
+    config["pretrained_path"] = str(init_source)
+    if num_steps is not None:
+        if "num_steps" not in config:
+            raise ReflowPairsError(
+                "--student-num-steps was given but the init checkpoint's config.json has no num_steps field.",
+                "Drop --student-num-steps for this policy.",
+            )
+        config["num_steps"] = int(num_steps)
+    return config
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*"), key=lambda q: len(q.parts), reverse=True) + [path]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def clean_leftovers(out: str | Path) -> list[Path]:
+    """Remove ``.tmp-*``/``.old-*`` entries under ``OUT/checkpoints`` (an interrupted save); returns them."""
+    root = checkpoints_dir(out)
+    removed = []
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith((TMP_PREFIX, OLD_PREFIX)):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed.append(path)
+    return removed
+
+
+def save_checkpoint(
+    out: str | Path,
+    step: int,
+    total_steps: int,
+    policy,
+    preprocessor,
+    postprocessor,
+    config_json: dict[str, Any],
+    optimizer,
+    scheduler,
+    state: dict[str, Any],
+    batch_size: int | None = None,
+) -> Path:
+    """Write ``OUT/checkpoints/<step>`` atomically and repoint ``last`` at it; returns its path.
+
+    ``config_json`` is written as ``pretrained_model/config.json`` (see ``student_config_json``);
+    weights through lerobot's ``policy.save_pretrained``, processors through their own
+    ``save_pretrained``, and the training state through lerobot's ``save_training_state`` plus
+    ``state`` as ``training_state/reflow_state.json``."""
+    from lerobot.common.train_utils import get_step_identifier, save_training_state
+
+    root = checkpoints_dir(out)
+    root.mkdir(parents=True, exist_ok=True)
+    name = get_step_identifier(step, total_steps)
+    final = root / name
+    tmp = root / (TMP_PREFIX + name)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model_dir = pretrained_dir(tmp)
+    policy.save_pretrained(model_dir)
+    with open(model_dir / "config.json", "w") as handle:
+        json.dump(config_json, handle, indent=4)
+    preprocessor.save_pretrained(model_dir)
+    postprocessor.save_pretrained(model_dir)
+    save_training_state(tmp, step, optimizer, scheduler, batch_size=batch_size)
+    state = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": int(step), **state}
+    (training_state_dir(tmp) / STATE_FILE).write_text(json.dumps(state, indent=2))
+    _fsync_tree(tmp)
+    old = root / (OLD_PREFIX + name)
+    if final.exists():  # the same step saved by an earlier, resumed-from-before-it run
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    if old.exists():
+        shutil.rmtree(old)
+    point_last(out, final)
+    return final
+
+
+def point_last(out: str | Path, checkpoint: Path) -> None:
+    """Atomically make ``OUT/checkpoints/last`` a relative symlink to ``checkpoint``."""
+    link = last_link(out)
+    tmp_link = link.with_name(TMP_PREFIX + link.name)
+    if tmp_link.is_symlink() or tmp_link.exists():
+        tmp_link.unlink()
+    tmp_link.symlink_to(checkpoint.name)
+    os.replace(tmp_link, link)
+    _fsync_dir(link.parent)
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    """``training_state/reflow_state.json`` of a checkpoint, checked; errors name the file."""
+    path = training_state_dir(checkpoint) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReflowPairsError(
+            f"{checkpoint} has no {path.relative_to(checkpoint)}: it was not written by `reflowpairs train`.",
+            "Resume only runs that `reflowpairs train` started, or start a new run in another --out.",
+        ) from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise ReflowPairsError(f"Cannot read {path} ({err}).", "The checkpoint is damaged; start a new run.") from err
+    if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+        raise ReflowPairsError(f"{path} is not a version {STATE_VERSION} {STATE_FORMAT} state file.")
+    return state
+
+
+def load_training_state(checkpoint: Path, optimizer, scheduler) -> int:
+    """Restore optimizer, scheduler and RNG state with lerobot's ``load_training_state``; returns the step."""
+    from lerobot.common.train_utils import load_training_state as lerobot_load
+
+    try:
+        step, _, _ = lerobot_load(checkpoint, optimizer, scheduler)
+    except Exception as err:  # noqa: BLE001 - safetensors/json/torch raise many kinds
+        raise ReflowPairsError(
+            f"Cannot restore the training state in {training_state_dir(checkpoint)} ({type(err).__name__}: {err}).",
+            "The checkpoint is damaged or was written with other settings; start a new run in another --out.",
+        ) from err
+    return int(step)

@@ -1,0 +1,665 @@
+"""Stage 2: train a student on stored pairs with the straight-line (reflow) loss, no teacher in memory.
+
+The student starts as the teacher: the checkpoint the store's manifest names (``teacher.source``, or
+``--init``), loaded once with ``reflowpairs.teacher.load_policy``; nothing else builds a policy and
+nothing integrates an ODE. Each step takes a batch of stored pairs (``reflowpairs.pairdata``) and
+computes, in lerobot's convention (t=1 noise, t=0 action, ``x_t = t*X_0 + (1-t)*X_1``, target
+``u = X_0 - X_1``), the policy's *own* training loss with the stored pair substituted:
+
+    batch = preprocessor(observation without action keys)      # images, state, language tokens
+    batch["action"] = X_1                                        # (B, T, A), already normalised
+    loss, _ = policy.forward(batch, noise=X_0, time=t)           # X_0: (B, T, max_action_dim)
+
+``policy.prepare_action`` zero-pads X_1 to ``max_action_dim`` as lerobot pads actions; no
+``action_is_pad`` is passed, so every chunk position counts; the loss is the MSE over the action's
+own dimensions, exactly as lerobot trains. X_1 never passes the normaliser (it was stored normalised).
+
+Trainable parameters are whatever the checkpoint's config leaves trainable (``train_expert_only``,
+``freeze_vision_encoder``, ``train_state_proj``: lerobot sets ``requires_grad`` when it builds the
+policy). Optimiser and schedule are the policy's lerobot presets (``get_optimizer_preset``,
+``get_scheduler_preset``); see ``plan_optimizer`` for how ``--lr``/``--warmup-steps``/``--grad-clip``
+change them and how lerobot's automatic warmup/decay rescaling is made explicit.
+
+Before the first step every input is checked and nothing is written before the checks pass: the
+store is complete and every shard matches its checksums; the manifest's teacher and dataset
+fingerprints match the init checkpoint and the dataset (unless ``--allow-mismatch``); the store's
+shapes match the policy; every stored ``obs_index`` is a frame of the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from reflowpairs.checkpoint import (
+    checkpoints_dir,
+    clean_leftovers,
+    last_checkpoint,
+    load_training_state,
+    pretrained_dir,
+    read_state,
+    save_checkpoint,
+    student_config_json,
+)
+from reflowpairs.errors import ReflowPairsError
+from reflowpairs.pairdata import PairDataset, PairSampler, drop_action_keys, missing_frames, position_lookup
+from reflowpairs.pairstore import PairStore, shard_attrs
+from reflowpairs.timesampling import TIME_SAMPLINGS, check_time_sampling, sample_time, step_generator
+
+LOG_FILE = "train_log.jsonl"
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+# Settings that decide which data, times and updates a run sees. ``None`` in ``TrainConfig`` means
+# "the default" for a new run and "the checkpoint's value" for ``--resume``; a value given on resume
+# that differs from the checkpoint's is refused (the run would not continue as if uninterrupted).
+DEFAULTS: dict[str, Any] = {"batch_size": 32, "seed": 0, "time_sampling": "beta", "shuffle_window": 4}
+INHERITED = ("batch_size", "seed", "time_sampling", "shuffle_window", "lr", "warmup_steps", "grad_clip", "student_num_steps")
+
+Progress = Callable[[int, int, float], None]
+"""``progress(step, total_steps, loss)``, called after every optimiser step."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``reflowpairs train`` (``docs/train.md``). ``None`` means: the default (shown in
+    ``DEFAULTS`` or the policy's lerobot preset) for a new run, the checkpoint's value on ``resume``."""
+
+    pairs: Path
+    out: Path
+    steps: int = 10_000
+    batch_size: int | None = None  # 32
+    init: str | None = None  # None: the manifest's teacher.source
+    dataset_root: Path | None = None  # None: the manifest's dataset.root
+    lr: float | None = None  # None: the policy preset's optimizer_lr
+    warmup_steps: int | None = None  # None: the preset's, rescaled as lerobot does for short runs
+    grad_clip: float | None = None  # None: the preset's grad_clip_norm
+    seed: int | None = None  # 0
+    num_workers: int = 2
+    device: str = "auto"
+    save_every: int = 1000
+    log_every: int = 1
+    time_sampling: str | None = None  # "beta" (lerobot's own)
+    student_num_steps: int | None = None  # only then does the saved config's num_steps change
+    precision: str = "auto"  # auto: bfloat16 autocast on CUDA (when supported), float32 elsewhere
+    shuffle_window: int | None = None  # 4 shards
+    resume: bool = False
+    allow_mismatch: bool = False
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    checkpoint: Path  # the last checkpoint written (OUT/checkpoints/<step>)
+    start_step: int
+    step: int
+    final_loss: float
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def steps_per_second(self) -> float:
+        done = self.step - self.start_step
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training at ``step``; ``checkpoint`` is the last complete checkpoint (None if there is
+    none), holding ``saved_step``. After one Ctrl-C it holds every completed step."""
+
+    def __init__(self, step: int, checkpoint: Path | None, saved_step: int):
+        super().__init__(f"interrupted at step {step}")
+        self.step = step
+        self.checkpoint = checkpoint
+        self.saved_step = saved_step
+
+
+# --- the loss ---------------------------------------------------------------------------------------
+
+
+def reflow_loss(policy, preprocessor, observation: dict[str, Any], x0: Tensor, x1: Tensor, t: Tensor) -> tuple[Tensor, dict]:
+    """The policy's own flow-matching training loss on stored pairs (lerobot convention).
+
+    ``observation``: a collated raw dataset batch (action keys are dropped here, before the
+    preprocessor, so the normaliser never sees an action); ``x0``: ``(B, T, max_action_dim)`` noise;
+    ``x1``: ``(B, T, A)`` teacher actions, already normalised; ``t``: ``(B,)`` in (0, 1] on the policy's
+    device. Returns ``policy.forward(batch, noise=x0, time=t)`` with ``batch["action"] = x1``: the mean
+    of ``((x0 - x1) - v(x_t, t))**2`` over batch, chunk and action dimensions."""
+    from lerobot.utils.constants import ACTION
+
+    batch = preprocessor(drop_action_keys(observation))
+    batch[ACTION] = x1.to(t.device, torch.float32)
+    return policy.forward(batch, noise=x0.to(t.device, torch.float32), time=t)
+
+
+# --- optimiser and schedule -------------------------------------------------------------------------
+
+
+@dataclass
+class OptimPlan:
+    """The optimiser and schedule a run uses, with lerobot's short-run rescaling already applied."""
+
+    optimizer: Any  # lerobot OptimizerConfig (AdamWConfig for SmolVLA)
+    scheduler: Any  # lerobot LRSchedulerConfig (CosineDecayWithWarmupSchedulerConfig) or None
+    preset_warmup_steps: int | None
+    preset_decay_steps: int | None
+
+    def describe(self) -> dict[str, Any]:
+        sched = self.scheduler
+        return {
+            "optimizer": self.optimizer.type,
+            "lr": self.optimizer.lr,
+            "weight_decay": self.optimizer.weight_decay,
+            "grad_clip": self.optimizer.grad_clip_norm,
+            "scheduler": sched.type if sched is not None else None,
+            "warmup_steps": getattr(sched, "num_warmup_steps", None),
+            "decay_steps": getattr(sched, "num_decay_steps", None),
+            "decay_lr": getattr(sched, "decay_lr", None),
+            "preset_warmup_steps": self.preset_warmup_steps,
+            "preset_decay_steps": self.preset_decay_steps,
+        }
+
+
+def plan_optimizer(policy_config, steps: int, lr: float | None, warmup_steps: int | None, grad_clip: float | None) -> OptimPlan:
+    """The policy's lerobot optimiser/scheduler presets, adjusted for this run.
+
+    - ``lr`` replaces the preset's ``lr`` and the schedule's ``peak_lr``; the preset's ``decay_lr`` is
+      kept (as with lerobot-train's ``--policy.optimizer_lr``), capped at ``lr``.
+    - lerobot's ``CosineDecayWithWarmupSchedulerConfig.build`` rescales warmup and decay when
+      ``steps < num_decay_steps`` (warmup -> ``int(warmup * steps / decay)``, decay -> ``steps``). That
+      rule is applied here, so the returned config holds the *effective* values (and ``build`` finds
+      nothing left to rescale); ``warmup_steps``, when given, is taken as the effective warmup as is.
+    - ``grad_clip`` replaces ``grad_clip_norm``."""
+    optimizer = policy_config.get_optimizer_preset()
+    scheduler = policy_config.get_scheduler_preset()
+    if lr is not None:
+        optimizer.lr = float(lr)
+    if grad_clip is not None:
+        optimizer.grad_clip_norm = float(grad_clip)
+    preset_warmup = getattr(scheduler, "num_warmup_steps", None)
+    preset_decay = getattr(scheduler, "num_decay_steps", None)
+    if scheduler is not None:
+        if hasattr(scheduler, "peak_lr"):
+            scheduler.peak_lr = optimizer.lr
+            scheduler.decay_lr = min(scheduler.decay_lr, optimizer.lr)
+        if preset_decay is not None and steps < preset_decay:
+            scheduler.num_warmup_steps = int((preset_warmup or 0) * steps / preset_decay)
+            scheduler.num_decay_steps = steps
+        if warmup_steps is not None:
+            scheduler.num_warmup_steps = int(warmup_steps)
+    return OptimPlan(optimizer, scheduler, preset_warmup, preset_decay)
+
+
+def trainable_parameters(policy) -> list[torch.nn.Parameter]:
+    """Parameters the checkpoint's config leaves trainable (``requires_grad``, as lerobot set it)."""
+    return [p for p in policy.get_optim_params() if p.requires_grad]
+
+
+# --- input checks -----------------------------------------------------------------------------------
+
+
+def _check_args(cfg: TrainConfig) -> None:
+    for name, value, least in (
+        ("--steps", cfg.steps, 1),
+        ("--batch-size", cfg.batch_size, 1),
+        ("--save-every", cfg.save_every, 1),
+        ("--log-every", cfg.log_every, 1),
+        ("--num-workers", cfg.num_workers, 0),
+        ("--shuffle-window", cfg.shuffle_window, 1),
+        ("--student-num-steps", cfg.student_num_steps, 1),
+        ("--warmup-steps", cfg.warmup_steps, 0),
+        ("--seed", cfg.seed, 0),
+    ):
+        if value is not None and value < least:
+            raise ReflowPairsError(f"{name} must be at least {least}, got {value}.")
+    for name, value in (("--lr", cfg.lr), ("--grad-clip", cfg.grad_clip)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ReflowPairsError(f"{name} must be a positive number, got {value}.")
+    if cfg.time_sampling is not None:
+        check_time_sampling(cfg.time_sampling)
+    if cfg.precision not in PRECISIONS:
+        raise ReflowPairsError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}.")
+
+
+def _check_out(out: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a new run), after refusing an --out that does not fit."""
+    if out.exists() and not out.is_dir():
+        raise ReflowPairsError(f"--out {out} exists and is not a directory.", "Choose a directory for the run.")
+    has_run = checkpoints_dir(out).is_dir() and any(
+        p for p in checkpoints_dir(out).iterdir() if not p.name.startswith(".")
+    )
+    if not resume:
+        if has_run:  # a log without any checkpoint (a run killed before its first save) is simply restarted
+            raise ReflowPairsError(
+                f"--out {out} already holds a training run.",
+                "Pass --resume to continue it from checkpoints/last, or choose another --out.",
+            )
+        return None
+    checkpoint = last_checkpoint(out)
+    if checkpoint is None:
+        raise ReflowPairsError(
+            f"--resume was given but {out} has no checkpoints/last to resume from.",
+            "Drop --resume to start a new run there, or point --out at an earlier run.",
+        )
+    return checkpoint
+
+
+def _resolve_settings(cfg: TrainConfig, state: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's data/optimiser settings: given values, else the checkpoint's (resume), else defaults."""
+    given = {name: getattr(cfg, name) for name in INHERITED}
+    if state is None:
+        return {name: given[name] if given[name] is not None else DEFAULTS.get(name) for name in INHERITED}
+    recorded = state["settings"]
+    differences = [
+        f"{name}: the checkpoint has {recorded.get(name)!r}, this run asks for {given[name]!r}"
+        for name in INHERITED
+        if name != "student_num_steps" and given[name] is not None and given[name] != recorded.get(name)
+    ]
+    if differences:
+        raise ReflowPairsError(
+            "Cannot resume with other training settings: " + "; ".join(differences) + ".",
+            "Leave those options out (a resumed run keeps its own settings), or start a new run in another --out.",
+        )
+    return {name: given[name] if given[name] is not None else recorded.get(name) for name in INHERITED}
+
+
+def verify_store(path: Path, progress: Callable[[int, int], None] | None = None) -> PairStore:
+    """Open the store and prove it is whole: complete, and every shard matches what the manifest recorded
+    (row counts, shapes, dtypes, sha256 of every array, store id). Refusals name the shard.
+    ``progress(shards_done, shards_total)`` is called after each shard."""
+    store = PairStore(path)
+    manifest = store.manifest
+    if not manifest.get("complete", False):
+        total = manifest.get("generation", {}).get("num_frames")
+        done = manifest.get("num_frames", 0)
+        raise ReflowPairsError(
+            f"Pair store {path} is incomplete ({done} of {total if total is not None else '?'} frames): "
+            "its generation was interrupted or is still running.",
+            "Finish it with the same `reflowpairs generate ...` command plus --resume, then train.",
+        )
+    if not store.shards or len(store) == 0:
+        raise ReflowPairsError(f"Pair store {path} holds no pairs.", "Generate pairs first with `reflowpairs generate`.")
+    for i, entry in enumerate(store.shards):
+        problems = store.verify_shard(i)
+        if not problems:
+            attrs_id = shard_attrs(store.shard_path(i), store.backend).get("store_id")
+            if attrs_id != manifest.get("store_id"):
+                problems = [f"it belongs to store {attrs_id!r}, not this store ({manifest.get('store_id')!r})"]
+        if problems:
+            raise ReflowPairsError(
+                f"Pair store {path} is corrupt: shard {entry['path']}: " + "; ".join(p.rstrip(".") for p in problems) + ".",
+                "Do not train on it: regenerate the store (or restore that shard from a good copy). "
+                "`reflowpairs validate` checks a whole store.",
+            )
+        if progress is not None:
+            progress(i + 1, len(store.shards))
+    return store
+
+
+def _mismatch(what: str, allow: bool, warnings: list[str]) -> None:
+    if allow:
+        warnings.append(what + " (allowed by --allow-mismatch)")
+        return
+    raise ReflowPairsError(
+        what,
+        "Train with the checkpoint and dataset the store was generated from, or pass --allow-mismatch "
+        "if you know they are equivalent. Nothing was written.",
+    )
+
+
+@dataclass
+class _Inputs:
+    """Everything checked and loaded before the first step."""
+
+    store: PairStore
+    dataset: Any
+    lookup: np.ndarray
+    loaded: Any  # reflowpairs.teacher.LoadedPolicy: the student
+    init_source: str
+    init_fingerprint: dict[str, str]
+    init_config: dict[str, Any]
+    warnings: list[str]
+
+
+def _prepare(cfg: TrainConfig, resume_from: Path | None, state: dict[str, Any] | None, on_verify=None) -> _Inputs:
+    from reflowpairs.dataset import check_features, dataset_fingerprint, frame_indices, open_dataset
+    from reflowpairs.teacher import checkpoint_file, fingerprint_checkpoint, load_policy, rename_map
+
+    warnings: list[str] = []
+    store = verify_store(Path(cfg.pairs), on_verify)
+    manifest = store.manifest
+    if state is not None and state["store"]["store_id"] != manifest.get("store_id"):
+        raise ReflowPairsError(
+            f"Cannot resume: the run in {cfg.out} trained on store {state['store']['store_id']} "
+            f"({state['store']['path']}), but --pairs {cfg.pairs} is store {manifest.get('store_id')}.",
+            "Resume with the store the run started on, or start a new run in another --out.",
+        )
+
+    # The init checkpoint: --init, else the manifest's teacher (or, on resume, what the run started from).
+    if state is not None:
+        init_source, init_fp, init_config = state["init"]["source"], state["init"]["fingerprint"], state["init_config"]
+    else:
+        init_source = cfg.init or manifest.get("teacher", {}).get("source")
+        if not init_source:
+            raise ReflowPairsError(f"The manifest of {cfg.pairs} names no teacher checkpoint.", "Pass --init PATH_OR_REPO_ID.")
+        try:
+            config_path = checkpoint_file(init_source, "config.json")
+        except ReflowPairsError as err:
+            where = "--init" if cfg.init else f"The store's teacher ({manifest['teacher'].get('source')!r}, from its manifest)"
+            raise ReflowPairsError(f"{where}: {err.what}", "Pass --init with the teacher checkpoint's current location.") from err
+        init_config = json.loads(config_path.read_text())
+        init_fp = fingerprint_checkpoint(init_source)
+    store_teacher = manifest.get("teacher", {}).get("fingerprint")
+    if store_teacher != init_fp["fingerprint"]:
+        _mismatch(
+            f"The init checkpoint {init_source} is not the teacher the store {cfg.pairs} was generated with "
+            f"(teacher fingerprint: store has {str(store_teacher)[:12]}, init checkpoint has {init_fp['fingerprint'][:12]}).",
+            cfg.allow_mismatch, warnings,
+        )
+
+    # The dataset: --dataset-root, else where the manifest says it was.
+    recorded = manifest.get("dataset", {})
+    root = cfg.dataset_root
+    if root is None and recorded.get("root"):
+        root = Path(recorded["root"])
+        if not (root / "meta" / "info.json").is_file():
+            raise ReflowPairsError(
+                f"The store's dataset {recorded.get('repo_id')!r} was read from {root}, which holds no dataset now.",
+                "Pass --dataset-root with where the dataset is now.",
+            )
+    dataset = open_dataset(recorded.get("repo_id"), root)
+    if recorded.get("fingerprint") != dataset_fingerprint(dataset):
+        _mismatch(
+            f"The dataset at {dataset.root} is not the one the store {cfg.pairs} was generated from "
+            f"(dataset fingerprint of its meta/ files: store has {str(recorded.get('fingerprint'))[:12]}, "
+            f"dataset has {dataset_fingerprint(dataset)[:12]}).",
+            cfg.allow_mismatch, warnings,
+        )
+    lookup = position_lookup(frame_indices(dataset))
+    missing = missing_frames(lookup, store.index()[0])
+    if len(missing):
+        shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        raise ReflowPairsError(
+            f"{len(missing)} obs_index values of store {cfg.pairs} are not frames of the dataset at {dataset.root}: {shown}.",
+            "Train with the dataset the store was generated from (--dataset-root).",
+        )
+
+    # The one policy of this process: the student (the init checkpoint, or the checkpoint resumed from).
+    source = str(pretrained_dir(resume_from)) if resume_from is not None else init_source
+    loaded = load_policy(source, cfg.device, fingerprint=init_fp if resume_from is None else None)
+    check_features(loaded.config, dataset.meta, rename_map(loaded.preprocessor))
+    config = loaded.config
+    x0_shape = (config.chunk_size, config.max_action_dim)
+    x1_shape = (config.chunk_size, config.action_feature.shape[0])
+    if tuple(store.x0_shape) != x0_shape or tuple(store.x1_shape) != x1_shape:
+        raise ReflowPairsError(
+            f"Store {cfg.pairs} holds X_0 {list(store.x0_shape)} and X_1 {list(store.x1_shape)}, but the policy in "
+            f"{source} takes noise {list(x0_shape)} and writes actions {list(x1_shape)}.",
+            "Train the policy the store was generated from.",
+        )
+    return _Inputs(store, dataset, lookup, loaded, str(init_source), init_fp, init_config, warnings)
+
+
+def _precision(name: str, device: str) -> torch.dtype | None:
+    """The autocast dtype (None: plain float32). bfloat16 autocast is for CUDA only."""
+    if name == "float32":
+        return None
+    cuda = device.startswith("cuda")
+    if name == "bfloat16":
+        if not cuda:
+            raise ReflowPairsError(f"--precision bfloat16 is for CUDA devices; this run is on {device}.", "Use --precision float32 or auto.")
+        return torch.bfloat16
+    return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+
+
+def _check_writable(out: Path) -> None:
+    probe = out / ".tmp-write-probe"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"reflowpairs")
+        probe.unlink()
+    except OSError as err:
+        raise ReflowPairsError(
+            f"Cannot write to --out {out} ({err.strerror or err}).", "Choose a writable directory with free space."
+        ) from err
+
+
+def _trim_log(path: Path, last_step: int) -> None:
+    """Keep only log lines up to ``last_step`` (lines after the resumed checkpoint are redone); atomic."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            break  # a torn last line of a killed run
+    tmp = path.with_name(".tmp-" + path.name)
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _write_failed(out: Path, what: str, err: OSError, last: Path | None) -> ReflowPairsError:
+    kept = f"checkpoints/last still points at the last complete checkpoint ({last.name})" if last is not None else "no checkpoint was complete yet"
+    return ReflowPairsError(
+        f"Writing {what} to --out {out} failed ({err.strerror or err}); {kept}.",
+        "Free disk space or fix permissions, then rerun the same command with --resume"
+        + (" (or without it, into an empty --out)." if last is None else "."),
+    )
+
+
+class _StopFlag:
+    """SIGINT sets a flag that the loop checks between steps (a step is never cut in half)."""
+
+    def __init__(self):
+        self.requested = False
+        self.aborted = False  # a second Ctrl-C: stop at once, mid-step, without saving
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            self.aborted = True
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig,
+    progress: Progress | None = None,
+    on_plan: Callable[[dict[str, Any]], None] | None = None,
+    on_verify: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """Run stage 2. ``on_verify(shards_done, total)`` reports the store check; ``on_plan(plan)`` is called
+    once before the first step with what the run will do (init, device, precision, effective
+    optimiser/schedule, parameter counts, start step); ``progress(step, total, loss)`` after each step.
+
+    Ctrl-C (SIGINT) finishes the step in flight, saves a checkpoint and raises ``TrainingInterrupted``
+    (a second Ctrl-C stops at once, keeping the last checkpoint); rerun with ``resume=True`` to continue."""
+    from lerobot.utils.random_utils import set_seed
+
+    from reflowpairs.teacher import resolve_device
+
+    _check_args(cfg)
+    out = Path(cfg.out)
+    resume_from = _check_out(out, cfg.resume)
+    state = read_state(resume_from) if resume_from is not None else None
+    settings = _resolve_settings(cfg, state)
+    device = resolve_device(cfg.device)
+    autocast_dtype = _precision(cfg.precision, device)
+    inputs = _prepare(cfg, resume_from, state, on_verify)
+    policy, preprocessor = inputs.loaded.policy, inputs.loaded.preprocessor
+    batch_size = int(settings["batch_size"])
+
+    plan = plan_optimizer(policy.config, cfg.steps, settings["lr"], settings["warmup_steps"], settings["grad_clip"])
+    params = trainable_parameters(policy)
+    if not params:
+        raise ReflowPairsError(f"The policy in {inputs.init_source} has no trainable parameters under its config.")
+    optimizer = plan.optimizer.build(params)
+    scheduler = plan.scheduler.build(optimizer, cfg.steps) if plan.scheduler is not None else None
+    start_step, samples_seen = 0, 0
+    if resume_from is not None:
+        start_step = load_training_state(resume_from, optimizer, scheduler)
+        samples_seen = int(state["samples_seen"])
+        if start_step >= cfg.steps:
+            raise ReflowPairsError(
+                f"The run in {out} is already at step {start_step}, and --steps is {cfg.steps}.",
+                "Pass a larger --steps to train further.",
+            )
+    else:
+        set_seed(int(settings["seed"]))
+
+    store_info = {
+        "path": str(Path(cfg.pairs).resolve()),
+        "store_id": inputs.store.manifest.get("store_id"),
+        "teacher_fingerprint": inputs.store.manifest.get("teacher", {}).get("fingerprint"),
+        "dataset_fingerprint": inputs.store.manifest.get("dataset", {}).get("fingerprint"),
+        "num_pairs": len(inputs.store),
+    }
+    config_json = student_config_json(inputs.init_config, inputs.init_source, settings["student_num_steps"])
+    total_params = sum(p.numel() for p in policy.parameters())
+    plan_info = {
+        "init": inputs.init_source,
+        "resumed_from": str(resume_from) if resume_from is not None else None,
+        "start_step": start_step,
+        "steps": cfg.steps,
+        "device": device,
+        "precision": "bfloat16 autocast" if autocast_dtype is not None else "float32",
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": total_params,
+        "num_pairs": len(inputs.store),
+        "samples_seen": samples_seen,
+        **{k: settings[k] for k in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps")},
+        **plan.describe(),
+        "warnings": list(inputs.warnings),
+    }
+    if on_plan is not None:
+        on_plan(plan_info)
+
+    # Every check has passed: only now is --out touched.
+    _check_writable(out)
+    clean_leftovers(out)
+    log_path = out / LOG_FILE
+    _trim_log(log_path, start_step)
+
+    pairs = PairDataset(inputs.store, inputs.dataset, inputs.lookup, cache_shards=int(settings["shuffle_window"]) + 1)
+    loader = torch.utils.data.DataLoader(
+        pairs,
+        batch_size=batch_size,
+        sampler=PairSampler(pairs.counts, int(settings["seed"]), int(settings["shuffle_window"]), start=samples_seen),
+        num_workers=cfg.num_workers,
+        pin_memory=device.startswith("cuda"),
+        generator=torch.Generator().manual_seed(int(settings["seed"])),
+        persistent_workers=cfg.num_workers > 0,
+    )
+
+    def state_for(step: int) -> dict[str, Any]:
+        return {
+            "samples_seen": samples_seen + (step - start_step) * batch_size,
+            "settings": {name: settings[name] for name in INHERITED},
+            "effective": plan.describe(),
+            "store": store_info,
+            "init": {"source": inputs.init_source, "fingerprint": inputs.init_fingerprint},
+            "init_config": inputs.init_config,
+            "steps": cfg.steps,
+            "warnings": inputs.warnings,
+        }
+
+    def save(step: int) -> Path:
+        try:
+            return save_checkpoint(
+                out, step, cfg.steps, policy, preprocessor, inputs.loaded.postprocessor, config_json,
+                optimizer, scheduler, state_for(step), batch_size=batch_size,
+            )
+        except OSError as err:
+            raise _write_failed(out, f"checkpoint {step}", err, checkpoint) from err
+
+    grad_clip = float(plan.optimizer.grad_clip_norm)
+    policy.train()
+    started = time.perf_counter()
+    step, loss_value, saved_at, checkpoint = start_step, float("nan"), start_step, resume_from
+    with _StopFlag() as stop, open(log_path, "a") as log:
+        batches = iter(loader)
+        try:
+            while step < cfg.steps:
+                batch = next(batches)
+                t = sample_time(settings["time_sampling"], len(batch["x0"]), step_generator(settings["seed"], step + 1), device)
+                with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                    loss, _ = reflow_loss(policy, preprocessor, batch["observation"], batch["x0"], batch["x1"], t)
+                if not torch.isfinite(loss):
+                    raise ReflowPairsError(
+                        f"The loss became non-finite at step {step + 1} (obs_index {batch['obs_index'].tolist()[:8]} ...).",
+                        "Lower --lr or check the store with `reflowpairs validate`; the last checkpoint is kept "
+                        "(--resume continues from it).",
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                step += 1
+                loss_value = float(loss.detach())
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                              "seconds": round(time.perf_counter() - started, 3)}
+                    try:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    except OSError as err:
+                        raise _write_failed(out, LOG_FILE, err, checkpoint) from err
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    checkpoint, saved_at = save(step), step
+                if progress is not None:
+                    progress(step, cfg.steps, loss_value)
+                if stop.requested:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            log.flush()
+            if step > saved_at and not stop.aborted:  # only at a step boundary: never half an update
+                checkpoint, saved_at = save(step), step
+            raise TrainingInterrupted(step, checkpoint, saved_at) from None
+        finally:
+            del batches
+    return TrainResult(out, checkpoint, start_step, step, loss_value, time.perf_counter() - started, inputs.warnings)
+
+
+__all__ = [
+    "DEFAULTS",
+    "LOG_FILE",
+    "TIME_SAMPLINGS",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingInterrupted",
+    "OptimPlan",
+    "plan_optimizer",
+    "reflow_loss",
+    "train",
+    "trainable_parameters",
+    "verify_store",
+]

@@ -1,0 +1,532 @@
+"""Stage 2 (`reflowpairs train`): the student is an ordinary lerobot checkpoint, the loss is the policy's
+own forward with the stored pair substituted, exactly one policy is built, resume continues as if
+uninterrupted, and every bad input is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from reflowpairs.checkpoint import STATE_FILE
+from reflowpairs.cli.app import app
+from reflowpairs.errors import ReflowPairsError
+from reflowpairs.pairdata import PairSampler, drop_action_keys, epoch_order
+from reflowpairs.timesampling import TIME_SAMPLINGS, sample_time, step_generator
+from reflowpairs.train import TrainConfig, TrainingInterrupted, plan_optimizer, train
+
+runner = CliRunner()
+BATCH = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine run faster (and steadier) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(pairs=store, out=out, steps=4, batch_size=BATCH, num_workers=0, device="cpu", save_every=2, lr=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(tiny_store, tmp_path_factory):
+    """One 4-step run (checkpoints at 2 and 4), counting every SmolVLAPolicy built while it trains."""
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    built = []
+    original = SmolVLAPolicy.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        original(self, *args, **kwargs)
+
+    out = tmp_path_factory.mktemp("train") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SmolVLAPolicy, "__init__", counting_init)
+        result = train(_cfg(tiny_store, out))
+    return {"out": out, "result": result, "built": built}
+
+
+# --- the student is an ordinary lerobot checkpoint ------------------------------------------------------
+
+
+def test_exactly_one_policy_is_built(run):
+    assert run["built"] == ["SmolVLAPolicy"]
+
+
+def test_layout_like_lerobot_train(run):
+    ckpts = run["out"] / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["000002", "000004", "last"]
+    assert (ckpts / "last").is_symlink() and os.readlink(ckpts / "last") == "000004"
+    assert run["result"].checkpoint == ckpts / "000004" and run["result"].step == 4
+    model = ckpts / "last" / "pretrained_model"
+    assert {p.name for p in model.iterdir()} >= {"config.json", "model.safetensors", "policy_preprocessor.json", "policy_postprocessor.json"}
+    state = ckpts / "last" / "training_state"
+    assert {p.name for p in state.iterdir()} >= {
+        "optimizer_state.safetensors", "optimizer_param_groups.json", "scheduler_state.json", "rng_state.safetensors",
+        "training_step.json", STATE_FILE,
+    }
+    assert json.loads((state / "training_step.json").read_text())["step"] == 4
+    assert json.loads((state / STATE_FILE).read_text())["samples_seen"] == 4 * BATCH
+    log = _log(run["out"])
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in log)
+
+
+def test_config_json_is_the_teachers(run, tiny_world):
+    teacher = json.loads((tiny_world.teacher_dir / "config.json").read_text())
+    student = json.loads((run["out"] / "checkpoints" / "last" / "pretrained_model" / "config.json").read_text())
+    assert set(student) == set(teacher)
+    changed = {k for k in teacher if teacher[k] != student[k]}
+    assert changed <= {"pretrained_path", "device"}
+    assert student["pretrained_path"] == str(tiny_world.teacher_dir)
+    assert student["load_vlm_weights"] == teacher["load_vlm_weights"] and student["num_steps"] == teacher["num_steps"]
+
+
+def test_weights_have_the_teachers_names_shapes_dtypes_and_frozen_values(run, tiny_world):
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    def header(path):
+        with safe_open(str(path), "pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+
+    teacher_file = tiny_world.teacher_dir / "model.safetensors"
+    student_file = run["out"] / "checkpoints" / "last" / "pretrained_model" / "model.safetensors"
+    assert header(student_file) == header(teacher_file)
+    teacher, student = load_file(str(teacher_file)), load_file(str(student_file))
+    policy = SmolVLAPolicy.from_pretrained(tiny_world.teacher_dir)
+    trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
+    frozen = [k for k in teacher if k not in trainable]
+    assert frozen and trainable
+    assert all(torch.equal(teacher[k], student[k]) for k in frozen)  # bit-identical
+    assert any(not torch.equal(teacher[k], student[k]) for k in trainable if k in teacher)
+
+
+def test_student_loads_back_with_lerobot(run, tiny_world):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    model_dir = run["out"] / "checkpoints" / "last" / "pretrained_model"
+    policy = SmolVLAPolicy.from_pretrained(model_dir)
+    saved = load_file(str(model_dir / "model.safetensors"))
+    state = policy.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=model_dir)
+    item = LeRobotDataset(tiny_world.repo_id, root=tiny_world.dataset_root)[0]
+    batch = {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else [v]) for k, v in item.items()}
+    chunk = post(policy.predict_action_chunk(pre(batch)))
+    assert chunk.shape == (1, policy.config.chunk_size, 2) and torch.isfinite(chunk).all()
+
+
+def test_a_step_loss_is_the_policys_own_forward(run, tiny_world, tiny_store):
+    """Step 1's logged loss, recomputed independently: plain zarr reads, a plain LeRobotDataset, the teacher
+    loaded by lerobot, and SmolVLAPolicy.forward with noise=X_0, action=X_1, time=t."""
+    import zarr
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    manifest = json.loads((tiny_store / "manifest.json").read_text())
+    counts = np.array([s["num_pairs"] for s in manifest["shards"]])
+    ids = epoch_order(counts, seed=0, epoch=0, window=4)[:BATCH]  # the data order of a seed-0 run
+    ends = np.cumsum(counts)
+    x0, x1, obs = [], [], []
+    dataset = LeRobotDataset(tiny_world.repo_id, root=tiny_world.dataset_root)
+    index = np.asarray(dataset.hf_dataset["index"])
+    for pair in ids:
+        shard = int(np.searchsorted(ends, pair, side="right"))
+        row = int(pair - (ends[shard] - counts[shard]))
+        group = zarr.open_group(str(tiny_store / manifest["shards"][shard]["path"]), mode="r")
+        x0.append(torch.from_numpy(np.asarray(group["x0"][row])))
+        x1.append(torch.from_numpy(np.asarray(group["x1"][row])))
+        item = dataset[int(np.flatnonzero(index == int(group["obs_index"][row]))[0])]
+        obs.append({k: v for k, v in item.items() if k != "action"})
+    batch = {k: (torch.stack([o[k] for o in obs]) if isinstance(obs[0][k], torch.Tensor) else [o[k] for o in obs]) for k in obs[0]}
+    policy = SmolVLAPolicy.from_pretrained(tiny_world.teacher_dir)
+    policy.train()
+    pre, _ = make_pre_post_processors(policy.config, pretrained_path=tiny_world.teacher_dir)
+    processed = pre(batch)
+    processed["action"] = torch.stack(x1)
+    t = sample_time("beta", BATCH, step_generator(0, 1))
+    with torch.no_grad():
+        loss, _ = policy.forward(processed, noise=torch.stack(x0), time=t)
+    assert abs(_log(run["out"])[0]["loss"] - loss.item()) < 1e-5
+
+
+# --- resume and interruption -----------------------------------------------------------------------------
+
+
+def test_resume_continues_as_if_uninterrupted(tiny_store, tmp_path):
+    straight = tmp_path / "straight"
+    train(_cfg(tiny_store, straight, steps=6, save_every=100))
+
+    def stop_at_3(step, total, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    parted = tmp_path / "parted"
+    with pytest.raises(TrainingInterrupted) as stop:
+        train(_cfg(tiny_store, parted, steps=6, save_every=100, num_workers=1), progress=stop_at_3)
+    assert (stop.value.step, stop.value.saved_step) == (3, 3) and stop.value.checkpoint == parted / "checkpoints" / "000003"
+    assert os.readlink(parted / "checkpoints" / "last") == "000003"
+    # A resumed run keeps its settings: batch size, lr, seed... come from the checkpoint.
+    result = train(TrainConfig(pairs=tiny_store, out=parted, steps=6, resume=True, num_workers=1, device="cpu", save_every=100))
+    assert (result.start_step, result.step) == (3, 6)
+    a, b = _log(straight), _log(parted)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert np.allclose([r["loss"] for r in a], [r["loss"] for r in b], atol=1e-5, rtol=0)
+    assert np.allclose([r["lr"] for r in a], [r["lr"] for r in b], rtol=1e-9)
+    wa = load_file(str(straight / "checkpoints" / "last" / "pretrained_model" / "model.safetensors"))
+    wb = load_file(str(parted / "checkpoints" / "last" / "pretrained_model" / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0) for k in wa)
+
+
+def test_resume_refuses_other_settings(run, tiny_store):
+    before = _tree(run["out"])
+    with pytest.raises(ReflowPairsError, match=r"batch_size: the checkpoint has 4, this run asks for 8"):
+        train(TrainConfig(pairs=tiny_store, out=run["out"], steps=8, batch_size=8, resume=True, device="cpu"))
+    assert _tree(run["out"]) == before
+
+
+def test_resume_past_the_end_and_without_a_run(run, tiny_store, tmp_path):
+    before = _tree(run["out"])
+    with pytest.raises(ReflowPairsError, match=r"already at step 4, and --steps is 4.*larger --steps"):
+        train(TrainConfig(pairs=tiny_store, out=run["out"], steps=4, resume=True, device="cpu"))
+    assert _tree(run["out"]) == before
+    with pytest.raises(ReflowPairsError, match=r"--resume was given but .* has no checkpoints/last"):
+        train(_cfg(tiny_store, tmp_path / "none", resume=True))
+    assert not (tmp_path / "none").exists()
+
+
+def test_existing_run_is_refused_without_resume(run, tiny_store):
+    before = _tree(run["out"])
+    with pytest.raises(ReflowPairsError, match=r"already holds a training run.*--resume"):
+        train(_cfg(tiny_store, run["out"]))
+    assert _tree(run["out"]) == before
+
+
+def test_failed_save_leaves_last_on_a_complete_checkpoint(tiny_store, tmp_path, monkeypatch):
+    """A crash while writing checkpoint 4 leaves `last` on checkpoint 2, complete and loadable; the next
+    run removes the half-written leftover and resumes from 2."""
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+    from lerobot.processor.pipeline import DataProcessorPipeline
+
+    out = tmp_path / "crash"
+    original = DataProcessorPipeline.save_pretrained
+    calls = {"n": 0}
+
+    def failing_save(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # checkpoint 2 saves pre+post (calls 1, 2); checkpoint 4 fails on its first
+            raise OSError(28, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DataProcessorPipeline, "save_pretrained", failing_save)
+    with pytest.raises(ReflowPairsError) as err:
+        train(_cfg(tiny_store, out))
+    assert "Writing checkpoint 4" in err.value.what and "No space left on device" in err.value.what
+    assert "checkpoints/last still points at the last complete checkpoint (000002)" in err.value.what
+    assert "--resume" in err.value.hint
+    monkeypatch.setattr(DataProcessorPipeline, "save_pretrained", original)
+    ckpts = out / "checkpoints"
+    assert os.readlink(ckpts / "last") == "000002"
+    assert not (ckpts / "000004").exists() and (ckpts / ".tmp-000004").exists()
+    SmolVLAPolicy.from_pretrained(ckpts / "last" / "pretrained_model")
+    result = train(TrainConfig(pairs=tiny_store, out=out, steps=4, resume=True, device="cpu", num_workers=0))
+    assert (result.start_step, result.step) == (2, 4)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["000002", "000004", "last"]
+    assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]
+
+
+# --- refusals: each names the input and leaves nothing behind --------------------------------------------
+
+
+def _copy_store(store: Path, dest: Path) -> Path:
+    shutil.copytree(store, dest)
+    return dest
+
+
+def test_incomplete_store_is_refused(tiny_store, tmp_path):
+    store = _copy_store(tiny_store, tmp_path / "s")
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["complete"] = False
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ReflowPairsError, match=r"is incomplete \(144 of 144 frames\).*--resume"):
+        train(_cfg(store, tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_shard_is_refused_naming_it(tiny_store, tmp_path, damage):
+    store = _copy_store(tiny_store, tmp_path / "s")
+    manifest = json.loads((store / "manifest.json").read_text())
+    shard = manifest["shards"][2]["path"]
+    chunk = next(p for p in sorted((store / shard / "x1").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        del data[len(data) // 2 :]
+    chunk.write_bytes(bytes(data))
+    before = _tree(store)
+    with pytest.raises(ReflowPairsError) as err:
+        train(_cfg(store, tmp_path / "o"))
+    assert f"is corrupt: shard {shard}" in err.value.what and not err.value.what.endswith("..")
+    # a flipped byte usually still decodes (then the checksum catches it); a truncated chunk does not decode
+    assert "x1 does not match the checksum" in err.value.what or "cannot be read" in err.value.what
+    assert "regenerate" in err.value.hint
+    assert not (tmp_path / "o").exists() and _tree(store) == before
+
+
+def test_parquet_store_trains(tiny_world, tmp_path):
+    from reflowpairs.generate import GenerateConfig, generate
+
+    store = tmp_path / "pq"
+    generate(GenerateConfig(teacher=str(tiny_world.teacher_dir), dataset=tiny_world.repo_id, dataset_root=tiny_world.dataset_root,
+                            out=store, episodes=[0, 1], samples_per_frame=2, num_steps=2, batch_size=8, shard_size=32,
+                            backend="parquet", device="cpu"))
+    result = train(_cfg(store, tmp_path / "o", steps=2, num_workers=1))
+    assert result.step == 2 and math.isfinite(result.final_loss)
+    state = json.loads((result.checkpoint / "training_state" / STATE_FILE).read_text())
+    assert state["store"]["store_id"] == json.loads((store / "manifest.json").read_text())["store_id"]
+
+
+def test_unwritable_out_is_refused_before_training(tiny_store, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ReflowPairsError, match=r"Cannot write to --out .*file/run"):
+        train(_cfg(tiny_store, blocker / "run"))
+    assert blocker.read_text() == "not a directory"
+
+
+def test_other_init_checkpoint_is_refused_unless_allowed(tiny_world, tiny_store, tmp_path):
+    other = tmp_path / "other_teacher"
+    shutil.copytree(tiny_world.teacher_dir, other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = next(k for k in sorted(weights) if "action_out_proj" in k)
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ReflowPairsError) as err:
+        train(_cfg(tiny_store, tmp_path / "o", init=str(other)))
+    assert "is not the teacher the store" in err.value.what and "teacher fingerprint" in err.value.what
+    assert "--allow-mismatch" in err.value.hint
+    assert not (tmp_path / "o").exists()
+    # Allowed: it trains, records the warning, and --student-num-steps is the only other config change.
+    result = train(_cfg(tiny_store, tmp_path / "o", init=str(other), allow_mismatch=True, steps=1, student_num_steps=1))
+    assert any("allowed by --allow-mismatch" in w for w in result.warnings)
+    teacher = json.loads((other / "config.json").read_text())
+    student = json.loads((result.checkpoint / "pretrained_model" / "config.json").read_text())
+    assert set(student) == set(teacher) and student["num_steps"] == 1 and teacher["num_steps"] == 10
+    assert {k for k in teacher if teacher[k] != student[k]} == {"pretrained_path", "num_steps"}
+
+
+def test_other_dataset_is_refused(tiny_world, tiny_store, tmp_path):
+    root = tmp_path / "dataset"
+    shutil.copytree(tiny_world.dataset_root, root)
+    info = json.loads((root / "meta" / "info.json").read_text())
+    info["robot_type"] = "another_robot"
+    (root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
+    with pytest.raises(ReflowPairsError) as err:
+        train(_cfg(tiny_store, tmp_path / "o", dataset_root=root))
+    assert "is not the one the store" in err.value.what and "dataset fingerprint" in err.value.what
+    assert not (tmp_path / "o").exists()
+
+
+def test_moved_teacher_asks_for_init(tiny_store, tmp_path):
+    store = _copy_store(tiny_store, tmp_path / "s")
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["teacher"]["source"] = str(tmp_path / "gone" / "pretrained_model")
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ReflowPairsError) as err:
+        train(_cfg(store, tmp_path / "o"))
+    assert "store's teacher" in err.value.what and "does not exist" in err.value.what and "--init" in err.value.hint
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"steps": 0}, "--steps must be at least 1, got 0"),
+        ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
+        ({"lr": -1.0}, "--lr must be a positive number, got -1.0"),
+        ({"time_sampling": "cosine"}, "Unknown --time-sampling 'cosine'"),
+        ({"precision": "bfloat16"}, "--precision bfloat16 is for CUDA devices"),
+        ({"student_num_steps": 0}, "--student-num-steps must be at least 1, got 0"),
+    ],
+)
+def test_bad_settings(tiny_store, tmp_path, change, message):
+    with pytest.raises(ReflowPairsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train(_cfg(tiny_store, tmp_path / "o", **change))
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_error_is_one_paragraph(tmp_path):
+    result = runner.invoke(app, ["train", "--pairs", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "is not a pair store" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+# --- the CLI under a real Ctrl-C and a real SIGKILL -----------------------------------------------------
+
+
+def _cli(store: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "reflowpairs", "train", "--pairs", str(store), "--out", str(out), "--batch-size", "4",
+            "--num-workers", "0", "--device", "cpu", "--lr", "1e-3", *extra]
+
+
+def _run_until_checkpoint(cmd: list[str], out: Path, sig: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "last").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def test_cli_ctrl_c_saves_and_resumes(tiny_store, tmp_path):
+    out = tmp_path / "run"
+    done = _run_until_checkpoint(_cli(tiny_store, out, "--steps", "100000", "--save-every", "2"), out, signal.SIGINT)
+    assert done.returncode == 130, done.stderr
+    text = " ".join(done.stderr.split())
+    assert "Interrupted at step" in text and "--resume" in text and "Traceback" not in text
+    step = json.loads((out / "checkpoints" / "last" / "training_state" / "training_step.json").read_text())["step"]
+    assert step >= 2 and [r["step"] for r in _log(out)] == list(range(1, step + 1))
+    again = subprocess.run(_cli(tiny_store, out, "--steps", str(step + 2), "--resume"), capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert again.returncode == 0, again.stderr
+    plan = " ".join(again.stderr.split())  # the plan table states lerobot's rescaled schedule for this short run
+    assert "resuming" in plan and "warmup 0 steps" in plan and "(preset: warmup 1,000, decay 30,000)" in plan
+    assert [r["step"] for r in _log(out)] == list(range(1, step + 3))
+    assert os.readlink(out / "checkpoints" / "last") == f"{step + 2:06d}"
+
+
+def test_cli_sigkill_leaves_a_sound_checkpoint(tiny_store, tmp_path):
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    out = tmp_path / "run"
+    done = _run_until_checkpoint(_cli(tiny_store, out, "--steps", "100000", "--save-every", "1"), out, signal.SIGKILL)
+    assert done.returncode == -signal.SIGKILL
+    last = (out / "checkpoints" / "last").resolve()
+    assert last.is_dir() and not last.name.startswith(".")
+    SmolVLAPolicy.from_pretrained(last / "pretrained_model")
+    step = json.loads((last / "training_state" / "training_step.json").read_text())["step"]
+    result = train(TrainConfig(pairs=tiny_store, out=out, steps=step + 1, resume=True, device="cpu", num_workers=0))
+    assert (result.start_step, result.step) == (step, step + 1)
+    assert [r["step"] for r in _log(out)] == list(range(1, step + 2))
+    assert not any(p.name.startswith(".") for p in (out / "checkpoints").iterdir())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bfloat16_autocast_on_cuda_keeps_float32_weights(tiny_world, tiny_store, tmp_path):
+    out = tmp_path / "cuda"
+    result = train(_cfg(tiny_store, out, device="cuda", precision="auto", steps=2))
+    assert math.isfinite(result.final_loss)
+    with safe_open(str(tiny_world.teacher_dir / "model.safetensors"), "pt") as t, safe_open(
+        str(result.checkpoint / "pretrained_model" / "model.safetensors"), "pt"
+    ) as s:
+        assert {k: t.get_slice(k).get_dtype() for k in t.keys()} == {k: s.get_slice(k).get_dtype() for k in s.keys()}
+
+
+# --- pieces: time sampling, data order, schedule --------------------------------------------------------
+
+
+def test_time_samplings_stay_in_lerobots_range_and_are_reproducible():
+    from lerobot.policies.common.flow_matching import sample_time_beta
+
+    before = torch.get_rng_state()
+    for name in TIME_SAMPLINGS:
+        t = sample_time(name, 4096, step_generator(3, 7))
+        assert t.dtype == torch.float32 and t.shape == (4096,)
+        assert float(t.min()) >= 0.001 - 1e-7 and float(t.max()) <= 1.0 + 1e-7
+        assert torch.equal(t, sample_time(name, 4096, step_generator(3, 7)))
+        assert not torch.equal(t, sample_time(name, 4096, step_generator(3, 8)))
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG is never touched
+    # beta is lerobot's own sampler (mean of 1.5/(1.5+1) * 0.999 + 0.001 = 0.6004)
+    reference = sample_time_beta(100_000, "cpu", alpha=1.5, beta=1.0, scale=0.999, offset=0.001)
+    assert abs(float(sample_time("beta", 100_000, step_generator(0, 1)).mean()) - float(reference.mean())) < 0.01
+    ends = {n: float(((sample_time(n, 100_000, step_generator(0, 1)) - 0.5).abs() > 0.4).float().mean()) for n in TIME_SAMPLINGS}
+    assert ends["u-shaped"] > ends["uniform"] > ends["logit-normal"]
+
+
+def test_data_order_is_shard_windowed_and_resumable():
+    counts = np.array([5, 3, 7, 4, 6])
+    order = epoch_order(counts, seed=1, epoch=0, window=2)
+    assert sorted(order.tolist()) == list(range(counts.sum()))
+    assert _most_live_shards(counts, order) == 2  # never more than `window` shards in use at a time
+    assert _most_live_shards(counts, epoch_order(counts, seed=1, epoch=0, window=1)) == 1
+    stream = list(islice(iter(PairSampler(counts, seed=1, window=2)), 60))
+    assert stream[:25] == order.tolist() and sorted(stream[25:50]) == list(range(25))  # epoch 2 is another shuffle
+    assert list(islice(iter(PairSampler(counts, seed=1, window=2, start=37)), 23)) == stream[37:60]
+    assert not np.array_equal(order, epoch_order(counts, seed=2, epoch=0, window=2))
+
+
+def _most_live_shards(counts: np.ndarray, order: np.ndarray) -> int:
+    """The largest number of shards whose [first use, last use] spans overlap at one position of ``order``."""
+    shard_of = np.searchsorted(np.cumsum(counts), order, side="right")
+    first = {s: int(np.flatnonzero(shard_of == s)[0]) for s in set(shard_of.tolist())}
+    last = {s: int(np.flatnonzero(shard_of == s)[-1]) for s in first}
+    return max(sum(first[s] <= i <= last[s] for s in first) for i in range(len(order)))
+
+
+def test_action_keys_are_dropped():
+    item = {"action": 1, "action_is_pad": 2, "action.extra": 3, "observation.state": 4, "task": "x", "actions_taken": 5}
+    assert drop_action_keys(item) == {"observation.state": 4, "task": "x", "actions_taken": 5}
+
+
+def test_effective_schedule_matches_lerobots_rescaling(tiny_world):
+    """The explicit warmup/decay equal what lerobot's own build would do for a short run (same lr at every step),
+    and --warmup-steps is taken as the effective warmup."""
+    from lerobot.configs.policies import PreTrainedConfig
+
+    config = PreTrainedConfig.from_pretrained(tiny_world.teacher_dir)
+    steps = 300
+    plan = plan_optimizer(config, steps, lr=None, warmup_steps=None, grad_clip=None)
+    assert (plan.scheduler.num_warmup_steps, plan.scheduler.num_decay_steps) == (int(1000 * 300 / 30000), 300)
+    assert plan.optimizer.lr == config.optimizer_lr and plan.optimizer.grad_clip_norm == config.optimizer_grad_clip_norm
+
+    def lrs(scheduler_cfg):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.optimizer_lr)
+        sched = scheduler_cfg.build(opt, steps)
+        out = []
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs(plan.scheduler) == pytest.approx(lrs(config.get_scheduler_preset()), rel=1e-12)
+    custom = plan_optimizer(config, steps, lr=1e-3, warmup_steps=25, grad_clip=2.0)
+    assert (custom.scheduler.num_warmup_steps, custom.scheduler.peak_lr, custom.optimizer.grad_clip_norm) == (25, 1e-3, 2.0)
