@@ -89,6 +89,12 @@ class VLMSpec:
         return VLMSpec(text_hidden=256, text_layers=8, text_heads=8, text_kv_heads=4,
                        vision_hidden=128, vision_layers=4, vision_heads=4, image_size=128)
 
+    @staticmethod
+    def large() -> VLMSpec:
+        """About 100 M parameters with its SmolVLA: big enough to dominate a process's memory."""
+        return VLMSpec(text_hidden=768, text_layers=12, text_heads=12, text_kv_heads=4,
+                       vision_hidden=384, vision_layers=6, vision_heads=6, image_size=128)
+
 
 def build_tiny_vlm(out_dir: str | Path, spec: VLMSpec = VLMSpec()) -> Path:
     """Write a tiny SmolVLM ``config.json`` plus processor (word-level tokenizer, image and video

@@ -1,0 +1,97 @@
+"""Stage-2 memory: peak memory of `reflowpairs train` vs ordinary fine-tuning vs online reflow (teacher + student).
+
+Each side runs in a fresh process (so peaks do not mix) for a few steps on the same checkpoint and batch size:
+
+- on CUDA: ``torch.cuda.max_memory_allocated``;
+- on CPU: the bytes of all live tensors after the steps (parameters, gradients, optimiser state, data: counted by
+  unique storage), and the process's peak RSS. RSS includes ~1 GB of imported libraries, so it only separates the
+  sides with a model large enough to dominate it: use ``--size large`` (~100 M parameters).
+
+Prints each side's figures and the ratios reflowpairs / ordinary (goal: within 10%) and online / reflowpairs.
+
+    python benchmarks/bench_memory.py --size large --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _sides import SIDES, Side, World, build_world  # noqa: E402
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every distinct tensor storage reachable from Python (parameters, grads, optimiser state, data)."""
+    gc.collect()
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                storage = obj.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        except Exception:  # noqa: BLE001, S112 - some objects refuse introspection
+            continue
+    return total
+
+
+def child(side_name: str, world: World, batch_size: int, device: str, steps: int) -> dict:
+    torch.set_num_threads(1)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    side = Side(side_name, world, batch_size, device)
+    for _ in range(steps):
+        side.step()
+    result = {"side": side_name, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.startswith("cuda"):
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["live_tensors_mb"] = live_tensor_bytes() / 2**20
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["tiny", "small", "large"], default="large")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--world", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        world = World(**{k: Path(v) if k != "repo_id" else v for k, v in json.loads(args.world.read_text()).items()})
+        print(json.dumps(child(args.child, world, args.batch_size, args.device, args.steps)))
+        return
+
+    root = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    world = build_world(root, args.size)
+    spec = root / "world.json"
+    spec.write_text(json.dumps({k: str(v) for k, v in world.__dict__.items()}))
+    results = {}
+    for side in SIDES:
+        proc = subprocess.run([sys.executable, __file__, "--child", side, "--world", str(spec), "--size", args.size,
+                               "--device", args.device, "--batch-size", str(args.batch_size), "--steps", str(args.steps)],
+                              capture_output=True, text=True, check=True)
+        results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    key = "cuda_peak_mb" if args.device.startswith("cuda") else "live_tensors_mb"
+    print(f"SmolVLA {args.size}; device {args.device}; batch {args.batch_size}; {args.steps} steps per side, each in its own process")
+    for side, r in results.items():
+        print(f"  {side:12s} {key} {r[key]:9.1f}   peak RSS {r['peak_rss_mb']:8.1f} MB")
+    for what in (key, "peak_rss_mb"):
+        print(f"  {what}: reflowpairs / ordinary {results['reflowpairs'][what] / results['ordinary'][what]:.3f}x (goal <= 1.10); "
+              f"online / reflowpairs {results['online'][what] / results['reflowpairs'][what]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
