@@ -100,6 +100,21 @@ class PairSampler(Sampler[int]):
             epoch, offset = epoch + 1, 0
 
 
+class RankSlice(Sampler[int]):
+    """Process ``rank`` of ``world``'s share of an endless sampler: items ``rank, rank + world, ...``.
+
+    With a per-process batch B, global batch ``s`` is items ``[s*B*world, (s+1)*B*world)`` of the underlying
+    stream, and every process takes a disjoint B of them. ``world == 1`` passes the stream through."""
+
+    def __init__(self, sampler: Sampler[int], rank: int, world: int):
+        self.sampler, self.rank, self.world = sampler, rank, world
+
+    def __iter__(self) -> Iterator[int]:
+        for position, item in enumerate(self.sampler):
+            if position % self.world == self.rank:
+                yield item
+
+
 class PairDataset(Dataset):
     """Item ``i`` (a global pair id) -> ``{"x0": (T, D0) f32, "x1": (T, D1) f32, "obs_index": i64,
     "sample": i32, "observation": dataset item without action keys}``.

@@ -53,8 +53,9 @@ from reflowpairs.checkpoint import (
     save_checkpoint,
     student_config_json,
 )
+from reflowpairs.distributed import DistContext
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairdata import PairDataset, PairSampler, drop_action_keys, missing_frames, position_lookup
+from reflowpairs.pairdata import PairDataset, PairSampler, RankSlice, drop_action_keys, missing_frames, position_lookup
 from reflowpairs.pairstore import PairStore, shard_attrs
 from reflowpairs.timesampling import TIME_SAMPLINGS, check_time_sampling, sample_time, step_generator
 
@@ -509,7 +510,8 @@ def train(
     resume_from = _check_out(out, cfg.resume)
     state = read_state(resume_from) if resume_from is not None else None
     settings = _resolve_settings(cfg, state)
-    device = resolve_device(cfg.device)
+    dist = DistContext.from_env()
+    device = resolve_device(dist.device(cfg.device))
     autocast_dtype = _precision(cfg.precision, device)
     inputs = _prepare(cfg, resume_from, state, on_verify)
     policy, preprocessor = inputs.loaded.policy, inputs.loaded.preprocessor
@@ -561,16 +563,24 @@ def train(
         on_plan(plan_info)
 
     # Every check has passed: only now is --out touched.
-    _check_writable(out)
-    clean_leftovers(out)
+    if dist.is_main:
+        _check_writable(out)
+        clean_leftovers(out)
     log_path = out / LOG_FILE
-    _trim_log(log_path, start_step)
+    if dist.is_main:
+        _trim_log(log_path, start_step)
+    dist.barrier()
+    model = policy
+    if dist.world > 1:  # data parallel: each process its own slice of every global batch; DDP averages gradients
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(policy)
 
     pairs = PairDataset(inputs.store, inputs.dataset, inputs.lookup, cache_shards=int(settings["shuffle_window"]) + 1)
     loader = torch.utils.data.DataLoader(
         pairs,
         batch_size=batch_size,
-        sampler=PairSampler(pairs.counts, int(settings["seed"]), int(settings["shuffle_window"]), start=samples_seen),
+        sampler=RankSlice(PairSampler(pairs.counts, int(settings["seed"]), int(settings["shuffle_window"]), start=samples_seen), dist.rank, dist.world),
         num_workers=cfg.num_workers,
         pin_memory=device.startswith("cuda"),
         generator=torch.Generator().manual_seed(int(settings["seed"])),
@@ -579,7 +589,7 @@ def train(
 
     def state_for(step: int) -> dict[str, Any]:
         return {
-            "samples_seen": samples_seen + (step - start_step) * batch_size,
+            "samples_seen": samples_seen + (step - start_step) * batch_size * dist.world,
             "settings": {name: settings[name] for name in INHERITED},
             "effective": plan.describe(),
             "store": store_info,
@@ -602,14 +612,16 @@ def train(
     policy.train()
     started = time.perf_counter()
     step, loss_value, saved_at, checkpoint = start_step, float("nan"), start_step, resume_from
-    with _StopFlag() as stop, open(log_path, "a") as log:
+    log_target = log_path if dist.is_main else os.devnull
+    with _StopFlag() as stop, open(log_target, "a") as log:
         batches = iter(loader)
         try:
             while step < cfg.steps:
                 batch = next(batches)
-                t = sample_time(settings["time_sampling"], len(batch["x0"]), step_generator(settings["seed"], step + 1), device)
+                generator = step_generator(settings["seed"], (step + 1) * dist.world + dist.rank)
+                t = sample_time(settings["time_sampling"], len(batch["x0"]), generator, device)
                 with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                    loss, _ = reflow_loss(policy, preprocessor, batch["observation"], batch["x0"], batch["x1"], t)
+                    loss, _ = reflow_loss(model, preprocessor, batch["observation"], batch["x0"], batch["x1"], t)
                 if not torch.isfinite(loss):
                     raise ReflowPairsError(
                         f"The loss became non-finite at step {step + 1} (obs_index {batch['obs_index'].tolist()[:8]} ...).",
@@ -633,19 +645,20 @@ def train(
                         log.flush()
                     except OSError as err:
                         raise _write_failed(out, LOG_FILE, err, checkpoint) from err
-                if step % cfg.save_every == 0 or step == cfg.steps:
+                if (step % cfg.save_every == 0 or step == cfg.steps) and dist.is_main:
                     checkpoint, saved_at = save(step), step
-                if progress is not None:
+                if progress is not None and dist.is_main:
                     progress(step, cfg.steps, loss_value)
                 if stop.requested:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             log.flush()
-            if step > saved_at and not stop.aborted:  # only at a step boundary: never half an update
+            if step > saved_at and not stop.aborted and dist.is_main:  # only at a step boundary: never half an update
                 checkpoint, saved_at = save(step), step
             raise TrainingInterrupted(step, checkpoint, saved_at) from None
         finally:
             del batches
+    dist.barrier()  # the main process has written the last checkpoint
     return TrainResult(out, checkpoint, start_step, step, loss_value, time.perf_counter() - started, inputs.warnings)
 
 

@@ -3,6 +3,7 @@ with another process count all store exactly the pairs of one process."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from typer.testing import CliRunner
 
@@ -143,3 +145,34 @@ def test_partition_slices_and_merged_stores_validate(tiny_world, tmp_path):
     runner.invoke(app, ["merge", *map(str, slices), "--out", str(tmp_path / "merged")])
     report = validate(ValidateConfig(store=tmp_path / "merged"))
     assert report.status == "sound", report
+
+
+def test_rank_slices_split_every_global_batch_disjointly():
+    from reflowpairs.pairdata import PairSampler, RankSlice
+
+    counts = np.array([5, 7, 3])
+    stream = list(itertools.islice(iter(PairSampler(counts, seed=3, window=2)), 30))
+    slices = [list(itertools.islice(iter(RankSlice(PairSampler(counts, seed=3, window=2), rank, 3)), 10)) for rank in range(3)]
+    assert sorted(sum(slices, [])) == sorted(stream)
+    for rank in range(3):
+        assert slices[rank] == stream[rank::3]
+
+
+def test_two_process_training_saves_a_loadable_student(tiny_world, tiny_store, tmp_path):
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+    from safetensors.torch import load_file
+
+    out = tmp_path / "student"
+    proc = _torchrun(["train", "--pairs", str(tiny_store), "--out", str(out), "--steps", "4", "--batch-size", "2",
+                      "--num-workers", "0", "--save-every", "2", "--lr", "1e-3", "--device", "cpu"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = out / "checkpoints" / "last"
+    state = json.loads((last / "training_state" / "reflow_state.json").read_text())
+    assert state["samples_seen"] == 4 * 2 * 2  # two processes, each a batch of 2 per step
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 4  # written once, by the main process
+    student = SmolVLAPolicy.from_pretrained(last / "pretrained_model")
+    trained = load_file(last / "pretrained_model" / "model.safetensors")
+    teacher = load_file(tiny_world.teacher_dir / "model.safetensors")
+    assert trained.keys() == teacher.keys()
+    assert any(not torch.equal(trained[k], teacher[k]) for k in trained)
+    assert student.config.chunk_size == 8

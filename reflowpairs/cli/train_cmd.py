@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -72,12 +74,14 @@ def train(
         save_every=save_every, log_every=log_every, time_sampling=time_sampling, student_num_steps=student_num_steps,
         precision=precision, shuffle_window=shuffle_window, resume=resume, allow_mismatch=allow_mismatch,
     )
-    with user_errors(), _progress() as bar:
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun/accelerate only rank 0 reports
+    with user_errors(), _progress(main=main_process) as bar:
         task = bar.add_task("loading", total=None, rate="")
         first: dict[str, int] = {}
 
         def on_plan(plan: dict[str, Any]) -> None:
-            bar.console.print(_plan_table(plan))
+            if main_process:
+                bar.console.print(_plan_table(plan))
             first["step"] = plan["start_step"]
             bar.reset(task, total=steps, completed=plan["start_step"], rate="", description="steps")
 
@@ -103,6 +107,8 @@ def train(
                 soft_wrap=True,
             )
             raise typer.Exit(130) from None
+    if not main_process:
+        return
     table = Table(title=f"student {result.out}", show_header=False)
     table.add_row("steps", f"{result.start_step:,} -> {result.step:,} ({result.steps_per_second:.2f} steps/s)")
     table.add_row("final loss", f"{result.final_loss:.5f}")
