@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ks", default="1,4,16")
     parser.add_argument("--episodes", default="0,1", help="tiny-world episodes to run over (24 frames each)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-workers", type=int, default=1, help="reflowpairs' DataLoader workers (the plain loops load inline)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--num-steps", type=int, default=10)
@@ -93,7 +94,8 @@ def main() -> None:
         return batch_noise(0, indices, k, shape)
 
     print(f"teacher: SmolVLA {args.size}, {n_params / 1e6:.2f} M parameters; device {args.device}; "
-          f"{args.threads} torch thread(s); {len(positions)} frames; batch {args.batch_size}; {args.num_steps} Euler steps")
+          f"{args.threads} torch thread(s); {len(positions)} frames; batch {args.batch_size}; {args.num_steps} Euler steps; "
+          f"reflowpairs with {args.num_workers} DataLoader worker(s)")
     runs = 0
 
     def run_reflowpairs(k: int) -> float:
@@ -101,7 +103,8 @@ def main() -> None:
         runs += 1
         cfg = GenerateConfig(teacher=str(teacher_dir), dataset=dataset.repo_id, dataset_root=dataset.root,
                              out=root / f"store{runs}", episodes=episodes, samples_per_frame=k, batch_size=args.batch_size,
-                             num_steps=args.num_steps, device=args.device, dtype=args.dtype, shard_size=4096)
+                             num_steps=args.num_steps, device=args.device, dtype=args.dtype, shard_size=4096,
+                             num_workers=args.num_workers)
         result = generate(cfg)  # result.seconds covers its sampling loop (loading, engine, writing), not start-up
         return result.new_pairs / result.seconds
 

@@ -27,6 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from reflowpairs.atomic import fsync_dir, fsync_tree
 from reflowpairs.errors import ReflowPairsError
 
 STATE_FILE = "reflow_state.json"
@@ -89,23 +90,6 @@ def student_config_json(init_config: dict[str, Any], init_source: str, num_steps
     return config
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*"), key=lambda q: len(q.parts), reverse=True) + [path]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def clean_leftovers(out: str | Path) -> list[Path]:
     """Remove ``.tmp-*``/``.old-*`` entries under ``OUT/checkpoints`` (an interrupted save); returns them."""
     root = checkpoints_dir(out)
@@ -158,12 +142,12 @@ def save_checkpoint(
     save_training_state(tmp, step, optimizer, scheduler, batch_size=batch_size)
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": int(step), **state}
     (training_state_dir(tmp) / STATE_FILE).write_text(json.dumps(state, indent=2))
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     old = root / (OLD_PREFIX + name)
     if final.exists():  # the same step saved by an earlier, resumed-from-before-it run
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     if old.exists():
         shutil.rmtree(old)
     point_last(out, final)
@@ -178,7 +162,7 @@ def point_last(out: str | Path, checkpoint: Path) -> None:
         tmp_link.unlink()
     tmp_link.symlink_to(checkpoint.name)
     os.replace(tmp_link, link)
-    _fsync_dir(link.parent)
+    fsync_dir(link.parent)
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:

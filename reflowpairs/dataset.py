@@ -19,17 +19,24 @@ from reflowpairs.errors import ReflowPairsError
 logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
 
 
+def check_dataset_root(root: str | Path | None) -> Path | None:
+    """``root`` as a Path, after checking it holds a LeRobotDataset (None stays None: lerobot's cache/hub)."""
+    if root is None:
+        return None
+    root = Path(root).expanduser()
+    if not (root / "meta" / "info.json").is_file():
+        raise ReflowPairsError(
+            f"--dataset-root {root} is not a LeRobotDataset (no meta/info.json there).",
+            "Point it at the dataset's local root, the directory holding meta/ and data/.",
+        )
+    return root
+
+
 def open_dataset(repo_id: str, root: str | Path | None = None, episodes: list[int] | None = None, **kwargs):
     """``LeRobotDataset(repo_id, root=root, episodes=episodes)`` with errors that name the input."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    if root is not None:
-        root = Path(root).expanduser()
-        if not (root / "meta" / "info.json").is_file():
-            raise ReflowPairsError(
-                f"--dataset-root {root} is not a LeRobotDataset (no meta/info.json there).",
-                "Point it at the dataset's local root, the directory holding meta/ and data/.",
-            )
+    root = check_dataset_root(root)
     try:
         return LeRobotDataset(repo_id, root=root, episodes=episodes, **kwargs)
     except ValueError as err:

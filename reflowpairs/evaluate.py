@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from reflowpairs.dataset import check_dataset_root
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.noise import batch_noise
 
@@ -178,13 +179,9 @@ def open_metadata(repo_id: str, root: Path | None):
     """``LeRobotDatasetMetadata`` of the dataset, with errors that name the input."""
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
 
-    if root is not None and not (Path(root).expanduser() / "meta" / "info.json").is_file():
-        raise ReflowPairsError(
-            f"--dataset-root {root} is not a LeRobotDataset (no meta/info.json there).",
-            "Point it at the dataset's local root, the directory holding meta/ and data/.",
-        )
+    root = check_dataset_root(root)
     try:
-        return LeRobotDatasetMetadata(repo_id, Path(root).expanduser() if root is not None else None)
+        return LeRobotDatasetMetadata(repo_id, root)
     except Exception as err:  # noqa: BLE001 - hub and file errors come in many kinds
         where = f"at {root}" if root is not None else "in the local cache or on the Hugging Face hub"
         raise ReflowPairsError(

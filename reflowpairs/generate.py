@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from reflowpairs import __version__
+from reflowpairs.atomic import check_writable
 from reflowpairs.dataset import check_features, dataset_provenance, frame_indices, open_dataset
 from reflowpairs.distributed import DistContext
 from reflowpairs.engine import make_engine
@@ -129,20 +130,6 @@ def _check_args(cfg: GenerateConfig) -> None:
         raise ReflowPairsError(f"--partition {cfg.partition[0]}/{cfg.partition[1]} is not a slice i/P with 0 <= i < P.")
     if not has_store and out.is_dir() and (out / SHARDS_DIR).exists():
         raise ReflowPairsError(f"--out {out} has a shards/ directory but no manifest.", "Choose an empty --out.")
-
-
-def _check_writable(out: Path) -> None:
-    """Fail early, before any work, when ``out`` cannot be created or written (read-only, no space)."""
-    probe = out / ".tmp-write-probe"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"reflowpairs")
-        probe.unlink()
-    except OSError as err:
-        raise ReflowPairsError(
-            f"Cannot write to --out {out} ({err.strerror or err}).",
-            "Choose a writable directory with free space; nothing was written.",
-        ) from err
 
 
 def _diff(recorded: dict[str, Any], wanted: dict[str, Any], prefix: str) -> list[str]:
@@ -277,7 +264,7 @@ def _open_store(out: Path, job: _Job, cfg: GenerateConfig) -> dict[str, Any]:
     if cfg.resume and manifest.get("partition") != job.fresh.get("partition"):
         raise ReflowPairsError(f"Cannot resume {out}: it is partition {manifest.get('partition')}, this run is {job.fresh.get('partition')}.")
     # Nothing in --out is touched before every check above has passed.
-    _check_writable(out)
+    check_writable(out)
     if cfg.resume:
         _clear_unlisted(out, manifest)
         absorb_parts(out, manifest)  # sub-stores of an interrupted multi-process run

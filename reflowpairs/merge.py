@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairstore import MANIFEST, SHARDS_DIR, TMP_PREFIX, PairStore, _fsync_tree, _remove, read_manifest, write_manifest
+from reflowpairs.atomic import fsync_tree
+from reflowpairs.pairstore import MANIFEST, SHARDS_DIR, TMP_PREFIX, PairStore, _remove, read_manifest, write_manifest
 
 PARTS_DIR = "parts"
 
@@ -62,7 +63,7 @@ def _place(src: Path, dst: Path, move: bool) -> None:
         shutil.copytree(src, tmp)
     else:
         shutil.copy2(src, tmp)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     os.replace(tmp, dst)
 
 

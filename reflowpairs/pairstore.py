@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from reflowpairs.atomic import fsync_dir, fsync_tree
 from reflowpairs.errors import ReflowPairsError
 
 FORMAT = "reflowpairs.pairs"
@@ -86,25 +87,6 @@ def checksums(pairs: Pairs) -> dict[str, str]:
 # --- files -----------------------------------------------------------------------------------------
 
 
-def _fsync_tree(path: Path) -> None:
-    """fsync every file under ``path`` (or ``path`` itself) and the directories holding them."""
-    paths = [path] if path.is_file() else [p for p in path.rglob("*")] + [path]
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_shard(path: Path, pairs: Pairs, backend: str, attrs: dict[str, Any]) -> None:
     """Write ``pairs`` to ``path`` atomically: into ``.tmp-<name>`` beside it, fsync, rename."""
     tmp = path.with_name(TMP_PREFIX + path.name)
@@ -113,9 +95,9 @@ def write_shard(path: Path, pairs: Pairs, backend: str, attrs: dict[str, Any]) -
         _write_zarr(tmp, pairs, attrs)
     else:
         _write_parquet(tmp, pairs, attrs)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _write_zarr(path: Path, pairs: Pairs, attrs: dict[str, Any]) -> None:
@@ -200,7 +182,7 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, out / MANIFEST)
-    _fsync_dir(out)
+    fsync_dir(out)
 
 
 def read_manifest(out: str | Path) -> dict[str, Any]:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from reflowpairs.atomic import check_writable
 from reflowpairs.checkpoint import (
     checkpoints_dir,
     clean_leftovers,
@@ -424,18 +425,6 @@ def _precision(name: str, device: str) -> torch.dtype | None:
     return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
 
 
-def _check_writable(out: Path) -> None:
-    probe = out / ".tmp-write-probe"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"reflowpairs")
-        probe.unlink()
-    except OSError as err:
-        raise ReflowPairsError(
-            f"Cannot write to --out {out} ({err.strerror or err}).", "Choose a writable directory with free space."
-        ) from err
-
-
 def _trim_log(path: Path, last_step: int) -> None:
     """Keep only log lines up to ``last_step`` (lines after the resumed checkpoint are redone); atomic."""
     if not path.exists():
@@ -564,7 +553,7 @@ def train(
 
     # Every check has passed: only now is --out touched.
     if dist.is_main:
-        _check_writable(out)
+        check_writable(out)
         clean_leftovers(out)
     log_path = out / LOG_FILE
     if dist.is_main:

@@ -69,6 +69,13 @@ def read_plain(store: Path) -> dict[str, np.ndarray]:
     return {k: v[order] for k, v in out.items()}
 
 
+def assert_same_pairs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    """Two stores read with ``read_plain`` hold the same pairs (X_1 up to float rounding of batching)."""
+    for key in ("obs_index", "sample", "x0"):
+        np.testing.assert_array_equal(a[key], b[key])
+    np.testing.assert_allclose(a["x1"], b["x1"], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("backend", ["zarr", "parquet"])
 def test_store_contract_read_with_plain_libraries(tiny_world, tmp_path, backend):
     store = _generate(tiny_world, tmp_path / backend, backend=backend)
@@ -101,9 +108,7 @@ def test_store_contract_read_with_plain_libraries(tiny_world, tmp_path, backend)
 def test_backends_and_batch_sizes_store_identical_pairs(tiny_world, tmp_path):
     a = read_plain(_generate(tiny_world, tmp_path / "a", batch_size=1, shard_size=7, backend="zarr"))
     b = read_plain(_generate(tiny_world, tmp_path / "b", batch_size=5, shard_size=1000, backend="parquet"))
-    for key in ("obs_index", "sample", "x0"):
-        np.testing.assert_array_equal(a[key], b[key])
-    np.testing.assert_allclose(a["x1"], b["x1"], atol=1e-5, rtol=0)
+    assert_same_pairs(a, b)
 
 
 def test_x1_equals_predict_action_chunk_from_stored_x0(other_world, tmp_path):
@@ -144,10 +149,7 @@ def test_resume_finishes_an_interrupted_store_identically(tiny_world, tmp_path):
     (partial / "manifest.json").write_text(json.dumps(manifest))
     (partial / "shards" / (".tmp-" + Path(dropped[0]["path"]).name)).mkdir()  # a half-written leftover
     _generate(tiny_world, partial, resume=True)
-    resumed = read_plain(partial)
-    for key in ("obs_index", "sample", "x0"):
-        np.testing.assert_array_equal(full[key], resumed[key])
-    np.testing.assert_allclose(full["x1"], resumed["x1"], atol=1e-5, rtol=0)
+    assert_same_pairs(full, read_plain(partial))
     assert json.loads((partial / "manifest.json").read_text())["complete"] is True
     assert not list((partial / "shards").glob(".tmp-*"))
 
@@ -257,3 +259,15 @@ def test_nonfinite_teacher_output_stops_naming_the_frame(tiny_world, tmp_path):
 def test_usage_error_exit_code_2(tiny_world, tmp_path):
     result = runner.invoke(app, ["generate", "--teacher", str(tiny_world.teacher_dir)])
     assert result.exit_code == 2
+
+
+def test_hub_ids_while_offline_get_a_clear_error(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = _cli_error(["--teacher", "nobody-here/no-such-policy", "--dataset", tiny_world.repo_id, "--dataset-root",
+                       str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert "'nobody-here/no-such-policy' is not a local directory and could not be fetched from the Hugging Face hub" in text
+    assert "HF_HUB_OFFLINE" in text
+    text = _cli_error(["--teacher", str(tiny_world.teacher_dir), "--dataset", "nobody-here/no-such-dataset",
+                       "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert "Could not open dataset 'nobody-here/no-such-dataset' in the local cache or on the Hugging Face hub" in text
+    assert not (tmp_path / "o").exists()

@@ -20,7 +20,7 @@ import pytest
 from reflowpairs.generate import GenerateConfig, generate
 from reflowpairs.pairstore import PairStore
 
-from .test_generate import read_plain
+from .test_generate import assert_same_pairs, read_plain
 
 SETTINGS = ["--episodes", "0-4", "--samples-per-frame", "2", "--batch-size", "2", "--shard-size", "4", "--num-steps", "4", "--device", "cpu"]
 
@@ -70,12 +70,6 @@ def uninterrupted(tiny_world, tmp_path_factory) -> dict[str, np.ndarray]:
     return read_plain(out)
 
 
-def _assert_same_pairs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    for key in ("obs_index", "sample", "x0"):
-        np.testing.assert_array_equal(a[key], b[key])
-    np.testing.assert_allclose(a["x1"], b["x1"], atol=1e-5, rtol=0)
-
-
 def test_sigkill_at_several_points_then_resume_gives_identical_pairs(tiny_world, tmp_path, uninterrupted):
     out = tmp_path / "pairs"
     for after_shards, resume in ((2, ()), (12, ("--resume",)), (30, ("--resume",))):
@@ -87,7 +81,7 @@ def test_sigkill_at_several_points_then_resume_gives_identical_pairs(tiny_world,
     assert "Resuming" in done.stderr
     assert json.loads((out / "manifest.json").read_text())["complete"] is True
     assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".tmp-")]
-    _assert_same_pairs(uninterrupted, read_plain(out))
+    assert_same_pairs(uninterrupted, read_plain(out))
 
 
 def test_ctrl_c_saves_and_says_how_to_resume(tiny_world, tmp_path, uninterrupted):
@@ -99,7 +93,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(tiny_world, tmp_path, uninterrupted
     assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".tmp-")]
     done = subprocess.run(_cmd(tiny_world, out, "--resume"), capture_output=True, text=True, env=_env())
     assert done.returncode == 0, done.stderr
-    _assert_same_pairs(uninterrupted, read_plain(out))
+    assert_same_pairs(uninterrupted, read_plain(out))
 
 
 def _limit_file_size(limit: int):
@@ -121,7 +115,7 @@ def test_full_disk_fails_cleanly_and_keeps_listed_shards(tiny_world, tmp_path, u
     _assert_sound_but_incomplete(out)
     done = subprocess.run(_cmd(tiny_world, out, "--resume"), capture_output=True, text=True, env=_env())
     assert done.returncode == 0, done.stderr
-    _assert_same_pairs(uninterrupted, read_plain(out))
+    assert_same_pairs(uninterrupted, read_plain(out))
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")

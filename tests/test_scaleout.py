@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from reflowpairs.cli import app
 from reflowpairs.generate import GenerateConfig, generate
 
-from .test_generate import read_plain
+from .test_generate import assert_same_pairs, read_plain
 
 EPISODES = [0, 1, 2]
 runner = CliRunner()
@@ -45,19 +45,13 @@ def single(tiny_world, tmp_path_factory) -> dict[str, np.ndarray]:
     return read_plain(out)
 
 
-def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    for key in ("obs_index", "sample", "x0"):
-        np.testing.assert_array_equal(a[key], b[key])
-    np.testing.assert_allclose(a["x1"], b["x1"], atol=1e-5, rtol=0)
-
-
 def test_two_processes_store_the_same_pairs_each_on_its_own_frames(tiny_world, tmp_path, single):
     out = tmp_path / "pairs"
     proc = _torchrun(_args(tiny_world, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] is True and not (out / "parts").exists()
-    _same(single, read_plain(out))
+    assert_same_pairs(single, read_plain(out))
     frames_by_rank: dict[str, set[int]] = {}
     for shard in manifest["shards"]:
         rank = Path(shard["path"]).name.split("-")[1]  # <token>-r<rank>-<seq>
@@ -80,7 +74,7 @@ def test_partitions_merged_equal_one_process(tiny_world, tmp_path, single):
     assert result.exit_code == 0, result.output
     assert "complete" in result.output
     assert json.loads((tmp_path / "merged" / "manifest.json").read_text())["complete"] is True
-    _same(single, read_plain(tmp_path / "merged"))
+    assert_same_pairs(single, read_plain(tmp_path / "merged"))
 
     partial = runner.invoke(app, ["merge", slices[0], slices[2], "--out", str(tmp_path / "partial")])
     assert partial.exit_code == 0 and "INCOMPLETE" in partial.output
@@ -108,7 +102,7 @@ def test_single_process_run_resumed_by_two_processes(tiny_world, tmp_path, singl
     proc = _torchrun(_args(tiny_world, out, "--resume"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "manifest.json").read_text())["complete"] is True
-    _same(single, read_plain(out))
+    assert_same_pairs(single, read_plain(out))
 
 
 def _free_port() -> int:
@@ -129,7 +123,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_world, tmp_path, single):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = {p.name.split("-")[1] for p in (out / "shards").iterdir()}
     assert ranks == {"r000", "r001"}  # two processes really each wrote their own shards
-    _same(single, read_plain(out))
+    assert_same_pairs(single, read_plain(out))
 
 
 def test_partition_slices_and_merged_stores_validate(tiny_world, tmp_path):
