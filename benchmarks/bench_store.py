@@ -12,6 +12,7 @@ not the bottleneck when its pairs/s is well above the training figure.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -73,7 +74,7 @@ def main() -> None:
         def arrays_only() -> int:
             data = PairDataset(store, full, lookup, cache_shards=5)
             count = 0
-            for pair_id in list(PairSampler(data.counts, 0, 4))[:n]:
+            for pair_id in itertools.islice(iter(PairSampler(data.counts, 0, 4)), n):  # the sampler is endless
                 shard, row = data.locate(pair_id)
                 _ = data.shard(shard)["x1"][row]
                 count += 1
