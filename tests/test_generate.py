@@ -271,3 +271,19 @@ def test_hub_ids_while_offline_get_a_clear_error(tiny_world, tmp_path, monkeypat
                        "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert "Could not open dataset 'nobody-here/no-such-dataset' in the local cache or on the Hugging Face hub" in text
     assert not (tmp_path / "o").exists()
+
+
+def test_higher_order_solvers_buy_accuracy_per_step(tiny_world, tmp_path):
+    """midpoint/rk4 at 4 steps land closer to a tight dopri5 solution than Euler at 4 steps; all share one engine."""
+    stores = {}
+    for solver, steps in (("euler", 4), ("midpoint", 4), ("rk4", 4), ("dopri5", 1)):
+        out = _generate(tiny_world, tmp_path / solver, episodes=[1], samples_per_frame=1, solver=solver, num_steps=steps,
+                        rtol=1e-5, atol=1e-5)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["generation"]["solver"] == solver
+        stores[solver] = read_plain(out)
+    exact = stores["dopri5"]["x1"]
+    error = {s: float(np.abs(stores[s]["x1"] - exact).mean()) for s in ("euler", "midpoint", "rk4")}
+    assert error["rk4"] < error["midpoint"] < error["euler"], error
+    for solver in ("euler", "midpoint", "rk4"):
+        np.testing.assert_array_equal(stores[solver]["x0"], stores["dopri5"]["x0"])
