@@ -20,6 +20,13 @@ from reflowpairs.errors import ReflowPairsError
 from reflowpairs.solvers import SolverConfig, Velocity, integrate
 
 
+def pair_shapes(policy_config) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(x0_shape, x1_shape)`` of the pairs a policy makes and trains on: noise ``(chunk_size, max_action_dim)``,
+    actions ``(chunk_size, action_dim)`` (the pair-store contract's T, D0 and D1)."""
+    chunk = policy_config.chunk_size
+    return (chunk, policy_config.max_action_dim), (chunk, policy_config.action_feature.shape[0])
+
+
 class Engine(Protocol):
     """Samples X_1 for K noises per frame from a preprocessed batch of B frames."""
 
@@ -40,8 +47,7 @@ class SmolVLAEngine:
         self.policy = policy
         self.model = policy.model
         config = policy.config
-        self.noise_shape = (config.chunk_size, config.max_action_dim)
-        self.action_dim = config.action_feature.shape[0]
+        self.noise_shape, (_, self.action_dim) = pair_shapes(config)
         if not config.use_cache:
             raise ReflowPairsError(
                 "This SmolVLA checkpoint has use_cache=false; the prefix-cached engine needs the KV cache.",

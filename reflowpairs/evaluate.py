@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from reflowpairs.dataset import check_dataset_root
+from reflowpairs.engine import pair_shapes
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.noise import batch_noise
 
@@ -515,8 +516,7 @@ def _store_frames(store, max_frames: int) -> tuple[np.ndarray, np.ndarray, np.nd
 def check_store(store, student_config, dataset_fp: str, repo_id: str) -> None:
     """Refuse a ``--pairs`` store the student cannot be scored on: other noise/action shapes, or
     generated from another dataset (its obs_index would point at other frames)."""
-    noise_shape = (student_config.chunk_size, student_config.max_action_dim)
-    action_shape = (student_config.chunk_size, student_config.action_feature.shape[0])
+    noise_shape, action_shape = pair_shapes(student_config)
     if tuple(store.x0_shape) != noise_shape or tuple(store.x1_shape) != action_shape:
         raise ReflowPairsError(
             f"--pairs {store.path} holds X_0 {tuple(store.x0_shape)} and X_1 {tuple(store.x1_shape)}, but the student "

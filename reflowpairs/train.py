@@ -55,6 +55,7 @@ from reflowpairs.checkpoint import (
     student_config_json,
 )
 from reflowpairs.distributed import DistContext
+from reflowpairs.engine import pair_shapes
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pairdata import PairDataset, PairSampler, RankSlice, drop_action_keys, missing_frames, position_lookup
 from reflowpairs.pairstore import PairStore, shard_attrs
@@ -401,9 +402,7 @@ def _prepare(cfg: TrainConfig, resume_from: Path | None, state: dict[str, Any] |
     source = str(pretrained_dir(resume_from)) if resume_from is not None else init_source
     loaded = load_policy(source, cfg.device, fingerprint=init_fp if resume_from is None else None)
     check_features(loaded.config, dataset.meta, rename_map(loaded.preprocessor))
-    config = loaded.config
-    x0_shape = (config.chunk_size, config.max_action_dim)
-    x1_shape = (config.chunk_size, config.action_feature.shape[0])
+    x0_shape, x1_shape = pair_shapes(loaded.config)
     if tuple(store.x0_shape) != x0_shape or tuple(store.x1_shape) != x1_shape:
         raise ReflowPairsError(
             f"Store {cfg.pairs} holds X_0 {list(store.x0_shape)} and X_1 {list(store.x1_shape)}, but the policy in "
