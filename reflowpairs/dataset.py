@@ -42,11 +42,16 @@ def open_dataset(repo_id: str, root: str | Path | None = None, episodes: list[in
     except ValueError as err:
         raise ReflowPairsError(f"Dataset {repo_id}: {err}", "Check --episodes against the dataset.") from err
     except Exception as err:  # noqa: BLE001 - hub and file errors come in many kinds
-        where = f"at {root}" if root is not None else "in the local cache or on the Hugging Face hub"
-        raise ReflowPairsError(
-            f"Could not open dataset {repo_id!r} {where} ({type(err).__name__}: {err}).",
-            "Give --dataset-root DIR for a local copy, or check the repo id and your network.",
-        ) from err
+        raise unopenable(repo_id, root, err) from err
+
+
+def unopenable(repo_id: str, root: Path | None, err: Exception) -> ReflowPairsError:
+    """The error for a dataset (or its metadata) lerobot could not open, naming where it looked."""
+    where = f"at {root}" if root is not None else "in the local cache or on the Hugging Face hub"
+    return ReflowPairsError(
+        f"Could not open dataset {repo_id!r} {where} ({type(err).__name__}: {err}).",
+        "Give --dataset-root DIR for a local copy, or check the repo id and your network.",
+    )
 
 
 def frame_indices(dataset) -> np.ndarray:

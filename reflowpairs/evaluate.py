@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reflowpairs.dataset import check_dataset_root
+from reflowpairs.dataset import check_dataset_root, unopenable
 from reflowpairs.engine import pair_shapes
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.noise import batch_noise
@@ -184,11 +184,7 @@ def open_metadata(repo_id: str, root: Path | None):
     try:
         return LeRobotDatasetMetadata(repo_id, root)
     except Exception as err:  # noqa: BLE001 - hub and file errors come in many kinds
-        where = f"at {root}" if root is not None else "in the local cache or on the Hugging Face hub"
-        raise ReflowPairsError(
-            f"Could not open dataset {repo_id!r} {where} ({type(err).__name__}: {err}).",
-            "Give --dataset-root DIR for a local copy, or check the repo id and your network.",
-        ) from err
+        raise unopenable(repo_id, root, err) from err
 
 
 def check_episodes(episodes: Sequence[int] | None, total_episodes: int, repo_id: str) -> None:
