@@ -1,0 +1,79 @@
+"""The prefix-cached engine against lerobot's own sampler and attention, in memory (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reflowpairs.dataset import open_dataset
+from reflowpairs.engine import make_engine, samples_per_row, sdpa_attention
+from reflowpairs.noise import batch_noise
+from reflowpairs.solvers import SolverConfig
+from reflowpairs.teacher import load_policy
+
+
+@pytest.fixture(scope="module")
+def teacher_and_batch(other_world):
+    teacher = load_policy(str(other_world.teacher_dir), "cpu")
+    dataset = open_dataset(other_world.repo_id, other_world.dataset_root)
+    items = [dataset[p] for p in (0, 3, 11, 17, 25)]
+    batch = teacher.preprocessor(torch.utils.data.default_collate(items))
+    return teacher, batch, [int(i["index"]) for i in items]
+
+
+def _prefix_len(policy, batch) -> int:
+    from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+
+    prepared = policy._prepare_batch(dict(batch))
+    images, img_masks = policy.prepare_images(prepared)
+    _, pad_masks, _ = policy.model.embed_prefix(images, img_masks, prepared[OBS_LANGUAGE_TOKENS],
+                                                prepared[OBS_LANGUAGE_ATTENTION_MASK], state=policy.prepare_state(prepared))
+    return pad_masks.shape[1]
+
+
+@pytest.mark.parametrize("samples", [1, 3, 12])
+def test_engine_equals_predict_action_chunk_per_sample(teacher_and_batch, samples):
+    """Same X_0 -> same X_1 as the plain loop (one predict_action_chunk per sample): K=1, all K samples folded
+    into one row, and K=12 folded in groups over a repeated cache."""
+    teacher, batch, obs_index = teacher_and_batch
+    policy = teacher.policy
+    fold = samples_per_row(samples, policy.config.chunk_size, _prefix_len(policy, batch))
+    regime = {1: fold == 1, 3: fold == 3, 12: 1 < fold < 12}  # the three regimes this test is meant to cover
+    assert regime[samples], (samples, fold)
+    engine = make_engine(policy)
+    noise = batch_noise(0, obs_index, samples, engine.noise_shape)  # (B, K, T, D0)
+    x1 = engine.sample(batch, noise, SolverConfig("euler", policy.config.num_steps))
+    assert x1.shape == (len(obs_index), samples, policy.config.chunk_size, engine.action_dim)
+    for k in range(samples):
+        policy.reset()
+        plain = policy.predict_action_chunk(batch, noise=noise[:, k])
+        torch.testing.assert_close(x1[:, k], plain, atol=1e-5, rtol=0)
+    # the attention swap is scoped to the engine's denoise steps: the policy itself is left as loaded
+    assert "get_attention_interface" not in vars(policy.model.vlm_with_expert)
+
+
+def test_samples_per_row_is_the_largest_divisor_that_fits():
+    assert samples_per_row(16, chunk=8, prefix_len=19) == 8  # 16 * 8 > 4 * 19 >= 8 * 8
+    assert samples_per_row(4, chunk=8, prefix_len=19) == 4
+    assert samples_per_row(7, chunk=8, prefix_len=10) == 1  # a prime K that does not fit whole
+    assert samples_per_row(1, chunk=50, prefix_len=2) == 1
+    assert samples_per_row(12, chunk=50, prefix_len=113) == 6
+
+
+def test_sdpa_attention_equals_lerobot_eager_attention(teacher_and_batch):
+    """Grouped-query heads, padded keys, a block-causal mask: the same output as eager_attention_forward."""
+    module = teacher_and_batch[0].policy.model.vlm_with_expert
+    heads, kv_heads = module.num_attention_heads, module.num_key_value_heads
+    assert heads != kv_heads  # the tiny VLM has grouped-query attention, so that path is exercised
+    generator = torch.Generator().manual_seed(0)
+    batch, queries, keys, head_dim = 3, 5, 9, 16
+    q = torch.randn(batch, queries, heads, head_dim, generator=generator)
+    k = torch.randn(batch, keys, kv_heads, head_dim, generator=generator)
+    v = torch.randn(batch, keys, kv_heads, head_dim, generator=generator)
+    mask = torch.rand(batch, queries, keys, generator=generator) > 0.4
+    mask[..., 0] = True  # every query attends to at least one key, as in the denoise steps
+    mask[1, :, 6:] = False  # padded prefix tokens
+    eager = module.eager_attention_forward(mask, batch, head_dim, q, k, v)
+    fused = sdpa_attention(mask, batch, head_dim, q, k, v)
+    assert fused.shape == eager.shape == (batch, queries, heads * head_dim)
+    torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
