@@ -7,7 +7,7 @@ RP := $(VENV)/bin/reflowpairs
 DEMO ?= demo_out
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean bench
+.PHONY: venv demo test clean bench bench-generate bench-train bench-memory bench-store
 
 venv: $(STAMP)
 
@@ -23,6 +23,22 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Benchmarks (not tests): each prints its side-by-side ratios; figures in benchmarks/RESULTS.md.
+# Pass other settings with ARGS, e.g. `make bench-generate ARGS="--device cuda --ks 1,4,16"`.
+bench: bench-generate bench-train bench-memory bench-store
+
+bench-generate: $(STAMP)
+	$(PY) benchmarks/bench_generate.py $(or $(ARGS),--size small --ks 4 --batch-size 32 --episodes 0,1,2,3)
+
+bench-train: $(STAMP)
+	$(PY) benchmarks/bench_train.py $(or $(ARGS),--size small --batch-size 16 --steps 5 --repeats 5)
+
+bench-memory: $(STAMP)
+	$(PY) benchmarks/bench_memory.py $(or $(ARGS),--size large --batch-size 8 --steps 3)
+
+bench-store: $(STAMP)
+	$(PY) benchmarks/bench_store.py $(or $(ARGS),--size small --samples-per-frame 8 --batch-size 32)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

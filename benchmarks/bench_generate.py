@@ -41,8 +41,13 @@ def build_world(root: Path, size: str):
     return dataset, teacher
 
 
-def plain_loop(policy, preprocessor, dataset, positions, noise_of, k: int, batch_size: int, device: str) -> int:
-    """predict_action_chunk once per sample, frames batched ``batch_size`` at a time (1 = the naive loop)."""
+def plain_loop(policy, preprocessor, dataset, positions, noise_of, k: int, batch_size: int, device: str,
+               dtype: str = "float32") -> int:
+    """predict_action_chunk once per sample, frames batched ``batch_size`` at a time (1 = the naive loop), under
+    the same autocast dtype as the reflowpairs side."""
+    from reflowpairs.generate import COMPUTE_DTYPES
+
+    compute = COMPUTE_DTYPES[dtype]
     pairs = 0
     for start in range(0, len(positions), batch_size):
         items = [dataset[p] for p in positions[start : start + batch_size]]
@@ -50,7 +55,8 @@ def plain_loop(policy, preprocessor, dataset, positions, noise_of, k: int, batch
         noise = noise_of([int(i["index"]) for i in items], k)  # (B, K, T, D)
         for s in range(k):
             policy.reset()
-            x1 = policy.predict_action_chunk(batch, noise=noise[:, s].to(device))
+            with torch.autocast(torch.device(device).type, dtype=compute, enabled=compute is not torch.float32):
+                x1 = policy.predict_action_chunk(batch, noise=noise[:, s].to(device))
             pairs += x1.shape[0]
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -118,7 +124,7 @@ def main() -> None:
                 else:
                     bs = 1 if side == "plain_single" else args.batch_size
                     t0 = time.perf_counter()
-                    pairs = plain_loop(policy, pre, dataset, positions, noise_of, k, bs, args.device)
+                    pairs = plain_loop(policy, pre, dataset, positions, noise_of, k, bs, args.device, args.dtype)
                     rate = pairs / (time.perf_counter() - t0)
                 rates[side].append(rate)
         med = {s: statistics.median(v) for s, v in rates.items()}

@@ -77,3 +77,26 @@ def test_sdpa_attention_equals_lerobot_eager_attention(teacher_and_batch):
     fused = sdpa_attention(mask, batch, head_dim, q, k, v)
     assert fused.shape == eager.shape == (batch, queries, heads * head_dim)
     torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_on_cuda_matches_the_cpu_plain_loop(other_world, teacher_and_batch, dtype):
+    """On CUDA (fused SDPA kernels, pinned copies, optional bf16 autocast) X_1 stays the teacher's X_1."""
+    from reflowpairs.generate import COMPUTE_DTYPES
+
+    cpu_teacher, cpu_batch, obs_index = teacher_and_batch
+    teacher = load_policy(str(other_world.teacher_dir), "cuda")
+    dataset = open_dataset(other_world.repo_id, other_world.dataset_root)
+    batch = teacher.preprocessor(torch.utils.data.default_collate([dataset[p] for p in (0, 3, 11, 17, 25)]))
+    engine = make_engine(teacher.policy)
+    noise = batch_noise(0, obs_index, 4, engine.noise_shape)
+    compute = COMPUTE_DTYPES[dtype]
+    with torch.autocast("cuda", dtype=compute, enabled=compute is not torch.float32):
+        x1 = engine.sample(batch, noise, SolverConfig("euler", teacher.policy.config.num_steps)).float().cpu()
+    tolerance = {"float32": 1e-3, "bfloat16": 0.1}[dtype]  # TF32/bf16 matmuls, not bit equality
+    for k in range(4):
+        cpu_teacher.policy.reset()
+        plain = cpu_teacher.policy.predict_action_chunk(cpu_batch, noise=noise[:, k])
+        assert torch.isfinite(x1[:, k]).all()
+        torch.testing.assert_close(x1[:, k], plain, atol=tolerance, rtol=0)
