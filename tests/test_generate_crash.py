@@ -41,8 +41,15 @@ def _listed_shards(out: Path) -> int:
         return 0
 
 
+def _default_sigint() -> None:
+    """The child gets Ctrl-C as a terminal delivers it, even when this suite runs as a background job (a
+    non-interactive shell starts those with SIGINT ignored, and Python then leaves it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_and_signal(cmd: list[str], out: Path, after_shards: int, sig: int) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=_default_sigint)
     deadline = time.monotonic() + 120
     while _listed_shards(out) < after_shards and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
