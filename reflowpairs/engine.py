@@ -120,6 +120,18 @@ class SmolVLAEngine:
 
     @torch.no_grad()
     def velocity_field(self, batch: dict[str, Tensor], repeats: int) -> Velocity:
+        prefix_pad_masks, cache = self._fill_prefix(batch)
+        fold = samples_per_row(repeats, self.policy.config.chunk_size, prefix_pad_masks.shape[1])
+        rows_per_frame = repeats // fold
+        if rows_per_frame > 1:
+            cache.batch_repeat_interleave(rows_per_frame)
+            prefix_pad_masks = prefix_pad_masks.repeat_interleave(rows_per_frame, dim=0)
+        return partial(self._denoise_step, prefix_pad_masks, cache, fold)
+
+    @torch.no_grad()
+    def _fill_prefix(self, batch: dict[str, Tensor]) -> tuple[Tensor, object]:
+        """Embed the prefix of a preprocessed batch of B frames and fill its KV cache, as
+        ``sample_actions`` does: returns ``prefix_pad_masks`` ``(B, P)`` and the ``DynamicCache``."""
         from lerobot.policies.common.vla_utils import make_att_2d_masks
         from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
 
@@ -141,12 +153,7 @@ class SmolVLAEngine:
             inputs_embeds=[prefix_embs, None],
             use_cache=True,
         )
-        fold = samples_per_row(repeats, policy.config.chunk_size, prefix_pad_masks.shape[1])
-        rows_per_frame = repeats // fold
-        if rows_per_frame > 1:
-            cache.batch_repeat_interleave(rows_per_frame)
-            prefix_pad_masks = prefix_pad_masks.repeat_interleave(rows_per_frame, dim=0)
-        return partial(self._denoise_step, prefix_pad_masks, cache, fold)
+        return prefix_pad_masks, cache
 
     @torch.no_grad()
     def _denoise_step(self, prefix_pad_masks: Tensor, cache, fold: int, x_t: Tensor, t: Tensor) -> Tensor:

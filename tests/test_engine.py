@@ -21,26 +21,17 @@ def teacher_and_batch(other_world):
     return teacher, batch, [int(i["index"]) for i in items]
 
 
-def _prefix_len(policy, batch) -> int:
-    from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
-
-    prepared = policy._prepare_batch(dict(batch))
-    images, img_masks = policy.prepare_images(prepared)
-    _, pad_masks, _ = policy.model.embed_prefix(images, img_masks, prepared[OBS_LANGUAGE_TOKENS],
-                                                prepared[OBS_LANGUAGE_ATTENTION_MASK], state=policy.prepare_state(prepared))
-    return pad_masks.shape[1]
-
-
 @pytest.mark.parametrize("samples", [1, 3, 12])
 def test_engine_equals_predict_action_chunk_per_sample(teacher_and_batch, samples):
     """Same X_0 -> same X_1 as the plain loop (one predict_action_chunk per sample): K=1, all K samples folded
     into one row, and K=12 folded in groups over a repeated cache."""
     teacher, batch, obs_index = teacher_and_batch
     policy = teacher.policy
-    fold = samples_per_row(samples, policy.config.chunk_size, _prefix_len(policy, batch))
+    engine = make_engine(policy)
+    prefix_len = engine._fill_prefix(batch)[0].shape[1]
+    fold = samples_per_row(samples, policy.config.chunk_size, prefix_len)
     regime = {1: fold == 1, 3: fold == 3, 12: 1 < fold < 12}  # the three regimes this test is meant to cover
     assert regime[samples], (samples, fold)
-    engine = make_engine(policy)
     noise = batch_noise(0, obs_index, samples, engine.noise_shape)  # (B, K, T, D0)
     x1 = engine.sample(batch, noise, SolverConfig("euler", policy.config.num_steps))
     assert x1.shape == (len(obs_index), samples, policy.config.chunk_size, engine.action_dim)
