@@ -91,3 +91,40 @@ def test_engine_on_cuda_matches_the_cpu_plain_loop(other_world, teacher_and_batc
         plain = cpu_teacher.policy.predict_action_chunk(cpu_batch, noise=noise[:, k])
         assert torch.isfinite(x1[:, k]).all()
         torch.testing.assert_close(x1[:, k], plain, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"attention_mode": "self_attn"},  # every expert layer self-attends over [prefix; suffix]
+        {"self_attn_every_n_layers": 0},  # every expert layer cross-attends to the prefix
+        # 2 expert layers for 4 VLM layers (layers 1 and 3 have none), self-attention at layer 0 only (lerobot
+        # needs the two to agree), and language padded to max_length
+        {"num_expert_layers": 2, "self_attn_every_n_layers": 4, "pad_language_to": "max_length"},
+    ],
+    ids=["self_attn", "all_cross_attn", "fewer_expert_layers"],
+)
+def test_engine_equals_predict_action_chunk_for_other_smolvla_layouts(other_world, layout):
+    """Teachers configured unlike the tiny one (random weights: only equality matters) sample the same X_1."""
+    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    from reflowpairs.tinyworld import TinyTeacherSpec, tiny_smolvla_config
+
+    dataset = open_dataset(other_world.repo_id, other_world.dataset_root)
+    config = tiny_smolvla_config(other_world.vlm_dir, dataset.meta, TinyTeacherSpec(chunk_size=5, max_action_dim=4, max_state_dim=4, num_steps=4))
+    for key, value in layout.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    policy = SmolVLAPolicy(config).eval()
+    preprocessor, _ = make_pre_post_processors(config, dataset_stats=dataset.meta.stats)
+    items = [dataset[p] for p in (0, 12, 25)]
+    batch = preprocessor(torch.utils.data.default_collate(items))
+    engine = make_engine(policy)
+    if layout.get("pad_language_to") == "max_length":
+        assert not engine._fill_prefix(batch)[0].all()  # the prefix really has padded tokens to mask
+    noise = batch_noise(1, [int(i["index"]) for i in items], 4, engine.noise_shape)
+    x1 = engine.sample(batch, noise, SolverConfig("euler", config.num_steps))
+    for k in range(4):
+        policy.reset()
+        torch.testing.assert_close(x1[:, k], policy.predict_action_chunk(batch, noise=noise[:, k]), atol=1e-5, rtol=0)
