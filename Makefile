@@ -28,17 +28,23 @@ test: $(STAMP)
 # Pass other settings with ARGS, e.g. `make bench-generate ARGS="--device cuda --ks 1,4,16"`.
 bench: bench-generate bench-train bench-memory bench-store
 
+# Default settings of each benchmark (in variables: a comma inside $(or ...) would split its arguments).
+BENCH_GENERATE_ARGS := --size small --ks 1,4,16 --batch-size 32 --episodes 0,1,2,3
+BENCH_TRAIN_ARGS := --size small --batch-size 16 --steps 5 --repeats 5
+BENCH_MEMORY_ARGS := --size large --batch-size 8 --steps 3
+BENCH_STORE_ARGS := --size small --samples-per-frame 8 --batch-size 32
+
 bench-generate: $(STAMP)
-	$(PY) benchmarks/bench_generate.py $(or $(ARGS),--size small --ks 4 --batch-size 32 --episodes 0,1,2,3)
+	$(PY) benchmarks/bench_generate.py $(or $(ARGS),$(BENCH_GENERATE_ARGS))
 
 bench-train: $(STAMP)
-	$(PY) benchmarks/bench_train.py $(or $(ARGS),--size small --batch-size 16 --steps 5 --repeats 5)
+	$(PY) benchmarks/bench_train.py $(or $(ARGS),$(BENCH_TRAIN_ARGS))
 
 bench-memory: $(STAMP)
-	$(PY) benchmarks/bench_memory.py $(or $(ARGS),--size large --batch-size 8 --steps 3)
+	$(PY) benchmarks/bench_memory.py $(or $(ARGS),$(BENCH_MEMORY_ARGS))
 
 bench-store: $(STAMP)
-	$(PY) benchmarks/bench_store.py $(or $(ARGS),--size small --samples-per-frame 8 --batch-size 32)
+	$(PY) benchmarks/bench_store.py $(or $(ARGS),$(BENCH_STORE_ARGS))
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

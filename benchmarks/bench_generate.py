@@ -9,10 +9,10 @@ Sides, all over the same frames of the same dataset with the same teacher and th
   writing to a temporary store).
 
 The sides are interleaved and repeated (--repeats); torch threads are pinned (--threads). Prints pairs/s (median and
-spread) and the ratios reflowpairs / plain_*, per K. With --dtype bfloat16 it also reports the max |X_1| difference to
-fp32 on the benchmark frames.
+spread) and the ratios reflowpairs / plain_*, per K, then each of issue #7's goals that the run measured, met or
+missed. With --dtype bfloat16 it also reports the max |X_1| difference to fp32 on the benchmark frames.
 
-    python benchmarks/bench_generate.py --size small --ks 1,4,16 --device cpu
+    python benchmarks/bench_generate.py --size small --ks 1,4,16 --batch-size 32 --episodes 0,1,2,3 --device cpu
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 
 logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
+
+GOALS = [(4, "plain_single", 8.0), (4, "plain_batched", 1.3), (16, "plain_batched", 1.6)]
+"""Issue #7's CPU goals for the small model: (K, side, least ratio reflowpairs / side)."""
 
 
 def build_world(root: Path, size: str):
@@ -71,6 +74,8 @@ def main() -> None:
     parser.add_argument("--episodes", default="0,1", help="tiny-world episodes to run over (24 frames each)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-workers", type=int, default=1, help="reflowpairs' DataLoader workers (the plain loops load inline)")
+    parser.add_argument("--tokens-per-call", type=int, default=None,
+                        help="reflowpairs' suffix tokens per engine call (default: the device's; 0: the whole batch)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--num-steps", type=int, default=10)
@@ -110,10 +115,11 @@ def main() -> None:
         cfg = GenerateConfig(teacher=str(teacher_dir), dataset=dataset.repo_id, dataset_root=dataset.root,
                              out=root / f"store{runs}", episodes=episodes, samples_per_frame=k, batch_size=args.batch_size,
                              num_steps=args.num_steps, device=args.device, dtype=args.dtype, shard_size=4096,
-                             num_workers=args.num_workers)
+                             num_workers=args.num_workers, tokens_per_call=args.tokens_per_call)
         result = generate(cfg)  # result.seconds covers its sampling loop (loading, engine, writing), not start-up
         return result.new_pairs / result.seconds
 
+    ratios: dict[tuple[int, str], float] = {}
     for k in [int(x) for x in args.ks.split(",")]:
         sides = ["plain_batched", "reflowpairs"] + ([] if args.skip_single else ["plain_single"])
         rates: dict[str, list[float]] = {s: [] for s in sides}
@@ -133,7 +139,15 @@ def main() -> None:
             print(f"  {side:14s} {med[side]:9.1f} pairs/s  (min {min(values):.1f}, max {max(values):.1f}, n={len(values)})")
         for side in sides:
             if side != "reflowpairs":
-                print(f"  ratio reflowpairs / {side}: {med['reflowpairs'] / med[side]:.2f}x")
+                ratios[k, side] = med["reflowpairs"] / med[side]
+                print(f"  ratio reflowpairs / {side}: {ratios[k, side]:.2f}x")
+
+    measured = [(k, side, goal) for k, side, goal in GOALS if (k, side) in ratios]
+    if measured:
+        print(f"\ngoals (issue #7, CPU, small model){'' if args.device == 'cpu' and args.size == 'small' else ' [this run is not that setting]'}:")
+        for k, side, goal in measured:
+            verdict = "met" if ratios[k, side] >= goal else "MISSED"
+            print(f"  K={k:<2d} reflowpairs / {side:13s} {ratios[k, side]:5.2f}x  (goal >= {goal}x): {verdict}")
 
     if args.dtype != "float32":
         from reflowpairs.pairstore import PairStore

@@ -19,6 +19,12 @@ alone and make it cheaper:
 On the CPU benchmark model the two together make a 10-step call ~1.2x faster than repeating the
 cache K times and calling ``denoise_step`` (benchmarks/RESULTS.md).
 
+A batch is sampled in calls of at most ``tokens_per_call`` suffix tokens (frames x K x chunk_size):
+on a CPU the denoise step runs fastest while its activations stay in cache (~1,024 tokens on the
+benchmark machine: 16 frames x K=16 in one call were ~20% slower per pair than 4 calls of 4 frames),
+so the engine cuts a large batch into whole-frame groups there; on an accelerator the whole batch goes
+in one call (``default_tokens_per_call``).
+
 Engines are looked up by policy type (``make_engine``); a pi0/pi05 engine plugs in the same way.
 """
 
@@ -64,6 +70,32 @@ def sdpa_attention(
     return out.transpose(1, 2).reshape(batch_size, -1, query.shape[1] * head_dim)
 
 
+CPU_TOKENS_PER_CALL = 1024
+
+
+def default_tokens_per_call(device: torch.device) -> int:
+    """Suffix tokens per engine call when none are given: ``CPU_TOKENS_PER_CALL`` on a CPU, no limit (0) elsewhere."""
+    return CPU_TOKENS_PER_CALL if device.type == "cpu" else 0
+
+
+def frames_per_call(frames: int, samples: int, chunk: int, tokens_per_call: int) -> int:
+    """How many frames (each with ``samples`` suffixes of ``chunk`` tokens) one call samples: as many as fit in
+    ``tokens_per_call`` suffix tokens, at least 1; all ``frames`` when ``tokens_per_call`` is 0 (no limit)."""
+    if tokens_per_call <= 0:
+        return frames
+    return max(1, min(frames, tokens_per_call // (samples * chunk)))
+
+
+def slice_frames(batch: dict, start: int, stop: int, frames: int) -> dict:
+    """Frames ``start:stop`` of a (preprocessed) batch of ``frames``: tensors and lists whose first dimension is the
+    frame are sliced, everything else (scalars, per-batch metadata) is passed through."""
+    def cut(value):
+        sliceable = torch.is_tensor(value) and value.ndim > 0 or isinstance(value, (list, tuple))
+        return value[start:stop] if sliceable and len(value) == frames else value
+
+    return {key: cut(value) for key, value in batch.items()}
+
+
 def samples_per_row(samples: int, chunk: int, prefix_len: int, max_ratio: int = 4) -> int:
     """How many of a frame's ``samples`` to fold into one row: the largest divisor ``g`` of ``samples`` whose
     folded suffix (``g * chunk`` tokens) is at most ``max_ratio`` times the prefix, and at least 1.
@@ -97,14 +129,19 @@ class Engine(Protocol):
         """The teacher's velocity v(x_t, t) for each frame repeated ``repeats`` times (frame-major)."""
 
     def sample(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
-        """X_1 ``(B, K, T, action_dim)`` in normalised action space from noise ``(B, K, T, D0)``."""
+        """X_1 ``(B, K, T, action_dim)`` in normalised action space from noise ``(B, K, T, D0)``, in calls of at most
+        the engine's ``tokens_per_call`` suffix tokens."""
 
 
 class SmolVLAEngine:
-    """Prefix-cached sampler for ``SmolVLAPolicy`` (lerobot 0.6), built from the policy's own methods."""
+    """Prefix-cached sampler for ``SmolVLAPolicy`` (lerobot 0.6), built from the policy's own methods.
 
-    def __init__(self, policy):
+    ``tokens_per_call``: suffix tokens (frames x K x chunk_size) per call, 0 for no limit, None for the device's
+    default (``default_tokens_per_call``)."""
+
+    def __init__(self, policy, tokens_per_call: int | None = None):
         self.policy = policy
+        self.tokens_per_call = tokens_per_call
         self.model = policy.model
         config = policy.config
         self.noise_shape, (_, self.action_dim) = pair_shapes(config)
@@ -189,6 +226,18 @@ class SmolVLAEngine:
     @torch.no_grad()
     def sample(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
         frames, samples = noise.shape[:2]
+        budget = default_tokens_per_call(self.device) if self.tokens_per_call is None else self.tokens_per_call
+        group = frames_per_call(frames, samples, self.policy.config.chunk_size, budget)
+        if group >= frames:
+            return self._sample_call(batch, noise, solver)
+        return torch.cat(
+            [self._sample_call(slice_frames(batch, s, s + group, frames), noise[s : s + group], solver) for s in range(0, frames, group)]
+        )
+
+    @torch.no_grad()
+    def _sample_call(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
+        """``sample`` for frames that go in one call: one prefix fill, one ODE over all their samples."""
+        frames, samples = noise.shape[:2]
         velocity = self.velocity_field(batch, samples)
         x0 = noise.reshape(frames * samples, *noise.shape[2:]).to(self.device, torch.float32, non_blocking=True)
         x1 = integrate(velocity, x0, solver)[:, :, : self.action_dim]
@@ -200,11 +249,11 @@ class SmolVLAEngine:
 ENGINES = {"smolvla": SmolVLAEngine}
 
 
-def make_engine(policy) -> Engine:
-    """The sampling engine for ``policy`` (by its config ``type``)."""
+def make_engine(policy, tokens_per_call: int | None = None) -> Engine:
+    """The sampling engine for ``policy`` (by its config ``type``); ``tokens_per_call`` as ``SmolVLAEngine``'s."""
     policy_type = policy.config.type
     if policy_type not in ENGINES:
         raise ReflowPairsError(
             f"No sampling engine for {policy_type} policies yet.", f"Supported: {', '.join(ENGINES)}."
         )
-    return ENGINES[policy_type](policy)
+    return ENGINES[policy_type](policy, tokens_per_call)

@@ -61,7 +61,8 @@ class GenerateConfig:
     solver: str = "euler"
     rtol: float = 1e-5
     atol: float = 1e-5
-    batch_size: int = 16  # frames per teacher call (each call samples batch_size * K pairs)
+    batch_size: int = 16  # frames per loaded batch (each samples batch_size * K pairs)
+    tokens_per_call: int | None = None  # suffix tokens per engine call; 0: whole batch; None: the device's default
     shard_size: int = 4096  # pairs per shard (rounded to whole frames)
     seed: int = 0
     device: str = "auto"
@@ -108,6 +109,8 @@ def _check_args(cfg: GenerateConfig) -> None:
         raise ReflowPairsError(f"--samples-per-frame must be at least 1, got {cfg.samples_per_frame}.")
     if cfg.batch_size < 1:
         raise ReflowPairsError(f"--batch-size must be at least 1, got {cfg.batch_size}.")
+    if cfg.tokens_per_call is not None and cfg.tokens_per_call < 0:
+        raise ReflowPairsError(f"--tokens-per-call must be 0 (no limit) or more, got {cfg.tokens_per_call}.")
     if cfg.on_nonfinite not in ("error", "skip"):
         raise ReflowPairsError(f"--on-nonfinite must be 'error' or 'skip', got {cfg.on_nonfinite!r}.")
     if cfg.dtype not in COMPUTE_DTYPES:
@@ -231,7 +234,7 @@ def _prepare(cfg: GenerateConfig, device: str) -> _Job:
     teacher = load_policy(cfg.teacher, device)
     dataset = open_dataset(cfg.dataset, cfg.dataset_root, cfg.episodes)
     check_features(teacher.config, dataset.meta, rename_map(teacher.preprocessor))
-    engine = make_engine(teacher.policy)
+    engine = make_engine(teacher.policy, cfg.tokens_per_call)
     solver = SolverConfig(cfg.solver, cfg.num_steps or teacher.config.num_steps, cfg.rtol, cfg.atol)
     frame_index = frame_indices(dataset)
     generation = {

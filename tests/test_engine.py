@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from reflowpairs.dataset import open_dataset
-from reflowpairs.engine import make_engine, samples_per_row, sdpa_attention
+from reflowpairs.engine import (
+    CPU_TOKENS_PER_CALL,
+    default_tokens_per_call,
+    frames_per_call,
+    make_engine,
+    samples_per_row,
+    sdpa_attention,
+    slice_frames,
+)
 from reflowpairs.noise import batch_noise
 from reflowpairs.solvers import SolverConfig
 from reflowpairs.teacher import load_policy
@@ -41,6 +49,35 @@ def test_engine_equals_predict_action_chunk_per_sample(teacher_and_batch, sample
         torch.testing.assert_close(x1[:, k], plain, atol=1e-5, rtol=0)
     # the attention swap is scoped to the engine's denoise steps: the policy itself is left as loaded
     assert "get_attention_interface" not in vars(policy.model.vlm_with_expert)
+
+
+def test_engine_in_calls_of_whole_frames_equals_predict_action_chunk(teacher_and_batch):
+    """A batch cut into calls of at most tokens_per_call suffix tokens (here 2, 2 and 1 of its 5 frames) samples the
+    same X_1 as the plain loop, frame for frame."""
+    teacher, batch, obs_index = teacher_and_batch
+    policy = teacher.policy
+    samples, chunk = 3, policy.config.chunk_size
+    engine = make_engine(policy, tokens_per_call=2 * samples * chunk)
+    assert frames_per_call(len(obs_index), samples, chunk, engine.tokens_per_call) == 2
+    noise = batch_noise(0, obs_index, samples, engine.noise_shape)
+    x1 = engine.sample(batch, noise, SolverConfig("euler", policy.config.num_steps))
+    assert x1.shape == (len(obs_index), samples, chunk, engine.action_dim)
+    for k in range(samples):
+        policy.reset()
+        torch.testing.assert_close(x1[:, k], policy.predict_action_chunk(batch, noise=noise[:, k]), atol=1e-5, rtol=0)
+
+
+def test_frames_per_call_and_slice_frames():
+    assert frames_per_call(32, samples=16, chunk=8, tokens_per_call=1024) == 8
+    assert frames_per_call(32, samples=4, chunk=8, tokens_per_call=1024) == 32
+    assert frames_per_call(5, samples=4, chunk=50, tokens_per_call=100) == 1  # one frame always goes, over budget
+    assert frames_per_call(7, samples=16, chunk=50, tokens_per_call=0) == 7  # 0: no limit
+    assert default_tokens_per_call(torch.device("cpu")) == CPU_TOKENS_PER_CALL
+    assert default_tokens_per_call(torch.device("cuda")) == 0
+    batch = {"state": torch.arange(10).view(5, 2), "task": list("abcde"), "scale": torch.tensor(2.0), "flag": True}
+    part = slice_frames(batch, 1, 3, frames=5)
+    assert part["state"].tolist() == [[2, 3], [4, 5]] and part["task"] == ["b", "c"]
+    assert part["scale"] is batch["scale"] and part["flag"] is True  # not per-frame: passed through
 
 
 def test_samples_per_row_is_the_largest_divisor_that_fits():

@@ -109,6 +109,15 @@ def test_backends_and_batch_sizes_store_identical_pairs(tiny_world, tmp_path):
     a = read_plain(_generate(tiny_world, tmp_path / "a", batch_size=1, shard_size=7, backend="zarr"))
     b = read_plain(_generate(tiny_world, tmp_path / "b", batch_size=5, shard_size=1000, backend="parquet"))
     assert_same_pairs(a, b)
+    # engine calls of 2 frames (3 samples x chunk 8 = 24 suffix tokens a frame): batches of 5 go in calls of 2, 2, 1
+    c = read_plain(_generate(tiny_world, tmp_path / "c", batch_size=5, tokens_per_call=48))
+    assert_same_pairs(a, c)
+
+
+def test_negative_tokens_per_call_is_refused(tiny_world, tmp_path):
+    with pytest.raises(ReflowPairsError, match="--tokens-per-call must be 0"):
+        _generate(tiny_world, tmp_path / "neg", tokens_per_call=-1)
+    assert not (tmp_path / "neg").exists()
 
 
 def test_x1_equals_predict_action_chunk_from_stored_x0(other_world, tmp_path):

@@ -105,7 +105,8 @@ def generate(
     solver: Annotated[str, typer.Option(help="euler (the teacher's own), midpoint, rk4 or dopri5.")] = "euler",
     rtol: Annotated[float, typer.Option(help="dopri5 relative tolerance.")] = 1e-5,
     atol: Annotated[float, typer.Option(help="dopri5 absolute tolerance.")] = 1e-5,
-    batch_size: Annotated[int, typer.Option(help="Frames per teacher call (each samples K pairs).")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Frames loaded per batch (each samples K pairs).")] = 16,
+    tokens_per_call: Annotated[int | None, typer.Option(help="Most suffix tokens (frames x K x chunk_size) per teacher call; 0: the whole batch (default: 1024 on CPU, no limit on GPU).")] = None,
     shard_size: Annotated[int, typer.Option(help="Pairs per shard (rounded to whole frames).")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of X_0 = f(seed, obs_index, sample).")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda[:N] or mps.")] = "auto",
@@ -124,7 +125,7 @@ def generate(
     cfg = GenerateConfig(
         teacher=teacher, dataset=dataset, out=out, dataset_root=dataset_root, episodes=parse_episodes(episodes),
         samples_per_frame=samples_per_frame, num_steps=num_steps, solver=solver, rtol=rtol, atol=atol,
-        batch_size=batch_size, shard_size=shard_size, seed=seed, device=device, backend=format,
+        batch_size=batch_size, tokens_per_call=tokens_per_call, shard_size=shard_size, seed=seed, device=device, backend=format,
         num_workers=num_workers, resume=resume, overwrite=overwrite, on_nonfinite=on_nonfinite, dtype=dtype,
         partition=parse_partition(partition),
     )
