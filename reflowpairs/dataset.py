@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,41 @@ def check_dataset_root(root: str | Path | None) -> Path | None:
     return root
 
 
+def open_metadata(repo_id: str, root: str | Path | None):
+    """``LeRobotDatasetMetadata`` of the dataset, with errors that name the input."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+
+    root = check_dataset_root(root)
+    try:
+        return LeRobotDatasetMetadata(repo_id, root)
+    except Exception as err:  # noqa: BLE001 - hub and file errors come in many kinds
+        raise unopenable(repo_id, root, err) from err
+
+
+def check_episodes(episodes: Sequence[int] | None, total_episodes: int, repo_id: str) -> None:
+    """Refuse episode numbers outside ``0 .. total_episodes-1`` and an empty selection (lerobot would look for the
+    missing episodes on the hub, or fail with its own wording)."""
+    if episodes is None:
+        return
+    if not episodes:
+        raise ReflowPairsError("--episodes selects no episode.", "Give episode numbers, e.g. 0,2,5 or 0-9.")
+    bad = [e for e in episodes if e < 0 or e >= total_episodes]
+    if bad:
+        raise ReflowPairsError(
+            f"--episodes {', '.join(map(str, bad))} out of range: dataset {repo_id} has {total_episodes} episodes "
+            f"(0 to {total_episodes - 1}).",
+            "Choose episodes that exist.",
+        )
+
+
 def open_dataset(repo_id: str, root: str | Path | None = None, episodes: list[int] | None = None, **kwargs):
-    """``LeRobotDataset(repo_id, root=root, episodes=episodes)`` with errors that name the input."""
+    """``LeRobotDataset(repo_id, root=root, episodes=episodes)`` with errors that name the input; ``episodes`` are
+    checked against the dataset's metadata first."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     root = check_dataset_root(root)
+    if episodes is not None:
+        check_episodes(episodes, open_metadata(repo_id, root).total_episodes, repo_id)
     try:
         return LeRobotDataset(repo_id, root=root, episodes=episodes, **kwargs)
     except ValueError as err:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reflowpairs.dataset import check_dataset_root, unopenable
+from reflowpairs.dataset import check_episodes, open_metadata
 from reflowpairs.engine import pair_shapes
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.noise import batch_noise
@@ -174,32 +174,6 @@ def _load(flag: str, source: str, device: str):
         return load_policy(source, device)
     except ReflowPairsError as err:
         raise ReflowPairsError(f"{flag}: {err.what}", err.hint) from err
-
-
-def open_metadata(repo_id: str, root: Path | None):
-    """``LeRobotDatasetMetadata`` of the dataset, with errors that name the input."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
-
-    root = check_dataset_root(root)
-    try:
-        return LeRobotDatasetMetadata(repo_id, root)
-    except Exception as err:  # noqa: BLE001 - hub and file errors come in many kinds
-        raise unopenable(repo_id, root, err) from err
-
-
-def check_episodes(episodes: Sequence[int] | None, total_episodes: int, repo_id: str) -> None:
-    """Refuse episode numbers outside ``0 .. total_episodes-1`` (lerobot only warns)."""
-    if episodes is None:
-        return
-    if not episodes:
-        raise ReflowPairsError("--episodes selects no episode.", "Give episode numbers, e.g. 8,9.")
-    bad = [e for e in episodes if e < 0 or e >= total_episodes]
-    if bad:
-        raise ReflowPairsError(
-            f"--episodes {', '.join(map(str, bad))} out of range: dataset {repo_id} has {total_episodes} episodes "
-            f"(0 to {total_episodes - 1}).",
-            "Choose episodes that exist, ideally ones the student was not trained on.",
-        )
 
 
 # --- metrics (pure functions) ----------------------------------------------------------------------

@@ -109,6 +109,10 @@ def _check_args(cfg: GenerateConfig) -> None:
         raise ReflowPairsError(f"--samples-per-frame must be at least 1, got {cfg.samples_per_frame}.")
     if cfg.batch_size < 1:
         raise ReflowPairsError(f"--batch-size must be at least 1, got {cfg.batch_size}.")
+    if cfg.num_steps is not None and cfg.num_steps < 1:
+        raise ReflowPairsError(f"--num-steps must be at least 1, got {cfg.num_steps}.", "Leave it out to use the teacher's num_steps.")
+    if cfg.num_workers < 0:
+        raise ReflowPairsError(f"--num-workers must be 0 (load in the main process) or more, got {cfg.num_workers}.")
     if cfg.tokens_per_call is not None and cfg.tokens_per_call < 0:
         raise ReflowPairsError(f"--tokens-per-call must be 0 (no limit) or more, got {cfg.tokens_per_call}.")
     if cfg.on_nonfinite not in ("error", "skip"):
@@ -235,7 +239,7 @@ def _prepare(cfg: GenerateConfig, device: str) -> _Job:
     dataset = open_dataset(cfg.dataset, cfg.dataset_root, cfg.episodes)
     check_features(teacher.config, dataset.meta, rename_map(teacher.preprocessor))
     engine = make_engine(teacher.policy, cfg.tokens_per_call)
-    solver = SolverConfig(cfg.solver, cfg.num_steps or teacher.config.num_steps, cfg.rtol, cfg.atol)
+    solver = SolverConfig(cfg.solver, teacher.config.num_steps if cfg.num_steps is None else cfg.num_steps, cfg.rtol, cfg.atol)
     frame_index = frame_indices(dataset)
     generation = {
         "num_steps": solver.num_steps,

@@ -114,10 +114,29 @@ def test_backends_and_batch_sizes_store_identical_pairs(tiny_world, tmp_path):
     assert_same_pairs(a, c)
 
 
-def test_negative_tokens_per_call_is_refused(tiny_world, tmp_path):
-    with pytest.raises(ReflowPairsError, match="--tokens-per-call must be 0"):
-        _generate(tiny_world, tmp_path / "neg", tokens_per_call=-1)
-    assert not (tmp_path / "neg").exists()
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ({"tokens_per_call": -1}, "--tokens-per-call must be 0 (no limit) or more, got -1"),
+        ({"num_steps": 0}, "--num-steps must be at least 1, got 0"),  # not taken as "the teacher's default"
+        ({"num_workers": -1}, "--num-workers must be 0 (load in the main process) or more, got -1"),
+        ({"episodes": [0, 12]}, "--episodes 12 out of range: dataset reflowpairs/tiny_reach has 10 episodes (0 to 9)"),
+        ({"episodes": []}, "--episodes selects no episode"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_written(tiny_world, tmp_path, setting, words):
+    with pytest.raises(ReflowPairsError) as caught:
+        _generate(tiny_world, tmp_path / "out", **setting)
+    assert words in caught.value.what
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_episodes_out_of_range_names_them(tiny_world, tmp_path):
+    """lerobot would look for the missing episode on the hub and fail with a network error."""
+    text = _cli_error(["--teacher", str(tiny_world.teacher_dir), "--dataset", tiny_world.repo_id, "--dataset-root",
+                       str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--episodes", "0,10-11", "--device", "cpu"])
+    assert "--episodes 10, 11 out of range" in text and "ConnectError" not in text
+    assert not (tmp_path / "o").exists()
 
 
 def test_x1_equals_predict_action_chunk_from_stored_x0(other_world, tmp_path):
@@ -205,6 +224,14 @@ def test_missing_teacher_path(tiny_world, tmp_path):
                        "--dataset-root", str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert "does not exist" in text and "nope" in text
     assert not (tmp_path / "o").exists()
+
+
+def test_a_directory_that_is_not_a_policy_checkpoint(tiny_world, tmp_path):
+    """The tiny world's VLM directory has a config.json too, but no policy type."""
+    text = _cli_error(["--teacher", str(tiny_world.vlm_dir), "--dataset", tiny_world.repo_id, "--dataset-root",
+                       str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert 'has no policy "type"' in text and "not a lerobot policy checkpoint" in text and "smolvlm model config" in text
+    assert "None" not in text
 
 
 @pytest.mark.parametrize("policy_type", ["act", "diffusion"])
