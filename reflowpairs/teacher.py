@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
+from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,7 +121,14 @@ def read_policy_config(source: str):
         raw = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ReflowPairsError(f"Cannot read {config_path}: {err}.", "Is the checkpoint complete?") from err
-    policy_type = raw.get("type")
+    policy_type = raw.get("type") if isinstance(raw, dict) else None
+    if policy_type is None:
+        raise ReflowPairsError(
+            f"{config_path} has no policy \"type\": {source} is not a lerobot policy checkpoint"
+            + (f" (it looks like a {raw['model_type']} model config)" if isinstance(raw, dict) and "model_type" in raw else "") + ".",
+            "Point at the pretrained_model/ directory lerobot-train saved (config.json with \"type\": \"smolvla\", "
+            "model.safetensors and the policy processor files).",
+        )
     if policy_type not in FLOW_MATCHING_POLICIES:
         raise ReflowPairsError(
             f"Checkpoint {source} is a {policy_type!r} policy, not a flow-matching policy.",
@@ -180,19 +189,21 @@ def load_policy(source: str | Path, device: str = "auto", fingerprint: dict[str,
     fingerprint = fingerprint or fingerprint_checkpoint(source)
     config.device = device
     policy_cls = get_policy_class(config.type)
-    try:
-        policy = policy_cls.from_pretrained(source, config=config)
-    except Exception as err:  # noqa: BLE001
-        raise ReflowPairsError(f"lerobot could not load the {config.type} policy in {source}: {err}.") from err
-    policy.eval()
-    try:
-        preprocessor, postprocessor = make_pre_post_processors(
-            config,
-            pretrained_path=source,
-            preprocessor_overrides={"device_processor": {"device": device}},
-        )
-    except Exception as err:  # noqa: BLE001
-        raise ReflowPairsError(f"lerobot could not load the processors in {source}: {err}.") from err
+    # lerobot prints progress notes ("Loading weights ...") to stdout: keep stdout for our own output (--json).
+    with redirect_stdout(sys.stderr):
+        try:
+            policy = policy_cls.from_pretrained(source, config=config)
+        except Exception as err:  # noqa: BLE001
+            raise ReflowPairsError(f"lerobot could not load the {config.type} policy in {source}: {err}.") from err
+        policy.eval()
+        try:
+            preprocessor, postprocessor = make_pre_post_processors(
+                config,
+                pretrained_path=source,
+                preprocessor_overrides={"device_processor": {"device": device}},
+            )
+        except Exception as err:  # noqa: BLE001
+            raise ReflowPairsError(f"lerobot could not load the processors in {source}: {err}.") from err
     return LoadedPolicy(source, policy, preprocessor, postprocessor, fingerprint)
 
 
