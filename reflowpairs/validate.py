@@ -70,17 +70,22 @@ class ValidateConfig:
     ``dataset``/``dataset_root``: check the store against this dataset (by default the spot check
     uses the manifest's recorded repo id and root). ``teacher``: check it is the recorded teacher
     (and use it for the spot check). ``spot_check``: re-sample this many random pairs (all of them
-    when at least the store's size) and compare X_1 within ``atol``; ``seed`` picks the pairs."""
+    when at least the store's size) and compare X_1 within ``atol`` (None: ``SPOT_CHECK_ATOL`` of the store's
+    recorded compute dtype); ``seed`` picks the pairs."""
 
     store: Path
     dataset: str | None = None
     dataset_root: Path | None = None
     teacher: str | None = None
     spot_check: int = 0
-    atol: float = 1e-4
+    atol: float | None = None
     seed: int = 0
     device: str = "auto"
     batch_size: int = 16  # frames per teacher call in the spot check
+
+
+SPOT_CHECK_ATOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 5e-2}
+"""Default spot-check tolerance by the store's compute dtype: half-precision X_1 moves with how frames are batched."""
 
 
 @dataclass
@@ -336,7 +341,10 @@ class _Frames:
 
 
 def _check_frames(store: PairStore, found: _Pass, selected: np.ndarray | None, resume: str) -> _Frames:
-    """Exactly K pairs per frame, no duplicate (obs_index, sample), and whether every frame is done."""
+    """Exactly K pairs per frame, no duplicate (obs_index, sample), and whether every frame is done.
+
+    Frames of shards that could not be read count as not done; ``--resume`` does not replace a listed shard, so a
+    store with such shards (or with checksum mismatches) fails here instead of being sent to ``--resume``."""
     manifest = store.manifest
     generation = manifest.get("generation", {})
     k = int(generation["samples_per_frame"])
@@ -388,6 +396,10 @@ def _check_frames(store: PairStore, found: _Pass, selected: np.ndarray | None, r
     if remaining or not manifest.get("complete"):
         which = f" (missing obs_index {_listed(missing)})" if missing is not None and len(missing) else ""
         flag = "; the manifest says complete: false" if not manifest.get("complete") else ""
+        if found.shards or found.checksums:
+            detail = (f"{done} of {expected} frames in readable shards{skipped_note}{which}{flag}; damaged shards (see shards "
+                      "and checksums) are not replaced by --resume: restore them, or regenerate the store with --overwrite")
+            return _Frames(CheckResult("frames", FAIL, detail), done, expected, present)
         detail = f"{done} of {expected} frames done, {remaining} remaining{skipped_note}{which}{flag}. Finish it with: {resume}"
         return _Frames(CheckResult("frames", INCOMPLETE, detail), done, expected, present)
     return _Frames(CheckResult("frames", PASS, f"{done} frames x K={k} pairs, no duplicates{skipped_note}"), done, expected, present)
@@ -444,11 +456,11 @@ def _spot_check(store: PairStore, cfg: ValidateConfig, found: _Pass, dataset, pr
     import torch
     from torch.utils.data import default_collate
 
-    from reflowpairs.dataset import frame_indices
+    from reflowpairs.dataset import check_features, frame_indices
     from reflowpairs.engine import make_engine
     from reflowpairs.generate import COMPUTE_DTYPES
     from reflowpairs.solvers import SolverConfig
-    from reflowpairs.teacher import load_policy
+    from reflowpairs.teacher import load_policy, rename_map
 
     if not found.spot:
         return CheckResult("spot check", FAIL, "no readable pair to re-sample")
@@ -459,6 +471,7 @@ def _spot_check(store: PairStore, cfg: ValidateConfig, found: _Pass, dataset, pr
     )
     source = cfg.teacher or store.manifest.get("teacher", {}).get("source")
     teacher = load_policy(source, cfg.device)
+    check_features(teacher.config, dataset.meta, rename_map(teacher.preprocessor))
     engine = make_engine(teacher.policy)
     positions = {int(v): p for p, v in enumerate(frame_indices(dataset).tolist())}
     chosen = sorted(found.spot.items(), key=lambda item: (item[1][1], item[1][2]))
@@ -473,7 +486,9 @@ def _spot_check(store: PairStore, cfg: ValidateConfig, found: _Pass, dataset, pr
     groups: dict[int, list[int]] = {}  # samples per frame -> frames (a call needs the same K for every frame)
     for obs, items in by_frame.items():
         groups.setdefault(len(items), []).append(obs)
-    compute = COMPUTE_DTYPES.get(generation.get("dtype", "float32"), torch.float32)
+    dtype = generation.get("dtype", "float32")
+    compute = COMPUTE_DTYPES.get(dtype, torch.float32)
+    atol = cfg.atol if cfg.atol is not None else SPOT_CHECK_ATOL.get(dtype, SPOT_CHECK_ATOL["float32"])
     diffs: list[tuple[float, str, int, int]] = []
     done, total = 0, sum(len(v) for v in by_frame.values())
     for k, frames in groups.items():
@@ -491,18 +506,18 @@ def _spot_check(store: PairStore, cfg: ValidateConfig, found: _Pass, dataset, pr
             if progress is not None:
                 progress("spot check", done, total)
     worst = max(diffs, default=(0.0, "", -1, -1))
-    bad = sorted((d for d in diffs if not d[0] <= cfg.atol), reverse=True)
+    bad = sorted((d for d in diffs if not d[0] <= atol), reverse=True)
     what = f"{solver.name}, {solver.num_steps} steps" + (f", {generation.get('dtype')}" if compute is not torch.float32 else "")
     if bad:
         d, shard, obs, sample = bad[0]
         problems.add(
-            f"{len(bad)} of {len(diffs)} re-sampled pairs differ from the stored X_1 by more than --atol {cfg.atol:g} "
+            f"{len(bad)} of {len(diffs)} re-sampled pairs differ from the stored X_1 by more than --atol {atol:g} "
             f"(teacher {source}, {what}); worst {d:.3g} at {shard} obs_index {obs} sample {sample}: the store was made with "
             "other settings, another sampler or another teacher than its manifest says"
         )
     if problems:
         return CheckResult("spot check", FAIL, problems.text())
-    return CheckResult("spot check", PASS, f"{len(diffs)} pairs re-sampled ({what}): max |X_1 difference| {worst[0]:.3g} <= atol {cfg.atol:g}")
+    return CheckResult("spot check", PASS, f"{len(diffs)} pairs re-sampled ({what}): max |X_1 difference| {worst[0]:.3g} <= atol {atol:g}")
 
 
 # --- leftovers ------------------------------------------------------------------------------------
@@ -548,7 +563,7 @@ def _result(name: str, problems: _Problems, ok_detail: str) -> CheckResult:
 def _check_args(cfg: ValidateConfig) -> None:
     if cfg.spot_check < 0:
         raise ReflowPairsError(f"--spot-check must be 0 or more pairs, got {cfg.spot_check}.")
-    if not cfg.atol > 0:
+    if cfg.atol is not None and not cfg.atol > 0:
         raise ReflowPairsError(f"--atol must be positive, got {cfg.atol}.")
     if cfg.batch_size < 1:
         raise ReflowPairsError(f"--batch-size must be at least 1, got {cfg.batch_size}.")

@@ -141,6 +141,10 @@ def test_truncated_parquet_file(stores, tmp_path):
     assert "shards/w0-000001.parquet" in detail and "cannot be read" in detail
     result = _run(store)
     assert result.exit_code == 1 and "Traceback" not in result.output
+    # its frames are missing, but --resume cannot replace a listed shard: no advice to run it
+    frames = _failed(report)["frames"]
+    assert "damaged shards" in frames and "--overwrite" in frames and "Finish it with" not in frames
+    assert report.resume_command is None and "Finish it with" not in result.output
 
 
 def test_deleted_parquet_shard(stores, tmp_path):
@@ -371,6 +375,34 @@ def test_spot_check_passes_on_every_pair_of_a_sound_store(stores):
     spot = _check(report, "spot check")
     assert spot.result == "pass", spot.detail
     assert "96 pairs re-sampled" in spot.detail
+
+
+def test_spot_check_json_stays_one_object_when_the_teacher_is_loaded(stores):
+    """lerobot prints notes to stdout while loading a policy; they must not land in --json output."""
+    result = _run(stores["zarr"], "--json", "--spot-check", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert next(c for c in data["checks"] if c["name"] == "spot check")["result"] == "pass"
+
+
+def test_spot_check_names_the_features_a_dataset_lacks(stores, other_world):
+    """Against a dataset without the teacher's inputs, the spot check says so instead of blaming the store."""
+    report = validate(ValidateConfig(stores["zarr"], dataset=other_world.repo_id, dataset_root=other_world.dataset_root, spot_check=2, device="cpu"))
+    detail = _failed(report)["spot check"]
+    assert "does not match the policy's features" in detail and "observation.state" in detail
+    assert "re-sampled pairs differ" not in detail
+
+
+def test_spot_check_tolerance_follows_the_stores_compute_dtype(tiny_world, tmp_path):
+    """A sound bfloat16 store, re-sampled in other batches, passes at the bfloat16 default; the float32 default
+    (or a tight --atol) would reject its rounding."""
+    store = _generate(tiny_world, tmp_path / "bf16", episodes=[0], dtype="bfloat16", batch_size=24)
+    report = validate(ValidateConfig(store, spot_check=6, seed=1, device="cpu", batch_size=1))
+    spot = _check(report, "spot check")
+    assert spot.result == "pass", spot.detail
+    assert "bfloat16" in spot.detail and "atol 0.05" in spot.detail
+    tight = _check(validate(ValidateConfig(store, spot_check=6, seed=1, device="cpu", batch_size=1, atol=1e-7)), "spot check")
+    assert tight.result == "fail" and "by more than --atol 1e-07" in tight.detail
 
 
 def test_spot_check_catches_a_store_made_with_other_settings(stores, tmp_path):

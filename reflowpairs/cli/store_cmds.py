@@ -155,7 +155,7 @@ def validate(
     dataset_root: Annotated[Path | None, typer.Option(help="Local root of the dataset to check against.")] = None,
     teacher: Annotated[str | None, typer.Option(help="Check the store was made by this checkpoint (and use it for --spot-check).")] = None,
     spot_check: Annotated[int, typer.Option(help="Re-run the teacher on N random pairs (all if N >= pairs) and compare X_1.")] = 0,
-    atol: Annotated[float, typer.Option(help="Largest |X_1 difference| the spot check accepts.")] = 1e-4,
+    atol: Annotated[float | None, typer.Option(help="Largest |X_1 difference| the spot check accepts (default: 1e-4 for float32 stores, 5e-3 float16, 5e-2 bfloat16).")] = None,
     seed: Annotated[int, typer.Option(help="Seed choosing the spot-checked pairs.")] = 0,
     device: Annotated[str, typer.Option(help="Device for the spot check: auto, cpu, cuda[:N] or mps.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Frames per teacher call in the spot check.")] = 16,
