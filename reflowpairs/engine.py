@@ -21,7 +21,7 @@ cache K times and calling ``denoise_step`` (benchmarks/RESULTS.md).
 
 A batch is sampled in calls of at most ``tokens_per_call`` suffix tokens (frames x K x chunk_size):
 on a CPU the denoise step runs fastest while its activations stay in cache (~1,024 tokens on the
-benchmark machine: 16 frames x K=16 in one call were ~20% slower per pair than 4 calls of 4 frames),
+benchmark machine: 32 frames x K=16 in one call were ~20% slower per pair than calls of 4-8 frames),
 so the engine cuts a large batch into whole-frame groups there; on an accelerator the whole batch goes
 in one call (``default_tokens_per_call``).
 
