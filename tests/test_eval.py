@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import shutil
@@ -23,7 +24,7 @@ from reflowpairs.evaluate import (
     pick_positions,
     straightness,
 )
-from reflowpairs.report import COLUMNS, format_value, table_rows, write_report
+from reflowpairs.report import COLUMNS, format_value, markdown, report_notes, table_rows, write_report
 
 STEPS = [1, 2, 5, 10]  # the tiny teacher samples with 10 steps
 
@@ -168,6 +169,19 @@ def test_training_pairs_section(main_run, tiny_store):
     assert [r["num_steps"] for r in pairs["rows"]] == STEPS
     assert all(r["mse_norm"] > 0 for r in pairs["rows"])
     assert report["frames"]["episodes_in_store"] == []  # 8, 9 are held out of episodes 0-5
+
+
+def test_caveats_about_the_training_pairs_are_noted(main_run):
+    """Evaluated episodes that are in the store, or a store from another teacher, get a note (markdown and console)."""
+    _, report, _, _ = main_run
+    assert report_notes(report) == []  # held-out episodes, same teacher
+    caveat = copy.deepcopy(report)
+    caveat["frames"]["episodes_in_store"] = [8]
+    caveat["pairs"]["same_teacher"] = False
+    notes = report_notes(caveat)
+    assert len(notes) == 2 and "another teacher" in notes[0] and "episodes [8] are also in the store" in notes[1]
+    text = markdown(caveat)
+    assert all(f"Note: {note}" in text for note in notes)
 
 
 # --- pure metric functions -------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def eval_command(
 ) -> None:
     """Compare a student with its teacher at each step count: error, straightness, latency; write a report."""
     from reflowpairs.evaluate import EvalConfig, evaluate, parse_num_steps
-    from reflowpairs.report import headline_text, write_report
+    from reflowpairs.report import headline_text, report_notes, write_report
 
     with user_errors():
         cfg = EvalConfig(
@@ -82,5 +82,7 @@ def eval_command(
     out_console.print(report_table(report))
     if report.get("pairs"):
         out_console.print(pairs_table(report))
+    for note in report_notes(report):
+        out_console.print(f"Note: {note}", style="yellow", markup=False)
     out_console.print(headline_text(report), style="bold", markup=False)
     out_console.print(f"report: {files.json}\ntable:  {files.markdown}\nplot:   {files.plot}", markup=False)
