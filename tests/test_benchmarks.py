@@ -1,0 +1,62 @@
+"""The benchmark scripts still run and print their side-by-side ratios (smoke runs at the tiny size: no timing is
+asserted here), and each `make bench-*` target passes its whole default argument list."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize(
+    ("target", "arguments"),
+    [
+        ("bench-generate", "--size small --ks 1,4,16 --batch-size 32 --episodes 0,1,2,3"),
+        ("bench-train", "--size small --batch-size 16 --steps 5 --repeats 5"),
+        ("bench-memory", "--size large --batch-size 8 --steps 3"),
+        ("bench-store", "--size small --samples-per-frame 8 --batch-size 32"),
+    ],
+)
+def test_make_targets_pass_their_default_arguments_whole(target, arguments):
+    """A comma inside make's $(or ...) once cut bench-generate's `--episodes 0,1,2,3` to `--episodes 0`."""
+    stamp = ROOT / ".venv" / ".installed"
+    recipe = subprocess.run(
+        ["make", "-n", "-o", str(stamp.relative_to(ROOT)), target], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    script = target.replace("bench-", "bench_")
+    line = next(line for line in recipe.splitlines() if f"benchmarks/{script}.py" in line)
+    assert line.endswith(f"benchmarks/{script}.py {arguments}"), line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "arguments", "printed"),
+    [
+        ("bench_generate.py", "--size tiny --ks 2 --episodes 0 --batch-size 8 --repeats 1 --num-steps 2",
+         [r"ratio reflowpairs / plain_batched: \d+\.\d+x", r"ratio reflowpairs / plain_single: \d+\.\d+x"]),
+        ("bench_train.py", "--size tiny --batch-size 4 --steps 1 --repeats 1",
+         [r"ratio reflowpairs / ordinary: \d+\.\d+x", r"ratio online / reflowpairs: +\d+\.\d+x"]),
+        ("bench_memory.py", "--size tiny --batch-size 2 --steps 1",
+         [r"live_tensors_mb: reflowpairs / ordinary \d+\.\d+x", r"peak_rss_mb: reflowpairs / ordinary \d+\.\d+x"]),
+        ("bench_store.py", "--size tiny --samples-per-frame 2 --batch-size 8 --repeats 1",
+         [r"zarr: \d+ bytes/pair", r"parquet: \d+ bytes/pair", r"training consumes \d+ pairs/s"]),
+    ],
+    ids=["generate", "train", "memory", "store"],
+)
+def test_benchmark_runs_and_prints_its_ratios(script, arguments, printed):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *arguments.split()],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for pattern in printed:
+        assert re.search(pattern, result.stdout), (pattern, result.stdout[-3000:])
