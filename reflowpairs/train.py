@@ -258,6 +258,18 @@ def _check_out(out: Path, resume: bool) -> Path | None:
     return checkpoint
 
 
+def sync_lr_to_schedule(optimizer, scheduler) -> None:
+    """Set the optimiser's lr to the schedule's value at the schedule's current step (a ``LambdaLR``, as lerobot's
+    presets build). A run resumed with a larger ``--steps`` has a new schedule, but the restored optimiser state still
+    holds the old schedule's last lr, which the first resumed step would otherwise use."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        return
+    for group, base_lr, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, lambdas, strict=True):
+        group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def _resolve_settings(cfg: TrainConfig, state: dict[str, Any] | None) -> dict[str, Any]:
     """The run's data/optimiser settings: given values, else the checkpoint's (resume), else defaults."""
     given = {name: getattr(cfg, name) for name in INHERITED}
@@ -337,7 +349,7 @@ class _Inputs:
 
 def _prepare(cfg: TrainConfig, resume_from: Path | None, state: dict[str, Any] | None, on_verify=None) -> _Inputs:
     from reflowpairs.dataset import check_features, dataset_fingerprint, frame_indices, open_dataset
-    from reflowpairs.teacher import checkpoint_file, fingerprint_checkpoint, load_policy, rename_map
+    from reflowpairs.teacher import checkpoint_file, fingerprint_checkpoint, is_local, load_policy, rename_map
 
     warnings: list[str] = []
     store = verify_store(Path(cfg.pairs), on_verify)
@@ -354,6 +366,8 @@ def _prepare(cfg: TrainConfig, resume_from: Path | None, state: dict[str, Any] |
         init_source, init_fp, init_config = state["init"]["source"], state["init"]["fingerprint"], state["init_config"]
     else:
         init_source = cfg.init or manifest.get("teacher", {}).get("source")
+        if init_source and is_local(init_source):  # recorded as pretrained_path: independent of the working directory
+            init_source = str(Path(init_source).expanduser().resolve())
         if not init_source:
             raise ReflowPairsError(f"The manifest of {cfg.pairs} names no teacher checkpoint.", "Pass --init PATH_OR_REPO_ID.")
         try:
@@ -514,6 +528,8 @@ def train(
     start_step, samples_seen = 0, 0
     if resume_from is not None:
         start_step = load_training_state(resume_from, optimizer, scheduler)
+        if scheduler is not None:
+            sync_lr_to_schedule(optimizer, scheduler)
         samples_seen = int(state["samples_seen"])
         if start_step >= cfg.steps:
             raise ReflowPairsError(

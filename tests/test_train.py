@@ -210,6 +210,28 @@ def test_resume_continues_as_if_uninterrupted(tiny_store, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0) for k in wa)
 
 
+def test_resume_with_more_steps_follows_the_new_schedule(tiny_store, tmp_path):
+    """--steps 3, then --steps 6 --resume: steps 4-6 use the 6-step schedule's lr, the first of them included (the
+    restored optimiser state still held the 3-step schedule's last lr)."""
+    straight = tmp_path / "straight"
+    train(_cfg(tiny_store, straight, steps=6, save_every=100))
+    longer = tmp_path / "longer"
+    train(_cfg(tiny_store, longer, steps=3, save_every=100))
+    result = train(TrainConfig(pairs=tiny_store, out=longer, steps=6, resume=True, device="cpu", num_workers=0, save_every=100))
+    assert (result.start_step, result.step) == (3, 6)
+    a, b = _log(straight), _log(longer)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert b[2]["lr"] != a[2]["lr"]  # the first leg was planned for 3 steps
+    np.testing.assert_allclose([r["lr"] for r in b[3:]], [r["lr"] for r in a[3:]], rtol=1e-12)
+
+
+def test_relative_init_is_recorded_as_an_absolute_pretrained_path(tiny_world, tiny_store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_world.teacher_dir.parent)
+    result = train(_cfg(tiny_store, tmp_path / "o", init=tiny_world.teacher_dir.name, steps=1))
+    student = json.loads((result.checkpoint / "pretrained_model" / "config.json").read_text())
+    assert student["pretrained_path"] == str(tiny_world.teacher_dir.resolve())
+
+
 def test_resume_refuses_other_settings(run, tiny_store):
     before = _tree(run["out"])
     with pytest.raises(ReflowPairsError, match=r"batch_size: the checkpoint has 4, this run asks for 8"):
