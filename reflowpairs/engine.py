@@ -130,7 +130,7 @@ class Engine(Protocol):
 
     def sample(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
         """X_1 ``(B, K, T, action_dim)`` in normalised action space from noise ``(B, K, T, D0)``, in calls of at most
-        the engine's ``tokens_per_call`` suffix tokens."""
+        the engine's ``tokens_per_call`` suffix tokens (one frame per call for an adaptive solver)."""
 
 
 class SmolVLAEngine:
@@ -227,7 +227,9 @@ class SmolVLAEngine:
     def sample(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
         frames, samples = noise.shape[:2]
         budget = default_tokens_per_call(self.device) if self.tokens_per_call is None else self.tokens_per_call
-        group = frames_per_call(frames, samples, self.policy.config.chunk_size, budget)
+        # an adaptive solver's steps depend on all it integrates: one frame (its K samples) per call keeps X_1 a
+        # function of the frame and its noises, whatever the batching
+        group = 1 if solver.adaptive else frames_per_call(frames, samples, self.policy.config.chunk_size, budget)
         if group >= frames:
             return self._sample_call(batch, noise, solver)
         return torch.cat(

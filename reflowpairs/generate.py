@@ -113,6 +113,9 @@ def _check_args(cfg: GenerateConfig) -> None:
         raise ReflowPairsError(f"--num-steps must be at least 1, got {cfg.num_steps}.", "Leave it out to use the teacher's num_steps.")
     if cfg.num_workers < 0:
         raise ReflowPairsError(f"--num-workers must be 0 (load in the main process) or more, got {cfg.num_workers}.")
+    if cfg.shard_size < 1:
+        raise ReflowPairsError(f"--shard-size must be at least 1, got {cfg.shard_size}.")
+    SolverConfig(cfg.solver, 1 if cfg.num_steps is None else cfg.num_steps, cfg.rtol, cfg.atol)  # solver, rtol, atol
     if cfg.tokens_per_call is not None and cfg.tokens_per_call < 0:
         raise ReflowPairsError(f"--tokens-per-call must be 0 (no limit) or more, got {cfg.tokens_per_call}.")
     if cfg.on_nonfinite not in ("error", "skip"):

@@ -4,6 +4,11 @@ to t=0 (action).
 ``euler`` is the teacher's own sampler (lerobot's ``euler_integrate``, bit for bit); ``midpoint``
 and ``rk4`` are fixed-step and ``dopri5`` adaptive (``rtol``/``atol``), all from torchdiffeq. Every
 solver only calls ``velocity(x_t, t)``, so they all reuse the engine's shared prefix cache.
+
+``dopri5`` picks one step sequence for the whole state it integrates (torchdiffeq's error norm spans
+it), so the engine gives each frame its own adaptive solve (``SolverConfig.adaptive``): X_1 then depends
+on the frame and its K noises only, not on which frames were batched together. ``num_steps`` does not
+apply to it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ Velocity = Callable[[Tensor, Tensor], Tensor]
 """``velocity(x_t (B, T, D), t (B,) float32) -> v_t (B, T, D)``."""
 
 SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
+ADAPTIVE_SOLVERS = ("dopri5",)
 
 
 @dataclass(frozen=True)
@@ -31,11 +37,18 @@ class SolverConfig:
     rtol: float = 1e-5
     atol: float = 1e-5
 
+    @property
+    def adaptive(self) -> bool:
+        """True for step-size-controlled solvers, whose steps depend on everything integrated together."""
+        return self.name in ADAPTIVE_SOLVERS
+
     def __post_init__(self):
         if self.name not in SOLVERS:
             raise ReflowPairsError(f"Unknown solver {self.name!r}.", f"Choose one of: {', '.join(SOLVERS)}.")
         if self.num_steps < 1:
             raise ReflowPairsError(f"num_steps must be at least 1, got {self.num_steps}.")
+        if not (self.rtol > 0 and self.atol > 0):
+            raise ReflowPairsError(f"--rtol and --atol must be positive, got {self.rtol} and {self.atol}.")
 
 
 def integrate(velocity: Velocity, noise: Tensor, solver: SolverConfig) -> Tensor:

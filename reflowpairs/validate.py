@@ -459,6 +459,7 @@ def _spot_check(store: PairStore, cfg: ValidateConfig, found: _Pass, dataset, pr
     from reflowpairs.dataset import check_features, frame_indices
     from reflowpairs.engine import make_engine
     from reflowpairs.generate import COMPUTE_DTYPES
+    from reflowpairs.noise import batch_noise
     from reflowpairs.solvers import SolverConfig
     from reflowpairs.teacher import load_policy, rename_map
 
@@ -483,9 +484,13 @@ def _spot_check(store: PairStore, cfg: ValidateConfig, found: _Pass, dataset, pr
     for _, item in chosen:
         if item[1] in positions:
             by_frame.setdefault(item[1], []).append(item)
-    groups: dict[int, list[int]] = {}  # samples per frame -> frames (a call needs the same K for every frame)
+    # An adaptive solve covers all K samples of a frame (engine.sample), so re-sample every one of them from the
+    # regenerated X_0 and compare the chosen ones; otherwise only the chosen samples, from their stored X_0.
+    whole_frames = solver.adaptive and generation.get("seed") is not None
+    k_all = int(generation["samples_per_frame"])
+    groups: dict[int, list[int]] = {}  # samples per call and frame -> frames (a call needs the same K for every frame)
     for obs, items in by_frame.items():
-        groups.setdefault(len(items), []).append(obs)
+        groups.setdefault(k_all if whole_frames else len(items), []).append(obs)
     dtype = generation.get("dtype", "float32")
     compute = COMPUTE_DTYPES.get(dtype, torch.float32)
     atol = cfg.atol if cfg.atol is not None else SPOT_CHECK_ATOL.get(dtype, SPOT_CHECK_ATOL["float32"])
@@ -495,14 +500,18 @@ def _spot_check(store: PairStore, cfg: ValidateConfig, found: _Pass, dataset, pr
         for start in range(0, len(frames), cfg.batch_size):
             batch_frames = frames[start : start + cfg.batch_size]
             batch = default_collate([dataset[positions[obs]] for obs in batch_frames])
-            noise = torch.from_numpy(np.stack([np.stack([it[3] for it in by_frame[obs]]) for obs in batch_frames]))  # (B, k, T, D0)
+            if whole_frames:
+                noise = batch_noise(int(generation["seed"]), batch_frames, k_all, engine.noise_shape)  # (B, K, T, D0)
+            else:
+                noise = torch.from_numpy(np.stack([np.stack([it[3] for it in by_frame[obs]]) for obs in batch_frames]))
             with torch.autocast(engine.device.type, dtype=compute, enabled=compute is not torch.float32):
                 x1 = engine.sample(teacher.preprocessor(batch), noise, solver).float().cpu().numpy()  # (B, k, T, D1)
             for b, obs in enumerate(batch_frames):
                 for j, (shard, _, sample, _, stored) in enumerate(by_frame[obs]):
-                    diff = float(np.max(np.abs(x1[b, j] - stored))) if np.isfinite(stored).all() else math.inf
+                    column = sample if whole_frames else j
+                    diff = float(np.max(np.abs(x1[b, column] - stored))) if np.isfinite(stored).all() else math.inf
                     diffs.append((diff, shard, obs, sample))
-            done += len(batch_frames) * k
+            done += sum(len(by_frame[obs]) for obs in batch_frames)
             if progress is not None:
                 progress("spot check", done, total)
     worst = max(diffs, default=(0.0, "", -1, -1))

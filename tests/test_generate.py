@@ -114,12 +114,23 @@ def test_backends_and_batch_sizes_store_identical_pairs(tiny_world, tmp_path):
     assert_same_pairs(a, c)
 
 
+def test_dopri5_pairs_do_not_depend_on_the_batching(tiny_world, tmp_path):
+    """An adaptive solver's steps depend on everything integrated together; the engine solves one frame per call."""
+    settings = dict(episodes=[1], samples_per_frame=2, solver="dopri5", rtol=1e-3, atol=1e-3)
+    a = read_plain(_generate(tiny_world, tmp_path / "a", batch_size=1, **settings))
+    b = read_plain(_generate(tiny_world, tmp_path / "b", batch_size=24, **settings))
+    assert_same_pairs(a, b)
+
+
 @pytest.mark.parametrize(
     ("setting", "words"),
     [
         ({"tokens_per_call": -1}, "--tokens-per-call must be 0 (no limit) or more, got -1"),
         ({"num_steps": 0}, "--num-steps must be at least 1, got 0"),  # not taken as "the teacher's default"
         ({"num_workers": -1}, "--num-workers must be 0 (load in the main process) or more, got -1"),
+        ({"shard_size": 0}, "--shard-size must be at least 1, got 0"),
+        ({"solver": "dopri5", "rtol": -1.0}, "--rtol and --atol must be positive, got -1.0 and 1e-05"),
+        ({"solver": "heun"}, "Unknown solver 'heun'"),
         ({"episodes": [0, 12]}, "--episodes 12 out of range: dataset reflowpairs/tiny_reach has 10 episodes (0 to 9)"),
         ({"episodes": []}, "--episodes selects no episode"),
     ],

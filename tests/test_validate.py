@@ -405,6 +405,15 @@ def test_spot_check_tolerance_follows_the_stores_compute_dtype(tiny_world, tmp_p
     assert tight.result == "fail" and "by more than --atol 1e-07" in tight.detail
 
 
+def test_spot_check_of_a_dopri5_store_resamples_whole_frames(tiny_world, tmp_path):
+    """dopri5 solves each frame's K samples together: the spot check re-samples a chosen pair with its frame's other
+    samples, in batches unlike generate's, and gets the stored X_1 within the float32 default."""
+    store = _generate(tiny_world, tmp_path / "dopri5", episodes=[0], solver="dopri5", batch_size=24, rtol=1e-3, atol=1e-3)
+    report = validate(ValidateConfig(store, spot_check=5, seed=2, device="cpu", batch_size=1))
+    spot = _check(report, "spot check")
+    assert spot.result == "pass" and "5 pairs re-sampled (dopri5" in spot.detail and "atol 0.0001" in spot.detail, spot.detail
+
+
 def test_spot_check_catches_a_store_made_with_other_settings(stores, tmp_path):
     """The pairs were sampled with 10 Euler steps; a manifest that says 2 passes every other check."""
     store = _copy(stores, "zarr", tmp_path)
