@@ -18,6 +18,7 @@ class DistContext:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # from_env created the process group (so close() ends it)
 
     @staticmethod
     def from_env() -> DistContext:
@@ -27,9 +28,10 @@ class DistContext:
             return DistContext()
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        owns_group = not dist.is_initialized()
+        if owns_group:
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns_group)
 
     @property
     def is_main(self) -> bool:
@@ -66,3 +68,12 @@ class DistContext:
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, value)
         return out
+
+    def close(self) -> None:
+        """After every rank's last collective: wait for all ranks, then end the process group this context created, so
+        no rank exits with its peers' gloo/nccl connections still open (a rank can otherwise abort at exit)."""
+        if self.world > 1 and self.owns_group:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()

@@ -334,10 +334,11 @@ def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Cal
         top = read_manifest(out)
         absorb_parts(out, top)
     dist.barrier()
-    if failures:
-        raise ReflowPairsError(*failures[0])
     final = read_manifest(out)
     new_pairs = sum(r[0] for r in dist.all_gather(result))
+    dist.close()
+    if failures:
+        raise ReflowPairsError(*failures[0])
     return GenerateResult(out, final["num_pairs"], final["num_frames"], new_pairs, result[1], final.get("skipped_frames", []))
 
 

@@ -663,6 +663,7 @@ def train(
         finally:
             del batches
     dist.barrier()  # the main process has written the last checkpoint
+    dist.close()
     return TrainResult(out, checkpoint, start_step, step, loss_value, time.perf_counter() - started, inputs.warnings)
 
 
