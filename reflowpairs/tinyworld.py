@@ -84,6 +84,15 @@ class VLMSpec:
     vision_heads: int = 2
     image_size: int = TINY_VLM_IMAGE
     scale_factor: int = 2  # pixel shuffle: (image_size / 16 / scale_factor)^2 image tokens per camera
+    text_dtype: str | None = None  # ``text_config.torch_dtype``: "bfloat16" as in the real SmolVLM2 config
+
+    def with_dtype(self, text_dtype: str | None) -> VLMSpec:
+        """This spec with ``text_config.torch_dtype`` set: with "bfloat16", as on the real SmolVLM2 config,
+        transformers builds the VLM's text layers in bfloat16 and lerobot the action expert too (the vision
+        encoder and SmolVLA's own projections stay float32), so the teacher computes as real checkpoints do."""
+        from dataclasses import replace
+
+        return replace(self, text_dtype=text_dtype)
 
     @staticmethod
     def small() -> VLMSpec:
@@ -170,6 +179,10 @@ def build_tiny_vlm(out_dir: str | Path, spec: VLMSpec = VLMSpec()) -> Path:
         pad_token_id=vocab["<pad>"],
     )
     config.save_pretrained(out_dir)
+    if spec.text_dtype:  # written as the real SmolVLM2 config.json has it (transformers would rename the key)
+        saved = json.loads((out_dir / "config.json").read_text())
+        saved["text_config"]["torch_dtype"] = spec.text_dtype
+        (out_dir / "config.json").write_text(json.dumps(saved, indent=2))
     processor.save_pretrained(out_dir)
     return out_dir
 
@@ -383,10 +396,12 @@ def build_tiny_world(
     root: str | Path,
     dataset_spec: TinyDatasetSpec = TinyDatasetSpec(),
     teacher_spec: TinyTeacherSpec = TinyTeacherSpec(),
+    vlm_spec: VLMSpec = VLMSpec(),
 ) -> TinyWorld:
-    """Build VLM dir, dataset and teacher under ``root`` (``vlm/``, ``dataset/``, ``teacher/``)."""
+    """Build VLM dir, dataset and teacher under ``root`` (``vlm/``, ``dataset/``, ``teacher/``).
+    ``vlm_spec.with_dtype("bfloat16")`` gives a teacher that computes in bfloat16 as real SmolVLA checkpoints do."""
     root = Path(root).resolve()
-    vlm_dir = build_tiny_vlm(root / "vlm")
+    vlm_dir = build_tiny_vlm(root / "vlm", vlm_spec)
     dataset = build_tiny_dataset(root / "dataset", TINY_REPO_ID, dataset_spec)
     teacher_dir = build_tiny_teacher(vlm_dir, dataset, root / "teacher", teacher_spec)
     return TinyWorld(root, vlm_dir, root / "dataset", TINY_REPO_ID, teacher_dir)

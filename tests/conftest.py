@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reflowpairs.tinyworld import TinyDatasetSpec, TinyTeacherSpec, TinyWorld, build_tiny_world
+from reflowpairs.tinyworld import TinyDatasetSpec, TinyTeacherSpec, TinyWorld, VLMSpec, build_tiny_world
 
 logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
 torch.set_num_threads(1)  # tiny models; and subprocess tests share the 2 cores
@@ -28,6 +28,17 @@ def other_world(tmp_path_factory) -> TinyWorld:
         tmp_path_factory.mktemp("other") / "world",
         dataset_spec=TinyDatasetSpec(num_episodes=3, episode_length=10, state_dim=3, seed=7),
         teacher_spec=TinyTeacherSpec(chunk_size=5, max_action_dim=4, max_state_dim=4, num_steps=6, train_steps=10, batch_size=8),
+    )
+
+
+@pytest.fixture(scope="session")
+def bf16_world(tmp_path_factory) -> TinyWorld:
+    """The tiny world with a bfloat16 teacher: its VLM config says ``text_config.torch_dtype = "bfloat16"``, as the
+    real SmolVLM2 config does, so the VLM text layers and the action expert compute in bfloat16."""
+    return build_tiny_world(
+        tmp_path_factory.mktemp("bf16") / "world",
+        teacher_spec=TinyTeacherSpec(train_steps=30),
+        vlm_spec=VLMSpec().with_dtype("bfloat16"),
     )
 
 
