@@ -19,11 +19,19 @@ alone and make it cheaper:
 On the CPU benchmark model the two together make a 10-step call ~1.2x faster than repeating the
 cache K times and calling ``denoise_step`` (benchmarks/RESULTS.md).
 
-A batch is sampled in calls of at most ``tokens_per_call`` suffix tokens (frames x K x chunk_size):
-on a CPU the denoise step runs fastest while its activations stay in cache (~1,024 tokens on the
-benchmark machine: 32 frames x K=16 in one call were ~20% slower per pair than calls of 4-8 frames),
-so the engine cuts a large batch into whole-frame groups there; on an accelerator the whole batch goes
-in one call (``default_tokens_per_call``).
+A batch is sampled in calls of exactly ``frames_per_call`` frames (``resolve_frames_per_call``: as many
+as fit in ``tokens_per_call`` suffix tokens, frames x K x chunk_size; on a CPU the denoise step runs
+fastest while its activations stay in cache, ~1,024 tokens on the benchmark machine; on an accelerator
+the loaded batch). A call short of frames is padded with copies of its last frame, and the language
+tokens are padded to the tokenizer's ``max_length``, so every call has the same shapes whatever the
+batch, the resume point, the partition or the process count. A frame's X_1 then depends on the
+teacher, the frame, its noises and ``frames_per_call`` only: matmul and attention rows do not mix,
+so batch-mates cannot change it, and in bfloat16, where the rounding of a matmul depends on its
+shapes, this is what keeps resumed and multi-process stores equal to an uninterrupted one.
+
+``ExactSampler`` is the reference instead: ``policy.predict_action_chunk`` on each frame repeated K
+times, lerobot's own code bit for bit, at the price of the prefix K times per frame and no batching
+across frames (``--exact``).
 
 Engines are looked up by policy type (``make_engine``); a pi0/pi05 engine plugs in the same way.
 """
@@ -86,6 +94,13 @@ def frames_per_call(frames: int, samples: int, chunk: int, tokens_per_call: int)
     return max(1, min(frames, tokens_per_call // (samples * chunk)))
 
 
+def resolve_frames_per_call(tokens_per_call: int | None, batch_size: int, samples: int, chunk: int, device: torch.device) -> int:
+    """The fixed number of frames in every engine call of a run: as many of a ``batch_size`` batch as fit in
+    ``tokens_per_call`` suffix tokens (None: the device's default, ``default_tokens_per_call``; 0: no limit)."""
+    budget = default_tokens_per_call(device) if tokens_per_call is None else tokens_per_call
+    return frames_per_call(batch_size, samples, chunk, budget)
+
+
 def slice_frames(batch: dict, start: int, stop: int, frames: int) -> dict:
     """Frames ``start:stop`` of a (preprocessed) batch of ``frames``: tensors and lists whose first dimension is the
     frame are sliced, everything else (scalars, per-batch metadata) is passed through."""
@@ -94,6 +109,43 @@ def slice_frames(batch: dict, start: int, stop: int, frames: int) -> dict:
         return value[start:stop] if sliceable and len(value) == frames else value
 
     return {key: cut(value) for key, value in batch.items()}
+
+
+def pad_frames(batch: dict, frames: int, to: int) -> dict:
+    """A (preprocessed) batch of ``frames`` padded to ``to`` frames with copies of its last frame (the copies' outputs
+    are dropped): per-frame tensors and lists grow, everything else is passed through."""
+    if to <= frames:
+        return batch
+
+    def grow(value):
+        if torch.is_tensor(value) and value.ndim > 0 and len(value) == frames:
+            return torch.cat([value, value[-1:].expand(to - frames, *value.shape[1:])])
+        if isinstance(value, (list, tuple)) and len(value) == frames:
+            return type(value)([*value, *[value[-1]] * (to - frames)])
+        return value
+
+    return {key: grow(value) for key, value in batch.items()}
+
+
+def repeat_frames(batch: dict, frames: int, repeats: int) -> dict:
+    """Each frame of a (preprocessed) batch of ``frames`` repeated ``repeats`` times, frame-major."""
+    def rep(value):
+        if torch.is_tensor(value) and value.ndim > 0 and len(value) == frames:
+            return value.repeat_interleave(repeats, dim=0)
+        if isinstance(value, (list, tuple)) and len(value) == frames:
+            return type(value)(v for v in value for _ in range(repeats))
+        return value
+
+    return {key: rep(value) for key, value in batch.items()}
+
+
+def pad_language(tokens: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Language ``tokens`` and attention ``mask`` ``(B, L)`` right-padded to ``length`` (masked-out token 0), so the
+    prefix has the same length whatever the longest task in the batch (lerobot pads to the batch's longest)."""
+    extra = length - tokens.shape[1]
+    if extra <= 0:
+        return tokens, mask
+    return F.pad(tokens, (0, extra), value=0), F.pad(mask, (0, extra), value=False)
 
 
 def samples_per_row(samples: int, chunk: int, prefix_len: int, max_ratio: int = 4) -> int:
@@ -136,12 +188,14 @@ class Engine(Protocol):
 class SmolVLAEngine:
     """Prefix-cached sampler for ``SmolVLAPolicy`` (lerobot 0.6), built from the policy's own methods.
 
-    ``tokens_per_call``: suffix tokens (frames x K x chunk_size) per call, 0 for no limit, None for the device's
-    default (``default_tokens_per_call``)."""
+    ``frames_per_call``: every call samples exactly this many frames (a short call is padded with copies of its
+    last frame), so a frame's X_1 does not depend on its batch-mates; None: the whole batch in one call, unpadded."""
 
-    def __init__(self, policy, tokens_per_call: int | None = None):
+    exact = False
+
+    def __init__(self, policy, frames_per_call: int | None = None):
         self.policy = policy
-        self.tokens_per_call = tokens_per_call
+        self.frames_per_call = frames_per_call
         self.model = policy.model
         config = policy.config
         self.noise_shape, (_, self.action_dim) = pair_shapes(config)
@@ -180,9 +234,10 @@ class SmolVLAEngine:
         batch = policy._prepare_batch(batch)
         images, img_masks = policy.prepare_images(batch)
         state = policy.prepare_state(batch)
-        prefix_embs, prefix_pad_masks, prefix_att_masks = model.embed_prefix(
-            images, img_masks, batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK], state=state
+        tokens, token_mask = pad_language(
+            batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK], policy.config.tokenizer_max_length
         )
+        prefix_embs, prefix_pad_masks, prefix_att_masks = model.embed_prefix(images, img_masks, tokens, token_mask, state=state)
         _, cache = model.vlm_with_expert.forward(
             attention_mask=make_att_2d_masks(prefix_pad_masks, prefix_att_masks),
             position_ids=torch.cumsum(prefix_pad_masks, dim=1) - 1,
@@ -225,16 +280,19 @@ class SmolVLAEngine:
 
     @torch.no_grad()
     def sample(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
-        frames, samples = noise.shape[:2]
-        budget = default_tokens_per_call(self.device) if self.tokens_per_call is None else self.tokens_per_call
+        frames = noise.shape[0]
         # an adaptive solver's steps depend on all it integrates: one frame (its K samples) per call keeps X_1 a
         # function of the frame and its noises, whatever the batching
-        group = 1 if solver.adaptive else frames_per_call(frames, samples, self.policy.config.chunk_size, budget)
-        if group >= frames:
-            return self._sample_call(batch, noise, solver)
-        return torch.cat(
-            [self._sample_call(slice_frames(batch, s, s + group, frames), noise[s : s + group], solver) for s in range(0, frames, group)]
-        )
+        group = 1 if solver.adaptive else self.frames_per_call or frames
+        calls = []
+        for start in range(0, frames, group):
+            stop = min(start + group, frames)
+            part = pad_frames(slice_frames(batch, start, stop, frames), stop - start, group)
+            part_noise = noise[start:stop]
+            if stop - start < group:
+                part_noise = torch.cat([part_noise, part_noise[-1:].expand(group - (stop - start), *noise.shape[1:])])
+            calls.append(self._sample_call(part, part_noise, solver)[: stop - start])
+        return torch.cat(calls)
 
     @torch.no_grad()
     def _sample_call(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
@@ -248,14 +306,61 @@ class SmolVLAEngine:
         return x1.reshape(frames, samples, *x1.shape[1:])
 
 
+@contextmanager
+def configured_num_steps(policy, num_steps: int) -> Iterator[None]:
+    """Within the block, ``policy`` samples with ``num_steps`` Euler steps (lerobot's ``sample_actions`` reads the
+    count from ``config.num_steps`` only); the config's own value is restored after."""
+    saved = policy.config.num_steps
+    policy.config.num_steps = num_steps
+    try:
+        yield
+    finally:
+        policy.config.num_steps = saved
+
+
+class ExactSampler:
+    """lerobot's own sampler as the engine: for each frame, ``policy.predict_action_chunk`` on the frame repeated K
+    times with its K noises, so X_1 is that call's output bit for bit. Euler only (it is lerobot's sampler). Costs
+    the prefix K times per frame and gives up batching across frames."""
+
+    exact = True
+
+    def __init__(self, policy, frames_per_call: int | None = None):
+        self.policy = policy
+        self.frames_per_call = 1
+        self.noise_shape, (_, self.action_dim) = pair_shapes(policy.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    @torch.no_grad()
+    def sample(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
+        if solver.name != "euler":
+            raise ReflowPairsError(
+                f"The exact sampler is lerobot's own Euler sampler; it cannot run the {solver.name} solver.",
+                "Drop --exact, or use --solver euler.",
+            )
+        frames, samples = noise.shape[:2]
+        out = []
+        with configured_num_steps(self.policy, solver.num_steps):
+            for f in range(frames):
+                frame = repeat_frames(slice_frames(batch, f, f + 1, frames), 1, samples)
+                self.policy.reset()
+                out.append(self.policy.predict_action_chunk(frame, noise=noise[f].to(self.device, torch.float32)))
+        self.policy.reset()
+        return torch.stack(out)
+
+
 ENGINES = {"smolvla": SmolVLAEngine}
 
 
-def make_engine(policy, tokens_per_call: int | None = None) -> Engine:
-    """The sampling engine for ``policy`` (by its config ``type``); ``tokens_per_call`` as ``SmolVLAEngine``'s."""
+def make_engine(policy, frames_per_call: int | None = None, exact: bool = False) -> Engine:
+    """The sampling engine for ``policy`` (by its config ``type``): the prefix-cached one with ``frames_per_call``
+    frames per call (as ``SmolVLAEngine``'s), or with ``exact`` lerobot's own sampler (``ExactSampler``)."""
     policy_type = policy.config.type
     if policy_type not in ENGINES:
         raise ReflowPairsError(
             f"No sampling engine for {policy_type} policies yet.", f"Supported: {', '.join(ENGINES)}."
         )
-    return ENGINES[policy_type](policy, tokens_per_call)
+    return (ExactSampler if exact else ENGINES[policy_type])(policy, frames_per_call)

@@ -24,7 +24,7 @@ from reflowpairs import __version__
 from reflowpairs.atomic import check_writable
 from reflowpairs.dataset import check_features, dataset_provenance, frame_indices, open_dataset
 from reflowpairs.distributed import DistContext
-from reflowpairs.engine import make_engine
+from reflowpairs.engine import make_engine, resolve_frames_per_call
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.merge import PARTS_DIR, absorb_parts
 from reflowpairs.noise import batch_noise
@@ -39,7 +39,7 @@ from reflowpairs.pairstore import (
     write_manifest,
 )
 from reflowpairs.solvers import SolverConfig
-from reflowpairs.teacher import load_policy, rename_map
+from reflowpairs.teacher import load_policy, parameter_dtypes, rename_map
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,7 +72,8 @@ class GenerateConfig:
     overwrite: bool = False
     on_nonfinite: str = "error"  # "error" | "skip"
     partition: tuple[int, int] | None = None  # (i, P): only frames with obs_index % P == i
-    dtype: str = "float32"  # teacher compute dtype: float32, or bfloat16/float16 through torch.autocast
+    dtype: str = "float32"  # autocast dtype: float32 (none), or bfloat16/float16 through torch.autocast
+    exact: bool = False  # lerobot's own sampler per frame (bit for bit), no prefix sharing
     writer_id: str = "w0"
 
 
@@ -118,6 +119,10 @@ def _check_args(cfg: GenerateConfig) -> None:
     SolverConfig(cfg.solver, 1 if cfg.num_steps is None else cfg.num_steps, cfg.rtol, cfg.atol)  # solver, rtol, atol
     if cfg.tokens_per_call is not None and cfg.tokens_per_call < 0:
         raise ReflowPairsError(f"--tokens-per-call must be 0 (no limit) or more, got {cfg.tokens_per_call}.")
+    if cfg.exact and cfg.solver != "euler":
+        raise ReflowPairsError(
+            f"--exact runs lerobot's own Euler sampler; it cannot run --solver {cfg.solver}.", "Drop --exact, or use --solver euler."
+        )
     if cfg.on_nonfinite not in ("error", "skip"):
         raise ReflowPairsError(f"--on-nonfinite must be 'error' or 'skip', got {cfg.on_nonfinite!r}.")
     if cfg.dtype not in COMPUTE_DTYPES:
@@ -241,7 +246,10 @@ def _prepare(cfg: GenerateConfig, device: str) -> _Job:
     teacher = load_policy(cfg.teacher, device)
     dataset = open_dataset(cfg.dataset, cfg.dataset_root, cfg.episodes)
     check_features(teacher.config, dataset.meta, rename_map(teacher.preprocessor))
-    engine = make_engine(teacher.policy, cfg.tokens_per_call)
+    call_frames = resolve_frames_per_call(
+        cfg.tokens_per_call, cfg.batch_size, cfg.samples_per_frame, teacher.config.chunk_size, torch.device(device)
+    )
+    engine = make_engine(teacher.policy, call_frames, exact=cfg.exact)
     solver = SolverConfig(cfg.solver, teacher.config.num_steps if cfg.num_steps is None else cfg.num_steps, cfg.rtol, cfg.atol)
     frame_index = frame_indices(dataset)
     generation = {
@@ -254,6 +262,9 @@ def _prepare(cfg: GenerateConfig, device: str) -> _Job:
         "episodes": cfg.episodes,
         "num_frames": int(len(frame_index)),
         "dtype": cfg.dtype,
+        "parameter_dtypes": parameter_dtypes(teacher.policy),
+        "sampler": "exact" if cfg.exact else "prefix-cached",
+        "frames_per_call": engine.frames_per_call,
     }
     provenance = {
         "teacher": teacher.provenance(),

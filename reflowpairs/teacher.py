@@ -207,6 +207,24 @@ def load_policy(source: str | Path, device: str = "auto", fingerprint: dict[str,
     return LoadedPolicy(source, policy, preprocessor, postprocessor, fingerprint)
 
 
+def parameter_dtypes(policy) -> dict[str, int]:
+    """How many parameters of ``policy`` are held in each dtype, e.g. ``{"bfloat16": 301_000_000, "float32": 149_000_000}``
+    (real SmolVLA checkpoints: the VLM text layers and the action expert in bfloat16, as the VLM config asks)."""
+    counts: dict[str, int] = {}
+    for param in policy.parameters():
+        name = str(param.dtype).removeprefix("torch.")
+        counts[name] = counts.get(name, 0) + param.numel()
+    return dict(sorted(counts.items()))
+
+
+def compute_dtype(parameter_dtypes: dict[str, int], autocast: str = "float32") -> str:
+    """The least precise dtype a teacher computes in: its autocast dtype or any of its parameters' dtypes
+    (``float32`` < ``float16`` < ``bfloat16`` in precision order, by mantissa bits)."""
+    order = ("bfloat16", "float16", "float32", "float64")
+    present = [d for d in (*parameter_dtypes, autocast) if d in order]
+    return min(present, key=order.index, default="float32")
+
+
 def rename_map(preprocessor) -> dict[str, str]:
     """The dataset-to-policy key renames the checkpoint's preprocessor applies (often empty)."""
     for step in getattr(preprocessor, "steps", []):

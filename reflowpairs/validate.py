@@ -85,7 +85,18 @@ class ValidateConfig:
 
 
 SPOT_CHECK_ATOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 5e-2}
-"""Default spot-check tolerance by the store's compute dtype: half-precision X_1 moves with how frames are batched."""
+"""Default spot-check tolerance by the least precise dtype the teacher computes in (its parameters' dtypes and the
+autocast dtype, as the manifest records them: ``teacher.compute_dtype``). Re-sampled on the machine and device that
+made the store, X_1 comes back bit for bit (fixed call shapes); on another device or kernel library half-precision
+X_1 moves by its rounding, ~1e-3-1e-2 in bfloat16 on SmolVLA's real shapes."""
+
+
+def spot_check_atol(generation: dict[str, Any]) -> tuple[float, str]:
+    """The default spot-check tolerance of a store and the compute dtype it follows."""
+    from reflowpairs.teacher import compute_dtype
+
+    dtype = compute_dtype(generation.get("parameter_dtypes") or {}, generation.get("dtype", "float32"))
+    return SPOT_CHECK_ATOL.get(dtype, SPOT_CHECK_ATOL["float32"]), dtype
 
 
 @dataclass
@@ -212,6 +223,10 @@ def resume_command(store: Path, manifest: dict[str, Any]) -> str:
     args += [f"--seed {g.get('seed')}", f"--format {manifest.get('backend')}"]
     if g.get("dtype", "float32") != "float32":
         args.append(f"--dtype {g['dtype']}")
+    if g.get("sampler") == "exact":
+        args.append("--exact")
+    elif g.get("frames_per_call"):  # the call size X_1 was computed in: --batch-size G with no token limit gives G
+        args += [f"--batch-size {g['frames_per_call']}", "--tokens-per-call 0"]
     if manifest.get("partition"):
         args.append(f"--partition {manifest['partition']['index']}/{manifest['partition']['count']}")
     return " ".join(args + ["--resume"])
@@ -473,7 +488,7 @@ def _spot_check(store: PairStore, cfg: ValidateConfig, found: _Pass, dataset, pr
     source = cfg.teacher or store.manifest.get("teacher", {}).get("source")
     teacher = load_policy(source, cfg.device)
     check_features(teacher.config, dataset.meta, rename_map(teacher.preprocessor))
-    engine = make_engine(teacher.policy)
+    engine = make_engine(teacher.policy, generation.get("frames_per_call"), exact=generation.get("sampler") == "exact")
     positions = {int(v): p for p, v in enumerate(frame_indices(dataset).tolist())}
     chosen = sorted(found.spot.items(), key=lambda item: (item[1][1], item[1][2]))
     problems = _Problems()
@@ -484,16 +499,17 @@ def _spot_check(store: PairStore, cfg: ValidateConfig, found: _Pass, dataset, pr
     for _, item in chosen:
         if item[1] in positions:
             by_frame.setdefault(item[1], []).append(item)
-    # An adaptive solve covers all K samples of a frame (engine.sample), so re-sample every one of them from the
-    # regenerated X_0 and compare the chosen ones; otherwise only the chosen samples, from their stored X_0.
-    whole_frames = solver.adaptive and generation.get("seed") is not None
+    # Re-sample every one of a chosen frame's K samples from the regenerated X_0, in calls of the recorded size, as
+    # generate computed them (an adaptive solve and the folding of samples into cache rows span all K), and compare
+    # the chosen ones; a store without a recorded seed falls back to the chosen samples' stored X_0.
+    whole_frames = generation.get("seed") is not None
     k_all = int(generation["samples_per_frame"])
     groups: dict[int, list[int]] = {}  # samples per call and frame -> frames (a call needs the same K for every frame)
     for obs, items in by_frame.items():
         groups.setdefault(k_all if whole_frames else len(items), []).append(obs)
-    dtype = generation.get("dtype", "float32")
-    compute = COMPUTE_DTYPES.get(dtype, torch.float32)
-    atol = cfg.atol if cfg.atol is not None else SPOT_CHECK_ATOL.get(dtype, SPOT_CHECK_ATOL["float32"])
+    compute = COMPUTE_DTYPES.get(generation.get("dtype", "float32"), torch.float32)
+    default_atol, dtype = spot_check_atol(generation)
+    atol = cfg.atol if cfg.atol is not None else default_atol
     diffs: list[tuple[float, str, int, int]] = []
     done, total = 0, sum(len(v) for v in by_frame.values())
     for k, frames in groups.items():
@@ -516,7 +532,7 @@ def _spot_check(store: PairStore, cfg: ValidateConfig, found: _Pass, dataset, pr
                 progress("spot check", done, total)
     worst = max(diffs, default=(0.0, "", -1, -1))
     bad = sorted((d for d in diffs if not d[0] <= atol), reverse=True)
-    what = f"{solver.name}, {solver.num_steps} steps" + (f", {generation.get('dtype')}" if compute is not torch.float32 else "")
+    what = f"{solver.name}, {solver.num_steps} steps" + (f", computed in {dtype}" if dtype != "float32" else "")
     if bad:
         d, shard, obs, sample = bad[0]
         problems.add(

@@ -6,11 +6,15 @@ import pytest
 import torch
 
 from reflowpairs.dataset import open_dataset
+from reflowpairs.errors import ReflowPairsError
 from reflowpairs.engine import (
     CPU_TOKENS_PER_CALL,
     default_tokens_per_call,
     frames_per_call,
     make_engine,
+    pad_frames,
+    pad_language,
+    resolve_frames_per_call,
     samples_per_row,
     sdpa_attention,
     slice_frames,
@@ -29,16 +33,16 @@ def teacher_and_batch(other_world):
     return teacher, batch, [int(i["index"]) for i in items]
 
 
-@pytest.mark.parametrize("samples", [1, 3, 12])
+@pytest.mark.parametrize("samples", [1, 3, 30])
 def test_engine_equals_predict_action_chunk_per_sample(teacher_and_batch, samples):
     """Same X_0 -> same X_1 as the plain loop (one predict_action_chunk per sample): K=1, all K samples folded
-    into one row, and K=12 folded in groups over a repeated cache."""
+    into one row, and K=30 folded in groups over a repeated cache."""
     teacher, batch, obs_index = teacher_and_batch
     policy = teacher.policy
     engine = make_engine(policy)
     prefix_len = engine._fill_prefix(batch)[0].shape[1]
     fold = samples_per_row(samples, policy.config.chunk_size, prefix_len)
-    regime = {1: fold == 1, 3: fold == 3, 12: 1 < fold < 12}  # the three regimes this test is meant to cover
+    regime = {1: fold == 1, 3: fold == 3, 30: 1 < fold < 30}  # the three regimes this test is meant to cover
     assert regime[samples], (samples, fold)
     noise = batch_noise(0, obs_index, samples, engine.noise_shape)  # (B, K, T, D0)
     x1 = engine.sample(batch, noise, SolverConfig("euler", policy.config.num_steps))
@@ -52,13 +56,13 @@ def test_engine_equals_predict_action_chunk_per_sample(teacher_and_batch, sample
 
 
 def test_engine_in_calls_of_whole_frames_equals_predict_action_chunk(teacher_and_batch):
-    """A batch cut into calls of at most tokens_per_call suffix tokens (here 2, 2 and 1 of its 5 frames) samples the
-    same X_1 as the plain loop, frame for frame."""
+    """A batch cut into calls of 2 frames (2, 2, and 1 padded with a copy of the last frame) samples the same X_1 as
+    the plain loop, frame for frame."""
     teacher, batch, obs_index = teacher_and_batch
     policy = teacher.policy
     samples, chunk = 3, policy.config.chunk_size
-    engine = make_engine(policy, tokens_per_call=2 * samples * chunk)
-    assert frames_per_call(len(obs_index), samples, chunk, engine.tokens_per_call) == 2
+    engine = make_engine(policy, frames_per_call(len(obs_index), samples, chunk, 2 * samples * chunk))
+    assert engine.frames_per_call == 2
     noise = batch_noise(0, obs_index, samples, engine.noise_shape)
     x1 = engine.sample(batch, noise, SolverConfig("euler", policy.config.num_steps))
     assert x1.shape == (len(obs_index), samples, chunk, engine.action_dim)
@@ -165,3 +169,57 @@ def test_engine_equals_predict_action_chunk_for_other_smolvla_layouts(other_worl
     for k in range(4):
         policy.reset()
         torch.testing.assert_close(x1[:, k], policy.predict_action_chunk(batch, noise=noise[:, k]), atol=1e-5, rtol=0)
+
+
+def test_resolve_frames_per_call_and_padding():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_frames_per_call(None, 32, samples=16, chunk=8, device=cpu) == 8  # 1,024 tokens on a CPU
+    assert resolve_frames_per_call(None, 32, samples=16, chunk=8, device=cuda) == 32  # the whole loaded batch
+    assert resolve_frames_per_call(0, 12, samples=4, chunk=50, device=cpu) == 12
+    batch = {"x": torch.arange(3)[:, None], "task": ["a", "b", "c"], "n": 3}
+    padded = pad_frames(batch, 3, 5)
+    assert padded["x"].flatten().tolist() == [0, 1, 2, 2, 2] and padded["task"] == ["a", "b", "c", "c", "c"] and padded["n"] == 3
+    tokens, mask = pad_language(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool), 5)
+    assert tokens.shape == mask.shape == (2, 5) and mask[:, 3:].sum() == 0
+
+
+@pytest.fixture(scope="module")
+def bf16_teacher_and_frames(bf16_world):
+    teacher = load_policy(str(bf16_world.teacher_dir), "cpu")
+    dataset = open_dataset(bf16_world.repo_id, bf16_world.dataset_root)
+    assert teacher.policy.model.vlm_with_expert.lm_expert.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    return teacher, [dataset[p] for p in (0, 5, 30, 47, 100, 200, 230)]
+
+
+def _sample(teacher, items, engine, samples=4):
+    batch = teacher.preprocessor(torch.utils.data.default_collate(items))
+    noise = batch_noise(0, [int(i["index"]) for i in items], samples, engine.noise_shape)
+    return engine.sample(batch, noise, SolverConfig("euler", teacher.policy.config.num_steps))
+
+
+def test_bf16_x1_does_not_depend_on_batch_mates(bf16_teacher_and_frames):
+    """In bfloat16 a frame's X_1 is a function of the frame and its noises only, bit for bit: sampled alone, in
+    another batch, at another position of a call, or in a padded call (fixed call shapes, language padded)."""
+    teacher, items = bf16_teacher_and_frames
+    engine = make_engine(teacher.policy, frames_per_call=3)
+    together = _sample(teacher, items, engine)  # calls: frames 0-2, 3-5, 6 + two copies
+    alone = torch.cat([_sample(teacher, [item], engine) for item in items])
+    shuffled = _sample(teacher, items[::-1], engine).flip(0)
+    assert torch.equal(together, alone) and torch.equal(together, shuffled)
+    # and still lerobot's sampler, up to bfloat16 rounding of the folded, fused denoise step
+    exact = _sample(teacher, items, make_engine(teacher.policy, exact=True))
+    assert (together - exact).abs().max() < 2e-2
+
+
+def test_exact_sampler_is_predict_action_chunk_bit_for_bit(bf16_teacher_and_frames):
+    teacher, items = bf16_teacher_and_frames
+    policy = teacher.policy
+    engine = make_engine(policy, frames_per_call=4, exact=True)
+    x1 = _sample(teacher, items[:3], engine, samples=3)
+    for f, item in enumerate(items[:3]):
+        frame = teacher.preprocessor(torch.utils.data.default_collate([item] * 3))
+        noise = batch_noise(0, [int(item["index"])], 3, engine.noise_shape)[0]
+        policy.reset()
+        assert torch.equal(x1[f], policy.predict_action_chunk(frame, noise=noise))
+    with pytest.raises(ReflowPairsError, match="cannot run the rk4 solver"):
+        engine.sample(teacher.preprocessor(torch.utils.data.default_collate(items[:1])), torch.zeros(1, 1, *engine.noise_shape), SolverConfig("rk4", 2))

@@ -117,6 +117,7 @@ def generate(
     on_nonfinite: Annotated[str, typer.Option(help="error (stop) or skip (record and skip the frame).")] = "error",
     dtype: Annotated[str, typer.Option(help="Teacher compute dtype: float32, bfloat16 or float16 (autocast; for CUDA).")] = "float32",
     partition: Annotated[str | None, typer.Option(help="Run one slice i/P of the frames (obs_index % P == i); combine slices with `reflowpairs merge`.")] = None,
+    exact: Annotated[bool, typer.Option("--exact", help="X_1 from lerobot's own predict_action_chunk per frame, bit for bit (no prefix sharing: slower).")] = False,
 ) -> None:
     """Run the teacher's sampler over every frame and store (X_0, X_1, obs_index) pairs."""
     from reflowpairs.generate import GenerateConfig
@@ -127,7 +128,7 @@ def generate(
         samples_per_frame=samples_per_frame, num_steps=num_steps, solver=solver, rtol=rtol, atol=atol,
         batch_size=batch_size, tokens_per_call=tokens_per_call, shard_size=shard_size, seed=seed, device=device, backend=format,
         num_workers=num_workers, resume=resume, overwrite=overwrite, on_nonfinite=on_nonfinite, dtype=dtype,
-        partition=parse_partition(partition),
+        partition=parse_partition(partition), exact=exact,
     )
     with user_errors(), _progress(main=os.environ.get("RANK", "0") == "0") as bar:
         task = bar.add_task("frames", total=None, rate="")
@@ -147,10 +148,18 @@ def generate(
     table = Table(title=f"pair store {result.out}", show_header=False)
     table.add_row("pairs", f"{result.num_pairs:,} ({result.new_pairs:,} new)")
     table.add_row("frames", f"{result.num_frames:,}")
-    table.add_row("speed", f"{result.pairs_per_second:,.1f} pairs/s over {result.seconds:.1f} s")
+    table.add_row("speed", _speed(result.new_pairs, result.seconds))
     if result.skipped:
         table.add_row("skipped (non-finite)", ", ".join(map(str, result.skipped)))
     out_console.print(table)
+
+
+def _speed(pairs: int, seconds: float) -> str:
+    """``12.3 pairs/s over 4.0 s``, or seconds per pair when that reads better (under one pair a second)."""
+    if pairs and seconds > pairs:
+        return f"{seconds / pairs:,.1f} s/pair over {seconds:,.1f} s"
+    rate = pairs / seconds if seconds > 0 else 0.0
+    return f"{rate:,.1f} pairs/s over {seconds:,.1f} s"
 
 
 @app.command()
