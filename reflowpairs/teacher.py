@@ -188,12 +188,26 @@ def load_policy(source: str | Path, device: str = "auto", fingerprint: dict[str,
         checkpoint_file(source, name)
     fingerprint = fingerprint or fingerprint_checkpoint(source)
     config.device = device
+    # A fine-tuned checkpoint keeps ``load_vlm_weights: true`` from its training start; honoured, lerobot would load
+    # (online: download) the whole base VLM only to overwrite it with model.safetensors. The checkpoint holds every
+    # weight, so build the VLM from its config alone and load strictly: a weight missing from the file is an error,
+    # never a silently random layer. (Only this in-memory config changes: students keep the checkpoint's JSON.)
+    vlm_from_checkpoint = bool(getattr(config, "load_vlm_weights", False))
+    if vlm_from_checkpoint:
+        config.load_vlm_weights = False
     policy_cls = get_policy_class(config.type)
     # lerobot prints progress notes ("Loading weights ...") to stdout: keep stdout for our own output (--json).
     with redirect_stdout(sys.stderr):
         try:
-            policy = policy_cls.from_pretrained(source, config=config)
+            policy = policy_cls.from_pretrained(source, config=config, strict=vlm_from_checkpoint)
         except Exception as err:  # noqa: BLE001
+            if vlm_from_checkpoint and "Missing key" in str(err):
+                raise ReflowPairsError(
+                    f"{checkpoint_file(source, 'model.safetensors')} lacks weights of the {config.type} policy "
+                    f"({str(err).strip()[:300]}); its config says load_vlm_weights: true, and reflowpairs takes every "
+                    "weight from the checkpoint itself rather than fetching the base VLM.",
+                    "Use the complete model.safetensors that lerobot-train saved.",
+                ) from err
             raise ReflowPairsError(f"lerobot could not load the {config.type} policy in {source}: {err}.") from err
         policy.eval()
         try:
