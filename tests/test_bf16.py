@@ -1,0 +1,131 @@
+"""A bfloat16 teacher (as real SmolVLA checkpoints are: VLM text layers and action expert in bfloat16) through the
+whole of stage 1: generate, validate --spot-check, a damaged copy, kill -9 + resume, another batching, two processes
+and partitions + merge. Every way of making the store gives X_1 bit for bit equal to one uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from reflowpairs.cli import app
+from reflowpairs.validate import ValidateConfig, validate
+
+from .test_generate import read_plain
+from .test_generate_crash import _assert_sound_but_incomplete, _start_and_signal
+
+runner = CliRunner()
+SETTINGS = ["--episodes", "0-3", "--samples-per-frame", "2", "--num-steps", "4", "--shard-size", "8", "--device", "cpu"]
+
+
+def _args(world, out: Path, *extra: str) -> list[str]:
+    return ["generate", "--teacher", str(world.teacher_dir), "--dataset", world.repo_id, "--dataset-root",
+            str(world.dataset_root), "--out", str(out), *SETTINGS, *extra]
+
+
+def assert_identical_pairs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    for key in ("obs_index", "sample", "x0", "x1"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference(bf16_world, tmp_path_factory) -> Path:
+    """One uninterrupted run in calls of 4 frames (batches of 4)."""
+    out = tmp_path_factory.mktemp("bf16ref") / "pairs"
+    result = runner.invoke(app, _args(bf16_world, out, "--batch-size", "4"))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_manifest_records_the_dtypes_the_teacher_computes_in(reference):
+    generation = json.loads((reference / "manifest.json").read_text())["generation"]
+    assert generation["dtype"] == "float32"  # no autocast asked for ...
+    assert set(generation["parameter_dtypes"]) == {"bfloat16", "float32"}  # ... but the teacher computes in bf16
+    assert generation["sampler"] == "prefix-cached" and generation["frames_per_call"] == 4
+
+
+def test_validate_spot_check_passes_a_sound_bf16_store_and_catches_a_changed_x1(reference, tmp_path):
+    report = validate(ValidateConfig(reference, spot_check=10**6, device="cpu", batch_size=3))
+    spot = next(c for c in report.checks if c.name == "spot check")
+    assert report.status == "sound", [c for c in report.checks if c.result == "fail"]
+    assert "computed in bfloat16" in spot.detail and "atol 0.05" in spot.detail
+    assert "max |X_1 difference| 0 <=" in spot.detail  # bit for bit, re-sampled in other batches
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(reference, damaged)
+    shard = json.loads((damaged / "manifest.json").read_text())["shards"][1]["path"]
+    x1 = zarr.open_group(str(damaged / shard), mode="r+")["x1"]
+    values = x1[...]
+    values[3] += 0.1  # more than bfloat16 noise, in one pair
+    x1[...] = values
+    report = validate(ValidateConfig(damaged, spot_check=10**6, device="cpu"))
+    failed = {c.name: c.detail for c in report.checks if c.result == "fail"}
+    assert report.status == "corrupt"
+    assert "checksums" in failed and "1 of" in failed["spot check"] and shard in failed["spot check"]
+
+
+def test_another_batching_gives_identical_pairs(bf16_world, reference, tmp_path):
+    """Batches of 8 frames, cut into calls of 4 by --tokens-per-call (4 frames x K=2 x chunk 8 = 64 tokens)."""
+    out = tmp_path / "pairs"
+    result = runner.invoke(app, _args(bf16_world, out, "--batch-size", "8", "--tokens-per-call", "64"))
+    assert result.exit_code == 0, result.output
+    assert_identical_pairs(read_plain(reference), read_plain(out))
+
+
+def test_resume_with_another_call_size_is_refused(bf16_world, reference, tmp_path):
+    out = tmp_path / "pairs"
+    shutil.copytree(reference, out)
+    result = runner.invoke(app, _args(bf16_world, out, "--batch-size", "2", "--resume"))
+    assert result.exit_code == 1
+    assert "generation.frames_per_call: store has 4, this run has 2" in " ".join(result.output.split())
+
+
+def test_kill_and_resume_gives_identical_pairs(bf16_world, reference, tmp_path):
+    out = tmp_path / "pairs"
+    cmd = [sys.executable, "-m", "reflowpairs", *_args(bf16_world, out, "--batch-size", "4")]
+    killed = _start_and_signal(cmd, out, after_shards=2, sig=signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    _assert_sound_but_incomplete(out)
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_identical_pairs(read_plain(reference), read_plain(out))
+
+
+def test_two_processes_and_partitions_give_identical_pairs(bf16_world, reference, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "two"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "reflowpairs",
+                           *_args(bf16_world, out, "--batch-size", "4")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_identical_pairs(read_plain(reference), read_plain(out))
+
+    slices = []
+    for i in range(2):
+        part = tmp_path / f"slice{i}"
+        assert runner.invoke(app, _args(bf16_world, part, "--batch-size", "4", "--partition", f"{i}/2")).exit_code == 0
+        slices.append(str(part))
+    assert runner.invoke(app, ["merge", *slices, "--out", str(tmp_path / "merged")]).exit_code == 0
+    assert_identical_pairs(read_plain(reference), read_plain(tmp_path / "merged"))
+
+
+def test_exact_store_is_predict_action_chunk_and_passes_validate(bf16_world, reference, tmp_path):
+    out = tmp_path / "exact"
+    result = runner.invoke(app, _args(bf16_world, out, "--episodes", "0", "--exact"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["generation"]["sampler"] == "exact"
+    report = validate(ValidateConfig(out, spot_check=6, device="cpu", atol=1e-12))
+    assert report.status == "sound", [c for c in report.checks if c.result == "fail"]
+    exact, fast = read_plain(out), read_plain(reference)
+    rows = np.isin(fast["obs_index"], exact["obs_index"])
+    gap = np.abs(exact["x1"] - fast["x1"][rows]).max()
+    assert 0 < gap < 2e-2  # the prefix-cached engine is lerobot's sampler up to bfloat16 rounding
