@@ -22,7 +22,7 @@ import torch
 
 from reflowpairs import __version__
 from reflowpairs.atomic import check_writable
-from reflowpairs.dataset import check_features, dataset_provenance, frame_indices, open_dataset
+from reflowpairs.dataset import check_episodes, check_features, dataset_provenance, frame_indices, open_dataset, open_metadata
 from reflowpairs.distributed import DistContext
 from reflowpairs.engine import make_engine, resolve_frames_per_call
 from reflowpairs.errors import ReflowPairsError
@@ -39,7 +39,8 @@ from reflowpairs.pairstore import (
     write_manifest,
 )
 from reflowpairs.solvers import SolverConfig
-from reflowpairs.teacher import load_policy, parameter_dtypes, rename_map
+from reflowpairs.teacher import compute_dtype, load_policy, parameter_dtypes, read_policy_config, rename_map
+from reflowpairs.threads import configure_threads
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -243,6 +244,9 @@ class _Job:
 
 
 def _prepare(cfg: GenerateConfig, device: str) -> _Job:
+    # the cheap checks first: a wrong --teacher, --dataset-root or --episodes is reported before the teacher loads
+    read_policy_config(cfg.teacher)
+    check_episodes(cfg.episodes, open_metadata(cfg.dataset, cfg.dataset_root).total_episodes, cfg.dataset)
     teacher = load_policy(cfg.teacher, device)
     dataset = open_dataset(cfg.dataset, cfg.dataset_root, cfg.episodes)
     check_features(teacher.config, dataset.meta, rename_map(teacher.preprocessor))
@@ -306,12 +310,28 @@ def _todo(job: _Job, out: Path, partition: tuple[int, int] | None) -> tuple[np.n
     return todo, int(selected.sum()) - len(todo)
 
 
-def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Callable[[int, int], None] | None = None) -> GenerateResult:
-    """Run stage 1. ``on_plan(frames_to_do, frames_already_done)`` is called once before sampling.
+@dataclass(frozen=True)
+class GeneratePlan:
+    """What a run will do, reported once before sampling (``generate``'s ``on_plan``)."""
+
+    frames_to_do: int
+    frames_done: int
+    samples_per_frame: int
+    solver: str  # e.g. "euler, 10 steps"
+    sampler: str  # "prefix-cached" | "exact"
+    frames_per_call: int
+    compute_dtype: str  # the least precise dtype the teacher computes in
+    device: str
+    threads: str  # ThreadPlan.describe()
+
+
+def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Callable[[GeneratePlan], None] | None = None) -> GenerateResult:
+    """Run stage 1. ``on_plan(plan)`` is called once before sampling.
 
     Launched with torchrun / accelerate (WORLD_SIZE > 1), each process samples its own share of the remaining frames
     into ``OUT/parts/<rank>``, and the main process moves those shards into the store at the end."""
     _check_args(cfg)
+    threads = configure_threads(cfg.num_workers)
     dist = DistContext.from_env()
     if dist.world > 1 and cfg.partition is not None:
         raise ReflowPairsError("--partition is for single-process slices; do not combine it with a multi-process launch.")
@@ -328,7 +348,13 @@ def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Cal
         raise ReflowPairsError(*failure)
     todo, done = _todo(job, out, cfg.partition)
     if on_plan is not None:
-        on_plan(len(todo), done)
+        g = job.fresh["generation"]
+        on_plan(GeneratePlan(
+            len(todo), done, cfg.samples_per_frame,
+            f"{job.solver.name}" + ("" if job.solver.adaptive else f", {job.solver.num_steps} steps"),
+            g["sampler"], g["frames_per_call"], compute_dtype(g["parameter_dtypes"], g["dtype"]),
+            str(job.engine.device), threads.describe(),
+        ))
     if dist.world == 1:
         result = _sample_frames(job, out, manifest, todo, cfg.writer_id, cfg, progress)
         final = read_manifest(out)

@@ -84,8 +84,10 @@ def checkpoint_file(source: str, filename: str) -> Path:
     if is_local(source):
         path = Path(source).expanduser() / filename
         if not path.is_file():
+            inner = pretrained_model_below(Path(source).expanduser())
             raise ReflowPairsError(
                 f"Checkpoint {source} has no {filename}.",
+                f"Did you mean {inner}? " if inner is not None else ""
                 "Point at a lerobot pretrained_model/ directory (config.json, model.safetensors and the "
                 "policy_preprocessor/postprocessor files, as lerobot-train saves them).",
             )
@@ -96,6 +98,15 @@ def checkpoint_file(source: str, filename: str) -> Path:
         return Path(hf_hub_download(repo_id=source, filename=filename))
     except Exception as err:  # noqa: BLE001 - every hub failure means the same thing to the user
         raise _unreachable(source, err) from err
+
+
+def pretrained_model_below(path: Path) -> Path | None:
+    """The ``pretrained_model/`` checkpoint inside a lerobot-train run, checkpoint or ``checkpoints/`` directory that
+    was given where a checkpoint was expected (``.../checkpoints/last`` is the usual slip), or None."""
+    for candidate in (path / "pretrained_model", path / "last" / "pretrained_model", path / "checkpoints" / "last" / "pretrained_model"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
 
 
 def _unreachable(source: str, err: Exception | None = None) -> ReflowPairsError:

@@ -334,3 +334,35 @@ def test_higher_order_solvers_buy_accuracy_per_step(tiny_world, tmp_path):
     assert error["rk4"] < error["midpoint"] < error["euler"], error
     for solver in ("euler", "midpoint", "rk4"):
         np.testing.assert_array_equal(stores[solver]["x0"], stores["dopri5"]["x0"])
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--episodes", "0,99"], "--episodes 99 out of range"),
+        (["--dataset-root", "NODATA"], "is not a LeRobotDataset"),
+    ],
+)
+def test_bad_dataset_inputs_are_reported_before_the_teacher_loads(tiny_world, tmp_path, monkeypatch, bad, message):
+    import reflowpairs.generate as generate_module
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the dataset inputs were checked")
+
+    monkeypatch.setattr(generate_module, "load_policy", no_teacher)
+    args = ["--teacher", str(tiny_world.teacher_dir), "--dataset", tiny_world.repo_id, "--dataset-root",
+            str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    args += [a.replace("NODATA", str(tmp_path / "nodata")) for a in bad]
+    assert message in _cli_error(args)
+
+
+def test_a_run_or_checkpoint_directory_as_teacher_suggests_its_pretrained_model(tiny_world, tmp_path):
+    """``--teacher .../checkpoints/last`` (lerobot-train's layout) is a common slip: the error names the checkpoint."""
+    step = tmp_path / "run" / "checkpoints" / "000200"
+    shutil.copytree(tiny_world.teacher_dir, step / "pretrained_model")
+    (step.parent / "last").symlink_to("000200")
+    for given, meant in ((step.parent / "last", step.parent / "last" / "pretrained_model"),
+                         (tmp_path / "run", tmp_path / "run" / "checkpoints" / "last" / "pretrained_model")):
+        text = _cli_error(["--teacher", str(given), "--dataset", tiny_world.repo_id, "--dataset-root",
+                           str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"])
+        assert "has no config.json" in text and f"Did you mean {meant}?" in text

@@ -133,10 +133,15 @@ def generate(
     with user_errors(), _progress(main=os.environ.get("RANK", "0") == "0") as bar:
         task = bar.add_task("frames", total=None, rate="")
 
-        def on_plan(todo: int, done: int) -> None:
-            if done:
-                console.print(f"Resuming: {done} frames already in the store, {todo} to go.")
-            bar.update(task, total=todo)
+        def on_plan(plan) -> None:
+            if plan.frames_done:
+                console.print(f"Resuming: {plan.frames_done} frames already in the store, {plan.frames_to_do} to go.")
+            console.print(
+                f"{plan.frames_to_do:,} frames x K={plan.samples_per_frame} on {plan.device} ({plan.solver}; "
+                + (f"{plan.sampler} sampler, {plan.frames_per_call} frames per call" if plan.sampler != "exact" else "exact sampler: lerobot's own, per frame")
+                + f"; the teacher computes in {plan.compute_dtype}); threads: {plan.threads}"
+            )
+            bar.reset(task, total=plan.frames_to_do)  # the rate counts sampling time, as the summary does
 
         def on_batch(frames: int, pairs: int) -> None:
             elapsed = bar.tasks[task].elapsed or 1e-9
