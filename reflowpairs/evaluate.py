@@ -343,8 +343,8 @@ def choose_episodes(cfg: EvalConfig, total_episodes: int, training: dict[str, An
     if overlap:
         held_out = [e for e in every if e not in set(trained)]
         raise ReflowPairsError(
-            f"--episodes {episode_span(overlap)} are episodes the student {cfg.student} trained on (its store {training['store']} "
-            f"holds frames of episodes {episode_span(trained)}), so its error there is not a held-out error.",
+            f"--episodes includes {episode_span(overlap)}, which the student {cfg.student} trained on (its store "
+            f"{training['store']} holds frames of episodes {episode_span(trained)}): its error there is not a held-out error.",
             (f"Choose held-out episodes ({episode_span(held_out)}) or leave --episodes out to use all of them, "
              if held_out else "Evaluate on a dataset it did not train on, ")
             + "or add --include-training-frames to evaluate there anyway (the report is then labelled).",
@@ -793,7 +793,7 @@ def next_step(report: dict[str, Any]) -> dict[str, Any]:
                 "command": f"reflowpairs train --pairs {training['store']} --out {training['run']} --resume "
                            f"--steps {2 * int(training['steps'] or training['step'] or 1)}"}
     return {"num_steps": n, "rule": rule,
-            "why": f"{n} step(s): {rule}; set ENV to your lerobot env type",
+            "why": f"--policy.num_steps={n}: {rule}; set ENV to your lerobot env type",
             "command": f"lerobot-eval --policy.path={student} --policy.num_steps={n} --policy.device="
                        f"{report['settings']['device']} --env.type=ENV --eval.n_episodes=50"}
 

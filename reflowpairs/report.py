@@ -127,8 +127,8 @@ def report_notes(report: dict[str, Any]) -> list[str]:
         notes.append(f"TEACHER MISMATCH (--allow-mismatch): the student was trained from teacher {check['recorded'][:12]}, "
                      f"not from this teacher ({check['given'][:12]}), so the ratio is not its gain over its own teacher.")
     if training.get("included"):
-        notes.append(f"TRAINING FRAMES INCLUDED (--include-training-frames): the student trained on episodes "
-                     f"{episode_span(training['included'])}, so these rows are not held-out errors.")
+        notes.append(f"TRAINING FRAMES INCLUDED (--include-training-frames): of the evaluated episodes, the student "
+                     f"trained on {episode_span(training['included'])}, so these rows are not held-out errors.")
     status = training.get("status")
     if status == "unrecorded":
         notes.append(f"{training['reason']}: its teacher and training frames are not checked; evaluate it on episodes "
@@ -149,11 +149,10 @@ def report_notes(report: dict[str, Any]) -> list[str]:
 
 
 def next_text(report: dict[str, Any]) -> str:
-    """The "next:" line: what to run after this evaluation (``reflowpairs.evaluate.next_step``)."""
+    """The "next:" line: the command to run after this evaluation (``reflowpairs.evaluate.next_step``);
+    ``report["next"]["why"]`` says why."""
     nxt = report.get("next") or {}
-    if not nxt.get("command"):
-        return ""
-    return f"next: {nxt['command']}\n      ({nxt['why']})"
+    return f"next: {nxt['command']}" if nxt.get("command") else ""
 
 
 def pairs_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -169,6 +168,8 @@ def pairs_rows(report: dict[str, Any]) -> list[list[str]]:
 
 
 PAIRS_COLUMNS = ("steps", "MSE on training pairs (norm)", "MSE on held-out frames (norm)", "held-out / training")
+PAIRS_CONSOLE_HEADERS = ("steps", "MSE training\npairs (norm)", "MSE held-out\nframes (norm)", "held-out /\ntraining")
+"""``PAIRS_COLUMNS`` in two lines each, for the console."""
 
 
 def _markdown_table(headers: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
@@ -225,7 +226,7 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     nxt = report.get("next") or {}
     if nxt.get("command"):
-        parts += ["", "## Next", "", f"{nxt['why']} (recommended step count: {nxt['rule']}):", "",
+        parts += ["", "## Next", "", f"{nxt['why']}:", "",
                   "```", nxt["command"], "```"]
     parts += ["", f"![error against ODE steps]({PLOT_PNG})", ""]
     return "\n".join(parts)

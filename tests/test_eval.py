@@ -205,7 +205,7 @@ def test_next_step_recommends_few_steps_or_more_training(main_run):
     assert report["next"]["num_steps"] == n
     assert report["next"]["command"] == (f"lerobot-eval --policy.path={report['student']['source']} --policy.num_steps={n} "
                                          "--policy.device=cpu --env.type=ENV --eval.n_episodes=50")
-    assert next_text(report).startswith(f"next: {report['next']['command']}\n")
+    assert next_text(report) == f"next: {report['next']['command']}"
     assert f"```\n{report['next']['command']}\n```" in markdown(report)
     worse = copy.deepcopy(report)  # a student no better than its teacher, with a recorded run: train longer
     worse["headline"]["ratio"] = 1.5
@@ -303,17 +303,25 @@ def test_table_fits_in_80_columns(main_run):
     """Rendered 80 wide, the table is exactly what it is 200 wide: nothing folded or squeezed, every cell whole."""
     from rich.console import Console
 
-    from reflowpairs.cli.eval_cmd import report_table
+    from reflowpairs.cli.eval_cmd import pairs_table, report_table
+    from reflowpairs.report import pairs_rows
 
     _, report, _, _ = main_run
-    texts = {}
-    for width in (80, 200):
-        console = Console(width=width, record=True, file=io.StringIO())
-        console.print(report_table(report))
-        texts[width] = [line.rstrip() for line in console.export_text().splitlines()]
-    assert texts[80] == texts[200]
-    assert max(len(line) for line in texts[80]) <= 80
-    assert _printed_rows("\n".join(texts[80])) == table_rows(report)
+    for make in (report_table, pairs_table):
+        texts = {}
+        for width in (80, 200):
+            console = Console(width=width, record=True, file=io.StringIO())
+            console.print(make(report))
+            texts[width] = [line.rstrip() for line in console.export_text().splitlines()]
+        assert texts[80] == texts[200], make.__name__
+        assert max(len(line) for line in texts[80]) <= 80
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(report_table(report))
+    assert _printed_rows(console.export_text()) == table_rows(report)
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(pairs_table(report))
+    printed = [line.split() for line in console.export_text().splitlines()]
+    assert [r for r in printed if r and r[0].isdigit()] == pairs_rows(report)
 
 
 def test_one_progress_bar_for_all_stages():

@@ -158,7 +158,7 @@ def test_episodes_the_student_trained_on_are_refused(tiny_world, trained_student
     with pytest.raises(ReflowPairsError) as err:
         evaluate(cfg)
     message = str(err.value)
-    assert "--episodes 4-5 are episodes the student" in message and "holds frames of episodes 0-5" in message
+    assert "--episodes includes 4-5, which the student" in message and "holds frames of episodes 0-5" in message
     assert "Choose held-out episodes (6-9)" in message and "--include-training-frames" in message
     assert not cfg.out.exists()
 
@@ -168,7 +168,8 @@ def test_include_training_frames_labels_the_report(tiny_world, trained_student, 
     assert report["frames"]["episodes"] == [4, 8] and report["frames"]["training"]["included"] == [4]
     assert report["labels"] == ["TRAINING FRAMES INCLUDED (--include-training-frames)"]
     notes = report_notes(report)
-    assert notes[0].startswith("TRAINING FRAMES INCLUDED (--include-training-frames): the student trained on episodes 4,")
+    assert notes[0].startswith("TRAINING FRAMES INCLUDED (--include-training-frames): of the evaluated episodes, "
+                               "the student trained on 4, so")
     assert "INCLUDES training episodes 4 (--include-training-frames" in frames_text(report)
     assert "**TRAINING FRAMES INCLUDED (--include-training-frames)**" in markdown(report)
 

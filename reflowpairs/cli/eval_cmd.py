@@ -39,10 +39,11 @@ def report_table(report: dict[str, Any]) -> Table:
 
 def pairs_table(report: dict[str, Any]) -> Table:
     """The student's error on its training pairs next to its held-out error (``--pairs``)."""
-    from reflowpairs.report import PAIRS_COLUMNS, pairs_rows
+    from reflowpairs.report import PAIRS_CONSOLE_HEADERS, pairs_rows
 
-    table = Table(title=f"student: training pairs ({report['pairs']['num_frames']} frames) vs held-out frames")
-    for header in PAIRS_COLUMNS:
+    table = Table(title=f"student: training pairs ({report['pairs']['num_frames']} frames) vs held-out frames",
+                  box=box.HORIZONTALS, show_edge=False, pad_edge=False, padding=(0, 1))
+    for header in PAIRS_CONSOLE_HEADERS:
         table.add_column(header, justify="right")
     for cells in pairs_rows(report):
         table.add_row(*cells)
@@ -115,4 +116,6 @@ def eval_command(
         out_console.print(f"Note: {note}", style="yellow", markup=False)
     out_console.print(headline_text(report), style="bold", markup=False)
     out_console.print(f"report: {files.json}\ntable:  {files.markdown}\nplot:   {files.plot}", markup=False, soft_wrap=True)
-    out_console.print(next_text(report), style="green", markup=False, soft_wrap=True)
+    if next_text(report):  # the command on one line (soft-wrapped by the terminal: copy-pasteable), then why
+        out_console.print(next_text(report), style="bold green", markup=False, soft_wrap=True)
+        out_console.print(f"      ({report['next']['why']})", markup=False)
