@@ -10,7 +10,11 @@ For frames of the chosen episodes and fixed noises X_0 = f(seed, obs_index, samp
   past the episode end masked out with ``action_is_pad``);
 - straightness of the sampled Euler path (``straightness``, documented in ``docs/eval.md``);
 - latency of one action chunk through lerobot's plain ``policy.predict_action_chunk(batch, noise=)``
-  with ``config.num_steps`` set to the step count (median over repeats after one warm-up).
+  with ``config.num_steps`` set to the step count (median over interleaved repeats after one warm-up).
+
+A student written by ``reflowpairs train`` records its teacher and pair store in
+``training_state/reflow_state.json``: another ``--teacher`` is refused (``--allow-mismatch``), and by
+default only the episodes its store does not cover are evaluated (``--include-training-frames``).
 
 Sampling for the error and straightness columns goes through ``reflowpairs.engine``: the prefix
 (images, language, state) is computed once per frame and shared by every sample and step count.
