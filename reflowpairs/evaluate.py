@@ -10,7 +10,11 @@ For frames of the chosen episodes and fixed noises X_0 = f(seed, obs_index, samp
   past the episode end masked out with ``action_is_pad``);
 - straightness of the sampled Euler path (``straightness``, documented in ``docs/eval.md``);
 - latency of one action chunk through lerobot's plain ``policy.predict_action_chunk(batch, noise=)``
-  with ``config.num_steps`` set to the step count (median over repeats after one warm-up).
+  with ``config.num_steps`` set to the step count (median over interleaved repeats after one warm-up).
+
+A student written by ``reflowpairs train`` records its teacher and pair store in
+``training_state/reflow_state.json``: another ``--teacher`` is refused (``--allow-mismatch``), and by
+default only the episodes its store does not cover are evaluated (``--include-training-frames``).
 
 Sampling for the error and straightness columns goes through ``reflowpairs.engine``: the prefix
 (images, language, state) is computed once per frame and shared by every sample and step count.
@@ -23,10 +27,11 @@ velocity ``v = dx/dt`` points from action to noise (``u = noise - action``); Eul
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,10 +45,12 @@ from reflowpairs.dataset import check_episodes, open_metadata
 from reflowpairs.engine import pair_shapes
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.noise import batch_noise
+from reflowpairs.report import episode_span
 
 REPORT_FORMAT = "reflowpairs.eval"
 REPORT_VERSION = 1
 MODELS = ("teacher", "student")
+NEXT_TOLERANCE = 1.1  # "next:" recommends the fewest steps within this factor of the student's lowest error
 
 Progress = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: phase is "held-out frames", "training pairs" or "latency"."""
@@ -59,14 +66,16 @@ class EvalConfig:
     out: Path
     num_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 10])
     dataset_root: Path | None = None
-    episodes: list[int] | None = None  # None: every episode of the dataset
+    episodes: list[int] | None = None  # None: the episodes the student did not train on (all when unknown)
     pairs: Path | None = None  # a pair store the student trained on: also report its error there
     max_frames: int = 64  # frames evaluated (evenly spaced over the episodes), and store frames with --pairs
     samples_per_frame: int = 4  # K noises per frame
     seed: int = 1  # X_0 seed; generate's default is 0, so eval noises are fresh even on training frames
     device: str = "auto"
-    latency_repeats: int = 5
+    latency_repeats: int = 5  # timed calls per latency figure (median reported)
     batch_size: int = 8  # frames per engine call
+    allow_mismatch: bool = False  # evaluate against a teacher the student was not trained from (labelled)
+    include_training_frames: bool = False  # evaluate on episodes the student trained on (labelled)
 
 
 # --- input checks ----------------------------------------------------------------------------------
@@ -167,13 +176,184 @@ def _check_files(flag: str, source: str) -> None:
             raise ReflowPairsError(f"{flag}: {err.what}", err.hint) from err
 
 
-def _load(flag: str, source: str, device: str):
+def _load(flag: str, source: str, device: str, fingerprint: dict[str, str] | None = None):
     from reflowpairs.teacher import load_policy
 
     try:
-        return load_policy(source, device)
+        return load_policy(source, device, fingerprint=fingerprint)
     except ReflowPairsError as err:
         raise ReflowPairsError(f"{flag}: {err.what}", err.hint) from err
+
+
+def _fingerprint(flag: str, source: str) -> dict[str, str]:
+    from reflowpairs.teacher import fingerprint_checkpoint
+
+    try:
+        return fingerprint_checkpoint(source)
+    except ReflowPairsError as err:
+        raise ReflowPairsError(f"{flag}: {err.what}", err.hint) from err
+
+
+# --- what the student's training recorded ----------------------------------------------------------
+
+
+def student_state_file(student: str) -> Path | None:
+    """``<checkpoint>/training_state/reflow_state.json`` beside a local ``<checkpoint>/pretrained_model``
+    student, or None when there is none (a hub id, or a checkpoint not written by ``reflowpairs train``)."""
+    from reflowpairs.checkpoint import STATE_FILE, training_state_dir
+    from reflowpairs.teacher import is_local
+
+    if not is_local(student):
+        return None
+    path = training_state_dir(Path(student).expanduser().resolve().parent) / STATE_FILE
+    return path if path.is_file() else None
+
+
+def read_student_state(student: str) -> dict[str, Any] | None:
+    """The student's ``reflow_state.json`` (see ``reflowpairs.checkpoint``), or None when it has none."""
+    from reflowpairs.checkpoint import read_state
+
+    path = student_state_file(student)
+    if path is None:
+        return None
+    try:
+        return read_state(path.parent.parent)
+    except ReflowPairsError as err:
+        raise ReflowPairsError(
+            f"--student: {err.what}",
+            "Restore the checkpoint's training_state/, or evaluate a copy of pretrained_model/ on its own "
+            "(then its teacher and training frames are not checked).",
+        ) from err
+
+
+def trained_teacher_fingerprint(state: dict[str, Any]) -> str | None:
+    """Fingerprint of the teacher whose samples the student learnt: the one its pair store was generated
+    with (else, for an older state, its init checkpoint's)."""
+    recorded = (state.get("store") or {}).get("teacher_fingerprint")
+    return recorded or ((state.get("init") or {}).get("fingerprint") or {}).get("fingerprint")
+
+
+def check_teacher(state: dict[str, Any] | None, teacher_fp: str, cfg: EvalConfig) -> dict[str, Any]:
+    """Compare ``--teacher`` (fingerprint ``teacher_fp``) with the teacher the student's state records.
+
+    Refuses a different teacher unless ``cfg.allow_mismatch``. Returns the report's ``checks.teacher``:
+    ``{"recorded", "given", "matches"}`` (``matches`` None when the student records no teacher)."""
+    recorded = trained_teacher_fingerprint(state) if state is not None else None
+    matches = None if recorded is None else recorded == teacher_fp
+    if matches is False and not cfg.allow_mismatch:
+        init = state.get("init") or {}
+        init_fp = (init.get("fingerprint") or {}).get("fingerprint")
+        store = (state.get("store") or {}).get("path")
+        fix = (f"Pass --teacher {init['source']} (the checkpoint it was trained from)" if init.get("source") and init_fp == recorded
+               else f"Pass the teacher it was trained from (fingerprint {recorded[:12]})")
+        raise ReflowPairsError(
+            f"--student {cfg.student} was trained from teacher {recorded[:12]} (its training_state/reflow_state.json "
+            f"records pair store {store}, generated by that teacher, and init checkpoint {init.get('source')}), but "
+            f"--teacher {cfg.teacher} is teacher {teacher_fp[:12]}: the error ratio would compare the student with a "
+            "teacher it did not learn from.",
+            f"{fix}, or add --allow-mismatch to compare them anyway (the report is then labelled as a teacher mismatch).",
+        )
+    return {"recorded": recorded, "given": teacher_fp, "matches": matches}
+
+
+def episodes_of_frames(obs_index: np.ndarray, meta) -> list[int]:
+    """The episodes (of dataset metadata ``meta``) that hold the global frame indices ``obs_index``."""
+    episodes = meta.episodes
+    starts = np.asarray(episodes["dataset_from_index"], dtype=np.int64)
+    ends = np.asarray(episodes["dataset_to_index"], dtype=np.int64)
+    ids = np.asarray(episodes["episode_index"], dtype=np.int64)
+    order = np.argsort(starts)
+    starts, ends, ids = starts[order], ends[order], ids[order]
+    frames = np.unique(np.asarray(obs_index, dtype=np.int64))
+    slot = np.searchsorted(starts, frames, side="right") - 1
+    inside = (slot >= 0) & (frames < ends[np.clip(slot, 0, None)])
+    return sorted({int(e) for e in ids[slot[inside]]})
+
+
+def _training_store(state: dict[str, Any], pairs: Path | None):
+    """The student's training store: ``--pairs`` when it is that store (moved), else the recorded path.
+    Returns ``(store or None, why it is unavailable)``."""
+    from reflowpairs.pairstore import PairStore
+
+    recorded = state.get("store") or {}
+    if pairs is not None and PairStore(pairs).manifest.get("store_id") == recorded.get("store_id"):
+        return PairStore(pairs), ""
+    path = recorded.get("path")
+    if not path:
+        return None, "the student's training state records no pair store"
+    try:
+        store = PairStore(path)
+    except ReflowPairsError:
+        return None, f"the student's training store {path} (recorded in its reflow_state.json) is gone"
+    if store.manifest.get("store_id") != recorded.get("store_id"):
+        return None, (f"{path} now holds another pair store ({store.manifest.get('store_id')}) than the one the student "
+                      f"trained on ({recorded.get('store_id')})")
+    return store, ""
+
+
+def training_frames(state: dict[str, Any] | None, pairs: Path | None, meta, dataset_fp: str) -> dict[str, Any]:
+    """Which episodes of this dataset the student trained on, from the pair store its state records.
+
+    ``status`` is ``known`` (``episodes`` listed), ``other_dataset`` (the store was generated from
+    another dataset: none of these episodes), ``unrecorded`` (the student has no training state) or
+    ``store_gone`` (``reason`` says why). A student trains on every frame of its store, and neighbouring
+    frames of an episode look alike, so whole episodes are excluded, not just the stored frames."""
+    if state is None:
+        return {"status": "unrecorded", "episodes": None, "store": None, "store_id": None, "num_frames": None,
+                "reason": "the student has no recorded training state (it was not written by `reflowpairs train`, "
+                          "e.g. a plain lerobot checkpoint)"}
+    recorded = state.get("store") or {}
+    info = {"store": recorded.get("path"), "store_id": recorded.get("store_id"), "num_frames": None, "reason": ""}
+    if recorded.get("dataset_fingerprint") and recorded["dataset_fingerprint"] != dataset_fp:
+        return {**info, "status": "other_dataset", "episodes": [],
+                "reason": "the student's training store was generated from another dataset (dataset fingerprint "
+                          f"{recorded['dataset_fingerprint'][:12]}, this one is {dataset_fp[:12]})"}
+    store, why = _training_store(state, pairs)
+    if store is None:
+        return {**info, "status": "store_gone", "episodes": None, "reason": why}
+    obs_index = np.unique(store.index()[0])
+    return {**info, "store": str(Path(store.path).resolve()), "status": "known",
+            "episodes": episodes_of_frames(obs_index, meta), "num_frames": int(len(obs_index))}
+
+
+def choose_episodes(cfg: EvalConfig, total_episodes: int, training: dict[str, Any]) -> list[int]:
+    """The episodes to evaluate on: ``--episodes`` if given, else every episode the student did not train on.
+
+    Refuses (unless ``--include-training-frames``) ``--episodes`` the student trained on, a dataset with
+    no held-out episode left, and a student whose training store is gone when no ``--episodes`` says
+    which frames are held out."""
+    every = list(range(total_episodes))
+    trained = training["episodes"]
+    if training["status"] == "store_gone" and cfg.episodes is None and not cfg.include_training_frames:
+        raise ReflowPairsError(
+            f"Cannot tell which frames the student {cfg.student} trained on: {training['reason']}, so eval cannot "
+            "leave its training episodes out.",
+            "Pass --pairs with the store's new location, or --episodes with episodes you know it did not train on "
+            "(they are then used as given), or --include-training-frames to evaluate on every episode (labelled).",
+        )
+    if trained is None or cfg.include_training_frames:
+        return list(cfg.episodes) if cfg.episodes is not None else every
+    if cfg.episodes is None:
+        held_out = [e for e in every if e not in set(trained)]
+        if not held_out:
+            raise ReflowPairsError(
+                f"The student {cfg.student} trained on every episode of {cfg.dataset} ({episode_span(trained)}, store "
+                f"{training['store']}): there is no held-out episode to evaluate on.",
+                "Evaluate on a dataset it did not train on, or add --include-training-frames to evaluate on its "
+                "training episodes (the report is then labelled).",
+            )
+        return held_out
+    overlap = sorted(set(cfg.episodes) & set(trained))
+    if overlap:
+        held_out = [e for e in every if e not in set(trained)]
+        raise ReflowPairsError(
+            f"--episodes includes {episode_span(overlap)}, which the student {cfg.student} trained on (its store "
+            f"{training['store']} holds frames of episodes {episode_span(trained)}): its error there is not a held-out error.",
+            (f"Choose held-out episodes ({episode_span(held_out)}) or leave --episodes out to use all of them, "
+             if held_out else "Evaluate on a dataset it did not train on, ")
+            + "or add --include-training-frames to evaluate there anyway (the report is then labelled).",
+        )
+    return list(cfg.episodes)
 
 
 # --- metrics (pure functions) ----------------------------------------------------------------------
@@ -244,11 +424,6 @@ def pick_positions(num_positions: int, max_frames: int) -> np.ndarray:
     if num_positions <= max_frames:
         return np.arange(num_positions, dtype=np.int64)
     return np.unique(np.linspace(0, num_positions - 1, max_frames).round().astype(np.int64))
-
-
-def median_ms(seconds: Sequence[float]) -> float:
-    """Median of ``seconds`` in milliseconds."""
-    return 1000.0 * statistics.median(seconds)
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -322,7 +497,8 @@ class _Accumulator:
     data_units: ErrorSums = field(default_factory=ErrorSums)
     straightness: list[float] = field(default_factory=list)
 
-    def row(self, model: str, num_steps: int, latency: float | None) -> dict[str, Any]:
+    def row(self, model: str, num_steps: int, latency_runs: Sequence[float]) -> dict[str, Any]:
+        """The report row; ``latency_runs`` are the timed calls in ms (``latency_ms`` is their median)."""
         return {
             "model": model,
             "num_steps": num_steps,
@@ -335,7 +511,8 @@ class _Accumulator:
             "mse_data_units": self.data_units.mse,
             "l1_data_units": self.data_units.l1,
             "straightness": float(np.mean(self.straightness)) if self.straightness else None,
-            "latency_ms": latency,
+            "latency_ms": statistics.median(latency_runs) if latency_runs else None,
+            "latency_ms_runs": [float(t) for t in latency_runs],
         }
 
 
@@ -422,35 +599,67 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_latency(model: _Model, raw_frame: dict[str, Any], noise: Tensor, num_steps: int, repeats: int) -> tuple[float, Tensor]:
-    """Median ms of ``policy.predict_action_chunk(batch, noise=noise)`` for one frame at ``num_steps``,
-    after one warm-up call, with ``config.num_steps`` restored afterwards. Also returns the warm-up's
-    action ``(1, T, A)`` (on CPU) to check the engine against lerobot's own call path.
-
-    ``raw_frame`` is a dataset batch of one frame; ``noise`` is ``(1, T, D0)``."""
-    policy = model.policy
-    device = model.engine.device
-    batch = model.loaded.preprocessor(dict(raw_frame))
-    batch = {k: v for k, v in batch.items() if k.startswith("observation.")}
-    noise = noise.to(device)
+@contextlib.contextmanager
+def sampling_steps(policy, num_steps: int) -> Iterator[None]:
+    """``policy.config.num_steps = num_steps`` inside the block, the saved value restored after it, even on
+    error. lerobot 0.6's SmolVLA ``sample_actions`` reads the step count from its config and takes no
+    step-count argument, so lerobot's own call path can only be timed this way; the error and straightness
+    columns pass the count to ``reflowpairs.solvers.integrate`` instead and never touch the config."""
     saved = policy.config.num_steps
-    times: list[float] = []
+    policy.config.num_steps = num_steps
     try:
-        policy.config.num_steps = num_steps
-        with torch.no_grad():
-            policy.reset()
-            warm = policy.predict_action_chunk(dict(batch), noise=noise.clone())
-            _synchronize(device)
-            for _ in range(repeats):
-                policy.reset()
-                start = time.perf_counter()
-                policy.predict_action_chunk(dict(batch), noise=noise.clone())
-                _synchronize(device)
-                times.append(time.perf_counter() - start)
+        yield
     finally:
         policy.config.num_steps = saved
         policy.reset()
-    return median_ms(times), warm.float().cpu()
+
+
+def _plain_call(model: _Model, batch: dict[str, Any], noise: Tensor, num_steps: int) -> tuple[float, Tensor]:
+    """Seconds for one ``policy.predict_action_chunk(batch, noise=noise)`` at ``num_steps``, and its action."""
+    device = model.engine.device
+    with sampling_steps(model.policy, num_steps):
+        model.policy.reset()
+        _synchronize(device)
+        start = time.perf_counter()
+        action = model.policy.predict_action_chunk(dict(batch), noise=noise.clone())
+        _synchronize(device)
+        return time.perf_counter() - start, action
+
+
+def measure_latencies(
+    models: dict[str, _Model],
+    raw_frame: dict[str, Any],
+    noise: Tensor,
+    steps: Sequence[int],
+    repeats: int,
+    progress: Progress | None = None,
+) -> tuple[dict[tuple[str, int], list[float]], dict[tuple[str, int], Tensor]]:
+    """Milliseconds of ``policy.predict_action_chunk(batch, noise=noise)`` for one frame, per (model, step
+    count): one warm-up call each, then ``repeats`` rounds that each time every (model, step count) once,
+    so a slow spell of a shared machine spreads over all rows instead of biasing one. Report the median.
+
+    ``raw_frame`` is a dataset batch of one frame; ``noise`` is ``(1, T, D0)``. Also returns each warm-up's
+    action ``(1, T, A)`` (on CPU), to check the engine against lerobot's own call path."""
+    todo = [(name, n) for name in models for n in steps]
+    batches = {}
+    for name, model in models.items():
+        batch = model.loaded.preprocessor(dict(raw_frame))
+        batches[name] = {k: v for k, v in batch.items() if k.startswith("observation.")}
+    noise = {name: noise.to(model.engine.device) for name, model in models.items()}
+    total, done = len(todo) * (repeats + 1), 0
+    warm: dict[tuple[str, int], Tensor] = {}
+    times: dict[tuple[str, int], list[float]] = {key: [] for key in todo}
+    for round_ in range(repeats + 1):
+        for name, n in todo:
+            seconds, action = _plain_call(models[name], batches[name], noise[name], n)
+            if round_ == 0:
+                warm[(name, n)] = action.float().cpu()
+            else:
+                times[(name, n)].append(1000.0 * seconds)
+            done += 1
+            if progress is not None:
+                progress("latency", done, total)
+    return times, warm
 
 
 # --- training pairs --------------------------------------------------------------------------------
@@ -561,11 +770,64 @@ def headline(rows: list[dict[str, Any]], key: str = "mse_ref_norm") -> dict[str,
     }
 
 
+def recommend_steps(rows: list[dict[str, Any]], tolerance: float = NEXT_TOLERANCE, key: str = "mse_ref_norm") -> int | None:
+    """The fewest step counts at which the student's error is within ``tolerance`` times its lowest error
+    over the evaluated counts: more steps than that buy little accuracy for their latency. None when the
+    student has no error figures."""
+    errors = {r["num_steps"]: r[key] for r in rows if r["model"] == "student" and r[key] is not None}
+    if not errors:
+        return None
+    best = min(errors.values())
+    return min(n for n, e in errors.items() if e <= best * tolerance)
+
+
+def next_step(report: dict[str, Any]) -> dict[str, Any]:
+    """What to run after this evaluation: the lerobot-eval command for the student at the recommended step
+    count (``recommend_steps``), or, when the student is no better than the teacher at the fewest steps,
+    more training. ``{"num_steps", "rule", "command", "why"}``."""
+    n = recommend_steps(report["rows"])
+    student = report["student"]["source"]
+    rule = f"the fewest steps with the student's MSE to the reference within {NEXT_TOLERANCE:g}x of its lowest"
+    head = report["headline"]
+    training = report["student"].get("training") or {}
+    if head["ratio"] is not None and head["ratio"] >= 1 and training.get("run") and training.get("store"):
+        return {"num_steps": n, "rule": rule,
+                "why": f"the student is no better than the teacher at {head['num_steps']} step(s) (ratio "
+                       f"{head['ratio']:.3g}): train it longer",
+                "command": f"reflowpairs train --pairs {training['store']} --out {training['run']} --resume "
+                           f"--steps {2 * int(training['steps'] or training['step'] or 1)}"}
+    return {"num_steps": n, "rule": rule,
+            "why": f"--policy.num_steps={n}: {rule}; set ENV to your lerobot env type",
+            "command": f"lerobot-eval --policy.path={student} --policy.num_steps={n} --policy.device="
+                       f"{report['settings']['device']} --env.type=ENV --eval.n_episodes=50"}
+
+
+def _training_info(state: dict[str, Any] | None, state_file: Path | None, teacher_check: dict[str, Any]) -> dict[str, Any] | None:
+    """The report's ``student.training``: what the student's reflow_state.json records (None: no state)."""
+    if state is None:
+        return None
+    init = state.get("init") or {}
+    checkpoint = state_file.parent.parent
+    return {
+        "state_file": str(state_file),
+        "run": str(checkpoint.parent.parent),
+        "step": state.get("step"),
+        "steps": state.get("steps"),
+        "init_source": init.get("source"),
+        "init_fingerprint": (init.get("fingerprint") or {}).get("fingerprint"),
+        "store": (state.get("store") or {}).get("path"),
+        "store_id": (state.get("store") or {}).get("store_id"),
+        "teacher_fingerprint": teacher_check["recorded"],
+        "teacher_matches": teacher_check["matches"],
+    }
+
+
 def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run the evaluation and return the report (a JSON-able dict; ``reflowpairs.report`` writes it).
 
-    Every input is checked (settings, both checkpoints' configs and their compatibility, the dataset
-    and episodes) before any weights are loaded."""
+    Every input is checked (settings, both checkpoints' configs and their compatibility, the teacher the
+    student was trained from, the dataset, and which episodes it trained on) before any weights are
+    loaded. Without ``--episodes`` the student is scored on the episodes its training store does not cover."""
     from reflowpairs.dataset import check_features, dataset_fingerprint, dataset_provenance, frame_indices, open_dataset
     from reflowpairs.generate import software_versions
     from reflowpairs.pairstore import PairStore
@@ -580,11 +842,18 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
     check_compatible(teacher_config, student_config, cfg.teacher, cfg.student)
     meta = open_metadata(cfg.dataset, cfg.dataset_root)
     check_episodes(cfg.episodes, meta.total_episodes, cfg.dataset)
+    dataset_fp = dataset_fingerprint(meta)
     if store is not None:
-        check_store(store, student_config, dataset_fingerprint(meta), cfg.dataset)
+        check_store(store, student_config, dataset_fp, cfg.dataset)
+    state_file = student_state_file(cfg.student)
+    state = read_student_state(cfg.student)
+    teacher_fp = _fingerprint("--teacher", cfg.teacher)
+    teacher_check = check_teacher(state, teacher_fp["fingerprint"], cfg)
+    training = training_frames(state, cfg.pairs, meta, dataset_fp)
+    episodes = choose_episodes(cfg, meta.total_episodes, training)
 
     started = time.perf_counter()
-    teacher_loaded = _load("--teacher", cfg.teacher, cfg.device)
+    teacher_loaded = _load("--teacher", cfg.teacher, cfg.device, teacher_fp)
     student_loaded = _load("--student", cfg.student, cfg.device)
     check_features(teacher_loaded.config, meta, rename_map(teacher_loaded.preprocessor))
     check_features(student_loaded.config, meta, rename_map(student_loaded.preprocessor))
@@ -593,7 +862,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
     dataset = open_dataset(
         cfg.dataset,
         cfg.dataset_root,
-        cfg.episodes,
+        episodes,
         delta_timestamps={"action": [i / meta.fps for i in range(chunk_size)]},
     )
     teacher = _Model("teacher", teacher_loaded)
@@ -605,15 +874,9 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
     obs_index = frame_indices(dataset)[positions]
     with torch.no_grad():
         acc, first = _held_out(teacher, student, dataset, positions, steps, ref_steps, cfg, progress)
-        latency: dict[tuple[str, int], float] = {}
-        engine_gap = 0.0
-        todo = [(m, n) for m in MODELS for n in steps]
-        for done, (name, n) in enumerate(todo, 1):
-            model = teacher if name == "teacher" else student
-            latency[(name, n)], plain = measure_latency(model, first["raw"], first["noise"], n, cfg.latency_repeats)
-            engine_gap = max(engine_gap, float((plain - first["engine"][(name, n)]).abs().max()))
-            if progress is not None:
-                progress("latency", done, len(todo))
+        latency, plain = measure_latencies({"teacher": teacher, "student": student}, first["raw"], first["noise"],
+                                           steps, cfg.latency_repeats, progress)
+        engine_gap = max(float((plain[key] - first["engine"][key]).abs().max()) for key in plain)
         pairs = None
         if store is not None:
             pairs = _training_pairs(student, store, cfg, steps, teacher_loaded.fingerprint["fingerprint"], progress)
@@ -629,6 +892,8 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
         solver="euler",
         device=str(teacher.engine.device),
     )
+    evaluated = sorted(int(e) for e in episodes)
+    trained = training["episodes"]
     report = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
@@ -636,10 +901,17 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
         "settings": settings,
         "teacher": {**teacher_loaded.provenance(), "num_steps": ref_steps},
         "student": {**student_loaded.provenance(), "num_steps": int(student_loaded.config.num_steps),
-                    "same_action_normalisation": same_units},
-        "dataset": dataset_provenance(dataset, cfg.episodes),
+                    "same_action_normalisation": same_units,
+                    "training": _training_info(state, state_file, teacher_check)},
+        "dataset": dataset_provenance(dataset, evaluated),
         "frames": {"count": int(len(positions)), "samples_per_frame": cfg.samples_per_frame,
+                   "episodes": evaluated,
+                   "selection": "given" if cfg.episodes is not None else ("held_out" if trained is not None and not cfg.include_training_frames else "all"),
+                   "training": {**training, "included": sorted(set(evaluated) & set(trained)) if trained is not None else None},
                    "obs_index": [int(i) for i in obs_index]},
+        "checks": {"teacher": teacher_check, "allow_mismatch": cfg.allow_mismatch,
+                   "include_training_frames": cfg.include_training_frames},
+        "labels": labels(teacher_check, training, evaluated),
         "rows": rows,
         "headline": headline(rows),
         "pairs": pairs,
@@ -652,7 +924,18 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
         "seconds": time.perf_counter() - started,
     }
     if pairs is not None:
-        evaluated = set(cfg.episodes if cfg.episodes is not None else range(meta.total_episodes))
         stored = set(pairs["episodes"] if pairs["episodes"] is not None else range(meta.total_episodes))
-        report["frames"]["episodes_in_store"] = sorted(evaluated & stored)  # [] when truly held out
+        report["frames"]["episodes_in_store"] = sorted(set(evaluated) & stored)  # [] when truly held out
+    report["next"] = next_step(report)
     return report
+
+
+def labels(teacher_check: dict[str, Any], training: dict[str, Any], evaluated: Sequence[int]) -> list[str]:
+    """Short labels for a report that is not a plain held-out comparison with the student's own teacher
+    (shown on the console, in report.md and on the plot)."""
+    out = []
+    if teacher_check["matches"] is False:
+        out.append("TEACHER MISMATCH (--allow-mismatch)")
+    if training["episodes"] and set(evaluated) & set(training["episodes"]):
+        out.append("TRAINING FRAMES INCLUDED (--include-training-frames)")
+    return out

@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 import shutil
+import statistics
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,11 +23,24 @@ from reflowpairs.evaluate import (
     EvalConfig,
     ErrorSums,
     evaluate,
+    next_step,
     parse_num_steps,
     pick_positions,
+    recommend_steps,
+    sampling_steps,
     straightness,
 )
-from reflowpairs.report import COLUMNS, format_value, markdown, report_notes, table_rows, write_report
+from reflowpairs.report import (
+    COLUMNS,
+    format_value,
+    log_ticks,
+    markdown,
+    next_text,
+    report_notes,
+    steps_vs_error_figure,
+    table_rows,
+    write_report,
+)
 
 STEPS = [1, 2, 5, 10]  # the tiny teacher samples with 10 steps
 
@@ -63,7 +79,7 @@ def main_run(tiny_world, perturbed_student, tiny_store, tmp_path_factory):
         pairs=tiny_store,
         max_frames=3,
         samples_per_frame=2,
-        latency_repeats=1,
+        latency_repeats=3,
         device="cpu",
     )
     phases: list[str] = []
@@ -160,6 +176,44 @@ def test_straightness_and_latency(main_run):
     assert {"held-out frames", "latency", "training pairs"} <= set(phases)
 
 
+def test_latency_is_the_median_of_repeated_calls(main_run):
+    """--latency-repeats 3: three timed calls per row (after a warm-up), the median reported."""
+    _, report, _, _ = main_run
+    for row in report["rows"]:
+        runs = row["latency_ms_runs"]
+        assert len(runs) == 3 and all(t > 0 for t in runs)
+        assert row["latency_ms"] == statistics.median(runs)
+
+
+def test_sampling_steps_restores_the_policy_config():
+    """lerobot's SmolVLA reads the step count from its config: it is set for the block and restored, even on error."""
+    resets = []
+    policy = SimpleNamespace(config=SimpleNamespace(num_steps=10), reset=lambda: resets.append(1))
+    with sampling_steps(policy, 2):
+        assert policy.config.num_steps == 2
+    with pytest.raises(RuntimeError), sampling_steps(policy, 3):
+        raise RuntimeError("sampling failed")
+    assert policy.config.num_steps == 10 and len(resets) == 2
+
+
+def test_next_step_recommends_few_steps_or_more_training(main_run):
+    _, report, _, _ = main_run
+    rows = [{"model": "student", "num_steps": n, "mse_ref_norm": e} for n, e in ((1, 0.05), (2, 0.0105), (4, 0.01), (10, 0.011))]
+    assert recommend_steps(rows) == 2  # the fewest within 1.1x of the lowest (0.01 at 4 steps)
+    assert recommend_steps([{**r, "mse_ref_norm": None} for r in rows]) is None
+    n = recommend_steps(report["rows"])
+    assert report["next"]["num_steps"] == n
+    assert report["next"]["command"] == (f"lerobot-eval --policy.path={report['student']['source']} --policy.num_steps={n} "
+                                         "--policy.device=cpu --env.type=ENV --eval.n_episodes=50")
+    assert next_text(report) == f"next: {report['next']['command']}"
+    assert f"```\n{report['next']['command']}\n```" in markdown(report)
+    worse = copy.deepcopy(report)  # a student no better than its teacher, with a recorded run: train longer
+    worse["headline"]["ratio"] = 1.5
+    worse["student"]["training"] = {"run": "/runs/a", "store": "/pairs/a", "steps": 800, "step": 800}
+    assert next_step(worse)["command"] == "reflowpairs train --pairs /pairs/a --out /runs/a --resume --steps 1600"
+    assert "no better than the teacher at 1 step(s) (ratio 1.5)" in next_step(worse)["why"]
+
+
 def test_training_pairs_section(main_run, tiny_store):
     _, report, _, _ = main_run
     pairs = report["pairs"]
@@ -172,16 +226,19 @@ def test_training_pairs_section(main_run, tiny_store):
 
 
 def test_caveats_about_the_training_pairs_are_noted(main_run):
-    """Evaluated episodes that are in the store, or a store from another teacher, get a note (markdown and console)."""
+    """Evaluated episodes that are in the store, or a store from another teacher, get a note (markdown and console);
+    so does a student with no recorded training state (the perturbed student is a plain lerobot checkpoint)."""
     _, report, _, _ = main_run
-    assert report_notes(report) == []  # held-out episodes, same teacher
+    plain = report_notes(report)  # held-out episodes, same teacher
+    assert len(plain) == 1 and plain[0].startswith("the student has no recorded training state")
+    assert report["student"]["training"] is None and report["frames"]["training"]["status"] == "unrecorded"
     caveat = copy.deepcopy(report)
     caveat["frames"]["episodes_in_store"] = [8]
     caveat["pairs"]["same_teacher"] = False
-    notes = report_notes(caveat)
+    notes = report_notes(caveat)[1:]
     assert len(notes) == 2 and "another teacher" in notes[0] and "episodes [8] are also in the store" in notes[1]
     text = markdown(caveat)
-    assert all(f"Note: {note}" in text for note in notes)
+    assert all(f"Note: {note}" in text for note in report_notes(caveat))
 
 
 # --- pure metric functions -------------------------------------------------------------------------
@@ -211,9 +268,9 @@ def test_error_sums_mask_and_pick_positions():
 
 
 def _printed_rows(text: str) -> list[list[str]]:
-    """The teacher/student rows of a rich table as printed, cell by cell."""
-    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines()]
-    return [r for r in rows if r and r[0] in ("teacher", "student")]
+    """The teacher/student rows of the printed table, cell by cell (cells hold no spaces)."""
+    rows = [line.split() for line in text.splitlines()]
+    return [r for r in rows if len(r) == len(COLUMNS) and r[0] in ("teacher", "student")]
 
 
 def _markdown_rows(text: str) -> list[list[str]]:
@@ -240,6 +297,68 @@ def test_report_files_agree_with_the_table(main_run):
                 assert float(cell) == pytest.approx(row[key], rel=5e-3, abs=1e-300)
     assert "student 1-step error / teacher 1-step error = " + format_value(report["headline"]["ratio"]) in markdown
     assert "Fitting vs generalising" in markdown
+
+
+def test_table_fits_in_80_columns(main_run):
+    """Rendered 80 wide, the table is exactly what it is 200 wide: nothing folded or squeezed, every cell whole."""
+    from rich.console import Console
+
+    from reflowpairs.cli.eval_cmd import pairs_table, report_table
+    from reflowpairs.report import pairs_rows
+
+    _, report, _, _ = main_run
+    for make in (report_table, pairs_table):
+        texts = {}
+        for width in (80, 200):
+            console = Console(width=width, record=True, file=io.StringIO())
+            console.print(make(report))
+            texts[width] = [line.rstrip() for line in console.export_text().splitlines()]
+        assert texts[80] == texts[200], make.__name__
+        assert max(len(line) for line in texts[80]) <= 80
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(report_table(report))
+    assert _printed_rows(console.export_text()) == table_rows(report)
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(pairs_table(report))
+    printed = [line.split() for line in console.export_text().splitlines()]
+    assert [r for r in printed if r and r[0].isdigit()] == pairs_rows(report)
+
+
+def test_one_progress_bar_for_all_stages():
+    from rich.progress import Progress
+
+    from reflowpairs.cli.eval_cmd import StageBar
+
+    bar = Progress(disable=True)
+    stages = StageBar(bar)
+    for phase, total in (("held-out frames", 3), ("latency", 8), ("training pairs", 2)):
+        for done in range(1, total + 1):
+            stages(phase, done, total)
+    assert len(bar.tasks) == 1
+    task = bar.tasks[0]
+    assert (task.description, task.completed, task.total) == ("3. training pairs", 2, 2)
+
+
+def test_log_ticks():
+    assert log_ticks(0.0025, 0.05) == [0.005, 0.01, 0.02, 0.05]  # about one decade: several labels, not one
+    assert log_ticks(0.3, 0.31) == [0.2, 0.3, 0.5]  # padded either side
+    wide = log_ticks(1e-12, 1.0)
+    assert 3 <= len(wide) <= 8 and all(math.log10(v) == round(math.log10(v)) for v in wide)  # powers of ten, thinned
+    assert log_ticks(0.0, 1.0) == []
+
+
+def test_plot_legend_off_the_data_and_readable_log_axis(main_run):
+    _, report, _, _ = main_run
+    fig = steps_vs_error_figure(report)
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    assert len(fig.legends) == 1 and not ax.get_legend()
+    renderer = fig.canvas.get_renderer()
+    assert not fig.legends[0].get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+    lo, hi = ax.get_ylim()
+    shown = [t for t in ax.yaxis.get_major_ticks() if lo <= t.get_loc() <= hi and t.label1.get_text()]
+    assert len(shown) >= 3
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(n) for n in STEPS]
 
 
 def test_plot_is_a_valid_png(main_run):
@@ -315,8 +434,8 @@ def test_cli_on_other_world_teacher_as_student(other_world, other_store, tmp_pat
     assert report["frames"]["count"] == 3 and report["dataset"]["episodes"] == [1, 2]
     for n in (1, 3, 6):  # the same checkpoint as teacher and student: identical rows
         t, s = _row(report, "teacher", n), _row(report, "student", n)
-        assert {k: v for k, v in t.items() if k not in ("model", "latency_ms")} == \
-               {k: v for k, v in s.items() if k not in ("model", "latency_ms")}
+        assert {k: v for k, v in t.items() if k not in ("model", "latency_ms", "latency_ms_runs")} == \
+               {k: v for k, v in s.items() if k not in ("model", "latency_ms", "latency_ms_runs")}
     assert _row(report, "teacher", 6)["mse_ref_norm"] == 0.0
     assert _row(report, "teacher", 1)["mse_ref_norm"] > _row(report, "teacher", 3)["mse_ref_norm"] > 0
     # the teacher reproduces its own stored pairs: obs_index lookup and stored X_0 are right

@@ -6,24 +6,32 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
+from rich.progress import Progress
 from rich.table import Table
 
 from reflowpairs.cli.app import _progress, app, out_console, parse_episodes, user_errors
 
 
 def report_table(report: dict[str, Any]) -> Table:
-    """The report's rows as a rich table (the same cells as report.md, from ``report.table_rows``)."""
-    from reflowpairs.report import COLUMNS, table_rows
+    """The report's rows as a rich table (the same cells as report.md, from ``report.table_rows``), with
+    two-line headers and no vertical rules, so that it fits in 80 columns."""
+    from reflowpairs.report import COLUMNS, CONSOLE_HEADERS, table_rows
 
     settings = report["settings"]
     table = Table(
-        title=f"teacher vs student (reference: teacher, {settings['reference_num_steps']} Euler steps; "
-        f"{report['frames']['count']} frames x {report['frames']['samples_per_frame']} noises)",
+        title=f"teacher vs student: {report['frames']['count']} frames x {report['frames']['samples_per_frame']} "
+        f"noises; reference = teacher, {settings['reference_num_steps']} steps",
+        caption=f"latency: median of {settings['latency_repeats']} calls; norm: teacher's normalised actions",
+        box=box.HORIZONTALS,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
         padding=(0, 1),
     )
     rows = table_rows(report)
-    for i, (_, header) in enumerate(COLUMNS):
-        table.add_column(header, justify="left" if i == 0 else "right", overflow="fold")
+    for i, (key, _) in enumerate(COLUMNS):
+        table.add_column(CONSOLE_HEADERS[key], justify="left" if i == 0 else "right", no_wrap=True)
     for i, cells in enumerate(rows):
         table.add_row(*cells, end_section=i + 1 < len(rows) and report["rows"][i + 1]["model"] != report["rows"][i]["model"])
     return table
@@ -31,14 +39,37 @@ def report_table(report: dict[str, Any]) -> Table:
 
 def pairs_table(report: dict[str, Any]) -> Table:
     """The student's error on its training pairs next to its held-out error (``--pairs``)."""
-    from reflowpairs.report import PAIRS_COLUMNS, pairs_rows
+    from reflowpairs.report import PAIRS_CONSOLE_HEADERS, pairs_rows
 
-    table = Table(title=f"student: training pairs ({report['pairs']['num_frames']} frames) vs held-out frames")
-    for header in PAIRS_COLUMNS:
+    table = Table(title=f"student: training pairs ({report['pairs']['num_frames']} frames) vs held-out frames",
+                  box=box.HORIZONTALS, show_edge=False, pad_edge=False, padding=(0, 1))
+    for header in PAIRS_CONSOLE_HEADERS:
         table.add_column(header, justify="right")
     for cells in pairs_rows(report):
         table.add_row(*cells)
     return table
+
+
+class StageBar:
+    """One progress bar for all of eval's stages: each new stage renames it and restarts its count, so one
+    bar is on screen at a time (and, the bar being transient, none once the table is printed)."""
+
+    def __init__(self, bar: Progress):
+        self.bar = bar
+        self.task: int | None = None
+        self.phase: str | None = None
+        self.stage = 0
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase != self.phase:
+            self.stage += 1
+            self.phase = phase
+            description = f"{self.stage}. {phase}"
+            if self.task is None:
+                self.task = self.bar.add_task(description, total=total, rate="")
+            else:
+                self.bar.reset(self.task, total=total, completed=0, description=description)
+        self.bar.update(self.task, completed=done)
 
 
 @app.command("eval")
@@ -48,7 +79,7 @@ def eval_command(
     dataset: Annotated[str, typer.Option(help="LeRobotDataset repo id.")],
     out: Annotated[Path, typer.Option(help="Directory for report.json, report.md and steps_vs_error.png.")],
     dataset_root: Annotated[Path | None, typer.Option(help="Local root of the dataset (lerobot's root=).")] = None,
-    episodes: Annotated[str | None, typer.Option(help="Episodes to evaluate on, ideally held out, e.g. 8,9 (default: all).")] = None,
+    episodes: Annotated[str | None, typer.Option(help="Episodes to evaluate on, e.g. 8,9 (default: every episode the student did not train on).")] = None,
     num_steps: Annotated[str, typer.Option(help="Step counts to compare, e.g. 1,2,4,10.")] = "1,2,4,10",
     pairs: Annotated[Path | None, typer.Option(help="Pair store the student trained on: also report its error there.")] = None,
     max_frames: Annotated[int, typer.Option(help="Frames to evaluate (evenly spread); also the store frames with --pairs.")] = 64,
@@ -57,32 +88,34 @@ def eval_command(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda[:N] or mps.")] = "auto",
     latency_repeats: Annotated[int, typer.Option(help="Timed calls per latency figure (median, after one warm-up).")] = 5,
     batch_size: Annotated[int, typer.Option(help="Frames per sampling call.")] = 8,
+    allow_mismatch: Annotated[bool, typer.Option(help="Compare with a teacher the student was not trained from (report labelled).")] = False,
+    include_training_frames: Annotated[bool, typer.Option(help="Allow episodes the student trained on (report labelled).")] = False,
 ) -> None:
     """Compare a student with its teacher at each step count: error, straightness, latency; write a report."""
     from reflowpairs.evaluate import EvalConfig, evaluate, parse_num_steps
-    from reflowpairs.report import headline_text, report_notes, write_report
+    from reflowpairs.report import frames_text, headline_text, next_text, report_notes, write_report
 
     with user_errors():
         cfg = EvalConfig(
             student=student, teacher=teacher, dataset=dataset, out=out, num_steps=parse_num_steps(num_steps),
             dataset_root=dataset_root, episodes=parse_episodes(episodes), pairs=pairs, max_frames=max_frames,
             samples_per_frame=samples_per_frame, seed=seed, device=device, latency_repeats=latency_repeats,
-            batch_size=batch_size,
+            batch_size=batch_size, allow_mismatch=allow_mismatch, include_training_frames=include_training_frames,
         )
         with _progress() as bar:
-            tasks: dict[str, int] = {}
-
-            def on_progress(phase: str, done: int, total: int) -> None:
-                if phase not in tasks:
-                    tasks[phase] = bar.add_task(phase, total=total, rate="")
-                bar.update(tasks[phase], completed=done)
-
-            report = evaluate(cfg, progress=on_progress)
+            bar.live.transient = True  # the table replaces the bar
+            report = evaluate(cfg, progress=StageBar(bar))
         files = write_report(report, out)
+    for label in report["labels"]:
+        out_console.print(label, style="bold red", markup=False)
+    out_console.print(frames_text(report), markup=False)
     out_console.print(report_table(report))
     if report.get("pairs"):
         out_console.print(pairs_table(report))
     for note in report_notes(report):
         out_console.print(f"Note: {note}", style="yellow", markup=False)
     out_console.print(headline_text(report), style="bold", markup=False)
-    out_console.print(f"report: {files.json}\ntable:  {files.markdown}\nplot:   {files.plot}", markup=False)
+    out_console.print(f"report: {files.json}\ntable:  {files.markdown}\nplot:   {files.plot}", markup=False, soft_wrap=True)
+    if next_text(report):  # the command on one line (soft-wrapped by the terminal: copy-pasteable), then why
+        out_console.print(next_text(report), style="bold green", markup=False, soft_wrap=True)
+        out_console.print(f"      ({report['next']['why']})", markup=False)
