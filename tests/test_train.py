@@ -317,6 +317,21 @@ def test_a_schedule_is_changed_only_below_lerobots_decay_horizon(tiny_world):
     assert change.lr_after > change.lr_before  # halfway down a schedule twice as long: a higher lr
 
 
+def test_a_run_recorded_before_the_one_step_default_keeps_the_teachers_num_steps(run, tiny_world, tiny_store, tmp_path):
+    """Before --student-num-steps defaulted to 1, a run without it recorded None, meaning the teacher's num_steps: a
+    resume of such a run keeps saving the teacher's."""
+    out = tmp_path / "old"
+    shutil.copytree(run["out"], out, symlinks=True)
+    state_file = out / "checkpoints" / "last" / "training_state" / STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["settings"]["student_num_steps"] = None
+    state_file.write_text(json.dumps(state))
+    result = train(TrainConfig(pairs=tiny_store, out=out, steps=5, resume=True, device="cpu", num_workers=0,
+                               allow_schedule_change=True))
+    teacher = json.loads((tiny_world.teacher_dir / "config.json").read_text())
+    assert json.loads((result.checkpoint / "pretrained_model" / "config.json").read_text())["num_steps"] == teacher["num_steps"]
+
+
 def test_relative_init_is_recorded_as_an_absolute_pretrained_path(tiny_world, tiny_store, tmp_path, monkeypatch):
     monkeypatch.chdir(tiny_world.teacher_dir.parent)
     result = train(_cfg(tiny_store, tmp_path / "o", init=tiny_world.teacher_dir.name, steps=1))

@@ -178,3 +178,31 @@ def test_master_weights_keep_updates_below_the_dtypes_resolution(dtype):
     assert torch.equal(layer.weight, torch.full_like(layer.weight, 1 + 64 * tiny))  # 64 updates of eps/64: one eps
     plain = torch.ones(8, dtype=dtype) + torch.tensor(tiny, dtype=dtype)
     assert torch.equal(plain, torch.ones(8, dtype=dtype))  # what the weight alone would have kept of one update
+
+
+def test_resume_without_or_with_damaged_masters(bf16_store, small_lr_run, tmp_path):
+    """A checkpoint written before master copies existed resumes from its bfloat16 weights, with a warning; a master
+    file that does not fit the trainable parameters, or cannot be read, is refused naming it, and nothing is written."""
+    import shutil
+
+    from reflowpairs.errors import ReflowPairsError
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    shutil.copytree(small_lr_run["out"], out, symlinks=True)
+    masters_file = out / "checkpoints" / "last" / "training_state" / MASTER_FILE
+    saved = load_file(str(masters_file))
+    resume = dict(pairs=bf16_store, out=out, steps=4, resume=True, num_workers=0, device="cpu", allow_schedule_change=True)
+    dropped = dict(saved)
+    dropped.pop(sorted(dropped)[0])
+    save_file(dropped, str(masters_file))
+    with pytest.raises(ReflowPairsError, match=rf"Cannot restore {MASTER_FILE} of .*missing"):
+        train(TrainConfig(**resume))
+    masters_file.write_bytes(b"not safetensors")
+    with pytest.raises(ReflowPairsError, match=rf"Cannot read .*{MASTER_FILE}"):
+        train(TrainConfig(**resume))
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    masters_file.unlink()
+    result = train(TrainConfig(**resume))
+    assert result.step == 4 and any(f"holds no float32 master copies ({MASTER_FILE})" in w for w in result.warnings)
+    assert (result.checkpoint / "training_state" / MASTER_FILE).is_file()
