@@ -1,12 +1,17 @@
 """The three ways to train a student, built on the same checkpoint, data and batch size, for the benchmarks.
 
-- ``ordinary``: lerobot's ordinary fine-tuning step: dataset action chunks -> preprocessor -> ``policy.forward``.
-- ``reflowpairs``: a ``reflowpairs train`` step: stored pairs (``PairDataset`` + ``PairSampler``) joined with their
-  observations -> ``reflow_loss`` (the policy's own forward with noise := X_0, action := X_1).
+- ``ordinary``: lerobot's ordinary fine-tuning step, as ``lerobot_train.update_policy`` does it: dataset action chunks
+  -> preprocessor -> ``policy.forward`` -> backward -> ``clip_grad_norm_(policy.parameters())`` -> ``optimizer.step()``
+  -> ``optimizer.zero_grad()`` -> ``lr_scheduler.step()``, with the optimiser and scheduler its presets build over
+  ``policy.get_optim_params()`` (as ``make_optimizer_and_scheduler`` does).
+- ``reflowpairs``: a ``reflowpairs train`` step, by the functions ``train()`` itself uses (``_build_optimisation``,
+  ``_update``: float32 master copies of low-precision trainables, lerobot's order): stored pairs (``PairDataset`` +
+  ``PairSampler``) joined with their observations -> ``reflow_loss`` (the policy's own forward with noise := X_0,
+  action := X_1).
 - ``online``: the predecessor's online reflow: a teacher in memory runs its 10-step ODE on every batch to make X_1,
-  then the same student step.
+  then the same student step as ``reflowpairs``.
 
-Each side's ``step()`` runs one optimiser step (AdamW over the trainable parameters, as lerobot's preset).
+Each side's ``step()`` runs one optimiser step; no side uses autocast (as ``reflowpairs train --precision float32``).
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ def build_world(root: Path, size: str, samples_per_frame: int = 2) -> World:
     return World(root / "dataset", TINY_REPO_ID, teacher, store)
 
 
+PLANNED_STEPS = 30_000  # the schedules' length (SmolVLA's decay horizon: nothing is rescaled)
+
+
 class Side:
     """One training loop; ``step()`` does one optimiser step and returns the loss."""
 
@@ -55,7 +63,7 @@ class Side:
         from reflowpairs.dataset import frame_indices, open_dataset
         from reflowpairs.engine import make_engine
         from reflowpairs.teacher import load_policy
-        from reflowpairs.train import trainable_parameters
+        from reflowpairs.train import _build_optimisation, trainable_parameters
 
         torch.manual_seed(seed)
         self.name, self.device = name, device
@@ -63,10 +71,15 @@ class Side:
         self.policy, self.preprocessor = loaded.policy, loaded.preprocessor
         self.policy.train()
         self.params = trainable_parameters(self.policy)
-        preset = self.policy.config.get_optimizer_preset()
-        self.optimizer = torch.optim.AdamW(self.params, lr=preset.lr, betas=preset.betas, eps=preset.eps,
-                                           weight_decay=preset.weight_decay)
-        self.grad_clip = preset.grad_clip_norm
+        if name == "ordinary":  # lerobot's make_optimizer_and_scheduler with the policy's presets
+            config = self.policy.config
+            self.optimizer = config.get_optimizer_preset().build(self.policy.get_optim_params())
+            self.scheduler = config.get_scheduler_preset().build(self.optimizer, PLANNED_STEPS)
+            self.grad_clip = config.get_optimizer_preset().grad_clip_norm
+        else:  # reflowpairs train's own: the presets, master copies of low-precision trainables
+            self.opt = _build_optimisation(self.policy, PLANNED_STEPS, {"lr": None, "warmup_steps": None, "grad_clip": None},
+                                           str(world.teacher))
+        self.steps_done = 0
         chunk = self.policy.config.chunk_size
         if name == "reflowpairs":
             from reflowpairs.pairdata import PairDataset, PairSampler, position_lookup
@@ -91,25 +104,26 @@ class Side:
     def step(self) -> float:
         from reflowpairs.solvers import SolverConfig
         from reflowpairs.timesampling import sample_time
-        from reflowpairs.train import reflow_loss
+        from reflowpairs.train import _update
 
         batch = next(self.batches)
-        if self.name == "ordinary":
+        self.steps_done += 1
+        if self.name == "ordinary":  # lerobot_train.update_policy without accelerate (one process, no autocast)
             loss, _ = self.policy.forward(self.preprocessor(batch))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            self.scheduler.step()
+            value = float(loss.detach())
         else:
-            if self.name == "reflowpairs":
-                observation, x0, x1 = batch["observation"], batch["x0"], batch["x1"]
-            else:
-                observation = batch
+            if self.name == "online":
                 x0 = torch.randn(len(batch["index"]), *self.engine.noise_shape)
                 with torch.no_grad():
-                    x1 = self.engine.sample(self.teacher.preprocessor(observation), x0[:, None], SolverConfig("euler", 10))[:, 0]
-            t = sample_time("beta", x0.shape[0], self.generator, self.device)
-            loss, _ = reflow_loss(self.policy, self.preprocessor, observation, x0, x1, t)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
+                    x1 = self.engine.sample(self.teacher.preprocessor(batch), x0[:, None], SolverConfig("euler", 10))[:, 0]
+                batch = {"observation": batch, "x0": x0, "x1": x1, "obs_index": batch["index"]}
+            t = sample_time("beta", batch["x0"].shape[0], self.generator, self.device)
+            value, _, _ = _update(self.policy, self.preprocessor, batch, t, None, self.opt, self.steps_done)
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return float(loss.detach())
+        return value

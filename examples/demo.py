@@ -56,8 +56,10 @@ def main() -> None:
          "--pairs", str(pairs), "--out", str(report), "--device", "cpu"])
 
     headline = json.loads((report / "report.json").read_text())["headline"]
+    student_model = student / "checkpoints" / "last" / "pretrained_model"
+    saved_steps = json.loads((student_model / "config.json").read_text())["num_steps"]  # --student-num-steps: 1 by default
     print(f"\nDone. Tiny world: {world}\nPair store: {pairs} (see docs/pair-store.md)"
-          f"\nStudent: {student / 'checkpoints' / 'last' / 'pretrained_model'} (an ordinary lerobot checkpoint)"
+          f"\nStudent: {student_model} (an ordinary lerobot checkpoint; it samples in {saved_steps} step(s) by default)"
           f"\nReport: {report / 'report.md'}\nPlot: {report / 'steps_vs_error.png'}")
     ratio = headline["ratio"]
     verdict = "meets" if ratio <= 0.5 else "MISSES"

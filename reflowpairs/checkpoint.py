@@ -5,6 +5,8 @@
     OUT/checkpoints/<step>/pretrained_model/   config.json, model.safetensors, policy pre/post-processor files
     OUT/checkpoints/<step>/training_state/     optimizer, scheduler, step and RNG state (lerobot's own files)
                                                + reflow_state.json (data position, settings, provenance)
+                                               + master_params.safetensors (float32 masters of the
+                                                 bfloat16/float16 trainable parameters, when there are any)
     OUT/checkpoints/last -> <step>             relative symlink, as lerobot-train makes it
 
 ``<step>`` is lerobot's ``get_step_identifier`` (zero-padded to 6 digits). Each checkpoint is written
@@ -13,8 +15,8 @@ renaming a fresh symlink over it. A crash at any moment leaves ``last`` on a com
 absent, before the first one), and at worst a ``.tmp-*`` leftover that the next run removes.
 
 ``pretrained_model/config.json`` is the init checkpoint's own config.json, key for key and value for
-value, except ``pretrained_path`` (the init checkpoint, as lerobot-train records ``--policy.path``) and,
-only when asked for, ``num_steps`` (``--student-num-steps``). Writing the init's JSON rather than
+value, except ``pretrained_path`` (the init checkpoint, as lerobot-train records ``--policy.path``) and
+``num_steps`` (``--student-num-steps``: 1 unless asked otherwise, or the teacher's). Writing the init's JSON rather than
 re-serialising the loaded config guarantees that no field drifts (the predecessor's
 ``load_vlm_weights`` and leftover-field bugs).
 """
@@ -31,6 +33,7 @@ from reflowpairs.atomic import fsync_dir, fsync_tree
 from reflowpairs.errors import ReflowPairsError
 
 STATE_FILE = "reflow_state.json"
+MASTER_FILE = "master_params.safetensors"
 STATE_FORMAT = "reflowpairs.train"
 STATE_VERSION = 1
 TMP_PREFIX = ".tmp-"
@@ -83,8 +86,9 @@ def student_config_json(init_config: dict[str, Any], init_source: str, num_steps
     if num_steps is not None:
         if "num_steps" not in config:
             raise ReflowPairsError(
-                "--student-num-steps was given but the init checkpoint's config.json has no num_steps field.",
-                "Drop --student-num-steps for this policy.",
+                f"The student's num_steps would be {num_steps} (--student-num-steps), but the init checkpoint's "
+                "config.json has no num_steps field.",
+                "Pass --student-num-steps teacher for this policy.",
             )
         config["num_steps"] = int(num_steps)
     return config
@@ -117,13 +121,17 @@ def save_checkpoint(
     scheduler,
     state: dict[str, Any],
     batch_size: int | None = None,
+    master_params: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``OUT/checkpoints/<step>`` atomically and repoint ``last`` at it; returns its path.
 
     ``config_json`` is written as ``pretrained_model/config.json`` (see ``student_config_json``);
     weights through lerobot's ``policy.save_pretrained``, processors through their own
     ``save_pretrained``, and the training state through lerobot's ``save_training_state`` plus
-    ``state`` as ``training_state/reflow_state.json``."""
+    ``state`` as ``training_state/reflow_state.json`` and, when not empty, ``master_params`` (name ->
+    float32 tensor, ``MasterWeights.state_dict()``) as ``training_state/master_params.safetensors``."""
+    from safetensors.torch import save_file
+
     from lerobot.common.train_utils import get_step_identifier, save_training_state
 
     root = checkpoints_dir(out)
@@ -142,6 +150,8 @@ def save_checkpoint(
     save_training_state(tmp, step, optimizer, scheduler, batch_size=batch_size)
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": int(step), **state}
     (training_state_dir(tmp) / STATE_FILE).write_text(json.dumps(state, indent=2))
+    if master_params:
+        save_file({k: v.contiguous() for k, v in master_params.items()}, str(training_state_dir(tmp) / MASTER_FILE))
     fsync_tree(tmp)
     old = root / (OLD_PREFIX + name)
     if final.exists():  # the same step saved by an earlier, resumed-from-before-it run
@@ -194,3 +204,20 @@ def load_training_state(checkpoint: Path, optimizer, scheduler) -> int:
             "The checkpoint is damaged or was written with other settings; start a new run in another --out.",
         ) from err
     return int(step)
+
+
+def load_master_params(checkpoint: Path) -> dict[str, Any] | None:
+    """``training_state/master_params.safetensors`` (name -> float32 tensor), or None when the checkpoint has none
+    (a run without low-precision trainable parameters, or one saved before master copies existed)."""
+    from safetensors.torch import load_file
+
+    path = training_state_dir(checkpoint) / MASTER_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises several kinds
+        raise ReflowPairsError(
+            f"Cannot read {path} ({type(err).__name__}: {err}).",
+            "The checkpoint is damaged; resume from an earlier one or start a new run in another --out.",
+        ) from err

@@ -31,11 +31,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,12 @@ from torch import Tensor
 
 from reflowpairs.atomic import check_writable
 from reflowpairs.checkpoint import (
+    MASTER_FILE,
     checkpoints_dir,
     clean_leftovers,
     last_checkpoint,
+    last_link,
+    load_master_params,
     load_training_state,
     pretrained_dir,
     read_state,
@@ -67,8 +71,10 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 # Settings that decide which data, times and updates a run sees. ``None`` in ``TrainConfig`` means
 # "the default" for a new run and "the checkpoint's value" for ``--resume``; a value given on resume
 # that differs from the checkpoint's is refused (the run would not continue as if uninterrupted).
-DEFAULTS: dict[str, Any] = {"batch_size": 32, "seed": 0, "time_sampling": "beta", "shuffle_window": 4}
+DEFAULTS: dict[str, Any] = {"batch_size": 32, "seed": 0, "time_sampling": "beta", "shuffle_window": 4, "student_num_steps": 1}
 INHERITED = ("batch_size", "seed", "time_sampling", "shuffle_window", "lr", "warmup_steps", "grad_clip", "student_num_steps")
+TEACHER_NUM_STEPS = "teacher"  # --student-num-steps teacher: the saved config keeps the teacher's num_steps
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # trainable parameters of these dtypes get float32 master copies
 
 Progress = Callable[[int, int, float], None]
 """``progress(step, total_steps, loss)``, called after every optimiser step."""
@@ -94,11 +100,12 @@ class TrainConfig:
     save_every: int = 1000
     log_every: int = 1
     time_sampling: str | None = None  # "beta" (lerobot's own)
-    student_num_steps: int | None = None  # only then does the saved config's num_steps change
+    student_num_steps: int | str | None = None  # 1: the saved config's num_steps; "teacher" keeps the teacher's
     precision: str = "auto"  # auto: bfloat16 autocast on CUDA (when supported), float32 elsewhere
     shuffle_window: int | None = None  # 4 shards
     resume: bool = False
     allow_mismatch: bool = False
+    allow_schedule_change: bool = False  # resume with a --steps that changes the lr schedule
 
 
 @dataclass
@@ -110,6 +117,13 @@ class TrainResult:
     final_loss: float
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    saved_num_steps: int | None = None  # num_steps of the saved config.json (the student's default step count)
+    teacher_num_steps: int | None = None  # num_steps of the init checkpoint's config.json
+    init_source: str = ""
+    dataset_repo_id: str | None = None
+    dataset_root: Path | None = None
+    held_out_episodes: list[int] = field(default_factory=list)  # dataset episodes the store has no pairs of
+    pairs: Path | None = None
 
     @property
     def steps_per_second(self) -> float:
@@ -209,6 +223,90 @@ def trainable_parameters(policy) -> list[torch.nn.Parameter]:
     return [p for p in policy.get_optim_params() if p.requires_grad]
 
 
+def trainable_named_parameters(policy) -> list[tuple[str, torch.nn.Parameter]]:
+    """``trainable_parameters`` with their ``named_parameters`` names (the names of ``model.safetensors``)."""
+    names = {id(p): name for name, p in policy.named_parameters()}
+    return [(names[id(p)], p) for p in trainable_parameters(policy)]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+class MasterWeights:
+    """Float32 master copies of the trainable bfloat16/float16 parameters (classic mixed-precision training).
+
+    A bfloat16 parameter holds 8 significant bits: an AdamW update smaller than half its spacing (about
+    ``|w| * 2**-9``) rounds away, and at fine-tuning learning rates most updates do. So the optimiser steps
+    float32 *masters* instead: ``params`` (what the optimiser is built on) holds, for each trainable parameter,
+    the parameter itself when it is float32 and its float32 master when it is bfloat16/float16. The model keeps
+    computing, and is saved, in its own dtypes: after each optimiser step every low-precision parameter is set
+    to its master rounded to nearest (``Tensor.copy_``). Parameters without a master copy cost nothing extra.
+
+    ``step`` is one update in lerobot's order (``lerobot_train.update_policy``: backward, clip, ``step``,
+    ``zero_grad``), so no gradient lives through the next forward."""
+
+    def __init__(self, named: list[tuple[str, torch.nn.Parameter]]):
+        self.names = [name for name, _ in named]
+        self.model_params = [p for _, p in named]
+        self.params: list[torch.nn.Parameter] = [
+            torch.nn.Parameter(p.detach().to(torch.float32, copy=True)) if p.dtype in LOW_PRECISION else p
+            for p in self.model_params
+        ]
+
+    def _copies(self):
+        """``(name, model parameter, float32 master)`` of each parameter that has a master copy."""
+        return [(n, p, m) for n, p, m in zip(self.names, self.model_params, self.params, strict=True) if m is not p]
+
+    def dtype_counts(self) -> dict[str, int]:
+        """Trainable elements per model dtype, e.g. ``{"bfloat16": 1200, "float32": 300}``."""
+        counts: dict[str, int] = {}
+        for p in self.model_params:
+            counts[dtype_name(p.dtype)] = counts.get(dtype_name(p.dtype), 0) + p.numel()
+        return counts
+
+    @property
+    def has_copies(self) -> bool:
+        return bool(self._copies())
+
+    def step(self, optimizer: torch.optim.Optimizer, grad_clip: float) -> Tensor:
+        """After ``loss.backward()``: move the model's gradients onto the masters (as float32; the low-precision
+        gradients are freed), clip on the masters, step the optimiser, round the masters into the model and clear
+        every gradient. Returns the total gradient norm before clipping (``clip_grad_norm_``)."""
+        for _, param, master in self._copies():
+            master.grad = None if param.grad is None else param.grad.to(torch.float32)
+            param.grad = None
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
+        optimizer.step()
+        self._round_into_model()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _round_into_model(self) -> None:
+        with torch.no_grad():
+            for _, param, master in self._copies():
+                param.copy_(master)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The float32 masters by parameter name (empty when no parameter has a master copy)."""
+        return {name: master.detach() for name, _, master in self._copies()}
+
+    def load_state_dict(self, masters: dict[str, Tensor]) -> None:
+        """Restore the masters (``state_dict``'s names and shapes) and round them into the model."""
+        expected = {name: tuple(m.shape) for name, _, m in self._copies()}
+        given = {name: tuple(t.shape) for name, t in masters.items()}
+        if given != expected:
+            missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+            reshaped = sorted(n for n in set(expected) & set(given) if expected[n] != given[n])
+            raise ValueError(f"master copies differ from the trainable parameters: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}, other shapes {reshaped[:3]}")
+        with torch.no_grad():
+            for name, _, master in self._copies():
+                master.copy_(masters[name])
+        self._round_into_model()
+
+
 # --- input checks -----------------------------------------------------------------------------------
 
 
@@ -220,12 +318,16 @@ def _check_args(cfg: TrainConfig) -> None:
         ("--log-every", cfg.log_every, 1),
         ("--num-workers", cfg.num_workers, 0),
         ("--shuffle-window", cfg.shuffle_window, 1),
-        ("--student-num-steps", cfg.student_num_steps, 1),
         ("--warmup-steps", cfg.warmup_steps, 0),
         ("--seed", cfg.seed, 0),
     ):
         if value is not None and value < least:
             raise ReflowPairsError(f"{name} must be at least {least}, got {value}.")
+    if isinstance(cfg.student_num_steps, str):
+        parse_student_num_steps(cfg.student_num_steps)  # refuses anything but a number or "teacher"
+    elif cfg.student_num_steps is not None and cfg.student_num_steps < 1:
+        raise ReflowPairsError(f"--student-num-steps must be at least 1, got {cfg.student_num_steps}.",
+                               "Pass a step count such as 1 or 2, or 'teacher' to keep the teacher's num_steps.")
     for name, value in (("--lr", cfg.lr), ("--grad-clip", cfg.grad_clip)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ReflowPairsError(f"{name} must be a positive number, got {value}.")
@@ -270,12 +372,76 @@ def sync_lr_to_schedule(optimizer, scheduler) -> None:
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
+def scheduled_lr(plan: OptimPlan, steps: int, step: int) -> float:
+    """The lr that optimiser step ``step`` (1-based, as ``train_log.jsonl`` counts) uses under ``plan`` in a
+    ``steps``-step run: the preset's lr times the schedule's factor after ``step - 1`` scheduler steps."""
+    if plan.scheduler is None:
+        return float(plan.optimizer.lr)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=plan.optimizer.lr)
+    scheduler = plan.scheduler.build(optimizer, steps)
+    return float(scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step - 1))
+
+
+@dataclass
+class ScheduleChange:
+    """How resuming a run planned for ``old_steps`` with ``--steps new_steps`` changes its lr schedule."""
+
+    old_steps: int
+    new_steps: int
+    old: dict[str, Any]  # OptimPlan.describe() of each plan
+    new: dict[str, Any]
+    step: int  # the first resumed step
+    lr_before: float  # its lr under the old plan
+    lr_after: float  # and under the new one
+
+    def describe(self) -> str:
+        def sched(d: dict[str, Any]) -> str:
+            return f"warmup {d['warmup_steps']:,}, decay over {d['decay_steps']:,}"
+
+        def lr(x: float) -> str:
+            return f"{x:.1e}".replace("e-0", "e-").replace("e+0", "e")
+
+        return (f"planned for {self.old_steps:,} steps ({sched(self.old)}), now {self.new_steps:,} ({sched(self.new)}): "
+                f"the lr at step {self.step:,} goes from {lr(self.lr_before)} to {lr(self.lr_after)}")
+
+
+def schedule_change(policy_config, settings: dict[str, Any], old_steps: int, new_steps: int, start_step: int) -> ScheduleChange | None:
+    """None when a run resumed at ``start_step`` with ``--steps new_steps`` keeps the schedule it was planned
+    with for ``old_steps`` (lerobot's schedule depends on the run length only below the preset's decay horizon);
+    otherwise what changes."""
+    plan = {n: plan_optimizer(policy_config, n, settings["lr"], settings["warmup_steps"], settings["grad_clip"])
+            for n in (old_steps, new_steps)}
+    old, new = plan[old_steps].describe(), plan[new_steps].describe()
+    if old == new:
+        return None
+    step = start_step + 1
+    return ScheduleChange(old_steps, new_steps, old, new, step,
+                          scheduled_lr(plan[old_steps], old_steps, step), scheduled_lr(plan[new_steps], new_steps, step))
+
+
+def parse_student_num_steps(text: str | None) -> int | str | None:
+    """``--student-num-steps``: ``"2"`` -> 2, ``"teacher"`` -> ``"teacher"``, None -> None (the default)."""
+    if text is None or text.strip().lower() == TEACHER_NUM_STEPS:
+        return None if text is None else TEACHER_NUM_STEPS
+    try:
+        return int(text)
+    except ValueError:
+        raise ReflowPairsError(
+            f"--student-num-steps must be a whole number of steps or 'teacher', got {text!r}.",
+            "Pass e.g. --student-num-steps 1 (the default) or --student-num-steps teacher to keep the teacher's num_steps.",
+        ) from None
+
+
 def _resolve_settings(cfg: TrainConfig, state: dict[str, Any] | None) -> dict[str, Any]:
     """The run's data/optimiser settings: given values, else the checkpoint's (resume), else defaults."""
     given = {name: getattr(cfg, name) for name in INHERITED}
+    if isinstance(given["student_num_steps"], str):
+        given["student_num_steps"] = parse_student_num_steps(given["student_num_steps"])
     if state is None:
         return {name: given[name] if given[name] is not None else DEFAULTS.get(name) for name in INHERITED}
-    recorded = state["settings"]
+    recorded = dict(state["settings"])
+    if recorded.get("student_num_steps") is None:  # runs before --student-num-steps defaulted to 1: the teacher's
+        recorded["student_num_steps"] = TEACHER_NUM_STEPS
     differences = [
         f"{name}: the checkpoint has {recorded.get(name)!r}, this run asks for {given[name]!r}"
         for name in INHERITED
@@ -488,7 +654,121 @@ class _StopFlag:
         return False
 
 
-# --- the run ----------------------------------------------------------------------------------------
+# --- the run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Optimisation:
+    """What updates the student: ``optimizer`` steps ``masters.params`` (float32 masters of the low-precision
+    trainable parameters, the float32 ones themselves); ``scheduler`` is None for a preset without one."""
+
+    plan: OptimPlan
+    masters: MasterWeights
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+
+def _build_optimisation(policy, steps: int, settings: dict[str, Any], init_source: str) -> _Optimisation:
+    plan = plan_optimizer(policy.config, steps, settings["lr"], settings["warmup_steps"], settings["grad_clip"])
+    named = trainable_named_parameters(policy)
+    if not named:
+        raise ReflowPairsError(f"The policy in {init_source} has no trainable parameters under its config.")
+    masters = MasterWeights(named)
+    optimizer = plan.optimizer.build(masters.params)
+    scheduler = plan.scheduler.build(optimizer, steps) if plan.scheduler is not None else None
+    return _Optimisation(plan, masters, optimizer, scheduler)
+
+
+def _check_resume_steps(cfg: TrainConfig, state: dict[str, Any], policy_config, settings: dict[str, Any]) -> ScheduleChange | None:
+    """Refuse a resume past its end, or one whose ``--steps`` changes the lr schedule (unless
+    ``--allow-schedule-change``); returns the change that is allowed, if any."""
+    start_step, old_steps = int(state["step"]), int(state["steps"])
+    if start_step >= cfg.steps:
+        raise ReflowPairsError(
+            f"The run in {cfg.out} is already at step {start_step}, and --steps is {cfg.steps}.",
+            "Pass a larger --steps to train further.",
+        )
+    change = schedule_change(policy_config, settings, old_steps, cfg.steps, start_step)
+    if change is not None and not cfg.allow_schedule_change:
+        keep = f", or resume with --steps {old_steps} to keep it" if start_step < old_steps else ""
+        raise ReflowPairsError(
+            f"Resuming the run in {cfg.out} with --steps {cfg.steps} would change its lr schedule mid-run: {change.describe()}.",
+            f"Pass --allow-schedule-change to continue on the {cfg.steps:,}-step schedule{keep}.",
+        )
+    return change
+
+
+def _restore(opt: _Optimisation, checkpoint: Path, warnings: list[str]) -> int:
+    """Restore optimiser, scheduler, RNG state and float32 master copies from ``checkpoint``; returns its step."""
+    start_step = load_training_state(checkpoint, opt.optimizer, opt.scheduler)
+    if opt.scheduler is not None:
+        sync_lr_to_schedule(opt.optimizer, opt.scheduler)
+    if opt.masters.has_copies:
+        saved = load_master_params(checkpoint)
+        if saved is None:  # a checkpoint written before master copies: they start from its rounded weights
+            warnings.append(f"{checkpoint} holds no float32 master copies ({MASTER_FILE}); they start from its saved weights.")
+        else:
+            try:
+                opt.masters.load_state_dict(saved)
+            except ValueError as err:
+                raise ReflowPairsError(f"Cannot restore {MASTER_FILE} of {checkpoint}: {err}.",
+                                       "The checkpoint was written for other trainable parameters; start a new run in another --out.") from err
+    return start_step
+
+
+def _held_out_episodes(inputs: _Inputs) -> list[int]:
+    """Episodes of the dataset that the store has no pairs of (``generation.episodes``; None: all of them)."""
+    stored = inputs.store.manifest.get("generation", {}).get("episodes")
+    total = int(inputs.dataset.meta.total_episodes)
+    return [] if stored is None else sorted(set(range(total)) - {int(e) for e in stored})
+
+
+def _plan_info(cfg: TrainConfig, inputs: _Inputs, opt: _Optimisation, settings: dict[str, Any], resume_from: Path | None,
+               start_step: int, samples_seen: int, device: str, autocast_dtype: torch.dtype | None,
+               change: ScheduleChange | None, config_json: dict[str, Any]) -> dict[str, Any]:
+    """What ``on_plan`` receives: the run as it will happen."""
+    policy = inputs.loaded.policy
+    return {
+        "init": inputs.init_source,
+        "resumed_from": str(resume_from) if resume_from is not None else None,
+        "start_step": start_step,
+        "steps": cfg.steps,
+        "device": device,
+        "precision": "bfloat16 autocast" if autocast_dtype is not None else "float32",
+        "trainable_params": sum(p.numel() for p in opt.masters.model_params),
+        "trainable_dtypes": opt.masters.dtype_counts(),  # elements per dtype, e.g. {"bfloat16": N, "float32": M}
+        "master_copies": opt.masters.has_copies,  # bfloat16/float16 trainables step as float32 masters
+        "total_params": sum(p.numel() for p in policy.parameters()),
+        "num_pairs": len(inputs.store),
+        "samples_seen": samples_seen,
+        **{k: settings[k] for k in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps")},
+        "saved_num_steps": config_json.get("num_steps"),
+        "teacher_num_steps": inputs.init_config.get("num_steps"),
+        **opt.plan.describe(),
+        "schedule_change": None if change is None else {**asdict(change), "text": change.describe()},
+        "warnings": list(inputs.warnings),
+    }
+
+
+def _update(model, preprocessor, batch: dict[str, Any], t: Tensor, autocast_dtype: torch.dtype | None, opt: _Optimisation,
+            step: int) -> tuple[float, float, float]:
+    """Optimiser step ``step`` (1-based) in lerobot's order (``update_policy``): forward, backward, clip, step,
+    ``zero_grad``, scheduler step. Returns the loss, the gradient norm before clipping and the lr it used."""
+    device_type = t.device.type
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss, _ = reflow_loss(model, preprocessor, batch["observation"], batch["x0"], batch["x1"], t)
+    if not torch.isfinite(loss):
+        raise ReflowPairsError(
+            f"The loss became non-finite at step {step} (obs_index {batch['obs_index'].tolist()[:8]} ...).",
+            "Lower --lr or check the store with `reflowpairs validate`; the last checkpoint is kept "
+            "(--resume continues from it).",
+        )
+    loss.backward()
+    lr = opt.optimizer.param_groups[0]["lr"]
+    grad_norm = opt.masters.step(opt.optimizer, float(opt.plan.optimizer.grad_clip_norm))
+    if opt.scheduler is not None:
+        opt.scheduler.step()
+    return float(loss.detach()), float(grad_norm), lr
 
 
 def train(
@@ -499,7 +779,8 @@ def train(
 ) -> TrainResult:
     """Run stage 2. ``on_verify(shards_done, total)`` reports the store check; ``on_plan(plan)`` is called
     once before the first step with what the run will do (init, device, precision, effective
-    optimiser/schedule, parameter counts, start step); ``progress(step, total, loss)`` after each step.
+    optimiser/schedule, parameter counts and dtypes, start step, a schedule change on resume);
+    ``progress(step, total, loss)`` after each step.
 
     Ctrl-C (SIGINT) finishes the step in flight, saves a checkpoint and raises ``TrainingInterrupted``
     (a second Ctrl-C stops at once, keeping the last checkpoint); rerun with ``resume=True`` to continue."""
@@ -507,6 +788,7 @@ def train(
 
     from reflowpairs.teacher import resolve_device
 
+    # Checks: settings, --out, inputs; nothing is written before they pass.
     _check_args(cfg)
     out = Path(cfg.out)
     resume_from = _check_out(out, cfg.resume)
@@ -517,54 +799,19 @@ def train(
     autocast_dtype = _precision(cfg.precision, device)
     inputs = _prepare(cfg, resume_from, state, on_verify)
     policy, preprocessor = inputs.loaded.policy, inputs.loaded.preprocessor
+    change = _check_resume_steps(cfg, state, policy.config, settings) if state is not None else None
+    config_json = student_config_json(inputs.init_config, inputs.init_source, _saved_num_steps(settings["student_num_steps"]))
     batch_size = int(settings["batch_size"])
 
-    plan = plan_optimizer(policy.config, cfg.steps, settings["lr"], settings["warmup_steps"], settings["grad_clip"])
-    params = trainable_parameters(policy)
-    if not params:
-        raise ReflowPairsError(f"The policy in {inputs.init_source} has no trainable parameters under its config.")
-    optimizer = plan.optimizer.build(params)
-    scheduler = plan.scheduler.build(optimizer, cfg.steps) if plan.scheduler is not None else None
+    # Optimiser, schedule and master copies; restored on resume.
+    opt = _build_optimisation(policy, cfg.steps, settings, inputs.init_source)
     start_step, samples_seen = 0, 0
     if resume_from is not None:
-        start_step = load_training_state(resume_from, optimizer, scheduler)
-        if scheduler is not None:
-            sync_lr_to_schedule(optimizer, scheduler)
-        samples_seen = int(state["samples_seen"])
-        if start_step >= cfg.steps:
-            raise ReflowPairsError(
-                f"The run in {out} is already at step {start_step}, and --steps is {cfg.steps}.",
-                "Pass a larger --steps to train further.",
-            )
+        start_step, samples_seen = _restore(opt, resume_from, inputs.warnings), int(state["samples_seen"])
     else:
         set_seed(int(settings["seed"]))
-
-    store_info = {
-        "path": str(Path(cfg.pairs).resolve()),
-        "store_id": inputs.store.manifest.get("store_id"),
-        "teacher_fingerprint": inputs.store.manifest.get("teacher", {}).get("fingerprint"),
-        "dataset_fingerprint": inputs.store.manifest.get("dataset", {}).get("fingerprint"),
-        "num_pairs": len(inputs.store),
-    }
-    config_json = student_config_json(inputs.init_config, inputs.init_source, settings["student_num_steps"])
-    total_params = sum(p.numel() for p in policy.parameters())
-    plan_info = {
-        "init": inputs.init_source,
-        "resumed_from": str(resume_from) if resume_from is not None else None,
-        "start_step": start_step,
-        "steps": cfg.steps,
-        "device": device,
-        "precision": "bfloat16 autocast" if autocast_dtype is not None else "float32",
-        "trainable_params": sum(p.numel() for p in params),
-        "total_params": total_params,
-        "num_pairs": len(inputs.store),
-        "samples_seen": samples_seen,
-        **{k: settings[k] for k in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps")},
-        **plan.describe(),
-        "warnings": list(inputs.warnings),
-    }
     if on_plan is not None:
-        on_plan(plan_info)
+        on_plan(_plan_info(cfg, inputs, opt, settings, resume_from, start_step, samples_seen, device, autocast_dtype, change, config_json))
 
     # Every check has passed: only now is --out touched.
     if dist.is_main:
@@ -590,12 +837,19 @@ def train(
         generator=torch.Generator().manual_seed(int(settings["seed"])),
         persistent_workers=cfg.num_workers > 0,
     )
+    store_info = {
+        "path": str(Path(cfg.pairs).resolve()),
+        "store_id": inputs.store.manifest.get("store_id"),
+        "teacher_fingerprint": inputs.store.manifest.get("teacher", {}).get("fingerprint"),
+        "dataset_fingerprint": inputs.store.manifest.get("dataset", {}).get("fingerprint"),
+        "num_pairs": len(inputs.store),
+    }
 
     def state_for(step: int) -> dict[str, Any]:
         return {
             "samples_seen": samples_seen + (step - start_step) * batch_size * dist.world,
             "settings": {name: settings[name] for name in INHERITED},
-            "effective": plan.describe(),
+            "effective": opt.plan.describe(),
             "store": store_info,
             "init": {"source": inputs.init_source, "fingerprint": inputs.init_fingerprint},
             "init_config": inputs.init_config,
@@ -607,12 +861,12 @@ def train(
         try:
             return save_checkpoint(
                 out, step, cfg.steps, policy, preprocessor, inputs.loaded.postprocessor, config_json,
-                optimizer, scheduler, state_for(step), batch_size=batch_size,
+                opt.optimizer, opt.scheduler, state_for(step), batch_size=batch_size, master_params=opt.masters.state_dict(),
             )
         except OSError as err:
             raise _write_failed(out, f"checkpoint {step}", err, checkpoint) from err
 
-    grad_clip = float(plan.optimizer.grad_clip_norm)
+    # The loop: one optimiser step per batch, a log line, a checkpoint every --save-every steps.
     policy.train()
     started = time.perf_counter()
     step, loss_value, saved_at, checkpoint = start_step, float("nan"), start_step, resume_from
@@ -624,25 +878,10 @@ def train(
                 batch = next(batches)
                 generator = step_generator(settings["seed"], (step + 1) * dist.world + dist.rank)
                 t = sample_time(settings["time_sampling"], len(batch["x0"]), generator, device)
-                with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                    loss, _ = reflow_loss(model, preprocessor, batch["observation"], batch["x0"], batch["x1"], t)
-                if not torch.isfinite(loss):
-                    raise ReflowPairsError(
-                        f"The loss became non-finite at step {step + 1} (obs_index {batch['obs_index'].tolist()[:8]} ...).",
-                        "Lower --lr or check the store with `reflowpairs validate`; the last checkpoint is kept "
-                        "(--resume continues from it).",
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
+                loss_value, grad_norm, lr = _update(model, preprocessor, batch, t, autocast_dtype, opt, step + 1)
                 step += 1
-                loss_value = float(loss.detach())
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                    record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                               "seconds": round(time.perf_counter() - started, 3)}
                     try:
                         log.write(json.dumps(record) + "\n")
@@ -664,11 +903,68 @@ def train(
             del batches
     dist.barrier()  # the main process has written the last checkpoint
     dist.close()
-    return TrainResult(out, checkpoint, start_step, step, loss_value, time.perf_counter() - started, inputs.warnings)
+    return TrainResult(
+        out, checkpoint, start_step, step, loss_value, time.perf_counter() - started, inputs.warnings,
+        saved_num_steps=config_json.get("num_steps"), teacher_num_steps=inputs.init_config.get("num_steps"),
+        init_source=inputs.init_source, dataset_repo_id=inputs.store.manifest.get("dataset", {}).get("repo_id"),
+        dataset_root=Path(inputs.dataset.root), held_out_episodes=_held_out_episodes(inputs), pairs=Path(cfg.pairs),
+    )
+
+
+def _saved_num_steps(setting: int | str) -> int | None:
+    """The ``num_steps`` to write into the student's config.json (None: keep the teacher's)."""
+    return None if setting == TEACHER_NUM_STEPS else int(setting)
+
+
+def _episode_list(episodes: list[int]) -> str:
+    """``[0, 1, 2, 5, 8, 9]`` -> ``"0-2,5,8-9"`` (``--episodes`` syntax)."""
+    parts: list[str] = []
+    for episode in episodes:
+        if parts and episode == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = parts[-1].split("-")[0] + f"-{episode}"
+        else:
+            parts.append(str(episode))
+    return ",".join(parts)
+
+
+def _teacher_env_type(init_source: str) -> str | None:
+    """The ``env.type`` a lerobot-train teacher was trained for (its ``train_config.json``), if it is local and says."""
+    path = Path(init_source) / "train_config.json"
+    try:
+        env = json.loads(path.read_text()).get("env") if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    return env.get("type") if isinstance(env, dict) else None
+
+
+def next_commands(result: TrainResult) -> dict[str, str]:
+    """The commands that use a finished run's student (``OUT/checkpoints/last/pretrained_model``):
+    ``lerobot_eval`` (lerobot's own evaluation, at the saved ``num_steps``; ``--env.type`` is the teacher's
+    lerobot-train environment when its ``train_config.json`` names one, else ``...`` for the user to fill in) and
+    ``reflowpairs_eval`` (teacher vs student at each step count, on the episodes the store holds no pairs of)."""
+    student = pretrained_dir(last_link(result.out))
+    lerobot = ["lerobot-eval", f"--policy.path={student}", f"--env.type={_teacher_env_type(result.init_source) or '...'}"]
+    ours = ["reflowpairs", "eval", "--student", str(student), "--teacher", result.init_source]
+    if result.dataset_repo_id:
+        ours += ["--dataset", result.dataset_repo_id]
+    if result.dataset_root is not None:
+        ours += ["--dataset-root", str(result.dataset_root)]
+    if result.held_out_episodes:
+        ours += ["--episodes", _episode_list(result.held_out_episodes)]
+    if result.pairs is not None:
+        ours += ["--pairs", str(result.pairs)]
+    ours += ["--out", str(Path(result.out) / "eval")]
+    return {"lerobot_eval": shlex.join(lerobot), "reflowpairs_eval": shlex.join(ours)}
 
 
 __all__ = [
     "DEFAULTS",
+    "MasterWeights",
+    "ScheduleChange",
+    "next_commands",
+    "parse_student_num_steps",
+    "schedule_change",
+    "scheduled_lr",
     "LOG_FILE",
     "TIME_SAMPLINGS",
     "TrainConfig",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from reflowpairs.checkpoint import STATE_FILE
+from reflowpairs.checkpoint import MASTER_FILE, STATE_FILE
 from reflowpairs.cli.app import app
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pairdata import PairSampler, drop_action_keys, epoch_order
@@ -95,20 +96,43 @@ def test_layout_like_lerobot_train(run):
         "training_step.json", STATE_FILE,
     }
     assert json.loads((state / "training_step.json").read_text())["step"] == 4
+    assert not (state / MASTER_FILE).exists()  # a float32 policy steps its own parameters: no master copies
     assert json.loads((state / STATE_FILE).read_text())["samples_seen"] == 4 * BATCH
     log = _log(run["out"])
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in log)
 
 
-def test_config_json_is_the_teachers(run, tiny_world):
+def test_config_json_is_the_teachers_with_a_one_step_default(run, tiny_world):
+    """Only pretrained_path and num_steps differ: the student samples in 1 step by default (lerobot-eval uses it)."""
     teacher = json.loads((tiny_world.teacher_dir / "config.json").read_text())
     student = json.loads((run["out"] / "checkpoints" / "last" / "pretrained_model" / "config.json").read_text())
     assert set(student) == set(teacher)
-    changed = {k for k in teacher if teacher[k] != student[k]}
-    assert changed <= {"pretrained_path", "device"}
+    assert {k for k in teacher if teacher[k] != student[k]} == {"pretrained_path", "num_steps"}
     assert student["pretrained_path"] == str(tiny_world.teacher_dir)
-    assert student["load_vlm_weights"] == teacher["load_vlm_weights"] and student["num_steps"] == teacher["num_steps"]
+    assert student["num_steps"] == 1 != teacher["num_steps"]
+    assert (run["result"].saved_num_steps, run["result"].teacher_num_steps) == (1, teacher["num_steps"])
+    state = json.loads((run["out"] / "checkpoints" / "last" / "training_state" / STATE_FILE).read_text())
+    assert state["settings"]["student_num_steps"] == 1
+
+
+def test_student_num_steps_teacher_keeps_the_teachers_and_resume_keeps_the_setting(tiny_world, tiny_store, tmp_path):
+    teacher = json.loads((tiny_world.teacher_dir / "config.json").read_text())
+    out = tmp_path / "o"
+    first = train(_cfg(tiny_store, out, steps=1, student_num_steps="teacher"))
+    saved = json.loads((first.checkpoint / "pretrained_model" / "config.json").read_text())
+    assert {k for k in teacher if teacher[k] != saved[k]} == {"pretrained_path"}
+    assert first.saved_num_steps == teacher["num_steps"]
+    # Resumed without the option: the run's recorded setting ("teacher"), not the new-run default of 1.
+    again = train(TrainConfig(pairs=tiny_store, out=out, steps=2, resume=True, device="cpu", num_workers=0,
+                              allow_schedule_change=True))
+    resumed = json.loads((again.checkpoint / "pretrained_model" / "config.json").read_text())
+    assert resumed["num_steps"] == teacher["num_steps"] and again.saved_num_steps == teacher["num_steps"]
+    # Given on resume, it only changes what is saved (training is unaffected), and is recorded for later resumes.
+    third = train(TrainConfig(pairs=tiny_store, out=out, steps=3, resume=True, device="cpu", num_workers=0,
+                              allow_schedule_change=True, student_num_steps=2))
+    assert json.loads((third.checkpoint / "pretrained_model" / "config.json").read_text())["num_steps"] == 2
+    assert json.loads((third.checkpoint / "training_state" / STATE_FILE).read_text())["settings"]["student_num_steps"] == 2
 
 
 def test_weights_have_the_teachers_names_shapes_dtypes_and_frozen_values(run, tiny_world):
@@ -182,6 +206,23 @@ def test_a_step_loss_is_the_policys_own_forward(run, tiny_world, tiny_store):
     assert abs(_log(run["out"])[0]["loss"] - loss.item()) < 1e-5
 
 
+def test_no_gradient_lives_through_a_forward(tiny_store, tmp_path, monkeypatch):
+    """lerobot's order (update_policy): backward, clip, step, zero_grad; so each forward starts with no gradients
+    held (the previous step's would add their size to the forward's peak memory)."""
+    import reflowpairs.train as train_module
+
+    held = []
+    original = train_module.reflow_loss
+
+    def recording_loss(model, *args):
+        held.append(sum(p.grad is not None for p in model.parameters()))
+        return original(model, *args)
+
+    monkeypatch.setattr(train_module, "reflow_loss", recording_loss)
+    result = train(_cfg(tiny_store, tmp_path / "o", steps=3, save_every=100))
+    assert result.step == 3 and held == [0, 0, 0]
+
+
 # --- resume and interruption -----------------------------------------------------------------------------
 
 
@@ -211,18 +252,84 @@ def test_resume_continues_as_if_uninterrupted(tiny_store, tmp_path):
 
 
 def test_resume_with_more_steps_follows_the_new_schedule(tiny_store, tmp_path):
-    """--steps 3, then --steps 6 --resume: steps 4-6 use the 6-step schedule's lr, the first of them included (the
-    restored optimiser state still held the 3-step schedule's last lr)."""
+    """--steps 3, then --steps 6 --resume: refused (the lr schedule would change mid-run) unless
+    --allow-schedule-change; then the plan states the change and steps 4-6 use the 6-step schedule's lr, the first
+    of them included (the restored optimiser state still held the 3-step schedule's last lr)."""
     straight = tmp_path / "straight"
     train(_cfg(tiny_store, straight, steps=6, save_every=100))
     longer = tmp_path / "longer"
     train(_cfg(tiny_store, longer, steps=3, save_every=100))
-    result = train(TrainConfig(pairs=tiny_store, out=longer, steps=6, resume=True, device="cpu", num_workers=0, save_every=100))
+    a, first_leg = _log(straight), _log(longer)
+    resume = dict(pairs=tiny_store, out=longer, steps=6, resume=True, device="cpu", num_workers=0, save_every=100)
+    before = _tree(longer)
+    with pytest.raises(ReflowPairsError) as err:
+        train(TrainConfig(**resume))
+    old_lr = plan_optimizer_lr(longer, steps=3, step=4)
+    assert "with --steps 6 would change its lr schedule mid-run" in err.value.what
+    stated = re.search(r"the lr at step 4 goes from (\S+) to (\S+)\.$", err.value.what)
+    assert stated and float(stated[1]) == pytest.approx(old_lr, rel=0.06) and float(stated[2]) == pytest.approx(a[3]["lr"], rel=0.06)
+    assert "--allow-schedule-change" in err.value.hint and _tree(longer) == before
+    plans = []
+    result = train(TrainConfig(**resume, allow_schedule_change=True), on_plan=plans.append)
     assert (result.start_step, result.step) == (3, 6)
-    a, b = _log(straight), _log(longer)
+    change = plans[0]["schedule_change"]
+    assert (change["old_steps"], change["new_steps"], change["step"]) == (3, 6, 4)
+    assert change["lr_before"] == pytest.approx(old_lr, rel=1e-12) and change["lr_after"] == pytest.approx(a[3]["lr"], rel=1e-12)
+    assert (change["old"]["decay_steps"], change["new"]["decay_steps"]) == (3, 6)
+    b = _log(longer)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-    assert b[2]["lr"] != a[2]["lr"]  # the first leg was planned for 3 steps
+    assert b[2]["lr"] != a[2]["lr"] and b[:3] == first_leg  # the first leg was planned for 3 steps
     np.testing.assert_allclose([r["lr"] for r in b[3:]], [r["lr"] for r in a[3:]], rtol=1e-12)
+
+
+def plan_optimizer_lr(run: Path, steps: int, step: int) -> float:
+    """The lr step ``step`` gets under the schedule lerobot's own scheduler builds for a ``steps``-step run of ``run``'s
+    settings (its checkpoint's config and lr), stepped one scheduler step at a time."""
+    from lerobot.configs.policies import PreTrainedConfig
+
+    config = PreTrainedConfig.from_pretrained(run / "checkpoints" / "last" / "pretrained_model")
+    config.optimizer_lr = json.loads((run / "checkpoints" / "last" / "training_state" / STATE_FILE).read_text())["settings"]["lr"]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.optimizer_lr)
+    preset = config.get_scheduler_preset()
+    preset.peak_lr = config.optimizer_lr
+    sched = preset.build(opt, steps)
+    for _ in range(step - 1):
+        opt.step()
+        sched.step()
+    return opt.param_groups[0]["lr"]
+
+
+def test_a_schedule_is_changed_only_below_lerobots_decay_horizon(tiny_world):
+    """lerobot rescales its schedule to the run's length only below the preset's decay horizon (30,000 steps for
+    SmolVLA): a longer --steps there changes nothing, and is not refused."""
+    from lerobot.configs.policies import PreTrainedConfig
+
+    from reflowpairs.train import schedule_change, scheduled_lr
+
+    config = PreTrainedConfig.from_pretrained(tiny_world.teacher_dir)
+    settings = {"lr": 1e-3, "warmup_steps": None, "grad_clip": None}
+    horizon = config.get_scheduler_preset().num_decay_steps
+    assert schedule_change(config, settings, horizon, 2 * horizon, horizon // 2) is None
+    change = schedule_change(config, settings, horizon // 2, horizon, horizon // 4)
+    assert change is not None and change.step == horizon // 4 + 1
+    plan = plan_optimizer(config, horizon, lr=1e-3, warmup_steps=None, grad_clip=None)
+    assert change.lr_after == pytest.approx(scheduled_lr(plan, horizon, horizon // 4 + 1), rel=1e-12)
+    assert change.lr_after > change.lr_before  # halfway down a schedule twice as long: a higher lr
+
+
+def test_a_run_recorded_before_the_one_step_default_keeps_the_teachers_num_steps(run, tiny_world, tiny_store, tmp_path):
+    """Before --student-num-steps defaulted to 1, a run without it recorded None, meaning the teacher's num_steps: a
+    resume of such a run keeps saving the teacher's."""
+    out = tmp_path / "old"
+    shutil.copytree(run["out"], out, symlinks=True)
+    state_file = out / "checkpoints" / "last" / "training_state" / STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["settings"]["student_num_steps"] = None
+    state_file.write_text(json.dumps(state))
+    result = train(TrainConfig(pairs=tiny_store, out=out, steps=5, resume=True, device="cpu", num_workers=0,
+                               allow_schedule_change=True))
+    teacher = json.loads((tiny_world.teacher_dir / "config.json").read_text())
+    assert json.loads((result.checkpoint / "pretrained_model" / "config.json").read_text())["num_steps"] == teacher["num_steps"]
 
 
 def test_relative_init_is_recorded_as_an_absolute_pretrained_path(tiny_world, tiny_store, tmp_path, monkeypatch):
@@ -403,11 +510,22 @@ def test_moved_teacher_asks_for_init(tiny_store, tmp_path):
         ({"time_sampling": "cosine"}, "Unknown --time-sampling 'cosine'"),
         ({"precision": "bfloat16"}, "--precision bfloat16 is for CUDA devices"),
         ({"student_num_steps": 0}, "--student-num-steps must be at least 1, got 0"),
+        ({"student_num_steps": "ten"}, "--student-num-steps must be a whole number of steps or 'teacher', got 'ten'"),
     ],
 )
 def test_bad_settings(tiny_store, tmp_path, change, message):
     with pytest.raises(ReflowPairsError, match=message.replace("(", r"\(").replace(")", r"\)")):
         train(_cfg(tiny_store, tmp_path / "o", **change))
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_student_num_steps_takes_a_number_or_teacher(tmp_path):
+    from reflowpairs.train import parse_student_num_steps
+
+    assert (parse_student_num_steps("2"), parse_student_num_steps("teacher"), parse_student_num_steps(None)) == (2, "teacher", None)
+    result = runner.invoke(app, ["train", "--pairs", str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--student-num-steps", "ten"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "--student-num-steps must be a whole number of steps or 'teacher', got 'ten'" in " ".join(result.output.split())
     assert not (tmp_path / "o").exists()
 
 
@@ -446,11 +564,20 @@ def test_cli_ctrl_c_saves_and_resumes(tiny_store, tmp_path):
     assert "Interrupted at step" in text and "--resume" in text and "Traceback" not in text
     step = json.loads((out / "checkpoints" / "last" / "training_state" / "training_step.json").read_text())["step"]
     assert step >= 2 and [r["step"] for r in _log(out)] == list(range(1, step + 1))
-    again = subprocess.run(_cli(tiny_store, out, "--steps", str(step + 2), "--resume"), capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    # --steps step+2 replans the 100,000-step schedule (lerobot rescales it below its 30,000-step decay horizon):
+    # refused, naming the lr change, unless --allow-schedule-change, and then the plan table states it.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    refused = subprocess.run(_cli(tiny_store, out, "--steps", str(step + 2), "--resume"), capture_output=True, text=True,
+                             env=env, timeout=300)
+    text = " ".join(refused.stderr.split())
+    assert refused.returncode == 1 and "would change its lr schedule" in text and "--allow-schedule-change" in text, text
+    assert f"the lr at step {step + 1} goes from" in text and "Traceback" not in text
+    again = subprocess.run(_cli(tiny_store, out, "--steps", str(step + 2), "--resume", "--allow-schedule-change"),
+                           capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr
-    plan = " ".join(again.stderr.split())  # the plan table states lerobot's rescaled schedule for this short run
+    plan = " ".join(again.stderr.replace("│", " ").split())  # the plan table states lerobot's rescaled schedule for this short run
     assert "resuming" in plan and "warmup 0 steps" in plan and "(preset: warmup 1,000, decay 30,000)" in plan
+    assert "schedule change" in plan and f"planned for 100,000 steps (warmup 1,000, decay over 30,000), now {step + 2}" in plan
     assert [r["step"] for r in _log(out)] == list(range(1, step + 3))
     assert os.readlink(out / "checkpoints" / "last") == f"{step + 2:06d}"
 
@@ -465,7 +592,8 @@ def test_cli_sigkill_leaves_a_sound_checkpoint(tiny_store, tmp_path):
     assert last.is_dir() and not last.name.startswith(".")
     SmolVLAPolicy.from_pretrained(last / "pretrained_model")
     step = json.loads((last / "training_state" / "training_step.json").read_text())["step"]
-    result = train(TrainConfig(pairs=tiny_store, out=out, steps=step + 1, resume=True, device="cpu", num_workers=0))
+    result = train(TrainConfig(pairs=tiny_store, out=out, steps=step + 1, resume=True, device="cpu", num_workers=0,
+                               allow_schedule_change=True))
     assert (result.start_step, result.step) == (step, step + 1)
     assert [r["step"] for r in _log(out)] == list(range(1, step + 2))
     assert not any(p.name.startswith(".") for p in (out / "checkpoints").iterdir())
