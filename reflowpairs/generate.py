@@ -369,16 +369,16 @@ def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Cal
     if dist.world > 1 and cfg.partition is not None:
         raise ReflowPairsError("--partition is for single-process slices; do not combine it with a multi-process launch.")
     out = Path(cfg.out)
-    lock, failure = None, None
-    if dist.is_main:  # one writer per store: the main process holds OUT/.lock for the whole run, for every rank
-        try:
-            lock = StoreLock.acquire(out, "generate --resume" if cfg.resume else "generate")
-        except ReflowPairsError as err:
-            failure = (err.what, err.hint)
-    failure = dist.broadcast(failure)
-    if failure is not None:
-        raise ReflowPairsError(*failure)
-    with lock if lock is not None else contextlib.nullcontext():
+    with contextlib.ExitStack() as held:
+        failure = None
+        if dist.is_main:  # one writer per store: the main process holds OUT/.lock for the whole run, for every rank
+            try:
+                held.enter_context(StoreLock.acquire(out, "generate --resume" if cfg.resume else "generate"))
+            except ReflowPairsError as err:
+                failure = (err.what, err.hint)
+        failure = dist.broadcast(failure)
+        if failure is not None:
+            raise ReflowPairsError(*failure)
         return _generate(cfg, dist, out, progress, on_plan)
 
 
