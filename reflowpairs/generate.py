@@ -8,6 +8,7 @@ that batch differently, resume, or split the frames give the same pairs.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -26,21 +27,27 @@ from reflowpairs.dataset import check_episodes, check_features, dataset_provenan
 from reflowpairs.distributed import DistContext
 from reflowpairs.engine import make_engine, resolve_frames_per_call
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.merge import PARTS_DIR, absorb_parts
+from reflowpairs.merge import absorb_parts
 from reflowpairs.noise import batch_noise
 from reflowpairs.pairstore import (
+    FORMAT,
     MANIFEST,
+    PARTS_DIR,
     SHARDS_DIR,
+    STORE_ENTRIES,
+    TMP_PREFIX,
     PairStore,
     Pairs,
     PairStoreWriter,
+    manifest_format,
     new_manifest,
     read_manifest,
     write_manifest,
 )
 from reflowpairs.solvers import SolverConfig
+from reflowpairs.storelock import StoreLock
 from reflowpairs.teacher import compute_dtype, load_policy, parameter_dtypes, read_policy_config, rename_map
-from reflowpairs.threads import configure_threads
+from reflowpairs.threads import ThreadPlan, configure_threads
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -130,22 +137,71 @@ def _check_args(cfg: GenerateConfig) -> None:
         raise ReflowPairsError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {cfg.dtype!r}.")
     if cfg.resume and cfg.overwrite:
         raise ReflowPairsError("--resume and --overwrite contradict each other.", "Give one of them.")
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ReflowPairsError(f"--out {out} exists and is not a directory.")
-    has_store = (out / MANIFEST).exists()
-    if has_store and not (cfg.resume or cfg.overwrite):
-        raise ReflowPairsError(
-            f"--out {out} already holds a pair store.",
-            "Pass --resume to finish it (same teacher, dataset and settings), --overwrite to replace it, "
-            "or choose another --out.",
-        )
-    if cfg.resume and not has_store:
-        raise ReflowPairsError(f"--resume was given but {out} holds no pair store ({MANIFEST} missing).")
     if cfg.partition is not None and not (cfg.partition[1] >= 1 and 0 <= cfg.partition[0] < cfg.partition[1]):
         raise ReflowPairsError(f"--partition {cfg.partition[0]}/{cfg.partition[1]} is not a slice i/P with 0 <= i < P.")
-    if not has_store and out.is_dir() and (out / SHARDS_DIR).exists():
-        raise ReflowPairsError(f"--out {out} has a shards/ directory but no manifest.", "Choose an empty --out.")
+    _check_out(cfg)
+
+
+def _user_entries(out: Path) -> list[str]:
+    """Names in ``out`` that a pair store does not put there (the user's own files), sorted."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name not in STORE_ENTRIES and not p.name.startswith(TMP_PREFIX))
+
+
+def _listed(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_out(cfg: GenerateConfig) -> None:
+    """Refuse an --out this run must not write to; reads only. Called before anything is loaded, and again under the
+    store lock (``_open_store``) in case another run changed --out in between.
+
+    - ``--resume``: --out must hold a readable pair store (any damage to its manifest is named here);
+    - a ``manifest.json`` that is not a pair store's (unreadable, or another ``format``) is never replaced;
+    - a pair store is refused without ``--resume`` / ``--overwrite``;
+    - a directory with ``shards/`` or ``parts/`` but no manifest is refused (they are not known to be ours);
+    - any other non-empty directory is refused without ``--overwrite``, which writes the store beside its files.
+    """
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ReflowPairsError(f"--out {out} exists and is not a directory.", "Give a directory for the pair store.")
+    has_manifest = (out / MANIFEST).exists()
+    if cfg.resume:
+        if not has_manifest:
+            raise ReflowPairsError(f"--resume was given but {out} holds no pair store ({MANIFEST} missing).")
+        read_manifest(out)
+        return
+    if has_manifest:
+        fmt, why = manifest_format(out)
+        if fmt != FORMAT:
+            reason = why or f"{out / MANIFEST} has format {fmt!r}, not {FORMAT!r}"
+            raise ReflowPairsError(
+                f"--out {out} is not a pair store: {reason.rstrip('.')}.",
+                f"generate never replaces a {MANIFEST} it did not write, not even with --overwrite: choose another "
+                "--out (for example a new subdirectory).",
+            )
+        if not cfg.overwrite:
+            raise ReflowPairsError(
+                f"--out {out} already holds a pair store.",
+                "Pass --resume to finish it (same teacher, dataset and settings), --overwrite to replace it, "
+                "or choose another --out.",
+            )
+        return
+    ours = [name for name in (SHARDS_DIR, PARTS_DIR) if (out / name).exists()]
+    if ours:
+        raise ReflowPairsError(
+            f"--out {out} has a {ours[0]}/ directory but no {MANIFEST}, so it is not a pair store that generate can "
+            "resume or replace.",
+            "Choose an empty --out (or delete that directory yourself if it is what is left of a store).",
+        )
+    others = _user_entries(out)
+    if others and not cfg.overwrite:
+        raise ReflowPairsError(
+            f"--out {out} is not empty and is not a pair store: it holds {_listed(others)}.",
+            "Choose a new or empty --out (for example a new subdirectory), or pass --overwrite to write the store "
+            f"beside these files ({MANIFEST}, {SHARDS_DIR}/; your files are left alone).",
+        )
 
 
 def _diff(recorded: dict[str, Any], wanted: dict[str, Any], prefix: str) -> list[str]:
@@ -160,9 +216,9 @@ def _resume_manifest(out: Path, fresh: dict[str, Any]) -> dict[str, Any]:
     """The existing manifest, after checking it was made by the same teacher, dataset and settings."""
     manifest = read_manifest(out)
     differences = [f"backend: store has {manifest['backend']!r}, this run has {fresh['backend']!r}"] if manifest["backend"] != fresh["backend"] else []
-    differences += _diff(manifest["generation"], fresh["generation"], "generation")
-    differences += _diff({"fingerprint": manifest["teacher"].get("fingerprint")}, {"fingerprint": fresh["teacher"]["fingerprint"]}, "teacher")
-    differences += _diff({"fingerprint": manifest["dataset"].get("fingerprint")}, {"fingerprint": fresh["dataset"]["fingerprint"]}, "dataset")
+    differences += _diff(manifest.get("generation") or {}, fresh["generation"], "generation")
+    for key in ("teacher", "dataset"):
+        differences += _diff({"fingerprint": (manifest.get(key) or {}).get("fingerprint")}, {"fingerprint": fresh[key]["fingerprint"]}, key)
     if differences:
         raise ReflowPairsError(
             f"Cannot resume {out}: it was made with other inputs or settings: " + "; ".join(differences) + ".",
@@ -181,11 +237,16 @@ def _clear_unlisted(out: Path, manifest: dict[str, Any]) -> None:
             _remove(path)
 
 
-def _overwrite(out: Path) -> None:
+def _overwrite(out: Path, manifest: dict[str, Any]) -> None:
+    """Replace the store in ``out`` by the empty ``manifest``, then remove the old store's shards and parts.
+
+    The new manifest goes in first (one atomic rename), so a crash part-way leaves a sound empty store whose
+    leftovers ``--resume`` removes. Only the store's own entries go: files of the user's beside it stay."""
     from reflowpairs.pairstore import _remove
 
-    _remove(out / SHARDS_DIR)
-    _remove(out / MANIFEST)
+    write_manifest(out, manifest)
+    for name in (PARTS_DIR, SHARDS_DIR):
+        _remove(out / name)
 
 
 class _BackgroundWriter:
@@ -284,7 +345,10 @@ def _prepare(cfg: GenerateConfig, device: str) -> _Job:
 
 
 def _open_store(out: Path, job: _Job, cfg: GenerateConfig) -> dict[str, Any]:
-    """The store's manifest after the --resume / --overwrite checks; only then is --out touched."""
+    """The store's manifest after the --out / --resume / --overwrite checks; only then is --out touched.
+
+    Runs in the main process while it holds the store lock, so no other writer can change --out meanwhile."""
+    _check_out(cfg)  # again, now under the lock: another run may have written --out since _check_args
     manifest = _resume_manifest(out, job.fresh) if cfg.resume else job.fresh
     if cfg.resume and manifest.get("partition") != job.fresh.get("partition"):
         raise ReflowPairsError(f"Cannot resume {out}: it is partition {manifest.get('partition')}, this run is {job.fresh.get('partition')}.")
@@ -294,7 +358,7 @@ def _open_store(out: Path, job: _Job, cfg: GenerateConfig) -> dict[str, Any]:
         _clear_unlisted(out, manifest)
         absorb_parts(out, manifest)  # sub-stores of an interrupted multi-process run
     elif cfg.overwrite:
-        _overwrite(out)
+        _overwrite(out, manifest)
     manifest["complete"] = False
     write_manifest(out, manifest)
     return manifest
@@ -336,6 +400,23 @@ def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Cal
     if dist.world > 1 and cfg.partition is not None:
         raise ReflowPairsError("--partition is for single-process slices; do not combine it with a multi-process launch.")
     out = Path(cfg.out)
+    with contextlib.ExitStack() as held:
+        failure = None
+        if dist.is_main:  # one writer per store: the main process holds OUT/.lock for the whole run, for every rank
+            try:
+                held.enter_context(StoreLock.acquire(out, "generate --resume" if cfg.resume else "generate"))
+            except ReflowPairsError as err:
+                failure = (err.what, err.hint)
+        failure = dist.broadcast(failure)
+        if failure is not None:
+            raise ReflowPairsError(*failure)
+        return _generate(cfg, dist, out, threads, progress, on_plan)
+
+
+def _generate(
+    cfg: GenerateConfig, dist: DistContext, out: Path, threads: ThreadPlan, progress: Progress | None, on_plan: Callable[[GeneratePlan], None] | None
+) -> GenerateResult:
+    """``generate`` once the main process holds the store lock."""
     job = _prepare(cfg, dist.device(cfg.device))
     failure = None
     if dist.is_main:

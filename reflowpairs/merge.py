@@ -24,9 +24,8 @@ import numpy as np
 
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.atomic import fsync_tree
-from reflowpairs.pairstore import MANIFEST, SHARDS_DIR, TMP_PREFIX, PairStore, _remove, read_manifest, write_manifest
-
-PARTS_DIR = "parts"
+from reflowpairs.pairstore import LOCK, MANIFEST, PARTS_DIR, SHARDS_DIR, TMP_PREFIX, PairStore, _remove, read_manifest, write_manifest
+from reflowpairs.storelock import StoreLock, busy_error
 
 
 def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -105,15 +104,26 @@ def absorb_parts(out: Path, manifest: dict[str, Any]) -> None:
     shutil.rmtree(parts_dir)
 
 
+def _require_empty(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ReflowPairsError(f"--out {out} exists and is not a directory.", "Merge into a new directory.")
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
+        raise ReflowPairsError(f"--out {out} is not empty.", "Merge into a new directory.")
+
+
 def merge_stores(slices: list[Path], out: Path) -> dict[str, Any]:
     """Copy the shards of partition slices into a new store at ``out`` and return its manifest.
 
-    Refuses slices from different jobs (naming the difference), overlapping frames, and an existing ``out``."""
+    Refuses slices from different jobs (naming the difference), overlapping frames, slices that a ``generate`` is
+    still writing, and an existing ``out``. Holds ``out``'s store lock while it writes."""
     if not slices:
         raise ReflowPairsError("reflowpairs merge needs at least one slice directory.")
-    if (out / MANIFEST).exists() or (out.exists() and any(out.iterdir())):
-        raise ReflowPairsError(f"--out {out} is not empty.", "Merge into a new directory.")
+    _require_empty(out)
     manifests = [read_manifest(s) for s in slices]
+    for path in slices:
+        holder = StoreLock.holder(path)
+        if holder is not None:
+            raise busy_error(path, holder)
     for path, other in zip(slices[1:], manifests[1:], strict=True):
         diffs = differences(manifests[0], other)
         if diffs:
@@ -124,6 +134,12 @@ def merge_stores(slices: list[Path], out: Path) -> dict[str, Any]:
         for index in frames[np.isin(frames, np.fromiter(seen, np.int64, len(seen)))][:1]:
             raise ReflowPairsError(f"Slices {seen[int(index)]} and {path} both hold frame obs_index {int(index)}.", "Merge disjoint slices only.")
         seen.update(dict.fromkeys(frames.tolist(), path))
+    with StoreLock.acquire(out, "merge"):
+        _require_empty(out)  # again under the lock: another writer may have started on it meanwhile
+        return _merge_into(out, slices, manifests)
+
+
+def _merge_into(out: Path, slices: list[Path], manifests: list[dict[str, Any]]) -> dict[str, Any]:
     first = manifests[0]
     manifest = {k: v for k, v in first.items() if k not in ("shards", "partition")}
     manifest.update(store_id=uuid.uuid4().hex, num_pairs=0, num_frames=0, shards=[], skipped_frames=[], merged_from=[str(s) for s in slices])

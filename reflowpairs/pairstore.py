@@ -41,7 +41,11 @@ VERSION = 1
 BACKENDS = ("zarr", "parquet")
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
+PARTS_DIR = "parts"  # per-rank sub-stores of a multi-process generate (reflowpairs/merge.py)
 TMP_PREFIX = ".tmp-"
+LOCK = ".lock"  # the writer lock (reflowpairs/storelock.py)
+STORE_ENTRIES = (MANIFEST, SHARDS_DIR, PARTS_DIR, TMP_PREFIX + MANIFEST, LOCK)
+"""Everything a store puts at its top level; ``generate --overwrite`` removes these and nothing else."""
 ARRAYS = ("x0", "x1", "obs_index", "sample")
 _DTYPES = {"x0": np.float32, "x1": np.float32, "obs_index": np.int64, "sample": np.int32}
 _SUFFIX = {"zarr": ".zarr", "parquet": ".parquet"}
@@ -185,25 +189,131 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     fsync_dir(out)
 
 
+def _damaged(path: Path, what: str) -> ReflowPairsError:
+    return ReflowPairsError(
+        f"{path} {what}, so it is not a readable pair-store manifest.",
+        "If this directory is a pair store, its manifest is damaged: restore manifest.json from a copy, or delete the "
+        "directory and run `reflowpairs generate` again.",
+    )
+
+
+def load_manifest_json(path: str | Path) -> dict[str, Any]:
+    """The JSON object in ``path``; a file that cannot be read, is not UTF-8, not JSON or not an object raises
+    ``ReflowPairsError`` naming it (never a raw ``OSError``/``UnicodeDecodeError``/``RecursionError``)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ReflowPairsError(f"Cannot read {path} ({err.strerror or err}).", "Check that it is a readable file.") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _damaged(path, f"is not UTF-8 text (byte {err.start} is 0x{raw[err.start]:02x})") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _damaged(path, f"is not valid JSON ({err})") from err
+    except (ValueError, RecursionError) as err:  # an integer too long to convert, nesting too deep
+        raise _damaged(path, f"is not valid JSON ({type(err).__name__}: {err})") from err
+    if not isinstance(data, dict):
+        raise _damaged(path, f"holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _shape_problem(spec: Any) -> str | None:
+    shape = spec.get("shape") if isinstance(spec, dict) else None
+    if isinstance(shape, list) and shape and all(_is_count(v) and v > 0 for v in shape):
+        return None
+    return f"its shape is {shape!r}, not a list of positive integers"
+
+
+def _shard_entry_problem(entry: Any) -> str | None:
+    """What makes a ``shards`` entry unusable by a reader, or None; ``reflowpairs validate`` checks the rest."""
+    if not isinstance(entry, dict):
+        return f"is a JSON {type(entry).__name__}, not an object"
+    path = entry.get("path")
+    if not isinstance(path, str) or not path or Path(path).is_absolute() or ".." in Path(path).parts:
+        return f"has path {path!r}, not a relative path inside the store"
+    if not _is_count(entry.get("num_pairs")):
+        return f"({path}) has num_pairs {entry.get('num_pairs')!r}, not a count"
+    if "num_frames" in entry and not _is_count(entry["num_frames"]):
+        return f"({path}) has num_frames {entry['num_frames']!r}, not a count"
+    if "sha256" in entry and not isinstance(entry["sha256"], dict):
+        return f"({path}) has sha256 {entry['sha256']!r}, not an object of checksums"
+    return None
+
+
+def structure_problems(manifest: dict[str, Any]) -> list[str]:
+    """Fields a reader relies on that are missing or of the wrong kind (each named); [] when it can be read."""
+    missing = [k for k in ("backend", "num_pairs", "x0", "x1", "shards") if k not in manifest]
+    if missing:
+        return [f"it has no {', '.join(missing)}"]
+    problems = []
+    if manifest["backend"] not in BACKENDS:
+        problems.append(f"its backend is {manifest['backend']!r}, not one of {', '.join(BACKENDS)}")
+    if not _is_count(manifest["num_pairs"]):
+        problems.append(f"num_pairs is {manifest['num_pairs']!r}, not a count")
+    if "num_frames" in manifest and not _is_count(manifest["num_frames"]):
+        problems.append(f"num_frames is {manifest['num_frames']!r}, not a count")
+    for key in ("x0", "x1"):
+        if (problem := _shape_problem(manifest[key])) is not None:
+            problems.append(f"{key}: {problem}")
+    for key in ("teacher", "dataset", "generation", "software", "partition"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            problems.append(f"{key} is a JSON {type(manifest[key]).__name__}, not an object")
+    if "skipped_frames" in manifest and not isinstance(manifest["skipped_frames"], list):
+        problems.append(f"skipped_frames is {manifest['skipped_frames']!r}, not a list")
+    if not isinstance(manifest["shards"], list):
+        problems.append(f"shards is a JSON {type(manifest['shards']).__name__}, not a list")
+    else:
+        for j, entry in enumerate(manifest["shards"]):
+            if (problem := _shard_entry_problem(entry)) is not None:
+                problems.append(f"shards[{j}] {problem}")
+                break
+    return problems
+
+
+def manifest_format(out: str | Path) -> tuple[str | None, str]:
+    """``(format, why_not)`` of ``out/manifest.json``: its ``format`` field when it is a JSON object that has one,
+    else ``(None, what is wrong with it)``. Recognises a store without requiring it to be sound."""
+    try:
+        fmt = load_manifest_json(Path(out) / MANIFEST).get("format")
+    except ReflowPairsError as err:
+        return None, err.what
+    return (fmt, "") if isinstance(fmt, str) else (None, f"{Path(out) / MANIFEST} has no \"format\" field")
+
+
 def read_manifest(out: str | Path) -> dict[str, Any]:
-    """Parse and sanity-check ``out/manifest.json``; errors name the store and what is wrong."""
+    """Parse and sanity-check ``out/manifest.json``; errors name the store and what is wrong.
+
+    Any damage (unreadable, not UTF-8, not JSON, not an object, another format or version, fields a reader needs
+    missing or of the wrong kind) raises ``ReflowPairsError``; the manifest returned is safe to index as
+    ``PairStore`` does. ``reflowpairs validate`` checks the rest of the contract."""
     path = Path(out) / MANIFEST
     if not path.is_file():
         raise ReflowPairsError(f"{out} is not a pair store: it has no {MANIFEST}.", "Give the --out directory of `reflowpairs generate`.")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ReflowPairsError(f"{path} is not valid JSON ({err}).", "The store's manifest is damaged; regenerate the store.") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ReflowPairsError(f"{path} is not a reflowpairs manifest (format is not {FORMAT!r}).")
+    manifest = load_manifest_json(path)
+    if manifest.get("format") != FORMAT:
+        raise ReflowPairsError(
+            f"{path} is not a reflowpairs manifest (its format is {manifest.get('format')!r}, not {FORMAT!r}).",
+            "Give the --out directory of `reflowpairs generate`.",
+        )
     if manifest.get("version") != VERSION:
         raise ReflowPairsError(
             f"{path} has format version {manifest.get('version')!r}; this build reads version {VERSION}.",
             "Use the reflowpairs version that wrote it, or regenerate the store.",
         )
-    missing = [k for k in ("backend", "num_pairs", "x0", "x1", "shards") if k not in manifest]
-    if missing or manifest["backend"] not in BACKENDS:
-        raise ReflowPairsError(f"{path} is missing fields or has an unknown backend: {missing or manifest['backend']}.")
+    problems = structure_problems(manifest)
+    if problems:
+        raise ReflowPairsError(
+            f"{path} does not follow the pair-store contract: " + "; ".join(problems) + ".",
+            "The manifest is damaged or was edited by hand; restore it from a copy or regenerate the store "
+            "(`reflowpairs validate` lists every problem).",
+        )
     return manifest
 
 
