@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from typer.testing import CliRunner
 
@@ -129,3 +130,28 @@ def test_exact_store_is_predict_action_chunk_and_passes_validate(bf16_world, ref
     rows = np.isin(fast["obs_index"], exact["obs_index"])
     gap = np.abs(exact["x1"] - fast["x1"][rows]).max()
     assert 0 < gap < 2e-2  # the prefix-cached engine is lerobot's sampler up to bfloat16 rounding
+
+
+def test_train_and_eval_a_bf16_student(bf16_world, reference, tmp_path):
+    """Stage 2 on the bf16 store: the student keeps the teacher's dtypes, moves at lerobot's fine-tuning lr, is saved
+    to sample in 1 step, and eval runs it against its teacher on the episodes it never trained on (4-9)."""
+    from safetensors.torch import load_file
+
+    from reflowpairs.evaluate import EvalConfig, evaluate
+    from reflowpairs.train import TrainConfig, train
+
+    out = tmp_path / "student"
+    result = train(TrainConfig(pairs=reference, out=out, steps=3, batch_size=8, lr=2e-5, num_workers=0, device="cpu"))
+    student = result.checkpoint / "pretrained_model"
+    teacher_w, student_w = load_file(bf16_world.teacher_dir / "model.safetensors"), load_file(student / "model.safetensors")
+    assert {k: (v.dtype, v.shape) for k, v in teacher_w.items()} == {k: (v.dtype, v.shape) for k, v in student_w.items()}
+    expert = [k for k, v in teacher_w.items() if ".lm_expert." in k and v.dtype.itemsize == 2]
+    assert any(not torch.equal(teacher_w[k], student_w[k]) for k in expert)  # bf16 weights moved at lr 2e-5
+    assert json.loads((student / "config.json").read_text())["num_steps"] == 1
+
+    data = evaluate(EvalConfig(student=str(student), teacher=str(bf16_world.teacher_dir), dataset=bf16_world.repo_id,
+                                 dataset_root=bf16_world.dataset_root, out=tmp_path / "eval", num_steps=[1, 2],
+                                 max_frames=6, samples_per_frame=2, latency_repeats=1, device="cpu"))
+    assert data["frames"]["episodes"] == [4, 5, 6, 7, 8, 9]
+    assert {(row["model"], row["num_steps"]) for row in data["rows"]} >= {("student", 1), ("teacher", 1), ("student", 2)}
+    assert all(np.isfinite(row["mse_ref_norm"]) for row in data["rows"])
