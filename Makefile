@@ -7,7 +7,7 @@ RP := $(VENV)/bin/reflowpairs
 DEMO ?= demo_out
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean bench bench-generate bench-train bench-memory bench-store
+.PHONY: venv demo test clean bench bench-generate bench-train bench-memory bench-store bench-exact
 
 venv: $(STAMP)
 
@@ -26,13 +26,14 @@ test: $(STAMP)
 
 # Benchmarks (not tests): each prints its side-by-side ratios; figures in benchmarks/RESULTS.md.
 # Pass other settings with ARGS, e.g. `make bench-generate ARGS="--device cuda --ks 1,4,16"`.
-bench: bench-generate bench-train bench-memory bench-store
+bench: bench-generate bench-train bench-memory bench-store bench-exact
 
 # Default settings of each benchmark (in variables: a comma inside $(or ...) would split its arguments).
 BENCH_GENERATE_ARGS := --size small --ks 1,4,16 --batch-size 32 --episodes 0,1,2,3
 BENCH_TRAIN_ARGS := --size small --batch-size 16 --steps 5 --repeats 5
 BENCH_MEMORY_ARGS := --size large --batch-size 8 --steps 3
 BENCH_STORE_ARGS := --size small --samples-per-frame 8 --batch-size 32
+BENCH_EXACT_ARGS := --size small --k 4 --episodes 0,1 --batch-size 16
 
 bench-generate: $(STAMP)
 	$(PY) benchmarks/bench_generate.py $(or $(ARGS),$(BENCH_GENERATE_ARGS))
@@ -45,6 +46,9 @@ bench-memory: $(STAMP)
 
 bench-store: $(STAMP)
 	$(PY) benchmarks/bench_store.py $(or $(ARGS),$(BENCH_STORE_ARGS))
+
+bench-exact: $(STAMP)
+	$(PY) benchmarks/bench_exact.py $(or $(ARGS),$(BENCH_EXACT_ARGS))
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

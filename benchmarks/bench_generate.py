@@ -35,10 +35,11 @@ GOALS = [(4, "plain_single", 8.0), (4, "plain_batched", 1.3), (16, "plain_batche
 SIZES = ("tiny", "small", "smolvla-shaped")
 
 
-def build_world(root: Path, size: str):
+def build_world(root: Path, size: str, teacher_dtype: str | None = None):
     """A dataset (the tiny world's) and an untrained teacher of the requested size: ``tiny``; ``small`` (9 M
     parameters, the prefix ~30% of a 10-step call, the issue's goals are for it); ``smolvla-shaped`` (SmolVLA's real
-    token and layer counts at a quarter of its widths, chunk 50, max_action_dim 32: the prefix dominates)."""
+    token and layer counts at a quarter of its widths, chunk 50, max_action_dim 32: the prefix dominates).
+    ``teacher_dtype="bfloat16"``: VLM text layers and expert in bfloat16, as real SmolVLA checkpoints are."""
     from reflowpairs.dataset import open_dataset
     from reflowpairs.tinyworld import (
         TINY_REPO_ID,
@@ -51,7 +52,7 @@ def build_world(root: Path, size: str):
 
     vlm_spec = {"tiny": VLMSpec(), "small": VLMSpec.small(), "smolvla-shaped": VLMSpec.smolvla_shaped()}[size]
     teacher_spec = TinyTeacherSpec(chunk_size=50, max_action_dim=32, max_state_dim=32) if size == "smolvla-shaped" else TinyTeacherSpec()
-    vlm = build_tiny_vlm(root / "vlm", vlm_spec)
+    vlm = build_tiny_vlm(root / "vlm", vlm_spec.with_dtype(teacher_dtype))
     build_tiny_dataset(root / "dataset")
     dataset = open_dataset(TINY_REPO_ID, root / "dataset")
     teacher = save_untrained_policy(vlm, dataset, root / "teacher", teacher_spec)

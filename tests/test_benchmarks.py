@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench-train", "--size small --batch-size 16 --steps 5 --repeats 5"),
         ("bench-memory", "--size large --batch-size 8 --steps 3"),
         ("bench-store", "--size small --samples-per-frame 8 --batch-size 32"),
+        ("bench-exact", "--size small --k 4 --episodes 0,1 --batch-size 16"),
     ],
 )
 def test_make_targets_pass_their_default_arguments_whole(target, arguments):
@@ -48,8 +49,10 @@ def test_make_targets_pass_their_default_arguments_whole(target, arguments):
          [r"live_tensors_mb: reflowpairs / ordinary \d+\.\d+x", r"peak_rss_mb: reflowpairs / ordinary \d+\.\d+x"]),
         ("bench_store.py", "--size tiny --samples-per-frame 2 --batch-size 8 --repeats 1",
          [r"zarr: \d+ bytes/pair", r"parquet: \d+ bytes/pair", r"training consumes \d+ pairs/s"]),
+        ("bench_exact.py", "--size tiny --k 2 --episodes 0 --batch-size 8 --repeats 1 --num-steps 2",
+         [r"ratio prefix-cached / exact: \d+\.\d+x", r"\|X_1 prefix-cached - X_1 exact\|: max \d"]),
     ],
-    ids=["generate", "train", "memory", "store"],
+    ids=["generate", "train", "memory", "store", "exact"],
 )
 def test_benchmark_runs_and_prints_its_ratios(script, arguments, printed):
     env = dict(os.environ, OMP_NUM_THREADS="1")
