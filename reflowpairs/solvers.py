@@ -64,9 +64,14 @@ def integrate(velocity: Velocity, noise: Tensor, solver: SolverConfig) -> Tensor
     def rhs(t: Tensor, x: Tensor) -> Tensor:
         return velocity(x, t.to(torch.float32).expand(batch))
 
-    times = torch.tensor([1.0, 0.0], dtype=torch.float32, device=noise.device)
     if solver.name == "dopri5":
-        path = odeint(rhs, noise, times, method="dopri5", rtol=solver.rtol, atol=solver.atol)
+        # step_t: land a step exactly on t=0 instead of stepping past it and interpolating back, so the policy is
+        # never asked for a velocity at t < 0, outside the times it was trained on
+        times = torch.tensor([1.0, 0.0], dtype=torch.float32, device=noise.device)
+        end = torch.zeros(1, dtype=torch.float32, device=noise.device)
+        path = odeint(rhs, noise, times, method="dopri5", rtol=solver.rtol, atol=solver.atol, options={"step_t": end})
     else:
-        path = odeint(rhs, noise, times, method=solver.name, options={"step_size": 1.0 / solver.num_steps})
+        # the grid itself, not a step size: a float32 step size lets rounding add a tiny extra step for some counts
+        times = torch.linspace(1.0, 0.0, solver.num_steps + 1, dtype=torch.float32, device=noise.device)
+        path = odeint(rhs, noise, times, method=solver.name)
     return path[-1]

@@ -61,15 +61,7 @@ def test_time_runs_from_one_to_zero_as_float32_batch_vectors(name):
     assert seen[-1][0].item() < 0.5, "integration ends near the action, t=0"
 
 
-DOPRI5_OVERSHOOTS = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: dopri5 (torchdiffeq) steps past the end time and interpolates back, so it calls the velocity at t < 0 "
-    "(down to about -0.5 here, at rtol=atol=1e-3): the policy is queried outside the [0, 1] it was trained on and "
-    "X_1 depends on that extrapolation. Passing options={'step_t': [0.0]} to odeint makes the last step end at t=0.",
-)
-
-
-@pytest.mark.parametrize("name", [*FIXED, pytest.param("dopri5", marks=DOPRI5_OVERSHOOTS)])
+@pytest.mark.parametrize("name", [*FIXED, "dopri5"])  # dopri5 once stepped past t=0 and interpolated back
 @pytest.mark.parametrize("tol", [1e-3, 1e-5])
 def test_velocity_is_only_queried_for_t_in_zero_one(name, tol):
     seen = []
@@ -201,14 +193,9 @@ def test_fixed_step_solvers_take_num_steps_steps(name, evals_per_step, steps):
     assert len(calls) == evals_per_step * steps
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: midpoint/rk4 pass step_size=1/num_steps to torchdiffeq, whose float32 grid (ceil((0-1)/-h + 1)) "
-    "gets one extra point for some num_steps (61, 109, 115, 121, ...): an extra ~6e-8-long step that costs 2 (midpoint) "
-    "or 4 (rk4) more velocity calls. Passing the grid torch.linspace(1, 0, num_steps + 1) would take exactly num_steps.",
-)
 @pytest.mark.parametrize("name", ["midpoint", "rk4"])
 def test_fixed_step_solvers_take_num_steps_steps_for_61(name):
+    """A float32 step size once let torchdiffeq add a tiny extra step for some counts (61, 109, ...); the grid does not."""
     calls = []
 
     def velocity(x, t):
