@@ -7,7 +7,6 @@ is what the pair store records as ``obs_index``.
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,6 @@ from typing import Any
 import numpy as np
 
 from reflowpairs.errors import ReflowPairsError
-
-# lerobot logs a long, harmless traceback when torchcodec finds no FFmpeg and falls back to pyav.
-logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
 
 
 def check_dataset_root(root: str | Path | None) -> Path | None:
