@@ -331,6 +331,18 @@ def test_partition_and_merge_say_what_is_next(tiny_world, tmp_path):
     assert result.output.splitlines()[-1] == f"next: reflowpairs validate {merged}"
 
 
+def test_tiny_world_says_what_is_next(tiny_world, tmp_path, monkeypatch):
+    """The command's own rendering, with the (tested elsewhere) world build replaced by the session's world."""
+    import reflowpairs.tinyworld
+
+    monkeypatch.setattr(reflowpairs.tinyworld, "build_tiny_world", lambda out, teacher_spec: tiny_world)
+    result = runner.invoke(app, ["tiny-world", str(tmp_path / "w")], env=ENV)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == (
+        f"next: reflowpairs generate --teacher {tiny_world.teacher_dir} --dataset {tiny_world.repo_id} "
+        f"--dataset-root {tiny_world.dataset_root} --out {tmp_path / 'w' / 'pairs'}")
+
+
 # --- train through the CLI -----------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,20 @@ from rich import box
 from rich.progress import Progress
 from rich.table import Table
 
-from reflowpairs.cli.app import INPUTS, OUTPUT, PERFORMANCE, RUN, _progress, app, episodes_text, out_console, parse_episodes, save_options, user_errors
+from reflowpairs.cli.app import (
+    INPUTS,
+    OUTPUT,
+    PERFORMANCE,
+    RUN,
+    _progress,
+    app,
+    episodes_text,
+    out_console,
+    parse_episodes,
+    plural,
+    save_options,
+    user_errors,
+)
 from reflowpairs.cli.options import Command, config_option, lerobot_names_text, resolved_options
 
 EVAL_OPTIONS = "eval_options.yaml"
@@ -24,8 +37,9 @@ def report_table(report: dict[str, Any]) -> Table:
 
     settings = report["settings"]
     table = Table(
-        title=f"teacher vs student: {report['frames']['count']} frames x {report['frames']['samples_per_frame']} "
-        f"noises; reference = teacher, {settings['reference_num_steps']} steps",
+        title=f"teacher vs student: {plural(report['frames']['count'], 'frame')} x "
+        f"{plural(report['frames']['samples_per_frame'], 'noise')}; reference = teacher, "
+        f"{plural(settings['reference_num_steps'], 'step')}",
         caption=f"latency: median of {settings['latency_repeats']} calls; norm: teacher's normalised actions",
         box=box.HORIZONTALS,
         show_edge=False,
@@ -45,7 +59,7 @@ def pairs_table(report: dict[str, Any]) -> Table:
     """The student's error on its training pairs next to its held-out error (``--pairs``)."""
     from reflowpairs.report import PAIRS_CONSOLE_HEADERS, pairs_rows
 
-    table = Table(title=f"student: training pairs ({report['pairs']['num_frames']} frames) vs held-out frames",
+    table = Table(title=f"student: training pairs ({plural(report['pairs']['num_frames'], 'frame')}) vs held-out frames",
                   box=box.HORIZONTALS, show_edge=False, pad_edge=False, padding=(0, 1))
     for header in PAIRS_CONSOLE_HEADERS:
         table.add_column(header, justify="right")

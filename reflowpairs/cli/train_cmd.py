@@ -68,8 +68,8 @@ def _plan_table(plan: dict[str, Any]) -> Table:
             preset = f" (preset: warmup {plan['preset_warmup_steps']:,}, decay {plan['preset_decay_steps']:,})"
         table.add_row(
             "schedule",
-            f"{plan['scheduler']}: warmup {plan['warmup_steps']:,} steps, decay over {plan['decay_steps']:,} "
-            f"steps to {plan['decay_lr']:g}{preset}",
+            f"{plan['scheduler']}: warmup {plural(plan['warmup_steps'], 'step')}, decay over "
+            f"{plural(plan['decay_steps'], 'step')} to {plan['decay_lr']:g}{preset}",
         )
     if plan["schedule_change"] is not None:
         table.add_row("[yellow]schedule change[/]", escape(plan["schedule_change"]["text"]) + " (--allow-schedule-change)")
