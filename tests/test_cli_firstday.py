@@ -433,6 +433,16 @@ def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+def test_wandb_resume_finds_the_previous_run(tmp_path):
+    """--resume continues the W&B run in wandb/latest-run, found as lerobot-train finds it."""
+    from reflowpairs.wandb_log import _previous_run_id
+
+    assert _previous_run_id(tmp_path) is None
+    (tmp_path / "wandb" / "latest-run").mkdir(parents=True)
+    (tmp_path / "wandb" / "latest-run" / "run-ab12cd34.wandb").write_bytes(b"")
+    assert _previous_run_id(tmp_path) == "ab12cd34"
+
+
 def test_wandb_settings_are_checked(tmp_path):
     result = runner.invoke(app, ["train", "--pairs", str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--wandb",
                                  "--wandb.mode=sometimes"], env=ENV)
