@@ -175,18 +175,37 @@ def point_last(out: str | Path, checkpoint: Path) -> None:
     fsync_dir(link.parent)
 
 
+def read_json_object(path: Path, hint: str) -> dict[str, Any]:
+    """The JSON object in ``path``. A file that cannot be read, is not UTF-8, is not JSON or holds something other
+    than an object raises ``ReflowPairsError`` naming it (and ``FileNotFoundError`` stays itself, for the caller)."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise ReflowPairsError(f"Cannot read {path} ({err.strerror or err}).", hint) from err
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ReflowPairsError(f"{path} is not UTF-8 text (byte {err.start} is 0x{raw[err.start]:02x}).", hint) from err
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, an integer too long, nesting too deep
+        raise ReflowPairsError(f"{path} is not valid JSON ({type(err).__name__}: {err}).", hint) from err
+    if not isinstance(data, dict):
+        raise ReflowPairsError(f"{path} holds a JSON {type(data).__name__}, not an object.", hint)
+    return data
+
+
 def read_state(checkpoint: Path) -> dict[str, Any]:
     """``training_state/reflow_state.json`` of a checkpoint, checked; errors name the file."""
     path = training_state_dir(checkpoint) / STATE_FILE
     try:
-        state = json.loads(path.read_text())
+        state = read_json_object(path, "The checkpoint is damaged: resume from an earlier one (repoint checkpoints/last "
+                                       "at it) or start a new run in another --out.")
     except FileNotFoundError:
         raise ReflowPairsError(
             f"{checkpoint} has no {path.relative_to(checkpoint)}: it was not written by `reflowpairs train`.",
             "Resume only runs that `reflowpairs train` started, or start a new run in another --out.",
         ) from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise ReflowPairsError(f"Cannot read {path} ({err}).", "The checkpoint is damaged; start a new run.") from err
     if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
         raise ReflowPairsError(f"{path} is not a version {STATE_VERSION} {STATE_FORMAT} state file.")
     return state

@@ -54,6 +54,7 @@ from reflowpairs.checkpoint import (
     load_master_params,
     load_training_state,
     pretrained_dir,
+    read_json_object,
     read_state,
     save_checkpoint,
     student_config_json,
@@ -63,6 +64,7 @@ from reflowpairs.engine import pair_shapes
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pairdata import PairDataset, PairSampler, RankSlice, drop_action_keys, missing_frames, position_lookup
 from reflowpairs.pairstore import PairStore, shard_attrs
+from reflowpairs.threads import configure_threads
 from reflowpairs.timesampling import TIME_SAMPLINGS, check_time_sampling, sample_time, step_generator
 
 LOG_FILE = "train_log.jsonl"
@@ -541,7 +543,11 @@ def _prepare(cfg: TrainConfig, resume_from: Path | None, state: dict[str, Any] |
         except ReflowPairsError as err:
             where = "--init" if cfg.init else f"The store's teacher ({manifest['teacher'].get('source')!r}, from its manifest)"
             raise ReflowPairsError(f"{where}: {err.what}", "Pass --init with the teacher checkpoint's current location.") from err
-        init_config = json.loads(config_path.read_text())
+        try:
+            init_config = read_json_object(config_path, "The checkpoint's config.json is damaged: pass --init with a "
+                                                        "good copy of the teacher checkpoint.")
+        except FileNotFoundError as err:
+            raise ReflowPairsError(f"{config_path} is missing.", "Pass --init with a complete checkpoint.") from err
         init_fp = fingerprint_checkpoint(init_source)
     store_teacher = manifest.get("teacher", {}).get("fingerprint")
     if store_teacher != init_fp["fingerprint"]:
@@ -605,16 +611,32 @@ def _precision(name: str, device: str) -> torch.dtype | None:
 
 
 def _trim_log(path: Path, last_step: int) -> None:
-    """Keep only log lines up to ``last_step`` (lines after the resumed checkpoint are redone); atomic."""
+    """Keep only log lines up to ``last_step`` (lines after the resumed checkpoint are redone); atomic. A last line
+    that is not a record is a torn write of a killed run and is dropped; such a line before it is refused."""
     if not path.exists():
         return
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as err:
+        raise ReflowPairsError(f"Cannot read {path} ({err.strerror or err}).", "Check its permissions.") from err
     kept = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            if json.loads(line).get("step", 0) <= last_step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            break  # a torn last line of a killed run
+            record = json.loads(line.decode("utf-8"))
+            step = record["step"] if isinstance(record, dict) else None
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise ValueError("no integer step")
+        except (ValueError, KeyError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            if number == len(lines):
+                break  # a torn last line of a killed run
+            raise ReflowPairsError(
+                f"{path} line {number} is not a train_log record ({type(err).__name__}: {err}).",
+                f"Move {path.name} aside (or delete that line); the checkpoints are not affected.",
+            ) from err
+        if step <= last_step:
+            kept.append(line.decode("utf-8"))
     tmp = path.with_name(".tmp-" + path.name)
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -725,7 +747,7 @@ def _held_out_episodes(inputs: _Inputs) -> list[int]:
 
 def _plan_info(cfg: TrainConfig, inputs: _Inputs, opt: _Optimisation, settings: dict[str, Any], resume_from: Path | None,
                start_step: int, samples_seen: int, device: str, autocast_dtype: torch.dtype | None,
-               change: ScheduleChange | None, config_json: dict[str, Any]) -> dict[str, Any]:
+               change: ScheduleChange | None, config_json: dict[str, Any], threads: str) -> dict[str, Any]:
     """What ``on_plan`` receives: the run as it will happen."""
     policy = inputs.loaded.policy
     return {
@@ -734,6 +756,7 @@ def _plan_info(cfg: TrainConfig, inputs: _Inputs, opt: _Optimisation, settings: 
         "start_step": start_step,
         "steps": cfg.steps,
         "device": device,
+        "threads": threads,  # ThreadPlan.describe()
         "precision": "bfloat16 autocast" if autocast_dtype is not None else "float32",
         "trainable_params": sum(p.numel() for p in opt.masters.model_params),
         "trainable_dtypes": opt.masters.dtype_counts(),  # elements per dtype, e.g. {"bfloat16": N, "float32": M}
@@ -776,11 +799,13 @@ def train(
     progress: Progress | None = None,
     on_plan: Callable[[dict[str, Any]], None] | None = None,
     on_verify: Callable[[int, int], None] | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Run stage 2. ``on_verify(shards_done, total)`` reports the store check; ``on_plan(plan)`` is called
-    once before the first step with what the run will do (init, device, precision, effective
+    once before the first step with what the run will do (init, device, CPU threads, precision, effective
     optimiser/schedule, parameter counts and dtypes, start step, a schedule change on resume);
-    ``progress(step, total, loss)`` after each step.
+    ``progress(step, total, loss)`` after each step; ``on_log(record)`` in the main process with each record
+    written to ``train_log.jsonl`` (``step``, ``loss``, ``lr``, ``grad_norm``, ``seconds``).
 
     Ctrl-C (SIGINT) finishes the step in flight, saves a checkpoint and raises ``TrainingInterrupted``
     (a second Ctrl-C stops at once, keeping the last checkpoint); rerun with ``resume=True`` to continue."""
@@ -790,6 +815,7 @@ def train(
 
     # Checks: settings, --out, inputs; nothing is written before they pass.
     _check_args(cfg)
+    threads = configure_threads(cfg.num_workers)
     out = Path(cfg.out)
     resume_from = _check_out(out, cfg.resume)
     state = read_state(resume_from) if resume_from is not None else None
@@ -811,7 +837,8 @@ def train(
     else:
         set_seed(int(settings["seed"]))
     if on_plan is not None:
-        on_plan(_plan_info(cfg, inputs, opt, settings, resume_from, start_step, samples_seen, device, autocast_dtype, change, config_json))
+        on_plan(_plan_info(cfg, inputs, opt, settings, resume_from, start_step, samples_seen, device, autocast_dtype, change, config_json,
+                        threads.describe()))
 
     # Every check has passed: only now is --out touched.
     if dist.is_main:
@@ -888,6 +915,8 @@ def train(
                         log.flush()
                     except OSError as err:
                         raise _write_failed(out, LOG_FILE, err, checkpoint) from err
+                    if on_log is not None and dist.is_main:
+                        on_log(record)
                 if (step % cfg.save_every == 0 or step == cfg.steps) and dist.is_main:
                     checkpoint, saved_at = save(step), step
                 if progress is not None and dist.is_main:
@@ -931,9 +960,10 @@ def _teacher_env_type(init_source: str) -> str | None:
     """The ``env.type`` a lerobot-train teacher was trained for (its ``train_config.json``), if it is local and says."""
     path = Path(init_source) / "train_config.json"
     try:
-        env = json.loads(path.read_text()).get("env") if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
+        config = json.loads(path.read_bytes().decode("utf-8")) if path.is_file() else None
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON: no environment to suggest
         return None
+    env = config.get("env") if isinstance(config, dict) else None
     return env.get("type") if isinstance(env, dict) else None
 
 

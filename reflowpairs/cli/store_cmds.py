@@ -10,7 +10,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from reflowpairs.cli.app import _progress, app, out_console, user_errors
+from reflowpairs.cli.app import _progress, app, out_console, print_next, train_command, user_errors
+from reflowpairs.cli.options import Command, lerobot_names_text
 
 _STYLE = {"pass": "green", "warn": "yellow", "incomplete": "yellow", "fail": "bold red", "skip": "dim"}
 _STATUS_STYLE = {"sound": "bold green", "incomplete": "bold yellow", "corrupt": "bold red"}
@@ -106,12 +107,12 @@ def pair_table(pair: dict[str, Any]) -> Table:
     return table
 
 
-@app.command()
+@app.command(cls=Command)
 def inspect(
-    store: Annotated[Path, typer.Argument(help="The pair store directory (the --out of `reflowpairs generate`).")],
+    store: Annotated[Path, typer.Argument(metavar="STORE", help="The pair store directory (the --out of `reflowpairs generate`).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
-    pair: Annotated[int | None, typer.Option("--pair", help="Show pair number I (in shard order) instead of the summary.")] = None,
-    rows: Annotated[int, typer.Option(help="Rows (chunk steps) of X_0 and X_1 shown with --pair.")] = 3,
+    pair: Annotated[int | None, typer.Option("--pair", metavar="I", help="Show pair number I (in shard order) instead of the summary.")] = None,
+    rows: Annotated[int, typer.Option(metavar="N", help="Rows (chunk steps) of X_0 and X_1 shown with --pair.")] = 3,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Compute X_0/X_1 statistics (reads every shard once).")] = True,
 ) -> None:
     """Show what a pair store holds: layout, sizes, provenance and X_0/X_1 statistics (streamed shard by shard)."""
@@ -126,7 +127,7 @@ def inspect(
             else:
                 out_console.print(pair_table(result))
             return
-        with _progress() as bar:
+        with _progress(prefix="inspect") as bar:
             task = bar.add_task("shards", total=None, rate="")
             summary = summarize(store, statistics=stats, progress=lambda done, total: bar.update(task, completed=done, total=total))
     if json_out:
@@ -134,6 +135,7 @@ def inspect(
         return
     for table in summary_tables(summary):
         out_console.print(table)
+    print_next(["reflowpairs", "validate", str(store)])
 
 
 def report_table(report) -> Table:
@@ -148,17 +150,17 @@ def report_table(report) -> Table:
     return table
 
 
-@app.command()
+@app.command(cls=Command, epilog=lerobot_names_text("validate"))
 def validate(
-    store: Annotated[Path, typer.Argument(help="The pair store directory (the --out of `reflowpairs generate`).")],
-    dataset: Annotated[str | None, typer.Option(help="Check against this LeRobotDataset repo id (default: the recorded one).")] = None,
-    dataset_root: Annotated[Path | None, typer.Option(help="Local root of the dataset to check against.")] = None,
-    teacher: Annotated[str | None, typer.Option(help="Check the store was made by this checkpoint (and use it for --spot-check).")] = None,
-    spot_check: Annotated[int, typer.Option(help="Re-run the teacher on N random pairs (all if N >= pairs) and compare X_1.")] = 0,
-    atol: Annotated[float | None, typer.Option(help="Largest |X_1 difference| the spot check accepts (default: 1e-4 for float32 stores, 5e-3 float16, 5e-2 bfloat16).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed choosing the spot-checked pairs.")] = 0,
-    device: Annotated[str, typer.Option(help="Device for the spot check: auto, cpu, cuda[:N] or mps.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Frames per teacher call in the spot check.")] = 16,
+    store: Annotated[Path, typer.Argument(metavar="STORE", help="The pair store directory (the --out of `reflowpairs generate`).")],
+    dataset: Annotated[str | None, typer.Option(metavar="REPO_ID", help="Check against this LeRobotDataset repo id (default: the recorded one).")] = None,
+    dataset_root: Annotated[Path | None, typer.Option(metavar="DIR", help="Local root of the dataset to check against.")] = None,
+    teacher: Annotated[str | None, typer.Option(metavar="CKPT", help="Check the store was made by this checkpoint (and use it for --spot-check).")] = None,
+    spot_check: Annotated[int, typer.Option(metavar="N", help="Re-run the teacher on N random pairs (all if N >= pairs) and compare X_1.")] = 0,
+    atol: Annotated[float | None, typer.Option(metavar="X", help="Largest |X_1 difference| the spot check accepts (default: 1e-4 for float32 stores, 5e-3 float16, 5e-2 bfloat16).")] = None,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed choosing the spot-checked pairs.")] = 0,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="Device for the spot check: auto, cpu, cuda[:N] or mps.")] = "auto",
+    batch_size: Annotated[int, typer.Option(metavar="N", help="Frames per teacher call in the spot check.")] = 16,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
 ) -> None:
     """Run every check on a pair store; exit 0 only if it is sound (1 if it is corrupt or incomplete)."""
@@ -169,7 +171,7 @@ def validate(
         store=store, dataset=dataset, dataset_root=dataset_root, teacher=teacher, spot_check=spot_check,
         atol=atol, seed=seed, device=device, batch_size=batch_size,
     )
-    with user_errors(), _progress() as bar:
+    with user_errors(), _progress(prefix="validate") as bar:
         tasks: dict[str, int] = {}
 
         def on_progress(phase: str, done: int, total: int) -> None:
@@ -183,5 +185,9 @@ def validate(
     else:
         out_console.print(report_table(report))
         out_console.print(f"[{_STATUS_STYLE[report.status]}]{escape(report.summary())}[/]", soft_wrap=True)
+        if report.status == "sound":
+            print_next(train_command(store, dataset_root))
+        elif report.status == "incomplete" and report.resume_command:
+            print_next(report.resume_command)
     if not report.ok:
         raise typer.Exit(1)

@@ -10,7 +10,26 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from reflowpairs.cli.app import _progress, app, console, out_console, user_errors
+from reflowpairs.cli.app import (
+    INPUTS,
+    OUTPUT,
+    PERFORMANCE,
+    RUN,
+    _progress,
+    app,
+    check_at_least_one,
+    console,
+    out_console,
+    plural,
+    save_options,
+    user_errors,
+)
+from reflowpairs.cli.options import Command, config_option, lerobot_names_text, resolved_options
+from reflowpairs.errors import ReflowPairsError
+
+TRAINING = "Training"
+TRAIN_OPTIONS = "train_options.yaml"
+PROGRESS_EVERY = 100  # steps between progress lines by default (--log-every's own default, 1, would flood a log)
 
 
 SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
@@ -37,9 +56,10 @@ def _plan_table(plan: dict[str, Any]) -> Table:
     table = Table(title="reflowpairs train", show_header=False)
     start = f"resuming {plan['resumed_from']} at step {plan['start_step']}" if plan["resumed_from"] else "new run"
     table.add_row("student init", escape(str(plan["init"])))
-    table.add_row("run", f"{start}; {plan['steps']:,} steps, batch {plan['batch_size']}, seed {plan['seed']}")
-    table.add_row("pairs", f"{plan['num_pairs']:,} (window of {plan['shuffle_window']} shards)")
+    table.add_row("run", f"{start}; {plural(plan['steps'], 'step')}, batch {plan['batch_size']}, seed {plan['seed']}")
+    table.add_row("pairs", f"{plan['num_pairs']:,} (window of {plural(plan['shuffle_window'], 'shard')})")
     table.add_row("device", f"{plan['device']} ({plan['precision']})")
+    table.add_row("threads", escape(str(plan["threads"])))
     table.add_row("trainable", trainable_text(plan))
     table.add_row("optimizer", f"{plan['optimizer']} lr {plan['lr']:g}, weight decay {plan['weight_decay']:g}, grad clip {plan['grad_clip']:g}")
     if plan["scheduler"] is not None:
@@ -48,8 +68,8 @@ def _plan_table(plan: dict[str, Any]) -> Table:
             preset = f" (preset: warmup {plan['preset_warmup_steps']:,}, decay {plan['preset_decay_steps']:,})"
         table.add_row(
             "schedule",
-            f"{plan['scheduler']}: warmup {plan['warmup_steps']:,} steps, decay over {plan['decay_steps']:,} "
-            f"steps to {plan['decay_lr']:g}{preset}",
+            f"{plan['scheduler']}: warmup {plural(plan['warmup_steps'], 'step')}, decay over "
+            f"{plural(plan['decay_steps'], 'step')} to {plan['decay_lr']:g}{preset}",
         )
     if plan["schedule_change"] is not None:
         table.add_row("[yellow]schedule change[/]", escape(plan["schedule_change"]["text"]) + " (--allow-schedule-change)")
@@ -60,52 +80,87 @@ def _plan_table(plan: dict[str, Any]) -> Table:
     return table
 
 
-@app.command()
+def _resolved_settings(plan: dict[str, Any]) -> dict[str, Any]:
+    """The data/optimiser settings the run uses (``reflowpairs.train.INHERITED``), for its options file: on resume
+    the checkpoint's, else the plan's (defaults filled in; lr, warmup and grad clip stay None for the preset's)."""
+    from reflowpairs.checkpoint import read_state
+
+    if plan["resumed_from"]:
+        return dict(read_state(Path(plan["resumed_from"]))["settings"])
+    return {name: plan[name] for name in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps")}
+
+
+@app.command(cls=Command, epilog=lerobot_names_text("train") + f" Each run writes its options to OUT/{TRAIN_OPTIONS}.")
 def train(
-    pairs: Annotated[Path, typer.Option(help="Pair store written by `reflowpairs generate`.")],
-    out: Annotated[Path, typer.Option(help="Run directory: checkpoints/<step>/pretrained_model, checkpoints/last, train_log.jsonl.")],
-    steps: Annotated[int, typer.Option(help="Optimiser steps in all (a resumed run continues up to this).")] = 10_000,
-    batch_size: Annotated[int | None, typer.Option(help="Pairs per step (default: 32; on --resume: the run's).")] = None,
-    init: Annotated[str | None, typer.Option(help="Student init checkpoint (default: the teacher the store's manifest names).")] = None,
-    dataset_root: Annotated[Path | None, typer.Option(help="Where the dataset is (default: the root the manifest records).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: the policy preset's optimizer_lr).")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(help="Warmup steps, taken as is (default: the preset's, rescaled as lerobot does for short runs).")] = None,
-    grad_clip: Annotated[float | None, typer.Option(help="Gradient clipping norm (default: the preset's grad_clip_norm).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of data order, times and init RNG (default: 0).")] = None,
-    num_workers: Annotated[int, typer.Option(help="DataLoader workers loading pairs and observations.")] = 2,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda[:N] or mps.")] = "auto",
-    save_every: Annotated[int, typer.Option(help="Save a checkpoint every N steps (and always at the end).")] = 1000,
-    log_every: Annotated[int, typer.Option(help="Write a train_log.jsonl line every N steps.")] = 1,
-    time_sampling: Annotated[str | None, typer.Option(help="beta (lerobot's), uniform, u-shaped or logit-normal (default: beta).")] = None,
-    student_num_steps: Annotated[str | None, typer.Option(help="The saved student's num_steps (its default step count in lerobot-eval): K, or 'teacher' to keep the teacher's (default: 1; on --resume: the run's).")] = None,
-    precision: Annotated[str, typer.Option(help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32 or bfloat16.")] = "auto",
-    shuffle_window: Annotated[int | None, typer.Option(help="Shards shuffled together (and cached per worker) (default: 4).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from checkpoints/last.")] = False,
-    allow_mismatch: Annotated[bool, typer.Option(help="Train even if the init checkpoint or dataset differ from the store's fingerprints.")] = False,
-    allow_schedule_change: Annotated[bool, typer.Option(help="On --resume, accept a --steps that changes the lr schedule mid-run.")] = False,
+    ctx: typer.Context,
+    *,
+    pairs: Annotated[Path, typer.Option(metavar="DIR", rich_help_panel=INPUTS, help="Pair store written by `reflowpairs generate`.")],
+    init: Annotated[str | None, typer.Option(metavar="CKPT", rich_help_panel=INPUTS, help="Student init checkpoint (default: the teacher the store's manifest names).")] = None,
+    dataset_root: Annotated[Path | None, typer.Option(metavar="DIR", rich_help_panel=INPUTS, help="Where the dataset is (default: the root the manifest records).")] = None,
+    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch/--no-allow-mismatch", rich_help_panel=INPUTS, help="Train even if the init checkpoint or dataset differ from the store's fingerprints.")] = False,
+    steps: Annotated[int, typer.Option(metavar="N", rich_help_panel=TRAINING, help="Optimiser steps in all (a resumed run continues up to this).")] = 10_000,
+    batch_size: Annotated[int | None, typer.Option(metavar="N", rich_help_panel=TRAINING, help="Pairs per step (default: 32; on --resume: the run's).")] = None,
+    lr: Annotated[float | None, typer.Option(metavar="X", rich_help_panel=TRAINING, help="Peak learning rate (default: the policy preset's optimizer_lr).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(metavar="N", rich_help_panel=TRAINING, help="Warmup steps, taken as is (default: the preset's, rescaled as lerobot does for short runs).")] = None,
+    grad_clip: Annotated[float | None, typer.Option(metavar="X", rich_help_panel=TRAINING, help="Gradient clipping norm (default: the preset's grad_clip_norm).")] = None,
+    seed: Annotated[int | None, typer.Option(metavar="N", rich_help_panel=TRAINING, help="Seed of data order, times and init RNG (default: 0).")] = None,
+    time_sampling: Annotated[str | None, typer.Option(metavar="NAME", rich_help_panel=TRAINING, help="beta (lerobot's), uniform, u-shaped or logit-normal (default: beta).")] = None,
+    shuffle_window: Annotated[int | None, typer.Option(metavar="N", rich_help_panel=TRAINING, help="Shards shuffled together (and cached per worker) (default: 4).")] = None,
+    out: Annotated[Path, typer.Option(metavar="DIR", rich_help_panel=OUTPUT, help=f"Run directory: checkpoints/<step>/pretrained_model, checkpoints/last, train_log.jsonl, {TRAIN_OPTIONS}.")],
+    save_every: Annotated[int, typer.Option(metavar="N", rich_help_panel=OUTPUT, help="Save a checkpoint every N steps (and always at the end).")] = 1000,
+    student_num_steps: Annotated[str | None, typer.Option(metavar="K", rich_help_panel=OUTPUT, help="The saved student's num_steps (its default step count in lerobot-eval): K, or 'teacher' to keep the teacher's (default: 1; on --resume: the run's).")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", rich_help_panel=OUTPUT, help="Continue the run in --out from checkpoints/last.")] = False,
+    allow_schedule_change: Annotated[bool, typer.Option("--allow-schedule-change/--no-allow-schedule-change", rich_help_panel=OUTPUT, help="On --resume, accept a --steps that changes the lr schedule mid-run.")] = False,
+    device: Annotated[str, typer.Option(metavar="DEVICE", rich_help_panel=PERFORMANCE, help="auto, cpu, cuda[:N] or mps.")] = "auto",
+    precision: Annotated[str, typer.Option(metavar="NAME", rich_help_panel=PERFORMANCE, help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32 or bfloat16.")] = "auto",
+    num_workers: Annotated[int, typer.Option(metavar="N", rich_help_panel=PERFORMANCE, help="DataLoader workers loading pairs and observations.")] = 2,
+    log_every: Annotated[int | None, typer.Option(metavar="N", rich_help_panel=RUN, help=f"A train_log.jsonl line (and W&B point) every N steps, and a progress line every N steps when the output is not a terminal (default: log every step, a progress line every {PROGRESS_EVERY} steps or every tenth of the run if that is fewer).")] = None,
+    wandb: Annotated[bool, typer.Option("--wandb/--no-wandb", rich_help_panel=RUN, help="Log loss, lr and grad_norm to Weights & Biases (needs pip install 'reflowpairs\\[wandb]').")] = False,
+    wandb_project: Annotated[str | None, typer.Option(metavar="NAME", rich_help_panel=RUN, help="W&B project (default: reflowpairs).")] = None,
+    wandb_entity: Annotated[str | None, typer.Option(metavar="NAME", rich_help_panel=RUN, help="W&B entity (user or team; default: yours).")] = None,
+    wandb_mode: Annotated[str | None, typer.Option(metavar="MODE", rich_help_panel=RUN, help="online, offline or disabled (default: WANDB_MODE, else online).")] = None,
+    wandb_notes: Annotated[str | None, typer.Option(metavar="TEXT", rich_help_panel=RUN, help="Notes for the W&B run.")] = None,
+    config: Annotated[Path | None, config_option(RUN)] = None,
 ) -> None:
     """Train a 1-2 step student on stored pairs (no teacher in memory); saves ordinary lerobot checkpoints."""
     from reflowpairs.train import TrainConfig, TrainingInterrupted, next_commands, parse_student_num_steps
     from reflowpairs.train import train as run_train
 
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun/accelerate only rank 0 reports
-    with user_errors(), _progress(main=main_process) as bar:
+    check_at_least_one(log_every, "--log-every")
+    options = resolved_options(ctx, skip=("resume",), local_paths=("init",))
+    wandb_cfg = _wandb_config(ctx, wandb, wandb_project, wandb_entity, wandb_mode, wandb_notes) if main_process else None
+    logger: dict[str, Any] = {}
+    with user_errors(), _progress(main=main_process, prefix="train", cap=PROGRESS_EVERY) as bar:
         cfg = TrainConfig(
             pairs=pairs, out=out, steps=steps, batch_size=batch_size, init=init, dataset_root=dataset_root, lr=lr,
             warmup_steps=warmup_steps, grad_clip=grad_clip, seed=seed, num_workers=num_workers, device=device,
-            save_every=save_every, log_every=log_every, time_sampling=time_sampling,
+            save_every=save_every, log_every=log_every or 1, time_sampling=time_sampling,
             student_num_steps=parse_student_num_steps(student_num_steps), precision=precision,
             shuffle_window=shuffle_window, resume=resume, allow_mismatch=allow_mismatch,
             allow_schedule_change=allow_schedule_change,
         )
-        task = bar.add_task("loading", total=None, rate="")
+        task = bar.add_task("loading", total=None, rate="", unit=None, every=None)
         first: dict[str, int] = {}
 
         def on_plan(plan: dict[str, Any]) -> None:
+            first["step"] = plan["start_step"]
             if main_process:
                 bar.console.print(_plan_table(plan))
-            first["step"] = plan["start_step"]
-            bar.reset(task, total=steps, completed=plan["start_step"], rate="", description="steps")
+                settings = _resolved_settings(plan)
+                run_options = dict(options)
+                for name, value in settings.items():
+                    key = name.replace("_", "-")
+                    if key in run_options and run_options[key] is None:
+                        run_options[key] = str(value) if name == "student_num_steps" else value
+                save_options(out / TRAIN_OPTIONS, "train", run_options)
+                if wandb_cfg is not None:
+                    from reflowpairs.wandb_log import WandbRun
+
+                    logger["run"] = WandbRun.start(wandb_cfg, out, out.resolve().name, {"options": run_options, "plan": plan},
+                                                   resume=plan["resumed_from"] is not None)
+                    bar.console.print(f"W&B run: {escape(logger['run'].where())}", soft_wrap=True)
+            bar.reset(task, total=steps, completed=plan["start_step"], rate="", description="steps", unit="step", every=log_every)
 
         def on_verify(done: int, total: int) -> None:
             bar.update(task, description="verifying shards", total=total, completed=done)
@@ -113,10 +168,16 @@ def train(
         def on_step(step: int, total: int, loss: float) -> None:
             elapsed = bar.tasks[task].elapsed or 1e-9
             rate = (step - first.get("step", 0)) / elapsed
-            bar.update(task, completed=step, rate=f"loss {loss:.4f}  {rate:.2f} steps/s")
+            bar.update(task, completed=step, rate=f"loss {loss:.4f}  {rate:.2f} steps/s", info=f"loss {loss:.4f}")
 
+        def on_log(record: dict[str, Any]) -> None:
+            if "run" in logger:
+                logger["run"].log(record)
+
+        exit_code = 1
         try:
-            result = run_train(cfg, progress=on_step, on_plan=on_plan, on_verify=on_verify)
+            result = run_train(cfg, progress=on_step, on_plan=on_plan, on_verify=on_verify, on_log=on_log)
+            exit_code = 0
         except TrainingInterrupted as stop:
             bar.stop()
             if stop.checkpoint is None:
@@ -129,6 +190,9 @@ def train(
                 soft_wrap=True,
             )
             raise typer.Exit(130) from None
+        finally:
+            if "run" in logger:
+                logger["run"].finish(exit_code)
     if not main_process:
         return
     table = Table(title=f"student {result.out}", show_header=False)
@@ -138,7 +202,37 @@ def train(
     table.add_row("saved num_steps", num_steps_text(result.saved_num_steps, result.teacher_num_steps)
                   + ": lerobot-eval and predict_action_chunk sample with this many steps")
     table.add_row("log", str(result.out / "train_log.jsonl"))
+    table.add_row("options", str(result.out / TRAIN_OPTIONS))
+    if "run" in logger:
+        table.add_row("W&B run", escape(logger["run"].where()))
     out_console.print(table)
     commands = next_commands(result)
     out_console.print(f"use it: {escape(commands['lerobot_eval'])}", soft_wrap=True)
     out_console.print(f"next: {escape(commands['reflowpairs_eval'])}", soft_wrap=True)
+
+
+def _from_command_line(ctx: typer.Context, option: str) -> bool:
+    source = ctx.get_parameter_source(option.removeprefix("--").replace("-", "_"))
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _wandb_config(ctx: typer.Context, enable: bool, project: str | None, entity: str | None, mode: str | None, notes: str | None):
+    """lerobot's ``WandBConfig`` for ``--wandb ...`` (None without --wandb); refuses a missing wandb package or a bad
+    mode before any work, and --wandb-* options on the command line without --wandb (an options file may hold them
+    with ``wandb: false``)."""
+    from lerobot.configs.default import WandBConfig
+
+    from reflowpairs.wandb_log import DEFAULT_PROJECT, check_mode, require_wandb
+
+    given = [name for name, value in (("--wandb-project", project), ("--wandb-entity", entity), ("--wandb-mode", mode),
+                                      ("--wandb-notes", notes))
+             if value is not None and _from_command_line(ctx, name)]
+    with user_errors():
+        if not enable:
+            if given:
+                raise ReflowPairsError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for W&B logging, which is off.",
+                                       "Add --wandb (lerobot: --wandb.enable=true), or drop them.")
+            return None
+        check_mode(mode)
+        require_wandb()
+    return WandBConfig(enable=True, project=project or DEFAULT_PROJECT, entity=entity, notes=notes, mode=mode)
