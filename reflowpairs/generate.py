@@ -312,7 +312,7 @@ def _prepare(cfg: GenerateConfig, device: str) -> _Job:
     dataset = open_dataset(cfg.dataset, cfg.dataset_root, cfg.episodes)
     check_features(teacher.config, dataset.meta, rename_map(teacher.preprocessor))
     call_frames = resolve_frames_per_call(
-        cfg.tokens_per_call, cfg.batch_size, cfg.samples_per_frame, teacher.config.chunk_size, torch.device(device)
+        cfg.tokens_per_call, cfg.batch_size, cfg.samples_per_frame, teacher.config.chunk_size, next(teacher.policy.parameters()).device
     )
     engine = make_engine(teacher.policy, call_frames, exact=cfg.exact)
     solver = SolverConfig(cfg.solver, teacher.config.num_steps if cfg.num_steps is None else cfg.num_steps, cfg.rtol, cfg.atol)
