@@ -31,7 +31,6 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.noise import check_generator
 from reflowpairs.pairstore import PairStore
 
 PAIR_COLUMNS = ("x0", "x1", "obs_index", "sample")
@@ -139,8 +138,8 @@ class PairDataset(Dataset):
         self.cache_shards = max(1, int(cache_shards))
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self.columns = tuple(c for c in PAIR_COLUMNS if store.x0_stored or c != "x0")
-        if not store.x0_stored:  # an unknown generator is refused before training starts, not in a worker
-            check_generator(store.x0_generator, f"store {store.path}")
+        if not store.x0_stored:  # an unknown or irreproducible generator is refused before training, not in a worker
+            store.check_x0_generator()
 
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0

@@ -101,14 +101,25 @@ def checksums(pairs: Pairs, arrays: tuple[str, ...] = ARRAYS) -> dict[str, str]:
 # --- how X_0 is kept -------------------------------------------------------------------------------
 
 
-def x0_spec(shape, mode: str = "explicit") -> dict[str, Any]:
+def x0_probe(seed: int, shape, generator: str = GENERATOR) -> dict[str, Any]:
+    """``{"obs_index": 0, "sample": 0, "sha256": ...}``: the checksum of X_0 of pair (0, 0) as ``generator`` draws it
+    here. Recorded in an implicit store's manifest, it lets any reader prove its regeneration reproduces the writer's
+    (torch does not promise the same ``randn`` numbers across releases) at the cost of one draw."""
+    x0 = pair_noise(int(seed), np.zeros(1, np.int64), np.zeros(1, np.int64), shape, generator)
+    return {"obs_index": 0, "sample": 0, "sha256": array_sha256(x0[0])}
+
+
+def x0_spec(shape, mode: str = "explicit", seed: int | None = None) -> dict[str, Any]:
     """The manifest's ``x0`` entry. ``explicit``: ``{"shape", "dtype"}``, exactly as format version 1 always wrote it;
-    ``implicit``: also ``"stored": false`` and ``"generator"``, the versioned name of the recipe that regenerates it."""
+    ``implicit``: also ``"stored": false``, ``"generator"`` (the versioned name of the recipe that regenerates it) and
+    ``"probe"`` (``x0_probe`` of ``seed``, the store's ``generation.seed``)."""
     if mode not in X0_MODES:
         raise ReflowPairsError(f"--x0 must be one of {', '.join(X0_MODES)}, got {mode!r}.")
     spec: dict[str, Any] = {"shape": list(shape), "dtype": "float32"}
     if mode == "implicit":
-        spec.update(stored=False, generator=GENERATOR)
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ReflowPairsError(f"--seed must be a non-negative integer to regenerate X_0 from, got {seed!r}.")
+        spec.update(stored=False, generator=GENERATOR, probe=x0_probe(seed, shape))
     return spec
 
 
@@ -402,7 +413,7 @@ def new_manifest(backend: str, x0_shape, x1_shape, provenance: dict[str, Any], x
         "complete": False,
         "num_pairs": 0,
         "num_frames": 0,
-        "x0": x0_spec(x0_shape, x0),
+        "x0": x0_spec(x0_shape, x0, (provenance.get("generation") or {}).get("seed")),
         "x1": {"shape": list(x1_shape), "dtype": "float32"},
         **provenance,
         "shards": [],
@@ -493,11 +504,44 @@ class PairStore:
         self.stored_arrays: tuple[str, ...] = stored_arrays(self.manifest)
         self.x0_generator: str = self.manifest["x0"].get("generator", GENERATOR)
         self.seed: int | None = (self.manifest.get("generation") or {}).get("seed")
+        self._x0_checked = False
+
+    def check_x0_generator(self) -> str:
+        """For a store that does not keep X_0: raise ``ReflowPairsError`` unless this build knows its generator and,
+        when the manifest records a ``probe``, regenerating that pair here gives the writer's X_0 (same checksum).
+        Returns what was checked, in words. One draw; ``regenerate_x0`` calls it once per ``PairStore``."""
+        check_generator(self.x0_generator, f"store {self.path}")
+        probe = self.manifest["x0"].get("probe")
+        if probe is None:
+            self._x0_checked = True
+            return f"generator {self.x0_generator} is known (the manifest records no probe to compare with)"
+        try:
+            obs, sample, recorded = int(probe["obs_index"]), int(probe["sample"]), str(probe["sha256"])
+        except (TypeError, KeyError, ValueError) as err:
+            raise ReflowPairsError(
+                f"Store {self.path}: its manifest's x0.probe {probe!r} is not {{obs_index, sample, sha256}}.",
+                "The manifest is damaged or was edited by hand; restore it from a copy or regenerate the store.",
+            ) from err
+        got = array_sha256(pair_noise(int(self.seed), np.array([obs]), np.array([sample]), self.x0_shape, self.x0_generator)[0])
+        if got != recorded:
+            written = (self.manifest.get("software") or {}).get("torch", "?")
+            import torch
+
+            raise ReflowPairsError(
+                f"Store {self.path} does not keep X_0, and X_0 regenerated here differs from the writer's: pair "
+                f"(obs_index {obs}, sample {sample}) has sha256 {got[:12]}..., the manifest records {recorded[:12]}... "
+                f"(generator {self.x0_generator}; torch {torch.__version__} here, {written} when it was written).",
+                f"Read it with torch {written}, or regenerate the store (with --x0 explicit to keep X_0 in it).",
+            )
+        self._x0_checked = True
+        return f"generator {self.x0_generator} is known and reproduces the writer's X_0 of pair ({obs}, {sample})"
 
     def regenerate_x0(self, obs_index: np.ndarray, sample: np.ndarray) -> np.ndarray:
         """X_0 ``(n, T, D0)`` float32 of pairs ``(obs_index[r], sample[r])`` from the store's seed and generator;
-        a generator this build does not know raises ``ReflowPairsError``."""
-        check_generator(self.x0_generator, f"store {self.path}")
+        a generator this build does not know, or one that does not reproduce the recorded probe, raises
+        ``ReflowPairsError`` (``check_x0_generator``)."""
+        if not self._x0_checked:
+            self.check_x0_generator()
         return pair_noise(int(self.seed), obs_index, sample, self.x0_shape, self.x0_generator)
 
     def __len__(self) -> int:

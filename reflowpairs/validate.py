@@ -354,8 +354,9 @@ def _check_shard(store: PairStore, i: int, found: _Pass, x0_seed: int | None, to
 
 
 def _check_implicit_x0(store: PairStore, found: _Pass) -> CheckResult:
-    """A store that does not keep X_0: its recorded generator is one this build knows, and regenerating X_0 of one
-    stored pair gives finite float32 noise of the manifest's shape. (Checksums cannot cover X_0: it is not stored.)"""
+    """A store that does not keep X_0: its recorded generator is one this build knows, it reproduces the manifest's
+    probe (the writer's X_0 of one pair), and regenerating X_0 of one stored pair gives finite float32 noise of the
+    manifest's shape. (Checksums cannot cover X_0: it is not stored.)"""
     from reflowpairs.noise import GENERATORS
 
     generator, seed = store.x0_generator, store.seed
@@ -366,6 +367,10 @@ def _check_implicit_x0(store: PairStore, found: _Pass) -> CheckResult:
             f"{', '.join(GENERATORS)}), so X_0 cannot be regenerated: read the store with the reflowpairs version that "
             f"wrote it ({store.manifest.get('software', {}).get('reflowpairs', '?')})",
         )
+    try:
+        checked = store.check_x0_generator()
+    except ReflowPairsError as err:
+        return CheckResult("x0 noise", FAIL, err.what)
     obs = int(found.obs_index[0][0]) if found.obs_index and len(found.obs_index[0]) else 0
     sample = int(found.sample[0][0]) if found.sample and len(found.sample[0]) else 0
     x0 = store.regenerate_x0(np.array([obs]), np.array([sample]))
@@ -377,7 +382,7 @@ def _check_implicit_x0(store: PairStore, found: _Pass) -> CheckResult:
         )
     return CheckResult(
         "x0 noise", PASS,
-        f"X_0 is not stored: generator {generator} (known) regenerates it from (seed {seed}, obs_index, sample) as "
+        f"X_0 is not stored: {checked}; it regenerates from (seed {seed}, obs_index, sample) as "
         f"float32{list(store.x0_shape)} (checked on obs_index {obs} sample {sample})",
     )
 
