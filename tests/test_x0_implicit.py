@@ -364,3 +364,18 @@ def test_resume_finishes_an_implicit_store_and_an_explicit_store_recorded_before
     _generate(tiny_world, old, resume=True)  # x0 explicit, the default
     assert validate(ValidateConfig(old)).status == "sound"
     assert "x0" not in _manifest(old)["generation"] and _manifest(old)["x0"] == {"shape": [8, 6], "dtype": "float32"}
+
+
+def test_training_on_an_implicit_store_is_training_on_the_explicit_one(stores, tmp_path):
+    """`reflowpairs train` end to end (a DataLoader worker regenerates X_0): the same losses, step for step."""
+    from reflowpairs.train import LOG_FILE, TrainConfig, train
+
+    torch.set_num_threads(1)
+
+    def losses(store: Path, out: Path) -> list[float]:
+        result = train(TrainConfig(pairs=store, out=out, steps=3, batch_size=4, num_workers=1, device="cpu", save_every=3, lr=1e-3))
+        assert result.step == 3
+        return [json.loads(line)["loss"] for line in (out / LOG_FILE).read_text().splitlines()]
+
+    explicit = losses(stores["explicit"], tmp_path / "explicit")
+    assert losses(stores["zarr"], tmp_path / "implicit") == explicit and len(explicit) == 3
