@@ -370,8 +370,6 @@ def test_training_on_an_implicit_store_is_training_on_the_explicit_one(stores, t
     """`reflowpairs train` end to end (a DataLoader worker regenerates X_0): the same losses, step for step."""
     from reflowpairs.train import LOG_FILE, TrainConfig, train
 
-    torch.set_num_threads(1)
-
     def losses(store: Path, out: Path) -> list[float]:
         result = train(TrainConfig(pairs=store, out=out, steps=3, batch_size=4, num_workers=1, device="cpu", save_every=3, lr=1e-3))
         assert result.step == 3
