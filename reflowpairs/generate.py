@@ -43,8 +43,8 @@ from reflowpairs.pairstore import (
     manifest_format,
     new_manifest,
     read_manifest,
-    write_manifest,
     recorded_generation,
+    write_manifest,
 )
 from reflowpairs.solvers import SolverConfig
 from reflowpairs.storelock import StoreLock
