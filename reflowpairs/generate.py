@@ -36,12 +36,14 @@ from reflowpairs.pairstore import (
     SHARDS_DIR,
     STORE_ENTRIES,
     TMP_PREFIX,
+    X0_MODES,
     PairStore,
     Pairs,
     PairStoreWriter,
     manifest_format,
     new_manifest,
     read_manifest,
+    recorded_generation,
     write_manifest,
 )
 from reflowpairs.solvers import SolverConfig
@@ -82,6 +84,7 @@ class GenerateConfig:
     partition: tuple[int, int] | None = None  # (i, P): only frames with obs_index % P == i
     dtype: str = "float32"  # autocast dtype: float32 (none), or bfloat16/float16 through torch.autocast
     exact: bool = False  # lerobot's own sampler per frame (bit for bit), no prefix sharing
+    x0: str = "explicit"  # "explicit": shards store X_0; "implicit": no X_0 array, readers regenerate it from the seed
     writer_id: str = "w0"
 
 
@@ -133,6 +136,11 @@ def _check_args(cfg: GenerateConfig) -> None:
         )
     if cfg.on_nonfinite not in ("error", "skip"):
         raise ReflowPairsError(f"--on-nonfinite must be 'error' or 'skip', got {cfg.on_nonfinite!r}.")
+    if cfg.x0 not in X0_MODES:
+        raise ReflowPairsError(
+            f"--x0 must be one of {', '.join(X0_MODES)}, got {cfg.x0!r}.",
+            "explicit stores X_0 in every shard; implicit leaves it out (readers regenerate it from the seed).",
+        )
     if cfg.dtype not in COMPUTE_DTYPES:
         raise ReflowPairsError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {cfg.dtype!r}.")
     if cfg.resume and cfg.overwrite:
@@ -215,8 +223,15 @@ def _diff(recorded: dict[str, Any], wanted: dict[str, Any], prefix: str) -> list
 def _resume_manifest(out: Path, fresh: dict[str, Any]) -> dict[str, Any]:
     """The existing manifest, after checking it was made by the same teacher, dataset and settings."""
     manifest = read_manifest(out)
+    recorded, wanted = recorded_generation(manifest), fresh["generation"]
+    if recorded["x0"] != wanted["x0"]:
+        raise ReflowPairsError(
+            f"Cannot resume {out}: its X_0 is {recorded['x0']} ({_X0_WORDS.get(recorded['x0'], '?')}), and this run asks "
+            f"for --x0 {wanted['x0']}; a store keeps X_0 one way in every shard.",
+            f"Resume with --x0 {recorded['x0']}, or use --overwrite to start over.",
+        )
     differences = [f"backend: store has {manifest['backend']!r}, this run has {fresh['backend']!r}"] if manifest["backend"] != fresh["backend"] else []
-    differences += _diff(manifest.get("generation") or {}, fresh["generation"], "generation")
+    differences += _diff(recorded, wanted, "generation")
     for key in ("teacher", "dataset"):
         differences += _diff({"fingerprint": (manifest.get(key) or {}).get("fingerprint")}, {"fingerprint": fresh[key]["fingerprint"]}, key)
     if differences:
@@ -225,6 +240,9 @@ def _resume_manifest(out: Path, fresh: dict[str, Any]) -> dict[str, Any]:
             "Resume with the original settings, or use --overwrite to start over.",
         )
     return manifest
+
+
+_X0_WORDS = {"explicit": "stored in every shard", "implicit": "not stored, regenerated from the seed"}
 
 
 def _clear_unlisted(out: Path, manifest: dict[str, Any]) -> None:
@@ -330,6 +348,7 @@ def _prepare(cfg: GenerateConfig, device: str) -> _Job:
         "parameter_dtypes": parameter_dtypes(teacher.policy),
         "sampler": "exact" if cfg.exact else "prefix-cached",
         "frames_per_call": engine.frames_per_call,
+        "x0": cfg.x0,
     }
     provenance = {
         "teacher": teacher.provenance(),
@@ -340,7 +359,7 @@ def _prepare(cfg: GenerateConfig, device: str) -> _Job:
     if cfg.partition is not None:
         index, count = cfg.partition
         provenance["partition"] = {"index": index, "count": count, "num_frames": int((frame_index % count == index).sum())}
-    fresh = new_manifest(cfg.backend, engine.noise_shape, (engine.noise_shape[0], engine.action_dim), provenance)
+    fresh = new_manifest(cfg.backend, engine.noise_shape, (engine.noise_shape[0], engine.action_dim), provenance, x0=cfg.x0)
     return _Job(teacher, dataset, engine, solver, frame_index, fresh)
 
 

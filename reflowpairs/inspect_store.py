@@ -2,7 +2,8 @@
 
 Everything is computed shard by shard with running sums (Chan et al.'s pairwise merge of means and
 sums of squared deviations, in float64), so inspecting a store of millions of pairs holds one shard
-in memory at a time. Non-finite values are counted and left out of the statistics.
+in memory at a time. Non-finite values are counted and left out of the statistics. A store that does
+not keep X_0 (``x0.stored: false``) has it regenerated for the statistics and for ``pair``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairstore import MANIFEST, PairStore
+from reflowpairs.pairstore import MANIFEST, PairStore, x0_mode
 
 ShardProgress = Callable[[int, int], None]
 """``progress(shards_done, shards_total)``, called after each shard."""
@@ -100,11 +101,12 @@ def summarize(path: str | Path, statistics: bool = True, progress: ShardProgress
     Keys: ``path``, ``backend``, ``store_id``, ``complete``, ``shards``, ``pairs``, ``frames``
     (distinct obs_index values in the listed shards), ``samples_per_frame`` (``{"recorded": K,
     "min": .., "max": ..}`` pairs per frame observed), ``x0``/``x1`` (``{"shape", "dtype"}``),
-    ``bytes_on_disk``, ``bytes_per_pair``, ``teacher``, ``dataset``, ``generation``, ``software``,
-    ``skipped_frames``, and with ``statistics`` also ``statistics``: ``x0`` (overall ``mean``,
-    ``std``, ``nonfinite``) and ``x1`` (per action dimension ``min``/``max``/``mean``/``std`` lists of
-    length D1, plus ``nonfinite``). Reads the listed shards one at a time; a missing or unreadable
-    shard raises ``ReflowPairsError`` naming it.
+    ``bytes_on_disk``, ``bytes_per_pair``, ``x0_storage`` (``{"mode": "explicit"|"implicit", "stored": bool,
+    "generator": name of the recipe X_0 is (re)generated with}``), ``teacher``, ``dataset``, ``generation``,
+    ``software``, ``skipped_frames``, and with ``statistics`` also ``statistics``: ``x0`` (overall ``mean``,
+    ``std``, ``nonfinite``, and ``source``: ``"stored"`` or ``"regenerated"``) and ``x1`` (per action dimension
+    ``min``/``max``/``mean``/``std`` lists of length D1, plus ``nonfinite``). Reads the listed shards one at a
+    time; a missing or unreadable shard raises ``ReflowPairsError`` naming it.
     """
     store = PairStore(path)
     manifest = store.manifest
@@ -141,6 +143,7 @@ def summarize(path: str | Path, statistics: bool = True, progress: ShardProgress
         "x1": {"shape": list(store.x1_shape), "dtype": manifest["x1"].get("dtype")},
         "bytes_on_disk": shard_bytes + bytes_on_disk(store.path / MANIFEST),
         "bytes_per_pair": shard_bytes / pairs if pairs else None,
+        "x0_storage": {"mode": x0_mode(manifest), "stored": store.x0_stored, "generator": store.x0_generator},
         "teacher": manifest.get("teacher", {}),
         "dataset": manifest.get("dataset", {}),
         "generation": manifest.get("generation", {}),
@@ -151,7 +154,8 @@ def summarize(path: str | Path, statistics: bool = True, progress: ShardProgress
         x0 = x0_stats.summary()
         x1 = x1_stats.summary()
         summary["statistics"] = {
-            "x0": {"mean": x0["mean"][0], "std": x0["std"][0], "nonfinite": x0_stats.nonfinite},
+            "x0": {"mean": x0["mean"][0], "std": x0["std"][0], "nonfinite": x0_stats.nonfinite,
+                   "source": "stored" if store.x0_stored else "regenerated"},
             "x1": {k: x1[k] for k in ("min", "max", "mean", "std")} | {"nonfinite": x1_stats.nonfinite},
         }
     return summary
@@ -190,18 +194,20 @@ def pair(path: str | Path, index: int, rows: int = 3) -> dict[str, Any]:
     first ``rows`` rows (chunk steps) of ``x0`` (rows x D0) and ``x1`` (rows x D1) as nested lists."""
     store = PairStore(path)
     shard, row = locate_pair(store, index)
-    data = store.read(shard)
+    data = store.read_stored(shard, store.stored_arrays)
     if row >= len(data["obs_index"]):
         raise ReflowPairsError(
             f"Shard {store.shards[shard]['path']} holds {len(data['obs_index'])} pairs, fewer than its manifest entry says.",
             "The store is damaged; run `reflowpairs validate` on it.",
         )
+    obs, sample = data["obs_index"][row : row + 1], data["sample"][row : row + 1]
+    x0 = data["x0"][row] if store.x0_stored else store.regenerate_x0(obs, sample)[0]
     return {
         "index": index,
         "shard": store.shards[shard]["path"],
         "row": row,
         "obs_index": int(data["obs_index"][row]),
         "sample": int(data["sample"][row]),
-        "x0": data["x0"][row, :rows].tolist(),
+        "x0": x0[:rows].tolist(),
         "x1": data["x1"][row, :rows].tolist(),
     }

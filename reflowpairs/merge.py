@@ -9,7 +9,9 @@ Two uses share this module:
   and before a resumed run plans its work).
 
 Either way, every shard is put in place atomically before the manifest that lists it is rewritten, and stores
-made by other teachers, datasets or settings are refused with the difference named.
+made by other teachers, datasets or settings are refused with the difference named. That includes how X_0 is kept
+(``generate --x0``): a store keeps it one way in every shard, so an implicit slice (no X_0 array) and an explicit
+one are refused together rather than mixed; shards are copied as they are, X_0 is never regenerated or dropped.
 """
 
 from __future__ import annotations
@@ -24,22 +26,42 @@ import numpy as np
 
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.atomic import fsync_tree
-from reflowpairs.pairstore import LOCK, MANIFEST, PARTS_DIR, SHARDS_DIR, TMP_PREFIX, PairStore, _remove, read_manifest, write_manifest
+from reflowpairs.pairstore import (
+    LOCK,
+    MANIFEST,
+    PARTS_DIR,
+    SHARDS_DIR,
+    TMP_PREFIX,
+    PairStore,
+    _remove,
+    read_manifest,
+    recorded_generation,
+    write_manifest,
+    x0_mode,
+)
 from reflowpairs.storelock import StoreLock, busy_error
 
 
 def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """How two manifests' jobs differ (backend, shapes, teacher, dataset, generation settings); [] if they match."""
+    """How two manifests' jobs differ (backend, how X_0 is kept, shapes, teacher, dataset, generation settings); []
+    if they match. A generation record without ``x0`` (written before that setting) counts as ``explicit``."""
     diffs = []
+    mixed = x0_mode(a) != x0_mode(b)
+    if mixed:
+        diffs.append(f"X_0 storage: {x0_mode(a)} vs {x0_mode(b)} (generate --x0; a store keeps X_0 one way in every shard)")
     for key in ("backend", "x0", "x1"):
-        if a.get(key) != b.get(key):
-            diffs.append(f"{key}: {a.get(key)!r} vs {b.get(key)!r}")
+        va, vb = a.get(key), b.get(key)
+        if key == "x0" and mixed:  # storage named above: compare what X_0 is, not how it is kept
+            va, vb = ({k: v.get(k) for k in ("shape", "dtype")} for v in (va, vb))
+        if va != vb:
+            diffs.append(f"{key}: {va!r} vs {vb!r}")
     for key in ("teacher", "dataset"):
         if a[key].get("fingerprint") != b[key].get("fingerprint"):
             diffs.append(f"{key} fingerprint: {a[key].get('fingerprint', '?')[:12]} vs {b[key].get('fingerprint', '?')[:12]}")
-    for key in sorted(set(a["generation"]) | set(b["generation"])):
-        if a["generation"].get(key) != b["generation"].get(key):
-            diffs.append(f"generation.{key}: {a['generation'].get(key)!r} vs {b['generation'].get(key)!r}")
+    ga, gb = recorded_generation(a), recorded_generation(b)
+    for key in sorted(set(ga) | set(gb)):
+        if ga.get(key) != gb.get(key) and key != "x0":  # x0: named above
+            diffs.append(f"generation.{key}: {ga.get(key)!r} vs {gb.get(key)!r}")
     return diffs
 
 

@@ -13,6 +13,11 @@ shuffles the shard order, cuts it into windows of ``window`` shards and shuffles
 each window. The order is a pure function of ``(seed, epoch)``, and the sampler can start at any
 position of its endless stream, which is how a resumed run continues with the data an
 uninterrupted run would have seen.
+
+A store that does not keep X_0 (``x0.stored: false``, ``generate --x0 implicit``) is read the same way: the
+shards' other columns are cached, and each item's X_0 is regenerated from ``(seed, obs_index, sample)`` when
+the item is fetched (``reflowpairs.noise``, ~30 us a pair at SmolVLA's ``(50, 32)`` on one core, in the
+DataLoader workers), bit for bit the X_0 an explicit store of the same run holds.
 """
 
 from __future__ import annotations
@@ -121,7 +126,8 @@ class PairDataset(Dataset):
 
     ``dataset`` is the full LeRobotDataset (all episodes) and ``lookup`` its ``position_lookup``.
     Shards are read whole on first use and kept in an LRU cache of ``cache_shards`` (per process, so
-    per DataLoader worker); with ``PairSampler``'s windows, each shard is read about once per epoch."""
+    per DataLoader worker); with ``PairSampler``'s windows, each shard is read about once per epoch. When the store
+    does not keep X_0, the cache holds the other columns and ``x0`` is regenerated per item (``PairStore.regenerate_x0``)."""
 
     def __init__(self, store: PairStore, dataset, lookup: np.ndarray, cache_shards: int = 4):
         self.store = store
@@ -131,6 +137,9 @@ class PairDataset(Dataset):
         self.ends = np.cumsum(self.counts)
         self.cache_shards = max(1, int(cache_shards))
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self.columns = tuple(c for c in PAIR_COLUMNS if store.x0_stored or c != "x0")
+        if not store.x0_stored:  # an unknown or irreproducible generator is refused before training, not in a worker
+            store.check_x0_generator()
 
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
@@ -143,11 +152,12 @@ class PairDataset(Dataset):
         return shard, int(pair_id - (self.ends[shard] - self.counts[shard]))
 
     def shard(self, i: int) -> dict[str, np.ndarray]:
-        """All columns of shard ``i``, from the cache or read once."""
+        """The stored columns of shard ``i`` (``self.columns``: no ``x0`` when the store does not keep it), from the
+        cache or read once."""
         if i in self._cache:
             self._cache.move_to_end(i)
             return self._cache[i]
-        data = self.store.read(i, PAIR_COLUMNS)
+        data = self.store.read_stored(i, self.columns)
         self._cache[i] = data
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)
@@ -163,10 +173,15 @@ class PairDataset(Dataset):
                 f"obs_index {obs_index} of shard {self.store.shards[shard]['path']} is not a frame of the dataset.",
                 "Train with the dataset the store was generated from.",
             )
+        sample = int(data["sample"][row])
+        if "x0" in data:
+            x0 = np.array(data["x0"][row], dtype=np.float32)
+        else:
+            x0 = self.store.regenerate_x0(np.array([obs_index]), np.array([sample]))[0]
         return {
-            "x0": torch.from_numpy(np.array(data["x0"][row], dtype=np.float32)),
+            "x0": torch.from_numpy(x0),
             "x1": torch.from_numpy(np.array(data["x1"][row], dtype=np.float32)),
             "obs_index": obs_index,
-            "sample": int(data["sample"][row]),
+            "sample": sample,
             "observation": drop_action_keys(self.dataset[position]),
         }

@@ -10,8 +10,12 @@ states it and this module keeps to it. In short:
   complete; the manifest is then rewritten atomically (temp file + rename) to list it. The
   manifest therefore only ever lists complete shards, and anything else under ``shards/`` is a
   leftover from an interrupted run;
-- each shard entry records sha256 checksums of its four arrays' logical content (C order,
+- each shard entry records sha256 checksums of its arrays' logical content (C order,
   little-endian bytes), so a reader can prove a shard is the one that was written;
+- X_0 is a pure function of ``(generation.seed, obs_index, sample)`` (``reflowpairs/noise.py``), so a
+  store may leave it out: with manifest ``x0.stored: false`` (``generate --x0 implicit``) shards hold
+  only ``x1``, ``obs_index`` and ``sample``, and ``PairStore.read`` regenerates ``x0`` with the
+  generator the manifest names (``x0.generator``). A store without ``x0.stored`` stores X_0;
 - a shard holds whole frames only (all K samples of a frame land in the same shard), so a
   resumed run can tell done frames from shard contents alone.
 
@@ -35,6 +39,7 @@ import numpy as np
 
 from reflowpairs.atomic import fsync_dir, fsync_tree
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.noise import GENERATOR, check_generator, pair_noise
 
 FORMAT = "reflowpairs.pairs"
 VERSION = 1
@@ -47,6 +52,10 @@ LOCK = ".lock"  # the writer lock (reflowpairs/storelock.py)
 STORE_ENTRIES = (MANIFEST, SHARDS_DIR, PARTS_DIR, TMP_PREFIX + MANIFEST, LOCK)
 """Everything a store puts at its top level; ``generate --overwrite`` removes these and nothing else."""
 ARRAYS = ("x0", "x1", "obs_index", "sample")
+IMPLICIT_ARRAYS = ("x1", "obs_index", "sample")  # what a shard of a store with x0.stored false holds
+X0_MODES = ("explicit", "implicit")
+"""How a store keeps X_0: ``explicit`` (an ``x0`` array in every shard, format version 1 as it always was) or
+``implicit`` (no ``x0`` array; readers regenerate it from ``(seed, obs_index, sample)``)."""
 _DTYPES = {"x0": np.float32, "x1": np.float32, "obs_index": np.int64, "sample": np.int32}
 _SUFFIX = {"zarr": ".zarr", "parquet": ".parquet"}
 ZARR_CHUNK = 256  # pairs per zarr chunk along the first axis
@@ -84,39 +93,89 @@ def array_sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()).hexdigest()
 
 
-def checksums(pairs: Pairs) -> dict[str, str]:
-    return {name: array_sha256(getattr(pairs, name)) for name in ARRAYS}
+def checksums(pairs: Pairs, arrays: tuple[str, ...] = ARRAYS) -> dict[str, str]:
+    """sha256 of each of ``arrays`` of ``pairs`` (the arrays a shard stores)."""
+    return {name: array_sha256(getattr(pairs, name)) for name in arrays}
+
+
+# --- how X_0 is kept -------------------------------------------------------------------------------
+
+
+def x0_probe(seed: int, shape, generator: str = GENERATOR) -> dict[str, Any]:
+    """``{"obs_index": 0, "sample": 0, "sha256": ...}``: the checksum of X_0 of pair (0, 0) as ``generator`` draws it
+    here. Recorded in an implicit store's manifest, it lets any reader prove its regeneration reproduces the writer's
+    (torch does not promise the same ``randn`` numbers across releases) at the cost of one draw."""
+    x0 = pair_noise(int(seed), np.zeros(1, np.int64), np.zeros(1, np.int64), shape, generator)
+    return {"obs_index": 0, "sample": 0, "sha256": array_sha256(x0[0])}
+
+
+def x0_spec(shape, mode: str = "explicit", seed: int | None = None) -> dict[str, Any]:
+    """The manifest's ``x0`` entry. ``explicit``: ``{"shape", "dtype"}``, exactly as format version 1 always wrote it;
+    ``implicit``: also ``"stored": false``, ``"generator"`` (the versioned name of the recipe that regenerates it) and
+    ``"probe"`` (``x0_probe`` of ``seed``, the store's ``generation.seed``)."""
+    if mode not in X0_MODES:
+        raise ReflowPairsError(f"--x0 must be one of {', '.join(X0_MODES)}, got {mode!r}.")
+    spec: dict[str, Any] = {"shape": list(shape), "dtype": "float32"}
+    if mode == "implicit":
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ReflowPairsError(f"--seed must be a non-negative integer to regenerate X_0 from, got {seed!r}.")
+        spec.update(stored=False, generator=GENERATOR, probe=x0_probe(seed, shape))
+    return spec
+
+
+def x0_stored(manifest: dict[str, Any]) -> bool:
+    """Whether the store's shards hold an ``x0`` array (true unless the manifest says ``x0.stored: false``)."""
+    spec = manifest.get("x0")
+    return not (isinstance(spec, dict) and spec.get("stored") is False)
+
+
+def x0_mode(manifest: dict[str, Any]) -> str:
+    """``"explicit"`` or ``"implicit"``: how ``manifest``'s store keeps X_0."""
+    return "explicit" if x0_stored(manifest) else "implicit"
+
+
+def recorded_generation(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a store's generation record with ``x0`` (how X_0 is kept, ``X0_MODES``) filled in from the manifest's
+    ``x0`` entry when the record predates that setting (such a store keeps X_0: ``explicit``)."""
+    generation = dict(manifest.get("generation") or {})
+    generation.setdefault("x0", x0_mode(manifest))
+    return generation
+
+
+def stored_arrays(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The arrays each shard of ``manifest``'s store holds (and has checksums for)."""
+    return ARRAYS if x0_stored(manifest) else IMPLICIT_ARRAYS
 
 
 # --- files -----------------------------------------------------------------------------------------
 
 
-def write_shard(path: Path, pairs: Pairs, backend: str, attrs: dict[str, Any]) -> None:
-    """Write ``pairs`` to ``path`` atomically: into ``.tmp-<name>`` beside it, fsync, rename."""
+def write_shard(path: Path, pairs: Pairs, backend: str, attrs: dict[str, Any], arrays: tuple[str, ...] = ARRAYS) -> None:
+    """Write ``arrays`` of ``pairs`` to ``path`` atomically: into ``.tmp-<name>`` beside it, fsync, rename."""
     tmp = path.with_name(TMP_PREFIX + path.name)
     _remove(tmp)
     if backend == "zarr":
-        _write_zarr(tmp, pairs, attrs)
+        _write_zarr(tmp, pairs, attrs, arrays)
     else:
-        _write_parquet(tmp, pairs, attrs)
+        _write_parquet(tmp, pairs, attrs, arrays)
     fsync_tree(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
 
-def _write_zarr(path: Path, pairs: Pairs, attrs: dict[str, Any]) -> None:
+def _write_zarr(path: Path, pairs: Pairs, attrs: dict[str, Any], arrays: tuple[str, ...]) -> None:
     import zarr
 
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     group.attrs.update(attrs)
-    for name in ARRAYS:
+    for name in arrays:
         data = getattr(pairs, name)
         chunks = (min(ZARR_CHUNK, max(len(data), 1)), *data.shape[1:])
         array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
         array[...] = data
 
 
-def _write_parquet(path: Path, pairs: Pairs, attrs: dict[str, Any]) -> None:
+def _write_parquet(path: Path, pairs: Pairs, attrs: dict[str, Any], arrays: tuple[str, ...]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -124,14 +183,13 @@ def _write_parquet(path: Path, pairs: Pairs, attrs: dict[str, Any]) -> None:
         width = int(np.prod(x.shape[1:]))
         return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), width)
 
-    table = pa.table(
-        {
-            "obs_index": pa.array(pairs.obs_index),
-            "sample": pa.array(pairs.sample),
-            "x0": fixed(pairs.x0),
-            "x1": fixed(pairs.x1),
-        }
-    ).replace_schema_metadata({b"reflowpairs": json.dumps(attrs).encode()})
+    columns = {
+        "obs_index": pa.array(pairs.obs_index),
+        "sample": pa.array(pairs.sample),
+        "x0": fixed(pairs.x0) if "x0" in arrays else None,
+        "x1": fixed(pairs.x1),
+    }
+    table = pa.table({name: column for name, column in columns.items() if name in arrays}).replace_schema_metadata({b"reflowpairs": json.dumps(attrs).encode()})
     pq.write_table(table, path, row_group_size=1024)
 
 
@@ -262,6 +320,7 @@ def structure_problems(manifest: dict[str, Any]) -> list[str]:
     for key in ("x0", "x1"):
         if (problem := _shape_problem(manifest[key])) is not None:
             problems.append(f"{key}: {problem}")
+    problems += _x0_storage_problems(manifest)
     for key in ("teacher", "dataset", "generation", "software", "partition"):
         if manifest.get(key) is not None and not isinstance(manifest[key], dict):
             problems.append(f"{key} is a JSON {type(manifest[key]).__name__}, not an object")
@@ -274,6 +333,27 @@ def structure_problems(manifest: dict[str, Any]) -> list[str]:
             if (problem := _shard_entry_problem(entry)) is not None:
                 problems.append(f"shards[{j}] {problem}")
                 break
+    return problems
+
+
+def _x0_storage_problems(manifest: dict[str, Any]) -> list[str]:
+    """What stops a reader from getting X_0: a ``stored`` that is not a boolean, or, when X_0 is not stored, no
+    generator name or no integer ``generation.seed`` to regenerate it from. Whether this build knows the
+    generator is checked when X_0 is regenerated (``reflowpairs validate``: its ``x0 noise`` check)."""
+    spec = manifest["x0"]
+    if not isinstance(spec, dict) or "stored" not in spec:
+        return []
+    if not isinstance(spec["stored"], bool):
+        return [f"x0.stored is {spec['stored']!r}, not true or false"]
+    if spec["stored"]:
+        return []
+    problems = []
+    if not isinstance(spec.get("generator"), str) or not spec["generator"]:
+        problems.append(f"x0 is not stored but x0.generator is {spec.get('generator')!r}, not the name of the generator that regenerates it")
+    generation = manifest.get("generation")
+    seed = generation.get("seed") if isinstance(generation, dict) else None
+    if not _is_count(seed):
+        problems.append(f"x0 is not stored but generation.seed is {seed!r}, not the non-negative integer it is regenerated from")
     return problems
 
 
@@ -320,8 +400,9 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
 # --- writer ----------------------------------------------------------------------------------------
 
 
-def new_manifest(backend: str, x0_shape, x1_shape, provenance: dict[str, Any]) -> dict[str, Any]:
-    """A manifest with no shards yet; ``provenance`` holds teacher/dataset/generation/software."""
+def new_manifest(backend: str, x0_shape, x1_shape, provenance: dict[str, Any], x0: str = "explicit") -> dict[str, Any]:
+    """A manifest with no shards yet; ``provenance`` holds teacher/dataset/generation/software; ``x0`` is how the
+    store keeps X_0 (``X0_MODES``: ``explicit`` stores it, ``implicit`` records its generator instead)."""
     if backend not in BACKENDS:
         raise ReflowPairsError(f"Unknown --format {backend!r}.", f"Choose one of: {', '.join(BACKENDS)}.")
     return {
@@ -332,7 +413,7 @@ def new_manifest(backend: str, x0_shape, x1_shape, provenance: dict[str, Any]) -
         "complete": False,
         "num_pairs": 0,
         "num_frames": 0,
-        "x0": {"shape": list(x0_shape), "dtype": "float32"},
+        "x0": x0_spec(x0_shape, x0, (provenance.get("generation") or {}).get("seed")),
         "x1": {"shape": list(x1_shape), "dtype": "float32"},
         **provenance,
         "shards": [],
@@ -344,7 +425,8 @@ class PairStoreWriter:
 
     ``add`` takes pairs frame by frame (all K samples of a frame together); once ``shard_size``
     pairs are buffered, a shard of ``max(K, shard_size // K * K)`` pairs is written and the manifest
-    rewritten. ``close`` writes what is left. Not thread-safe: one writer per process.
+    rewritten. ``close`` writes what is left. Not thread-safe: one writer per process. ``add`` always takes X_0;
+    a store whose manifest says ``x0.stored: false`` drops it (``stored_arrays``).
     """
 
     def __init__(self, out: str | Path, manifest: dict[str, Any], shard_size: int, samples_per_frame: int, writer_id: str = "w0"):
@@ -383,7 +465,8 @@ class PairStoreWriter:
         name = f"{self.writer_id}-{self._seq:06d}{_SUFFIX[self.manifest['backend']]}"
         rel = f"{SHARDS_DIR}/{name}"
         attrs = {"format": FORMAT, "store_id": self.manifest["store_id"], "shard": rel}
-        write_shard(self.out / rel, pairs, self.manifest["backend"], attrs)
+        arrays = stored_arrays(self.manifest)
+        write_shard(self.out / rel, pairs, self.manifest["backend"], attrs, arrays)
         self._seq += 1
         self.manifest["shards"].append(
             {
@@ -393,7 +476,7 @@ class PairStoreWriter:
                 "obs_index_min": int(pairs.obs_index.min()),
                 "obs_index_max": int(pairs.obs_index.max()),
                 "store_id": self.manifest["store_id"],
-                "sha256": checksums(pairs),
+                "sha256": checksums(pairs, arrays),
             }
         )
         self.manifest["num_pairs"] += len(pairs)
@@ -405,7 +488,10 @@ class PairStoreWriter:
 
 
 class PairStore:
-    """Read access to a pair store: its manifest, and shards on demand (nothing loaded up front)."""
+    """Read access to a pair store: its manifest, and shards on demand (nothing loaded up front).
+
+    ``read`` returns ``x0`` whether or not the shards store it: a store with ``x0.stored: false`` has it regenerated
+    from ``(generation.seed, obs_index, sample)`` by its recorded generator (``regenerate_x0``)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -414,6 +500,49 @@ class PairStore:
         self.x0_shape = tuple(self.manifest["x0"]["shape"])
         self.x1_shape = tuple(self.manifest["x1"]["shape"])
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
+        self.x0_stored: bool = x0_stored(self.manifest)
+        self.stored_arrays: tuple[str, ...] = stored_arrays(self.manifest)
+        self.x0_generator: str = self.manifest["x0"].get("generator", GENERATOR)
+        self.seed: int | None = (self.manifest.get("generation") or {}).get("seed")
+        self._x0_checked = False
+
+    def check_x0_generator(self) -> str:
+        """For a store that does not keep X_0: raise ``ReflowPairsError`` unless this build knows its generator and,
+        when the manifest records a ``probe``, regenerating that pair here gives the writer's X_0 (same checksum).
+        Returns what was checked, in words. One draw; ``regenerate_x0`` calls it once per ``PairStore``."""
+        check_generator(self.x0_generator, f"store {self.path}")
+        probe = self.manifest["x0"].get("probe")
+        if probe is None:
+            self._x0_checked = True
+            return f"generator {self.x0_generator} is known (the manifest records no probe to compare with)"
+        try:
+            obs, sample, recorded = int(probe["obs_index"]), int(probe["sample"]), str(probe["sha256"])
+        except (TypeError, KeyError, ValueError) as err:
+            raise ReflowPairsError(
+                f"Store {self.path}: its manifest's x0.probe {probe!r} is not {{obs_index, sample, sha256}}.",
+                "The manifest is damaged or was edited by hand; restore it from a copy or regenerate the store.",
+            ) from err
+        got = array_sha256(pair_noise(int(self.seed), np.array([obs]), np.array([sample]), self.x0_shape, self.x0_generator)[0])
+        if got != recorded:
+            written = (self.manifest.get("software") or {}).get("torch", "?")
+            import torch
+
+            raise ReflowPairsError(
+                f"Store {self.path} does not keep X_0, and X_0 regenerated here differs from the writer's: pair "
+                f"(obs_index {obs}, sample {sample}) has sha256 {got[:12]}..., the manifest records {recorded[:12]}... "
+                f"(generator {self.x0_generator}; torch {torch.__version__} here, {written} when it was written).",
+                f"Read it with torch {written}, or regenerate the store (with --x0 explicit to keep X_0 in it).",
+            )
+        self._x0_checked = True
+        return f"generator {self.x0_generator} is known and reproduces the writer's X_0 of pair ({obs}, {sample})"
+
+    def regenerate_x0(self, obs_index: np.ndarray, sample: np.ndarray) -> np.ndarray:
+        """X_0 ``(n, T, D0)`` float32 of pairs ``(obs_index[r], sample[r])`` from the store's seed and generator;
+        a generator this build does not know, or one that does not reproduce the recorded probe, raises
+        ``ReflowPairsError`` (``check_x0_generator``)."""
+        if not self._x0_checked:
+            self.check_x0_generator()
+        return pair_noise(int(self.seed), obs_index, sample, self.x0_shape, self.x0_generator)
 
     def __len__(self) -> int:
         return int(self.manifest["num_pairs"])
@@ -422,7 +551,18 @@ class PairStore:
         return self.path / self.shards[i]["path"]
 
     def read(self, i: int, columns=ARRAYS) -> dict[str, np.ndarray]:
-        """Columns of shard ``i``; a missing or unreadable shard raises an error naming it."""
+        """Columns of shard ``i``, ``x0`` regenerated when the store does not keep it; a missing or unreadable shard
+        raises an error naming it."""
+        columns = tuple(columns)
+        if "x0" in columns and not self.x0_stored:
+            stored = tuple(dict.fromkeys(c for c in (*columns, "obs_index", "sample") if c != "x0"))
+            data = self.read_stored(i, stored)
+            x0 = self.regenerate_x0(data["obs_index"], data["sample"])
+            return {name: x0 if name == "x0" else data[name] for name in columns}
+        return self.read_stored(i, columns)
+
+    def read_stored(self, i: int, columns=ARRAYS) -> dict[str, np.ndarray]:
+        """Columns of shard ``i`` as its files hold them (no regeneration); errors name the shard."""
         path = self.shard_path(i)
         if not path.exists():
             raise ReflowPairsError(f"Shard {self.shards[i]['path']} of store {self.path} is missing.", "The store is damaged; regenerate it or restore the file.")
@@ -449,16 +589,17 @@ class PairStore:
         return np.concatenate([c["obs_index"] for c in cols]), np.concatenate([c["sample"] for c in cols])
 
     def verify_shard(self, i: int) -> list[str]:
-        """Problems with shard ``i``: unreadable, wrong row count/shape/dtype, or checksum mismatch."""
+        """Problems with shard ``i``: unreadable, wrong row count/shape/dtype, or checksum mismatch of the arrays it
+        stores (X_0 is not read, nor regenerated, when the store does not keep it)."""
         entry = self.shards[i]
         try:
-            data = self.read(i)
+            data = self.read_stored(i, self.stored_arrays)
         except ReflowPairsError as err:
             return [err.what]
         problems = []
         n = entry["num_pairs"]
         expected = {"x0": (n, *self.x0_shape), "x1": (n, *self.x1_shape), "obs_index": (n,), "sample": (n,)}
-        for name in ARRAYS:
+        for name in self.stored_arrays:
             array = data[name]
             if array.shape != expected[name] or array.dtype != _DTYPES[name]:
                 problems.append(f"{name} is {array.dtype}{list(array.shape)}, the manifest says {np.dtype(_DTYPES[name])}{list(expected[name])}")

@@ -12,6 +12,8 @@
 Every problem names the shard (its path in the store) and what is wrong with it. Each check catches
 its own exceptions and reports them as failures, so a damaged store never produces a traceback.
 Shards are read one at a time (memory: one shard, plus 16 bytes per pair for the frame checks).
+A store that does not keep X_0 (``x0.stored: false``) is checked on the arrays it stores; its ``x0 noise``
+check proves the recorded generator is known and regenerates X_0 of the manifest's shape and dtype.
 ``docs/validate.md`` describes each check.
 """
 
@@ -35,6 +37,8 @@ from reflowpairs.pairstore import (
     array_sha256,
     read_manifest,
     shard_attrs,
+    stored_arrays,
+    x0_stored,
 )
 
 PASS, WARN, FAIL, INCOMPLETE, SKIP = "pass", "warn", "fail", "incomplete", "skip"
@@ -193,8 +197,10 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
         if not isinstance(entry.get("num_pairs"), int) or entry["num_pairs"] < 0:
             problems.append(f"{path}: num_pairs is {entry.get('num_pairs')!r}")
         sha = entry.get("sha256")
-        if not isinstance(sha, dict) or sorted(sha) != sorted(ARRAYS):
-            problems.append(f"{path}: sha256 must hold checksums of {', '.join(ARRAYS)}")
+        arrays = stored_arrays(manifest)
+        if not isinstance(sha, dict) or sorted(sha) != sorted(arrays):
+            kept = "" if arrays == ARRAYS else " (X_0 is not stored)"
+            problems.append(f"{path}: sha256 must hold checksums of {', '.join(arrays)}{kept}")
     problems += [f"{path} is listed {n} times" for path, n in paths.items() if n > 1]
     try:
         pairs = sum(int(e["num_pairs"]) for e in shards)
@@ -221,6 +227,8 @@ def resume_command(store: Path, manifest: dict[str, Any]) -> str:
     if g.get("solver") == "dopri5":
         args += [f"--rtol {g.get('rtol')}", f"--atol {g.get('atol')}"]
     args += [f"--seed {g.get('seed')}", f"--format {manifest.get('backend')}"]
+    if not x0_stored(manifest):
+        args.append("--x0 implicit")
     if g.get("dtype", "float32") != "float32":
         args.append(f"--dtype {g['dtype']}")
     if g.get("sampler") == "exact":
@@ -288,14 +296,14 @@ def _check_shard(store: PairStore, i: int, found: _Pass, x0_seed: int | None, to
     except Exception as err:  # noqa: BLE001
         found.origin.add(f"{name}: its attributes cannot be read ({type(err).__name__}: {err})")
     try:
-        data = store.read(i)
+        data = store.read_stored(i, store.stored_arrays)  # X_0 is not regenerated here: that is the x0 noise check's
     except ReflowPairsError as err:
         found.shards.add(err.what)
         return
     n = entry.get("num_pairs")
     expected = {"x0": (n, *store.x0_shape), "x1": (n, *store.x1_shape), "obs_index": (n,), "sample": (n,)}
     good = True
-    for array_name in ARRAYS:
+    for array_name in store.stored_arrays:
         array = data[array_name]
         if array.shape != expected[array_name] or array.dtype != _DTYPES[array_name]:
             found.shards.add(f"{name}: {array_name} is {array.dtype}{list(array.shape)}, the manifest says {_DTYPES[array_name]}{list(expected[array_name])}")
@@ -317,7 +325,7 @@ def _check_shard(store: PairStore, i: int, found: _Pass, x0_seed: int | None, to
         if lo < 0 or (total_frames is not None and hi >= total_frames):
             bad = obs[(obs < 0) | (obs >= (total_frames if total_frames is not None else np.iinfo(np.int64).max))]
             found.obs_range.add(f"{name}: obs_index {_listed(np.unique(bad))} outside the recorded dataset's frames 0..{(total_frames or 0) - 1}")
-    for array_name in ("x0", "x1"):
+    for array_name in ("x0", "x1") if store.x0_stored else ("x1",):
         bad = ~np.isfinite(data[array_name]).reshape(n, -1).all(axis=1)
         if bad.any():
             rows = np.flatnonzero(bad)
@@ -326,7 +334,7 @@ def _check_shard(store: PairStore, i: int, found: _Pass, x0_seed: int | None, to
                 f"{name}: {array_name} has {count} non-finite value(s) (NaN/inf) in {len(rows)} pair(s), "
                 f"e.g. obs_index {int(obs[rows[0]])} sample {int(sample[rows[0]])}"
             )
-    if x0_seed is not None:
+    if x0_seed is not None and store.x0_stored:
         wrong = [
             r for r in range(n)
             if not np.array_equal(initial_noise(x0_seed, int(obs[r]), int(sample[r]), store.x0_shape).numpy(), data["x0"][r])
@@ -341,7 +349,42 @@ def _check_shard(store: PairStore, i: int, found: _Pass, x0_seed: int | None, to
     found.shard_of.append(np.full(n, i, np.int32))
     found.pairs += n
     for global_index, row in spot_rows.items():
-        found.spot[global_index] = (name, int(obs[row]), int(sample[row]), data["x0"][row], data["x1"][row])
+        x0 = data["x0"][row] if store.x0_stored else store.regenerate_x0(obs[row : row + 1], sample[row : row + 1])[0]
+        found.spot[global_index] = (name, int(obs[row]), int(sample[row]), x0, data["x1"][row])
+
+
+def _check_implicit_x0(store: PairStore, found: _Pass) -> CheckResult:
+    """A store that does not keep X_0: its recorded generator is one this build knows, it reproduces the manifest's
+    probe (the writer's X_0 of one pair), and regenerating X_0 of one stored pair gives finite float32 noise of the
+    manifest's shape. (Checksums cannot cover X_0: it is not stored.)"""
+    from reflowpairs.noise import GENERATORS
+
+    generator, seed = store.x0_generator, store.seed
+    if generator not in GENERATORS:
+        return CheckResult(
+            "x0 noise", FAIL,
+            f"X_0 is not stored and its recorded generator {generator!r} is unknown to this build (it knows "
+            f"{', '.join(GENERATORS)}), so X_0 cannot be regenerated: read the store with the reflowpairs version that "
+            f"wrote it ({store.manifest.get('software', {}).get('reflowpairs', '?')})",
+        )
+    try:
+        checked = store.check_x0_generator()
+    except ReflowPairsError as err:
+        return CheckResult("x0 noise", FAIL, err.what)
+    obs = int(found.obs_index[0][0]) if found.obs_index and len(found.obs_index[0]) else 0
+    sample = int(found.sample[0][0]) if found.sample and len(found.sample[0]) else 0
+    x0 = store.regenerate_x0(np.array([obs]), np.array([sample]))
+    if x0.shape != (1, *store.x0_shape) or x0.dtype != _DTYPES["x0"] or not np.isfinite(x0).all():
+        return CheckResult(
+            "x0 noise", FAIL,
+            f"generator {generator} regenerates X_0 as {x0.dtype}{list(x0.shape[1:])}"
+            f"{'' if np.isfinite(x0).all() else ' with non-finite values'}, the manifest says float32{list(store.x0_shape)}",
+        )
+    return CheckResult(
+        "x0 noise", PASS,
+        f"X_0 is not stored: {checked}; it regenerates from (seed {seed}, obs_index, sample) as "
+        f"float32{list(store.x0_shape)} (checked on obs_index {obs} sample {sample})",
+    )
 
 
 # --- frames ---------------------------------------------------------------------------------------
@@ -650,14 +693,16 @@ def validate(cfg: ValidateConfig, progress: Progress | None = None) -> Validatio
         found.shards.add("the manifest's shard list is malformed; shards not read")
     listed = len(store.shards)
     checks["shards"] = _result("shards", found.shards, f"{listed} listed shards open with the manifest's row counts, shapes and dtypes ({found.pairs} pairs)")
-    checks["checksums"] = _result("checksums", found.checksums, f"{found.readable} shards match their recorded sha256 checksums")
+    kept = "" if store.x0_stored else f" of {', '.join(store.stored_arrays)} (X_0 is not stored)"
+    checks["checksums"] = _result("checksums", found.checksums, f"{found.readable} shards match their recorded sha256 checksums{kept}")
     checks["origin"] = _result("origin", found.origin, f"every shard carries this store's id ({manifest.get('store_id')})")
-    checks["finite"] = _result("finite", found.finite, "X_0 and X_1 are finite")
-    checks["x0 noise"] = (
-        CheckResult("x0 noise", FAIL, "generation.seed is missing, so X_0 cannot be regenerated")
-        if seed is None
-        else _result("x0 noise", found.x0, f"X_0 of all {found.pairs} readable pairs regenerates exactly from (seed {seed}, obs_index, sample)")
-    )
+    checks["finite"] = _result("finite", found.finite, "X_0 and X_1 are finite" if store.x0_stored else "X_1 is finite (X_0 is not stored)")
+    if seed is None:
+        checks["x0 noise"] = CheckResult("x0 noise", FAIL, "generation.seed is missing, so X_0 cannot be regenerated")
+    elif store.x0_stored:
+        checks["x0 noise"] = _result("x0 noise", found.x0, f"X_0 of all {found.pairs} readable pairs regenerates exactly from (seed {seed}, obs_index, sample)")
+    else:
+        checks["x0 noise"] = _guard("x0 noise", lambda: _check_implicit_x0(store, found))
 
     dataset = None
     if cfg.dataset is not None or cfg.dataset_root is not None:
