@@ -7,7 +7,7 @@ RP := $(VENV)/bin/reflowpairs
 DEMO ?= demo_out
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean bench bench-generate bench-train bench-memory bench-store bench-exact
+.PHONY: venv demo test clean bench bench-generate bench-train bench-memory bench-store bench-exact bench-x0
 
 venv: $(STAMP)
 
@@ -26,7 +26,7 @@ test: $(STAMP)
 
 # Benchmarks (not tests): each prints its side-by-side ratios; figures in benchmarks/RESULTS.md.
 # Pass other settings with ARGS, e.g. `make bench-generate ARGS="--device cuda --ks 1,4,16"`.
-bench: bench-generate bench-train bench-memory bench-store bench-exact
+bench: bench-generate bench-train bench-memory bench-store bench-exact bench-x0
 
 # Default settings of each benchmark (in variables: a comma inside $(or ...) would split its arguments).
 BENCH_GENERATE_ARGS := --size small --ks 1,4,16 --batch-size 32 --episodes 0,1,2,3
@@ -34,6 +34,7 @@ BENCH_TRAIN_ARGS := --size small --batch-size 16 --steps 5 --repeats 5
 BENCH_MEMORY_ARGS := --size large --batch-size 8 --steps 3
 BENCH_STORE_ARGS := --size small --samples-per-frame 8 --batch-size 32
 BENCH_EXACT_ARGS := --size small --k 4 --episodes 0,1 --batch-size 16
+BENCH_X0_ARGS := --pairs 4000 --repeats 3
 
 bench-generate: $(STAMP)
 	$(PY) benchmarks/bench_generate.py $(or $(ARGS),$(BENCH_GENERATE_ARGS))
@@ -49,6 +50,9 @@ bench-store: $(STAMP)
 
 bench-exact: $(STAMP)
 	$(PY) benchmarks/bench_exact.py $(or $(ARGS),$(BENCH_EXACT_ARGS))
+
+bench-x0: $(STAMP)
+	$(PY) benchmarks/bench_x0.py $(or $(ARGS),$(BENCH_X0_ARGS))
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -49,7 +49,8 @@ SHARDS_DIR = "shards"
 PARTS_DIR = "parts"  # per-rank sub-stores of a multi-process generate (reflowpairs/merge.py)
 TMP_PREFIX = ".tmp-"
 LOCK = ".lock"  # the writer lock (reflowpairs/storelock.py)
-STORE_ENTRIES = (MANIFEST, SHARDS_DIR, PARTS_DIR, TMP_PREFIX + MANIFEST, LOCK)
+GENERATE_OPTIONS = "generate_config.yaml"  # the options generate ran with (written by the CLI beside the manifest)
+STORE_ENTRIES = (MANIFEST, SHARDS_DIR, PARTS_DIR, TMP_PREFIX + MANIFEST, LOCK, GENERATE_OPTIONS)
 """Everything a store puts at its top level; ``generate --overwrite`` removes these and nothing else."""
 ARRAYS = ("x0", "x1", "obs_index", "sample")
 IMPLICIT_ARRAYS = ("x1", "obs_index", "sample")  # what a shard of a store with x0.stored false holds

@@ -95,6 +95,11 @@ made the store, X_1 comes back bit for bit (fixed call shapes); on another devic
 X_1 moves by its rounding, ~1e-3-1e-2 in bfloat16 on SmolVLA's real shapes."""
 
 
+def _count(n: int, noun: str) -> str:
+    """``"1 shard"``, ``"3 shards"``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def spot_check_atol(generation: dict[str, Any]) -> tuple[float, str]:
     """The default spot-check tolerance of a store and the compute dtype it follows."""
     from reflowpairs.teacher import compute_dtype
@@ -660,7 +665,7 @@ def validate(cfg: ValidateConfig, progress: Progress | None = None) -> Validatio
     checks["manifest"] = (
         CheckResult("manifest", FAIL, "; ".join(problems))
         if problems
-        else CheckResult("manifest", PASS, f"format {store.manifest['format']} v{store.manifest['version']}, {store.backend}, {len(store.shards)} shards")
+        else CheckResult("manifest", PASS, f"format {store.manifest['format']} v{store.manifest['version']}, {store.backend}, {_count(len(store.shards), 'shard')}")
     )
     manifest = store.manifest
     generation = manifest.get("generation") if isinstance(manifest.get("generation"), dict) else {}
@@ -692,9 +697,9 @@ def validate(cfg: ValidateConfig, progress: Progress | None = None) -> Validatio
     else:
         found.shards.add("the manifest's shard list is malformed; shards not read")
     listed = len(store.shards)
-    checks["shards"] = _result("shards", found.shards, f"{listed} listed shards open with the manifest's row counts, shapes and dtypes ({found.pairs} pairs)")
+    checks["shards"] = _result("shards", found.shards, f"{_count(listed, 'listed shard')} open with the manifest's row counts, shapes and dtypes ({found.pairs} pairs)")
     kept = "" if store.x0_stored else f" of {', '.join(store.stored_arrays)} (X_0 is not stored)"
-    checks["checksums"] = _result("checksums", found.checksums, f"{found.readable} shards match their recorded sha256 checksums{kept}")
+    checks["checksums"] = _result("checksums", found.checksums, f"{_count(found.readable, 'shard')} match their recorded sha256 checksums{kept}")
     checks["origin"] = _result("origin", found.origin, f"every shard carries this store's id ({manifest.get('store_id')})")
     checks["finite"] = _result("finite", found.finite, "X_0 and X_1 are finite" if store.x0_stored else "X_1 is finite (X_0 is not stored)")
     if seed is None:

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench-memory", "--size large --batch-size 8 --steps 3"),
         ("bench-store", "--size small --samples-per-frame 8 --batch-size 32"),
         ("bench-exact", "--size small --k 4 --episodes 0,1 --batch-size 16"),
+        ("bench-x0", "--pairs 4000 --repeats 3"),
     ],
 )
 def test_make_targets_pass_their_default_arguments_whole(target, arguments):
@@ -51,8 +52,10 @@ def test_make_targets_pass_their_default_arguments_whole(target, arguments):
          [r"zarr: \d+ bytes/pair", r"parquet: \d+ bytes/pair", r"training consumes \d+ pairs/s"]),
         ("bench_exact.py", "--size tiny --k 2 --episodes 0 --batch-size 8 --repeats 1 --num-steps 2",
          [r"ratio prefix-cached / exact: \d+\.\d+x", r"\|X_1 prefix-cached - X_1 exact\|: max \d"]),
+        ("bench_x0.py", "--pairs 200 --repeats 1 --episodes 1 --samples-per-frame 2",
+         [r"zarr +bytes/pair on disk: explicit +\d+\.\d, implicit +\d+\.\d, ratio \d\.\d+", r"one at a time: +[\d,]+ pairs/s"]),
     ],
-    ids=["generate", "train", "memory", "store", "exact"],
+    ids=["generate", "train", "memory", "store", "exact", "x0"],
 )
 def test_benchmark_runs_and_prints_its_ratios(script, arguments, printed):
     env = dict(os.environ, OMP_NUM_THREADS="1")

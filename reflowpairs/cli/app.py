@@ -163,7 +163,7 @@ def save_options(path: Path, command: str, options: dict) -> None:
 
 
 INPUTS, SAMPLING, OUTPUT, PERFORMANCE, MULTI, RUN = "Inputs", "Sampling", "Output", "Performance", "Multi-process", "Options file and logs"
-GENERATE_OPTIONS = "generate_config.yaml"
+from reflowpairs.pairstore import GENERATE_OPTIONS  # noqa: E402
 
 
 @app.command(cls=Command, epilog=lerobot_names_text("generate") + f" Each run writes its options to OUT/{GENERATE_OPTIONS}.")
@@ -181,6 +181,7 @@ def generate(
     atol: Annotated[float, typer.Option(metavar="X", rich_help_panel=SAMPLING, help="dopri5 absolute tolerance.")] = 1e-5,
     seed: Annotated[int, typer.Option(metavar="N", rich_help_panel=SAMPLING, help="Seed of X_0 = f(seed, obs_index, sample).")] = 0,
     exact: Annotated[bool, typer.Option("--exact/--no-exact", rich_help_panel=SAMPLING, help="X_1 from lerobot's own predict_action_chunk per frame, bit for bit (no prefix sharing: slower).")] = False,
+    x0: Annotated[str, typer.Option("--x0", metavar="explicit|implicit", rich_help_panel=OUTPUT, help="How the store keeps X_0: explicit (default) stores it in every shard; implicit leaves it out (~84% of a pair's bytes at SmolVLA's shapes), records its generator, and every reader regenerates it bit for bit from (seed, obs_index, sample). A resumed store keeps its own mode.")] = "explicit",
     on_nonfinite: Annotated[str, typer.Option(metavar="WHAT", rich_help_panel=SAMPLING, help="error (stop) or skip (record and skip the frame).")] = "error",
     out: Annotated[Path, typer.Option(metavar="DIR", rich_help_panel=OUTPUT, help="Directory of the pair store to write.")],
     format: Annotated[str, typer.Option("--format", metavar="NAME", rich_help_panel=OUTPUT, help="Shard backend: zarr or parquet.")] = "zarr",
@@ -208,7 +209,7 @@ def generate(
         samples_per_frame=samples_per_frame, num_steps=num_steps, solver=solver, rtol=rtol, atol=atol,
         batch_size=batch_size, tokens_per_call=tokens_per_call, shard_size=shard_size, seed=seed, device=device, backend=format,
         num_workers=num_workers, resume=resume, overwrite=overwrite, on_nonfinite=on_nonfinite, dtype=dtype,
-        partition=parse_partition(partition), exact=exact,
+        partition=parse_partition(partition), exact=exact, x0=x0,
     )
     options = resolved_options(ctx, skip=("resume", "overwrite"), values={"episodes": episodes_text(episode_list)},
                                local_paths=("teacher",))
