@@ -1,8 +1,8 @@
 """Reflow a tiny SmolVLA for the PushT environment and run the 1-step student in lerobot's own evaluation loop.
 
     tiny PushT dataset (real gym-pusht rollouts) -> teacher (lerobot's flow-matching loss)
-      -> reflowpairs generate -> reflowpairs train --student-num-steps 1
-      -> lerobot-eval --policy.path=<student> --env.type=pusht --policy.num_steps=1
+      -> reflowpairs generate -> reflowpairs train (the student is saved to sample in 1 step)
+      -> lerobot-eval --policy.path=<student> --env.type=pusht (no step-count flag: the checkpoint says 1)
 
 Everything is offline and runs on CPU in a few minutes. The student is an ordinary lerobot checkpoint: lerobot-eval
 loads it with no reflowpairs code involved.
@@ -44,14 +44,14 @@ def reflow_student(out: Path, dataset_root: Path, teacher: Path, train_steps: in
     run([rp, "generate", "--teacher", str(teacher), "--dataset", PUSHT_REPO_ID, "--dataset-root", str(dataset_root),
          "--out", str(out / "pairs"), "--samples-per-frame", "2", "--device", "cpu"])
     run([rp, "train", "--pairs", str(out / "pairs"), "--out", str(out / "student"), "--steps", str(train_steps),
-         "--batch-size", "8", "--student-num-steps", "1", "--device", "cpu"])
+         "--batch-size", "8", "--device", "cpu"])
     return out / "student" / "checkpoints" / "last" / "pretrained_model"
 
 
 def lerobot_eval(student: Path, out: Path, episode_length: int = 50) -> subprocess.CompletedProcess:
-    """lerobot's own evaluation loop on the PushT env, with the student at 1 ODE step."""
+    """lerobot's own evaluation loop on the PushT env, with the student as saved (1 ODE step, from its config.json)."""
     return run([str(BIN / "lerobot-eval"), f"--policy.path={student}", "--env.type=pusht", "--eval.n_episodes=2",
-                "--eval.batch_size=2", "--eval.use_async_envs=false", "--policy.device=cpu", "--policy.num_steps=1",
+                "--eval.batch_size=2", "--eval.use_async_envs=false", "--policy.device=cpu",
                 f"--env.episode_length={episode_length}", f"--output_dir={out / 'eval'}"], cwd=out)
 
 
