@@ -796,9 +796,14 @@ def next_step(report: dict[str, Any]) -> dict[str, Any]:
                        f"{head['ratio']:.3g}): train it longer",
                 "command": f"reflowpairs train --pairs {training['store']} --out {training['run']} --resume "
                            f"--steps {2 * int(training['steps'] or training['step'] or 1)}"}
-    return {"num_steps": n, "rule": rule,
-            "why": f"--policy.num_steps={n}: {rule}; set ENV to your lerobot env type",
-            "command": f"lerobot-eval --policy.path={student} --policy.num_steps={n} --policy.device="
+    saved = report["student"].get("num_steps")
+    if n == saved:  # the checkpoint already samples in n steps: lerobot-eval needs no step-count flag
+        why, override = f"the student is saved to sample in {n} step{'s' if n != 1 else ''}, {rule}", ""
+    else:
+        why, override = f"--policy.num_steps={n}: {rule} (the checkpoint is saved with num_steps {saved})", f" --policy.num_steps={n}"
+    return {"num_steps": n, "saved_num_steps": saved, "rule": rule,
+            "why": f"{why}; set ENV to your lerobot env type",
+            "command": f"lerobot-eval --policy.path={student}{override} --policy.device="
                        f"{report['settings']['device']} --env.type=ENV --eval.n_episodes=50"}
 
 

@@ -203,8 +203,14 @@ def test_next_step_recommends_few_steps_or_more_training(main_run):
     assert recommend_steps([{**r, "mse_ref_norm": None} for r in rows]) is None
     n = recommend_steps(report["rows"])
     assert report["next"]["num_steps"] == n
-    assert report["next"]["command"] == (f"lerobot-eval --policy.path={report['student']['source']} --policy.num_steps={n} "
+    override = "" if n == report["student"]["num_steps"] else f" --policy.num_steps={n}"
+    assert report["next"]["command"] == (f"lerobot-eval --policy.path={report['student']['source']}{override} "
                                          "--policy.device=cpu --env.type=ENV --eval.n_episodes=50")
+    for saved in (n, n + 1):  # no step-count flag when the checkpoint already samples in the recommended count
+        other = copy.deepcopy(report)
+        other["student"]["num_steps"] = saved
+        assert (f"--policy.num_steps={n}" in next_step(other)["command"]) is (saved != n)
+        assert f"saved with num_steps {saved}" in next_step(other)["why"] or f"saved to sample in {n} step" in next_step(other)["why"]
     assert next_text(report) == f"next: {report['next']['command']}"
     assert f"```\n{report['next']['command']}\n```" in markdown(report)
     worse = copy.deepcopy(report)  # a student no better than its teacher, with a recorded run: train longer
