@@ -268,7 +268,8 @@ def _overwrite(out: Path, manifest: dict[str, Any]) -> None:
 
 
 class _BackgroundWriter:
-    """Runs ``PairStoreWriter.add`` on a thread so the device never waits on shard I/O."""
+    """Runs ``PairStoreWriter.add`` (and ``skip``) on a thread so the device never waits on shard I/O; the thread is
+    the only one that touches the manifest while sampling runs."""
 
     def __init__(self, writer: PairStoreWriter, depth: int = 4):
         self.writer = writer
@@ -281,7 +282,10 @@ class _BackgroundWriter:
         while (item := self._queue.get()) is not None:
             if self._error is None:
                 try:
-                    self.writer.add(item)
+                    if isinstance(item, Pairs):
+                        self.writer.add(item)
+                    else:  # obs_index of frames skipped for non-finite X_1
+                        self.writer.skip(item)
                 except BaseException as err:  # noqa: BLE001 - re-raised on the main thread
                     self._error = err
 
@@ -292,6 +296,10 @@ class _BackgroundWriter:
     def put(self, pairs: Pairs) -> None:
         self._raise()
         self._queue.put(pairs)
+
+    def skip(self, obs_index: list[int]) -> None:
+        self._raise()
+        self._queue.put(list(obs_index))
 
     def close(self, complete: bool) -> None:
         self._queue.put(None)
@@ -384,8 +392,10 @@ def _open_store(out: Path, job: _Job, cfg: GenerateConfig) -> dict[str, Any]:
 
 
 def _todo(job: _Job, out: Path, partition: tuple[int, int] | None) -> tuple[np.ndarray, int]:
-    """Dataset positions still to sample (in this partition) and how many frames are done."""
-    done = np.unique(PairStore(out).index()[0])
+    """Dataset positions still to sample (in this partition) and how many frames are done: frames in listed shards and
+    frames recorded as skipped for non-finite X_1 (which a resume must not sample again)."""
+    store = PairStore(out)
+    done = np.union1d(store.index()[0], np.asarray(store.manifest.get("skipped_frames", []), dtype=np.int64))
     selected = np.ones(len(job.frame_index), dtype=bool)
     if partition is not None:
         selected = job.frame_index % partition[1] == partition[0]
@@ -486,7 +496,6 @@ def _sample_frames(job: _Job, out: Path, manifest: dict[str, Any], positions: np
         writer = _BackgroundWriter(PairStoreWriter(out, manifest, cfg.shard_size, cfg.samples_per_frame, writer_id))
     except OSError as err:
         raise _write_failed(out, err) from err
-    skipped = manifest.setdefault("skipped_frames", [])
     start, frames, pairs = time.perf_counter(), 0, 0
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(job.dataset, positions.tolist()),
@@ -505,7 +514,8 @@ def _sample_frames(job: _Job, out: Path, manifest: dict[str, Any], positions: np
                     "Check the teacher checkpoint and that frame's observation; pass --on-nonfinite skip "
                     "to record and skip such frames. Shards written so far are kept; rerun with --resume.",
                 )
-            skipped.extend(bad)
+            if bad:
+                writer.skip(bad)
             if len(block):
                 writer.put(block)
             frames += len(batch["index"])
@@ -515,7 +525,7 @@ def _sample_frames(job: _Job, out: Path, manifest: dict[str, Any], positions: np
         complete = True
     finally:
         writer.close(complete)
-    return pairs, time.perf_counter() - start, list(skipped)
+    return pairs, time.perf_counter() - start, list(manifest.get("skipped_frames", []))
 
 
 def _sample_batch(batch: dict[str, Any], preprocessor, engine, solver: SolverConfig, cfg: GenerateConfig) -> tuple[Pairs, list[int]]:

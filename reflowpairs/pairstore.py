@@ -454,6 +454,15 @@ class PairStoreWriter:
             rest = block.take(slice(self.pairs_per_shard, None))
             self._buffer, self._buffered = ([rest] if len(rest) else []), len(rest)
 
+    def skip(self, obs_index: list[int]) -> None:
+        """Record frames skipped for non-finite X_1 in the manifest at once (each frame once), so a resumed run counts
+        them as done and never samples them again, even if this run dies before its next shard."""
+        listed = self.manifest.setdefault("skipped_frames", [])
+        new = [int(i) for i in obs_index if int(i) not in set(listed)]
+        if new:
+            listed.extend(new)
+            write_manifest(self.out, self.manifest)
+
     def close(self, complete: bool) -> None:
         """Write buffered pairs as a last shard and mark the manifest complete (or not)."""
         if self._buffered:

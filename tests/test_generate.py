@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -366,3 +367,43 @@ def test_a_run_or_checkpoint_directory_as_teacher_suggests_its_pretrained_model(
         text = _cli_error(["--teacher", str(given), "--dataset", tiny_world.repo_id, "--dataset-root",
                            str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"])
         assert "has no config.json" in text and f"Did you mean {meant}?" in text
+
+
+def test_resume_does_not_sample_skipped_frames_again(tiny_world, tmp_path):
+    """Frames skipped for non-finite X_1 count as done: a run interrupted after skipping them resumes without sampling
+    them again, and each is listed once (they were once re-sampled and appended a second time)."""
+    ckpt = _nan_teacher(tiny_world, tmp_path)
+    cfg = GenerateConfig(teacher=str(ckpt), dataset=tiny_world.repo_id, dataset_root=tiny_world.dataset_root,
+                         out=tmp_path / "skip", episodes=[0], samples_per_frame=1, batch_size=4, device="cpu",
+                         on_nonfinite="skip")
+    generate(cfg)
+    manifest_path = tmp_path / "skip" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["complete"] = False  # as a run killed after its last skipped frame leaves it
+    manifest_path.write_text(json.dumps(manifest))
+    plans = []
+    result = generate(replace(cfg, resume=True), on_plan=plans.append)
+    assert plans[0].frames_to_do == 0 and plans[0].frames_done == 24
+    assert result.skipped == list(range(24))
+    assert json.loads(manifest_path.read_text())["skipped_frames"] == list(range(24))
+    assert json.loads(manifest_path.read_text())["complete"] is True
+
+
+def test_skipped_frames_are_in_the_manifest_before_the_next_shard(tiny_world, tmp_path, monkeypatch):
+    """A skipped frame is recorded in the manifest when it is skipped (by the writer thread, the manifest's only
+    writer during sampling), not only with the next shard: a kill in between loses no skip."""
+    from reflowpairs import pairstore
+
+    ckpt = _nan_teacher(tiny_world, tmp_path)
+    seen = []
+    real = pairstore.PairStoreWriter.skip
+
+    def spy(self, obs_index):
+        real(self, obs_index)
+        seen.append(json.loads((self.out / "manifest.json").read_text())["skipped_frames"])
+
+    monkeypatch.setattr(pairstore.PairStoreWriter, "skip", spy)
+    generate(GenerateConfig(teacher=str(ckpt), dataset=tiny_world.repo_id, dataset_root=tiny_world.dataset_root,
+                            out=tmp_path / "skip", episodes=[0], samples_per_frame=1, batch_size=8, device="cpu",
+                            on_nonfinite="skip"))
+    assert seen == [list(range(8)), list(range(16)), list(range(24))]
