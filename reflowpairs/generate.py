@@ -53,8 +53,9 @@ from reflowpairs.threads import ThreadPlan, configure_threads
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-Progress = Callable[[int, int], None]
-"""``progress(frames_done_this_run, pairs_done_this_run)``, called after each batch."""
+Progress = Callable[[int, int, float], None]
+"""``progress(frames_done_this_run, pairs_done_this_run, seconds)``, called after each batch (the last one once the last
+shard is written): ``seconds`` is on the clock of ``GenerateResult.seconds``, so the last call's rate is the summary's."""
 
 
 @dataclass
@@ -506,7 +507,7 @@ def _sample_frames(job: _Job, out: Path, manifest: dict[str, Any], positions: np
     )
     complete = False
     try:
-        for batch in loader:
+        for number, batch in enumerate(loader, start=1):
             block, bad = _sample_batch(batch, job.teacher.preprocessor, job.engine, job.solver, cfg)
             if bad and cfg.on_nonfinite == "error":
                 raise ReflowPairsError(
@@ -520,12 +521,15 @@ def _sample_frames(job: _Job, out: Path, manifest: dict[str, Any], positions: np
                 writer.put(block)
             frames += len(batch["index"])
             pairs += len(block)
-            if progress is not None:
-                progress(frames, pairs)
+            if progress is not None and number < len(loader):  # the last batch is reported once its shard is written
+                progress(frames, pairs, time.perf_counter() - start)
         complete = True
     finally:
         writer.close(complete)
-    return pairs, time.perf_counter() - start, list(manifest.get("skipped_frames", []))
+    seconds = time.perf_counter() - start
+    if progress is not None:
+        progress(frames, pairs, seconds)
+    return pairs, seconds, list(manifest.get("skipped_frames", []))
 
 
 def _sample_batch(batch: dict[str, Any], preprocessor, engine, solver: SolverConfig, cfg: GenerateConfig) -> tuple[Pairs, list[int]]:

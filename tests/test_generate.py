@@ -407,3 +407,19 @@ def test_skipped_frames_are_in_the_manifest_before_the_next_shard(tiny_world, tm
                             out=tmp_path / "skip", episodes=[0], samples_per_frame=1, batch_size=8, device="cpu",
                             on_nonfinite="skip"))
     assert seen == [list(range(8)), list(range(16)), list(range(24))]
+
+
+def test_the_last_progress_line_and_the_summary_give_the_same_rate(tiny_world, tmp_path):
+    """The live rate is on the summary's clock, and the last batch is reported once its shard is written."""
+    import re
+
+    result = runner.invoke(app, ["generate", "--teacher", str(tiny_world.teacher_dir), "--dataset", tiny_world.repo_id,
+                                 "--dataset-root", str(tiny_world.dataset_root), "--out", str(tmp_path / "o"),
+                                 "--episodes", "0", "--samples-per-frame", "2", "--batch-size", "8", "--device", "cpu"],
+                           env={"REFLOWPAIRS_PROGRESS": "lines", "COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    last = [line for line in result.output.splitlines() if line.startswith("generate: frame")][-1]
+    assert "24/24 (100%)" in last
+    live = re.search(r"([\d,.]+) pairs/s,", last).group(1)
+    summary = re.search(r"speed\s*│\s*([\d,.]+) pairs/s", result.output).group(1)
+    assert live == summary

@@ -229,10 +229,9 @@ def generate(
                 save_options(out / GENERATE_OPTIONS, "generate", options)
             bar.reset(task, total=plan.frames_to_do)  # the rate counts sampling time, as the summary does
 
-        def on_batch(frames: int, pairs: int) -> None:
-            elapsed = bar.tasks[task].elapsed or 1e-9
-            bar.update(task, completed=frames, rate=f"{pairs / elapsed:,.1f} pairs/s",
-                       info=f"{plural(pairs, 'pair')}, {pairs / elapsed:,.1f} pairs/s")
+        def on_batch(frames: int, pairs: int, seconds: float) -> None:
+            rate = pairs / max(seconds, 1e-9)  # the library's clock, as the summary's speed row
+            bar.update(task, completed=frames, rate=f"{rate:,.1f} pairs/s", info=f"{plural(pairs, 'pair')}, {rate:,.1f} pairs/s")
 
         result = run_generate(cfg, progress=on_batch, on_plan=on_plan)
     if not main:
