@@ -56,6 +56,19 @@ def check_episodes(episodes: Sequence[int] | None, total_episodes: int, repo_id:
         )
 
 
+def episodes_text(episodes: list[int] | None) -> str | None:
+    """``[0, 1, 2, 5, 8, 9]`` -> ``"0-2,5,8-9"``, the ``--episodes`` syntax (None stays None: all episodes)."""
+    if episodes is None:
+        return None
+    parts: list[str] = []
+    for episode in episodes:
+        if parts and episode == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = parts[-1].split("-")[0] + f"-{episode}"
+        else:
+            parts.append(str(episode))
+    return ",".join(parts)
+
+
 def open_dataset(repo_id: str, root: str | Path | None = None, episodes: list[int] | None = None, **kwargs):
     """``LeRobotDataset(repo_id, root=root, episodes=episodes)`` with errors that name the input; ``episodes`` are
     checked against the dataset's metadata first."""

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from reflowpairs.dataset import check_episodes, open_metadata
-from reflowpairs.engine import pair_shapes
+from reflowpairs.engine import configured_num_steps, pair_shapes
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.noise import batch_noise
 from reflowpairs.report import episode_span
@@ -605,12 +605,10 @@ def sampling_steps(policy, num_steps: int) -> Iterator[None]:
     error. lerobot 0.6's SmolVLA ``sample_actions`` reads the step count from its config and takes no
     step-count argument, so lerobot's own call path can only be timed this way; the error and straightness
     columns pass the count to ``reflowpairs.solvers.integrate`` instead and never touch the config."""
-    saved = policy.config.num_steps
-    policy.config.num_steps = num_steps
     try:
-        yield
+        with configured_num_steps(policy, num_steps):
+            yield
     finally:
-        policy.config.num_steps = saved
         policy.reset()
 
 

@@ -67,16 +67,9 @@ def format_value(value: Any) -> str:
 
 def episode_span(episodes) -> str:
     """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"`` (``"none"`` when empty)."""
-    values = sorted({int(e) for e in episodes})
-    parts: list[str] = []
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        parts.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-    return ", ".join(parts) if parts else "none"
+    from reflowpairs.dataset import episodes_text
+
+    return episodes_text(sorted({int(e) for e in episodes})).replace(",", ", ") or "none"
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:

@@ -59,6 +59,7 @@ from reflowpairs.checkpoint import (
     save_checkpoint,
     student_config_json,
 )
+from reflowpairs.dataset import episodes_text
 from reflowpairs.distributed import DistContext
 from reflowpairs.engine import pair_shapes
 from reflowpairs.errors import ReflowPairsError
@@ -945,17 +946,6 @@ def _saved_num_steps(setting: int | str) -> int | None:
     return None if setting == TEACHER_NUM_STEPS else int(setting)
 
 
-def _episode_list(episodes: list[int]) -> str:
-    """``[0, 1, 2, 5, 8, 9]`` -> ``"0-2,5,8-9"`` (``--episodes`` syntax)."""
-    parts: list[str] = []
-    for episode in episodes:
-        if parts and episode == int(parts[-1].split("-")[-1]) + 1:
-            parts[-1] = parts[-1].split("-")[0] + f"-{episode}"
-        else:
-            parts.append(str(episode))
-    return ",".join(parts)
-
-
 def _teacher_env_type(init_source: str) -> str | None:
     """The ``env.type`` a lerobot-train teacher was trained for (its ``train_config.json``), if it is local and says."""
     path = Path(init_source) / "train_config.json"
@@ -980,7 +970,7 @@ def next_commands(result: TrainResult) -> dict[str, str]:
     if result.dataset_root is not None:
         ours += ["--dataset-root", str(result.dataset_root)]
     if result.held_out_episodes:
-        ours += ["--episodes", _episode_list(result.held_out_episodes)]
+        ours += ["--episodes", episodes_text(result.held_out_episodes)]
     if result.pairs is not None:
         ours += ["--pairs", str(result.pairs)]
     ours += ["--out", str(Path(result.out) / "eval")]

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from reflowpairs.cli.options import Command, Group, config_option, lerobot_names_text, resolved_options, write_options
 from reflowpairs.cli.progress import PROGRESS_ENV, make_progress
+from reflowpairs.dataset import episodes_text  # noqa: F401 - re-exported for the command modules
 from reflowpairs.errors import ReflowPairsError
 
 ROOT_EPILOG = (
@@ -78,19 +79,6 @@ def parse_episodes(text: str | None) -> list[int] | None:
             raise typer.BadParameter(f"{text!r} names no episodes; leave --episodes out to use all of them", param_hint="--episodes")
         return None
     return sorted(episodes)
-
-
-def episodes_text(episodes: list[int] | None) -> str | None:
-    """``[0, 1, 2, 5]`` -> ``"0-2,5"`` (what ``parse_episodes`` reads back)."""
-    if episodes is None:
-        return None
-    parts: list[str] = []
-    for episode in episodes:
-        if parts and episode == int(parts[-1].split("-")[-1]) + 1:
-            parts[-1] = parts[-1].split("-")[0] + f"-{episode}"
-        else:
-            parts.append(str(episode))
-    return ",".join(parts)
 
 
 def check_at_least_one(value: int | None, name: str) -> None:
