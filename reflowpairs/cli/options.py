@@ -207,8 +207,8 @@ def _tidy(param: Any) -> None:
             param.metavar = "VALUE"
 
 
-class Command(TyperCommand):
-    """A command that takes lerobot's option names (``translate_args``) and shows no type placeholders in its help."""
+class _TidyHelp:
+    """Mixin for a Typer command or group: no type placeholders in its help (``_tidy`` on every option)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -220,24 +220,17 @@ class Command(TyperCommand):
         if option is not None:
             _tidy(option)
         return option
+
+
+class Command(_TidyHelp, TyperCommand):
+    """A command that takes lerobot's option names (``translate_args``) and shows no type placeholders in its help."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         return super().parse_args(ctx, translate_args(self, ctx, list(args)))
 
 
-class Group(TyperGroup):
+class Group(_TidyHelp, TyperGroup):
     """The root group: commands listed in workflow order (``COMMAND_ORDER``), no type placeholders in its help."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        for param in self.params:
-            _tidy(param)
-
-    def get_help_option(self, ctx: Any) -> TyperOption | None:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            _tidy(option)
-        return option
 
     def list_commands(self, ctx: Any) -> list[str]:
         names = list(super().list_commands(ctx))
