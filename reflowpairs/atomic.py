@@ -1,13 +1,15 @@
 """Crash-safe file helpers shared by the pair store, the checkpoints and the output checks.
 
 Everything reflowpairs writes for keeps goes in under a temporary name, is fsynced, and is renamed into place;
-these are the pieces that does it.
+these are the pieces that does it. ``load_json_object`` is the one reader of the JSON files it wrote back.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from reflowpairs.errors import ReflowPairsError
 
@@ -42,3 +44,27 @@ def check_writable(out: Path) -> None:
             f"Cannot write to --out {out} ({err.strerror or err}).",
             "Choose a writable directory with free space; nothing was written.",
         ) from err
+
+
+class NotAJSONObject(ValueError):
+    """A file whose bytes are not a JSON object; ``problem`` says why, worded to follow the path
+    (``"is not UTF-8 text (byte 0 is 0xff)"``, ``"is not valid JSON (...)"``, ``"holds a JSON list, not an object"``)."""
+
+    def __init__(self, problem: str):
+        super().__init__(problem)
+        self.problem = problem
+
+
+def load_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in ``path``. Read errors stay ``OSError``; bytes that are not UTF-8, not JSON (nesting too deep
+    and integers too long included) or not an object raise ``NotAJSONObject``: callers word both for their file."""
+    raw = Path(path).read_bytes()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise NotAJSONObject(f"is not UTF-8 text (byte {err.start} is 0x{raw[err.start]:02x})") from err
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, an integer too long, nesting too deep
+        raise NotAJSONObject(f"is not valid JSON ({type(err).__name__}: {err})") from err
+    if not isinstance(data, dict):
+        raise NotAJSONObject(f"holds a JSON {type(data).__name__}, not an object")
+    return data

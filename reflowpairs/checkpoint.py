@@ -29,7 +29,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from reflowpairs.atomic import fsync_dir, fsync_tree
+from reflowpairs.atomic import NotAJSONObject, fsync_dir, fsync_tree, load_json_object
 from reflowpairs.errors import ReflowPairsError
 
 STATE_FILE = "reflow_state.json"
@@ -179,20 +179,13 @@ def read_json_object(path: Path, hint: str) -> dict[str, Any]:
     """The JSON object in ``path``. A file that cannot be read, is not UTF-8, is not JSON or holds something other
     than an object raises ``ReflowPairsError`` naming it (and ``FileNotFoundError`` stays itself, for the caller)."""
     try:
-        raw = Path(path).read_bytes()
+        return load_json_object(path)
     except FileNotFoundError:
         raise
     except OSError as err:
         raise ReflowPairsError(f"Cannot read {path} ({err.strerror or err}).", hint) from err
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise ReflowPairsError(f"{path} is not UTF-8 text (byte {err.start} is 0x{raw[err.start]:02x}).", hint) from err
-    except (ValueError, RecursionError) as err:  # JSONDecodeError, an integer too long, nesting too deep
-        raise ReflowPairsError(f"{path} is not valid JSON ({type(err).__name__}: {err}).", hint) from err
-    if not isinstance(data, dict):
-        raise ReflowPairsError(f"{path} holds a JSON {type(data).__name__}, not an object.", hint)
-    return data
+    except NotAJSONObject as err:
+        raise ReflowPairsError(f"{path} {err.problem}.", hint) from err.__cause__
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:

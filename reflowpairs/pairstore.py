@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from reflowpairs.atomic import fsync_dir, fsync_tree
+from reflowpairs.atomic import NotAJSONObject, fsync_dir, fsync_tree, load_json_object
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.noise import GENERATOR, check_generator, pair_noise
 
@@ -261,22 +261,11 @@ def load_manifest_json(path: str | Path) -> dict[str, Any]:
     ``ReflowPairsError`` naming it (never a raw ``OSError``/``UnicodeDecodeError``/``RecursionError``)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        return load_json_object(path)
     except OSError as err:
         raise ReflowPairsError(f"Cannot read {path} ({err.strerror or err}).", "Check that it is a readable file.") from err
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise _damaged(path, f"is not UTF-8 text (byte {err.start} is 0x{raw[err.start]:02x})") from err
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise _damaged(path, f"is not valid JSON ({err})") from err
-    except (ValueError, RecursionError) as err:  # an integer too long to convert, nesting too deep
-        raise _damaged(path, f"is not valid JSON ({type(err).__name__}: {err})") from err
-    if not isinstance(data, dict):
-        raise _damaged(path, f"holds a JSON {type(data).__name__}, not an object")
-    return data
+    except NotAJSONObject as err:
+        raise _damaged(path, err.problem) from err.__cause__
 
 
 def _is_count(value: Any) -> bool:
