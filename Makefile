@@ -7,7 +7,7 @@ RP := $(VENV)/bin/reflowpairs
 DEMO ?= demo_out
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean bench bench-generate bench-train bench-memory bench-store bench-exact bench-x0
+.PHONY: venv demo lint test clean bench bench-generate bench-train bench-memory bench-store bench-exact bench-x0
 
 venv: $(STAMP)
 
@@ -21,7 +21,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py --out $(DEMO)
 
-test: $(STAMP)
+# Lint and format checks first (ruff, configured in pyproject.toml), then the offline suite.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 # Benchmarks (not tests): each prints its side-by-side ratios; figures in benchmarks/RESULTS.md.

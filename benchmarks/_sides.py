@@ -40,7 +40,13 @@ def build_world(root: Path, size: str, samples_per_frame: int = 2) -> World:
     """Tiny-world dataset, an untrained SmolVLA of ``size`` (tiny | small | large), and a pair store from it."""
     from reflowpairs.dataset import open_dataset
     from reflowpairs.generate import GenerateConfig, generate
-    from reflowpairs.tinyworld import TINY_REPO_ID, VLMSpec, build_tiny_dataset, build_tiny_vlm, save_untrained_policy
+    from reflowpairs.tinyworld import (
+        TINY_REPO_ID,
+        VLMSpec,
+        build_tiny_dataset,
+        build_tiny_vlm,
+        save_untrained_policy,
+    )
 
     specs = {"tiny": VLMSpec(), "small": VLMSpec.small(), "large": VLMSpec.large()}
     vlm = build_tiny_vlm(root / "vlm", specs[size])
@@ -48,8 +54,18 @@ def build_world(root: Path, size: str, samples_per_frame: int = 2) -> World:
     dataset = open_dataset(TINY_REPO_ID, root / "dataset")
     teacher = save_untrained_policy(vlm, dataset, root / "teacher")
     store = root / "pairs"
-    generate(GenerateConfig(teacher=str(teacher), dataset=TINY_REPO_ID, dataset_root=root / "dataset", out=store,
-                            episodes=[0, 1, 2, 3], samples_per_frame=samples_per_frame, num_steps=2, device="cpu"))
+    generate(
+        GenerateConfig(
+            teacher=str(teacher),
+            dataset=TINY_REPO_ID,
+            dataset_root=root / "dataset",
+            out=store,
+            episodes=[0, 1, 2, 3],
+            samples_per_frame=samples_per_frame,
+            num_steps=2,
+            device="cpu",
+        )
+    )
     return World(root / "dataset", TINY_REPO_ID, teacher, store)
 
 
@@ -77,8 +93,12 @@ class Side:
             self.scheduler = config.get_scheduler_preset().build(self.optimizer, PLANNED_STEPS)
             self.grad_clip = config.get_optimizer_preset().grad_clip_norm
         else:  # reflowpairs train's own: the presets, master copies of low-precision trainables
-            self.opt = _build_optimisation(self.policy, PLANNED_STEPS, {"lr": None, "warmup_steps": None, "grad_clip": None},
-                                           str(world.teacher))
+            self.opt = _build_optimisation(
+                self.policy,
+                PLANNED_STEPS,
+                {"lr": None, "warmup_steps": None, "grad_clip": None},
+                str(world.teacher),
+            )
         self.steps_done = 0
         chunk = self.policy.config.chunk_size
         if name == "reflowpairs":
@@ -86,14 +106,27 @@ class Side:
             from reflowpairs.pairstore import PairStore
 
             full = open_dataset(world.repo_id, world.dataset_root)
-            pairs = PairDataset(PairStore(world.store), full, position_lookup(frame_indices(full)), cache_shards=5)
-            loader = torch.utils.data.DataLoader(pairs, batch_size=batch_size, sampler=PairSampler(pairs.counts, seed, 4))
+            pairs = PairDataset(
+                PairStore(world.store), full, position_lookup(frame_indices(full)), cache_shards=5
+            )
+            loader = torch.utils.data.DataLoader(
+                pairs, batch_size=batch_size, sampler=PairSampler(pairs.counts, seed, 4)
+            )
         else:
             fps = open_dataset(world.repo_id, world.dataset_root).meta.fps
-            data = open_dataset(world.repo_id, world.dataset_root, None,
-                                delta_timestamps={"action": [i / fps for i in range(chunk)]})
-            loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
-                                                 generator=torch.Generator().manual_seed(seed))
+            data = open_dataset(
+                world.repo_id,
+                world.dataset_root,
+                None,
+                delta_timestamps={"action": [i / fps for i in range(chunk)]},
+            )
+            loader = torch.utils.data.DataLoader(
+                data,
+                batch_size=batch_size,
+                shuffle=True,
+                drop_last=True,
+                generator=torch.Generator().manual_seed(seed),
+            )
         self.batches = itertools.cycle(loader) if name != "reflowpairs" else iter(loader)
         self.generator = torch.Generator().manual_seed(seed)
         self.teacher = None
@@ -108,7 +141,9 @@ class Side:
 
         batch = next(self.batches)
         self.steps_done += 1
-        if self.name == "ordinary":  # lerobot_train.update_policy without accelerate (one process, no autocast)
+        if (
+            self.name == "ordinary"
+        ):  # lerobot_train.update_policy without accelerate (one process, no autocast)
             loss, _ = self.policy.forward(self.preprocessor(batch))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.grad_clip)
@@ -120,7 +155,9 @@ class Side:
             if self.name == "online":
                 x0 = torch.randn(len(batch["index"]), *self.engine.noise_shape)
                 with torch.no_grad():
-                    x1 = self.engine.sample(self.teacher.preprocessor(batch), x0[:, None], SolverConfig("euler", 10))[:, 0]
+                    x1 = self.engine.sample(
+                        self.teacher.preprocessor(batch), x0[:, None], SolverConfig("euler", 10)
+                    )[:, 0]
                 batch = {"observation": batch, "x0": x0, "x1": x1, "obs_index": batch["index"]}
             t = sample_time("beta", batch["x0"].shape[0], self.generator, self.device)
             value, _, _ = _update(self.policy, self.preprocessor, batch, t, None, self.opt, self.steps_done)

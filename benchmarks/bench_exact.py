@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from bench_generate import SIZES, build_world
 
 logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
@@ -43,8 +42,10 @@ def main() -> None:
     from reflowpairs.pairstore import PairStore
 
     episodes = [int(e) for e in args.episodes.split(",")]
-    print(f"SmolVLA {args.size}; device {args.device}; {args.threads} torch thread(s); episodes {episodes}; K={args.k}; "
-          f"batch {args.batch_size}; {args.num_steps} Euler steps; {args.repeats} interleaved repeats")
+    print(
+        f"SmolVLA {args.size}; device {args.device}; {args.threads} torch thread(s); episodes {episodes}; K={args.k}; "
+        f"batch {args.batch_size}; {args.num_steps} Euler steps; {args.repeats} interleaved repeats"
+    )
     for dtype in args.dtypes.split(","):
         root = Path(tempfile.mkdtemp(prefix=f"bench-exact-{dtype}-"))
         dataset, teacher_dir = build_world(root, args.size, None if dtype == "float32" else dtype)
@@ -53,10 +54,21 @@ def main() -> None:
             for exact in (False, True):
                 runs += 1
                 out = root / f"store{runs}"
-                result = generate(GenerateConfig(
-                    teacher=str(teacher_dir), dataset=dataset.repo_id, dataset_root=dataset.root, out=out, episodes=episodes,
-                    samples_per_frame=args.k, batch_size=args.batch_size, num_steps=args.num_steps, device=args.device,
-                    exact=exact, shard_size=10**6))
+                result = generate(
+                    GenerateConfig(
+                        teacher=str(teacher_dir),
+                        dataset=dataset.repo_id,
+                        dataset_root=dataset.root,
+                        out=out,
+                        episodes=episodes,
+                        samples_per_frame=args.k,
+                        batch_size=args.batch_size,
+                        num_steps=args.num_steps,
+                        device=args.device,
+                        exact=exact,
+                        shard_size=10**6,
+                    )
+                )
                 name = "exact" if exact else "prefix-cached"
                 rates[name].append(result.new_pairs / result.seconds)
                 stores[name] = out
@@ -66,9 +78,15 @@ def main() -> None:
         med = {n: statistics.median(v) for n, v in rates.items()}
         print(f"\nteacher parameters: {dtype}")
         for name, values in rates.items():
-            print(f"  {name:14s} {med[name]:9.1f} pairs/s  (min {min(values):.1f}, max {max(values):.1f}, n={len(values)})")
-        print(f"  ratio prefix-cached / exact: {med['prefix-cached'] / med['exact']:.2f}x (what --exact costs)")
-        print(f"  |X_1 prefix-cached - X_1 exact|: max {diff.max():.2e}, mean {diff.mean():.2e} (X_1 std {exact.x1.std():.3f})")
+            print(
+                f"  {name:14s} {med[name]:9.1f} pairs/s  (min {min(values):.1f}, max {max(values):.1f}, n={len(values)})"
+            )
+        print(
+            f"  ratio prefix-cached / exact: {med['prefix-cached'] / med['exact']:.2f}x (what --exact costs)"
+        )
+        print(
+            f"  |X_1 prefix-cached - X_1 exact|: max {diff.max():.2e}, mean {diff.mean():.2e} (X_1 std {exact.x1.std():.3f})"
+        )
 
 
 if __name__ == "__main__":

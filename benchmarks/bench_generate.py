@@ -51,7 +51,11 @@ def build_world(root: Path, size: str, teacher_dtype: str | None = None):
     )
 
     vlm_spec = {"tiny": VLMSpec(), "small": VLMSpec.small(), "smolvla-shaped": VLMSpec.smolvla_shaped()}[size]
-    teacher_spec = TinyTeacherSpec(chunk_size=50, max_action_dim=32, max_state_dim=32) if size == "smolvla-shaped" else TinyTeacherSpec()
+    teacher_spec = (
+        TinyTeacherSpec(chunk_size=50, max_action_dim=32, max_state_dim=32)
+        if size == "smolvla-shaped"
+        else TinyTeacherSpec()
+    )
     vlm = build_tiny_vlm(root / "vlm", vlm_spec.with_dtype(teacher_dtype))
     build_tiny_dataset(root / "dataset")
     dataset = open_dataset(TINY_REPO_ID, root / "dataset")
@@ -59,8 +63,17 @@ def build_world(root: Path, size: str, teacher_dtype: str | None = None):
     return dataset, teacher
 
 
-def plain_loop(policy, preprocessor, dataset, positions, noise_of, k: int, batch_size: int, device: str,
-               dtype: str = "float32") -> int:
+def plain_loop(
+    policy,
+    preprocessor,
+    dataset,
+    positions,
+    noise_of,
+    k: int,
+    batch_size: int,
+    device: str,
+    dtype: str = "float32",
+) -> int:
     """predict_action_chunk once per sample, frames batched ``batch_size`` at a time (1 = the naive loop), under
     the same autocast dtype as the reflowpairs side."""
     from reflowpairs.generate import COMPUTE_DTYPES
@@ -73,7 +86,9 @@ def plain_loop(policy, preprocessor, dataset, positions, noise_of, k: int, batch
         noise = noise_of([int(i["index"]) for i in items], k)  # (B, K, T, D)
         for s in range(k):
             policy.reset()
-            with torch.autocast(torch.device(device).type, dtype=compute, enabled=compute is not torch.float32):
+            with torch.autocast(
+                torch.device(device).type, dtype=compute, enabled=compute is not torch.float32
+            ):
                 x1 = policy.predict_action_chunk(batch, noise=noise[:, s].to(device))
             pairs += x1.shape[0]
         if device.startswith("cuda"):
@@ -88,22 +103,32 @@ def main() -> None:
     parser.add_argument("--ks", default="1,4,16")
     parser.add_argument("--episodes", default="0,1", help="tiny-world episodes to run over (24 frames each)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-workers", type=int, default=1, help="reflowpairs' DataLoader workers (the plain loops load inline)")
-    parser.add_argument("--tokens-per-call", type=int, default=None,
-                        help="reflowpairs' suffix tokens per engine call (default: the device's; 0: the whole batch)")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=1,
+        help="reflowpairs' DataLoader workers (the plain loops load inline)",
+    )
+    parser.add_argument(
+        "--tokens-per-call",
+        type=int,
+        default=None,
+        help="reflowpairs' suffix tokens per engine call (default: the device's; 0: the whole batch)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--num-steps", type=int, default=10)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--skip-single", action="store_true", help="leave out the (slow) one-frame-at-a-time loop")
+    parser.add_argument(
+        "--skip-single", action="store_true", help="leave out the (slow) one-frame-at-a-time loop"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from reflowpairs.dataset import open_dataset
     from reflowpairs.generate import GenerateConfig, generate
     from reflowpairs.noise import batch_noise
     from reflowpairs.teacher import load_policy
-
-    from reflowpairs.dataset import open_dataset
 
     root = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     episodes = [int(e) for e in args.episodes.split(",")]
@@ -119,19 +144,34 @@ def main() -> None:
     def noise_of(indices, k):
         return batch_noise(0, indices, k, shape)
 
-    print(f"teacher: SmolVLA {args.size}, {n_params / 1e6:.2f} M parameters, chunk {shape[0]}; device {args.device}; "
-          f"{args.threads} torch thread(s); {len(positions)} frames; batch {args.batch_size}; {args.num_steps} Euler steps; "
-          f"reflowpairs with {args.num_workers} DataLoader worker(s)")
+    print(
+        f"teacher: SmolVLA {args.size}, {n_params / 1e6:.2f} M parameters, chunk {shape[0]}; device {args.device}; "
+        f"{args.threads} torch thread(s); {len(positions)} frames; batch {args.batch_size}; {args.num_steps} Euler steps; "
+        f"reflowpairs with {args.num_workers} DataLoader worker(s)"
+    )
     runs = 0
 
     def run_reflowpairs(k: int) -> float:
         nonlocal runs
         runs += 1
-        cfg = GenerateConfig(teacher=str(teacher_dir), dataset=dataset.repo_id, dataset_root=dataset.root,
-                             out=root / f"store{runs}", episodes=episodes, samples_per_frame=k, batch_size=args.batch_size,
-                             num_steps=args.num_steps, device=args.device, dtype=args.dtype, shard_size=4096,
-                             num_workers=args.num_workers, tokens_per_call=args.tokens_per_call)
-        result = generate(cfg)  # result.seconds covers its sampling loop (loading, engine, writing), not start-up
+        cfg = GenerateConfig(
+            teacher=str(teacher_dir),
+            dataset=dataset.repo_id,
+            dataset_root=dataset.root,
+            out=root / f"store{runs}",
+            episodes=episodes,
+            samples_per_frame=k,
+            batch_size=args.batch_size,
+            num_steps=args.num_steps,
+            device=args.device,
+            dtype=args.dtype,
+            shard_size=4096,
+            num_workers=args.num_workers,
+            tokens_per_call=args.tokens_per_call,
+        )
+        result = generate(
+            cfg
+        )  # result.seconds covers its sampling loop (loading, engine, writing), not start-up
         return result.new_pairs / result.seconds
 
     ratios: dict[tuple[int, str], float] = {}
@@ -145,13 +185,17 @@ def main() -> None:
                 else:
                     bs = 1 if side == "plain_single" else args.batch_size
                     t0 = time.perf_counter()
-                    pairs = plain_loop(policy, pre, dataset, positions, noise_of, k, bs, args.device, args.dtype)
+                    pairs = plain_loop(
+                        policy, pre, dataset, positions, noise_of, k, bs, args.device, args.dtype
+                    )
                     rate = pairs / (time.perf_counter() - t0)
                 rates[side].append(rate)
         med = {s: statistics.median(v) for s, v in rates.items()}
         print(f"\nK={k}")
         for side, values in rates.items():
-            print(f"  {side:14s} {med[side]:9.1f} pairs/s  (min {min(values):.1f}, max {max(values):.1f}, n={len(values)})")
+            print(
+                f"  {side:14s} {med[side]:9.1f} pairs/s  (min {min(values):.1f}, max {max(values):.1f}, n={len(values)})"
+            )
         for side in sides:
             if side != "reflowpairs":
                 ratios[k, side] = med["reflowpairs"] / med[side]
@@ -164,20 +208,32 @@ def main() -> None:
         print("\ngoals (issue #7, CPU, small model):")
         for k, side, goal in measured:
             verdict = "met" if ratios[k, side] >= goal else "MISSED"
-            print(f"  K={k:<2d} reflowpairs / {side:13s} {ratios[k, side]:5.2f}x  (goal >= {goal}x): {verdict}")
+            print(
+                f"  K={k:<2d} reflowpairs / {side:13s} {ratios[k, side]:5.2f}x  (goal >= {goal}x): {verdict}"
+            )
 
     if args.dtype != "float32":
         from reflowpairs.pairstore import PairStore
 
         stores = sorted(root.glob("store*"))
-        ref = GenerateConfig(teacher=str(teacher_dir), dataset=dataset.repo_id, dataset_root=dataset.root,
-                             out=root / "fp32", episodes=[0], samples_per_frame=1, num_steps=args.num_steps, device=args.device)
+        ref = GenerateConfig(
+            teacher=str(teacher_dir),
+            dataset=dataset.repo_id,
+            dataset_root=dataset.root,
+            out=root / "fp32",
+            episodes=[0],
+            samples_per_frame=1,
+            num_steps=args.num_steps,
+            device=args.device,
+        )
         low = GenerateConfig(**{**ref.__dict__, "out": root / "low", "dtype": args.dtype})
         generate(ref)
         generate(low)
         a, b = PairStore(root / "fp32").read_pairs(0), PairStore(root / "low").read_pairs(0)
-        print(f"\n{args.dtype} vs float32 X_1: max |diff| {abs(a.x1 - b.x1).max():.3e}, "
-              f"mean |diff| {abs(a.x1 - b.x1).mean():.3e} (X_1 std {a.x1.std():.3f}); {len(stores)} stores")
+        print(
+            f"\n{args.dtype} vs float32 X_1: max |diff| {abs(a.x1 - b.x1).max():.3e}, "
+            f"mean |diff| {abs(a.x1 - b.x1).mean():.3e} (X_1 std {a.x1.std():.3f}); {len(stores)} stores"
+        )
 
 
 if __name__ == "__main__":

@@ -73,7 +73,11 @@ def child(side_name: str, world: World, batch_size: int, device: str, steps: int
     if cuda:
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
-        memory = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        memory = [
+            (e.start_ns(), e.nbytes())
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]"
+        ]
         result["peak_tensors_mb"] = peak_of(memory) / 2**20
         result["live_tensors_mb"] = live_tensor_bytes() / 2**20
     return result
@@ -89,7 +93,9 @@ def main() -> None:
     parser.add_argument("--world", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        world = World(**{k: Path(v) if k != "repo_id" else v for k, v in json.loads(args.world.read_text()).items()})
+        world = World(
+            **{k: Path(v) if k != "repo_id" else v for k, v in json.loads(args.world.read_text()).items()}
+        )
         print(json.dumps(child(args.child, world, args.batch_size, args.device, args.steps)))
         return
 
@@ -99,18 +105,44 @@ def main() -> None:
     spec.write_text(json.dumps({k: str(v) for k, v in world.__dict__.items()}))
     results = {}
     for side in SIDES:
-        proc = subprocess.run([sys.executable, __file__, "--child", side, "--world", str(spec), "--size", args.size,
-                               "--device", args.device, "--batch-size", str(args.batch_size), "--steps", str(args.steps)],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                side,
+                "--world",
+                str(spec),
+                "--size",
+                args.size,
+                "--device",
+                args.device,
+                "--batch-size",
+                str(args.batch_size),
+                "--steps",
+                str(args.steps),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
     keys = ["cuda_peak_mb"] if args.device.startswith("cuda") else ["peak_tensors_mb", "live_tensors_mb"]
-    print(f"SmolVLA {args.size}; device {args.device}; batch {args.batch_size}; {args.steps} steps per side, each in its own process")
+    print(
+        f"SmolVLA {args.size}; device {args.device}; batch {args.batch_size}; {args.steps} steps per side, each in its own process"
+    )
     for side, r in results.items():
-        print(f"  {side:12s} " + "   ".join(f"{key} {r[key]:9.1f}" for key in keys) + f"   peak RSS {r['peak_rss_mb']:8.1f} MB")
+        print(
+            f"  {side:12s} "
+            + "   ".join(f"{key} {r[key]:9.1f}" for key in keys)
+            + f"   peak RSS {r['peak_rss_mb']:8.1f} MB"
+        )
     for what in (*keys, "peak_rss_mb"):
         goal = " (goal <= 1.02)" if what in ("cuda_peak_mb", "peak_tensors_mb") else ""
-        print(f"  {what}: reflowpairs / ordinary {results['reflowpairs'][what] / results['ordinary'][what]:.3f}x{goal}; "
-              f"online / reflowpairs {results['online'][what] / results['reflowpairs'][what]:.2f}x")
+        print(
+            f"  {what}: reflowpairs / ordinary {results['reflowpairs'][what] / results['ordinary'][what]:.3f}x{goal}; "
+            f"online / reflowpairs {results['online'][what] / results['reflowpairs'][what]:.2f}x"
+        )
 
 
 if __name__ == "__main__":

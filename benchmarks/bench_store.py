@@ -57,32 +57,48 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-store-"))
     world = build_world(root, args.size, samples_per_frame=args.samples_per_frame)
     stores = {"zarr": world.store, "parquet": root / "pairs_parquet"}
-    generate(GenerateConfig(teacher=str(world.teacher), dataset=world.repo_id, dataset_root=world.dataset_root,
-                            out=stores["parquet"], episodes=[0, 1, 2, 3], samples_per_frame=args.samples_per_frame,
-                            num_steps=2, device="cpu", backend="parquet"))
+    generate(
+        GenerateConfig(
+            teacher=str(world.teacher),
+            dataset=world.repo_id,
+            dataset_root=world.dataset_root,
+            out=stores["parquet"],
+            episodes=[0, 1, 2, 3],
+            samples_per_frame=args.samples_per_frame,
+            num_steps=2,
+            device="cpu",
+            backend="parquet",
+        )
+    )
     full = open_dataset(world.repo_id, world.dataset_root)
     lookup = position_lookup(frame_indices(full))
     n = len(PairStore(world.store))
-    print(f"{n} pairs (X_0 {PairStore(world.store).x0_shape}, X_1 {PairStore(world.store).x1_shape}); batch {args.batch_size}")
+    print(
+        f"{n} pairs (X_0 {PairStore(world.store).x0_shape}, X_1 {PairStore(world.store).x1_shape}); batch {args.batch_size}"
+    )
 
     for backend, path in stores.items():
         store = PairStore(path)
 
-        def sequential() -> int:
+        def sequential(store: PairStore = store) -> int:
             return sum(len(store.read_pairs(i)) for i in range(len(store.shards)))
 
-        def arrays_only() -> int:
+        def arrays_only(store: PairStore = store) -> int:
             data = PairDataset(store, full, lookup, cache_shards=5)
             count = 0
-            for pair_id in itertools.islice(iter(PairSampler(data.counts, 0, 4)), n):  # the sampler is endless
+            for pair_id in itertools.islice(
+                iter(PairSampler(data.counts, 0, 4)), n
+            ):  # the sampler is endless
                 shard, row = data.locate(pair_id)
                 _ = data.shard(shard)["x1"][row]
                 count += 1
             return count
 
-        def with_observations() -> int:
+        def with_observations(store: PairStore = store) -> int:
             data = PairDataset(store, full, lookup, cache_shards=5)
-            loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=PairSampler(data.counts, 0, 4))
+            loader = torch.utils.data.DataLoader(
+                data, batch_size=args.batch_size, sampler=PairSampler(data.counts, 0, 4)
+            )
             count = 0
             for batch in loader:
                 count += len(batch["x0"])
@@ -90,21 +106,35 @@ def main() -> None:
                     break
             return count
 
-        print(f"\n{backend}: {store_bytes(path) / n:,.0f} bytes/pair on disk "
-              f"(raw float32 {4 * (store.x0_shape[0] * store.x0_shape[1] + store.x1_shape[0] * store.x1_shape[1]) + 12} bytes)")
-        for name, fn in (("sequential read", sequential), ("shuffled, arrays only", arrays_only),
-                         ("shuffled, with observations", with_observations)):
+        print(
+            f"\n{backend}: {store_bytes(path) / n:,.0f} bytes/pair on disk "
+            f"(raw float32 {4 * (store.x0_shape[0] * store.x0_shape[1] + store.x1_shape[0] * store.x1_shape[1]) + 12} bytes)"
+        )
+        for name, fn in (
+            ("sequential read", sequential),
+            ("shuffled, arrays only", arrays_only),
+            ("shuffled, with observations", with_observations),
+        ):
             rates = timed(fn, args.repeats)
-            print(f"  {name:28s} {statistics.median(rates):12,.0f} pairs/s (min {min(rates):,.0f}, max {max(rates):,.0f})")
+            print(
+                f"  {name:28s} {statistics.median(rates):12,.0f} pairs/s (min {min(rates):,.0f}, max {max(rates):,.0f})"
+            )
 
-    side = Side("reflowpairs", World(world.dataset_root, world.repo_id, world.teacher, world.store), args.batch_size, args.device)
+    side = Side(
+        "reflowpairs",
+        World(world.dataset_root, world.repo_id, world.teacher, world.store),
+        args.batch_size,
+        args.device,
+    )
     side.step()
     start = time.perf_counter()
     for _ in range(5):
         side.step()
     per_step = (time.perf_counter() - start) / 5
-    print(f"\ntraining consumes {args.batch_size / per_step:,.0f} pairs/s ({per_step * 1000:.1f} ms/step at batch {args.batch_size}, "
-          f"{args.device}, data loading included)")
+    print(
+        f"\ntraining consumes {args.batch_size / per_step:,.0f} pairs/s ({per_step * 1000:.1f} ms/step at batch {args.batch_size}, "
+        f"{args.device}, data loading included)"
+    )
 
 
 if __name__ == "__main__":

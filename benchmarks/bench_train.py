@@ -37,9 +37,11 @@ def main() -> None:
     world = build_world(Path(tempfile.mkdtemp(prefix="bench-train-")), args.size)
     sides = {name: Side(name, world, args.batch_size, args.device) for name in SIDES}
     n_params = sum(p.numel() for p in sides["ordinary"].policy.parameters())
-    print(f"student: SmolVLA {args.size}, {n_params / 1e6:.2f} M parameters ({sum(p.numel() for p in sides['ordinary'].params) / 1e6:.2f} M trainable); "
-          f"device {args.device}; {args.threads} torch thread(s); batch {args.batch_size}; "
-          f"{args.repeats} repeats x {args.steps} steps per side, interleaved")
+    print(
+        f"student: SmolVLA {args.size}, {n_params / 1e6:.2f} M parameters ({sum(p.numel() for p in sides['ordinary'].params) / 1e6:.2f} M trainable); "
+        f"device {args.device}; {args.threads} torch thread(s); batch {args.batch_size}; "
+        f"{args.repeats} repeats x {args.steps} steps per side, interleaved"
+    )
     times: dict[str, list[float]] = {name: [] for name in SIDES}
     for _ in range(args.repeats):
         for name, side in sides.items():
@@ -50,9 +52,13 @@ def main() -> None:
             times[name].append((time.perf_counter() - start) / args.steps)
     med = {name: statistics.median(v) for name, v in times.items()}
     for name, values in times.items():
-        print(f"  {name:12s} {med[name] * 1000:8.1f} ms/step  (min {min(values) * 1000:.1f}, max {max(values) * 1000:.1f})")
+        print(
+            f"  {name:12s} {med[name] * 1000:8.1f} ms/step  (min {min(values) * 1000:.1f}, max {max(values) * 1000:.1f})"
+        )
     print(f"  ratio reflowpairs / ordinary: {med['reflowpairs'] / med['ordinary']:.3f}x  (goal <= 1.1)")
-    print(f"  ratio online / reflowpairs:   {med['online'] / med['reflowpairs']:.2f}x  (online reflow's extra cost)")
+    print(
+        f"  ratio online / reflowpairs:   {med['online'] / med['reflowpairs']:.2f}x  (online reflow's extra cost)"
+    )
 
 
 if __name__ == "__main__":

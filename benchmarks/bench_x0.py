@@ -52,9 +52,20 @@ def store_sizes(world, out: Path, episodes: list[int], samples_per_frame: int) -
     for backend in ("zarr", "parquet"):
         for mode in ("explicit", "implicit"):
             store = out / f"{backend}-{mode}"
-            generate(GenerateConfig(teacher=str(world.teacher_dir), dataset=world.repo_id, dataset_root=world.dataset_root,
-                                    out=store, episodes=episodes, samples_per_frame=samples_per_frame, num_steps=2,
-                                    device="cpu", backend=backend, x0=mode))
+            generate(
+                GenerateConfig(
+                    teacher=str(world.teacher_dir),
+                    dataset=world.repo_id,
+                    dataset_root=world.dataset_root,
+                    out=store,
+                    episodes=episodes,
+                    samples_per_frame=samples_per_frame,
+                    num_steps=2,
+                    device="cpu",
+                    backend=backend,
+                    x0=mode,
+                )
+            )
             sizes[f"{backend}-{mode}"] = shard_bytes(store) / len(PairStore(store))
     return sizes
 
@@ -62,7 +73,9 @@ def store_sizes(world, out: Path, episodes: list[int], samples_per_frame: int) -
 def print_sizes(title: str, sizes: dict[str, float], x0_shape, x1_shape) -> None:
     raw_x0, raw_rest = 4 * int(np.prod(x0_shape)), 4 * int(np.prod(x1_shape)) + 8 + 4
     print(f"\n{title}: X_0 {tuple(x0_shape)}, X_1 {tuple(x1_shape)}")
-    print(f"  raw bytes/pair: explicit {raw_x0 + raw_rest}, implicit {raw_rest}, ratio {raw_rest / (raw_x0 + raw_rest):.3f}")
+    print(
+        f"  raw bytes/pair: explicit {raw_x0 + raw_rest}, implicit {raw_rest}, ratio {raw_rest / (raw_x0 + raw_rest):.3f}"
+    )
     for backend in ("zarr", "parquet"):
         e, i = sizes[f"{backend}-explicit"], sizes[f"{backend}-implicit"]
         print(f"  {backend:8s} bytes/pair on disk: explicit {e:8.1f}, implicit {i:8.1f}, ratio {i / e:.3f}")
@@ -74,7 +87,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--episodes", type=int, default=4, help="episodes of the tiny world per store")
     parser.add_argument("--samples-per-frame", type=int, default=4)
-    parser.add_argument("--train-rates", default="100,3000", help="pairs/s training consumes (CPU, GPU), for comparison")
+    parser.add_argument(
+        "--train-rates", default="100,3000", help="pairs/s training consumes (CPU, GPU), for comparison"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -87,19 +102,32 @@ def main() -> None:
     shape, n = (50, 32), args.pairs
     obs, sample = np.arange(n, dtype=np.int64) // 4, np.arange(n, dtype=np.int64) % 4
     block = rate(lambda: pair_noise(0, obs, sample, shape), n, args.repeats)
-    single = rate(lambda: [pair_noise(0, obs[r : r + 1], sample[r : r + 1], shape) for r in range(n)], n, args.repeats)
-    reference = rate(lambda: [initial_noise(0, int(obs[r]), int(sample[r]), shape) for r in range(n)], n, args.repeats)
+    single = rate(
+        lambda: [pair_noise(0, obs[r : r + 1], sample[r : r + 1], shape) for r in range(n)], n, args.repeats
+    )
+    reference = rate(
+        lambda: [initial_noise(0, int(obs[r]), int(sample[r]), shape) for r in range(n)], n, args.repeats
+    )
     cpu, gpu = (float(v) for v in args.train_rates.split(","))
     print(f"X_0 regeneration at {shape}, 1 CPU thread:")
     print(f"  pair_noise, blocks of {n}: {block:10,.0f} pairs/s ({1e6 / block:5.1f} us/pair)")
-    print(f"  pair_noise, one at a time: {single:10,.0f} pairs/s ({1e6 / single:5.1f} us/pair)  (training reader, per item)")
+    print(
+        f"  pair_noise, one at a time: {single:10,.0f} pairs/s ({1e6 / single:5.1f} us/pair)  (training reader, per item)"
+    )
     print(f"  initial_noise per pair:    {reference:10,.0f} pairs/s (what generate draws with)")
-    print(f"  per-item rate / training consumption: {single / cpu:,.0f}x CPU ({cpu:,.0f} pairs/s), {single / gpu:,.1f}x GPU ({gpu:,.0f} pairs/s) per reader process")
+    print(
+        f"  per-item rate / training consumption: {single / cpu:,.0f}x CPU ({cpu:,.0f} pairs/s), {single / gpu:,.1f}x GPU ({gpu:,.0f} pairs/s) per reader process"
+    )
 
     root = Path(tempfile.mkdtemp(prefix="bench-x0-"))
     episodes = list(range(args.episodes))
     tiny = build_tiny_world(root / "tiny", teacher_spec=TinyTeacherSpec(train_steps=30))
-    print_sizes("tiny world", store_sizes(tiny, root / "tiny-stores", episodes, args.samples_per_frame), (8, 6), (8, 2))
+    print_sizes(
+        "tiny world",
+        store_sizes(tiny, root / "tiny-stores", episodes, args.samples_per_frame),
+        (8, 6),
+        (8, 2),
+    )
     real = build_tiny_world(
         root / "real",
         dataset_spec=TinyDatasetSpec(state_dim=6),
@@ -113,9 +141,15 @@ def main() -> None:
         rates = {}
         for mode in ("explicit", "implicit"):
             store = PairStore(root / "real-stores" / f"{backend}-{mode}")
-            rates[mode] = rate(lambda store=store: [store.read(i) for i in range(len(store.shards))], len(store), args.repeats)
-        print(f"  {backend:8s} explicit {rates['explicit']:10,.0f} pairs/s, implicit {rates['implicit']:10,.0f} pairs/s "
-              f"(implicit/explicit {rates['implicit'] / rates['explicit']:.2f})")
+            rates[mode] = rate(
+                lambda store=store: [store.read(i) for i in range(len(store.shards))],
+                len(store),
+                args.repeats,
+            )
+        print(
+            f"  {backend:8s} explicit {rates['explicit']:10,.0f} pairs/s, implicit {rates['implicit']:10,.0f} pairs/s "
+            f"(implicit/explicit {rates['implicit'] / rates['explicit']:.2f})"
+        )
 
 
 if __name__ == "__main__":

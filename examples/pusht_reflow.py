@@ -32,7 +32,9 @@ def build_teacher(out: Path, train_steps: int = 40) -> tuple[Path, Path]:
 
     dataset = build_pusht_dataset(out / "dataset")
     vlm = build_tiny_vlm(out / "vlm")
-    teacher = build_tiny_teacher(vlm, dataset, out / "teacher", TinyTeacherSpec(train_steps=train_steps, batch_size=16))
+    teacher = build_tiny_teacher(
+        vlm, dataset, out / "teacher", TinyTeacherSpec(train_steps=train_steps, batch_size=16)
+    )
     return out / "dataset", teacher
 
 
@@ -41,18 +43,59 @@ def reflow_student(out: Path, dataset_root: Path, teacher: Path, train_steps: in
     from reflowpairs.tinyworld import PUSHT_REPO_ID
 
     rp = str(BIN / "reflowpairs")
-    run([rp, "generate", "--teacher", str(teacher), "--dataset", PUSHT_REPO_ID, "--dataset-root", str(dataset_root),
-         "--out", str(out / "pairs"), "--samples-per-frame", "2", "--device", "cpu"])
-    run([rp, "train", "--pairs", str(out / "pairs"), "--out", str(out / "student"), "--steps", str(train_steps),
-         "--batch-size", "8", "--device", "cpu"])
+    run(
+        [
+            rp,
+            "generate",
+            "--teacher",
+            str(teacher),
+            "--dataset",
+            PUSHT_REPO_ID,
+            "--dataset-root",
+            str(dataset_root),
+            "--out",
+            str(out / "pairs"),
+            "--samples-per-frame",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
+    run(
+        [
+            rp,
+            "train",
+            "--pairs",
+            str(out / "pairs"),
+            "--out",
+            str(out / "student"),
+            "--steps",
+            str(train_steps),
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+        ]
+    )
     return out / "student" / "checkpoints" / "last" / "pretrained_model"
 
 
 def lerobot_eval(student: Path, out: Path, episode_length: int = 50) -> subprocess.CompletedProcess:
     """lerobot's own evaluation loop on the PushT env, with the student as saved (1 ODE step, from its config.json)."""
-    return run([str(BIN / "lerobot-eval"), f"--policy.path={student}", "--env.type=pusht", "--eval.n_episodes=2",
-                "--eval.batch_size=2", "--eval.use_async_envs=false", "--policy.device=cpu",
-                f"--env.episode_length={episode_length}", f"--output_dir={out / 'eval'}"], cwd=out)
+    return run(
+        [
+            str(BIN / "lerobot-eval"),
+            f"--policy.path={student}",
+            "--env.type=pusht",
+            "--eval.n_episodes=2",
+            "--eval.batch_size=2",
+            "--eval.use_async_envs=false",
+            "--policy.device=cpu",
+            f"--env.episode_length={episode_length}",
+            f"--output_dir={out / 'eval'}",
+        ],
+        cwd=out,
+    )
 
 
 def main() -> None:
@@ -64,9 +107,15 @@ def main() -> None:
     dataset_root, teacher = build_teacher(out)
     student = reflow_student(out, dataset_root, teacher)
     result = lerobot_eval(student, out)
-    summary = [line for line in result.stderr.splitlines() + result.stdout.splitlines() if "Overall Aggregated Metrics" in line or "avg_sum_reward" in line]
+    summary = [
+        line
+        for line in result.stderr.splitlines() + result.stdout.splitlines()
+        if "Overall Aggregated Metrics" in line or "avg_sum_reward" in line
+    ]
     print("\n".join(summary[:2]))
-    print(f"\nlerobot-eval ran the 1-step student {student} to completion; videos and metrics in {out / 'eval'}")
+    print(
+        f"\nlerobot-eval ran the 1-step student {student} to completion; videos and metrics in {out / 'eval'}"
+    )
 
 
 if __name__ == "__main__":

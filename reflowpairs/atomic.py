@@ -46,7 +46,7 @@ def check_writable(out: Path) -> None:
         ) from err
 
 
-class NotAJSONObject(ValueError):
+class NotAJSONObjectError(ValueError):
     """A file whose bytes are not a JSON object; ``problem`` says why, worded to follow the path
     (``"is not UTF-8 text (byte 0 is 0xff)"``, ``"is not valid JSON (...)"``, ``"holds a JSON list, not an object"``)."""
 
@@ -57,14 +57,14 @@ class NotAJSONObject(ValueError):
 
 def load_json_object(path: str | Path) -> dict[str, Any]:
     """The JSON object in ``path``. Read errors stay ``OSError``; bytes that are not UTF-8, not JSON (nesting too deep
-    and integers too long included) or not an object raise ``NotAJSONObject``: callers word both for their file."""
+    and integers too long included) or not an object raise ``NotAJSONObjectError``: callers word both for their file."""
     raw = Path(path).read_bytes()
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
-        raise NotAJSONObject(f"is not UTF-8 text (byte {err.start} is 0x{raw[err.start]:02x})") from err
+        raise NotAJSONObjectError(f"is not UTF-8 text (byte {err.start} is 0x{raw[err.start]:02x})") from err
     except (ValueError, RecursionError) as err:  # JSONDecodeError, an integer too long, nesting too deep
-        raise NotAJSONObject(f"is not valid JSON ({type(err).__name__}: {err})") from err
+        raise NotAJSONObjectError(f"is not valid JSON ({type(err).__name__}: {err})") from err
     if not isinstance(data, dict):
-        raise NotAJSONObject(f"holds a JSON {type(data).__name__}, not an object")
+        raise NotAJSONObjectError(f"holds a JSON {type(data).__name__}, not an object")
     return data

@@ -29,7 +29,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from reflowpairs.atomic import NotAJSONObject, fsync_dir, fsync_tree, load_json_object
+from reflowpairs.atomic import NotAJSONObjectError, fsync_dir, fsync_tree, load_json_object
 from reflowpairs.errors import ReflowPairsError
 
 STATE_FILE = "reflow_state.json"
@@ -78,7 +78,9 @@ def last_checkpoint(out: str | Path) -> Path | None:
     return target
 
 
-def student_config_json(init_config: dict[str, Any], init_source: str, num_steps: int | None = None) -> dict[str, Any]:
+def student_config_json(
+    init_config: dict[str, Any], init_source: str, num_steps: int | None = None
+) -> dict[str, Any]:
     """The student's config.json: the init checkpoint's, with ``pretrained_path`` set to ``init_source``
     and ``num_steps`` set only when ``num_steps`` is given. Nothing else changes."""
     config = dict(init_config)
@@ -130,9 +132,8 @@ def save_checkpoint(
     ``save_pretrained``, and the training state through lerobot's ``save_training_state`` plus
     ``state`` as ``training_state/reflow_state.json`` and, when not empty, ``master_params`` (name ->
     float32 tensor, ``MasterWeights.state_dict()``) as ``training_state/master_params.safetensors``."""
-    from safetensors.torch import save_file
-
     from lerobot.common.train_utils import get_step_identifier, save_training_state
+    from safetensors.torch import save_file
 
     root = checkpoints_dir(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -151,7 +152,9 @@ def save_checkpoint(
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": int(step), **state}
     (training_state_dir(tmp) / STATE_FILE).write_text(json.dumps(state, indent=2))
     if master_params:
-        save_file({k: v.contiguous() for k, v in master_params.items()}, str(training_state_dir(tmp) / MASTER_FILE))
+        save_file(
+            {k: v.contiguous() for k, v in master_params.items()}, str(training_state_dir(tmp) / MASTER_FILE)
+        )
     fsync_tree(tmp)
     old = root / (OLD_PREFIX + name)
     if final.exists():  # the same step saved by an earlier, resumed-from-before-it run
@@ -184,7 +187,7 @@ def read_json_object(path: Path, hint: str) -> dict[str, Any]:
         raise
     except OSError as err:
         raise ReflowPairsError(f"Cannot read {path} ({err.strerror or err}).", hint) from err
-    except NotAJSONObject as err:
+    except NotAJSONObjectError as err:
         raise ReflowPairsError(f"{path} {err.problem}.", hint) from err.__cause__
 
 
@@ -192,8 +195,11 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     """``training_state/reflow_state.json`` of a checkpoint, checked; errors name the file."""
     path = training_state_dir(checkpoint) / STATE_FILE
     try:
-        state = read_json_object(path, "The checkpoint is damaged: resume from an earlier one (repoint checkpoints/last "
-                                       "at it) or start a new run in another --out.")
+        state = read_json_object(
+            path,
+            "The checkpoint is damaged: resume from an earlier one (repoint checkpoints/last "
+            "at it) or start a new run in another --out.",
+        )
     except FileNotFoundError:
         raise ReflowPairsError(
             f"{checkpoint} has no {path.relative_to(checkpoint)}: it was not written by `reflowpairs train`.",

@@ -145,11 +145,15 @@ def check_features(policy_config, dataset_meta, renames: dict[str, str] | None =
         if key not in available:
             problems.append(f"missing {key} {tuple(feature.shape)}")
         elif feature.type is not FeatureType.VISUAL and tuple(available[key].shape) != tuple(feature.shape):
-            problems.append(f"{key} has shape {tuple(available[key].shape)}, the policy expects {tuple(feature.shape)}")
+            problems.append(
+                f"{key} has shape {tuple(available[key].shape)}, the policy expects {tuple(feature.shape)}"
+            )
     if problems:
         extra = sorted(set(available) - set(wanted))
         raise ReflowPairsError(
-            "The dataset does not match the policy's features: " + "; ".join(problems) + "."
+            "The dataset does not match the policy's features: "
+            + "; ".join(problems)
+            + "."
             + (f" Dataset keys the policy does not use: {', '.join(extra)}." if extra else ""),
             "Use the dataset the policy was trained on (or one recorded with the same robot and cameras).",
         )

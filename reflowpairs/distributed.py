@@ -31,7 +31,9 @@ class DistContext:
         owns_group = not dist.is_initialized()
         if owns_group:
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns_group)
+        return DistContext(
+            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns_group
+        )
 
     @property
     def is_main(self) -> bool:

@@ -59,7 +59,12 @@ def pair_shapes(policy_config) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def sdpa_attention(
-    attention_mask: Tensor, batch_size: int, head_dim: int, query_states: Tensor, key_states: Tensor, value_states: Tensor
+    attention_mask: Tensor,
+    batch_size: int,
+    head_dim: int,
+    query_states: Tensor,
+    key_states: Tensor,
+    value_states: Tensor,
 ) -> Tensor:
     """Drop-in for SmolVLM-with-expert's ``eager_attention_forward`` (same arguments, same result up to float
     rounding) on ``scaled_dot_product_attention``, grouped-query heads included.
@@ -73,7 +78,12 @@ def sdpa_attention(
     key = key_states.transpose(1, 2).to(query.dtype)
     value = value_states.transpose(1, 2).to(query.dtype)
     out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask[:, None], scale=head_dim**-0.5, enable_gqa=key.shape[1] != query.shape[1]
+        query,
+        key,
+        value,
+        attn_mask=attention_mask[:, None],
+        scale=head_dim**-0.5,
+        enable_gqa=key.shape[1] != query.shape[1],
     )
     return out.transpose(1, 2).reshape(batch_size, -1, query.shape[1] * head_dim)
 
@@ -94,7 +104,9 @@ def frames_per_call(frames: int, samples: int, chunk: int, tokens_per_call: int)
     return max(1, min(frames, tokens_per_call // (samples * chunk)))
 
 
-def resolve_frames_per_call(tokens_per_call: int | None, batch_size: int, samples: int, chunk: int, device: torch.device) -> int:
+def resolve_frames_per_call(
+    tokens_per_call: int | None, batch_size: int, samples: int, chunk: int, device: torch.device
+) -> int:
     """The fixed number of frames in every engine call of a run: as many of a ``batch_size`` batch as fit in
     ``tokens_per_call`` suffix tokens (None: the device's default, ``default_tokens_per_call``; 0: no limit)."""
     budget = default_tokens_per_call(device) if tokens_per_call is None else tokens_per_call
@@ -104,6 +116,7 @@ def resolve_frames_per_call(tokens_per_call: int | None, batch_size: int, sample
 def slice_frames(batch: dict, start: int, stop: int, frames: int) -> dict:
     """Frames ``start:stop`` of a (preprocessed) batch of ``frames``: tensors and lists whose first dimension is the
     frame are sliced, everything else (scalars, per-batch metadata) is passed through."""
+
     def cut(value):
         sliceable = torch.is_tensor(value) and value.ndim > 0 or isinstance(value, (list, tuple))
         return value[start:stop] if sliceable and len(value) == frames else value
@@ -129,6 +142,7 @@ def pad_frames(batch: dict, frames: int, to: int) -> dict:
 
 def repeat_frames(batch: dict, frames: int, repeats: int) -> dict:
     """Each frame of a (preprocessed) batch of ``frames`` repeated ``repeats`` times, frame-major."""
+
     def rep(value):
         if torch.is_tensor(value) and value.ndim > 0 and len(value) == frames:
             return value.repeat_interleave(repeats, dim=0)
@@ -237,7 +251,9 @@ class SmolVLAEngine:
         tokens, token_mask = pad_language(
             batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK], policy.config.tokenizer_max_length
         )
-        prefix_embs, prefix_pad_masks, prefix_att_masks = model.embed_prefix(images, img_masks, tokens, token_mask, state=state)
+        prefix_embs, prefix_pad_masks, prefix_att_masks = model.embed_prefix(
+            images, img_masks, tokens, token_mask, state=state
+        )
         _, cache = model.vlm_with_expert.forward(
             attention_mask=make_att_2d_masks(prefix_pad_masks, prefix_att_masks),
             position_ids=torch.cumsum(prefix_pad_masks, dim=1) - 1,
@@ -290,7 +306,9 @@ class SmolVLAEngine:
             part = pad_frames(slice_frames(batch, start, stop, frames), stop - start, group)
             part_noise = noise[start:stop]
             if stop - start < group:
-                part_noise = torch.cat([part_noise, part_noise[-1:].expand(group - (stop - start), *noise.shape[1:])])
+                part_noise = torch.cat(
+                    [part_noise, part_noise[-1:].expand(group - (stop - start), *noise.shape[1:])]
+                )
             calls.append(self._sample_call(part, part_noise, solver)[: stop - start])
         return torch.cat(calls)
 
@@ -299,7 +317,9 @@ class SmolVLAEngine:
         """``sample`` for frames that go in one call: one prefix fill, one ODE over all their samples."""
         frames, samples = noise.shape[:2]
         velocity = self.velocity_field(batch, samples)
-        x0 = noise.reshape(frames * samples, *noise.shape[2:]).to(self.device, torch.float32, non_blocking=True)
+        x0 = noise.reshape(frames * samples, *noise.shape[2:]).to(
+            self.device, torch.float32, non_blocking=True
+        )
         x1 = integrate(velocity, x0, solver)[:, :, : self.action_dim]
         if self.policy.config.adapt_to_pi_aloha:
             x1 = self.policy._pi_aloha_encode_actions(x1)
@@ -347,7 +367,9 @@ class ExactSampler:
             for f in range(frames):
                 frame = repeat_frames(slice_frames(batch, f, f + 1, frames), 1, samples)
                 self.policy.reset()
-                out.append(self.policy.predict_action_chunk(frame, noise=noise[f].to(self.device, torch.float32)))
+                out.append(
+                    self.policy.predict_action_chunk(frame, noise=noise[f].to(self.device, torch.float32))
+                )
         self.policy.reset()
         return torch.stack(out)
 

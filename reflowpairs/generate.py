@@ -23,7 +23,14 @@ import torch
 
 from reflowpairs import __version__
 from reflowpairs.atomic import check_writable
-from reflowpairs.dataset import check_episodes, check_features, dataset_provenance, frame_indices, open_dataset, open_metadata
+from reflowpairs.dataset import (
+    check_episodes,
+    check_features,
+    dataset_provenance,
+    frame_indices,
+    open_dataset,
+    open_metadata,
+)
 from reflowpairs.distributed import DistContext
 from reflowpairs.engine import make_engine, resolve_frames_per_call
 from reflowpairs.errors import ReflowPairsError
@@ -37,8 +44,8 @@ from reflowpairs.pairstore import (
     STORE_ENTRIES,
     TMP_PREFIX,
     X0_MODES,
-    PairStore,
     Pairs,
+    PairStore,
     PairStoreWriter,
     manifest_format,
     new_manifest,
@@ -73,7 +80,9 @@ class GenerateConfig:
     rtol: float = 1e-5
     atol: float = 1e-5
     batch_size: int = 16  # frames per loaded batch (each samples batch_size * K pairs)
-    tokens_per_call: int | None = None  # suffix tokens per engine call; 0: whole batch; None: the device's default
+    tokens_per_call: int | None = (
+        None  # suffix tokens per engine call; 0: whole batch; None: the device's default
+    )
     shard_size: int = 4096  # pairs per shard (rounded to whole frames)
     seed: int = 0
     device: str = "auto"
@@ -123,17 +132,25 @@ def _check_args(cfg: GenerateConfig) -> None:
     if cfg.batch_size < 1:
         raise ReflowPairsError(f"--batch-size must be at least 1, got {cfg.batch_size}.")
     if cfg.num_steps is not None and cfg.num_steps < 1:
-        raise ReflowPairsError(f"--num-steps must be at least 1, got {cfg.num_steps}.", "Leave it out to use the teacher's num_steps.")
+        raise ReflowPairsError(
+            f"--num-steps must be at least 1, got {cfg.num_steps}.",
+            "Leave it out to use the teacher's num_steps.",
+        )
     if cfg.num_workers < 0:
-        raise ReflowPairsError(f"--num-workers must be 0 (load in the main process) or more, got {cfg.num_workers}.")
+        raise ReflowPairsError(
+            f"--num-workers must be 0 (load in the main process) or more, got {cfg.num_workers}."
+        )
     if cfg.shard_size < 1:
         raise ReflowPairsError(f"--shard-size must be at least 1, got {cfg.shard_size}.")
-    SolverConfig(cfg.solver, 1 if cfg.num_steps is None else cfg.num_steps, cfg.rtol, cfg.atol)  # solver, rtol, atol
+    SolverConfig(
+        cfg.solver, 1 if cfg.num_steps is None else cfg.num_steps, cfg.rtol, cfg.atol
+    )  # solver, rtol, atol
     if cfg.tokens_per_call is not None and cfg.tokens_per_call < 0:
         raise ReflowPairsError(f"--tokens-per-call must be 0 (no limit) or more, got {cfg.tokens_per_call}.")
     if cfg.exact and cfg.solver != "euler":
         raise ReflowPairsError(
-            f"--exact runs lerobot's own Euler sampler; it cannot run --solver {cfg.solver}.", "Drop --exact, or use --solver euler."
+            f"--exact runs lerobot's own Euler sampler; it cannot run --solver {cfg.solver}.",
+            "Drop --exact, or use --solver euler.",
         )
     if cfg.on_nonfinite not in ("error", "skip"):
         raise ReflowPairsError(f"--on-nonfinite must be 'error' or 'skip', got {cfg.on_nonfinite!r}.")
@@ -147,7 +164,9 @@ def _check_args(cfg: GenerateConfig) -> None:
     if cfg.resume and cfg.overwrite:
         raise ReflowPairsError("--resume and --overwrite contradict each other.", "Give one of them.")
     if cfg.partition is not None and not (cfg.partition[1] >= 1 and 0 <= cfg.partition[0] < cfg.partition[1]):
-        raise ReflowPairsError(f"--partition {cfg.partition[0]}/{cfg.partition[1]} is not a slice i/P with 0 <= i < P.")
+        raise ReflowPairsError(
+            f"--partition {cfg.partition[0]}/{cfg.partition[1]} is not a slice i/P with 0 <= i < P."
+        )
     _check_out(cfg)
 
 
@@ -155,7 +174,9 @@ def _user_entries(out: Path) -> list[str]:
     """Names in ``out`` that a pair store does not put there (the user's own files), sorted."""
     if not out.is_dir():
         return []
-    return sorted(p.name for p in out.iterdir() if p.name not in STORE_ENTRIES and not p.name.startswith(TMP_PREFIX))
+    return sorted(
+        p.name for p in out.iterdir() if p.name not in STORE_ENTRIES and not p.name.startswith(TMP_PREFIX)
+    )
 
 
 def _listed(names: list[str], limit: int = 5) -> str:
@@ -174,7 +195,9 @@ def _check_out(cfg: GenerateConfig) -> None:
     """
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
-        raise ReflowPairsError(f"--out {out} exists and is not a directory.", "Give a directory for the pair store.")
+        raise ReflowPairsError(
+            f"--out {out} exists and is not a directory.", "Give a directory for the pair store."
+        )
     has_manifest = (out / MANIFEST).exists()
     if cfg.resume:
         if not has_manifest:
@@ -231,13 +254,23 @@ def _resume_manifest(out: Path, fresh: dict[str, Any]) -> dict[str, Any]:
             f"for --x0 {wanted['x0']}; a store keeps X_0 one way in every shard.",
             f"Resume with --x0 {recorded['x0']}, or use --overwrite to start over.",
         )
-    differences = [f"backend: store has {manifest['backend']!r}, this run has {fresh['backend']!r}"] if manifest["backend"] != fresh["backend"] else []
+    differences = (
+        [f"backend: store has {manifest['backend']!r}, this run has {fresh['backend']!r}"]
+        if manifest["backend"] != fresh["backend"]
+        else []
+    )
     differences += _diff(recorded, wanted, "generation")
     for key in ("teacher", "dataset"):
-        differences += _diff({"fingerprint": (manifest.get(key) or {}).get("fingerprint")}, {"fingerprint": fresh[key]["fingerprint"]}, key)
+        differences += _diff(
+            {"fingerprint": (manifest.get(key) or {}).get("fingerprint")},
+            {"fingerprint": fresh[key]["fingerprint"]},
+            key,
+        )
     if differences:
         raise ReflowPairsError(
-            f"Cannot resume {out}: it was made with other inputs or settings: " + "; ".join(differences) + ".",
+            f"Cannot resume {out}: it was made with other inputs or settings: "
+            + "; ".join(differences)
+            + ".",
             "Resume with the original settings, or use --overwrite to start over.",
         )
     return manifest
@@ -339,10 +372,16 @@ def _prepare(cfg: GenerateConfig, device: str) -> _Job:
     dataset = open_dataset(cfg.dataset, cfg.dataset_root, cfg.episodes)
     check_features(teacher.config, dataset.meta, rename_map(teacher.preprocessor))
     call_frames = resolve_frames_per_call(
-        cfg.tokens_per_call, cfg.batch_size, cfg.samples_per_frame, teacher.config.chunk_size, next(teacher.policy.parameters()).device
+        cfg.tokens_per_call,
+        cfg.batch_size,
+        cfg.samples_per_frame,
+        teacher.config.chunk_size,
+        next(teacher.policy.parameters()).device,
     )
     engine = make_engine(teacher.policy, call_frames, exact=cfg.exact)
-    solver = SolverConfig(cfg.solver, teacher.config.num_steps if cfg.num_steps is None else cfg.num_steps, cfg.rtol, cfg.atol)
+    solver = SolverConfig(
+        cfg.solver, teacher.config.num_steps if cfg.num_steps is None else cfg.num_steps, cfg.rtol, cfg.atol
+    )
     frame_index = frame_indices(dataset)
     generation = {
         "num_steps": solver.num_steps,
@@ -367,8 +406,14 @@ def _prepare(cfg: GenerateConfig, device: str) -> _Job:
     }
     if cfg.partition is not None:
         index, count = cfg.partition
-        provenance["partition"] = {"index": index, "count": count, "num_frames": int((frame_index % count == index).sum())}
-    fresh = new_manifest(cfg.backend, engine.noise_shape, (engine.noise_shape[0], engine.action_dim), provenance, x0=cfg.x0)
+        provenance["partition"] = {
+            "index": index,
+            "count": count,
+            "num_frames": int((frame_index % count == index).sum()),
+        }
+    fresh = new_manifest(
+        cfg.backend, engine.noise_shape, (engine.noise_shape[0], engine.action_dim), provenance, x0=cfg.x0
+    )
     return _Job(teacher, dataset, engine, solver, frame_index, fresh)
 
 
@@ -379,7 +424,9 @@ def _open_store(out: Path, job: _Job, cfg: GenerateConfig) -> dict[str, Any]:
     _check_out(cfg)  # again, now under the lock: another run may have written --out since _check_args
     manifest = _resume_manifest(out, job.fresh) if cfg.resume else job.fresh
     if cfg.resume and manifest.get("partition") != job.fresh.get("partition"):
-        raise ReflowPairsError(f"Cannot resume {out}: it is partition {manifest.get('partition')}, this run is {job.fresh.get('partition')}.")
+        raise ReflowPairsError(
+            f"Cannot resume {out}: it is partition {manifest.get('partition')}, this run is {job.fresh.get('partition')}."
+        )
     # Nothing in --out is touched before every check above has passed.
     check_writable(out)
     if cfg.resume:
@@ -419,7 +466,11 @@ class GeneratePlan:
     threads: str  # ThreadPlan.describe()
 
 
-def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Callable[[GeneratePlan], None] | None = None) -> GenerateResult:
+def generate(
+    cfg: GenerateConfig,
+    progress: Progress | None = None,
+    on_plan: Callable[[GeneratePlan], None] | None = None,
+) -> GenerateResult:
     """Run stage 1. ``on_plan(plan)`` is called once before sampling.
 
     Launched with torchrun / accelerate (WORLD_SIZE > 1), each process samples its own share of the remaining frames
@@ -428,11 +479,15 @@ def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Cal
     threads = configure_threads(cfg.num_workers)
     dist = DistContext.from_env()
     if dist.world > 1 and cfg.partition is not None:
-        raise ReflowPairsError("--partition is for single-process slices; do not combine it with a multi-process launch.")
+        raise ReflowPairsError(
+            "--partition is for single-process slices; do not combine it with a multi-process launch."
+        )
     out = Path(cfg.out)
     with contextlib.ExitStack() as held:
         failure = None
-        if dist.is_main:  # one writer per store: the main process holds OUT/.lock for the whole run, for every rank
+        if (
+            dist.is_main
+        ):  # one writer per store: the main process holds OUT/.lock for the whole run, for every rank
             try:
                 held.enter_context(StoreLock.acquire(out, "generate --resume" if cfg.resume else "generate"))
             except ReflowPairsError as err:
@@ -444,7 +499,12 @@ def generate(cfg: GenerateConfig, progress: Progress | None = None, on_plan: Cal
 
 
 def _generate(
-    cfg: GenerateConfig, dist: DistContext, out: Path, threads: ThreadPlan, progress: Progress | None, on_plan: Callable[[GeneratePlan], None] | None
+    cfg: GenerateConfig,
+    dist: DistContext,
+    out: Path,
+    threads: ThreadPlan,
+    progress: Progress | None,
+    on_plan: Callable[[GeneratePlan], None] | None,
 ) -> GenerateResult:
     """``generate`` once the main process holds the store lock."""
     job = _prepare(cfg, dist.device(cfg.device))
@@ -460,12 +520,19 @@ def _generate(
     todo, done = _todo(job, out, cfg.partition)
     if on_plan is not None:
         g = job.fresh["generation"]
-        on_plan(GeneratePlan(
-            len(todo), done, cfg.samples_per_frame,
-            f"{job.solver.name}" + ("" if job.solver.adaptive else f", {job.solver.num_steps} steps"),
-            g["sampler"], g["frames_per_call"], compute_dtype(g["parameter_dtypes"], g["dtype"]),
-            str(job.engine.device), threads.describe(),
-        ))
+        on_plan(
+            GeneratePlan(
+                len(todo),
+                done,
+                cfg.samples_per_frame,
+                f"{job.solver.name}" + ("" if job.solver.adaptive else f", {job.solver.num_steps} steps"),
+                g["sampler"],
+                g["frames_per_call"],
+                compute_dtype(g["parameter_dtypes"], g["dtype"]),
+                str(job.engine.device),
+                threads.describe(),
+            )
+        )
     if dist.world == 1:
         result = _sample_frames(job, out, manifest, todo, cfg.writer_id, cfg, progress)
         final = read_manifest(out)
@@ -474,7 +541,12 @@ def _generate(
     part = out / PARTS_DIR / f"rank{dist.rank:03d}-{token}"
     sub = dict(read_manifest(out), shards=[], num_pairs=0, num_frames=0, skipped_frames=[])
     try:
-        result, failure = _sample_frames(job, part, sub, todo[dist.rank :: dist.world], f"{token}-r{dist.rank:03d}", cfg, progress), None
+        result, failure = (
+            _sample_frames(
+                job, part, sub, todo[dist.rank :: dist.world], f"{token}-r{dist.rank:03d}", cfg, progress
+            ),
+            None,
+        )
     except ReflowPairsError as err:
         result, failure = (0, 0.0, []), (f"[rank {dist.rank}] {err.what}", err.hint)
     failures = [f for f in dist.all_gather(failure) if f is not None]
@@ -487,14 +559,26 @@ def _generate(
     dist.close()
     if failures:
         raise ReflowPairsError(*failures[0])
-    return GenerateResult(out, final["num_pairs"], final["num_frames"], new_pairs, result[1], final.get("skipped_frames", []))
+    return GenerateResult(
+        out, final["num_pairs"], final["num_frames"], new_pairs, result[1], final.get("skipped_frames", [])
+    )
 
 
-def _sample_frames(job: _Job, out: Path, manifest: dict[str, Any], positions: np.ndarray, writer_id: str, cfg: GenerateConfig, progress: Progress | None) -> tuple[int, float, list[int]]:
+def _sample_frames(
+    job: _Job,
+    out: Path,
+    manifest: dict[str, Any],
+    positions: np.ndarray,
+    writer_id: str,
+    cfg: GenerateConfig,
+    progress: Progress | None,
+) -> tuple[int, float, list[int]]:
     """Sample every frame at dataset ``positions`` into the store at ``out``; returns (pairs, seconds, skipped)."""
     out.mkdir(parents=True, exist_ok=True)
     try:
-        writer = _BackgroundWriter(PairStoreWriter(out, manifest, cfg.shard_size, cfg.samples_per_frame, writer_id))
+        writer = _BackgroundWriter(
+            PairStoreWriter(out, manifest, cfg.shard_size, cfg.samples_per_frame, writer_id)
+        )
     except OSError as err:
         raise _write_failed(out, err) from err
     start, frames, pairs = time.perf_counter(), 0, 0
@@ -521,7 +605,9 @@ def _sample_frames(job: _Job, out: Path, manifest: dict[str, Any], positions: np
                 writer.put(block)
             frames += len(batch["index"])
             pairs += len(block)
-            if progress is not None and number < len(loader):  # the last batch is reported once its shard is written
+            if progress is not None and number < len(
+                loader
+            ):  # the last batch is reported once its shard is written
                 progress(frames, pairs, time.perf_counter() - start)
         complete = True
     finally:
@@ -532,7 +618,9 @@ def _sample_frames(job: _Job, out: Path, manifest: dict[str, Any], positions: np
     return pairs, seconds, list(manifest.get("skipped_frames", []))
 
 
-def _sample_batch(batch: dict[str, Any], preprocessor, engine, solver: SolverConfig, cfg: GenerateConfig) -> tuple[Pairs, list[int]]:
+def _sample_batch(
+    batch: dict[str, Any], preprocessor, engine, solver: SolverConfig, cfg: GenerateConfig
+) -> tuple[Pairs, list[int]]:
     """Sample K pairs for each frame of a raw dataset batch; frames with non-finite X_1 are dropped."""
     obs_index = batch["index"].to(torch.int64).numpy()
     k = cfg.samples_per_frame

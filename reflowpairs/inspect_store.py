@@ -95,7 +95,9 @@ def bytes_on_disk(path: Path) -> int:
     return 0
 
 
-def summarize(path: str | Path, statistics: bool = True, progress: ShardProgress | None = None) -> dict[str, Any]:
+def summarize(
+    path: str | Path, statistics: bool = True, progress: ShardProgress | None = None
+) -> dict[str, Any]:
     """Everything ``reflowpairs inspect`` shows, as one JSON-ready dict.
 
     Keys: ``path``, ``backend``, ``store_id``, ``complete``, ``shards``, ``pairs``, ``frames``
@@ -154,8 +156,12 @@ def summarize(path: str | Path, statistics: bool = True, progress: ShardProgress
         x0 = x0_stats.summary()
         x1 = x1_stats.summary()
         summary["statistics"] = {
-            "x0": {"mean": x0["mean"][0], "std": x0["std"][0], "nonfinite": x0_stats.nonfinite,
-                   "source": "stored" if store.x0_stored else "regenerated"},
+            "x0": {
+                "mean": x0["mean"][0],
+                "std": x0["std"][0],
+                "nonfinite": x0_stats.nonfinite,
+                "source": "stored" if store.x0_stored else "regenerated",
+            },
             "x1": {k: x1[k] for k in ("min", "max", "mean", "std")} | {"nonfinite": x1_stats.nonfinite},
         }
     return summary

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from reflowpairs.errors import ReflowPairsError
 from reflowpairs.atomic import fsync_tree
+from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pairstore import (
     LOCK,
     MANIFEST,
@@ -48,7 +48,9 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     diffs = []
     mixed = x0_mode(a) != x0_mode(b)
     if mixed:
-        diffs.append(f"X_0 storage: {x0_mode(a)} vs {x0_mode(b)} (generate --x0; a store keeps X_0 one way in every shard)")
+        diffs.append(
+            f"X_0 storage: {x0_mode(a)} vs {x0_mode(b)} (generate --x0; a store keeps X_0 one way in every shard)"
+        )
     for key in ("backend", "x0", "x1"):
         va, vb = a.get(key), b.get(key)
         if key == "x0" and mixed:  # storage named above: compare what X_0 is, not how it is kept
@@ -57,7 +59,9 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             diffs.append(f"{key}: {va!r} vs {vb!r}")
     for key in ("teacher", "dataset"):
         if a[key].get("fingerprint") != b[key].get("fingerprint"):
-            diffs.append(f"{key} fingerprint: {a[key].get('fingerprint', '?')[:12]} vs {b[key].get('fingerprint', '?')[:12]}")
+            diffs.append(
+                f"{key} fingerprint: {a[key].get('fingerprint', '?')[:12]} vs {b[key].get('fingerprint', '?')[:12]}"
+            )
     ga, gb = recorded_generation(a), recorded_generation(b)
     for key in sorted(set(ga) | set(gb)):
         if ga.get(key) != gb.get(key) and key != "x0":  # x0: named above
@@ -88,7 +92,9 @@ def _place(src: Path, dst: Path, move: bool) -> None:
     os.replace(tmp, dst)
 
 
-def _absorb(out: Path, manifest: dict[str, Any], part: Path, part_manifest: dict[str, Any], prefix: str, move: bool) -> None:
+def _absorb(
+    out: Path, manifest: dict[str, Any], part: Path, part_manifest: dict[str, Any], prefix: str, move: bool
+) -> None:
     """List ``part``'s shards in ``manifest`` (copied or moved into ``out/shards``), rewriting it after each."""
     for entry in part_manifest["shards"]:
         src = part / entry["path"]
@@ -119,7 +125,9 @@ def absorb_parts(out: Path, manifest: dict[str, Any]) -> None:
         part_manifest = read_manifest(part)
         diffs = differences(manifest, part_manifest)
         if diffs:
-            raise ReflowPairsError(f"{part} belongs to another job: " + "; ".join(diffs) + ".", "Remove it, or use --overwrite.")
+            raise ReflowPairsError(
+                f"{part} belongs to another job: " + "; ".join(diffs) + ".", "Remove it, or use --overwrite."
+            )
         _absorb(out, manifest, part, part_manifest, "", move=True)
     mark_complete(manifest)
     write_manifest(out, manifest)
@@ -149,12 +157,19 @@ def merge_stores(slices: list[Path], out: Path) -> dict[str, Any]:
     for path, other in zip(slices[1:], manifests[1:], strict=True):
         diffs = differences(manifests[0], other)
         if diffs:
-            raise ReflowPairsError(f"Cannot merge {path} with {slices[0]}: they come from different jobs: " + "; ".join(diffs) + ".")
+            raise ReflowPairsError(
+                f"Cannot merge {path} with {slices[0]}: they come from different jobs: "
+                + "; ".join(diffs)
+                + "."
+            )
     seen: dict[int, Path] = {}
     for path in slices:
         frames = np.unique(PairStore(path).index()[0])
         for index in frames[np.isin(frames, np.fromiter(seen, np.int64, len(seen)))][:1]:
-            raise ReflowPairsError(f"Slices {seen[int(index)]} and {path} both hold frame obs_index {int(index)}.", "Merge disjoint slices only.")
+            raise ReflowPairsError(
+                f"Slices {seen[int(index)]} and {path} both hold frame obs_index {int(index)}.",
+                "Merge disjoint slices only.",
+            )
         seen.update(dict.fromkeys(frames.tolist(), path))
     with StoreLock.acquire(out, "merge"):
         _require_empty(out)  # again under the lock: another writer may have started on it meanwhile
@@ -164,7 +179,14 @@ def merge_stores(slices: list[Path], out: Path) -> dict[str, Any]:
 def _merge_into(out: Path, slices: list[Path], manifests: list[dict[str, Any]]) -> dict[str, Any]:
     first = manifests[0]
     manifest = {k: v for k, v in first.items() if k not in ("shards", "partition")}
-    manifest.update(store_id=uuid.uuid4().hex, num_pairs=0, num_frames=0, shards=[], skipped_frames=[], merged_from=[str(s) for s in slices])
+    manifest.update(
+        store_id=uuid.uuid4().hex,
+        num_pairs=0,
+        num_frames=0,
+        shards=[],
+        skipped_frames=[],
+        merged_from=[str(s) for s in slices],
+    )
     (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     write_manifest(out, manifest)
     for i, (path, part_manifest) in enumerate(zip(slices, manifests, strict=True)):

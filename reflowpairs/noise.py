@@ -39,7 +39,9 @@ def initial_noise(seed: int, obs_index: int, sample: int, shape: Sequence[int]) 
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
 
 
-def batch_noise(seed: int, obs_indices: Sequence[int], num_samples: int, shape: Sequence[int]) -> torch.Tensor:
+def batch_noise(
+    seed: int, obs_indices: Sequence[int], num_samples: int, shape: Sequence[int]
+) -> torch.Tensor:
     """Noise for every sample of every frame: ``(len(obs_indices), num_samples, *shape)`` float32 on CPU."""
     return torch.stack(
         [

@@ -93,7 +93,9 @@ class PairSampler(Sampler[int]):
         self.counts = np.asarray(counts, dtype=np.int64)
         self.total = int(self.counts.sum())
         if self.total <= 0:
-            raise ReflowPairsError("The pair store holds no pairs.", "Generate pairs first with `reflowpairs generate`.")
+            raise ReflowPairsError(
+                "The pair store holds no pairs.", "Generate pairs first with `reflowpairs generate`."
+            )
         self.seed, self.window, self.start = int(seed), int(window), int(start)
 
     def __iter__(self) -> Iterator[int]:
@@ -138,7 +140,9 @@ class PairDataset(Dataset):
         self.cache_shards = max(1, int(cache_shards))
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self.columns = tuple(c for c in PAIR_COLUMNS if store.x0_stored or c != "x0")
-        if not store.x0_stored:  # an unknown or irreproducible generator is refused before training, not in a worker
+        if (
+            not store.x0_stored
+        ):  # an unknown or irreproducible generator is refused before training, not in a worker
             store.check_x0_generator()
 
     def __len__(self) -> int:

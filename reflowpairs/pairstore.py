@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from reflowpairs.atomic import NotAJSONObject, fsync_dir, fsync_tree, load_json_object
+from reflowpairs.atomic import NotAJSONObjectError, fsync_dir, fsync_tree, load_json_object
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.noise import GENERATOR, check_generator, pair_noise
 
@@ -49,7 +49,9 @@ SHARDS_DIR = "shards"
 PARTS_DIR = "parts"  # per-rank sub-stores of a multi-process generate (reflowpairs/merge.py)
 TMP_PREFIX = ".tmp-"
 LOCK = ".lock"  # the writer lock (reflowpairs/storelock.py)
-GENERATE_OPTIONS = "generate_config.yaml"  # the options generate ran with (written by the CLI beside the manifest)
+GENERATE_OPTIONS = (
+    "generate_config.yaml"  # the options generate ran with (written by the CLI beside the manifest)
+)
 STORE_ENTRIES = (MANIFEST, SHARDS_DIR, PARTS_DIR, TMP_PREFIX + MANIFEST, LOCK, GENERATE_OPTIONS)
 """Everything a store puts at its top level; ``generate --overwrite`` removes these and nothing else."""
 ARRAYS = ("x0", "x1", "obs_index", "sample")
@@ -91,7 +93,9 @@ class Pairs:
 
 def array_sha256(array: np.ndarray) -> str:
     """sha256 of an array's logical content: C order, little-endian bytes of its dtype."""
-    return hashlib.sha256(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()).hexdigest()
+    return hashlib.sha256(
+        np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    ).hexdigest()
 
 
 def checksums(pairs: Pairs, arrays: tuple[str, ...] = ARRAYS) -> dict[str, str]:
@@ -119,7 +123,9 @@ def x0_spec(shape, mode: str = "explicit", seed: int | None = None) -> dict[str,
     spec: dict[str, Any] = {"shape": list(shape), "dtype": "float32"}
     if mode == "implicit":
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ReflowPairsError(f"--seed must be a non-negative integer to regenerate X_0 from, got {seed!r}.")
+            raise ReflowPairsError(
+                f"--seed must be a non-negative integer to regenerate X_0 from, got {seed!r}."
+            )
         spec.update(stored=False, generator=GENERATOR, probe=x0_probe(seed, shape))
     return spec
 
@@ -151,7 +157,9 @@ def stored_arrays(manifest: dict[str, Any]) -> tuple[str, ...]:
 # --- files -----------------------------------------------------------------------------------------
 
 
-def write_shard(path: Path, pairs: Pairs, backend: str, attrs: dict[str, Any], arrays: tuple[str, ...] = ARRAYS) -> None:
+def write_shard(
+    path: Path, pairs: Pairs, backend: str, attrs: dict[str, Any], arrays: tuple[str, ...] = ARRAYS
+) -> None:
     """Write ``arrays`` of ``pairs`` to ``path`` atomically: into ``.tmp-<name>`` beside it, fsync, rename."""
     tmp = path.with_name(TMP_PREFIX + path.name)
     _remove(tmp)
@@ -190,11 +198,15 @@ def _write_parquet(path: Path, pairs: Pairs, attrs: dict[str, Any], arrays: tupl
         "x0": fixed(pairs.x0) if "x0" in arrays else None,
         "x1": fixed(pairs.x1),
     }
-    table = pa.table({name: column for name, column in columns.items() if name in arrays}).replace_schema_metadata({b"reflowpairs": json.dumps(attrs).encode()})
+    table = pa.table(
+        {name: column for name, column in columns.items() if name in arrays}
+    ).replace_schema_metadata({b"reflowpairs": json.dumps(attrs).encode()})
     pq.write_table(table, path, row_group_size=1024)
 
 
-def read_shard(path: Path, backend: str, x0_shape: tuple[int, ...], x1_shape: tuple[int, ...], columns=ARRAYS) -> dict[str, np.ndarray]:
+def read_shard(
+    path: Path, backend: str, x0_shape: tuple[int, ...], x1_shape: tuple[int, ...], columns=ARRAYS
+) -> dict[str, np.ndarray]:
     """Read ``columns`` of a shard as numpy arrays (x0/x1 reshaped to ``(n, *shape)``)."""
     if backend == "zarr":
         import zarr
@@ -263,8 +275,10 @@ def load_manifest_json(path: str | Path) -> dict[str, Any]:
     try:
         return load_json_object(path)
     except OSError as err:
-        raise ReflowPairsError(f"Cannot read {path} ({err.strerror or err}).", "Check that it is a readable file.") from err
-    except NotAJSONObject as err:
+        raise ReflowPairsError(
+            f"Cannot read {path} ({err.strerror or err}).", "Check that it is a readable file."
+        ) from err
+    except NotAJSONObjectError as err:
         raise _damaged(path, err.problem) from err.__cause__
 
 
@@ -339,11 +353,15 @@ def _x0_storage_problems(manifest: dict[str, Any]) -> list[str]:
         return []
     problems = []
     if not isinstance(spec.get("generator"), str) or not spec["generator"]:
-        problems.append(f"x0 is not stored but x0.generator is {spec.get('generator')!r}, not the name of the generator that regenerates it")
+        problems.append(
+            f"x0 is not stored but x0.generator is {spec.get('generator')!r}, not the name of the generator that regenerates it"
+        )
     generation = manifest.get("generation")
     seed = generation.get("seed") if isinstance(generation, dict) else None
     if not _is_count(seed):
-        problems.append(f"x0 is not stored but generation.seed is {seed!r}, not the non-negative integer it is regenerated from")
+        problems.append(
+            f"x0 is not stored but generation.seed is {seed!r}, not the non-negative integer it is regenerated from"
+        )
     return problems
 
 
@@ -354,7 +372,7 @@ def manifest_format(out: str | Path) -> tuple[str | None, str]:
         fmt = load_manifest_json(Path(out) / MANIFEST).get("format")
     except ReflowPairsError as err:
         return None, err.what
-    return (fmt, "") if isinstance(fmt, str) else (None, f"{Path(out) / MANIFEST} has no \"format\" field")
+    return (fmt, "") if isinstance(fmt, str) else (None, f'{Path(out) / MANIFEST} has no "format" field')
 
 
 def read_manifest(out: str | Path) -> dict[str, Any]:
@@ -365,7 +383,10 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
     ``PairStore`` does. ``reflowpairs validate`` checks the rest of the contract."""
     path = Path(out) / MANIFEST
     if not path.is_file():
-        raise ReflowPairsError(f"{out} is not a pair store: it has no {MANIFEST}.", "Give the --out directory of `reflowpairs generate`.")
+        raise ReflowPairsError(
+            f"{out} is not a pair store: it has no {MANIFEST}.",
+            "Give the --out directory of `reflowpairs generate`.",
+        )
     manifest = load_manifest_json(path)
     if manifest.get("format") != FORMAT:
         raise ReflowPairsError(
@@ -390,7 +411,9 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
 # --- writer ----------------------------------------------------------------------------------------
 
 
-def new_manifest(backend: str, x0_shape, x1_shape, provenance: dict[str, Any], x0: str = "explicit") -> dict[str, Any]:
+def new_manifest(
+    backend: str, x0_shape, x1_shape, provenance: dict[str, Any], x0: str = "explicit"
+) -> dict[str, Any]:
     """A manifest with no shards yet; ``provenance`` holds teacher/dataset/generation/software; ``x0`` is how the
     store keeps X_0 (``X0_MODES``: ``explicit`` stores it, ``implicit`` records its generator instead)."""
     if backend not in BACKENDS:
@@ -419,7 +442,14 @@ class PairStoreWriter:
     a store whose manifest says ``x0.stored: false`` drops it (``stored_arrays``).
     """
 
-    def __init__(self, out: str | Path, manifest: dict[str, Any], shard_size: int, samples_per_frame: int, writer_id: str = "w0"):
+    def __init__(
+        self,
+        out: str | Path,
+        manifest: dict[str, Any],
+        shard_size: int,
+        samples_per_frame: int,
+        writer_id: str = "w0",
+    ):
         if shard_size < 1:
             raise ReflowPairsError(f"--shard-size must be at least 1, got {shard_size}.")
         self.out = Path(out)
@@ -521,7 +551,11 @@ class PairStore:
                 f"Store {self.path}: its manifest's x0.probe {probe!r} is not {{obs_index, sample, sha256}}.",
                 "The manifest is damaged or was edited by hand; restore it from a copy or regenerate the store.",
             ) from err
-        got = array_sha256(pair_noise(int(self.seed), np.array([obs]), np.array([sample]), self.x0_shape, self.x0_generator)[0])
+        got = array_sha256(
+            pair_noise(int(self.seed), np.array([obs]), np.array([sample]), self.x0_shape, self.x0_generator)[
+                0
+            ]
+        )
         if got != recorded:
             written = (self.manifest.get("software") or {}).get("torch", "?")
             import torch
@@ -564,7 +598,10 @@ class PairStore:
         """Columns of shard ``i`` as its files hold them (no regeneration); errors name the shard."""
         path = self.shard_path(i)
         if not path.exists():
-            raise ReflowPairsError(f"Shard {self.shards[i]['path']} of store {self.path} is missing.", "The store is damaged; regenerate it or restore the file.")
+            raise ReflowPairsError(
+                f"Shard {self.shards[i]['path']} of store {self.path} is missing.",
+                "The store is damaged; regenerate it or restore the file.",
+            )
         try:
             return read_shard(path, self.backend, self.x0_shape, self.x1_shape, columns)
         except Exception as err:  # noqa: BLE001 - zarr/pyarrow/numcodecs raise many kinds
@@ -601,7 +638,9 @@ class PairStore:
         for name in self.stored_arrays:
             array = data[name]
             if array.shape != expected[name] or array.dtype != _DTYPES[name]:
-                problems.append(f"{name} is {array.dtype}{list(array.shape)}, the manifest says {np.dtype(_DTYPES[name])}{list(expected[name])}")
+                problems.append(
+                    f"{name} is {array.dtype}{list(array.shape)}, the manifest says {np.dtype(_DTYPES[name])}{list(expected[name])}"
+                )
             elif array_sha256(array) != entry.get("sha256", {}).get(name):
                 problems.append(f"{name} does not match the checksum recorded when it was written")
         return problems

@@ -69,7 +69,9 @@ def integrate(velocity: Velocity, noise: Tensor, solver: SolverConfig) -> Tensor
         # never asked for a velocity at t < 0, outside the times it was trained on
         times = torch.tensor([1.0, 0.0], dtype=torch.float32, device=noise.device)
         end = torch.zeros(1, dtype=torch.float32, device=noise.device)
-        path = odeint(rhs, noise, times, method="dopri5", rtol=solver.rtol, atol=solver.atol, options={"step_t": end})
+        path = odeint(
+            rhs, noise, times, method="dopri5", rtol=solver.rtol, atol=solver.atol, options={"step_t": end}
+        )
     else:
         # the grid itself, not a step size: a float32 step size lets rounding add a tiny extra step for some counts
         times = torch.linspace(1.0, 0.0, solver.num_steps + 1, dtype=torch.float32, device=noise.device)

@@ -158,7 +158,9 @@ class StoreLock:
         text = _read_fd(fd)
         if text.strip():
             lock.previous = LockHolder.parse(text)
-            log.warning("Took over the lock of %s left by %s, which has exited.", out, lock.previous.describe())
+            log.warning(
+                "Took over the lock of %s left by %s, which has exited.", out, lock.previous.describe()
+            )
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(_record(command)).encode(), 0)

@@ -66,9 +66,13 @@ def resolve_device(device: str) -> str:
             return "mps"
         return "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ReflowPairsError(f"--device {device} was asked for, but CUDA is not available here.", "Use --device cpu or auto.")
+        raise ReflowPairsError(
+            f"--device {device} was asked for, but CUDA is not available here.", "Use --device cpu or auto."
+        )
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ReflowPairsError("--device mps was asked for, but MPS is not available here.", "Use --device cpu or auto.")
+        raise ReflowPairsError(
+            "--device mps was asked for, but MPS is not available here.", "Use --device cpu or auto."
+        )
     if device not in ("cpu", "mps") and not device.startswith("cuda"):
         raise ReflowPairsError(f"Unknown device {device!r}.", "Use auto, cpu, cuda, cuda:N or mps.")
     return device
@@ -87,7 +91,9 @@ def checkpoint_file(source: str, filename: str) -> Path:
             inner = pretrained_model_below(Path(source).expanduser())
             raise ReflowPairsError(
                 f"Checkpoint {source} has no {filename}.",
-                f"Did you mean {inner}? " if inner is not None else ""
+                f"Did you mean {inner}? "
+                if inner is not None
+                else ""
                 "Point at a lerobot pretrained_model/ directory (config.json, model.safetensors and the "
                 "policy_preprocessor/postprocessor files, as lerobot-train saves them).",
             )
@@ -103,7 +109,11 @@ def checkpoint_file(source: str, filename: str) -> Path:
 def pretrained_model_below(path: Path) -> Path | None:
     """The ``pretrained_model/`` checkpoint inside a lerobot-train run, checkpoint or ``checkpoints/`` directory that
     was given where a checkpoint was expected (``.../checkpoints/last`` is the usual slip), or None."""
-    for candidate in (path / "pretrained_model", path / "last" / "pretrained_model", path / "checkpoints" / "last" / "pretrained_model"):
+    for candidate in (
+        path / "pretrained_model",
+        path / "last" / "pretrained_model",
+        path / "checkpoints" / "last" / "pretrained_model",
+    ):
         if (candidate / "config.json").is_file():
             return candidate
     return None
@@ -112,7 +122,8 @@ def pretrained_model_below(path: Path) -> Path | None:
 def _unreachable(source: str, err: Exception | None = None) -> ReflowPairsError:
     if not _HUB_ID.match(source):
         return ReflowPairsError(
-            f"Checkpoint {source!r} does not exist.", "Check the path; it should be a pretrained_model/ directory."
+            f"Checkpoint {source!r} does not exist.",
+            "Check the path; it should be a pretrained_model/ directory.",
         )
     reason = f" ({type(err).__name__})" if err is not None else ""
     return ReflowPairsError(
@@ -135,9 +146,14 @@ def read_policy_config(source: str):
     policy_type = raw.get("type") if isinstance(raw, dict) else None
     if policy_type is None:
         raise ReflowPairsError(
-            f"{config_path} has no policy \"type\": {source} is not a lerobot policy checkpoint"
-            + (f" (it looks like a {raw['model_type']} model config)" if isinstance(raw, dict) and "model_type" in raw else "") + ".",
-            "Point at the pretrained_model/ directory lerobot-train saved (config.json with \"type\": \"smolvla\", "
+            f'{config_path} has no policy "type": {source} is not a lerobot policy checkpoint'
+            + (
+                f" (it looks like a {raw['model_type']} model config)"
+                if isinstance(raw, dict) and "model_type" in raw
+                else ""
+            )
+            + ".",
+            'Point at the pretrained_model/ directory lerobot-train saved (config.json with "type": "smolvla", '
             "model.safetensors and the policy processor files).",
         )
     if policy_type not in FLOW_MATCHING_POLICIES:
@@ -156,7 +172,9 @@ def read_policy_config(source: str):
     try:
         return PreTrainedConfig.from_pretrained(source_dir)
     except Exception as err:  # noqa: BLE001 - draccus raises many kinds
-        raise ReflowPairsError(f"Cannot parse {config_path} as a lerobot {policy_type} config: {err}.") from err
+        raise ReflowPairsError(
+            f"Cannot parse {config_path} as a lerobot {policy_type} config: {err}."
+        ) from err
 
 
 def _sha256_file(path: Path, block: int = 1 << 22) -> str:
@@ -184,7 +202,9 @@ def fingerprint_checkpoint(source: str) -> dict[str, str]:
     return {"config_sha256": config_sha, "weights_sha256": weights_sha, "fingerprint": combined}
 
 
-def load_policy(source: str | Path, device: str = "auto", fingerprint: dict[str, str] | None = None) -> LoadedPolicy:
+def load_policy(
+    source: str | Path, device: str = "auto", fingerprint: dict[str, str] | None = None
+) -> LoadedPolicy:
     """Load a flow-matching policy checkpoint and its processors with lerobot's own classes.
 
     Refuses non-flow-matching policies and checkpoints without processor files, with a clear error.
@@ -219,7 +239,9 @@ def load_policy(source: str | Path, device: str = "auto", fingerprint: dict[str,
                     "weight from the checkpoint itself rather than fetching the base VLM.",
                     "Use the complete model.safetensors that lerobot-train saved.",
                 ) from err
-            raise ReflowPairsError(f"lerobot could not load the {config.type} policy in {source}: {err}.") from err
+            raise ReflowPairsError(
+                f"lerobot could not load the {config.type} policy in {source}: {err}."
+            ) from err
         policy.eval()
         try:
             preprocessor, postprocessor = make_pre_post_processors(

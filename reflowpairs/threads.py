@@ -28,7 +28,11 @@ class ThreadPlan:
     source: str  # "default" | the environment variable that set it
 
     def describe(self) -> str:
-        workers = f", {self.workers} DataLoader worker{'s' if self.workers != 1 else ''} x 1 thread" if self.workers else ""
+        workers = (
+            f", {self.workers} DataLoader worker{'s' if self.workers != 1 else ''} x 1 thread"
+            if self.workers
+            else ""
+        )
         chosen = "" if self.source == "default" else f" (from {self.source})"
         return f"{self.main} main thread{'s' if self.main != 1 else ''}{workers} on {self.cores} core{'s' if self.cores != 1 else ''}{chosen}"
 
@@ -41,7 +45,9 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def plan_threads(num_workers: int, cores: int | None = None, processes_on_node: int = 1, environ: dict | None = None) -> ThreadPlan:
+def plan_threads(
+    num_workers: int, cores: int | None = None, processes_on_node: int = 1, environ: dict | None = None
+) -> ThreadPlan:
     """Threads for a process that runs ``num_workers`` DataLoader workers beside ``processes_on_node - 1`` others."""
     environ = os.environ if environ is None else environ
     cores = available_cores() if cores is None else cores

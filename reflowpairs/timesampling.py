@@ -81,12 +81,16 @@ def _beta(bsize: int, generator: torch.Generator) -> Tensor:
         return sample_time_beta(bsize, "cpu", alpha=1.5, beta=1.0, scale=SCALE, offset=OFFSET)
 
 
-def sample_time(name: str, bsize: int, generator: torch.Generator, device: str | torch.device = "cpu") -> Tensor:
+def sample_time(
+    name: str, bsize: int, generator: torch.Generator, device: str | torch.device = "cpu"
+) -> Tensor:
     """``(bsize,)`` float32 flow-matching times in ``[0.001, 1.0]`` from distribution ``name``, on ``device``."""
     check_time_sampling(name)
     if name == "beta":
         t = _beta(bsize, generator)
     else:
-        s = {"uniform": _unit_uniform, "u-shaped": _u_shaped, "logit-normal": _logit_normal}[name](bsize, generator)
+        s = {"uniform": _unit_uniform, "u-shaped": _u_shaped, "logit-normal": _logit_normal}[name](
+            bsize, generator
+        )
         t = s * SCALE + OFFSET
     return t.to(device=device, dtype=torch.float32)

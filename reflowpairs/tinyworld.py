@@ -96,22 +96,47 @@ class VLMSpec:
 
     @staticmethod
     def small() -> VLMSpec:
-        return VLMSpec(text_hidden=256, text_layers=8, text_heads=8, text_kv_heads=4,
-                       vision_hidden=128, vision_layers=4, vision_heads=4, image_size=128)
+        return VLMSpec(
+            text_hidden=256,
+            text_layers=8,
+            text_heads=8,
+            text_kv_heads=4,
+            vision_hidden=128,
+            vision_layers=4,
+            vision_heads=4,
+            image_size=128,
+        )
 
     @staticmethod
     def smolvla_shaped() -> VLMSpec:
         """SmolVLA's real token and layer counts at a quarter of its widths (21 M parameters with its SmolVLA):
         512 px images (1,024 patches through 12 vision layers, 64 image tokens), 16 VLM layers. The prefix is most
         of a sampling call here, as on the real model; the "small" one keeps it to ~30%."""
-        return VLMSpec(text_hidden=256, text_layers=16, text_heads=4, text_kv_heads=2,
-                       vision_hidden=192, vision_layers=12, vision_heads=3, image_size=512, scale_factor=4)
+        return VLMSpec(
+            text_hidden=256,
+            text_layers=16,
+            text_heads=4,
+            text_kv_heads=2,
+            vision_hidden=192,
+            vision_layers=12,
+            vision_heads=3,
+            image_size=512,
+            scale_factor=4,
+        )
 
     @staticmethod
     def large() -> VLMSpec:
         """About 100 M parameters with its SmolVLA: big enough to dominate a process's memory."""
-        return VLMSpec(text_hidden=768, text_layers=12, text_heads=12, text_kv_heads=4,
-                       vision_hidden=384, vision_layers=6, vision_heads=6, image_size=128)
+        return VLMSpec(
+            text_hidden=768,
+            text_layers=12,
+            text_heads=12,
+            text_kv_heads=4,
+            vision_hidden=384,
+            vision_layers=6,
+            vision_heads=6,
+            image_size=128,
+        )
 
 
 def build_tiny_vlm(out_dir: str | Path, spec: VLMSpec = VLMSpec()) -> Path:
@@ -228,7 +253,9 @@ def tiny_episode(episode: int, spec: TinyDatasetSpec) -> tuple[str, np.ndarray, 
     return task, path[:-1].astype(np.float32), path[1:].astype(np.float32)
 
 
-def build_tiny_dataset(root: str | Path, repo_id: str = TINY_REPO_ID, spec: TinyDatasetSpec = TinyDatasetSpec()):
+def build_tiny_dataset(
+    root: str | Path, repo_id: str = TINY_REPO_ID, spec: TinyDatasetSpec = TinyDatasetSpec()
+):
     """Write the tiny LeRobotDataset (v3, images as PNG frames, no video) to ``root`` and return it."""
     import datasets
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
@@ -261,17 +288,23 @@ def build_pusht_dataset(root: str | Path, num_episodes: int = 4, episode_length:
     ``observation.state`` 2, ``action`` 2), recorded from real gym-pusht rollouts of a smooth random-walk
     controller, so a teacher trained on it runs unchanged in ``lerobot-eval --env.type=pusht``."""
     import datasets
-    import gymnasium as gym
     import gym_pusht  # noqa: F401 - registers gym_pusht/PushT-v0
+    import gymnasium as gym
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     datasets.disable_progress_bars()
     features = {
-        "observation.image": {"dtype": "image", "shape": (96, 96, 3), "names": ["height", "width", "channels"]},
+        "observation.image": {
+            "dtype": "image",
+            "shape": (96, 96, 3),
+            "names": ["height", "width", "channels"],
+        },
         "observation.state": {"dtype": "float32", "shape": (2,), "names": None},
         "action": {"dtype": "float32", "shape": (2,), "names": None},
     }
-    dataset = LeRobotDataset.create(repo_id=PUSHT_REPO_ID, fps=10, root=root, features=features, use_videos=False)
+    dataset = LeRobotDataset.create(
+        repo_id=PUSHT_REPO_ID, fps=10, root=root, features=features, use_videos=False
+    )
     env = gym.make("gym_pusht/PushT-v0", obs_type="pixels_agent_pos", render_mode="rgb_array")
     rng = np.random.default_rng(seed)
     for episode in range(num_episodes):
@@ -297,9 +330,9 @@ def build_pusht_dataset(root: str | Path, num_episodes: int = 4, episode_length:
 def tiny_smolvla_config(vlm_dir: str | Path, dataset_meta, spec: TinyTeacherSpec = TinyTeacherSpec()):
     """A ``SmolVLAConfig`` for the local VLM in ``vlm_dir`` with features taken from ``dataset_meta``."""
     from lerobot.configs.types import FeatureType
-    from transformers import AutoConfig
     from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
     from lerobot.utils.feature_utils import dataset_to_policy_features
+    from transformers import AutoConfig
 
     features = dataset_to_policy_features(dataset_meta.features)
     vlm = AutoConfig.from_pretrained(vlm_dir)
@@ -376,7 +409,9 @@ def build_tiny_teacher(
     return out_dir
 
 
-def save_untrained_policy(vlm_dir: str | Path, dataset, out_dir: str | Path, spec: TinyTeacherSpec = TinyTeacherSpec()) -> Path:
+def save_untrained_policy(
+    vlm_dir: str | Path, dataset, out_dir: str | Path, spec: TinyTeacherSpec = TinyTeacherSpec()
+) -> Path:
     """Save a random-weight SmolVLA for ``dataset`` as a checkpoint (for speed benchmarks, where quality is moot)."""
     from lerobot.policies.factory import make_pre_post_processors
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy

@@ -63,7 +63,14 @@ from reflowpairs.dataset import episodes_text
 from reflowpairs.distributed import DistContext
 from reflowpairs.engine import pair_shapes
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairdata import PairDataset, PairSampler, RankSlice, drop_action_keys, missing_frames, position_lookup
+from reflowpairs.pairdata import (
+    PairDataset,
+    PairSampler,
+    RankSlice,
+    drop_action_keys,
+    missing_frames,
+    position_lookup,
+)
 from reflowpairs.pairstore import PairStore, shard_attrs
 from reflowpairs.threads import configure_threads
 from reflowpairs.timesampling import TIME_SAMPLINGS, check_time_sampling, sample_time, step_generator
@@ -74,10 +81,28 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 # Settings that decide which data, times and updates a run sees. ``None`` in ``TrainConfig`` means
 # "the default" for a new run and "the checkpoint's value" for ``--resume``; a value given on resume
 # that differs from the checkpoint's is refused (the run would not continue as if uninterrupted).
-DEFAULTS: dict[str, Any] = {"batch_size": 32, "seed": 0, "time_sampling": "beta", "shuffle_window": 4, "student_num_steps": 1}
-INHERITED = ("batch_size", "seed", "time_sampling", "shuffle_window", "lr", "warmup_steps", "grad_clip", "student_num_steps")
+DEFAULTS: dict[str, Any] = {
+    "batch_size": 32,
+    "seed": 0,
+    "time_sampling": "beta",
+    "shuffle_window": 4,
+    "student_num_steps": 1,
+}
+INHERITED = (
+    "batch_size",
+    "seed",
+    "time_sampling",
+    "shuffle_window",
+    "lr",
+    "warmup_steps",
+    "grad_clip",
+    "student_num_steps",
+)
 TEACHER_NUM_STEPS = "teacher"  # --student-num-steps teacher: the saved config keeps the teacher's num_steps
-LOW_PRECISION = (torch.bfloat16, torch.float16)  # trainable parameters of these dtypes get float32 master copies
+LOW_PRECISION = (
+    torch.bfloat16,
+    torch.float16,
+)  # trainable parameters of these dtypes get float32 master copies
 
 Progress = Callable[[int, int, float], None]
 """``progress(step, total_steps, loss)``, called after every optimiser step."""
@@ -103,7 +128,9 @@ class TrainConfig:
     save_every: int = 1000
     log_every: int = 1
     time_sampling: str | None = None  # "beta" (lerobot's own)
-    student_num_steps: int | str | None = None  # 1: the saved config's num_steps; "teacher" keeps the teacher's
+    student_num_steps: int | str | None = (
+        None  # 1: the saved config's num_steps; "teacher" keeps the teacher's
+    )
     precision: str = "auto"  # auto: bfloat16 autocast on CUDA (when supported), float32 elsewhere
     shuffle_window: int | None = None  # 4 shards
     resume: bool = False
@@ -120,7 +147,9 @@ class TrainResult:
     final_loss: float
     seconds: float
     warnings: list[str] = field(default_factory=list)
-    saved_num_steps: int | None = None  # num_steps of the saved config.json (the student's default step count)
+    saved_num_steps: int | None = (
+        None  # num_steps of the saved config.json (the student's default step count)
+    )
     teacher_num_steps: int | None = None  # num_steps of the init checkpoint's config.json
     init_source: str = ""
     dataset_repo_id: str | None = None
@@ -148,7 +177,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 # --- the loss ---------------------------------------------------------------------------------------
 
 
-def reflow_loss(policy, preprocessor, observation: dict[str, Any], x0: Tensor, x1: Tensor, t: Tensor) -> tuple[Tensor, dict]:
+def reflow_loss(
+    policy, preprocessor, observation: dict[str, Any], x0: Tensor, x1: Tensor, t: Tensor
+) -> tuple[Tensor, dict]:
     """The policy's own flow-matching training loss on stored pairs (lerobot convention).
 
     ``observation``: a collated raw dataset batch (action keys are dropped here, before the
@@ -191,7 +222,9 @@ class OptimPlan:
         }
 
 
-def plan_optimizer(policy_config, steps: int, lr: float | None, warmup_steps: int | None, grad_clip: float | None) -> OptimPlan:
+def plan_optimizer(
+    policy_config, steps: int, lr: float | None, warmup_steps: int | None, grad_clip: float | None
+) -> OptimPlan:
     """The policy's lerobot optimiser/scheduler presets, adjusted for this run.
 
     - ``lr`` replaces the preset's ``lr`` and the schedule's ``peak_lr``; the preset's ``decay_lr`` is
@@ -260,7 +293,11 @@ class MasterWeights:
 
     def _copies(self):
         """``(name, model parameter, float32 master)`` of each parameter that has a master copy."""
-        return [(n, p, m) for n, p, m in zip(self.names, self.model_params, self.params, strict=True) if m is not p]
+        return [
+            (n, p, m)
+            for n, p, m in zip(self.names, self.model_params, self.params, strict=True)
+            if m is not p
+        ]
 
     def dtype_counts(self) -> dict[str, int]:
         """Trainable elements per model dtype, e.g. ``{"bfloat16": 1200, "float32": 300}``."""
@@ -302,8 +339,10 @@ class MasterWeights:
         if given != expected:
             missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
             reshaped = sorted(n for n in set(expected) & set(given) if expected[n] != given[n])
-            raise ValueError(f"master copies differ from the trainable parameters: missing {missing[:3]}, "
-                             f"unexpected {extra[:3]}, other shapes {reshaped[:3]}")
+            raise ValueError(
+                f"master copies differ from the trainable parameters: missing {missing[:3]}, "
+                f"unexpected {extra[:3]}, other shapes {reshaped[:3]}"
+            )
         with torch.no_grad():
             for name, _, master in self._copies():
                 master.copy_(masters[name])
@@ -329,8 +368,10 @@ def _check_args(cfg: TrainConfig) -> None:
     if isinstance(cfg.student_num_steps, str):
         parse_student_num_steps(cfg.student_num_steps)  # refuses anything but a number or "teacher"
     elif cfg.student_num_steps is not None and cfg.student_num_steps < 1:
-        raise ReflowPairsError(f"--student-num-steps must be at least 1, got {cfg.student_num_steps}.",
-                               "Pass a step count such as 1 or 2, or 'teacher' to keep the teacher's num_steps.")
+        raise ReflowPairsError(
+            f"--student-num-steps must be at least 1, got {cfg.student_num_steps}.",
+            "Pass a step count such as 1 or 2, or 'teacher' to keep the teacher's num_steps.",
+        )
     for name, value in (("--lr", cfg.lr), ("--grad-clip", cfg.grad_clip)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ReflowPairsError(f"{name} must be a positive number, got {value}.")
@@ -343,7 +384,9 @@ def _check_args(cfg: TrainConfig) -> None:
 def _check_out(out: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None for a new run), after refusing an --out that does not fit."""
     if out.exists() and not out.is_dir():
-        raise ReflowPairsError(f"--out {out} exists and is not a directory.", "Choose a directory for the run.")
+        raise ReflowPairsError(
+            f"--out {out} exists and is not a directory.", "Choose a directory for the run."
+        )
     has_run = checkpoints_dir(out).is_dir() and any(
         p for p in checkpoints_dir(out).iterdir() if not p.name.startswith(".")
     )
@@ -404,22 +447,35 @@ class ScheduleChange:
         def lr(x: float) -> str:
             return f"{x:.1e}".replace("e-0", "e-").replace("e+0", "e")
 
-        return (f"planned for {self.old_steps:,} steps ({sched(self.old)}), now {self.new_steps:,} ({sched(self.new)}): "
-                f"the lr at step {self.step:,} goes from {lr(self.lr_before)} to {lr(self.lr_after)}")
+        return (
+            f"planned for {self.old_steps:,} steps ({sched(self.old)}), now {self.new_steps:,} ({sched(self.new)}): "
+            f"the lr at step {self.step:,} goes from {lr(self.lr_before)} to {lr(self.lr_after)}"
+        )
 
 
-def schedule_change(policy_config, settings: dict[str, Any], old_steps: int, new_steps: int, start_step: int) -> ScheduleChange | None:
+def schedule_change(
+    policy_config, settings: dict[str, Any], old_steps: int, new_steps: int, start_step: int
+) -> ScheduleChange | None:
     """None when a run resumed at ``start_step`` with ``--steps new_steps`` keeps the schedule it was planned
     with for ``old_steps`` (lerobot's schedule depends on the run length only below the preset's decay horizon);
     otherwise what changes."""
-    plan = {n: plan_optimizer(policy_config, n, settings["lr"], settings["warmup_steps"], settings["grad_clip"])
-            for n in (old_steps, new_steps)}
+    plan = {
+        n: plan_optimizer(policy_config, n, settings["lr"], settings["warmup_steps"], settings["grad_clip"])
+        for n in (old_steps, new_steps)
+    }
     old, new = plan[old_steps].describe(), plan[new_steps].describe()
     if old == new:
         return None
     step = start_step + 1
-    return ScheduleChange(old_steps, new_steps, old, new, step,
-                          scheduled_lr(plan[old_steps], old_steps, step), scheduled_lr(plan[new_steps], new_steps, step))
+    return ScheduleChange(
+        old_steps,
+        new_steps,
+        old,
+        new,
+        step,
+        scheduled_lr(plan[old_steps], old_steps, step),
+        scheduled_lr(plan[new_steps], new_steps, step),
+    )
 
 
 def parse_student_num_steps(text: str | None) -> int | str | None:
@@ -443,7 +499,9 @@ def _resolve_settings(cfg: TrainConfig, state: dict[str, Any] | None) -> dict[st
     if state is None:
         return {name: given[name] if given[name] is not None else DEFAULTS.get(name) for name in INHERITED}
     recorded = dict(state["settings"])
-    if recorded.get("student_num_steps") is None:  # runs before --student-num-steps defaulted to 1: the teacher's
+    if (
+        recorded.get("student_num_steps") is None
+    ):  # runs before --student-num-steps defaulted to 1: the teacher's
         recorded["student_num_steps"] = TEACHER_NUM_STEPS
     differences = [
         f"{name}: the checkpoint has {recorded.get(name)!r}, this run asks for {given[name]!r}"
@@ -473,16 +531,22 @@ def verify_store(path: Path, progress: Callable[[int, int], None] | None = None)
             "Finish it with the same `reflowpairs generate ...` command plus --resume, then train.",
         )
     if not store.shards or len(store) == 0:
-        raise ReflowPairsError(f"Pair store {path} holds no pairs.", "Generate pairs first with `reflowpairs generate`.")
+        raise ReflowPairsError(
+            f"Pair store {path} holds no pairs.", "Generate pairs first with `reflowpairs generate`."
+        )
     for i, entry in enumerate(store.shards):
         problems = store.verify_shard(i)
         if not problems:
             attrs_id = shard_attrs(store.shard_path(i), store.backend).get("store_id")
             if attrs_id != manifest.get("store_id"):
-                problems = [f"it belongs to store {attrs_id!r}, not this store ({manifest.get('store_id')!r})"]
+                problems = [
+                    f"it belongs to store {attrs_id!r}, not this store ({manifest.get('store_id')!r})"
+                ]
         if problems:
             raise ReflowPairsError(
-                f"Pair store {path} is corrupt: shard {entry['path']}: " + "; ".join(p.rstrip(".") for p in problems) + ".",
+                f"Pair store {path} is corrupt: shard {entry['path']}: "
+                + "; ".join(p.rstrip(".") for p in problems)
+                + ".",
                 "Do not train on it: regenerate the store (or restore that shard from a good copy). "
                 "`reflowpairs validate` checks a whole store.",
             )
@@ -516,7 +580,9 @@ class _Inputs:
     warnings: list[str]
 
 
-def _prepare(cfg: TrainConfig, resume_from: Path | None, state: dict[str, Any] | None, on_verify=None) -> _Inputs:
+def _prepare(
+    cfg: TrainConfig, resume_from: Path | None, state: dict[str, Any] | None, on_verify=None
+) -> _Inputs:
     from reflowpairs.dataset import check_features, dataset_fingerprint, frame_indices, open_dataset
     from reflowpairs.teacher import checkpoint_file, fingerprint_checkpoint, is_local, load_policy, rename_map
 
@@ -532,30 +598,50 @@ def _prepare(cfg: TrainConfig, resume_from: Path | None, state: dict[str, Any] |
 
     # The init checkpoint: --init, else the manifest's teacher (or, on resume, what the run started from).
     if state is not None:
-        init_source, init_fp, init_config = state["init"]["source"], state["init"]["fingerprint"], state["init_config"]
+        init_source, init_fp, init_config = (
+            state["init"]["source"],
+            state["init"]["fingerprint"],
+            state["init_config"],
+        )
     else:
         init_source = cfg.init or manifest.get("teacher", {}).get("source")
-        if init_source and is_local(init_source):  # recorded as pretrained_path: independent of the working directory
+        if init_source and is_local(
+            init_source
+        ):  # recorded as pretrained_path: independent of the working directory
             init_source = str(Path(init_source).expanduser().resolve())
         if not init_source:
-            raise ReflowPairsError(f"The manifest of {cfg.pairs} names no teacher checkpoint.", "Pass --init PATH_OR_REPO_ID.")
+            raise ReflowPairsError(
+                f"The manifest of {cfg.pairs} names no teacher checkpoint.", "Pass --init PATH_OR_REPO_ID."
+            )
         try:
             config_path = checkpoint_file(init_source, "config.json")
         except ReflowPairsError as err:
-            where = "--init" if cfg.init else f"The store's teacher ({manifest['teacher'].get('source')!r}, from its manifest)"
-            raise ReflowPairsError(f"{where}: {err.what}", "Pass --init with the teacher checkpoint's current location.") from err
+            where = (
+                "--init"
+                if cfg.init
+                else f"The store's teacher ({manifest['teacher'].get('source')!r}, from its manifest)"
+            )
+            raise ReflowPairsError(
+                f"{where}: {err.what}", "Pass --init with the teacher checkpoint's current location."
+            ) from err
         try:
-            init_config = read_json_object(config_path, "The checkpoint's config.json is damaged: pass --init with a "
-                                                        "good copy of the teacher checkpoint.")
+            init_config = read_json_object(
+                config_path,
+                "The checkpoint's config.json is damaged: pass --init with a "
+                "good copy of the teacher checkpoint.",
+            )
         except FileNotFoundError as err:
-            raise ReflowPairsError(f"{config_path} is missing.", "Pass --init with a complete checkpoint.") from err
+            raise ReflowPairsError(
+                f"{config_path} is missing.", "Pass --init with a complete checkpoint."
+            ) from err
         init_fp = fingerprint_checkpoint(init_source)
     store_teacher = manifest.get("teacher", {}).get("fingerprint")
     if store_teacher != init_fp["fingerprint"]:
         _mismatch(
             f"The init checkpoint {init_source} is not the teacher the store {cfg.pairs} was generated with "
             f"(teacher fingerprint: store has {str(store_teacher)[:12]}, init checkpoint has {init_fp['fingerprint'][:12]}).",
-            cfg.allow_mismatch, warnings,
+            cfg.allow_mismatch,
+            warnings,
         )
 
     # The dataset: --dataset-root, else where the manifest says it was.
@@ -574,7 +660,8 @@ def _prepare(cfg: TrainConfig, resume_from: Path | None, state: dict[str, Any] |
             f"The dataset at {dataset.root} is not the one the store {cfg.pairs} was generated from "
             f"(dataset fingerprint of its meta/ files: store has {str(recorded.get('fingerprint'))[:12]}, "
             f"dataset has {dataset_fingerprint(dataset)[:12]}).",
-            cfg.allow_mismatch, warnings,
+            cfg.allow_mismatch,
+            warnings,
         )
     lookup = position_lookup(frame_indices(dataset))
     missing = missing_frames(lookup, store.index()[0])
@@ -606,7 +693,10 @@ def _precision(name: str, device: str) -> torch.dtype | None:
     cuda = device.startswith("cuda")
     if name == "bfloat16":
         if not cuda:
-            raise ReflowPairsError(f"--precision bfloat16 is for CUDA devices; this run is on {device}.", "Use --precision float32 or auto.")
+            raise ReflowPairsError(
+                f"--precision bfloat16 is for CUDA devices; this run is on {device}.",
+                "Use --precision float32 or auto.",
+            )
         return torch.bfloat16
     return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
 
@@ -619,7 +709,9 @@ def _trim_log(path: Path, last_step: int) -> None:
     try:
         lines = path.read_bytes().splitlines()
     except OSError as err:
-        raise ReflowPairsError(f"Cannot read {path} ({err.strerror or err}).", "Check its permissions.") from err
+        raise ReflowPairsError(
+            f"Cannot read {path} ({err.strerror or err}).", "Check its permissions."
+        ) from err
     kept = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -629,7 +721,11 @@ def _trim_log(path: Path, last_step: int) -> None:
             step = record["step"] if isinstance(record, dict) else None
             if not isinstance(step, int) or isinstance(step, bool):
                 raise ValueError("no integer step")
-        except (ValueError, KeyError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        except (
+            ValueError,
+            KeyError,
+            RecursionError,
+        ) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             if number == len(lines):
                 break  # a torn last line of a killed run
             raise ReflowPairsError(
@@ -644,7 +740,11 @@ def _trim_log(path: Path, last_step: int) -> None:
 
 
 def _write_failed(out: Path, what: str, err: OSError, last: Path | None) -> ReflowPairsError:
-    kept = f"checkpoints/last still points at the last complete checkpoint ({last.name})" if last is not None else "no checkpoint was complete yet"
+    kept = (
+        f"checkpoints/last still points at the last complete checkpoint ({last.name})"
+        if last is not None
+        else "no checkpoint was complete yet"
+    )
     return ReflowPairsError(
         f"Writing {what} to --out {out} failed ({err.strerror or err}); {kept}.",
         "Free disk space or fix permissions, then rerun the same command with --resume"
@@ -692,7 +792,9 @@ class _Optimisation:
 
 
 def _build_optimisation(policy, steps: int, settings: dict[str, Any], init_source: str) -> _Optimisation:
-    plan = plan_optimizer(policy.config, steps, settings["lr"], settings["warmup_steps"], settings["grad_clip"])
+    plan = plan_optimizer(
+        policy.config, steps, settings["lr"], settings["warmup_steps"], settings["grad_clip"]
+    )
     named = trainable_named_parameters(policy)
     if not named:
         raise ReflowPairsError(f"The policy in {init_source} has no trainable parameters under its config.")
@@ -702,7 +804,9 @@ def _build_optimisation(policy, steps: int, settings: dict[str, Any], init_sourc
     return _Optimisation(plan, masters, optimizer, scheduler)
 
 
-def _check_resume_steps(cfg: TrainConfig, state: dict[str, Any], policy_config, settings: dict[str, Any]) -> ScheduleChange | None:
+def _check_resume_steps(
+    cfg: TrainConfig, state: dict[str, Any], policy_config, settings: dict[str, Any]
+) -> ScheduleChange | None:
     """Refuse a resume past its end, or one whose ``--steps`` changes the lr schedule (unless
     ``--allow-schedule-change``); returns the change that is allowed, if any."""
     start_step, old_steps = int(state["step"]), int(state["steps"])
@@ -729,13 +833,17 @@ def _restore(opt: _Optimisation, checkpoint: Path, warnings: list[str]) -> int:
     if opt.masters.has_copies:
         saved = load_master_params(checkpoint)
         if saved is None:  # a checkpoint written before master copies: they start from its rounded weights
-            warnings.append(f"{checkpoint} holds no float32 master copies ({MASTER_FILE}); they start from its saved weights.")
+            warnings.append(
+                f"{checkpoint} holds no float32 master copies ({MASTER_FILE}); they start from its saved weights."
+            )
         else:
             try:
                 opt.masters.load_state_dict(saved)
             except ValueError as err:
-                raise ReflowPairsError(f"Cannot restore {MASTER_FILE} of {checkpoint}: {err}.",
-                                       "The checkpoint was written for other trainable parameters; start a new run in another --out.") from err
+                raise ReflowPairsError(
+                    f"Cannot restore {MASTER_FILE} of {checkpoint}: {err}.",
+                    "The checkpoint was written for other trainable parameters; start a new run in another --out.",
+                ) from err
     return start_step
 
 
@@ -746,9 +854,20 @@ def _held_out_episodes(inputs: _Inputs) -> list[int]:
     return [] if stored is None else sorted(set(range(total)) - {int(e) for e in stored})
 
 
-def _plan_info(cfg: TrainConfig, inputs: _Inputs, opt: _Optimisation, settings: dict[str, Any], resume_from: Path | None,
-               start_step: int, samples_seen: int, device: str, autocast_dtype: torch.dtype | None,
-               change: ScheduleChange | None, config_json: dict[str, Any], threads: str) -> dict[str, Any]:
+def _plan_info(
+    cfg: TrainConfig,
+    inputs: _Inputs,
+    opt: _Optimisation,
+    settings: dict[str, Any],
+    resume_from: Path | None,
+    start_step: int,
+    samples_seen: int,
+    device: str,
+    autocast_dtype: torch.dtype | None,
+    change: ScheduleChange | None,
+    config_json: dict[str, Any],
+    threads: str,
+) -> dict[str, Any]:
     """What ``on_plan`` receives: the run as it will happen."""
     policy = inputs.loaded.policy
     return {
@@ -765,7 +884,10 @@ def _plan_info(cfg: TrainConfig, inputs: _Inputs, opt: _Optimisation, settings: 
         "total_params": sum(p.numel() for p in policy.parameters()),
         "num_pairs": len(inputs.store),
         "samples_seen": samples_seen,
-        **{k: settings[k] for k in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps")},
+        **{
+            k: settings[k]
+            for k in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps")
+        },
         "saved_num_steps": config_json.get("num_steps"),
         "teacher_num_steps": inputs.init_config.get("num_steps"),
         **opt.plan.describe(),
@@ -774,12 +896,21 @@ def _plan_info(cfg: TrainConfig, inputs: _Inputs, opt: _Optimisation, settings: 
     }
 
 
-def _update(model, preprocessor, batch: dict[str, Any], t: Tensor, autocast_dtype: torch.dtype | None, opt: _Optimisation,
-            step: int) -> tuple[float, float, float]:
+def _update(
+    model,
+    preprocessor,
+    batch: dict[str, Any],
+    t: Tensor,
+    autocast_dtype: torch.dtype | None,
+    opt: _Optimisation,
+    step: int,
+) -> tuple[float, float, float]:
     """Optimiser step ``step`` (1-based) in lerobot's order (``update_policy``): forward, backward, clip, step,
     ``zero_grad``, scheduler step. Returns the loss, the gradient norm before clipping and the lr it used."""
     device_type = t.device.type
-    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    with torch.autocast(
+        device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+    ):
         loss, _ = reflow_loss(model, preprocessor, batch["observation"], batch["x0"], batch["x1"], t)
     if not torch.isfinite(loss):
         raise ReflowPairsError(
@@ -827,7 +958,9 @@ def train(
     inputs = _prepare(cfg, resume_from, state, on_verify)
     policy, preprocessor = inputs.loaded.policy, inputs.loaded.preprocessor
     change = _check_resume_steps(cfg, state, policy.config, settings) if state is not None else None
-    config_json = student_config_json(inputs.init_config, inputs.init_source, _saved_num_steps(settings["student_num_steps"]))
+    config_json = student_config_json(
+        inputs.init_config, inputs.init_source, _saved_num_steps(settings["student_num_steps"])
+    )
     batch_size = int(settings["batch_size"])
 
     # Optimiser, schedule and master copies; restored on resume.
@@ -838,8 +971,22 @@ def train(
     else:
         set_seed(int(settings["seed"]))
     if on_plan is not None:
-        on_plan(_plan_info(cfg, inputs, opt, settings, resume_from, start_step, samples_seen, device, autocast_dtype, change, config_json,
-                        threads.describe()))
+        on_plan(
+            _plan_info(
+                cfg,
+                inputs,
+                opt,
+                settings,
+                resume_from,
+                start_step,
+                samples_seen,
+                device,
+                autocast_dtype,
+                change,
+                config_json,
+                threads.describe(),
+            )
+        )
 
     # Every check has passed: only now is --out touched.
     if dist.is_main:
@@ -850,16 +997,26 @@ def train(
         _trim_log(log_path, start_step)
     dist.barrier()
     model = policy
-    if dist.world > 1:  # data parallel: each process its own slice of every global batch; DDP averages gradients
+    if (
+        dist.world > 1
+    ):  # data parallel: each process its own slice of every global batch; DDP averages gradients
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(policy)
 
-    pairs = PairDataset(inputs.store, inputs.dataset, inputs.lookup, cache_shards=int(settings["shuffle_window"]) + 1)
+    pairs = PairDataset(
+        inputs.store, inputs.dataset, inputs.lookup, cache_shards=int(settings["shuffle_window"]) + 1
+    )
     loader = torch.utils.data.DataLoader(
         pairs,
         batch_size=batch_size,
-        sampler=RankSlice(PairSampler(pairs.counts, int(settings["seed"]), int(settings["shuffle_window"]), start=samples_seen), dist.rank, dist.world),
+        sampler=RankSlice(
+            PairSampler(
+                pairs.counts, int(settings["seed"]), int(settings["shuffle_window"]), start=samples_seen
+            ),
+            dist.rank,
+            dist.world,
+        ),
         num_workers=cfg.num_workers,
         pin_memory=device.startswith("cuda"),
         generator=torch.Generator().manual_seed(int(settings["seed"])),
@@ -888,8 +1045,18 @@ def train(
     def save(step: int) -> Path:
         try:
             return save_checkpoint(
-                out, step, cfg.steps, policy, preprocessor, inputs.loaded.postprocessor, config_json,
-                opt.optimizer, opt.scheduler, state_for(step), batch_size=batch_size, master_params=opt.masters.state_dict(),
+                out,
+                step,
+                cfg.steps,
+                policy,
+                preprocessor,
+                inputs.loaded.postprocessor,
+                config_json,
+                opt.optimizer,
+                opt.scheduler,
+                state_for(step),
+                batch_size=batch_size,
+                master_params=opt.masters.state_dict(),
             )
         except OSError as err:
             raise _write_failed(out, f"checkpoint {step}", err, checkpoint) from err
@@ -906,11 +1073,18 @@ def train(
                 batch = next(batches)
                 generator = step_generator(settings["seed"], (step + 1) * dist.world + dist.rank)
                 t = sample_time(settings["time_sampling"], len(batch["x0"]), generator, device)
-                loss_value, grad_norm, lr = _update(model, preprocessor, batch, t, autocast_dtype, opt, step + 1)
+                loss_value, grad_norm, lr = _update(
+                    model, preprocessor, batch, t, autocast_dtype, opt, step + 1
+                )
                 step += 1
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                              "seconds": round(time.perf_counter() - started, 3)}
+                    record = {
+                        "step": step,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "seconds": round(time.perf_counter() - started, 3),
+                    }
                     try:
                         log.write(json.dumps(record) + "\n")
                         log.flush()
@@ -926,7 +1100,9 @@ def train(
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             log.flush()
-            if step > saved_at and not stop.aborted and dist.is_main:  # only at a step boundary: never half an update
+            if (
+                step > saved_at and not stop.aborted and dist.is_main
+            ):  # only at a step boundary: never half an update
                 checkpoint, saved_at = save(step), step
             raise TrainingInterrupted(step, checkpoint, saved_at) from None
         finally:
@@ -934,10 +1110,20 @@ def train(
     dist.barrier()  # the main process has written the last checkpoint
     dist.close()
     return TrainResult(
-        out, checkpoint, start_step, step, loss_value, time.perf_counter() - started, inputs.warnings,
-        saved_num_steps=config_json.get("num_steps"), teacher_num_steps=inputs.init_config.get("num_steps"),
-        init_source=inputs.init_source, dataset_repo_id=inputs.store.manifest.get("dataset", {}).get("repo_id"),
-        dataset_root=Path(inputs.dataset.root), held_out_episodes=_held_out_episodes(inputs), pairs=Path(cfg.pairs),
+        out,
+        checkpoint,
+        start_step,
+        step,
+        loss_value,
+        time.perf_counter() - started,
+        inputs.warnings,
+        saved_num_steps=config_json.get("num_steps"),
+        teacher_num_steps=inputs.init_config.get("num_steps"),
+        init_source=inputs.init_source,
+        dataset_repo_id=inputs.store.manifest.get("dataset", {}).get("repo_id"),
+        dataset_root=Path(inputs.dataset.root),
+        held_out_episodes=_held_out_episodes(inputs),
+        pairs=Path(cfg.pairs),
     )
 
 
@@ -951,7 +1137,11 @@ def _teacher_env_type(init_source: str) -> str | None:
     path = Path(init_source) / "train_config.json"
     try:
         config = json.loads(path.read_bytes().decode("utf-8")) if path.is_file() else None
-    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON: no environment to suggest
+    except (
+        OSError,
+        ValueError,
+        RecursionError,
+    ):  # unreadable, not UTF-8, not JSON: no environment to suggest
         return None
     env = config.get("env") if isinstance(config, dict) else None
     return env.get("type") if isinstance(env, dict) else None
@@ -963,7 +1153,11 @@ def next_commands(result: TrainResult) -> dict[str, str]:
     lerobot-train environment when its ``train_config.json`` names one, else ``...`` for the user to fill in) and
     ``reflowpairs_eval`` (teacher vs student at each step count, on the episodes the store holds no pairs of)."""
     student = pretrained_dir(last_link(result.out))
-    lerobot = ["lerobot-eval", f"--policy.path={student}", f"--env.type={_teacher_env_type(result.init_source) or '...'}"]
+    lerobot = [
+        "lerobot-eval",
+        f"--policy.path={student}",
+        f"--env.type={_teacher_env_type(result.init_source) or '...'}",
+    ]
     ours = ["reflowpairs", "eval", "--student", str(student), "--teacher", result.init_source]
     if result.dataset_repo_id:
         ours += ["--dataset", result.dataset_repo_id]

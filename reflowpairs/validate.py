@@ -43,10 +43,28 @@ from reflowpairs.pairstore import (
 
 PASS, WARN, FAIL, INCOMPLETE, SKIP = "pass", "warn", "fail", "incomplete", "skip"
 SOUND, STATUS_INCOMPLETE, CORRUPT = "sound", "incomplete", "corrupt"
-CHECKS = ("manifest", "shards", "leftovers", "checksums", "origin", "finite", "x0 noise", "frames", "obs_index", "dataset", "teacher", "spot check")
+CHECKS = (
+    "manifest",
+    "shards",
+    "leftovers",
+    "checksums",
+    "origin",
+    "finite",
+    "x0 noise",
+    "frames",
+    "obs_index",
+    "dataset",
+    "teacher",
+    "spot check",
+)
 """Every check, in the order they are reported."""
 
-_DTYPES = {"x0": np.dtype(np.float32), "x1": np.dtype(np.float32), "obs_index": np.dtype(np.int64), "sample": np.dtype(np.int32)}
+_DTYPES = {
+    "x0": np.dtype(np.float32),
+    "x1": np.dtype(np.float32),
+    "obs_index": np.dtype(np.int64),
+    "sample": np.dtype(np.int32),
+}
 _SUFFIX = {"zarr": ".zarr", "parquet": ".parquet"}
 MAX_LISTED = 5  # problems listed per check before "and N more"
 
@@ -131,10 +149,20 @@ class ValidationReport:
         """One sentence: the status and why."""
         failed = [c.name for c in self.checks if c.result == FAIL]
         if self.status == CORRUPT:
-            return f"CORRUPT: {len(failed)} check(s) failed ({', '.join(failed)}); do not train on this store."
+            return (
+                f"CORRUPT: {len(failed)} check(s) failed ({', '.join(failed)}); do not train on this store."
+            )
         if self.status == STATUS_INCOMPLETE:
-            done = f"{self.frames_done} of {self.frames_expected} frames done" if self.frames_expected is not None else "generation did not finish"
-            how = f" Finish it with: {self.resume_command}" if self.resume_command else " Finish it with `reflowpairs generate ... --resume`."
+            done = (
+                f"{self.frames_done} of {self.frames_expected} frames done"
+                if self.frames_expected is not None
+                else "generation did not finish"
+            )
+            how = (
+                f" Finish it with: {self.resume_command}"
+                if self.resume_command
+                else " Finish it with `reflowpairs generate ... --resume`."
+            )
             return f"INCOMPLETE: {done}; what is there is sound.{how}"
         return f"SOUND: all {sum(c.result == PASS for c in self.checks)} checks run passed."
 
@@ -169,13 +197,22 @@ def _listed(values, limit: int = 8) -> str:
 def manifest_problems(manifest: dict[str, Any]) -> list[str]:
     """Contract problems of a manifest that ``read_manifest`` accepted (types, sums, shard entries)."""
     problems: list[str] = []
-    for key, kind in (("store_id", str), ("complete", bool), ("teacher", dict), ("dataset", dict), ("generation", dict), ("shards", list)):
+    for key, kind in (
+        ("store_id", str),
+        ("complete", bool),
+        ("teacher", dict),
+        ("dataset", dict),
+        ("generation", dict),
+        ("shards", list),
+    ):
         if not isinstance(manifest.get(key), kind):
             problems.append(f"{key} is missing or not a {kind.__name__}")
     for key in ("x0", "x1"):
         spec = manifest.get(key)
         shape = spec.get("shape") if isinstance(spec, dict) else None
-        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
+        if not (
+            isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)
+        ):
             problems.append(f"{key}.shape is {shape!r}, not [T, D] with positive integers")
         elif spec.get("dtype") != "float32":
             problems.append(f"{key}.dtype is {spec.get('dtype')!r}, not 'float32'")
@@ -197,7 +234,11 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
         path = entry["path"]
         paths[path] = paths.get(path, 0) + 1
         parts = Path(path).parts
-        if len(parts) != 2 or parts[0] != SHARDS_DIR or not path.endswith(_SUFFIX.get(manifest.get("backend"), "?")):
+        if (
+            len(parts) != 2
+            or parts[0] != SHARDS_DIR
+            or not path.endswith(_SUFFIX.get(manifest.get("backend"), "?"))
+        ):
             problems.append(f"{path}: not a {manifest.get('backend')} shard path under {SHARDS_DIR}/")
         if not isinstance(entry.get("num_pairs"), int) or entry["num_pairs"] < 0:
             problems.append(f"{path}: num_pairs is {entry.get('num_pairs')!r}")
@@ -213,7 +254,9 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
             problems.append(f"num_pairs is {manifest.get('num_pairs')!r} but its shards hold {pairs} pairs")
         frames = sum(int(e["num_frames"]) for e in shards)
         if manifest.get("num_frames") != frames:
-            problems.append(f"num_frames is {manifest.get('num_frames')!r} but its shards hold {frames} frames")
+            problems.append(
+                f"num_frames is {manifest.get('num_frames')!r} but its shards hold {frames} frames"
+            )
     except (KeyError, TypeError, ValueError):
         problems.append("shard entries lack num_pairs / num_frames")
     return problems
@@ -221,14 +264,26 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
 
 def resume_command(store: Path, manifest: dict[str, Any]) -> str:
     """The ``reflowpairs generate ... --resume`` command that finishes ``store`` with its recorded settings."""
-    g, teacher, dataset = manifest.get("generation", {}), manifest.get("teacher", {}), manifest.get("dataset", {})
-    args = ["reflowpairs generate", f"--teacher {teacher.get('source')}", f"--dataset {dataset.get('repo_id')}"]
+    g, teacher, dataset = (
+        manifest.get("generation", {}),
+        manifest.get("teacher", {}),
+        manifest.get("dataset", {}),
+    )
+    args = [
+        "reflowpairs generate",
+        f"--teacher {teacher.get('source')}",
+        f"--dataset {dataset.get('repo_id')}",
+    ]
     if dataset.get("root"):
         args.append(f"--dataset-root {dataset['root']}")
     args.append(f"--out {store}")
     if g.get("episodes"):
         args.append("--episodes " + ",".join(map(str, g["episodes"])))
-    args += [f"--samples-per-frame {g.get('samples_per_frame')}", f"--num-steps {g.get('num_steps')}", f"--solver {g.get('solver')}"]
+    args += [
+        f"--samples-per-frame {g.get('samples_per_frame')}",
+        f"--num-steps {g.get('num_steps')}",
+        f"--solver {g.get('solver')}",
+    ]
     if g.get("solver") == "dopri5":
         args += [f"--rtol {g.get('rtol')}", f"--atol {g.get('atol')}"]
     args += [f"--seed {g.get('seed')}", f"--format {manifest.get('backend')}"]
@@ -238,7 +293,9 @@ def resume_command(store: Path, manifest: dict[str, Any]) -> str:
         args.append(f"--dtype {g['dtype']}")
     if g.get("sampler") == "exact":
         args.append("--exact")
-    elif g.get("frames_per_call"):  # the call size X_1 was computed in: --batch-size G with no token limit gives G
+    elif g.get(
+        "frames_per_call"
+    ):  # the call size X_1 was computed in: --batch-size G with no token limit gives G
         args += [f"--batch-size {g['frames_per_call']}", "--tokens-per-call 0"]
     if manifest.get("partition"):
         args.append(f"--partition {manifest['partition']['index']}/{manifest['partition']['count']}")
@@ -263,7 +320,9 @@ class _Pass:
     shard_of: list[np.ndarray] = field(default_factory=list)
     readable: int = 0
     pairs: int = 0
-    spot: dict[int, tuple[str, int, int, np.ndarray, np.ndarray]] = field(default_factory=dict)  # global index -> (shard, obs, sample, x0, x1)
+    spot: dict[int, tuple[str, int, int, np.ndarray, np.ndarray]] = field(
+        default_factory=dict
+    )  # global index -> (shard, obs, sample, x0, x1)
 
 
 def _missing_chunks(path: Path, name: str) -> str:
@@ -273,12 +332,23 @@ def _missing_chunks(path: Path, name: str) -> str:
 
         array = zarr.open_group(str(path), mode="r")[name]
         missing = array.nchunks - array.nchunks_initialized
-        return f" ({missing} of its {array.nchunks} chunk file(s) missing; zarr reads those as zeros)" if missing else ""
+        return (
+            f" ({missing} of its {array.nchunks} chunk file(s) missing; zarr reads those as zeros)"
+            if missing
+            else ""
+        )
     except Exception:  # noqa: BLE001 - only an explanation; the checksum failure stands on its own
         return ""
 
 
-def _check_shard(store: PairStore, i: int, found: _Pass, x0_seed: int | None, total_frames: int | None, spot_rows: dict[int, int]) -> None:
+def _check_shard(
+    store: PairStore,
+    i: int,
+    found: _Pass,
+    x0_seed: int | None,
+    total_frames: int | None,
+    spot_rows: dict[int, int],
+) -> None:
     """Read shard ``i`` once and record its problems for every per-shard check."""
     from reflowpairs.noise import initial_noise
 
@@ -301,7 +371,9 @@ def _check_shard(store: PairStore, i: int, found: _Pass, x0_seed: int | None, to
     except Exception as err:  # noqa: BLE001
         found.origin.add(f"{name}: its attributes cannot be read ({type(err).__name__}: {err})")
     try:
-        data = store.read_stored(i, store.stored_arrays)  # X_0 is not regenerated here: that is the x0 noise check's
+        data = store.read_stored(
+            i, store.stored_arrays
+        )  # X_0 is not regenerated here: that is the x0 noise check's
     except ReflowPairsError as err:
         found.shards.add(err.what)
         return
@@ -311,25 +383,35 @@ def _check_shard(store: PairStore, i: int, found: _Pass, x0_seed: int | None, to
     for array_name in store.stored_arrays:
         array = data[array_name]
         if array.shape != expected[array_name] or array.dtype != _DTYPES[array_name]:
-            found.shards.add(f"{name}: {array_name} is {array.dtype}{list(array.shape)}, the manifest says {_DTYPES[array_name]}{list(expected[array_name])}")
+            found.shards.add(
+                f"{name}: {array_name} is {array.dtype}{list(array.shape)}, the manifest says {_DTYPES[array_name]}{list(expected[array_name])}"
+            )
             good = False
         elif array_sha256(array) != (entry.get("sha256") or {}).get(array_name):
             extra = _missing_chunks(path, array_name) if store.backend == "zarr" else ""
-            found.checksums.add(f"{name}: {array_name} does not match the checksum recorded when it was written{extra}")
+            found.checksums.add(
+                f"{name}: {array_name} does not match the checksum recorded when it was written{extra}"
+            )
     if not good:
         return
     found.readable += 1
     obs, sample = data["obs_index"], data["sample"]
     if len(obs):
         lo, hi = int(obs.min()), int(obs.max())
-        if (entry.get("obs_index_min"), entry.get("obs_index_max")) != (lo, hi) or entry.get("num_frames") != len(np.unique(obs)):
+        if (entry.get("obs_index_min"), entry.get("obs_index_max")) != (lo, hi) or entry.get(
+            "num_frames"
+        ) != len(np.unique(obs)):
             found.shards.add(
                 f"{name}: holds {len(np.unique(obs))} frames, obs_index {lo}..{hi}; its manifest entry says "
                 f"{entry.get('num_frames')} frames, {entry.get('obs_index_min')}..{entry.get('obs_index_max')}"
             )
         if lo < 0 or (total_frames is not None and hi >= total_frames):
-            bad = obs[(obs < 0) | (obs >= (total_frames if total_frames is not None else np.iinfo(np.int64).max))]
-            found.obs_range.add(f"{name}: obs_index {_listed(np.unique(bad))} outside the recorded dataset's frames 0..{(total_frames or 0) - 1}")
+            bad = obs[
+                (obs < 0) | (obs >= (total_frames if total_frames is not None else np.iinfo(np.int64).max))
+            ]
+            found.obs_range.add(
+                f"{name}: obs_index {_listed(np.unique(bad))} outside the recorded dataset's frames 0..{(total_frames or 0) - 1}"
+            )
     for array_name in ("x0", "x1") if store.x0_stored else ("x1",):
         bad = ~np.isfinite(data[array_name]).reshape(n, -1).all(axis=1)
         if bad.any():
@@ -341,8 +423,11 @@ def _check_shard(store: PairStore, i: int, found: _Pass, x0_seed: int | None, to
             )
     if x0_seed is not None and store.x0_stored:
         wrong = [
-            r for r in range(n)
-            if not np.array_equal(initial_noise(x0_seed, int(obs[r]), int(sample[r]), store.x0_shape).numpy(), data["x0"][r])
+            r
+            for r in range(n)
+            if not np.array_equal(
+                initial_noise(x0_seed, int(obs[r]), int(sample[r]), store.x0_shape).numpy(), data["x0"][r]
+            )
         ]
         if wrong:
             found.x0.add(
@@ -354,7 +439,11 @@ def _check_shard(store: PairStore, i: int, found: _Pass, x0_seed: int | None, to
     found.shard_of.append(np.full(n, i, np.int32))
     found.pairs += n
     for global_index, row in spot_rows.items():
-        x0 = data["x0"][row] if store.x0_stored else store.regenerate_x0(obs[row : row + 1], sample[row : row + 1])[0]
+        x0 = (
+            data["x0"][row]
+            if store.x0_stored
+            else store.regenerate_x0(obs[row : row + 1], sample[row : row + 1])[0]
+        )
         found.spot[global_index] = (name, int(obs[row]), int(sample[row]), x0, data["x1"][row])
 
 
@@ -367,7 +456,8 @@ def _check_implicit_x0(store: PairStore, found: _Pass) -> CheckResult:
     generator, seed = store.x0_generator, store.seed
     if generator not in GENERATORS:
         return CheckResult(
-            "x0 noise", FAIL,
+            "x0 noise",
+            FAIL,
             f"X_0 is not stored and its recorded generator {generator!r} is unknown to this build (it knows "
             f"{', '.join(GENERATORS)}), so X_0 cannot be regenerated: read the store with the reflowpairs version that "
             f"wrote it ({store.manifest.get('software', {}).get('reflowpairs', '?')})",
@@ -381,12 +471,14 @@ def _check_implicit_x0(store: PairStore, found: _Pass) -> CheckResult:
     x0 = store.regenerate_x0(np.array([obs]), np.array([sample]))
     if x0.shape != (1, *store.x0_shape) or x0.dtype != _DTYPES["x0"] or not np.isfinite(x0).all():
         return CheckResult(
-            "x0 noise", FAIL,
+            "x0 noise",
+            FAIL,
             f"generator {generator} regenerates X_0 as {x0.dtype}{list(x0.shape[1:])}"
             f"{'' if np.isfinite(x0).all() else ' with non-finite values'}, the manifest says float32{list(store.x0_shape)}",
         )
     return CheckResult(
-        "x0 noise", PASS,
+        "x0 noise",
+        PASS,
         f"X_0 is not stored: {checked}; it regenerates from (seed {seed}, obs_index, sample) as "
         f"float32{list(store.x0_shape)} (checked on obs_index {obs} sample {sample})",
     )
@@ -411,7 +503,7 @@ def _check_frames(store: PairStore, found: _Pass, selected: np.ndarray | None, r
     manifest = store.manifest
     generation = manifest.get("generation", {})
     k = int(generation["samples_per_frame"])
-    skipped = set(int(v) for v in manifest.get("skipped_frames", []) or [])
+    skipped = {int(v) for v in manifest.get("skipped_frames", []) or []}
     obs = np.concatenate(found.obs_index) if found.obs_index else np.zeros(0, np.int64)
     sample = np.concatenate(found.sample) if found.sample else np.zeros(0, np.int32)
     shard_of = np.concatenate(found.shard_of) if found.shard_of else np.zeros(0, np.int32)
@@ -426,7 +518,14 @@ def _check_frames(store: PairStore, found: _Pass, selected: np.ndarray | None, r
     duplicates = np.flatnonzero(same)
     if len(duplicates):
         first = duplicates[0]
-        where = sorted({store.shards[int(shard_sorted[j])]["path"] for j in np.flatnonzero((obs_sorted == obs_sorted[first]) & (sample_sorted == sample_sorted[first]))})
+        where = sorted(
+            {
+                store.shards[int(shard_sorted[j])]["path"]
+                for j in np.flatnonzero(
+                    (obs_sorted == obs_sorted[first]) & (sample_sorted == sample_sorted[first])
+                )
+            }
+        )
         frames_dup = np.unique(obs_sorted[duplicates])
         problems.add(
             f"{len(duplicates)} duplicate pair(s) over {len(frames_dup)} frame(s): e.g. obs_index {int(obs_sorted[first])} "
@@ -442,7 +541,9 @@ def _check_frames(store: PairStore, found: _Pass, selected: np.ndarray | None, r
             f"{int(counts[present == uneven[0]][0])} (in {store.shards[i]['path']})"
         )
     partition = manifest.get("partition") or {}
-    expected = int(partition.get("num_frames", generation["num_frames"])) if selected is None else len(selected)
+    expected = (
+        int(partition.get("num_frames", generation["num_frames"])) if selected is None else len(selected)
+    )
     done = len(present)
     if selected is not None:
         missing = np.setdiff1d(selected, present)
@@ -452,7 +553,9 @@ def _check_frames(store: PairStore, found: _Pass, selected: np.ndarray | None, r
         remaining = max(expected - done - len(skipped), 0)
         missing = None
     if done + len(skipped) > expected:
-        problems.add(f"{done} frames stored (+{len(skipped)} skipped), more than the {expected} frames generation selected")
+        problems.add(
+            f"{done} frames stored (+{len(skipped)} skipped), more than the {expected} frames generation selected"
+        )
     if problems:
         return _Frames(CheckResult("frames", FAIL, problems.text()), done, expected, present)
     skipped_note = f", {len(skipped)} skipped as non-finite" if skipped else ""
@@ -460,12 +563,19 @@ def _check_frames(store: PairStore, found: _Pass, selected: np.ndarray | None, r
         which = f" (missing obs_index {_listed(missing)})" if missing is not None and len(missing) else ""
         flag = "; the manifest says complete: false" if not manifest.get("complete") else ""
         if found.shards or found.checksums:
-            detail = (f"{done} of {expected} frames in readable shards{skipped_note}{which}{flag}; damaged shards (see shards "
-                      "and checksums) are not replaced by --resume: restore them, or regenerate the store with --overwrite")
+            detail = (
+                f"{done} of {expected} frames in readable shards{skipped_note}{which}{flag}; damaged shards (see shards "
+                "and checksums) are not replaced by --resume: restore them, or regenerate the store with --overwrite"
+            )
             return _Frames(CheckResult("frames", FAIL, detail), done, expected, present)
         detail = f"{done} of {expected} frames done, {remaining} remaining{skipped_note}{which}{flag}. Finish it with: {resume}"
         return _Frames(CheckResult("frames", INCOMPLETE, detail), done, expected, present)
-    return _Frames(CheckResult("frames", PASS, f"{done} frames x K={k} pairs, no duplicates{skipped_note}"), done, expected, present)
+    return _Frames(
+        CheckResult("frames", PASS, f"{done} frames x K={k} pairs, no duplicates{skipped_note}"),
+        done,
+        expected,
+        present,
+    )
 
 
 # --- dataset, teacher, spot check ------------------------------------------------------------------
@@ -493,11 +603,16 @@ def _check_dataset(store: PairStore, dataset) -> CheckResult:
     fingerprint = dataset_fingerprint(dataset)
     if fingerprint != recorded.get("fingerprint"):
         return CheckResult(
-            "dataset", FAIL,
+            "dataset",
+            FAIL,
             f"the dataset {dataset.repo_id} at {dataset.root} has fingerprint {fingerprint[:12]}..., the store was made from "
             f"{recorded.get('repo_id')} at {recorded.get('root')} with fingerprint {str(recorded.get('fingerprint'))[:12]}...: another dataset or another version of it",
         )
-    return CheckResult("dataset", PASS, f"{dataset.repo_id} at {dataset.root} is the recorded dataset (fingerprint {fingerprint[:12]}...)")
+    return CheckResult(
+        "dataset",
+        PASS,
+        f"{dataset.repo_id} at {dataset.root} is the recorded dataset (fingerprint {fingerprint[:12]}...)",
+    )
 
 
 def _check_teacher(store: PairStore, source: str) -> CheckResult:
@@ -507,14 +622,19 @@ def _check_teacher(store: PairStore, source: str) -> CheckResult:
     fingerprint = fingerprint_checkpoint(source)["fingerprint"]
     if fingerprint != recorded.get("fingerprint"):
         return CheckResult(
-            "teacher", FAIL,
+            "teacher",
+            FAIL,
             f"teacher {source} has fingerprint {fingerprint[:12]}..., the store was made by {recorded.get('source')} with "
             f"{str(recorded.get('fingerprint'))[:12]}...: another checkpoint (other weights or config)",
         )
-    return CheckResult("teacher", PASS, f"{source} is the recorded teacher (fingerprint {fingerprint[:12]}...)")
+    return CheckResult(
+        "teacher", PASS, f"{source} is the recorded teacher (fingerprint {fingerprint[:12]}...)"
+    )
 
 
-def _spot_check(store: PairStore, cfg: ValidateConfig, found: _Pass, dataset, progress: Progress | None) -> CheckResult:
+def _spot_check(
+    store: PairStore, cfg: ValidateConfig, found: _Pass, dataset, progress: Progress | None
+) -> CheckResult:
     """Re-sample the chosen pairs' X_1 with the teacher from their stored X_0 and compare within ``atol``."""
     import torch
     from torch.utils.data import default_collate
@@ -530,13 +650,17 @@ def _spot_check(store: PairStore, cfg: ValidateConfig, found: _Pass, dataset, pr
         return CheckResult("spot check", FAIL, "no readable pair to re-sample")
     generation = store.manifest["generation"]
     solver = SolverConfig(
-        generation["solver"], int(generation["num_steps"]),
-        generation.get("rtol") or SolverConfig.rtol, generation.get("atol") or SolverConfig.atol,
+        generation["solver"],
+        int(generation["num_steps"]),
+        generation.get("rtol") or SolverConfig.rtol,
+        generation.get("atol") or SolverConfig.atol,
     )
     source = cfg.teacher or store.manifest.get("teacher", {}).get("source")
     teacher = load_policy(source, cfg.device)
     check_features(teacher.config, dataset.meta, rename_map(teacher.preprocessor))
-    engine = make_engine(teacher.policy, generation.get("frames_per_call"), exact=generation.get("sampler") == "exact")
+    engine = make_engine(
+        teacher.policy, generation.get("frames_per_call"), exact=generation.get("sampler") == "exact"
+    )
     positions = {int(v): p for p, v in enumerate(frame_indices(dataset).tolist())}
     chosen = sorted(found.spot.items(), key=lambda item: (item[1][1], item[1][2]))
     problems = _Problems()
@@ -552,7 +676,9 @@ def _spot_check(store: PairStore, cfg: ValidateConfig, found: _Pass, dataset, pr
     # the chosen ones; a store without a recorded seed falls back to the chosen samples' stored X_0.
     whole_frames = generation.get("seed") is not None
     k_all = int(generation["samples_per_frame"])
-    groups: dict[int, list[int]] = {}  # samples per call and frame -> frames (a call needs the same K for every frame)
+    groups: dict[
+        int, list[int]
+    ] = {}  # samples per call and frame -> frames (a call needs the same K for every frame)
     for obs, items in by_frame.items():
         groups.setdefault(k_all if whole_frames else len(items), []).append(obs)
     compute = COMPUTE_DTYPES.get(generation.get("dtype", "float32"), torch.float32)
@@ -560,27 +686,39 @@ def _spot_check(store: PairStore, cfg: ValidateConfig, found: _Pass, dataset, pr
     atol = cfg.atol if cfg.atol is not None else default_atol
     diffs: list[tuple[float, str, int, int]] = []
     done, total = 0, sum(len(v) for v in by_frame.values())
-    for k, frames in groups.items():
+    for _k, frames in groups.items():
         for start in range(0, len(frames), cfg.batch_size):
             batch_frames = frames[start : start + cfg.batch_size]
             batch = default_collate([dataset[positions[obs]] for obs in batch_frames])
             if whole_frames:
-                noise = batch_noise(int(generation["seed"]), batch_frames, k_all, engine.noise_shape)  # (B, K, T, D0)
+                noise = batch_noise(
+                    int(generation["seed"]), batch_frames, k_all, engine.noise_shape
+                )  # (B, K, T, D0)
             else:
-                noise = torch.from_numpy(np.stack([np.stack([it[3] for it in by_frame[obs]]) for obs in batch_frames]))
+                noise = torch.from_numpy(
+                    np.stack([np.stack([it[3] for it in by_frame[obs]]) for obs in batch_frames])
+                )
             with torch.autocast(engine.device.type, dtype=compute, enabled=compute is not torch.float32):
-                x1 = engine.sample(teacher.preprocessor(batch), noise, solver).float().cpu().numpy()  # (B, k, T, D1)
+                x1 = (
+                    engine.sample(teacher.preprocessor(batch), noise, solver).float().cpu().numpy()
+                )  # (B, k, T, D1)
             for b, obs in enumerate(batch_frames):
                 for j, (shard, _, sample, _, stored) in enumerate(by_frame[obs]):
                     column = sample if whole_frames else j
-                    diff = float(np.max(np.abs(x1[b, column] - stored))) if np.isfinite(stored).all() else math.inf
+                    diff = (
+                        float(np.max(np.abs(x1[b, column] - stored)))
+                        if np.isfinite(stored).all()
+                        else math.inf
+                    )
                     diffs.append((diff, shard, obs, sample))
             done += sum(len(by_frame[obs]) for obs in batch_frames)
             if progress is not None:
                 progress("spot check", done, total)
     worst = max(diffs, default=(0.0, "", -1, -1))
     bad = sorted((d for d in diffs if not d[0] <= atol), reverse=True)
-    what = f"{solver.name}, {solver.num_steps} steps" + (f", computed in {dtype}" if dtype != "float32" else "")
+    what = f"{solver.name}, {solver.num_steps} steps" + (
+        f", computed in {dtype}" if dtype != "float32" else ""
+    )
     if bad:
         d, shard, obs, sample = bad[0]
         problems.add(
@@ -590,7 +728,11 @@ def _spot_check(store: PairStore, cfg: ValidateConfig, found: _Pass, dataset, pr
         )
     if problems:
         return CheckResult("spot check", FAIL, problems.text())
-    return CheckResult("spot check", PASS, f"{len(diffs)} pairs re-sampled ({what}): max |X_1 difference| {worst[0]:.3g} <= atol {atol:g}")
+    return CheckResult(
+        "spot check",
+        PASS,
+        f"{len(diffs)} pairs re-sampled ({what}): max |X_1 difference| {worst[0]:.3g} <= atol {atol:g}",
+    )
 
 
 # --- leftovers ------------------------------------------------------------------------------------
@@ -604,12 +746,15 @@ def _check_leftovers(store_path: Path, listed: set[str]) -> CheckResult:
             rel = f"{SHARDS_DIR}/{path.name}"
             if rel in listed:
                 continue
-            leftovers.append(f"{rel} (half-written)" if path.name.startswith(TMP_PREFIX) else f"{rel} (not listed)")
+            leftovers.append(
+                f"{rel} (half-written)" if path.name.startswith(TMP_PREFIX) else f"{rel} (not listed)"
+            )
     if (store_path / (TMP_PREFIX + MANIFEST)).exists():
         leftovers.append(f"{TMP_PREFIX}{MANIFEST} (half-written manifest)")
     if leftovers:
         return CheckResult(
-            "leftovers", WARN,
+            "leftovers",
+            WARN,
             f"not counted: {_listed(leftovers)}; leftovers of an interrupted run (`generate --resume` removes them) "
             "or files copied in: delete them",
         )
@@ -656,7 +801,9 @@ def validate(cfg: ValidateConfig, progress: Progress | None = None) -> Validatio
     except ReflowPairsError as err:
         checks["manifest"] = CheckResult("manifest", FAIL, f"{err.what} {err.hint}".strip())
     except Exception as err:  # noqa: BLE001 - a manifest with fields of the wrong kind
-        checks["manifest"] = CheckResult("manifest", FAIL, f"{path / MANIFEST} does not follow the contract ({type(err).__name__}: {err})")
+        checks["manifest"] = CheckResult(
+            "manifest", FAIL, f"{path / MANIFEST} does not follow the contract ({type(err).__name__}: {err})"
+        )
     if "manifest" in checks:
         skipped = [CheckResult(name, SKIP, "not checked: the manifest is unusable") for name in CHECKS[1:]]
         return ValidationReport(str(path), CORRUPT, [checks["manifest"], *skipped])
@@ -665,21 +812,39 @@ def validate(cfg: ValidateConfig, progress: Progress | None = None) -> Validatio
     checks["manifest"] = (
         CheckResult("manifest", FAIL, "; ".join(problems))
         if problems
-        else CheckResult("manifest", PASS, f"format {store.manifest['format']} v{store.manifest['version']}, {store.backend}, {_count(len(store.shards), 'shard')}")
+        else CheckResult(
+            "manifest",
+            PASS,
+            f"format {store.manifest['format']} v{store.manifest['version']}, {store.backend}, {_count(len(store.shards), 'shard')}",
+        )
     )
     manifest = store.manifest
     generation = manifest.get("generation") if isinstance(manifest.get("generation"), dict) else {}
     seed = generation.get("seed") if isinstance(generation.get("seed"), int) else None
-    total_frames = manifest.get("dataset", {}).get("total_frames") if isinstance(manifest.get("dataset"), dict) else None
+    total_frames = (
+        manifest.get("dataset", {}).get("total_frames") if isinstance(manifest.get("dataset"), dict) else None
+    )
     entries_ok = all(isinstance(e, dict) and isinstance(e.get("path"), str) for e in store.shards)
-    checks["leftovers"] = _guard("leftovers", lambda: _check_leftovers(path, {e["path"] for e in store.shards if isinstance(e, dict) and "path" in e}))
+    checks["leftovers"] = _guard(
+        "leftovers",
+        lambda: _check_leftovers(
+            path, {e["path"] for e in store.shards if isinstance(e, dict) and "path" in e}
+        ),
+    )
 
     # Which pairs the spot check re-samples, by global number over the listed shards.
     spot_rows: dict[int, dict[int, int]] = {}
-    sizes = [int(e.get("num_pairs", 0)) if isinstance(e, dict) and isinstance(e.get("num_pairs"), int) else 0 for e in store.shards]
+    sizes = [
+        int(e.get("num_pairs", 0)) if isinstance(e, dict) and isinstance(e.get("num_pairs"), int) else 0
+        for e in store.shards
+    ]
     if cfg.spot_check and sum(sizes):
         total = sum(sizes)
-        picks = np.arange(total) if cfg.spot_check >= total else np.sort(np.random.default_rng(cfg.seed).choice(total, cfg.spot_check, replace=False))
+        picks = (
+            np.arange(total)
+            if cfg.spot_check >= total
+            else np.sort(np.random.default_rng(cfg.seed).choice(total, cfg.spot_check, replace=False))
+        )
         offsets = np.cumsum([0, *sizes])
         for g in picks.tolist():
             i = int(np.searchsorted(offsets, g, side="right") - 1)
@@ -689,28 +854,58 @@ def validate(cfg: ValidateConfig, progress: Progress | None = None) -> Validatio
     if entries_ok:
         for i in range(len(store.shards)):
             try:
-                _check_shard(store, i, found, seed, total_frames if isinstance(total_frames, int) else None, spot_rows.get(i, {}))
+                _check_shard(
+                    store,
+                    i,
+                    found,
+                    seed,
+                    total_frames if isinstance(total_frames, int) else None,
+                    spot_rows.get(i, {}),
+                )
             except Exception as err:  # noqa: BLE001 - reported against the shard
-                found.shards.add(f"{store.shards[i]['path']} could not be checked ({type(err).__name__}: {err})")
+                found.shards.add(
+                    f"{store.shards[i]['path']} could not be checked ({type(err).__name__}: {err})"
+                )
             if progress is not None:
                 progress("shards", i + 1, len(store.shards))
     else:
         found.shards.add("the manifest's shard list is malformed; shards not read")
     listed = len(store.shards)
-    checks["shards"] = _result("shards", found.shards, f"{_count(listed, 'listed shard')} open with the manifest's row counts, shapes and dtypes ({found.pairs} pairs)")
+    checks["shards"] = _result(
+        "shards",
+        found.shards,
+        f"{_count(listed, 'listed shard')} open with the manifest's row counts, shapes and dtypes ({found.pairs} pairs)",
+    )
     kept = "" if store.x0_stored else f" of {', '.join(store.stored_arrays)} (X_0 is not stored)"
-    checks["checksums"] = _result("checksums", found.checksums, f"{_count(found.readable, 'shard')} match their recorded sha256 checksums{kept}")
-    checks["origin"] = _result("origin", found.origin, f"every shard carries this store's id ({manifest.get('store_id')})")
-    checks["finite"] = _result("finite", found.finite, "X_0 and X_1 are finite" if store.x0_stored else "X_1 is finite (X_0 is not stored)")
+    checks["checksums"] = _result(
+        "checksums",
+        found.checksums,
+        f"{_count(found.readable, 'shard')} match their recorded sha256 checksums{kept}",
+    )
+    checks["origin"] = _result(
+        "origin", found.origin, f"every shard carries this store's id ({manifest.get('store_id')})"
+    )
+    checks["finite"] = _result(
+        "finite",
+        found.finite,
+        "X_0 and X_1 are finite" if store.x0_stored else "X_1 is finite (X_0 is not stored)",
+    )
     if seed is None:
-        checks["x0 noise"] = CheckResult("x0 noise", FAIL, "generation.seed is missing, so X_0 cannot be regenerated")
+        checks["x0 noise"] = CheckResult(
+            "x0 noise", FAIL, "generation.seed is missing, so X_0 cannot be regenerated"
+        )
     elif store.x0_stored:
-        checks["x0 noise"] = _result("x0 noise", found.x0, f"X_0 of all {found.pairs} readable pairs regenerates exactly from (seed {seed}, obs_index, sample)")
+        checks["x0 noise"] = _result(
+            "x0 noise",
+            found.x0,
+            f"X_0 of all {found.pairs} readable pairs regenerates exactly from (seed {seed}, obs_index, sample)",
+        )
     else:
         checks["x0 noise"] = _guard("x0 noise", lambda: _check_implicit_x0(store, found))
 
     dataset = None
     if cfg.dataset is not None or cfg.dataset_root is not None:
+
         def open_given():
             nonlocal dataset
             dataset = _open_dataset(store, cfg, use_recorded=False)
@@ -718,19 +913,29 @@ def validate(cfg: ValidateConfig, progress: Progress | None = None) -> Validatio
 
         checks["dataset"] = _guard("dataset", open_given)
     else:
-        checks["dataset"] = CheckResult("dataset", SKIP, "give --dataset/--dataset-root to check the store against a dataset")
+        checks["dataset"] = CheckResult(
+            "dataset", SKIP, "give --dataset/--dataset-root to check the store against a dataset"
+        )
 
     def obs_index_check() -> CheckResult:
         if dataset is None:
             where = f"0..{total_frames - 1}" if isinstance(total_frames, int) else "(unknown)"
-            return _result("obs_index", found.obs_range, f"every obs_index is within the recorded dataset's frames {where}")
+            return _result(
+                "obs_index",
+                found.obs_range,
+                f"every obs_index is within the recorded dataset's frames {where}",
+            )
         from reflowpairs.dataset import frame_indices
 
         selected = frame_indices(dataset)
         stored = np.unique(np.concatenate(found.obs_index)) if found.obs_index else np.zeros(0, np.int64)
         unknown = np.setdiff1d(stored, selected)
         if len(unknown):
-            return CheckResult("obs_index", FAIL, f"{len(unknown)} stored obs_index value(s) are not frames of {dataset.repo_id} (episodes {generation.get('episodes') or 'all'}): {_listed(unknown)}")
+            return CheckResult(
+                "obs_index",
+                FAIL,
+                f"{len(unknown)} stored obs_index value(s) are not frames of {dataset.repo_id} (episodes {generation.get('episodes') or 'all'}): {_listed(unknown)}",
+            )
         return CheckResult("obs_index", PASS, f"every obs_index is a selected frame of {dataset.repo_id}")
 
     checks["obs_index"] = _guard("obs_index", obs_index_check)
@@ -757,13 +962,16 @@ def validate(cfg: ValidateConfig, progress: Progress | None = None) -> Validatio
         else CheckResult("teacher", SKIP, "give --teacher to check the store was made by that checkpoint")
     )
     if cfg.spot_check:
+
         def spot() -> CheckResult:
             data = dataset if dataset is not None else _open_dataset(store, cfg, use_recorded=True)
             return _spot_check(store, cfg, found, data, progress)
 
         checks["spot check"] = _guard("spot check", spot)
     else:
-        checks["spot check"] = CheckResult("spot check", SKIP, "give --spot-check N to re-run the teacher on N random pairs")
+        checks["spot check"] = CheckResult(
+            "spot check", SKIP, "give --spot-check N to re-run the teacher on N random pairs"
+        )
 
     ordered = [checks[name] for name in CHECKS]
     if any(c.result == FAIL for c in ordered):
@@ -772,4 +980,11 @@ def validate(cfg: ValidateConfig, progress: Progress | None = None) -> Validatio
         status = STATUS_INCOMPLETE
     else:
         status = SOUND
-    return ValidationReport(str(path), status, ordered, frames_done, frames_expected, resume if status == STATUS_INCOMPLETE else None)
+    return ValidationReport(
+        str(path),
+        status,
+        ordered,
+        frames_done,
+        frames_expected,
+        resume if status == STATUS_INCOMPLETE else None,
+    )

@@ -18,7 +18,9 @@ torch.set_num_threads(1)  # tiny models; and subprocess tests share the 2 cores
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> TinyWorld:
     """The bundled tiny world, with a briefly trained teacher (tests need a real ODE, not a good one)."""
-    return build_tiny_world(tmp_path_factory.mktemp("tiny") / "world", teacher_spec=TinyTeacherSpec(train_steps=60))
+    return build_tiny_world(
+        tmp_path_factory.mktemp("tiny") / "world", teacher_spec=TinyTeacherSpec(train_steps=60)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +29,9 @@ def other_world(tmp_path_factory) -> TinyWorld:
     return build_tiny_world(
         tmp_path_factory.mktemp("other") / "world",
         dataset_spec=TinyDatasetSpec(num_episodes=3, episode_length=10, state_dim=3, seed=7),
-        teacher_spec=TinyTeacherSpec(chunk_size=5, max_action_dim=4, max_state_dim=4, num_steps=6, train_steps=10, batch_size=8),
+        teacher_spec=TinyTeacherSpec(
+            chunk_size=5, max_action_dim=4, max_state_dim=4, num_steps=6, train_steps=10, batch_size=8
+        ),
     )
 
 

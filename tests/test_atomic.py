@@ -82,12 +82,19 @@ def test_fsync_tree_syncs_everything_deepest_first_then_the_root(tmp_path, fsync
         path.write_text("x")
     fsync_tree(root)
     root = root.resolve()
-    expected = {root, root / "pretrained_model", root / "training_state", root / "training_state" / "deeper",
-                *(p.resolve() for p in files)}
+    expected = {
+        root,
+        root / "pretrained_model",
+        root / "training_state",
+        root / "training_state" / "deeper",
+        *(p.resolve() for p in files),
+    }
     assert set(fsynced) == expected and len(fsynced) == len(expected), "every entry exactly once"
     assert fsynced[-1] == root, "the root itself is synced last"
     depth = [len(p.relative_to(root).parts) for p in fsynced]
-    assert depth == sorted(depth, reverse=True), "deepest entries first, so a directory is synced after its contents"
+    assert depth == sorted(depth, reverse=True), (
+        "deepest entries first, so a directory is synced after its contents"
+    )
 
 
 def test_fsync_tree_on_an_empty_directory(tmp_path, fsynced):

@@ -31,7 +31,11 @@ def test_make_targets_pass_their_default_arguments_whole(target, arguments):
     """A comma inside make's $(or ...) once cut bench-generate's `--episodes 0,1,2,3` to `--episodes 0`."""
     stamp = ROOT / ".venv" / ".installed"
     recipe = subprocess.run(
-        ["make", "-n", "-o", str(stamp.relative_to(ROOT)), target], cwd=ROOT, capture_output=True, text=True, check=True
+        ["make", "-n", "-o", str(stamp.relative_to(ROOT)), target],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     script = target.replace("bench-", "bench_")
     line = next(line for line in recipe.splitlines() if f"benchmarks/{script}.py" in line)
@@ -42,18 +46,42 @@ def test_make_targets_pass_their_default_arguments_whole(target, arguments):
 @pytest.mark.parametrize(
     ("script", "arguments", "printed"),
     [
-        ("bench_generate.py", "--size tiny --ks 2 --episodes 0 --batch-size 8 --repeats 1 --num-steps 2",
-         [r"ratio reflowpairs / plain_batched: \d+\.\d+x", r"ratio reflowpairs / plain_single: \d+\.\d+x"]),
-        ("bench_train.py", "--size tiny --batch-size 4 --steps 1 --repeats 1",
-         [r"ratio reflowpairs / ordinary: \d+\.\d+x", r"ratio online / reflowpairs: +\d+\.\d+x"]),
-        ("bench_memory.py", "--size tiny --batch-size 2 --steps 1",
-         [r"live_tensors_mb: reflowpairs / ordinary \d+\.\d+x", r"peak_rss_mb: reflowpairs / ordinary \d+\.\d+x"]),
-        ("bench_store.py", "--size tiny --samples-per-frame 2 --batch-size 8 --repeats 1",
-         [r"zarr: \d+ bytes/pair", r"parquet: \d+ bytes/pair", r"training consumes \d+ pairs/s"]),
-        ("bench_exact.py", "--size tiny --k 2 --episodes 0 --batch-size 8 --repeats 1 --num-steps 2",
-         [r"ratio prefix-cached / exact: \d+\.\d+x", r"\|X_1 prefix-cached - X_1 exact\|: max \d"]),
-        ("bench_x0.py", "--pairs 200 --repeats 1 --episodes 1 --samples-per-frame 2",
-         [r"zarr +bytes/pair on disk: explicit +\d+\.\d, implicit +\d+\.\d, ratio \d\.\d+", r"one at a time: +[\d,]+ pairs/s"]),
+        (
+            "bench_generate.py",
+            "--size tiny --ks 2 --episodes 0 --batch-size 8 --repeats 1 --num-steps 2",
+            [r"ratio reflowpairs / plain_batched: \d+\.\d+x", r"ratio reflowpairs / plain_single: \d+\.\d+x"],
+        ),
+        (
+            "bench_train.py",
+            "--size tiny --batch-size 4 --steps 1 --repeats 1",
+            [r"ratio reflowpairs / ordinary: \d+\.\d+x", r"ratio online / reflowpairs: +\d+\.\d+x"],
+        ),
+        (
+            "bench_memory.py",
+            "--size tiny --batch-size 2 --steps 1",
+            [
+                r"live_tensors_mb: reflowpairs / ordinary \d+\.\d+x",
+                r"peak_rss_mb: reflowpairs / ordinary \d+\.\d+x",
+            ],
+        ),
+        (
+            "bench_store.py",
+            "--size tiny --samples-per-frame 2 --batch-size 8 --repeats 1",
+            [r"zarr: \d+ bytes/pair", r"parquet: \d+ bytes/pair", r"training consumes \d+ pairs/s"],
+        ),
+        (
+            "bench_exact.py",
+            "--size tiny --k 2 --episodes 0 --batch-size 8 --repeats 1 --num-steps 2",
+            [r"ratio prefix-cached / exact: \d+\.\d+x", r"\|X_1 prefix-cached - X_1 exact\|: max \d"],
+        ),
+        (
+            "bench_x0.py",
+            "--pairs 200 --repeats 1 --episodes 1 --samples-per-frame 2",
+            [
+                r"zarr +bytes/pair on disk: explicit +\d+\.\d, implicit +\d+\.\d, ratio \d\.\d+",
+                r"one at a time: +[\d,]+ pairs/s",
+            ],
+        ),
     ],
     ids=["generate", "train", "memory", "store", "exact", "x0"],
 )
@@ -61,7 +89,11 @@ def test_benchmark_runs_and_prints_its_ratios(script, arguments, printed):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *arguments.split()],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for pattern in printed:

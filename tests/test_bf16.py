@@ -25,12 +25,34 @@ from .test_generate import read_plain
 from .test_generate_crash import _assert_sound_but_incomplete, _start_and_signal
 
 runner = CliRunner()
-SETTINGS = ["--episodes", "0-3", "--samples-per-frame", "2", "--num-steps", "4", "--shard-size", "8", "--device", "cpu"]
+SETTINGS = [
+    "--episodes",
+    "0-3",
+    "--samples-per-frame",
+    "2",
+    "--num-steps",
+    "4",
+    "--shard-size",
+    "8",
+    "--device",
+    "cpu",
+]
 
 
 def _args(world, out: Path, *extra: str) -> list[str]:
-    return ["generate", "--teacher", str(world.teacher_dir), "--dataset", world.repo_id, "--dataset-root",
-            str(world.dataset_root), "--out", str(out), *SETTINGS, *extra]
+    return [
+        "generate",
+        "--teacher",
+        str(world.teacher_dir),
+        "--dataset",
+        world.repo_id,
+        "--dataset-root",
+        str(world.dataset_root),
+        "--out",
+        str(out),
+        *SETTINGS,
+        *extra,
+    ]
 
 
 def assert_identical_pairs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
@@ -50,7 +72,10 @@ def reference(bf16_world, tmp_path_factory) -> Path:
 def test_manifest_records_the_dtypes_the_teacher_computes_in(reference):
     generation = json.loads((reference / "manifest.json").read_text())["generation"]
     assert generation["dtype"] == "float32"  # no autocast asked for ...
-    assert set(generation["parameter_dtypes"]) == {"bfloat16", "float32"}  # ... but the teacher computes in bf16
+    assert set(generation["parameter_dtypes"]) == {
+        "bfloat16",
+        "float32",
+    }  # ... but the teacher computes in bf16
     assert generation["sampler"] == "prefix-cached" and generation["frames_per_call"] == 4
 
 
@@ -96,7 +121,9 @@ def test_kill_and_resume_gives_identical_pairs(bf16_world, reference, tmp_path):
     killed = _start_and_signal(cmd, out, after_shards=2, sig=signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
     _assert_sound_but_incomplete(out)
-    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [*cmd, "--resume"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert_identical_pairs(read_plain(reference), read_plain(out))
 
@@ -104,16 +131,32 @@ def test_kill_and_resume_gives_identical_pairs(bf16_world, reference, tmp_path):
 def test_two_processes_and_partitions_give_identical_pairs(bf16_world, reference, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "two"
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "reflowpairs",
-                           *_args(bf16_world, out, "--batch-size", "4")],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    proc = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "reflowpairs",
+            *_args(bf16_world, out, "--batch-size", "4"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_identical_pairs(read_plain(reference), read_plain(out))
 
     slices = []
     for i in range(2):
         part = tmp_path / f"slice{i}"
-        assert runner.invoke(app, _args(bf16_world, part, "--batch-size", "4", "--partition", f"{i}/2")).exit_code == 0
+        assert (
+            runner.invoke(
+                app, _args(bf16_world, part, "--batch-size", "4", "--partition", f"{i}/2")
+            ).exit_code
+            == 0
+        )
         slices.append(str(part))
     assert runner.invoke(app, ["merge", *slices, "--out", str(tmp_path / "merged")]).exit_code == 0
     assert_identical_pairs(read_plain(reference), read_plain(tmp_path / "merged"))
@@ -141,17 +184,39 @@ def test_train_and_eval_a_bf16_student(bf16_world, reference, tmp_path):
     from reflowpairs.train import TrainConfig, train
 
     out = tmp_path / "student"
-    result = train(TrainConfig(pairs=reference, out=out, steps=3, batch_size=8, lr=2e-5, num_workers=0, device="cpu"))
+    result = train(
+        TrainConfig(pairs=reference, out=out, steps=3, batch_size=8, lr=2e-5, num_workers=0, device="cpu")
+    )
     student = result.checkpoint / "pretrained_model"
-    teacher_w, student_w = load_file(bf16_world.teacher_dir / "model.safetensors"), load_file(student / "model.safetensors")
-    assert {k: (v.dtype, v.shape) for k, v in teacher_w.items()} == {k: (v.dtype, v.shape) for k, v in student_w.items()}
+    teacher_w, student_w = (
+        load_file(bf16_world.teacher_dir / "model.safetensors"),
+        load_file(student / "model.safetensors"),
+    )
+    assert {k: (v.dtype, v.shape) for k, v in teacher_w.items()} == {
+        k: (v.dtype, v.shape) for k, v in student_w.items()
+    }
     expert = [k for k, v in teacher_w.items() if ".lm_expert." in k and v.dtype.itemsize == 2]
     assert any(not torch.equal(teacher_w[k], student_w[k]) for k in expert)  # bf16 weights moved at lr 2e-5
     assert json.loads((student / "config.json").read_text())["num_steps"] == 1
 
-    data = evaluate(EvalConfig(student=str(student), teacher=str(bf16_world.teacher_dir), dataset=bf16_world.repo_id,
-                                 dataset_root=bf16_world.dataset_root, out=tmp_path / "eval", num_steps=[1, 2],
-                                 max_frames=6, samples_per_frame=2, latency_repeats=1, device="cpu"))
+    data = evaluate(
+        EvalConfig(
+            student=str(student),
+            teacher=str(bf16_world.teacher_dir),
+            dataset=bf16_world.repo_id,
+            dataset_root=bf16_world.dataset_root,
+            out=tmp_path / "eval",
+            num_steps=[1, 2],
+            max_frames=6,
+            samples_per_frame=2,
+            latency_repeats=1,
+            device="cpu",
+        )
+    )
     assert data["frames"]["episodes"] == [4, 5, 6, 7, 8, 9]
-    assert {(row["model"], row["num_steps"]) for row in data["rows"]} >= {("student", 1), ("teacher", 1), ("student", 2)}
+    assert {(row["model"], row["num_steps"]) for row in data["rows"]} >= {
+        ("student", 1),
+        ("teacher", 1),
+        ("student", 2),
+    }
     assert all(np.isfinite(row["mse_ref_norm"]) for row in data["rows"])

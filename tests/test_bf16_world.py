@@ -12,8 +12,10 @@ def test_bf16_teacher_has_bf16_text_and_expert_and_fp32_projections(bf16_world):
     dtypes = {name: p.dtype for name, p in policy.named_parameters()}
     # the expert's layers are bfloat16, except the cross-attention K/V projections lerobot re-creates in float32
     expert = {n: d for n, d in dtypes.items() if ".lm_expert." in n}
-    assert all(d == torch.bfloat16 for n, d in expert.items() if not n.endswith(("k_proj.weight", "v_proj.weight")))
-    assert {d for d in expert.values()} == {torch.bfloat16, torch.float32}
+    assert all(
+        d == torch.bfloat16 for n, d in expert.items() if not n.endswith(("k_proj.weight", "v_proj.weight"))
+    )
+    assert set(expert.values()) == {torch.bfloat16, torch.float32}
     assert all(d == torch.bfloat16 for n, d in dtypes.items() if ".text_model." in n)
     assert all(d == torch.float32 for n, d in dtypes.items() if ".vision_model." in n)
     assert dtypes["model.action_out_proj.weight"] == torch.float32

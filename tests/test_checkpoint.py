@@ -85,9 +85,17 @@ class _Student:
     def save(self, out: Path, step: int, state: dict | None = None, num_steps: int = 1, **kwargs) -> Path:
         optimizer, scheduler = kwargs.pop("optimisation", None) or self.optimisation()
         return save_checkpoint(
-            out, step, TOTAL, self.policy, self.preprocessor, self.postprocessor,
+            out,
+            step,
+            TOTAL,
+            self.policy,
+            self.preprocessor,
+            self.postprocessor,
             student_config_json(self.init_config, str(self.init_dir), num_steps),
-            optimizer, scheduler, {"position": step * 10} if state is None else state, **kwargs,
+            optimizer,
+            scheduler,
+            {"position": step * 10} if state is None else state,
+            **kwargs,
         )
 
 
@@ -159,7 +167,9 @@ def test_last_checkpoint_resolves_a_relative_link(tmp_path):
     target.mkdir(parents=True)
     point_last(tmp_path, target)
     link = last_link(tmp_path)
-    assert link.is_symlink() and os.readlink(link) == "000020", "lerobot-train makes `last` a relative symlink"
+    assert link.is_symlink() and os.readlink(link) == "000020", (
+        "lerobot-train makes `last` a relative symlink"
+    )
     assert last_checkpoint(tmp_path) == target.resolve()
     # Relative, so the run directory can be moved.
     moved = tmp_path.parent / (tmp_path.name + "-moved")
@@ -187,7 +197,10 @@ def test_dangling_last_is_a_clear_error(tmp_path):
     last_link(tmp_path).symlink_to("000030")
     with pytest.raises(ReflowPairsError) as info:
         last_checkpoint(tmp_path)
-    assert info.value.what == f"{last_link(tmp_path)} points at {(root / '000030').resolve()}, which does not exist."
+    assert (
+        info.value.what
+        == f"{last_link(tmp_path)} points at {(root / '000030').resolve()}, which does not exist."
+    )
     assert "--out" in info.value.hint
 
 
@@ -211,7 +224,9 @@ def test_clean_leftovers_removes_tmp_and_old_entries_only(tmp_path):
     (root / ".tmp-000020" / "training_state").mkdir(parents=True)
     (root / ".tmp-000020" / "training_state" / "x").write_text("partial")
     (root / ".old-000010").mkdir()
-    (root / ".tmp-last").symlink_to("000010")  # a symlink to a real checkpoint: the link goes, the target stays
+    (root / ".tmp-last").symlink_to(
+        "000010"
+    )  # a symlink to a real checkpoint: the link goes, the target stays
     (root / ".tmp-stray-file").write_text("x")
     (root / "notes.tmp-1").write_text("the user's")  # only names *starting* with the prefixes are leftovers
     (root / "000015.old").mkdir()
@@ -264,7 +279,9 @@ def test_read_state_bad_json_names_the_file(tmp_path):
     checkpoint = _state_file(tmp_path, '{"format": "reflowpairs.train", "version": 1, "step": ')
     with pytest.raises(ReflowPairsError) as info:
         read_state(checkpoint)
-    assert info.value.what.startswith(f"{checkpoint / 'training_state' / STATE_FILE} is not valid JSON (JSONDecodeError")
+    assert info.value.what.startswith(
+        f"{checkpoint / 'training_state' / STATE_FILE} is not valid JSON (JSONDecodeError"
+    )
     assert "damaged" in info.value.hint
     assert isinstance(info.value.__cause__, json.JSONDecodeError)
 
@@ -272,7 +289,9 @@ def test_read_state_bad_json_names_the_file(tmp_path):
 def test_read_state_unreadable_path_names_the_file(tmp_path):
     checkpoint = _state_file(tmp_path, None)
     (checkpoint / "training_state" / STATE_FILE).mkdir()  # an OSError other than FileNotFoundError
-    with pytest.raises(ReflowPairsError, match=rf"Cannot read {checkpoint / 'training_state' / STATE_FILE} \("):
+    with pytest.raises(
+        ReflowPairsError, match=rf"Cannot read {checkpoint / 'training_state' / STATE_FILE} \("
+    ):
         read_state(checkpoint)
 
 
@@ -322,12 +341,21 @@ def test_save_checkpoint_writes_lerobots_layout(student, tmp_path):
     assert _entries(checkpoints_dir(out)) == ["000005", "last"], "no .tmp-/.old- leftovers after a clean save"
     assert _entries(final) == ["pretrained_model", "training_state"]
     model = final / "pretrained_model"
-    assert {"config.json", "model.safetensors", "policy_preprocessor.json", "policy_postprocessor.json"} <= set(
-        _entries(model)
-    )
+    assert {
+        "config.json",
+        "model.safetensors",
+        "policy_preprocessor.json",
+        "policy_postprocessor.json",
+    } <= set(_entries(model))
     training = final / "training_state"
-    assert {"training_step.json", "optimizer_state.safetensors", "optimizer_param_groups.json",
-            "scheduler_state.json", "rng_state.safetensors", STATE_FILE} <= set(_entries(training))
+    assert {
+        "training_step.json",
+        "optimizer_state.safetensors",
+        "optimizer_param_groups.json",
+        "scheduler_state.json",
+        "rng_state.safetensors",
+        STATE_FILE,
+    } <= set(_entries(training))
     assert MASTER_FILE not in _entries(training), "no master copies were given"
 
     # config.json is exactly the config_json given (not re-serialised from the loaded config).
@@ -339,7 +367,11 @@ def test_save_checkpoint_writes_lerobots_layout(student, tmp_path):
     assert loaded.type == "smolvla" and loaded.num_steps == 1 and loaded.load_vlm_weights is False
 
     assert read_state(final) == {
-        "format": STATE_FORMAT, "version": STATE_VERSION, "step": 5, "position": 40, "settings": {"lr": 1e-4}
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "step": 5,
+        "position": 40,
+        "settings": {"lr": 1e-4},
     }
     assert json.loads((training / "training_step.json").read_text())["step"] == 5
 

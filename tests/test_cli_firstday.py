@@ -69,11 +69,21 @@ def _translate(name: str, *args: str) -> list[str]:
         ("train", ["--wandb.enable=true"], ["--wandb"]),
         ("train", ["--wandb.enable", "true", "--steps", "2"], ["--wandb", "--steps", "2"]),
         ("train", ["--wandb.enable=false"], ["--no-wandb"]),
-        ("train", ["--wandb.project=p", "--wandb.entity", "e", "--wandb.mode", "offline", "--wandb.notes=n"],
-         ["--wandb-project=p", "--wandb-entity", "e", "--wandb-mode", "offline", "--wandb-notes=n"]),
-        ("eval", ["--output_dir=r", "--dataset.repo_id=a/b", "--dataset.root", "d", "--dataset.episodes=[8,9]"],
-         ["--out=r", "--dataset=a/b", "--dataset-root", "d", "--episodes=[8,9]"]),
-        ("validate", ["--dataset.root", "d", "--spot_check", "4"], ["--dataset-root", "d", "--spot-check", "4"]),
+        (
+            "train",
+            ["--wandb.project=p", "--wandb.entity", "e", "--wandb.mode", "offline", "--wandb.notes=n"],
+            ["--wandb-project=p", "--wandb-entity", "e", "--wandb-mode", "offline", "--wandb-notes=n"],
+        ),
+        (
+            "eval",
+            ["--output_dir=r", "--dataset.repo_id=a/b", "--dataset.root", "d", "--dataset.episodes=[8,9]"],
+            ["--out=r", "--dataset=a/b", "--dataset-root", "d", "--episodes=[8,9]"],
+        ),
+        (
+            "validate",
+            ["--dataset.root", "d", "--spot_check", "4"],
+            ["--dataset-root", "d", "--spot-check", "4"],
+        ),
         ("merge", ["a", "--output_dir", "m"], ["a", "--out", "m"]),
         ("train", ["--out", "o", "--", "--output_dir"], ["--out", "o", "--", "--output_dir"]),
     ],
@@ -84,19 +94,40 @@ def test_lerobot_names_mean_ours(command, given, ours):
 
 def test_lerobot_names_reach_the_command(tmp_path):
     """Through the whole CLI: the run gets as far as reading --pairs (a clear error about it, not 'No such option')."""
-    result = runner.invoke(app, ["train", "--pairs", str(tmp_path / "none"), "--output_dir", str(tmp_path / "o"),
-                                 "--batch_size=4", "--save_freq", "2", "--log_freq=2", "--steps", "3"], env=ENV)
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--pairs",
+            str(tmp_path / "none"),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--batch_size=4",
+            "--save_freq",
+            "2",
+            "--log_freq=2",
+            "--steps",
+            "3",
+        ],
+        env=ENV,
+    )
     assert result.exit_code == 1, result.output
     assert "is not a pair store" in result.output and "No such option" not in result.output
 
 
 @pytest.mark.parametrize(
     ("command", "use"),
-    [("generate", "Here: --teacher."), ("train", "Here: --init."), ("eval", "as --student and its teacher as --teacher"),
-     ("validate", "as --teacher")],
+    [
+        ("generate", "Here: --teacher."),
+        ("train", "Here: --init."),
+        ("eval", "as --student and its teacher as --teacher"),
+        ("validate", "as --teacher"),
+    ],
 )
 def test_policy_path_gets_a_hint(command, use):
-    result = runner.invoke(app, [command, "--policy.path=outputs/train/x/checkpoints/last/pretrained_model"], env=ENV)
+    result = runner.invoke(
+        app, [command, "--policy.path=outputs/train/x/checkpoints/last/pretrained_model"], env=ENV
+    )
     assert result.exit_code == 2
     text = _flat(result.output)
     assert "No such option --policy.path: " in text and use in text
@@ -106,9 +137,13 @@ def test_other_lerobot_names_get_hints():
     result = runner.invoke(app, ["train", "--config_path", "train_config.json"], env=ENV)
     assert result.exit_code == 2 and "reads its own options file: --config FILE" in _flat(result.output)
     result = runner.invoke(app, ["train", "--policy.type=smolvla"], env=ENV)
-    assert result.exit_code == 2 and "the policy's settings come from its checkpoint's config.json" in _flat(result.output)
+    assert result.exit_code == 2 and "the policy's settings come from its checkpoint's config.json" in _flat(
+        result.output
+    )
     result = runner.invoke(app, ["train", "--dataset.repo_id=a/b"], env=ENV)
-    assert result.exit_code == 2 and "train reads the dataset the pair store was generated from" in _flat(result.output)
+    assert result.exit_code == 2 and "train reads the dataset the pair store was generated from" in _flat(
+        result.output
+    )
     result = runner.invoke(app, ["generate", "--resume=maybe"], env=ENV)
     assert result.exit_code == 2 and "--resume takes true or false, got 'maybe'" in _flat(result.output)
 
@@ -118,13 +153,21 @@ def test_episodes_take_lerobots_list_form():
     assert parse_episodes("[3, 1, 2]") == [1, 2, 3]
     assert parse_episodes("0-3,7") == [0, 1, 2, 3, 7]
     assert parse_episodes("5") == [5] and parse_episodes(None) is None
-    for bad, words in (("[]", "names no episodes"), ("3-1", "the range 3-1 is empty"), ("[0,x]", "is not a list of episode numbers")):
+    for bad, words in (
+        ("[]", "names no episodes"),
+        ("3-1", "the range 3-1 is empty"),
+        ("[0,x]", "is not a list of episode numbers"),
+    ):
         with pytest.raises(typer.BadParameter, match=re.escape(words)):
             parse_episodes(bad)
 
 
 def test_log_every_must_be_positive(tmp_path):
-    result = runner.invoke(app, ["generate", "--teacher", "t", "--dataset", "d", "--out", str(tmp_path / "o"), "--log-every", "0"], env=ENV)
+    result = runner.invoke(
+        app,
+        ["generate", "--teacher", "t", "--dataset", "d", "--out", str(tmp_path / "o"), "--log-every", "0"],
+        env=ENV,
+    )
     assert result.exit_code == 2 and "must be at least 1, got 0" in _flat(result.output)
 
 
@@ -137,7 +180,10 @@ def test_help_has_no_type_placeholders():
         assert result.exit_code == 0, result.output
         for placeholder in ("<bool>", "<int>", "<str>", "<float>", "<path>", "<list", "{"):
             assert placeholder not in result.output, (args, placeholder)
-    assert "Usage: reflowpairs merge [OPTIONS] SLICE..." in runner.invoke(app, ["merge", "--help"], env=ENV).output
+    assert (
+        "Usage: reflowpairs merge [OPTIONS] SLICE..."
+        in runner.invoke(app, ["merge", "--help"], env=ENV).output
+    )
 
 
 def test_commands_are_listed_in_workflow_order():
@@ -151,8 +197,10 @@ def test_generate_and_train_options_are_grouped():
     generate = runner.invoke(app, ["generate", "--help"], env=ENV).output
     for panel in ("Inputs", "Sampling", "Output", "Performance", "Multi-process", "Options file and logs"):
         assert f"╭─ {panel} ─" in generate, panel
-    assert ("Replace the pair store in --out (only its manifest.json, shards/ and parts/), or write a new store into a "
-            "non-empty folder that is not a store (its files are left alone).") in _flat(generate)
+    assert (
+        "Replace the pair store in --out (only its manifest.json, shards/ and parts/), or write a new store into a "
+        "non-empty folder that is not a store (its files are left alone)."
+    ) in _flat(generate)
     train = runner.invoke(app, ["train", "--help"], env=ENV).output
     for panel in ("Inputs", "Training", "Output", "Performance", "Options file and logs"):
         assert f"╭─ {panel} ─" in train, panel
@@ -166,7 +214,15 @@ def test_progress_mode_follows_the_terminal_and_the_environment():
     log = Console(file=io.StringIO())  # like a SLURM log: not a terminal
     tty = Console(file=io.StringIO(), force_terminal=True)
     assert progress_mode(log, {}) == "lines" and progress_mode(tty, {}) == "bar"
-    for value, mode in (("1", "bar"), ("bar", "bar"), ("lines", "lines"), ("off", "off"), ("0", "off"), ("auto", "lines"), ("what", "lines")):
+    for value, mode in (
+        ("1", "bar"),
+        ("bar", "bar"),
+        ("lines", "lines"),
+        ("off", "off"),
+        ("0", "off"),
+        ("auto", "lines"),
+        ("what", "lines"),
+    ):
         assert progress_mode(log, {"REFLOWPAIRS_PROGRESS": value}) == mode, value
     assert progress_mode(tty, {"REFLOWPAIRS_PROGRESS": "lines"}) == "lines"
     assert isinstance(make_progress(log, "x"), LineProgress)
@@ -188,9 +244,13 @@ def test_line_progress_prints_done_total_rate_and_eta():
             bar.update(task, completed=step, info=f"loss {1 / step:.4f}")
     lines = console.file.getvalue().splitlines()
     assert len(lines) == 3, lines  # steps 4 and 8, and the end; one line each however narrow the console
-    assert re.fullmatch(r"train: step 4/10 \(40%\) loss 0\.2500, [\d,.]+ (steps/s|s/step), ETA \d+:\d\d:\d\d", lines[0]), lines[0]
+    assert re.fullmatch(
+        r"train: step 4/10 \(40%\) loss 0\.2500, [\d,.]+ (steps/s|s/step), ETA \d+:\d\d:\d\d", lines[0]
+    ), lines[0]
     assert lines[1].startswith("train: step 8/10 (80%) loss 0.1250, ")
-    assert re.fullmatch(r"train: step 10/10 \(100%\) loss 0\.1000, .*, done in \d+:\d\d:\d\d", lines[2]), lines[2]
+    assert re.fullmatch(r"train: step 10/10 \(100%\) loss 0\.1000, .*, done in \d+:\d\d:\d\d", lines[2]), (
+        lines[2]
+    )
 
 
 # --- options files: errors -----------------------------------------------------------------------------------------
@@ -199,7 +259,10 @@ def test_line_progress_prints_done_total_rate_and_eta():
 @pytest.mark.parametrize(
     ("content", "words"),
     [
-        ("pairs: p\nout: o\nbogus_key: 3\n", "'bogus_key' is not an option of `reflowpairs train`. Valid keys: pairs, init,"),
+        (
+            "pairs: p\nout: o\nbogus_key: 3\n",
+            "'bogus_key' is not an option of `reflowpairs train`. Valid keys: pairs, init,",
+        ),
         ("- 1\n- 2\n", "holds a list, not a mapping of option names to values"),
         ("pairs: [unclosed\n", "is not valid YAML"),
         (b"pairs: \xff\n", "is not UTF-8 text"),
@@ -219,10 +282,21 @@ def test_bad_options_file_is_refused_naming_it(tmp_path, content, words):
 
 def test_options_file_takes_dashes_underscores_lerobot_names_and_nesting(tmp_path):
     path = tmp_path / "options.json"
-    path.write_text(json.dumps({"pairs": str(tmp_path / "none"), "output_dir": str(tmp_path / "o"), "batch_size": 4,
-                                "save-every": 2, "wandb": {"enable": False}}))
+    path.write_text(
+        json.dumps(
+            {
+                "pairs": str(tmp_path / "none"),
+                "output_dir": str(tmp_path / "o"),
+                "batch_size": 4,
+                "save-every": 2,
+                "wandb": {"enable": False},
+            }
+        )
+    )
     result = runner.invoke(app, ["train", "--config", str(path)], env=ENV)
-    assert result.exit_code == 1 and "is not a pair store" in result.output, result.output  # every key was taken
+    assert result.exit_code == 1 and "is not a pair store" in result.output, (
+        result.output
+    )  # every key was taken
 
 
 # --- generate, validate, inspect, merge through the CLI -------------------------------------------------------------
@@ -232,10 +306,30 @@ def test_options_file_takes_dashes_underscores_lerobot_names_and_nesting(tmp_pat
 def generated(tiny_world, tmp_path_factory):
     """One generate run given lerobot's names, with progress lines every 16 frames (CliRunner's stderr is no terminal)."""
     out = tmp_path_factory.mktemp("firstday") / "pairs"
-    args = ["generate", "--teacher", str(tiny_world.teacher_dir), f"--dataset.repo_id={tiny_world.repo_id}",
-            "--dataset.root", str(tiny_world.dataset_root), "--output_dir", str(out), "--dataset.episodes", "[0,1]",
-            "--samples-per-frame", "2", "--num-steps", "2", "--shard_size", "16", "--batch_size", "8", "--device", "cpu",
-            "--log-every", "16"]
+    args = [
+        "generate",
+        "--teacher",
+        str(tiny_world.teacher_dir),
+        f"--dataset.repo_id={tiny_world.repo_id}",
+        "--dataset.root",
+        str(tiny_world.dataset_root),
+        "--output_dir",
+        str(out),
+        "--dataset.episodes",
+        "[0,1]",
+        "--samples-per-frame",
+        "2",
+        "--num-steps",
+        "2",
+        "--shard_size",
+        "16",
+        "--batch_size",
+        "8",
+        "--device",
+        "cpu",
+        "--log-every",
+        "16",
+    ]
     result = runner.invoke(app, args, env=ENV)
     assert result.exit_code == 0, result.output
     return out, result
@@ -244,15 +338,25 @@ def generated(tiny_world, tmp_path_factory):
 def test_generate_takes_lerobot_names(generated):
     out, _ = generated
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["generation"]["episodes"] == [0, 1] and manifest["num_frames"] == 48 and manifest["complete"] is True
+    assert (
+        manifest["generation"]["episodes"] == [0, 1]
+        and manifest["num_frames"] == 48
+        and manifest["complete"] is True
+    )
 
 
 def test_generate_prints_progress_lines_to_a_log(generated):
     _, result = generated
     lines = [line for line in result.output.splitlines() if line.startswith("generate: ")]
-    assert [line.split(" (")[0] for line in lines] == ["generate: frame 16/48", "generate: frame 32/48", "generate: frame 48/48"]
-    assert re.fullmatch(r"generate: frame 16/48 \(33%\) 32 pairs, [\d,.]+ pairs/s, [\d,.]+ (frames/s|s/frame), ETA \d+:\d\d:\d\d",
-                        lines[0]), lines[0]
+    assert [line.split(" (")[0] for line in lines] == [
+        "generate: frame 16/48",
+        "generate: frame 32/48",
+        "generate: frame 48/48",
+    ]
+    assert re.fullmatch(
+        r"generate: frame 16/48 \(33%\) 32 pairs, [\d,.]+ pairs/s, [\d,.]+ (frames/s|s/frame), ETA \d+:\d\d:\d\d",
+        lines[0],
+    ), lines[0]
     assert "done in" in lines[-1]
 
 
@@ -270,14 +374,20 @@ def test_generate_writes_its_options_and_config_repeats_the_run(generated, tiny_
     options = yaml.safe_load(written.read_text())
     assert written.read_text().startswith("# reflowpairs generate options of this run")
     assert options["episodes"] == "0-1" and options["samples-per-frame"] == 2 and options["num-steps"] == 2
-    assert options["dataset-root"] == str(tiny_world.dataset_root.resolve()) and options["teacher"] == str(tiny_world.teacher_dir.resolve())
+    assert options["dataset-root"] == str(tiny_world.dataset_root.resolve()) and options["teacher"] == str(
+        tiny_world.teacher_dir.resolve()
+    )
     assert options["out"] == str(out.resolve()) and options["log-every"] == 16
     assert "resume" not in options and "overwrite" not in options and "config" not in options
     # Flags override the file: another --out and --log-every.
     again = tmp_path / "again"
-    result = runner.invoke(app, ["generate", "--config", str(written), "--out", str(again), "--log-every", "48"], env=ENV)
+    result = runner.invoke(
+        app, ["generate", "--config", str(written), "--out", str(again), "--log-every", "48"], env=ENV
+    )
     assert result.exit_code == 0, result.output
-    assert [line.split(" (")[0] for line in result.output.splitlines() if line.startswith("generate: ")] == ["generate: frame 48/48"]
+    assert [line.split(" (")[0] for line in result.output.splitlines() if line.startswith("generate: ")] == [
+        "generate: frame 48/48"
+    ]
     assert_identical_pairs(read_plain(out), read_plain(again))
     repeated = yaml.safe_load((again / "generate_config.yaml").read_text())
     assert repeated == {**options, "out": str(again.resolve()), "log-every": 48}
@@ -287,9 +397,30 @@ def test_generate_keeps_a_users_file_of_the_same_name(tiny_world, tmp_path):
     out = tmp_path / "work"
     out.mkdir()
     (out / "generate_config.yaml").write_text("mine: true\n")
-    result = runner.invoke(app, ["generate", "--teacher", str(tiny_world.teacher_dir), "--dataset", tiny_world.repo_id,
-                                 "--dataset-root", str(tiny_world.dataset_root), "--out", str(out), "--episodes", "0",
-                                 "--samples-per-frame", "1", "--num-steps", "1", "--device", "cpu", "--overwrite"], env=ENV)
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--teacher",
+            str(tiny_world.teacher_dir),
+            "--dataset",
+            tiny_world.repo_id,
+            "--dataset-root",
+            str(tiny_world.dataset_root),
+            "--out",
+            str(out),
+            "--episodes",
+            "0",
+            "--samples-per-frame",
+            "1",
+            "--num-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--overwrite",
+        ],
+        env=ENV,
+    )
     assert result.exit_code == 0, result.output
     assert (out / "generate_config.yaml").read_text() == "mine: true\n"
     assert "exists and was not written by reflowpairs" in _flat(result.output)
@@ -299,7 +430,9 @@ def test_validate_and_inspect_say_what_is_next(generated, tmp_path):
     out, _ = generated
     result = runner.invoke(app, ["validate", str(out)], env=ENV)
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[-1] == f"next: reflowpairs train --pairs {out} --out outputs/reflow/pairs"
+    assert (
+        result.output.splitlines()[-1] == f"next: reflowpairs train --pairs {out} --out outputs/reflow/pairs"
+    )
     result = runner.invoke(app, ["inspect", str(out)], env=ENV)
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-1] == f"next: reflowpairs validate {out}"
@@ -314,14 +447,40 @@ def test_validate_and_inspect_say_what_is_next(generated, tmp_path):
     result = runner.invoke(app, ["validate", str(store)], env=ENV)
     assert result.exit_code == 1 and "INCOMPLETE" in result.output
     last = result.output.splitlines()[-1]
-    assert last.startswith("next: reflowpairs generate ") and last.endswith(" --resume") and f"--out {store}" in last
+    assert (
+        last.startswith("next: reflowpairs generate ")
+        and last.endswith(" --resume")
+        and f"--out {store}" in last
+    )
 
 
 def test_partition_and_merge_say_what_is_next(tiny_world, tmp_path):
     part = tmp_path / "slice0"
-    result = runner.invoke(app, ["generate", "--teacher", str(tiny_world.teacher_dir), "--dataset", tiny_world.repo_id,
-                                 "--dataset-root", str(tiny_world.dataset_root), "--out", str(part), "--episodes", "[0]",
-                                 "--samples-per-frame", "1", "--num-steps", "1", "--device", "cpu", "--partition", "0/1"], env=ENV)
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--teacher",
+            str(tiny_world.teacher_dir),
+            "--dataset",
+            tiny_world.repo_id,
+            "--dataset-root",
+            str(tiny_world.dataset_root),
+            "--out",
+            str(part),
+            "--episodes",
+            "[0]",
+            "--samples-per-frame",
+            "1",
+            "--num-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--partition",
+            "0/1",
+        ],
+        env=ENV,
+    )
     assert result.exit_code == 0, result.output
     assert f"next: reflowpairs merge {part} --out MERGED_DIR" in result.output
     merged = tmp_path / "merged"
@@ -340,7 +499,8 @@ def test_tiny_world_says_what_is_next(tiny_world, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-1] == (
         f"next: reflowpairs generate --teacher {tiny_world.teacher_dir} --dataset {tiny_world.repo_id} "
-        f"--dataset-root {tiny_world.dataset_root} --out {tmp_path / 'w' / 'pairs'}")
+        f"--dataset-root {tiny_world.dataset_root} --out {tmp_path / 'w' / 'pairs'}"
+    )
 
 
 # --- train through the CLI -----------------------------------------------------------------------------------------
@@ -359,7 +519,10 @@ def _wandb_history(wandb_dir: Path) -> dict[int, dict[str, float]]:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)
         if record.WhichOneof("record_type") == "history":
-            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            items = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in record.history.item
+            }
             history[int(items["_step"])] = {k: v for k, v in items.items() if k.startswith("train/")}
     return history
 
@@ -369,9 +532,29 @@ def trained(tiny_store, tmp_path_factory):
     """A 4-step run given lerobot's names (a checkpoint and a log line every 2 steps), logged to W&B offline."""
     root = tmp_path_factory.mktemp("firstday_train")
     out, wandb_dir = root / "run", root / "wandb"
-    args = ["train", "--pairs", str(tiny_store), "--output_dir", str(out), "--steps", "4", "--batch_size", "4",
-            "--save_freq=2", "--log_freq", "2", "--num_workers", "0", "--policy.device", "cpu", "--policy.optimizer_lr",
-            "1e-3", "--wandb.enable=true", "--wandb.project", "reflowpairs-tests"]
+    args = [
+        "train",
+        "--pairs",
+        str(tiny_store),
+        "--output_dir",
+        str(out),
+        "--steps",
+        "4",
+        "--batch_size",
+        "4",
+        "--save_freq=2",
+        "--log_freq",
+        "2",
+        "--num_workers",
+        "0",
+        "--policy.device",
+        "cpu",
+        "--policy.optimizer_lr",
+        "1e-3",
+        "--wandb.enable=true",
+        "--wandb.project",
+        "reflowpairs-tests",
+    ]
     result = runner.invoke(app, args, env={**ENV, "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir)})
     assert result.exit_code == 0, result.output
     return out, wandb_dir, result
@@ -383,17 +566,28 @@ def _log(out: Path) -> list[dict]:
 
 def test_train_takes_lerobot_names(trained):
     out, _, _ = trained
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000002", "000004", "last"]  # --save_freq 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "000002",
+        "000004",
+        "last",
+    ]  # --save_freq 2
     assert [r["step"] for r in _log(out)] == [2, 4]  # --log_freq 2
-    assert json.loads((out / "checkpoints/last/training_state/reflow_state.json").read_text())["settings"]["lr"] == 1e-3
+    assert (
+        json.loads((out / "checkpoints/last/training_state/reflow_state.json").read_text())["settings"]["lr"]
+        == 1e-3
+    )
 
 
 def test_train_prints_progress_lines_and_threads(trained):
     _, _, result = trained
     lines = [line for line in result.output.splitlines() if line.startswith("train: step ")]
     assert [line.split(" (")[0] for line in lines] == ["train: step 2/4", "train: step 4/4"]
-    assert re.fullmatch(r"train: step 2/4 \(50%\) loss \d\.\d{4}, [\d,.]+ (steps/s|s/step), ETA \d+:\d\d:\d\d", lines[0]), lines[0]
-    assert re.search(r"│ threads +│ \d+ main threads? on \d+ cores? \(from OMP_NUM_THREADS\)", result.output), result.output
+    assert re.fullmatch(
+        r"train: step 2/4 \(50%\) loss \d\.\d{4}, [\d,.]+ (steps/s|s/step), ETA \d+:\d\d:\d\d", lines[0]
+    ), lines[0]
+    assert re.search(
+        r"│ threads +│ \d+ main threads? on \d+ cores? \(from OMP_NUM_THREADS\)", result.output
+    ), result.output
 
 
 def test_train_logs_to_wandb(trained):
@@ -402,22 +596,47 @@ def test_train_logs_to_wandb(trained):
     assert sorted(history) == [2, 4]
     for record in _log(out):
         logged = history[record["step"]]
-        assert logged == pytest.approx({"train/loss": record["loss"], "train/lr": record["lr"],
-                                        "train/grad_norm": record["grad_norm"], "train/seconds": record["seconds"]})
+        assert logged == pytest.approx(
+            {
+                "train/loss": record["loss"],
+                "train/lr": record["lr"],
+                "train/grad_norm": record["grad_norm"],
+                "train/seconds": record["seconds"],
+            }
+        )
     assert "W&B run: " in result.output and str(wandb_dir) in _flat(result.output)
 
 
 def test_train_writes_its_options_and_config_repeats_the_run(trained, tiny_store, tmp_path):
     out, _, _ = trained
     written = out / "train_options.yaml"
-    assert not list((out / "checkpoints/last/pretrained_model").glob("*.yaml"))  # an ordinary lerobot checkpoint
+    assert not list(
+        (out / "checkpoints/last/pretrained_model").glob("*.yaml")
+    )  # an ordinary lerobot checkpoint
     options = yaml.safe_load(written.read_text())
     assert options["pairs"] == str(tiny_store.resolve()) and options["out"] == str(out.resolve())
-    assert (options["steps"], options["batch-size"], options["save-every"], options["log-every"], options["lr"]) == (4, 4, 2, 2, 1e-3)
-    assert (options["seed"], options["time-sampling"], options["shuffle-window"], options["student-num-steps"]) == (0, "beta", 4, "1")
-    assert options["wandb"] is True and options["wandb-project"] == "reflowpairs-tests" and "resume" not in options
+    assert (
+        options["steps"],
+        options["batch-size"],
+        options["save-every"],
+        options["log-every"],
+        options["lr"],
+    ) == (4, 4, 2, 2, 1e-3)
+    assert (
+        options["seed"],
+        options["time-sampling"],
+        options["shuffle-window"],
+        options["student-num-steps"],
+    ) == (0, "beta", 4, "1")
+    assert (
+        options["wandb"] is True
+        and options["wandb-project"] == "reflowpairs-tests"
+        and "resume" not in options
+    )
     again = tmp_path / "again"
-    result = runner.invoke(app, ["train", "--config", str(written), "--out", str(again), "--wandb=false"], env=ENV)
+    result = runner.invoke(
+        app, ["train", "--config", str(written), "--out", str(again), "--wandb=false"], env=ENV
+    )
     assert result.exit_code == 0, result.output
     assert [r["step"] for r in _log(again)] == [r["step"] for r in _log(out)]
     assert [r["loss"] for r in _log(again)] == pytest.approx([r["loss"] for r in _log(out)], rel=1e-5)
@@ -427,9 +646,13 @@ def test_train_writes_its_options_and_config_repeats_the_run(trained, tiny_store
 
 def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
-    result = runner.invoke(app, ["train", "--pairs", str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--wandb"], env=ENV)
+    result = runner.invoke(
+        app, ["train", "--pairs", str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--wandb"], env=ENV
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "--wandb needs the wandb package" in _flat(result.output) and "pip install 'reflowpairs[wandb]'" in _flat(result.output)
+    assert "--wandb needs the wandb package" in _flat(
+        result.output
+    ) and "pip install 'reflowpairs[wandb]'" in _flat(result.output)
     assert not (tmp_path / "o").exists()
 
 
@@ -444,11 +667,31 @@ def test_wandb_resume_finds_the_previous_run(tmp_path):
 
 
 def test_wandb_settings_are_checked(tmp_path):
-    result = runner.invoke(app, ["train", "--pairs", str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--wandb",
-                                 "--wandb.mode=sometimes"], env=ENV)
-    assert result.exit_code == 1 and "--wandb-mode must be one of online, offline, disabled, got 'sometimes'" in _flat(result.output)
-    result = runner.invoke(app, ["train", "--pairs", str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--wandb.project=p"], env=ENV)
-    assert result.exit_code == 1 and "--wandb-project is for W&B logging, which is off. Add --wandb" in _flat(result.output)
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--pairs",
+            str(tmp_path / "p"),
+            "--out",
+            str(tmp_path / "o"),
+            "--wandb",
+            "--wandb.mode=sometimes",
+        ],
+        env=ENV,
+    )
+    assert (
+        result.exit_code == 1
+        and "--wandb-mode must be one of online, offline, disabled, got 'sometimes'" in _flat(result.output)
+    )
+    result = runner.invoke(
+        app,
+        ["train", "--pairs", str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--wandb.project=p"],
+        env=ENV,
+    )
+    assert result.exit_code == 1 and "--wandb-project is for W&B logging, which is off. Add --wandb" in _flat(
+        result.output
+    )
 
 
 def test_train_sets_and_reports_its_threads(tiny_store, tmp_path, monkeypatch):
@@ -464,8 +707,12 @@ def test_train_sets_and_reports_its_threads(tiny_store, tmp_path, monkeypatch):
     torch.set_num_threads(1)
     plans = []
     try:
-        train(TrainConfig(pairs=tiny_store, out=tmp_path / "o", steps=1, batch_size=2, num_workers=0, device="cpu"),
-              on_plan=plans.append)
+        train(
+            TrainConfig(
+                pairs=tiny_store, out=tmp_path / "o", steps=1, batch_size=2, num_workers=0, device="cpu"
+            ),
+            on_plan=plans.append,
+        )
         expected = plan_threads(0)
         assert plans[0]["threads"] == expected.describe() and torch.get_num_threads() == expected.main
     finally:
@@ -479,20 +726,48 @@ def test_eval_writes_its_options_and_config_repeats_the_run(trained, tiny_world,
     out, _, _ = trained
     student = out / "checkpoints/last/pretrained_model"
     report_dir = tmp_path / "report"
-    args = ["eval", "--student", str(student), "--teacher", str(tiny_world.teacher_dir), f"--dataset.repo_id={tiny_world.repo_id}",
-            "--dataset.root", str(tiny_world.dataset_root), "--dataset.episodes", "[9]", "--num-steps", "1,2", "--max-frames", "2",
-            "--samples-per-frame", "1", "--latency-repeats", "1", "--policy.device", "cpu", "--output_dir", str(report_dir)]
+    args = [
+        "eval",
+        "--student",
+        str(student),
+        "--teacher",
+        str(tiny_world.teacher_dir),
+        f"--dataset.repo_id={tiny_world.repo_id}",
+        "--dataset.root",
+        str(tiny_world.dataset_root),
+        "--dataset.episodes",
+        "[9]",
+        "--num-steps",
+        "1,2",
+        "--max-frames",
+        "2",
+        "--samples-per-frame",
+        "1",
+        "--latency-repeats",
+        "1",
+        "--policy.device",
+        "cpu",
+        "--output_dir",
+        str(report_dir),
+    ]
     result = runner.invoke(app, args, env=ENV)
     assert result.exit_code == 0, result.output
     written = report_dir / "eval_options.yaml"
     options = yaml.safe_load(written.read_text())
-    assert options["episodes"] == "9" and options["num-steps"] == "1,2" and options["student"] == str(student.resolve())
+    assert (
+        options["episodes"] == "9"
+        and options["num-steps"] == "1,2"
+        and options["student"] == str(student.resolve())
+    )
     again = tmp_path / "again"
     result = runner.invoke(app, ["eval", "--config", str(written), "--out", str(again)], env=ENV)
     assert result.exit_code == 0, result.output
 
     def rows(path: Path) -> list[dict]:
-        return [{k: v for k, v in row.items() if not k.startswith("latency")} for row in json.loads((path / "report.json").read_text())["rows"]]
+        return [
+            {k: v for k, v in row.items() if not k.startswith("latency")}
+            for row in json.loads((path / "report.json").read_text())["rows"]
+        ]
 
     assert rows(again) == rows(report_dir)
 
@@ -502,8 +777,11 @@ def test_eval_writes_its_options_and_config_repeats_the_run(trained, tiny_world,
 
 @pytest.mark.parametrize(
     ("content", "words"),
-    [(b"\xff\xfe{}", "is not UTF-8 text (byte 0 is 0xff)"), (b"[1, 2]", "holds a JSON list, not an object"),
-     (b'{"format": ', "is not valid JSON")],
+    [
+        (b"\xff\xfe{}", "is not UTF-8 text (byte 0 is 0xff)"),
+        (b"[1, 2]", "holds a JSON list, not an object"),
+        (b'{"format": ', "is not valid JSON"),
+    ],
     ids=["not-utf8", "not-an-object", "not-json"],
 )
 def test_damaged_reflow_state_is_named(tmp_path, content, words):
@@ -523,22 +801,44 @@ def test_train_log_with_damage_is_trimmed_or_refused(tmp_path):
 
     log = tmp_path / "train_log.jsonl"
     good = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)]
-    log.write_bytes(("\n".join(good) + "\n").encode() + b'{"step": 4, "lo\xff')  # a torn, undecodable last line
+    log.write_bytes(
+        ("\n".join(good) + "\n").encode() + b'{"step": 4, "lo\xff'
+    )  # a torn, undecodable last line
     _trim_log(log, 2)
     assert log.read_text().splitlines() == good[:2]
     for damage in (b"\xff\xfe\n", b"[1]\n", b'{"step": "two"}\n'):
         log.write_bytes(good[0].encode() + b"\n" + damage + good[1].encode() + b"\n")
         with pytest.raises(ReflowPairsError) as caught:
             _trim_log(log, 2)
-        assert f"{log} line 2 is not a train_log record" in caught.value.what and "Move train_log.jsonl aside" in caught.value.hint
+        assert (
+            f"{log} line 2 is not a train_log record" in caught.value.what
+            and "Move train_log.jsonl aside" in caught.value.hint
+        )
 
 
-@pytest.mark.parametrize(("content", "words"), [(b"\xff\xfe", "is not UTF-8 text"), (b"[]", "holds a JSON list, not an object")])
+@pytest.mark.parametrize(
+    ("content", "words"), [(b"\xff\xfe", "is not UTF-8 text"), (b"[]", "holds a JSON list, not an object")]
+)
 def test_damaged_init_config_is_named(tiny_world, tiny_store, tmp_path, content, words):
     init = Path(shutil.copytree(tiny_world.teacher_dir, tmp_path / "teacher"))
     (init / "config.json").write_bytes(content)
-    result = runner.invoke(app, ["train", "--pairs", str(tiny_store), "--out", str(tmp_path / "o"), "--init", str(init),
-                                 "--device", "cpu", "--num-workers", "0"], env=ENV)
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--pairs",
+            str(tiny_store),
+            "--out",
+            str(tmp_path / "o"),
+            "--init",
+            str(init),
+            "--device",
+            "cpu",
+            "--num-workers",
+            "0",
+        ],
+        env=ENV,
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output
     text = _flat(result.output)
     assert f"{init / 'config.json'} {words}" in text and "pass --init with a good copy" in text

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from reflowpairs.dataset import open_dataset
-from reflowpairs.errors import ReflowPairsError
 from reflowpairs.engine import (
     CPU_TOKENS_PER_CALL,
     default_tokens_per_call,
@@ -19,6 +18,7 @@ from reflowpairs.engine import (
     sdpa_attention,
     slice_frames,
 )
+from reflowpairs.errors import ReflowPairsError
 from reflowpairs.noise import batch_noise
 from reflowpairs.solvers import SolverConfig
 from reflowpairs.teacher import load_policy
@@ -68,17 +68,26 @@ def test_engine_in_calls_of_whole_frames_equals_predict_action_chunk(teacher_and
     assert x1.shape == (len(obs_index), samples, chunk, engine.action_dim)
     for k in range(samples):
         policy.reset()
-        torch.testing.assert_close(x1[:, k], policy.predict_action_chunk(batch, noise=noise[:, k]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            x1[:, k], policy.predict_action_chunk(batch, noise=noise[:, k]), atol=1e-5, rtol=0
+        )
 
 
 def test_frames_per_call_and_slice_frames():
     assert frames_per_call(32, samples=16, chunk=8, tokens_per_call=1024) == 8
     assert frames_per_call(32, samples=4, chunk=8, tokens_per_call=1024) == 32
-    assert frames_per_call(5, samples=4, chunk=50, tokens_per_call=100) == 1  # one frame always goes, over budget
+    assert (
+        frames_per_call(5, samples=4, chunk=50, tokens_per_call=100) == 1
+    )  # one frame always goes, over budget
     assert frames_per_call(7, samples=16, chunk=50, tokens_per_call=0) == 7  # 0: no limit
     assert default_tokens_per_call(torch.device("cpu")) == CPU_TOKENS_PER_CALL
     assert default_tokens_per_call(torch.device("cuda")) == 0
-    batch = {"state": torch.arange(10).view(5, 2), "task": list("abcde"), "scale": torch.tensor(2.0), "flag": True}
+    batch = {
+        "state": torch.arange(10).view(5, 2),
+        "task": list("abcde"),
+        "scale": torch.tensor(2.0),
+        "flag": True,
+    }
     part = slice_frames(batch, 1, 3, frames=5)
     assert part["state"].tolist() == [[2, 3], [4, 5]] and part["task"] == ["b", "c"]
     assert part["scale"] is batch["scale"] and part["flag"] is True  # not per-frame: passed through
@@ -153,7 +162,11 @@ def test_engine_equals_predict_action_chunk_for_other_smolvla_layouts(other_worl
     from reflowpairs.tinyworld import TinyTeacherSpec, tiny_smolvla_config
 
     dataset = open_dataset(other_world.repo_id, other_world.dataset_root)
-    config = tiny_smolvla_config(other_world.vlm_dir, dataset.meta, TinyTeacherSpec(chunk_size=5, max_action_dim=4, max_state_dim=4, num_steps=4))
+    config = tiny_smolvla_config(
+        other_world.vlm_dir,
+        dataset.meta,
+        TinyTeacherSpec(chunk_size=5, max_action_dim=4, max_state_dim=4, num_steps=4),
+    )
     for key, value in layout.items():
         setattr(config, key, value)
     torch.manual_seed(0)
@@ -168,7 +181,9 @@ def test_engine_equals_predict_action_chunk_for_other_smolvla_layouts(other_worl
     x1 = engine.sample(batch, noise, SolverConfig("euler", config.num_steps))
     for k in range(4):
         policy.reset()
-        torch.testing.assert_close(x1[:, k], policy.predict_action_chunk(batch, noise=noise[:, k]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            x1[:, k], policy.predict_action_chunk(batch, noise=noise[:, k]), atol=1e-5, rtol=0
+        )
 
 
 def test_resolve_frames_per_call_and_padding():
@@ -178,7 +193,11 @@ def test_resolve_frames_per_call_and_padding():
     assert resolve_frames_per_call(0, 12, samples=4, chunk=50, device=cpu) == 12
     batch = {"x": torch.arange(3)[:, None], "task": ["a", "b", "c"], "n": 3}
     padded = pad_frames(batch, 3, 5)
-    assert padded["x"].flatten().tolist() == [0, 1, 2, 2, 2] and padded["task"] == ["a", "b", "c", "c", "c"] and padded["n"] == 3
+    assert (
+        padded["x"].flatten().tolist() == [0, 1, 2, 2, 2]
+        and padded["task"] == ["a", "b", "c", "c", "c"]
+        and padded["n"] == 3
+    )
     tokens, mask = pad_language(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool), 5)
     assert tokens.shape == mask.shape == (2, 5) and mask[:, 3:].sum() == 0
 
@@ -222,4 +241,8 @@ def test_exact_sampler_is_predict_action_chunk_bit_for_bit(bf16_teacher_and_fram
         policy.reset()
         assert torch.equal(x1[f], policy.predict_action_chunk(frame, noise=noise))
     with pytest.raises(ReflowPairsError, match="cannot run the rk4 solver"):
-        engine.sample(teacher.preprocessor(torch.utils.data.default_collate(items[:1])), torch.zeros(1, 1, *engine.noise_shape), SolverConfig("rk4", 2))
+        engine.sample(
+            teacher.preprocessor(torch.utils.data.default_collate(items[:1])),
+            torch.zeros(1, 1, *engine.noise_shape),
+            SolverConfig("rk4", 2),
+        )

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from reflowpairs.cli.app import app
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.evaluate import (
-    EvalConfig,
     ErrorSums,
+    EvalConfig,
     evaluate,
     next_step,
     parse_num_steps,
@@ -99,7 +99,12 @@ def test_teacher_at_full_steps_is_the_reference(main_run):
     _, report, _, _ = main_run
     assert report["settings"]["reference_num_steps"] == 10
     row = _row(report, "teacher", 10)
-    assert (row["mse_ref_norm"], row["l1_ref_norm"], row["mse_ref_units"], row["l1_ref_units"]) == (0.0, 0.0, 0.0, 0.0)
+    assert (row["mse_ref_norm"], row["l1_ref_norm"], row["mse_ref_units"], row["l1_ref_units"]) == (
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    )
     assert row["mse_data_norm"] > 0  # the recorded chunk is not the teacher's sample
 
 
@@ -107,7 +112,7 @@ def test_teacher_error_decreases_with_steps(main_run):
     _, report, _, _ = main_run
     for key in ("mse_ref_norm", "l1_ref_norm", "mse_ref_units"):
         errors = [_row(report, "teacher", n)[key] for n in STEPS]
-        assert all(a > b for a, b in zip(errors, errors[1:])), (key, errors)
+        assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), (key, errors)
 
 
 def test_perturbed_student_differs_from_teacher(main_run):
@@ -117,7 +122,9 @@ def test_perturbed_student_differs_from_teacher(main_run):
     assert all(_row(report, "student", n)["mse_ref_norm"] > 0 for n in STEPS)
     head = report["headline"]
     assert head["num_steps"] == 1
-    assert head["ratio"] == pytest.approx(_row(report, "student", 1)["mse_ref_norm"] / _row(report, "teacher", 1)["mse_ref_norm"])
+    assert head["ratio"] == pytest.approx(
+        _row(report, "student", 1)["mse_ref_norm"] / _row(report, "teacher", 1)["mse_ref_norm"]
+    )
 
 
 def test_errors_match_lerobots_own_call_path(main_run, tiny_world, perturbed_student):
@@ -132,8 +139,11 @@ def test_errors_match_lerobots_own_call_path(main_run, tiny_world, perturbed_stu
     teacher = load_policy(tiny_world.teacher_dir, "cpu")
     student = load_policy(perturbed_student, "cpu")
     chunk = teacher.config.chunk_size
-    dataset = LeRobotDataset(tiny_world.repo_id, root=tiny_world.dataset_root,
-                             delta_timestamps={"action": [i / 10 for i in range(chunk)]})
+    dataset = LeRobotDataset(
+        tiny_world.repo_id,
+        root=tiny_world.dataset_root,
+        delta_timestamps={"action": [i / 10 for i in range(chunk)]},
+    )
     position = {int(i): p for p, i in enumerate(frame_indices(dataset))}
     obs_index = report["frames"]["obs_index"]
     assert len(obs_index) == 3 and {int(dataset[position[i]]["episode_index"]) for i in obs_index} == {8, 9}
@@ -156,9 +166,11 @@ def test_errors_match_lerobots_own_call_path(main_run, tiny_world, perturbed_stu
             reference = sample(teacher, frame, noise[f, k], 10)
             teacher_1.add(sample(teacher, frame, noise[f, k], 1), reference)
             ref_units = teacher.postprocessor(reference[None])[0]
-            student_2_units.add(student.postprocessor(sample(student, frame, noise[f, k], 2)[None])[0], ref_units)
+            student_2_units.add(
+                student.postprocessor(sample(student, frame, noise[f, k], 2)[None])[0], ref_units
+            )
             data_units.add(ref_units, frame["action"][0], inside)
-    tol = dict(rel=1e-4, abs=1e-8)
+    tol = {"rel": 1e-4, "abs": 1e-8}
     assert _row(report, "teacher", 1)["mse_ref_norm"] == pytest.approx(teacher_1.mse, **tol)
     assert _row(report, "teacher", 1)["l1_ref_norm"] == pytest.approx(teacher_1.l1, **tol)
     assert _row(report, "student", 2)["mse_ref_units"] == pytest.approx(student_2_units.mse, **tol)
@@ -170,7 +182,9 @@ def test_errors_match_lerobots_own_call_path(main_run, tiny_world, perturbed_stu
 def test_straightness_and_latency(main_run):
     _, report, _, phases = main_run
     for model in ("teacher", "student"):
-        assert abs(_row(report, model, 1)["straightness"]) < 1e-10  # one Euler step is straight by construction
+        assert (
+            abs(_row(report, model, 1)["straightness"]) < 1e-10
+        )  # one Euler step is straight by construction
         assert all(_row(report, model, n)["straightness"] > 0 for n in STEPS[1:])
         assert all(_row(report, model, n)["latency_ms"] > 0 for n in STEPS)
     assert {"held-out frames", "latency", "training pairs"} <= set(phases)
@@ -198,25 +212,39 @@ def test_sampling_steps_restores_the_policy_config():
 
 def test_next_step_recommends_few_steps_or_more_training(main_run):
     _, report, _, _ = main_run
-    rows = [{"model": "student", "num_steps": n, "mse_ref_norm": e} for n, e in ((1, 0.05), (2, 0.0105), (4, 0.01), (10, 0.011))]
+    rows = [
+        {"model": "student", "num_steps": n, "mse_ref_norm": e}
+        for n, e in ((1, 0.05), (2, 0.0105), (4, 0.01), (10, 0.011))
+    ]
     assert recommend_steps(rows) == 2  # the fewest within 1.1x of the lowest (0.01 at 4 steps)
     assert recommend_steps([{**r, "mse_ref_norm": None} for r in rows]) is None
     n = recommend_steps(report["rows"])
     assert report["next"]["num_steps"] == n
     override = "" if n == report["student"]["num_steps"] else f" --policy.num_steps={n}"
-    assert report["next"]["command"] == (f"lerobot-eval --policy.path={report['student']['source']}{override} "
-                                         "--policy.device=cpu --env.type=ENV --eval.n_episodes=50")
-    for saved in (n, n + 1):  # no step-count flag when the checkpoint already samples in the recommended count
+    assert report["next"]["command"] == (
+        f"lerobot-eval --policy.path={report['student']['source']}{override} "
+        "--policy.device=cpu --env.type=ENV --eval.n_episodes=50"
+    )
+    for saved in (
+        n,
+        n + 1,
+    ):  # no step-count flag when the checkpoint already samples in the recommended count
         other = copy.deepcopy(report)
         other["student"]["num_steps"] = saved
         assert (f"--policy.num_steps={n}" in next_step(other)["command"]) is (saved != n)
-        assert f"saved with num_steps {saved}" in next_step(other)["why"] or f"saved to sample in {n} step" in next_step(other)["why"]
+        assert (
+            f"saved with num_steps {saved}" in next_step(other)["why"]
+            or f"saved to sample in {n} step" in next_step(other)["why"]
+        )
     assert next_text(report) == f"next: {report['next']['command']}"
     assert f"```\n{report['next']['command']}\n```" in markdown(report)
     worse = copy.deepcopy(report)  # a student no better than its teacher, with a recorded run: train longer
     worse["headline"]["ratio"] = 1.5
     worse["student"]["training"] = {"run": "/runs/a", "store": "/pairs/a", "steps": 800, "step": 800}
-    assert next_step(worse)["command"] == "reflowpairs train --pairs /pairs/a --out /runs/a --resume --steps 1600"
+    assert (
+        next_step(worse)["command"]
+        == "reflowpairs train --pairs /pairs/a --out /runs/a --resume --steps 1600"
+    )
     assert "no better than the teacher at 1 step(s) (ratio 1.5)" in next_step(worse)["why"]
 
 
@@ -225,7 +253,9 @@ def test_training_pairs_section(main_run, tiny_store):
     pairs = report["pairs"]
     assert pairs["path"] == str(Path(tiny_store).resolve())
     assert pairs["same_teacher"] is True
-    assert pairs["num_frames"] == 3 and pairs["num_pairs"] == 6  # --max-frames frames, K=2 stored samples each
+    assert (
+        pairs["num_frames"] == 3 and pairs["num_pairs"] == 6
+    )  # --max-frames frames, K=2 stored samples each
     assert [r["num_steps"] for r in pairs["rows"]] == STEPS
     assert all(r["mse_norm"] > 0 for r in pairs["rows"])
     assert report["frames"]["episodes_in_store"] == []  # 8, 9 are held out of episodes 0-5
@@ -242,7 +272,9 @@ def test_caveats_about_the_training_pairs_are_noted(main_run):
     caveat["frames"]["episodes_in_store"] = [8]
     caveat["pairs"]["same_teacher"] = False
     notes = report_notes(caveat)[1:]
-    assert len(notes) == 2 and "another teacher" in notes[0] and "episodes [8] are also in the store" in notes[1]
+    assert (
+        len(notes) == 2 and "another teacher" in notes[0] and "episodes [8] are also in the store" in notes[1]
+    )
     text = markdown(caveat)
     assert all(f"Note: {note}" in text for note in report_notes(caveat))
 
@@ -254,7 +286,9 @@ def test_straightness_of_a_straight_and_a_bent_path():
     x_start = torch.randn(3, 4, 2)
     x_end = torch.randn(3, 4, 2)
     direction = x_start - x_end
-    assert torch.allclose(straightness([direction, direction], x_start, x_end), torch.zeros(3, dtype=torch.float64))
+    assert torch.allclose(
+        straightness([direction, direction], x_start, x_end), torch.zeros(3, dtype=torch.float64)
+    )
     bent = [direction + 1.0, direction - 1.0]  # mean still the direction; each off by 1 in every dimension
     assert torch.allclose(straightness(bent, x_start, x_end), torch.ones(3, dtype=torch.float64))
 
@@ -297,11 +331,14 @@ def test_report_files_agree_with_the_table(main_run):
     assert _printed_rows(console.export_text()) == shown
     markdown = files.markdown.read_text()
     assert _markdown_rows(markdown)[: len(shown)] == shown
-    for row, cells in zip(json.loads(files.json.read_text())["rows"], shown):
-        for (key, _), cell in zip(COLUMNS, cells):
+    for row, cells in zip(json.loads(files.json.read_text())["rows"], shown, strict=False):
+        for (key, _), cell in zip(COLUMNS, cells, strict=False):
             if isinstance(row[key], float):
                 assert float(cell) == pytest.approx(row[key], rel=5e-3, abs=1e-300)
-    assert "student 1-step error / teacher 1-step error = " + format_value(report["headline"]["ratio"]) in markdown
+    assert (
+        "student 1-step error / teacher 1-step error = " + format_value(report["headline"]["ratio"])
+        in markdown
+    )
     assert "Fitting vs generalising" in markdown
 
 
@@ -349,7 +386,9 @@ def test_log_ticks():
     assert log_ticks(0.0025, 0.05) == [0.005, 0.01, 0.02, 0.05]  # about one decade: several labels, not one
     assert log_ticks(0.3, 0.31) == [0.2, 0.3, 0.5]  # padded either side
     wide = log_ticks(1e-12, 1.0)
-    assert 3 <= len(wide) <= 8 and all(math.log10(v) == round(math.log10(v)) for v in wide)  # powers of ten, thinned
+    assert 3 <= len(wide) <= 8 and all(
+        math.log10(v) == round(math.log10(v)) for v in wide
+    )  # powers of ten, thinned
     assert log_ticks(0.0, 1.0) == []
 
 
@@ -397,11 +436,21 @@ def test_student_with_other_action_statistics(tiny_world, tmp_path):
     stats["action"]["mean"] = np.asarray(stats["action"]["mean"]) + 1.0
     pre, post = make_pre_post_processors(loaded.config, dataset_stats=stats)
     student = _save_checkpoint(loaded, tmp_path / "shifted", pre, post)
-    report = evaluate(EvalConfig(
-        student=str(student), teacher=str(tiny_world.teacher_dir), dataset=tiny_world.repo_id,
-        dataset_root=tiny_world.dataset_root, out=tmp_path / "report", episodes=[9], num_steps=[10],
-        max_frames=2, samples_per_frame=1, latency_repeats=1, device="cpu",
-    ))
+    report = evaluate(
+        EvalConfig(
+            student=str(student),
+            teacher=str(tiny_world.teacher_dir),
+            dataset=tiny_world.repo_id,
+            dataset_root=tiny_world.dataset_root,
+            out=tmp_path / "report",
+            episodes=[9],
+            num_steps=[10],
+            max_frames=2,
+            samples_per_frame=1,
+            latency_repeats=1,
+            device="cpu",
+        )
+    )
     row = _row(report, "student", 10)
     std = np.asarray(stats["action"]["std"], dtype=np.float64)
     assert report["student"]["same_action_normalisation"] is False
@@ -419,19 +468,48 @@ def other_store(other_world, tmp_path_factory) -> Path:
     from reflowpairs.generate import GenerateConfig, generate
 
     out = tmp_path_factory.mktemp("other_store") / "pairs"
-    generate(GenerateConfig(teacher=str(other_world.teacher_dir), dataset=other_world.repo_id,
-                            dataset_root=other_world.dataset_root, out=out, episodes=[0], samples_per_frame=1,
-                            device="cpu"))
+    generate(
+        GenerateConfig(
+            teacher=str(other_world.teacher_dir),
+            dataset=other_world.repo_id,
+            dataset_root=other_world.dataset_root,
+            out=out,
+            episodes=[0],
+            samples_per_frame=1,
+            device="cpu",
+        )
+    )
     return out
 
 
 def test_cli_on_other_world_teacher_as_student(other_world, other_store, tmp_path):
     out = tmp_path / "report"
     args = [
-        "eval", "--student", str(other_world.teacher_dir), "--teacher", str(other_world.teacher_dir),
-        "--dataset", other_world.repo_id, "--dataset-root", str(other_world.dataset_root), "--episodes", "1,2",
-        "--num-steps", "1,3,6", "--out", str(out), "--pairs", str(other_store), "--max-frames", "3",
-        "--samples-per-frame", "2", "--latency-repeats", "1", "--device", "cpu",
+        "eval",
+        "--student",
+        str(other_world.teacher_dir),
+        "--teacher",
+        str(other_world.teacher_dir),
+        "--dataset",
+        other_world.repo_id,
+        "--dataset-root",
+        str(other_world.dataset_root),
+        "--episodes",
+        "1,2",
+        "--num-steps",
+        "1,3,6",
+        "--out",
+        str(out),
+        "--pairs",
+        str(other_store),
+        "--max-frames",
+        "3",
+        "--samples-per-frame",
+        "2",
+        "--latency-repeats",
+        "1",
+        "--device",
+        "cpu",
     ]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
@@ -440,8 +518,9 @@ def test_cli_on_other_world_teacher_as_student(other_world, other_store, tmp_pat
     assert report["frames"]["count"] == 3 and report["dataset"]["episodes"] == [1, 2]
     for n in (1, 3, 6):  # the same checkpoint as teacher and student: identical rows
         t, s = _row(report, "teacher", n), _row(report, "student", n)
-        assert {k: v for k, v in t.items() if k not in ("model", "latency_ms", "latency_ms_runs")} == \
-               {k: v for k, v in s.items() if k not in ("model", "latency_ms", "latency_ms_runs")}
+        assert {k: v for k, v in t.items() if k not in ("model", "latency_ms", "latency_ms_runs")} == {
+            k: v for k, v in s.items() if k not in ("model", "latency_ms", "latency_ms_runs")
+        }
     assert _row(report, "teacher", 6)["mse_ref_norm"] == 0.0
     assert _row(report, "teacher", 1)["mse_ref_norm"] > _row(report, "teacher", 3)["mse_ref_norm"] > 0
     # the teacher reproduces its own stored pairs: obs_index lookup and stored X_0 are right
@@ -478,8 +557,15 @@ def test_num_steps_are_sorted_and_unique():
 
 
 def _cfg(world, tmp_path, **overrides) -> EvalConfig:
-    settings = dict(student=str(world.teacher_dir), teacher=str(world.teacher_dir), dataset=world.repo_id,
-                    dataset_root=world.dataset_root, out=tmp_path / "report", episodes=[8, 9], device="cpu")
+    settings = {
+        "student": str(world.teacher_dir),
+        "teacher": str(world.teacher_dir),
+        "dataset": world.repo_id,
+        "dataset_root": world.dataset_root,
+        "out": tmp_path / "report",
+        "episodes": [8, 9],
+        "device": "cpu",
+    }
     settings.update(overrides)
     return EvalConfig(**settings)
 
@@ -491,7 +577,10 @@ def _cfg(world, tmp_path, **overrides) -> EvalConfig:
         ({"max_frames": 0}, "--max-frames must be at least 1, got 0"),
         ({"latency_repeats": -1}, "--latency-repeats must be at least 1, got -1"),
         ({"num_steps": [0, 2]}, "--num-steps must be positive whole numbers"),
-        ({"episodes": [3, 10, 42]}, "--episodes 10, 42 out of range: dataset reflowpairs/tiny_reach has 10 episodes"),
+        (
+            {"episodes": [3, 10, 42]},
+            "--episodes 10, 42 out of range: dataset reflowpairs/tiny_reach has 10 episodes",
+        ),
         ({"episodes": []}, "--episodes selects no episode"),
     ],
 )
@@ -539,7 +628,9 @@ def test_bad_pairs(tiny_world, tiny_store, other_store, tmp_path):
     assert "is not a pair store" in str(err.value)
     with pytest.raises(ReflowPairsError) as err:
         evaluate(_cfg(tiny_world, tmp_path, pairs=other_store))
-    assert "holds X_0 (5, 4) and X_1 (5, 3), but the student samples noise (8, 6) into actions (8, 2)" in str(err.value)
+    assert "holds X_0 (5, 4) and X_1 (5, 3), but the student samples noise (8, 6) into actions (8, 2)" in str(
+        err.value
+    )
     copy = tmp_path / "copy"
     shutil.copytree(tiny_store, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -551,8 +642,19 @@ def test_bad_pairs(tiny_world, tiny_store, other_store, tmp_path):
 
 
 def test_cli_reports_bad_input_as_one_paragraph(tiny_world, tmp_path):
-    args = ["eval", "--student", str(tiny_world.teacher_dir), "--teacher", str(tiny_world.teacher_dir),
-            "--dataset", tiny_world.repo_id, "--out", str(tmp_path / "r"), "--num-steps", "0,a"]
+    args = [
+        "eval",
+        "--student",
+        str(tiny_world.teacher_dir),
+        "--teacher",
+        str(tiny_world.teacher_dir),
+        "--dataset",
+        tiny_world.repo_id,
+        "--out",
+        str(tmp_path / "r"),
+        "--num-steps",
+        "0,a",
+    ]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 1
     assert "--num-steps '0,a' has entries that are not positive whole numbers: '0', 'a'" in result.output

@@ -33,7 +33,11 @@ def trained_student(tiny_store, tmp_path_factory) -> Path:
     from reflowpairs.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("trained") / "run"
-    result = train(TrainConfig(pairs=tiny_store, out=out, steps=2, batch_size=8, num_workers=0, device="cpu", save_every=100))
+    result = train(
+        TrainConfig(
+            pairs=tiny_store, out=out, steps=2, batch_size=8, num_workers=0, device="cpu", save_every=100
+        )
+    )
     return result.checkpoint / "pretrained_model"
 
 
@@ -55,9 +59,18 @@ def other_teacher(tiny_world, tmp_path_factory) -> Path:
 
 
 def _cfg(world, student: Path, tmp_path: Path, **overrides) -> EvalConfig:
-    settings = dict(student=str(student), teacher=str(world.teacher_dir), dataset=world.repo_id,
-                    dataset_root=world.dataset_root, out=tmp_path / "report", num_steps=[1, 10], max_frames=2,
-                    samples_per_frame=1, latency_repeats=1, device="cpu")
+    settings = {
+        "student": str(student),
+        "teacher": str(world.teacher_dir),
+        "dataset": world.repo_id,
+        "dataset_root": world.dataset_root,
+        "out": tmp_path / "report",
+        "num_steps": [1, 10],
+        "max_frames": 2,
+        "samples_per_frame": 1,
+        "latency_repeats": 1,
+        "device": "cpu",
+    }
     settings.update(overrides)
     return EvalConfig(**settings)
 
@@ -81,7 +94,10 @@ def test_student_of_another_teacher_is_refused(tiny_world, trained_student, othe
     message = str(err.value)
     own = fingerprint_checkpoint(str(tiny_world.teacher_dir))["fingerprint"][:12]
     given = fingerprint_checkpoint(str(other_teacher))["fingerprint"][:12]
-    assert f"was trained from teacher {own}" in message and f"--teacher {other_teacher} is teacher {given}" in message
+    assert (
+        f"was trained from teacher {own}" in message
+        and f"--teacher {other_teacher} is teacher {given}" in message
+    )
     assert f"Pass --teacher {tiny_world.teacher_dir} (the checkpoint it was trained from)" in message
     assert "--allow-mismatch" in message
     assert not cfg.out.exists()
@@ -91,24 +107,56 @@ def test_allow_mismatch_runs_and_labels_the_report_cli(tiny_world, trained_stude
     """Through the CLI, with progress bars forced on: the run is labelled, the bar does not stay on screen,
     and a "next:" line follows the summary."""
     out = tmp_path / "report"
-    args = ["eval", "--student", str(trained_student), "--teacher", str(other_teacher), "--dataset", tiny_world.repo_id,
-            "--dataset-root", str(tiny_world.dataset_root), "--episodes", "9", "--num-steps", "1,10", "--out", str(out),
-            "--max-frames", "2", "--samples-per-frame", "1", "--latency-repeats", "1", "--device", "cpu",
-            "--allow-mismatch"]
+    args = [
+        "eval",
+        "--student",
+        str(trained_student),
+        "--teacher",
+        str(other_teacher),
+        "--dataset",
+        tiny_world.repo_id,
+        "--dataset-root",
+        str(tiny_world.dataset_root),
+        "--episodes",
+        "9",
+        "--num-steps",
+        "1,10",
+        "--out",
+        str(out),
+        "--max-frames",
+        "2",
+        "--samples-per-frame",
+        "1",
+        "--latency-repeats",
+        "1",
+        "--device",
+        "cpu",
+        "--allow-mismatch",
+    ]
     result = CliRunner().invoke(app, args, env={"REFLOWPAIRS_PROGRESS": "1"})
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["checks"]["teacher"]["matches"] is False and report["checks"]["allow_mismatch"] is True
     assert report["student"]["training"]["teacher_matches"] is False
     assert report["labels"] == ["TEACHER MISMATCH (--allow-mismatch)"]
-    assert report_notes(report)[0].startswith("TEACHER MISMATCH (--allow-mismatch): the student was trained from teacher")
-    assert "TEACHER MISMATCH" in result.output and "**TEACHER MISMATCH (--allow-mismatch)**" in (out / "report.md").read_text()
+    assert report_notes(report)[0].startswith(
+        "TEACHER MISMATCH (--allow-mismatch): the student was trained from teacher"
+    )
+    assert (
+        "TEACHER MISMATCH" in result.output
+        and "**TEACHER MISMATCH (--allow-mismatch)**" in (out / "report.md").read_text()
+    )
     flat = " ".join(result.output.split())  # the console wraps long lines
-    assert "frames: 2 x 1 noises from episodes 9 (--episodes): held out (the student trained on episodes 0-5" in flat
+    assert (
+        "frames: 2 x 1 noises from episodes 9 (--episodes): held out (the student trained on episodes 0-5"
+        in flat
+    )
     # one transient bar: nothing of it is left after the table
     assert "held-out frames" not in result.output and "latency ━" not in result.output
     lines = result.output.splitlines()
-    summary = next(i for i, line in enumerate(lines) if line.startswith("student 1-step error / teacher 1-step error"))
+    summary = next(
+        i for i, line in enumerate(lines) if line.startswith("student 1-step error / teacher 1-step error")
+    )
     nxt = next(i for i, line in enumerate(lines) if line.startswith("next: "))
     assert nxt > summary and f"next: {report['next']['command']}" in result.output  # one line: copy-pasteable
 
@@ -129,7 +177,9 @@ def test_damaged_training_state_is_named(tiny_world, trained_student, tmp_path):
     (copy_dir / "training_state" / "reflow_state.json").write_text("{not json")
     with pytest.raises(ReflowPairsError) as err:
         evaluate(_cfg(tiny_world, copy_dir / "pretrained_model", tmp_path, episodes=[9]))
-    assert str(err.value).startswith(f"--student: {copy_dir / 'training_state' / 'reflow_state.json'} is not valid JSON")
+    assert str(err.value).startswith(
+        f"--student: {copy_dir / 'training_state' / 'reflow_state.json'} is not valid JSON"
+    )
     assert "evaluate a copy of pretrained_model/ on its own" in str(err.value)
 
 
@@ -149,7 +199,9 @@ def test_held_out_episodes_by_default(tiny_world, trained_student, tmp_path):
     assert report["checks"]["teacher"]["matches"] is True and report["labels"] == []
     assert report_notes(report) == []
     text = frames_text(report)
-    assert text.startswith("frames: 3 x 1 noises from episodes 6-9: held out (the student trained on episodes 0-5")
+    assert text.startswith(
+        "frames: 3 x 1 noises from episodes 6-9: held out (the student trained on episodes 0-5"
+    )
     assert text in markdown(report)
 
 
@@ -158,18 +210,24 @@ def test_episodes_the_student_trained_on_are_refused(tiny_world, trained_student
     with pytest.raises(ReflowPairsError) as err:
         evaluate(cfg)
     message = str(err.value)
-    assert "--episodes includes 4-5, which the student" in message and "holds frames of episodes 0-5" in message
+    assert (
+        "--episodes includes 4-5, which the student" in message and "holds frames of episodes 0-5" in message
+    )
     assert "Choose held-out episodes (6-9)" in message and "--include-training-frames" in message
     assert not cfg.out.exists()
 
 
 def test_include_training_frames_labels_the_report(tiny_world, trained_student, tmp_path):
-    report = evaluate(_cfg(tiny_world, trained_student, tmp_path, episodes=[4, 8], include_training_frames=True))
+    report = evaluate(
+        _cfg(tiny_world, trained_student, tmp_path, episodes=[4, 8], include_training_frames=True)
+    )
     assert report["frames"]["episodes"] == [4, 8] and report["frames"]["training"]["included"] == [4]
     assert report["labels"] == ["TRAINING FRAMES INCLUDED (--include-training-frames)"]
     notes = report_notes(report)
-    assert notes[0].startswith("TRAINING FRAMES INCLUDED (--include-training-frames): of the evaluated episodes, "
-                               "the student trained on 4, so")
+    assert notes[0].startswith(
+        "TRAINING FRAMES INCLUDED (--include-training-frames): of the evaluated episodes, "
+        "the student trained on 4, so"
+    )
     assert "INCLUDES training episodes 4 (--include-training-frames" in frames_text(report)
     assert "**TRAINING FRAMES INCLUDED (--include-training-frames)**" in markdown(report)
 
@@ -199,12 +257,23 @@ def test_training_store_gone_or_moved(tiny_world, trained_student, tiny_store, t
     message = str(err.value)
     assert "Cannot tell which frames the student" in message and "is gone" in message
     assert "Pass --pairs with the store's new location, or --episodes with episodes you know" in message
-    assert choose_episodes(_cfg(tiny_world, trained_student, tmp_path, episodes=[9]), meta.total_episodes, training) == [9]
-    report = {"frames": {"count": 1, "samples_per_frame": 1, "episodes": [9], "selection": "given",
-                         "training": {**training, "included": None}}}
+    assert choose_episodes(
+        _cfg(tiny_world, trained_student, tmp_path, episodes=[9]), meta.total_episodes, training
+    ) == [9]
+    report = {
+        "frames": {
+            "count": 1,
+            "samples_per_frame": 1,
+            "episodes": [9],
+            "selection": "given",
+            "training": {**training, "included": None},
+        }
+    }
     assert "episodes 9 were not checked against its training frames" in report_notes(report)[0]
-    assert frames_text(report).endswith(f"not checked (the student's training store {tmp_path / 'gone'} (recorded in its "
-                                        "reflow_state.json) is gone)")
+    assert frames_text(report).endswith(
+        f"not checked (the student's training store {tmp_path / 'gone'} (recorded in its "
+        "reflow_state.json) is gone)"
+    )
     found = training_frames(moved, tiny_store, meta, fp)
     assert found["status"] == "known" and found["episodes"] == TRAINED
     replaced = copy.deepcopy(moved)
@@ -218,4 +287,6 @@ def test_student_trained_on_another_dataset(tiny_world, trained_student, tmp_pat
     state = read_student_state(str(trained_student))
     training = training_frames(state, None, meta, "0" * 64)
     assert training["status"] == "other_dataset" and training["episodes"] == []
-    assert choose_episodes(_cfg(tiny_world, trained_student, tmp_path), meta.total_episodes, training) == list(range(10))
+    assert choose_episodes(
+        _cfg(tiny_world, trained_student, tmp_path), meta.total_episodes, training
+    ) == list(range(10))

@@ -27,10 +27,17 @@ runner = CliRunner()
 
 
 def _generate(world, out: Path, **overrides) -> Path:
-    settings = dict(
-        teacher=str(world.teacher_dir), dataset=world.repo_id, dataset_root=world.dataset_root, out=out,
-        episodes=[0, 1], samples_per_frame=3, batch_size=4, shard_size=20, device="cpu",
-    )
+    settings = {
+        "teacher": str(world.teacher_dir),
+        "dataset": world.repo_id,
+        "dataset_root": world.dataset_root,
+        "out": out,
+        "episodes": [0, 1],
+        "samples_per_frame": 3,
+        "batch_size": 4,
+        "shard_size": 20,
+        "device": "cpu",
+    }
     settings.update(overrides)
     generate(GenerateConfig(**settings))
     return out
@@ -55,7 +62,11 @@ def read_plain(store: Path) -> dict[str, np.ndarray]:
             assert str(table.schema.field("sample").type) == "int32"
             for name, width in (("x0", t0 * d0), ("x1", t1 * d1)):
                 kind = table.schema.field(name).type
-                assert pa.types.is_fixed_size_list(kind) and kind.list_size == width and kind.value_type == pa.float32()
+                assert (
+                    pa.types.is_fixed_size_list(kind)
+                    and kind.list_size == width
+                    and kind.value_type == pa.float32()
+                )
             n = table.num_rows
             part = {
                 "x0": np.stack(table.column("x0").to_numpy(zero_copy_only=False)).reshape(n, t0, d0),
@@ -91,7 +102,9 @@ def test_store_contract_read_with_plain_libraries(tiny_world, tmp_path, backend)
     assert set(manifest["software"]) >= {"reflowpairs", "lerobot", "torch"}
     assert manifest["x0"] == {"shape": [8, 6], "dtype": "float32"}
     assert manifest["x1"] == {"shape": [8, 2], "dtype": "float32"}
-    assert all(s["path"].startswith("shards/") and s["path"].endswith("." + backend) for s in manifest["shards"])
+    assert all(
+        s["path"].startswith("shards/") and s["path"].endswith("." + backend) for s in manifest["shards"]
+    )
     assert len(manifest["shards"]) > 1  # shard_size=20 with 48 frames x 3 samples
 
     pairs = read_plain(store)
@@ -117,7 +130,7 @@ def test_backends_and_batch_sizes_store_identical_pairs(tiny_world, tmp_path):
 
 def test_dopri5_pairs_do_not_depend_on_the_batching(tiny_world, tmp_path):
     """An adaptive solver's steps depend on everything integrated together; the engine solves one frame per call."""
-    settings = dict(episodes=[1], samples_per_frame=2, solver="dopri5", rtol=1e-3, atol=1e-3)
+    settings = {"episodes": [1], "samples_per_frame": 2, "solver": "dopri5", "rtol": 1e-3, "atol": 1e-3}
     a = read_plain(_generate(tiny_world, tmp_path / "a", batch_size=1, **settings))
     b = read_plain(_generate(tiny_world, tmp_path / "b", batch_size=24, **settings))
     assert_same_pairs(a, b)
@@ -132,7 +145,10 @@ def test_dopri5_pairs_do_not_depend_on_the_batching(tiny_world, tmp_path):
         ({"shard_size": 0}, "--shard-size must be at least 1, got 0"),
         ({"solver": "dopri5", "rtol": -1.0}, "--rtol and --atol must be positive, got -1.0 and 1e-05"),
         ({"solver": "heun"}, "Unknown solver 'heun'"),
-        ({"episodes": [0, 12]}, "--episodes 12 out of range: dataset reflowpairs/tiny_reach has 10 episodes (0 to 9)"),
+        (
+            {"episodes": [0, 12]},
+            "--episodes 12 out of range: dataset reflowpairs/tiny_reach has 10 episodes (0 to 9)",
+        ),
         ({"episodes": []}, "--episodes selects no episode"),
     ],
 )
@@ -145,8 +161,22 @@ def test_bad_settings_are_refused_before_anything_is_written(tiny_world, tmp_pat
 
 def test_cli_episodes_out_of_range_names_them(tiny_world, tmp_path):
     """lerobot would look for the missing episode on the hub and fail with a network error."""
-    text = _cli_error(["--teacher", str(tiny_world.teacher_dir), "--dataset", tiny_world.repo_id, "--dataset-root",
-                       str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--episodes", "0,10-11", "--device", "cpu"])
+    text = _cli_error(
+        [
+            "--teacher",
+            str(tiny_world.teacher_dir),
+            "--dataset",
+            tiny_world.repo_id,
+            "--dataset-root",
+            str(tiny_world.dataset_root),
+            "--out",
+            str(tmp_path / "o"),
+            "--episodes",
+            "0,10-11",
+            "--device",
+            "cpu",
+        ]
+    )
     assert "--episodes 10, 11 out of range" in text and "ConnectError" not in text
     assert not (tmp_path / "o").exists()
 
@@ -157,7 +187,9 @@ def test_x1_equals_predict_action_chunk_from_stored_x0(other_world, tmp_path):
     pairs = read_plain(store)
     teacher = load_policy(str(other_world.teacher_dir), "cpu")
     dataset = open_dataset(other_world.repo_id, other_world.dataset_root)
-    position = {int(i): p for p, i in enumerate(np.asarray(dataset.hf_dataset.select_columns(["index"])["index"]))}
+    position = {
+        int(i): p for p, i in enumerate(np.asarray(dataset.hf_dataset.select_columns(["index"])["index"]))
+    }
     assert len(pairs["obs_index"]) == len(position) * 2
     worst = 0.0
     for row in range(len(pairs["obs_index"])):
@@ -173,7 +205,13 @@ def test_episodes_select_frames(tiny_world, tmp_path):
     store = _generate(tiny_world, tmp_path / "e", episodes=[3], samples_per_frame=1)
     pairs = read_plain(store)
     dataset = open_dataset(tiny_world.repo_id, tiny_world.dataset_root)
-    episode_of = dict(zip(np.asarray(dataset.hf_dataset["index"]).tolist(), np.asarray(dataset.hf_dataset["episode_index"]).tolist(), strict=True))
+    episode_of = dict(
+        zip(
+            np.asarray(dataset.hf_dataset["index"]).tolist(),
+            np.asarray(dataset.hf_dataset["episode_index"]).tolist(),
+            strict=True,
+        )
+    )
     assert {episode_of[int(i)] for i in pairs["obs_index"]} == {3}
     assert len(pairs["obs_index"]) == 24
 
@@ -205,8 +243,22 @@ def test_resume_with_other_settings_names_the_difference(tiny_world, tmp_path):
 def test_existing_store_is_refused_and_untouched(tiny_world, tmp_path):
     store = _generate(tiny_world, tmp_path / "s")
     before = {p: p.stat().st_mtime_ns for p in store.rglob("*")}
-    result = runner.invoke(app, ["generate", "--teacher", str(tiny_world.teacher_dir), "--dataset", tiny_world.repo_id,
-                                 "--dataset-root", str(tiny_world.dataset_root), "--out", str(store), "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--teacher",
+            str(tiny_world.teacher_dir),
+            "--dataset",
+            tiny_world.repo_id,
+            "--dataset-root",
+            str(tiny_world.dataset_root),
+            "--out",
+            str(store),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 1
     assert "already holds a pair store" in result.output and "--resume" in result.output
     assert "Traceback" not in result.output
@@ -215,9 +267,30 @@ def test_existing_store_is_refused_and_untouched(tiny_world, tmp_path):
 
 def test_cli_generate_end_to_end(tiny_world, tmp_path):
     out = tmp_path / "cli"
-    result = runner.invoke(app, ["generate", "--teacher", str(tiny_world.teacher_dir), "--dataset", tiny_world.repo_id,
-                                 "--dataset-root", str(tiny_world.dataset_root), "--out", str(out), "--episodes", "0,2",
-                                 "--samples-per-frame", "2", "--num-steps", "3", "--format", "parquet", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--teacher",
+            str(tiny_world.teacher_dir),
+            "--dataset",
+            tiny_world.repo_id,
+            "--dataset-root",
+            str(tiny_world.dataset_root),
+            "--out",
+            str(out),
+            "--episodes",
+            "0,2",
+            "--samples-per-frame",
+            "2",
+            "--num-steps",
+            "3",
+            "--format",
+            "parquet",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_pairs"] == 2 * 24 * 2 and manifest["generation"]["num_steps"] == 3
@@ -232,17 +305,45 @@ def _cli_error(args: list[str]) -> str:
 
 
 def test_missing_teacher_path(tiny_world, tmp_path):
-    text = _cli_error(["--teacher", str(tmp_path / "nope" / "pretrained_model"), "--dataset", tiny_world.repo_id,
-                       "--dataset-root", str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    text = _cli_error(
+        [
+            "--teacher",
+            str(tmp_path / "nope" / "pretrained_model"),
+            "--dataset",
+            tiny_world.repo_id,
+            "--dataset-root",
+            str(tiny_world.dataset_root),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert "does not exist" in text and "nope" in text
     assert not (tmp_path / "o").exists()
 
 
 def test_a_directory_that_is_not_a_policy_checkpoint(tiny_world, tmp_path):
     """The tiny world's VLM directory has a config.json too, but no policy type."""
-    text = _cli_error(["--teacher", str(tiny_world.vlm_dir), "--dataset", tiny_world.repo_id, "--dataset-root",
-                       str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"])
-    assert 'has no policy "type"' in text and "not a lerobot policy checkpoint" in text and "smolvlm model config" in text
+    text = _cli_error(
+        [
+            "--teacher",
+            str(tiny_world.vlm_dir),
+            "--dataset",
+            tiny_world.repo_id,
+            "--dataset-root",
+            str(tiny_world.dataset_root),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert (
+        'has no policy "type"' in text
+        and "not a lerobot policy checkpoint" in text
+        and "smolvlm model config" in text
+    )
     assert "None" not in text
 
 
@@ -253,8 +354,20 @@ def test_non_flow_matching_policy_is_refused(tiny_world, tmp_path, policy_type):
     config_cls = PreTrainedConfig.get_choice_class(policy_type)
     ckpt = tmp_path / policy_type
     config_cls().save_pretrained(ckpt)
-    text = _cli_error(["--teacher", str(ckpt), "--dataset", tiny_world.repo_id, "--dataset-root",
-                       str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    text = _cli_error(
+        [
+            "--teacher",
+            str(ckpt),
+            "--dataset",
+            tiny_world.repo_id,
+            "--dataset-root",
+            str(tiny_world.dataset_root),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert f"'{policy_type}' policy, not a flow-matching policy" in text
 
 
@@ -263,22 +376,58 @@ def test_checkpoint_without_processor_files_is_refused(tiny_world, tmp_path):
     shutil.copytree(tiny_world.teacher_dir, ckpt)
     for path in ckpt.glob("policy_*processor*"):
         path.unlink()
-    text = _cli_error(["--teacher", str(ckpt), "--dataset", tiny_world.repo_id, "--dataset-root",
-                       str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    text = _cli_error(
+        [
+            "--teacher",
+            str(ckpt),
+            "--dataset",
+            tiny_world.repo_id,
+            "--dataset-root",
+            str(tiny_world.dataset_root),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert "has no policy_preprocessor.json" in text
 
 
 def test_dataset_that_does_not_match_the_teacher(tiny_world, other_world, tmp_path):
-    text = _cli_error(["--teacher", str(other_world.teacher_dir), "--dataset", tiny_world.repo_id, "--dataset-root",
-                       str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    text = _cli_error(
+        [
+            "--teacher",
+            str(other_world.teacher_dir),
+            "--dataset",
+            tiny_world.repo_id,
+            "--dataset-root",
+            str(tiny_world.dataset_root),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert "does not match the policy's features" in text
     assert "observation.state has shape (2,), the policy expects (3,)" in text
     assert not (tmp_path / "o").exists()
 
 
 def test_missing_dataset_root(tiny_world, tmp_path):
-    text = _cli_error(["--teacher", str(tiny_world.teacher_dir), "--dataset", tiny_world.repo_id, "--dataset-root",
-                       str(tmp_path / "nodata"), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    text = _cli_error(
+        [
+            "--teacher",
+            str(tiny_world.teacher_dir),
+            "--dataset",
+            tiny_world.repo_id,
+            "--dataset-root",
+            str(tmp_path / "nodata"),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert "is not a LeRobotDataset" in text and "nodata" in text
 
 
@@ -298,8 +447,18 @@ def test_nonfinite_teacher_output_stops_naming_the_frame(tiny_world, tmp_path):
     ckpt = _nan_teacher(tiny_world, tmp_path)
     with pytest.raises(ReflowPairsError, match=r"non-finite X_1 .* obs_index \[0, 1, 2, 3\]"):
         _generate(tiny_world, tmp_path / "o", teacher=str(ckpt))
-    result = generate(GenerateConfig(teacher=str(ckpt), dataset=tiny_world.repo_id, dataset_root=tiny_world.dataset_root,
-                                     out=tmp_path / "skip", episodes=[0], samples_per_frame=1, device="cpu", on_nonfinite="skip"))
+    result = generate(
+        GenerateConfig(
+            teacher=str(ckpt),
+            dataset=tiny_world.repo_id,
+            dataset_root=tiny_world.dataset_root,
+            out=tmp_path / "skip",
+            episodes=[0],
+            samples_per_frame=1,
+            device="cpu",
+            on_nonfinite="skip",
+        )
+    )
     assert result.num_pairs == 0 and result.skipped == list(range(24))
     assert json.loads((tmp_path / "skip" / "manifest.json").read_text())["skipped_frames"] == list(range(24))
 
@@ -311,13 +470,41 @@ def test_usage_error_exit_code_2(tiny_world, tmp_path):
 
 def test_hub_ids_while_offline_get_a_clear_error(tiny_world, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    text = _cli_error(["--teacher", "nobody-here/no-such-policy", "--dataset", tiny_world.repo_id, "--dataset-root",
-                       str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"])
-    assert "'nobody-here/no-such-policy' is not a local directory and could not be fetched from the Hugging Face hub" in text
+    text = _cli_error(
+        [
+            "--teacher",
+            "nobody-here/no-such-policy",
+            "--dataset",
+            tiny_world.repo_id,
+            "--dataset-root",
+            str(tiny_world.dataset_root),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert (
+        "'nobody-here/no-such-policy' is not a local directory and could not be fetched from the Hugging Face hub"
+        in text
+    )
     assert "HF_HUB_OFFLINE" in text
-    text = _cli_error(["--teacher", str(tiny_world.teacher_dir), "--dataset", "nobody-here/no-such-dataset",
-                       "--out", str(tmp_path / "o"), "--device", "cpu"])
-    assert "Could not open dataset 'nobody-here/no-such-dataset' in the local cache or on the Hugging Face hub" in text
+    text = _cli_error(
+        [
+            "--teacher",
+            str(tiny_world.teacher_dir),
+            "--dataset",
+            "nobody-here/no-such-dataset",
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert (
+        "Could not open dataset 'nobody-here/no-such-dataset' in the local cache or on the Hugging Face hub"
+        in text
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -325,8 +512,16 @@ def test_higher_order_solvers_buy_accuracy_per_step(tiny_world, tmp_path):
     """midpoint/rk4 at 4 steps land closer to a tight dopri5 solution than Euler at 4 steps; all share one engine."""
     stores = {}
     for solver, steps in (("euler", 4), ("midpoint", 4), ("rk4", 4), ("dopri5", 1)):
-        out = _generate(tiny_world, tmp_path / solver, episodes=[1], samples_per_frame=1, solver=solver, num_steps=steps,
-                        rtol=1e-5, atol=1e-5)
+        out = _generate(
+            tiny_world,
+            tmp_path / solver,
+            episodes=[1],
+            samples_per_frame=1,
+            solver=solver,
+            num_steps=steps,
+            rtol=1e-5,
+            atol=1e-5,
+        )
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["generation"]["solver"] == solver
         stores[solver] = read_plain(out)
@@ -344,15 +539,27 @@ def test_higher_order_solvers_buy_accuracy_per_step(tiny_world, tmp_path):
         (["--dataset-root", "NODATA"], "is not a LeRobotDataset"),
     ],
 )
-def test_bad_dataset_inputs_are_reported_before_the_teacher_loads(tiny_world, tmp_path, monkeypatch, bad, message):
+def test_bad_dataset_inputs_are_reported_before_the_teacher_loads(
+    tiny_world, tmp_path, monkeypatch, bad, message
+):
     import reflowpairs.generate as generate_module
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded before the dataset inputs were checked")
 
     monkeypatch.setattr(generate_module, "load_policy", no_teacher)
-    args = ["--teacher", str(tiny_world.teacher_dir), "--dataset", tiny_world.repo_id, "--dataset-root",
-            str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    args = [
+        "--teacher",
+        str(tiny_world.teacher_dir),
+        "--dataset",
+        tiny_world.repo_id,
+        "--dataset-root",
+        str(tiny_world.dataset_root),
+        "--out",
+        str(tmp_path / "o"),
+        "--device",
+        "cpu",
+    ]
     args += [a.replace("NODATA", str(tmp_path / "nodata")) for a in bad]
     assert message in _cli_error(args)
 
@@ -362,10 +569,24 @@ def test_a_run_or_checkpoint_directory_as_teacher_suggests_its_pretrained_model(
     step = tmp_path / "run" / "checkpoints" / "000200"
     shutil.copytree(tiny_world.teacher_dir, step / "pretrained_model")
     (step.parent / "last").symlink_to("000200")
-    for given, meant in ((step.parent / "last", step.parent / "last" / "pretrained_model"),
-                         (tmp_path / "run", tmp_path / "run" / "checkpoints" / "last" / "pretrained_model")):
-        text = _cli_error(["--teacher", str(given), "--dataset", tiny_world.repo_id, "--dataset-root",
-                           str(tiny_world.dataset_root), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    for given, meant in (
+        (step.parent / "last", step.parent / "last" / "pretrained_model"),
+        (tmp_path / "run", tmp_path / "run" / "checkpoints" / "last" / "pretrained_model"),
+    ):
+        text = _cli_error(
+            [
+                "--teacher",
+                str(given),
+                "--dataset",
+                tiny_world.repo_id,
+                "--dataset-root",
+                str(tiny_world.dataset_root),
+                "--out",
+                str(tmp_path / "o"),
+                "--device",
+                "cpu",
+            ]
+        )
         assert "has no config.json" in text and f"Did you mean {meant}?" in text
 
 
@@ -373,9 +594,17 @@ def test_resume_does_not_sample_skipped_frames_again(tiny_world, tmp_path):
     """Frames skipped for non-finite X_1 count as done: a run interrupted after skipping them resumes without sampling
     them again, and each is listed once (they were once re-sampled and appended a second time)."""
     ckpt = _nan_teacher(tiny_world, tmp_path)
-    cfg = GenerateConfig(teacher=str(ckpt), dataset=tiny_world.repo_id, dataset_root=tiny_world.dataset_root,
-                         out=tmp_path / "skip", episodes=[0], samples_per_frame=1, batch_size=4, device="cpu",
-                         on_nonfinite="skip")
+    cfg = GenerateConfig(
+        teacher=str(ckpt),
+        dataset=tiny_world.repo_id,
+        dataset_root=tiny_world.dataset_root,
+        out=tmp_path / "skip",
+        episodes=[0],
+        samples_per_frame=1,
+        batch_size=4,
+        device="cpu",
+        on_nonfinite="skip",
+    )
     generate(cfg)
     manifest_path = tmp_path / "skip" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -403,9 +632,19 @@ def test_skipped_frames_are_in_the_manifest_before_the_next_shard(tiny_world, tm
         seen.append(json.loads((self.out / "manifest.json").read_text())["skipped_frames"])
 
     monkeypatch.setattr(pairstore.PairStoreWriter, "skip", spy)
-    generate(GenerateConfig(teacher=str(ckpt), dataset=tiny_world.repo_id, dataset_root=tiny_world.dataset_root,
-                            out=tmp_path / "skip", episodes=[0], samples_per_frame=1, batch_size=8, device="cpu",
-                            on_nonfinite="skip"))
+    generate(
+        GenerateConfig(
+            teacher=str(ckpt),
+            dataset=tiny_world.repo_id,
+            dataset_root=tiny_world.dataset_root,
+            out=tmp_path / "skip",
+            episodes=[0],
+            samples_per_frame=1,
+            batch_size=8,
+            device="cpu",
+            on_nonfinite="skip",
+        )
+    )
     assert seen == [list(range(8)), list(range(16)), list(range(24))]
 
 
@@ -413,10 +652,29 @@ def test_the_last_progress_line_and_the_summary_give_the_same_rate(tiny_world, t
     """The live rate is on the summary's clock, and the last batch is reported once its shard is written."""
     import re
 
-    result = runner.invoke(app, ["generate", "--teacher", str(tiny_world.teacher_dir), "--dataset", tiny_world.repo_id,
-                                 "--dataset-root", str(tiny_world.dataset_root), "--out", str(tmp_path / "o"),
-                                 "--episodes", "0", "--samples-per-frame", "2", "--batch-size", "8", "--device", "cpu"],
-                           env={"REFLOWPAIRS_PROGRESS": "lines", "COLUMNS": "200"})
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--teacher",
+            str(tiny_world.teacher_dir),
+            "--dataset",
+            tiny_world.repo_id,
+            "--dataset-root",
+            str(tiny_world.dataset_root),
+            "--out",
+            str(tmp_path / "o"),
+            "--episodes",
+            "0",
+            "--samples-per-frame",
+            "2",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+        ],
+        env={"REFLOWPAIRS_PROGRESS": "lines", "COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output
     last = [line for line in result.output.splitlines() if line.startswith("generate: frame")][-1]
     assert "24/24 (100%)" in last

@@ -22,12 +22,39 @@ from reflowpairs.pairstore import PairStore
 
 from .test_generate import assert_same_pairs, read_plain
 
-SETTINGS = ["--episodes", "0-4", "--samples-per-frame", "2", "--batch-size", "2", "--shard-size", "4", "--num-steps", "4", "--device", "cpu"]
+SETTINGS = [
+    "--episodes",
+    "0-4",
+    "--samples-per-frame",
+    "2",
+    "--batch-size",
+    "2",
+    "--shard-size",
+    "4",
+    "--num-steps",
+    "4",
+    "--device",
+    "cpu",
+]
 
 
 def _cmd(world, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "reflowpairs", "generate", "--teacher", str(world.teacher_dir), "--dataset",
-            world.repo_id, "--dataset-root", str(world.dataset_root), "--out", str(out), *SETTINGS, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "reflowpairs",
+        "generate",
+        "--teacher",
+        str(world.teacher_dir),
+        "--dataset",
+        world.repo_id,
+        "--dataset-root",
+        str(world.dataset_root),
+        "--out",
+        str(out),
+        *SETTINGS,
+        *extra,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -48,8 +75,9 @@ def _default_sigint() -> None:
 
 
 def _start_and_signal(cmd: list[str], out: Path, after_shards: int, sig: int) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            preexec_fn=_default_sigint)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), preexec_fn=_default_sigint
+    )
     deadline = time.monotonic() + 120
     while _listed_shards(out) < after_shards and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -66,14 +94,28 @@ def _assert_sound_but_incomplete(out: Path) -> None:
     for i in range(len(store.shards)):
         assert store.verify_shard(i) == [], store.shards[i]["path"]
     obs, sample = store.index()
-    assert len(set(zip(obs.tolist(), sample.tolist(), strict=True))) == len(obs) == store.manifest["num_pairs"]
+    assert (
+        len(set(zip(obs.tolist(), sample.tolist(), strict=True))) == len(obs) == store.manifest["num_pairs"]
+    )
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_world, tmp_path_factory) -> dict[str, np.ndarray]:
     out = tmp_path_factory.mktemp("ref") / "pairs"
-    generate(GenerateConfig(teacher=str(tiny_world.teacher_dir), dataset=tiny_world.repo_id, dataset_root=tiny_world.dataset_root,
-                            out=out, episodes=[0, 1, 2, 3, 4], samples_per_frame=2, batch_size=16, shard_size=1000, num_steps=4, device="cpu"))
+    generate(
+        GenerateConfig(
+            teacher=str(tiny_world.teacher_dir),
+            dataset=tiny_world.repo_id,
+            dataset_root=tiny_world.dataset_root,
+            out=out,
+            episodes=[0, 1, 2, 3, 4],
+            samples_per_frame=2,
+            batch_size=16,
+            shard_size=1000,
+            num_steps=4,
+            device="cpu",
+        )
+    )
     return read_plain(out)
 
 
@@ -114,7 +156,9 @@ def _limit_file_size(limit: int):
 def test_full_disk_fails_cleanly_and_keeps_listed_shards(tiny_world, tmp_path, uninterrupted):
     out = tmp_path / "pairs"
     # The manifest grows with every shard; a 6 kB file-size limit makes its rewrite fail part-way through the run.
-    proc = subprocess.run(_cmd(tiny_world, out), capture_output=True, text=True, env=_env(), preexec_fn=_limit_file_size(6000))
+    proc = subprocess.run(
+        _cmd(tiny_world, out), capture_output=True, text=True, env=_env(), preexec_fn=_limit_file_size(6000)
+    )
     assert proc.returncode == 1, proc.stderr
     text = " ".join(proc.stderr.split())
     assert "Writing the pair store" in text and "File too large" in text and "--resume" in text
@@ -140,9 +184,26 @@ def test_read_only_out_is_refused_before_any_work(tiny_world):
         hf_home.mkdir(mode=0o777)
         os.chmod(hf_home, 0o777)
         out = readonly / "pairs"
-        cmd = ["unshare", "--user", sys.executable, "-m", "reflowpairs", "generate", "--teacher", str(world / "teacher"),
-               "--dataset", tiny_world.repo_id, "--dataset-root", str(world / "dataset"), "--out", str(out), *SETTINGS]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**_env(), "HF_HOME": str(hf_home), "HOME": str(hf_home)})
+        cmd = [
+            "unshare",
+            "--user",
+            sys.executable,
+            "-m",
+            "reflowpairs",
+            "generate",
+            "--teacher",
+            str(world / "teacher"),
+            "--dataset",
+            tiny_world.repo_id,
+            "--dataset-root",
+            str(world / "dataset"),
+            "--out",
+            str(out),
+            *SETTINGS,
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**_env(), "HF_HOME": str(hf_home), "HOME": str(hf_home)}
+        )
         if "Operation not permitted" in proc.stderr and "unshare" in proc.stderr:
             pytest.skip("user namespaces are not allowed here")
         assert proc.returncode == 1, proc.stderr

@@ -26,8 +26,16 @@ def parquet_store(tiny_world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("inspect") / "parquet"
     generate(
         GenerateConfig(
-            teacher=str(tiny_world.teacher_dir), dataset=tiny_world.repo_id, dataset_root=tiny_world.dataset_root, out=out,
-            episodes=[2, 3], samples_per_frame=3, batch_size=8, shard_size=30, device="cpu", backend="parquet",
+            teacher=str(tiny_world.teacher_dir),
+            dataset=tiny_world.repo_id,
+            dataset_root=tiny_world.dataset_root,
+            out=out,
+            episodes=[2, 3],
+            samples_per_frame=3,
+            batch_size=8,
+            shard_size=30,
+            device="cpu",
+            backend="parquet",
         )
     )
     return out
@@ -47,15 +55,27 @@ def plain_read(store: Path) -> dict:
             table = pq.read_table(path)
             n = table.num_rows
             part = {
-                "x0": np.stack(table.column("x0").to_numpy(zero_copy_only=False)).reshape(n, *manifest["x0"]["shape"]),
-                "x1": np.stack(table.column("x1").to_numpy(zero_copy_only=False)).reshape(n, *manifest["x1"]["shape"]),
+                "x0": np.stack(table.column("x0").to_numpy(zero_copy_only=False)).reshape(
+                    n, *manifest["x0"]["shape"]
+                ),
+                "x1": np.stack(table.column("x1").to_numpy(zero_copy_only=False)).reshape(
+                    n, *manifest["x1"]["shape"]
+                ),
                 "obs_index": table.column("obs_index").to_numpy(),
                 "sample": table.column("sample").to_numpy(),
             }
-            dtypes.add(tuple(str(np.dtype(table.schema.field(k).type.value_type.to_pandas_dtype())) for k in ("x0", "x1")))
+            dtypes.add(
+                tuple(
+                    str(np.dtype(table.schema.field(k).type.value_type.to_pandas_dtype()))
+                    for k in ("x0", "x1")
+                )
+            )
         parts.append(part)
     data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    size = sum(f.stat().st_size for f in (store / "shards").rglob("*") if f.is_file()) + (store / "manifest.json").stat().st_size
+    size = (
+        sum(f.stat().st_size for f in (store / "shards").rglob("*") if f.is_file())
+        + (store / "manifest.json").stat().st_size
+    )
     return {"manifest": manifest, "data": data, "dtypes": dtypes, "bytes": size}
 
 
@@ -74,15 +94,28 @@ def test_inspect_json_agrees_with_plain_reads(tiny_store, parquet_store, which):
     x0, x1 = data["x0"].astype(np.float64), data["x1"].astype(np.float64)
     frames, per_frame = np.unique(data["obs_index"], return_counts=True)
     assert got["backend"] == which == manifest["backend"]
-    assert got["shards"] == len(manifest["shards"]) and got["pairs"] == len(data["obs_index"]) == manifest["num_pairs"]
+    assert (
+        got["shards"] == len(manifest["shards"])
+        and got["pairs"] == len(data["obs_index"]) == manifest["num_pairs"]
+    )
     assert got["frames"] == len(frames)
-    assert got["samples_per_frame"] == {"recorded": manifest["generation"]["samples_per_frame"], "min": int(per_frame.min()), "max": int(per_frame.max())}
+    assert got["samples_per_frame"] == {
+        "recorded": manifest["generation"]["samples_per_frame"],
+        "min": int(per_frame.min()),
+        "max": int(per_frame.max()),
+    }
     ((x0_dtype, x1_dtype),) = plain["dtypes"]
     assert got["x0"] == {"shape": list(data["x0"].shape[1:]), "dtype": x0_dtype}
     assert got["x1"] == {"shape": list(data["x1"].shape[1:]), "dtype": x1_dtype}
     assert got["bytes_on_disk"] == plain["bytes"]
-    assert got["bytes_per_pair"] == pytest.approx((plain["bytes"] - (store / "manifest.json").stat().st_size) / len(x0))
-    assert got["complete"] is True and got["teacher"] == manifest["teacher"] and got["dataset"] == manifest["dataset"]
+    assert got["bytes_per_pair"] == pytest.approx(
+        (plain["bytes"] - (store / "manifest.json").stat().st_size) / len(x0)
+    )
+    assert (
+        got["complete"] is True
+        and got["teacher"] == manifest["teacher"]
+        and got["dataset"] == manifest["dataset"]
+    )
     assert got["generation"] == manifest["generation"] and got["software"] == manifest["software"]
     stats = got["statistics"]
     assert stats["x0"]["mean"] == pytest.approx(x0.mean(), abs=1e-9)
@@ -96,8 +129,21 @@ def test_inspect_json_agrees_with_plain_reads(tiny_store, parquet_store, which):
 def test_inspect_tables_name_what_they_show(tiny_world, tiny_store):
     result = runner.invoke(app, ["inspect", str(tiny_store)])
     assert result.exit_code == 0, result.output
-    for words in ("backend", "zarr", "frames covered", "samples per frame", "bytes on disk", "bytes per pair",
-                  "provenance", "teacher", "fingerprint", "generation", "num_steps", "X_0 (noise", "X_1 per action dimension"):
+    for words in (
+        "backend",
+        "zarr",
+        "frames covered",
+        "samples per frame",
+        "bytes on disk",
+        "bytes per pair",
+        "provenance",
+        "teacher",
+        "fingerprint",
+        "generation",
+        "num_steps",
+        "X_0 (noise",
+        "X_1 per action dimension",
+    ):
         assert words in result.output, words
     assert "144" in result.output  # frames of episodes 0-5
 
@@ -109,7 +155,11 @@ def test_pair_shows_the_pair_it_names(tiny_store, parquet_store, which):
     data, first_shard = plain["data"], plain["manifest"]["shards"][0]["num_pairs"]
     index = first_shard + 5  # a pair in the second shard
     got = _inspect_json(store, "--pair", str(index), "--rows", "2")
-    assert got["index"] == index and got["shard"].endswith(("w0-000001.zarr", "w0-000001.parquet")) and got["row"] == 5
+    assert (
+        got["index"] == index
+        and got["shard"].endswith(("w0-000001.zarr", "w0-000001.parquet"))
+        and got["row"] == 5
+    )
     assert (got["obs_index"], got["sample"]) == (int(data["obs_index"][index]), int(data["sample"][index]))
     np.testing.assert_array_equal(np.array(got["x0"], np.float32), data["x0"][index, :2])
     np.testing.assert_array_equal(np.array(got["x1"], np.float32), data["x1"][index, :2])
@@ -121,12 +171,18 @@ def test_pair_shows_the_pair_it_names(tiny_store, parquet_store, which):
 def test_pair_out_of_range(tiny_store):
     result = runner.invoke(app, ["inspect", str(tiny_store), "--pair", "288"])
     assert result.exit_code == 1
-    assert "--pair 288 is out of range" in result.output and "0 to 287" in result.output and "Traceback" not in result.output
+    assert (
+        "--pair 288 is out of range" in result.output
+        and "0 to 287" in result.output
+        and "Traceback" not in result.output
+    )
 
 
 def test_not_a_store(tmp_path):
     result = runner.invoke(app, ["inspect", str(tmp_path)])
-    assert result.exit_code == 1 and "is not a pair store" in result.output and "Traceback" not in result.output
+    assert (
+        result.exit_code == 1 and "is not a pair store" in result.output and "Traceback" not in result.output
+    )
 
 
 def test_missing_shard_is_named(tiny_store, tmp_path):

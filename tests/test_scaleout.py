@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,6 @@ import zarr
 from typer.testing import CliRunner
 
 from reflowpairs.cli import app
-from reflowpairs.generate import GenerateConfig, generate
 
 from .test_generate import assert_same_pairs, read_plain
 
@@ -27,15 +25,38 @@ runner = CliRunner()
 
 
 def _args(world, out: Path, *extra: str) -> list[str]:
-    return ["generate", "--teacher", str(world.teacher_dir), "--dataset", world.repo_id, "--dataset-root",
-            str(world.dataset_root), "--out", str(out), "--episodes", ",".join(map(str, EPISODES)),
-            "--samples-per-frame", "2", "--num-steps", "3", "--shard-size", "10", "--batch-size", "4", "--device", "cpu", *extra]
+    return [
+        "generate",
+        "--teacher",
+        str(world.teacher_dir),
+        "--dataset",
+        world.repo_id,
+        "--dataset-root",
+        str(world.dataset_root),
+        "--out",
+        str(out),
+        "--episodes",
+        ",".join(map(str, EPISODES)),
+        "--samples-per-frame",
+        "2",
+        "--num-steps",
+        "3",
+        "--shard-size",
+        "10",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", f"--nproc_per_node={nproc}", "-m", "reflowpairs", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +137,24 @@ def _free_port() -> int:
 def test_accelerate_launch_two_cpu_processes(tiny_world, tmp_path, single):
     out = tmp_path / "pairs"
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "reflowpairs", *_args(tiny_world, out)]
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "reflowpairs",
+        *_args(tiny_world, out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -133,7 +170,9 @@ def test_partition_slices_and_merged_stores_validate(tiny_world, tmp_path):
     for i in range(2):
         out = tmp_path / f"slice{i}"
         assert runner.invoke(app, _args(tiny_world, out, "--partition", f"{i}/2")).exit_code == 0
-        report = validate(ValidateConfig(store=out, dataset=tiny_world.repo_id, dataset_root=tiny_world.dataset_root))
+        report = validate(
+            ValidateConfig(store=out, dataset=tiny_world.repo_id, dataset_root=tiny_world.dataset_root)
+        )
         assert report.status == "sound", report
         slices.append(out)
     runner.invoke(app, ["merge", *map(str, slices), "--out", str(tmp_path / "merged")])
@@ -146,7 +185,10 @@ def test_rank_slices_split_every_global_batch_disjointly():
 
     counts = np.array([5, 7, 3])
     stream = list(itertools.islice(iter(PairSampler(counts, seed=3, window=2)), 30))
-    slices = [list(itertools.islice(iter(RankSlice(PairSampler(counts, seed=3, window=2), rank, 3)), 10)) for rank in range(3)]
+    slices = [
+        list(itertools.islice(iter(RankSlice(PairSampler(counts, seed=3, window=2), rank, 3)), 10))
+        for rank in range(3)
+    ]
     assert sorted(sum(slices, [])) == sorted(stream)
     for rank in range(3):
         assert slices[rank] == stream[rank::3]
@@ -157,8 +199,27 @@ def test_two_process_training_saves_a_loadable_student(tiny_world, tiny_store, t
     from safetensors.torch import load_file
 
     out = tmp_path / "student"
-    proc = _torchrun(["train", "--pairs", str(tiny_store), "--out", str(out), "--steps", "4", "--batch-size", "2",
-                      "--num-workers", "0", "--save-every", "2", "--lr", "1e-3", "--device", "cpu"])
+    proc = _torchrun(
+        [
+            "train",
+            "--pairs",
+            str(tiny_store),
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--num-workers",
+            "0",
+            "--save-every",
+            "2",
+            "--lr",
+            "1e-3",
+            "--device",
+            "cpu",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = out / "checkpoints" / "last"
     state = json.loads((last / "training_state" / "reflow_state.json").read_text())

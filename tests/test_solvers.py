@@ -151,7 +151,9 @@ def _per_row_field(rates):
 
     def velocity(x, t):
         r = rates.to(x.dtype)[:, None, None]
-        return r * torch.cos(3 * t.to(x.dtype))[:, None, None] * x + torch.sin(5 * t.to(x.dtype))[:, None, None]
+        return (
+            r * torch.cos(3 * t.to(x.dtype))[:, None, None] * x + torch.sin(5 * t.to(x.dtype))[:, None, None]
+        )
 
     return velocity
 
@@ -235,7 +237,9 @@ def test_num_steps_below_one_is_refused(steps):
         SolverConfig("rk4", num_steps=steps)
 
 
-@pytest.mark.parametrize(("rtol", "atol"), [(0.0, 1e-5), (1e-5, 0.0), (-1e-3, 1e-5), (1e-5, -1.0), (float("nan"), 1e-5)])
+@pytest.mark.parametrize(
+    ("rtol", "atol"), [(0.0, 1e-5), (1e-5, 0.0), (-1e-3, 1e-5), (1e-5, -1.0), (float("nan"), 1e-5)]
+)
 def test_non_positive_tolerances_are_refused(rtol, atol):
     with pytest.raises(ReflowPairsError) as info:
         SolverConfig("dopri5", rtol=rtol, atol=atol)

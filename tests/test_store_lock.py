@@ -44,7 +44,9 @@ def _env() -> dict[str, str]:
 @contextlib.contextmanager
 def held_by_other_process(store: Path, command: str = "generate") -> Iterator[subprocess.Popen]:
     """Another process holding the writer lock on ``store`` (as a running generate would), killed on exit."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(store), command], stdout=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(store), command], stdout=subprocess.PIPE, text=True, env=_env()
+    )
     try:
         assert proc.stdout.readline().strip() == "locked"
         yield proc
@@ -56,26 +58,46 @@ def held_by_other_process(store: Path, command: str = "generate") -> Iterator[su
 def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes | None]]:
     """Every entry under ``root`` with its size, mtime and (files) bytes."""
     return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+        str(p.relative_to(root)): (
+            p.stat().st_size,
+            p.stat().st_mtime_ns,
+            p.read_bytes() if p.is_file() else None,
+        )
         for p in sorted(root.rglob("*"))
     }
 
 
 def _cfg(world, out: Path, **overrides) -> GenerateConfig:
     """The settings of the ``tiny_store`` fixture, so --resume accepts its copies."""
-    settings = dict(teacher=str(world.teacher_dir), dataset=world.repo_id, dataset_root=world.dataset_root, out=out,
-                    episodes=[0, 1, 2, 3, 4, 5], samples_per_frame=2, batch_size=8, shard_size=64, device="cpu")
+    settings = {
+        "teacher": str(world.teacher_dir),
+        "dataset": world.repo_id,
+        "dataset_root": world.dataset_root,
+        "out": out,
+        "episodes": [0, 1, 2, 3, 4, 5],
+        "samples_per_frame": 2,
+        "batch_size": 8,
+        "shard_size": 64,
+        "device": "cpu",
+    }
     return GenerateConfig(**(settings | overrides))
 
 
-def _assert_names(err: ReflowPairsError, store: Path, holder: subprocess.Popen, command: str = "generate") -> None:
+def _assert_names(
+    err: ReflowPairsError, store: Path, holder: subprocess.Popen, command: str = "generate"
+) -> None:
     text = f"{err.what} {err.hint}"
-    assert f"{store} is being written by `reflowpairs {command}` (pid {holder.pid} on host {socket.gethostname()}, since 20" in text
+    assert (
+        f"{store} is being written by `reflowpairs {command}` (pid {holder.pid} on host {socket.gethostname()}, since 20"
+        in text
+    )
     assert "stopped before changing anything" in text and f"kill {holder.pid}" in text and "--resume" in text
 
 
 @pytest.mark.parametrize("mode", ["resume", "overwrite"])
-def test_second_generate_is_refused_naming_the_writer_and_changes_nothing(tiny_world, tiny_store, tmp_path, mode):
+def test_second_generate_is_refused_naming_the_writer_and_changes_nothing(
+    tiny_world, tiny_store, tmp_path, mode
+):
     store = Path(shutil.copytree(tiny_store, tmp_path / "store"))
     with held_by_other_process(store) as holder:
         before = _snapshot(store)
@@ -99,9 +121,32 @@ def test_two_generate_runs_into_one_store(tiny_world, tmp_path):
     """The issue as a user met it: a second `generate --resume` while the first runs. It is refused with the first
     run's pid (no `Directory not empty ... free disk space`), and the first run finishes a sound store."""
     out = tmp_path / "pairs"
-    cmd = [sys.executable, "-m", "reflowpairs", "generate", "--teacher", str(tiny_world.teacher_dir), "--dataset",
-           tiny_world.repo_id, "--dataset-root", str(tiny_world.dataset_root), "--out", str(out), "--episodes", "0-4",
-           "--samples-per-frame", "2", "--batch-size", "2", "--shard-size", "4", "--num-steps", "4", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "reflowpairs",
+        "generate",
+        "--teacher",
+        str(tiny_world.teacher_dir),
+        "--dataset",
+        tiny_world.repo_id,
+        "--dataset-root",
+        str(tiny_world.dataset_root),
+        "--out",
+        str(out),
+        "--episodes",
+        "0-4",
+        "--samples-per-frame",
+        "2",
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "4",
+        "--num-steps",
+        "4",
+        "--device",
+        "cpu",
+    ]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         deadline = time.monotonic() + 180
@@ -178,15 +223,43 @@ def test_multi_process_generate_refused_on_every_rank(tiny_world, tiny_store, tm
     """Under torchrun only rank 0 takes the lock; when it is held, every rank stops with the message (no hang)."""
     store = Path(shutil.copytree(tiny_store, tmp_path / "store"))
     torchrun = Path(sys.executable).with_name("torchrun")
-    args = ["generate", "--teacher", str(tiny_world.teacher_dir), "--dataset", tiny_world.repo_id, "--dataset-root",
-            str(tiny_world.dataset_root), "--out", str(store), "--episodes", "0-5", "--samples-per-frame", "2",
-            "--batch-size", "8", "--shard-size", "64", "--device", "cpu", "--resume"]
+    args = [
+        "generate",
+        "--teacher",
+        str(tiny_world.teacher_dir),
+        "--dataset",
+        tiny_world.repo_id,
+        "--dataset-root",
+        str(tiny_world.dataset_root),
+        "--out",
+        str(store),
+        "--episodes",
+        "0-5",
+        "--samples-per-frame",
+        "2",
+        "--batch-size",
+        "8",
+        "--shard-size",
+        "64",
+        "--device",
+        "cpu",
+        "--resume",
+    ]
     with held_by_other_process(store) as holder:
         before = _snapshot(store)
-        proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "reflowpairs", *args],
-                              capture_output=True, text=True, env=_env(), timeout=300)
+        proc = subprocess.run(
+            [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "reflowpairs", *args],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=300,
+        )
         assert proc.returncode != 0
         text = " ".join(proc.stderr.split())
-        assert text.count(f"is being written by `reflowpairs generate` (pid {holder.pid}") == 2, proc.stderr[-3000:]
-        assert "reflowpairs/generate.py" not in proc.stderr  # the ranks print one paragraph (torchrun adds its own report)
+        assert text.count(f"is being written by `reflowpairs generate` (pid {holder.pid}") == 2, proc.stderr[
+            -3000:
+        ]
+        assert (
+            "reflowpairs/generate.py" not in proc.stderr
+        )  # the ranks print one paragraph (torchrun adds its own report)
         assert _snapshot(store) == before

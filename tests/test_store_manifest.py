@@ -45,14 +45,23 @@ DAMAGE = {
     "not-json": (lambda text: text[:-40].encode(), "is not valid JSON"),
     "not-an-object": (lambda text: b"[1, 2, 3]", "holds a JSON list, not an object"),
     "deeply-nested": (lambda text: b"[" * 200_000 + b"]" * 200_000, "is not valid JSON"),
-    "huge-integer": (lambda text: text.replace('"num_pairs": ', '"num_pairs": 1' + "0" * 5000 + ", \"x\": ", 1).encode(), "is not valid JSON"),
+    "huge-integer": (
+        lambda text: text.replace('"num_pairs": ', '"num_pairs": 1' + "0" * 5000 + ', "x": ', 1).encode(),
+        "is not valid JSON",
+    ),
     "x0-not-an-object": (_edit(x0=5), "x0: its shape is None"),
     "shards-not-a-list": (_edit(shards="shards/w0-000000.zarr"), "shards is a JSON str, not a list"),
     "num-pairs-text": (_edit(num_pairs="288"), "num_pairs is '288', not a count"),
     "generation-a-list": (_edit(generation=[1, 2]), "generation is a JSON list, not an object"),
     "skipped-frames-a-number": (_edit(skipped_frames=3), "skipped_frames is 3, not a list"),
-    "shard-outside-the-store": (_edit_shard(path="../../elsewhere.zarr"), "shards[1] has path '../../elsewhere.zarr'"),
-    "shard-num-pairs-missing": (_edit_shard(num_pairs=None), "shards[1] (shards/w0-000001.zarr) has num_pairs None"),
+    "shard-outside-the-store": (
+        _edit_shard(path="../../elsewhere.zarr"),
+        "shards[1] has path '../../elsewhere.zarr'",
+    ),
+    "shard-num-pairs-missing": (
+        _edit_shard(num_pairs=None),
+        "shards[1] (shards/w0-000001.zarr) has num_pairs None",
+    ),
     "shard-sha256-a-string": (_edit_shard(sha256="abc"), "has sha256 'abc', not an object of checksums"),
 }
 
@@ -91,22 +100,38 @@ def test_inspect_command(tiny_store, tmp_path, kind):
 def test_inspect_process_on_a_manifest_that_is_not_utf8(tiny_store, tmp_path):
     """As a user runs it: ``python -m reflowpairs inspect DIR`` exits 1 with one paragraph, no traceback."""
     store, words = _damaged(tiny_store, tmp_path, "not-utf8")
-    proc = subprocess.run([sys.executable, "-m", "reflowpairs", "inspect", str(store)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "reflowpairs", "inspect", str(store)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr
     text = " ".join(proc.stderr.split())
     assert f"{store / 'manifest.json'} is not UTF-8 text" in text and "restore manifest.json" in text
     assert "Traceback" not in proc.stderr and "UnicodeDecodeError" not in proc.stderr
 
 
-@pytest.mark.parametrize("kind", ["not-utf8", "not-an-object", "x0-not-an-object", "generation-a-list", "deeply-nested"])
+@pytest.mark.parametrize(
+    "kind", ["not-utf8", "not-an-object", "x0-not-an-object", "generation-a-list", "deeply-nested"]
+)
 def test_generate_resume(tiny_world, tiny_store, tmp_path, kind):
     """Refused before the teacher is loaded, and the damaged store is left exactly as it was (no lock file either)."""
     store, words = _damaged(tiny_store, tmp_path, kind)
     before = _snapshot(store)
-    cfg = GenerateConfig(teacher=str(tiny_world.teacher_dir), dataset=tiny_world.repo_id, dataset_root=tiny_world.dataset_root,
-                         out=store, episodes=[0, 1, 2, 3, 4, 5], samples_per_frame=2, batch_size=8, shard_size=64, device="cpu",
-                         resume=True)
+    cfg = GenerateConfig(
+        teacher=str(tiny_world.teacher_dir),
+        dataset=tiny_world.repo_id,
+        dataset_root=tiny_world.dataset_root,
+        out=store,
+        episodes=[0, 1, 2, 3, 4, 5],
+        samples_per_frame=2,
+        batch_size=8,
+        shard_size=64,
+        device="cpu",
+        resume=True,
+    )
     with pytest.raises(ReflowPairsError) as caught:
         generate(cfg)
     assert str(store / "manifest.json") in caught.value.what and words in caught.value.what

@@ -20,8 +20,18 @@ runner = CliRunner()
 
 
 def _cfg(world, out: Path, **overrides) -> GenerateConfig:
-    settings = dict(teacher=str(world.teacher_dir), dataset=world.repo_id, dataset_root=world.dataset_root, out=out,
-                    episodes=[0], samples_per_frame=1, num_steps=2, batch_size=8, shard_size=16, device="cpu")
+    settings = {
+        "teacher": str(world.teacher_dir),
+        "dataset": world.repo_id,
+        "dataset_root": world.dataset_root,
+        "out": out,
+        "episodes": [0],
+        "samples_per_frame": 1,
+        "num_steps": 2,
+        "batch_size": 8,
+        "shard_size": 16,
+        "device": "cpu",
+    }
     return GenerateConfig(**(settings | overrides))
 
 
@@ -46,8 +56,22 @@ def _tree(root: Path, exclude=("manifest.json", "shards")) -> dict[str, bytes | 
 def test_non_empty_folder_that_is_not_a_store_is_refused(tiny_world, tmp_path):
     out = tmp_path / "work"
     before = _user_files(out)
-    result = runner.invoke(app, ["generate", "--teacher", str(tiny_world.teacher_dir), "--dataset", tiny_world.repo_id,
-                                 "--dataset-root", str(tiny_world.dataset_root), "--out", str(out), "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--teacher",
+            str(tiny_world.teacher_dir),
+            "--dataset",
+            tiny_world.repo_id,
+            "--dataset-root",
+            str(tiny_world.dataset_root),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+    )
     text = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
     assert f"--out {out} is not empty and is not a pair store: it holds README.md, empty, notes." in text
@@ -68,8 +92,11 @@ def test_overwrite_writes_beside_the_users_files(tiny_world, tmp_path):
 @pytest.mark.parametrize(
     ("manifest", "why"),
     [
-        (b'{"name": "my-robot-project", "version": "2.1.0"}', "manifest.json has no \"format\" field."),
-        (b'{"format": "webapp.manifest", "icons": []}', "manifest.json has format 'webapp.manifest', not 'reflowpairs.pairs'."),
+        (b'{"name": "my-robot-project", "version": "2.1.0"}', 'manifest.json has no "format" field.'),
+        (
+            b'{"format": "webapp.manifest", "icons": []}',
+            "manifest.json has format 'webapp.manifest', not 'reflowpairs.pairs'.",
+        ),
         (b"\xff\xfe not text", "manifest.json is not UTF-8 text (byte 0 is 0xff)"),
         (b"name: not json", "manifest.json is not valid JSON"),
     ],
@@ -121,8 +148,14 @@ def test_overwrite_of_a_store_removes_only_the_store(tiny_world, tiny_store, tmp
     old = PairStore(out)
     generate(_cfg(tiny_world, out, overwrite=True))
     new = PairStore(out)
-    assert new.manifest["store_id"] != old.manifest["store_id"] and len(new) == 24 and new.manifest["complete"] is True
-    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(Path(s["path"]).name for s in new.shards)
+    assert (
+        new.manifest["store_id"] != old.manifest["store_id"]
+        and len(new) == 24
+        and new.manifest["complete"] is True
+    )
+    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(
+        Path(s["path"]).name for s in new.shards
+    )
     assert not (out / "parts").exists() and not (out / ".lock").exists()
     assert _tree(out) == before  # the user's files beside the store are untouched
 
@@ -131,7 +164,11 @@ def test_empty_folder_and_a_stale_lock_alone_are_fine(tiny_world, tmp_path):
     """An existing empty --out is used; so is one holding only the lock file a killed run left."""
     out = tmp_path / "empty"
     out.mkdir()
-    (out / ".lock").write_text(json.dumps({"pid": 999999, "host": "gone", "since": "2020-01-01T00:00:00+00:00", "command": "generate"}))
+    (out / ".lock").write_text(
+        json.dumps(
+            {"pid": 999999, "host": "gone", "since": "2020-01-01T00:00:00+00:00", "command": "generate"}
+        )
+    )
     generate(_cfg(tiny_world, out))
     assert PairStore(out).manifest["complete"] is True
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shards"]

@@ -28,7 +28,9 @@ def test_load_vlm_weights_true_loads_from_the_checkpoint_without_the_base_vlm(ti
     copy = _with_load_vlm_weights(tiny_world.teacher_dir, tmp_path / "teacher")
     loaded = load_policy(str(copy), "cpu")
     reference = load_policy(str(tiny_world.teacher_dir), "cpu")
-    assert json.loads((copy / "config.json").read_text())["load_vlm_weights"] is True  # the file is left as it is
+    assert (
+        json.loads((copy / "config.json").read_text())["load_vlm_weights"] is True
+    )  # the file is left as it is
     ours, theirs = loaded.policy.state_dict(), reference.policy.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -38,7 +40,11 @@ def test_load_vlm_weights_true_with_an_incomplete_safetensors_names_the_file(tin
     copy = _with_load_vlm_weights(tiny_world.teacher_dir, tmp_path / "teacher")
     weights = load_file(copy / "model.safetensors")
     dropped = next(k for k in weights if ".text_model.layers.0." in k)
-    save_file({k: v for k, v in weights.items() if k != dropped}, copy / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if k != dropped},
+        copy / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     with pytest.raises(ReflowPairsError) as err:
         load_policy(str(copy), "cpu")
     assert "model.safetensors lacks weights" in err.value.what and dropped in err.value.what

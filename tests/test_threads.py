@@ -12,7 +12,9 @@ def test_main_process_gets_the_cores_the_workers_leave():
     assert plan_threads(2, cores=16, environ={}).main == 14
     assert plan_threads(0, cores=16, environ={}).main == 16
     assert plan_threads(8, cores=4, environ={}).main == 1  # never fewer than one
-    assert plan_threads(2, cores=16, processes_on_node=4, environ={}).main == 2  # 4 cores each, 2 to the workers
+    assert (
+        plan_threads(2, cores=16, processes_on_node=4, environ={}).main == 2
+    )  # 4 cores each, 2 to the workers
 
 
 def test_a_users_thread_setting_is_kept_and_named():

@@ -44,7 +44,16 @@ def _one_thread():
 
 
 def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(pairs=store, out=out, steps=4, batch_size=BATCH, num_workers=0, device="cpu", save_every=2, lr=1e-3)
+    base = {
+        "pairs": store,
+        "out": out,
+        "steps": 4,
+        "batch_size": BATCH,
+        "num_workers": 0,
+        "device": "cpu",
+        "save_every": 2,
+        "lr": 1e-3,
+    }
     base.update(kw)
     return TrainConfig(**base)
 
@@ -89,11 +98,20 @@ def test_layout_like_lerobot_train(run):
     assert (ckpts / "last").is_symlink() and os.readlink(ckpts / "last") == "000004"
     assert run["result"].checkpoint == ckpts / "000004" and run["result"].step == 4
     model = ckpts / "last" / "pretrained_model"
-    assert {p.name for p in model.iterdir()} >= {"config.json", "model.safetensors", "policy_preprocessor.json", "policy_postprocessor.json"}
+    assert {p.name for p in model.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "policy_preprocessor.json",
+        "policy_postprocessor.json",
+    }
     state = ckpts / "last" / "training_state"
     assert {p.name for p in state.iterdir()} >= {
-        "optimizer_state.safetensors", "optimizer_param_groups.json", "scheduler_state.json", "rng_state.safetensors",
-        "training_step.json", STATE_FILE,
+        "optimizer_state.safetensors",
+        "optimizer_param_groups.json",
+        "scheduler_state.json",
+        "rng_state.safetensors",
+        "training_step.json",
+        STATE_FILE,
     }
     assert json.loads((state / "training_step.json").read_text())["step"] == 4
     assert not (state / MASTER_FILE).exists()  # a float32 policy steps its own parameters: no master copies
@@ -106,7 +124,9 @@ def test_layout_like_lerobot_train(run):
 def test_config_json_is_the_teachers_with_a_one_step_default(run, tiny_world):
     """Only pretrained_path and num_steps differ: the student samples in 1 step by default (lerobot-eval uses it)."""
     teacher = json.loads((tiny_world.teacher_dir / "config.json").read_text())
-    student = json.loads((run["out"] / "checkpoints" / "last" / "pretrained_model" / "config.json").read_text())
+    student = json.loads(
+        (run["out"] / "checkpoints" / "last" / "pretrained_model" / "config.json").read_text()
+    )
     assert set(student) == set(teacher)
     assert {k for k in teacher if teacher[k] != student[k]} == {"pretrained_path", "num_steps"}
     assert student["pretrained_path"] == str(tiny_world.teacher_dir)
@@ -116,7 +136,9 @@ def test_config_json_is_the_teachers_with_a_one_step_default(run, tiny_world):
     assert state["settings"]["student_num_steps"] == 1
 
 
-def test_student_num_steps_teacher_keeps_the_teachers_and_resume_keeps_the_setting(tiny_world, tiny_store, tmp_path):
+def test_student_num_steps_teacher_keeps_the_teachers_and_resume_keeps_the_setting(
+    tiny_world, tiny_store, tmp_path
+):
     teacher = json.loads((tiny_world.teacher_dir / "config.json").read_text())
     out = tmp_path / "o"
     first = train(_cfg(tiny_store, out, steps=1, student_num_steps="teacher"))
@@ -124,15 +146,39 @@ def test_student_num_steps_teacher_keeps_the_teachers_and_resume_keeps_the_setti
     assert {k for k in teacher if teacher[k] != saved[k]} == {"pretrained_path"}
     assert first.saved_num_steps == teacher["num_steps"]
     # Resumed without the option: the run's recorded setting ("teacher"), not the new-run default of 1.
-    again = train(TrainConfig(pairs=tiny_store, out=out, steps=2, resume=True, device="cpu", num_workers=0,
-                              allow_schedule_change=True))
+    again = train(
+        TrainConfig(
+            pairs=tiny_store,
+            out=out,
+            steps=2,
+            resume=True,
+            device="cpu",
+            num_workers=0,
+            allow_schedule_change=True,
+        )
+    )
     resumed = json.loads((again.checkpoint / "pretrained_model" / "config.json").read_text())
     assert resumed["num_steps"] == teacher["num_steps"] and again.saved_num_steps == teacher["num_steps"]
     # Given on resume, it only changes what is saved (training is unaffected), and is recorded for later resumes.
-    third = train(TrainConfig(pairs=tiny_store, out=out, steps=3, resume=True, device="cpu", num_workers=0,
-                              allow_schedule_change=True, student_num_steps=2))
+    third = train(
+        TrainConfig(
+            pairs=tiny_store,
+            out=out,
+            steps=3,
+            resume=True,
+            device="cpu",
+            num_workers=0,
+            allow_schedule_change=True,
+            student_num_steps=2,
+        )
+    )
     assert json.loads((third.checkpoint / "pretrained_model" / "config.json").read_text())["num_steps"] == 2
-    assert json.loads((third.checkpoint / "training_state" / STATE_FILE).read_text())["settings"]["student_num_steps"] == 2
+    assert (
+        json.loads((third.checkpoint / "training_state" / STATE_FILE).read_text())["settings"][
+            "student_num_steps"
+        ]
+        == 2
+    )
 
 
 def test_weights_have_the_teachers_names_shapes_dtypes_and_frozen_values(run, tiny_world):
@@ -140,7 +186,7 @@ def test_weights_have_the_teachers_names_shapes_dtypes_and_frozen_values(run, ti
 
     def header(path):
         with safe_open(str(path), "pt") as f:
-            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f}
 
     teacher_file = tiny_world.teacher_dir / "model.safetensors"
     student_file = run["out"] / "checkpoints" / "last" / "pretrained_model" / "model.safetensors"
@@ -194,7 +240,10 @@ def test_a_step_loss_is_the_policys_own_forward(run, tiny_world, tiny_store):
         x1.append(torch.from_numpy(np.asarray(group["x1"][row])))
         item = dataset[int(np.flatnonzero(index == int(group["obs_index"][row]))[0])]
         obs.append({k: v for k, v in item.items() if k != "action"})
-    batch = {k: (torch.stack([o[k] for o in obs]) if isinstance(obs[0][k], torch.Tensor) else [o[k] for o in obs]) for k in obs[0]}
+    batch = {
+        k: (torch.stack([o[k] for o in obs]) if isinstance(obs[0][k], torch.Tensor) else [o[k] for o in obs])
+        for k in obs[0]
+    }
     policy = SmolVLAPolicy.from_pretrained(tiny_world.teacher_dir)
     policy.train()
     pre, _ = make_pre_post_processors(policy.config, pretrained_path=tiny_world.teacher_dir)
@@ -237,10 +286,17 @@ def test_resume_continues_as_if_uninterrupted(tiny_store, tmp_path):
     parted = tmp_path / "parted"
     with pytest.raises(TrainingInterrupted) as stop:
         train(_cfg(tiny_store, parted, steps=6, save_every=100, num_workers=1), progress=stop_at_3)
-    assert (stop.value.step, stop.value.saved_step) == (3, 3) and stop.value.checkpoint == parted / "checkpoints" / "000003"
+    assert (stop.value.step, stop.value.saved_step) == (
+        3,
+        3,
+    ) and stop.value.checkpoint == parted / "checkpoints" / "000003"
     assert os.readlink(parted / "checkpoints" / "last") == "000003"
     # A resumed run keeps its settings: batch size, lr, seed... come from the checkpoint.
-    result = train(TrainConfig(pairs=tiny_store, out=parted, steps=6, resume=True, num_workers=1, device="cpu", save_every=100))
+    result = train(
+        TrainConfig(
+            pairs=tiny_store, out=parted, steps=6, resume=True, num_workers=1, device="cpu", save_every=100
+        )
+    )
     assert (result.start_step, result.step) == (3, 6)
     a, b = _log(straight), _log(parted)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
@@ -260,21 +316,35 @@ def test_resume_with_more_steps_follows_the_new_schedule(tiny_store, tmp_path):
     longer = tmp_path / "longer"
     train(_cfg(tiny_store, longer, steps=3, save_every=100))
     a, first_leg = _log(straight), _log(longer)
-    resume = dict(pairs=tiny_store, out=longer, steps=6, resume=True, device="cpu", num_workers=0, save_every=100)
+    resume = {
+        "pairs": tiny_store,
+        "out": longer,
+        "steps": 6,
+        "resume": True,
+        "device": "cpu",
+        "num_workers": 0,
+        "save_every": 100,
+    }
     before = _tree(longer)
     with pytest.raises(ReflowPairsError) as err:
         train(TrainConfig(**resume))
     old_lr = plan_optimizer_lr(longer, steps=3, step=4)
     assert "with --steps 6 would change its lr schedule mid-run" in err.value.what
     stated = re.search(r"the lr at step 4 goes from (\S+) to (\S+)\.$", err.value.what)
-    assert stated and float(stated[1]) == pytest.approx(old_lr, rel=0.06) and float(stated[2]) == pytest.approx(a[3]["lr"], rel=0.06)
+    assert (
+        stated
+        and float(stated[1]) == pytest.approx(old_lr, rel=0.06)
+        and float(stated[2]) == pytest.approx(a[3]["lr"], rel=0.06)
+    )
     assert "--allow-schedule-change" in err.value.hint and _tree(longer) == before
     plans = []
     result = train(TrainConfig(**resume, allow_schedule_change=True), on_plan=plans.append)
     assert (result.start_step, result.step) == (3, 6)
     change = plans[0]["schedule_change"]
     assert (change["old_steps"], change["new_steps"], change["step"]) == (3, 6, 4)
-    assert change["lr_before"] == pytest.approx(old_lr, rel=1e-12) and change["lr_after"] == pytest.approx(a[3]["lr"], rel=1e-12)
+    assert change["lr_before"] == pytest.approx(old_lr, rel=1e-12) and change["lr_after"] == pytest.approx(
+        a[3]["lr"], rel=1e-12
+    )
     assert (change["old"]["decay_steps"], change["new"]["decay_steps"]) == (3, 6)
     b = _log(longer)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
@@ -288,7 +358,9 @@ def plan_optimizer_lr(run: Path, steps: int, step: int) -> float:
     from lerobot.configs.policies import PreTrainedConfig
 
     config = PreTrainedConfig.from_pretrained(run / "checkpoints" / "last" / "pretrained_model")
-    config.optimizer_lr = json.loads((run / "checkpoints" / "last" / "training_state" / STATE_FILE).read_text())["settings"]["lr"]
+    config.optimizer_lr = json.loads(
+        (run / "checkpoints" / "last" / "training_state" / STATE_FILE).read_text()
+    )["settings"]["lr"]
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.optimizer_lr)
     preset = config.get_scheduler_preset()
     preset.peak_lr = config.optimizer_lr
@@ -317,7 +389,9 @@ def test_a_schedule_is_changed_only_below_lerobots_decay_horizon(tiny_world):
     assert change.lr_after > change.lr_before  # halfway down a schedule twice as long: a higher lr
 
 
-def test_a_run_recorded_before_the_one_step_default_keeps_the_teachers_num_steps(run, tiny_world, tiny_store, tmp_path):
+def test_a_run_recorded_before_the_one_step_default_keeps_the_teachers_num_steps(
+    run, tiny_world, tiny_store, tmp_path
+):
     """Before --student-num-steps defaulted to 1, a run without it recorded None, meaning the teacher's num_steps: a
     resume of such a run keeps saving the teacher's."""
     out = tmp_path / "old"
@@ -326,13 +400,27 @@ def test_a_run_recorded_before_the_one_step_default_keeps_the_teachers_num_steps
     state = json.loads(state_file.read_text())
     state["settings"]["student_num_steps"] = None
     state_file.write_text(json.dumps(state))
-    result = train(TrainConfig(pairs=tiny_store, out=out, steps=5, resume=True, device="cpu", num_workers=0,
-                               allow_schedule_change=True))
+    result = train(
+        TrainConfig(
+            pairs=tiny_store,
+            out=out,
+            steps=5,
+            resume=True,
+            device="cpu",
+            num_workers=0,
+            allow_schedule_change=True,
+        )
+    )
     teacher = json.loads((tiny_world.teacher_dir / "config.json").read_text())
-    assert json.loads((result.checkpoint / "pretrained_model" / "config.json").read_text())["num_steps"] == teacher["num_steps"]
+    assert (
+        json.loads((result.checkpoint / "pretrained_model" / "config.json").read_text())["num_steps"]
+        == teacher["num_steps"]
+    )
 
 
-def test_relative_init_is_recorded_as_an_absolute_pretrained_path(tiny_world, tiny_store, tmp_path, monkeypatch):
+def test_relative_init_is_recorded_as_an_absolute_pretrained_path(
+    tiny_world, tiny_store, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tiny_world.teacher_dir.parent)
     result = train(_cfg(tiny_store, tmp_path / "o", init=tiny_world.teacher_dir.name, steps=1))
     student = json.loads((result.checkpoint / "pretrained_model" / "config.json").read_text())
@@ -419,7 +507,9 @@ def test_corrupt_shard_is_refused_naming_it(tiny_store, tmp_path, damage):
     store = _copy_store(tiny_store, tmp_path / "s")
     manifest = json.loads((store / "manifest.json").read_text())
     shard = manifest["shards"][2]["path"]
-    chunk = next(p for p in sorted((store / shard / "x1").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk = next(
+        p for p in sorted((store / shard / "x1").rglob("*")) if p.is_file() and p.name != "zarr.json"
+    )
     data = bytearray(chunk.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF
@@ -440,9 +530,21 @@ def test_parquet_store_trains(tiny_world, tmp_path):
     from reflowpairs.generate import GenerateConfig, generate
 
     store = tmp_path / "pq"
-    generate(GenerateConfig(teacher=str(tiny_world.teacher_dir), dataset=tiny_world.repo_id, dataset_root=tiny_world.dataset_root,
-                            out=store, episodes=[0, 1], samples_per_frame=2, num_steps=2, batch_size=8, shard_size=32,
-                            backend="parquet", device="cpu"))
+    generate(
+        GenerateConfig(
+            teacher=str(tiny_world.teacher_dir),
+            dataset=tiny_world.repo_id,
+            dataset_root=tiny_world.dataset_root,
+            out=store,
+            episodes=[0, 1],
+            samples_per_frame=2,
+            num_steps=2,
+            batch_size=8,
+            shard_size=32,
+            backend="parquet",
+            device="cpu",
+        )
+    )
     result = train(_cfg(store, tmp_path / "o", steps=2, num_workers=1))
     assert result.step == 2 and math.isfinite(result.final_loss)
     state = json.loads((result.checkpoint / "training_state" / STATE_FILE).read_text())
@@ -470,7 +572,9 @@ def test_other_init_checkpoint_is_refused_unless_allowed(tiny_world, tiny_store,
     assert "--allow-mismatch" in err.value.hint
     assert not (tmp_path / "o").exists()
     # Allowed: it trains, records the warning, and --student-num-steps is the only other config change.
-    result = train(_cfg(tiny_store, tmp_path / "o", init=str(other), allow_mismatch=True, steps=1, student_num_steps=1))
+    result = train(
+        _cfg(tiny_store, tmp_path / "o", init=str(other), allow_mismatch=True, steps=1, student_num_steps=1)
+    )
     assert any("allowed by --allow-mismatch" in w for w in result.warnings)
     teacher = json.loads((other / "config.json").read_text())
     student = json.loads((result.checkpoint / "pretrained_model" / "config.json").read_text())
@@ -497,7 +601,11 @@ def test_moved_teacher_asks_for_init(tiny_store, tmp_path):
     (store / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ReflowPairsError) as err:
         train(_cfg(store, tmp_path / "o"))
-    assert "store's teacher" in err.value.what and "does not exist" in err.value.what and "--init" in err.value.hint
+    assert (
+        "store's teacher" in err.value.what
+        and "does not exist" in err.value.what
+        and "--init" in err.value.hint
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -510,7 +618,10 @@ def test_moved_teacher_asks_for_init(tiny_store, tmp_path):
         ({"time_sampling": "cosine"}, "Unknown --time-sampling 'cosine'"),
         ({"precision": "bfloat16"}, "--precision bfloat16 is for CUDA devices"),
         ({"student_num_steps": 0}, "--student-num-steps must be at least 1, got 0"),
-        ({"student_num_steps": "ten"}, "--student-num-steps must be a whole number of steps or 'teacher', got 'ten'"),
+        (
+            {"student_num_steps": "ten"},
+            "--student-num-steps must be a whole number of steps or 'teacher', got 'ten'",
+        ),
     ],
 )
 def test_bad_settings(tiny_store, tmp_path, change, message):
@@ -522,10 +633,19 @@ def test_bad_settings(tiny_store, tmp_path, change, message):
 def test_cli_student_num_steps_takes_a_number_or_teacher(tmp_path):
     from reflowpairs.train import parse_student_num_steps
 
-    assert (parse_student_num_steps("2"), parse_student_num_steps("teacher"), parse_student_num_steps(None)) == (2, "teacher", None)
-    result = runner.invoke(app, ["train", "--pairs", str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--student-num-steps", "ten"])
+    assert (
+        parse_student_num_steps("2"),
+        parse_student_num_steps("teacher"),
+        parse_student_num_steps(None),
+    ) == (2, "teacher", None)
+    result = runner.invoke(
+        app,
+        ["train", "--pairs", str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--student-num-steps", "ten"],
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "--student-num-steps must be a whole number of steps or 'teacher', got 'ten'" in " ".join(result.output.split())
+    assert "--student-num-steps must be a whole number of steps or 'teacher', got 'ten'" in " ".join(
+        result.output.split()
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -540,8 +660,25 @@ def test_cli_error_is_one_paragraph(tmp_path):
 
 
 def _cli(store: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "reflowpairs", "train", "--pairs", str(store), "--out", str(out), "--batch-size", "4",
-            "--num-workers", "0", "--device", "cpu", "--lr", "1e-3", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "reflowpairs",
+        "train",
+        "--pairs",
+        str(store),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--lr",
+        "1e-3",
+        *extra,
+    ]
 
 
 def _run_until_checkpoint(cmd: list[str], out: Path, sig: int) -> subprocess.CompletedProcess:
@@ -558,26 +695,49 @@ def _run_until_checkpoint(cmd: list[str], out: Path, sig: int) -> subprocess.Com
 
 def test_cli_ctrl_c_saves_and_resumes(tiny_store, tmp_path):
     out = tmp_path / "run"
-    done = _run_until_checkpoint(_cli(tiny_store, out, "--steps", "100000", "--save-every", "2"), out, signal.SIGINT)
+    done = _run_until_checkpoint(
+        _cli(tiny_store, out, "--steps", "100000", "--save-every", "2"), out, signal.SIGINT
+    )
     assert done.returncode == 130, done.stderr
     text = " ".join(done.stderr.split())
     assert "Interrupted at step" in text and "--resume" in text and "Traceback" not in text
-    step = json.loads((out / "checkpoints" / "last" / "training_state" / "training_step.json").read_text())["step"]
+    step = json.loads((out / "checkpoints" / "last" / "training_state" / "training_step.json").read_text())[
+        "step"
+    ]
     assert step >= 2 and [r["step"] for r in _log(out)] == list(range(1, step + 1))
     # --steps step+2 replans the 100,000-step schedule (lerobot rescales it below its 30,000-step decay horizon):
     # refused, naming the lr change, unless --allow-schedule-change, and then the plan table states it.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    refused = subprocess.run(_cli(tiny_store, out, "--steps", str(step + 2), "--resume"), capture_output=True, text=True,
-                             env=env, timeout=300)
+    refused = subprocess.run(
+        _cli(tiny_store, out, "--steps", str(step + 2), "--resume"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     text = " ".join(refused.stderr.split())
-    assert refused.returncode == 1 and "would change its lr schedule" in text and "--allow-schedule-change" in text, text
+    assert (
+        refused.returncode == 1
+        and "would change its lr schedule" in text
+        and "--allow-schedule-change" in text
+    ), text
     assert f"the lr at step {step + 1} goes from" in text and "Traceback" not in text
-    again = subprocess.run(_cli(tiny_store, out, "--steps", str(step + 2), "--resume", "--allow-schedule-change"),
-                           capture_output=True, text=True, env=env, timeout=300)
+    again = subprocess.run(
+        _cli(tiny_store, out, "--steps", str(step + 2), "--resume", "--allow-schedule-change"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr
-    plan = " ".join(again.stderr.replace("│", " ").split())  # the plan table states lerobot's rescaled schedule for this short run
+    plan = " ".join(
+        again.stderr.replace("│", " ").split()
+    )  # the plan table states lerobot's rescaled schedule for this short run
     assert "resuming" in plan and "warmup 0 steps" in plan and "(preset: warmup 1,000, decay 30,000)" in plan
-    assert "schedule change" in plan and f"planned for 100,000 steps (warmup 1,000, decay over 30,000), now {step + 2}" in plan
+    assert (
+        "schedule change" in plan
+        and f"planned for 100,000 steps (warmup 1,000, decay over 30,000), now {step + 2}" in plan
+    )
     assert [r["step"] for r in _log(out)] == list(range(1, step + 3))
     assert os.readlink(out / "checkpoints" / "last") == f"{step + 2:06d}"
 
@@ -586,14 +746,25 @@ def test_cli_sigkill_leaves_a_sound_checkpoint(tiny_store, tmp_path):
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
     out = tmp_path / "run"
-    done = _run_until_checkpoint(_cli(tiny_store, out, "--steps", "100000", "--save-every", "1"), out, signal.SIGKILL)
+    done = _run_until_checkpoint(
+        _cli(tiny_store, out, "--steps", "100000", "--save-every", "1"), out, signal.SIGKILL
+    )
     assert done.returncode == -signal.SIGKILL
     last = (out / "checkpoints" / "last").resolve()
     assert last.is_dir() and not last.name.startswith(".")
     SmolVLAPolicy.from_pretrained(last / "pretrained_model")
     step = json.loads((last / "training_state" / "training_step.json").read_text())["step"]
-    result = train(TrainConfig(pairs=tiny_store, out=out, steps=step + 1, resume=True, device="cpu", num_workers=0,
-                               allow_schedule_change=True))
+    result = train(
+        TrainConfig(
+            pairs=tiny_store,
+            out=out,
+            steps=step + 1,
+            resume=True,
+            device="cpu",
+            num_workers=0,
+            allow_schedule_change=True,
+        )
+    )
     assert (result.start_step, result.step) == (step, step + 1)
     assert [r["step"] for r in _log(out)] == list(range(1, step + 2))
     assert not any(p.name.startswith(".") for p in (out / "checkpoints").iterdir())
@@ -604,10 +775,11 @@ def test_bfloat16_autocast_on_cuda_keeps_float32_weights(tiny_world, tiny_store,
     out = tmp_path / "cuda"
     result = train(_cfg(tiny_store, out, device="cuda", precision="auto", steps=2))
     assert math.isfinite(result.final_loss)
-    with safe_open(str(tiny_world.teacher_dir / "model.safetensors"), "pt") as t, safe_open(
-        str(result.checkpoint / "pretrained_model" / "model.safetensors"), "pt"
-    ) as s:
-        assert {k: t.get_slice(k).get_dtype() for k in t.keys()} == {k: s.get_slice(k).get_dtype() for k in s.keys()}
+    with (
+        safe_open(str(tiny_world.teacher_dir / "model.safetensors"), "pt") as t,
+        safe_open(str(result.checkpoint / "pretrained_model" / "model.safetensors"), "pt") as s,
+    ):
+        assert {k: t.get_slice(k).get_dtype() for k in t} == {k: s.get_slice(k).get_dtype() for k in s}
 
 
 # --- pieces: time sampling, data order, schedule --------------------------------------------------------
@@ -626,8 +798,13 @@ def test_time_samplings_stay_in_lerobots_range_and_are_reproducible():
     assert torch.equal(torch.get_rng_state(), before)  # the global RNG is never touched
     # beta is lerobot's own sampler (mean of 1.5/(1.5+1) * 0.999 + 0.001 = 0.6004)
     reference = sample_time_beta(100_000, "cpu", alpha=1.5, beta=1.0, scale=0.999, offset=0.001)
-    assert abs(float(sample_time("beta", 100_000, step_generator(0, 1)).mean()) - float(reference.mean())) < 0.01
-    ends = {n: float(((sample_time(n, 100_000, step_generator(0, 1)) - 0.5).abs() > 0.4).float().mean()) for n in TIME_SAMPLINGS}
+    assert (
+        abs(float(sample_time("beta", 100_000, step_generator(0, 1)).mean()) - float(reference.mean())) < 0.01
+    )
+    ends = {
+        n: float(((sample_time(n, 100_000, step_generator(0, 1)) - 0.5).abs() > 0.4).float().mean())
+        for n in TIME_SAMPLINGS
+    }
     assert ends["u-shaped"] > ends["uniform"] > ends["logit-normal"]
 
 
@@ -638,7 +815,9 @@ def test_data_order_is_shard_windowed_and_resumable():
     assert _most_live_shards(counts, order) == 2  # never more than `window` shards in use at a time
     assert _most_live_shards(counts, epoch_order(counts, seed=1, epoch=0, window=1)) == 1
     stream = list(islice(iter(PairSampler(counts, seed=1, window=2)), 60))
-    assert stream[:25] == order.tolist() and sorted(stream[25:50]) == list(range(25))  # epoch 2 is another shuffle
+    assert stream[:25] == order.tolist() and sorted(stream[25:50]) == list(
+        range(25)
+    )  # epoch 2 is another shuffle
     assert list(islice(iter(PairSampler(counts, seed=1, window=2, start=37)), 23)) == stream[37:60]
     assert not np.array_equal(order, epoch_order(counts, seed=2, epoch=0, window=2))
 
@@ -652,7 +831,14 @@ def _most_live_shards(counts: np.ndarray, order: np.ndarray) -> int:
 
 
 def test_action_keys_are_dropped():
-    item = {"action": 1, "action_is_pad": 2, "action.extra": 3, "observation.state": 4, "task": "x", "actions_taken": 5}
+    item = {
+        "action": 1,
+        "action_is_pad": 2,
+        "action.extra": 3,
+        "observation.state": 4,
+        "task": "x",
+        "actions_taken": 5,
+    }
     assert drop_action_keys(item) == {"observation.state": 4, "task": "x", "actions_taken": 5}
 
 
@@ -665,7 +851,10 @@ def test_effective_schedule_matches_lerobots_rescaling(tiny_world):
     steps = 300
     plan = plan_optimizer(config, steps, lr=None, warmup_steps=None, grad_clip=None)
     assert (plan.scheduler.num_warmup_steps, plan.scheduler.num_decay_steps) == (int(1000 * 300 / 30000), 300)
-    assert plan.optimizer.lr == config.optimizer_lr and plan.optimizer.grad_clip_norm == config.optimizer_grad_clip_norm
+    assert (
+        plan.optimizer.lr == config.optimizer_lr
+        and plan.optimizer.grad_clip_norm == config.optimizer_grad_clip_norm
+    )
 
     def lrs(scheduler_cfg):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.optimizer_lr)
@@ -679,4 +868,8 @@ def test_effective_schedule_matches_lerobots_rescaling(tiny_world):
 
     assert lrs(plan.scheduler) == pytest.approx(lrs(config.get_scheduler_preset()), rel=1e-12)
     custom = plan_optimizer(config, steps, lr=1e-3, warmup_steps=25, grad_clip=2.0)
-    assert (custom.scheduler.num_warmup_steps, custom.scheduler.peak_lr, custom.optimizer.grad_clip_norm) == (25, 1e-3, 2.0)
+    assert (custom.scheduler.num_warmup_steps, custom.scheduler.peak_lr, custom.optimizer.grad_clip_norm) == (
+        25,
+        1e-3,
+        2.0,
+    )

@@ -26,21 +26,41 @@ def bf16_store(bf16_world, tmp_path_factory) -> Path:
     from reflowpairs.generate import GenerateConfig, generate
 
     out = tmp_path_factory.mktemp("bf16store") / "pairs"
-    generate(GenerateConfig(teacher=str(bf16_world.teacher_dir), dataset=bf16_world.repo_id, dataset_root=bf16_world.dataset_root,
-                            out=out, episodes=[0, 1, 2, 3], samples_per_frame=2, num_steps=2, batch_size=8, shard_size=64,
-                            device="cpu"))
+    generate(
+        GenerateConfig(
+            teacher=str(bf16_world.teacher_dir),
+            dataset=bf16_world.repo_id,
+            dataset_root=bf16_world.dataset_root,
+            out=out,
+            episodes=[0, 1, 2, 3],
+            samples_per_frame=2,
+            num_steps=2,
+            batch_size=8,
+            shard_size=64,
+            device="cpu",
+        )
+    )
     return out
 
 
 def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(pairs=store, out=out, steps=3, batch_size=BATCH, num_workers=0, device="cpu", save_every=100, lr=2e-5)
+    base = {
+        "pairs": store,
+        "out": out,
+        "steps": 3,
+        "batch_size": BATCH,
+        "num_workers": 0,
+        "device": "cpu",
+        "save_every": 100,
+        "lr": 2e-5,
+    }
     base.update(kw)
     return TrainConfig(**base)
 
 
 def _dtypes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     with safe_open(str(path), "pt") as f:
-        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +75,13 @@ def small_lr_run(bf16_store, tmp_path_factory):
         nonzero = {name: param.grad.float() != 0 for name, param, _ in copies if param.grad is not None}
         before = {name: master.detach().clone() for name, _, master in copies}
         norm = original(self, optimizer, grad_clip)
-        records.append({name: (nonzero[name], master.detach() != before[name]) for name, _, master in copies if name in nonzero})
+        records.append(
+            {
+                name: (nonzero[name], master.detach() != before[name])
+                for name, _, master in copies
+                if name in nonzero
+            }
+        )
         return norm
 
     out = tmp_path_factory.mktemp("bf16run") / "run"
@@ -74,7 +100,9 @@ def test_masters_take_every_update_at_a_small_lr(small_lr_run, bf16_world):
     records = small_lr_run["records"]
     assert len(records) == 3 and records[0]
     for name, (grad_nonzero, moved) in records[0].items():
-        assert bool(moved[grad_nonzero].all()), f"{name}: a master element with a nonzero gradient did not change"
+        assert bool(moved[grad_nonzero].all()), (
+            f"{name}: a master element with a nonzero gradient did not change"
+        )
     last = small_lr_run["out"] / "checkpoints" / "last"
     masters = load_file(str(last / "training_state" / MASTER_FILE))
     teacher = load_file(str(bf16_world.teacher_dir / "model.safetensors"))
@@ -83,7 +111,9 @@ def test_masters_take_every_update_at_a_small_lr(small_lr_run, bf16_world):
     for name, master in masters.items():
         touched = torch.stack([step[name][0] for step in records if name in step]).any(dim=0)
         moved = master != teacher[name].float()
-        assert bool(moved[touched].all()), f"{name}: an element with a nonzero gradient ends where the teacher had it"
+        assert bool(moved[touched].all()), (
+            f"{name}: an element with a nonzero gradient ends where the teacher had it"
+        )
         ever_nonzero += int(touched.sum())
         master_moved += int(moved.sum())
         rounded_moved += int((student[name] != teacher[name]).sum())
@@ -113,7 +143,10 @@ def test_saved_weights_are_the_masters_rounded_in_the_teachers_dtypes(small_lr_r
 def test_plan_states_trainable_dtypes_and_master_copies(small_lr_run):
     plan = small_lr_run["plan"]
     assert plan["master_copies"] is True
-    assert set(plan["trainable_dtypes"]) == {"bfloat16", "float32"}  # the expert is bf16, the projections fp32
+    assert set(plan["trainable_dtypes"]) == {
+        "bfloat16",
+        "float32",
+    }  # the expert is bf16, the projections fp32
     assert sum(plan["trainable_dtypes"].values()) == plan["trainable_params"]
 
 
@@ -128,20 +161,47 @@ def test_resume_with_masters_is_bit_identical(bf16_store, tmp_path):
     parted = tmp_path / "parted"
     with pytest.raises(TrainingInterrupted):
         train(_cfg(bf16_store, parted, steps=4, lr=1e-4), progress=stop_at_2)
-    result = train(TrainConfig(pairs=bf16_store, out=parted, steps=4, resume=True, num_workers=0, device="cpu", save_every=100))
+    result = train(
+        TrainConfig(
+            pairs=bf16_store, out=parted, steps=4, resume=True, num_workers=0, device="cpu", save_every=100
+        )
+    )
     assert (result.start_step, result.step) == (2, 4)
-    logs = [[json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()] for run in (straight, parted)]
+    logs = [
+        [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+        for run in (straight, parted)
+    ]
     assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
     assert [r["grad_norm"] for r in logs[0]] == [r["grad_norm"] for r in logs[1]]
-    for name in ("pretrained_model/model.safetensors", f"training_state/{MASTER_FILE}", "training_state/optimizer_state.safetensors"):
+    for name in (
+        "pretrained_model/model.safetensors",
+        f"training_state/{MASTER_FILE}",
+        "training_state/optimizer_state.safetensors",
+    ):
         a, b = (load_file(str(run / "checkpoints" / "last" / name)) for run in (straight, parted))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_cli_plan_and_summary(bf16_world, bf16_store, tmp_path):
     out = tmp_path / "cli"
-    result = CliRunner().invoke(app, ["train", "--pairs", str(bf16_store), "--out", str(out), "--steps", "1", "--batch-size", "4",
-                                      "--num-workers", "0", "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--pairs",
+            str(bf16_store),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.replace("│", " ").split())  # rich table rows wrap inside their cells
     assert "bf16 (fp32 master copies), " in text and " fp32" in text.split("bf16 (fp32 master copies)", 1)[1]
@@ -171,13 +231,21 @@ def test_master_weights_keep_updates_below_the_dtypes_resolution(dtype):
         layer.weight.grad = torch.full_like(layer.weight, -tiny)  # SGD: w += tiny
         layer.bias.grad = torch.zeros_like(layer.bias)
         masters.step(optimizer, grad_clip=1e9)
-        assert layer.weight.grad is None and layer.bias.grad is None and all(m.grad is None for m in masters.params)
+        assert (
+            layer.weight.grad is None
+            and layer.bias.grad is None
+            and all(m.grad is None for m in masters.params)
+        )
         master = masters.state_dict()["weight"]
         assert torch.equal(master, torch.full_like(master, 1 + i * tiny))  # exact: powers of two
         assert torch.equal(layer.weight, master.to(dtype))
-    assert torch.equal(layer.weight, torch.full_like(layer.weight, 1 + 64 * tiny))  # 64 updates of eps/64: one eps
+    assert torch.equal(
+        layer.weight, torch.full_like(layer.weight, 1 + 64 * tiny)
+    )  # 64 updates of eps/64: one eps
     plain = torch.ones(8, dtype=dtype) + torch.tensor(tiny, dtype=dtype)
-    assert torch.equal(plain, torch.ones(8, dtype=dtype))  # what the weight alone would have kept of one update
+    assert torch.equal(
+        plain, torch.ones(8, dtype=dtype)
+    )  # what the weight alone would have kept of one update
 
 
 def test_resume_without_or_with_damaged_masters(bf16_store, small_lr_run, tmp_path):
@@ -185,14 +253,23 @@ def test_resume_without_or_with_damaged_masters(bf16_store, small_lr_run, tmp_pa
     file that does not fit the trainable parameters, or cannot be read, is refused naming it, and nothing is written."""
     import shutil
 
-    from reflowpairs.errors import ReflowPairsError
     from safetensors.torch import save_file
+
+    from reflowpairs.errors import ReflowPairsError
 
     out = tmp_path / "run"
     shutil.copytree(small_lr_run["out"], out, symlinks=True)
     masters_file = out / "checkpoints" / "last" / "training_state" / MASTER_FILE
     saved = load_file(str(masters_file))
-    resume = dict(pairs=bf16_store, out=out, steps=4, resume=True, num_workers=0, device="cpu", allow_schedule_change=True)
+    resume = {
+        "pairs": bf16_store,
+        "out": out,
+        "steps": 4,
+        "resume": True,
+        "num_workers": 0,
+        "device": "cpu",
+        "allow_schedule_change": True,
+    }
     dropped = dict(saved)
     dropped.pop(sorted(dropped)[0])
     save_file(dropped, str(masters_file))
@@ -201,8 +278,14 @@ def test_resume_without_or_with_damaged_masters(bf16_store, small_lr_run, tmp_pa
     masters_file.write_bytes(b"not safetensors")
     with pytest.raises(ReflowPairsError, match=rf"Cannot read .*{MASTER_FILE}"):
         train(TrainConfig(**resume))
-    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+    ]
     masters_file.unlink()
     result = train(TrainConfig(**resume))
-    assert result.step == 4 and any(f"holds no float32 master copies ({MASTER_FILE})" in w for w in result.warnings)
+    assert result.step == 4 and any(
+        f"holds no float32 master copies ({MASTER_FILE})" in w for w in result.warnings
+    )
     assert (result.checkpoint / "training_state" / MASTER_FILE).is_file()

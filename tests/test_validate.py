@@ -24,10 +24,17 @@ runner = CliRunner()
 
 
 def _generate(world, out: Path, **overrides) -> Path:
-    settings = dict(
-        teacher=str(world.teacher_dir), dataset=world.repo_id, dataset_root=world.dataset_root, out=out,
-        episodes=[0, 1], samples_per_frame=2, batch_size=8, shard_size=16, device="cpu",
-    )
+    settings = {
+        "teacher": str(world.teacher_dir),
+        "dataset": world.repo_id,
+        "dataset_root": world.dataset_root,
+        "out": out,
+        "episodes": [0, 1],
+        "samples_per_frame": 2,
+        "batch_size": 8,
+        "shard_size": 16,
+        "device": "cpu",
+    }
     settings.update(overrides)
     generate(GenerateConfig(**settings))
     return out
@@ -59,7 +66,9 @@ def _write_manifest(store: Path, manifest: dict) -> None:
 
 def _sha256(array: np.ndarray) -> str:
     """The contract's checksum (docs/pair-store.md), computed here without reflowpairs."""
-    return hashlib.sha256(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()).hexdigest()
+    return hashlib.sha256(
+        np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+    ).hexdigest()
 
 
 def _check(report, name: str):
@@ -90,7 +99,9 @@ def test_sound_store_passes_in_both_backends(stores, backend):
 
 
 def test_sound_store_matches_its_dataset_and_teacher(tiny_world, tiny_store):
-    report = validate(ValidateConfig(tiny_store, dataset_root=tiny_world.dataset_root, teacher=str(tiny_world.teacher_dir)))
+    report = validate(
+        ValidateConfig(tiny_store, dataset_root=tiny_world.dataset_root, teacher=str(tiny_world.teacher_dir))
+    )
     assert report.status == "sound", report.checks
     for name in ("dataset", "teacher", "obs_index"):
         assert _check(report, name).result == "pass", _check(report, name)
@@ -255,7 +266,10 @@ def test_duplicated_shard_entry(stores, tmp_path):
     report = validate(ValidateConfig(store))
     failed = _failed(report)
     assert "shards/w0-000001.parquet is listed 2 times" in failed["manifest"]
-    assert "16 duplicate pair(s) over 8 frame(s)" in failed["frames"] and "shards/w0-000001.parquet" in failed["frames"]
+    assert (
+        "16 duplicate pair(s) over 8 frame(s)" in failed["frames"]
+        and "shards/w0-000001.parquet" in failed["frames"]
+    )
 
 
 def test_copy_of_a_shard_listed_twice(stores, tmp_path):
@@ -358,7 +372,14 @@ def test_leftovers_are_reported_but_not_counted(stores, tmp_path):
 
 
 def test_other_dataset_and_teacher_are_named(stores, other_world):
-    report = validate(ValidateConfig(stores["zarr"], dataset=other_world.repo_id, dataset_root=other_world.dataset_root, teacher=str(other_world.teacher_dir)))
+    report = validate(
+        ValidateConfig(
+            stores["zarr"],
+            dataset=other_world.repo_id,
+            dataset_root=other_world.dataset_root,
+            teacher=str(other_world.teacher_dir),
+        )
+    )
     failed = _failed(report)
     assert "another dataset" in failed["dataset"] and str(other_world.dataset_root) in failed["dataset"]
     assert "are not frames of" in failed["obs_index"]
@@ -387,7 +408,15 @@ def test_spot_check_json_stays_one_object_when_the_teacher_is_loaded(stores):
 
 def test_spot_check_names_the_features_a_dataset_lacks(stores, other_world):
     """Against a dataset without the teacher's inputs, the spot check says so instead of blaming the store."""
-    report = validate(ValidateConfig(stores["zarr"], dataset=other_world.repo_id, dataset_root=other_world.dataset_root, spot_check=2, device="cpu"))
+    report = validate(
+        ValidateConfig(
+            stores["zarr"],
+            dataset=other_world.repo_id,
+            dataset_root=other_world.dataset_root,
+            spot_check=2,
+            device="cpu",
+        )
+    )
     detail = _failed(report)["spot check"]
     assert "does not match the policy's features" in detail and "observation.state" in detail
     assert "re-sampled pairs differ" not in detail
@@ -401,17 +430,24 @@ def test_spot_check_tolerance_follows_the_stores_compute_dtype(tiny_world, tmp_p
     spot = _check(report, "spot check")
     assert spot.result == "pass", spot.detail
     assert "computed in bfloat16" in spot.detail and "atol 0.05" in spot.detail
-    tight = _check(validate(ValidateConfig(store, spot_check=6, seed=1, device="cpu", batch_size=1, atol=1e-12)), "spot check")
+    tight = _check(
+        validate(ValidateConfig(store, spot_check=6, seed=1, device="cpu", batch_size=1, atol=1e-12)),
+        "spot check",
+    )
     assert tight.result == "pass" and "max |X_1 difference| 0 <=" in tight.detail
 
 
 def test_spot_check_of_a_dopri5_store_resamples_whole_frames(tiny_world, tmp_path):
     """dopri5 solves each frame's K samples together: the spot check re-samples a chosen pair with its frame's other
     samples, in batches unlike generate's, and gets the stored X_1 within the float32 default."""
-    store = _generate(tiny_world, tmp_path / "dopri5", episodes=[0], solver="dopri5", batch_size=24, rtol=1e-3, atol=1e-3)
+    store = _generate(
+        tiny_world, tmp_path / "dopri5", episodes=[0], solver="dopri5", batch_size=24, rtol=1e-3, atol=1e-3
+    )
     report = validate(ValidateConfig(store, spot_check=5, seed=2, device="cpu", batch_size=1))
     spot = _check(report, "spot check")
-    assert spot.result == "pass" and "5 pairs re-sampled (dopri5" in spot.detail and "atol 0.0001" in spot.detail, spot.detail
+    assert (
+        spot.result == "pass" and "5 pairs re-sampled (dopri5" in spot.detail and "atol 0.0001" in spot.detail
+    ), spot.detail
 
 
 def test_spot_check_catches_a_store_made_with_other_settings(stores, tmp_path):
@@ -429,12 +465,22 @@ def test_spot_check_catches_a_store_made_with_other_settings(stores, tmp_path):
     assert result.exit_code == 1 and "spot check" in result.output
 
 
-@pytest.mark.parametrize(("option", "words"), [(["--spot-check", "-1"], "--spot-check must be 0 or more"), (["--atol", "0"], "--atol must be positive")])
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [
+        (["--spot-check", "-1"], "--spot-check must be 0 or more"),
+        (["--atol", "0"], "--atol must be positive"),
+    ],
+)
 def test_bad_options(stores, option, words):
     result = _run(stores["zarr"], *option)
     assert result.exit_code == 1 and words in result.output and "Traceback" not in result.output
     with pytest.raises(ReflowPairsError, match=words.split()[0]):
-        validate(ValidateConfig(stores["zarr"], spot_check=-1 if "spot" in words else 0, atol=0.0 if "atol" in words else 1e-4))
+        validate(
+            ValidateConfig(
+                stores["zarr"], spot_check=-1 if "spot" in words else 0, atol=0.0 if "atol" in words else 1e-4
+            )
+        )
 
 
 def test_not_a_store(tmp_path):

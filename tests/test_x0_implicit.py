@@ -33,10 +33,17 @@ ARRAYS = ("x0", "x1", "obs_index", "sample")
 
 
 def _generate(world, out: Path, **overrides) -> Path:
-    settings = dict(
-        teacher=str(world.teacher_dir), dataset=world.repo_id, dataset_root=world.dataset_root, out=out,
-        episodes=[0, 1], samples_per_frame=2, batch_size=8, shard_size=16, device="cpu",
-    )
+    settings = {
+        "teacher": str(world.teacher_dir),
+        "dataset": world.repo_id,
+        "dataset_root": world.dataset_root,
+        "out": out,
+        "episodes": [0, 1],
+        "samples_per_frame": 2,
+        "batch_size": 8,
+        "shard_size": 16,
+        "device": "cpu",
+    }
     settings.update(overrides)
     generate(GenerateConfig(**settings))
     return out
@@ -84,19 +91,37 @@ def test_implicit_store_has_no_x0_and_records_its_generator(stores, backend):
     manifest = _manifest(store)
     assert manifest["version"] == 1 and manifest["backend"] == backend
     probe = manifest["x0"].pop("probe")
-    assert manifest["x0"] == {"shape": [8, 6], "dtype": "float32", "stored": False, "generator": "reflowpairs.noise/v1"}
-    assert probe == {"obs_index": 0, "sample": 0, "sha256": hashlib.sha256(outside_noise(0, 0, 0, (8, 6)).astype("<f4").tobytes()).hexdigest()}
+    assert manifest["x0"] == {
+        "shape": [8, 6],
+        "dtype": "float32",
+        "stored": False,
+        "generator": "reflowpairs.noise/v1",
+    }
+    assert probe == {
+        "obs_index": 0,
+        "sample": 0,
+        "sha256": hashlib.sha256(outside_noise(0, 0, 0, (8, 6)).astype("<f4").tobytes()).hexdigest(),
+    }
     assert manifest["generation"]["x0"] == "implicit"
     explicit = _manifest(stores["explicit"])
-    assert explicit["x0"] == {"shape": [8, 6], "dtype": "float32"}  # an explicit store's entry is version 1's, unchanged
+    assert explicit["x0"] == {
+        "shape": [8, 6],
+        "dtype": "float32",
+    }  # an explicit store's entry is version 1's, unchanged
     assert explicit["generation"]["x0"] == "explicit"
     assert [s["num_pairs"] for s in manifest["shards"]] == [s["num_pairs"] for s in explicit["shards"]]
     for entry, twin in zip(manifest["shards"], explicit["shards"], strict=True):
         assert sorted(entry["sha256"]) == ["obs_index", "sample", "x1"]
-        assert {k: twin["sha256"][k] for k in entry["sha256"]} == entry["sha256"]  # the same x1, obs_index, sample
+        assert {k: twin["sha256"][k] for k in entry["sha256"]} == entry[
+            "sha256"
+        ]  # the same x1, obs_index, sample
         path = store / entry["path"]
         if backend == "zarr":
-            assert sorted(name for name, _ in zarr.open_group(str(path), mode="r").arrays()) == ["obs_index", "sample", "x1"]
+            assert sorted(name for name, _ in zarr.open_group(str(path), mode="r").arrays()) == [
+                "obs_index",
+                "sample",
+                "x1",
+            ]
         else:
             assert pq.read_schema(path).names == ["obs_index", "sample", "x1"]
 
@@ -107,11 +132,17 @@ def test_pairstore_regenerates_x0_bit_for_bit(stores, backend):
     for name in ARRAYS:
         assert implicit[name].dtype == explicit[name].dtype
         np.testing.assert_array_equal(implicit[name], explicit[name], err_msg=name)
-    for row in (0, len(implicit["obs_index"]) // 2, len(implicit["obs_index"]) - 1):  # the documented recipe, from outside
+    for row in (
+        0,
+        len(implicit["obs_index"]) // 2,
+        len(implicit["obs_index"]) - 1,
+    ):  # the documented recipe, from outside
         want = outside_noise(0, int(implicit["obs_index"][row]), int(implicit["sample"][row]), (8, 6))
         np.testing.assert_array_equal(implicit["x0"][row], want)
     reader = PairStore(stores[backend])
-    only = reader.read(1, ("x0",))  # x0 alone: obs_index and sample are read to regenerate it, and not returned
+    only = reader.read(
+        1, ("x0",)
+    )  # x0 alone: obs_index and sample are read to regenerate it, and not returned
     assert list(only) == ["x0"]
     np.testing.assert_array_equal(only["x0"], PairStore(stores["explicit"]).read(1, ("x0",))["x0"])
     pairs = reader.read_pairs(0)
@@ -124,7 +155,9 @@ def test_pair_noise_is_initial_noise_row_by_row():
         got = pair_noise(11, obs, sample, shape)
         assert got.dtype == np.float32 and got.shape == (4, *shape)
         for r in range(4):
-            np.testing.assert_array_equal(got[r], initial_noise(11, int(obs[r]), int(sample[r]), shape).numpy())
+            np.testing.assert_array_equal(
+                got[r], initial_noise(11, int(obs[r]), int(sample[r]), shape).numpy()
+            )
     assert pair_noise(0, np.zeros(0, np.int64), np.zeros(0, np.int32), (8, 6)).shape == (0, 8, 6)
     with pytest.raises(ReflowPairsError, match="reflowpairs.noise/v9"):
         pair_noise(0, obs, sample, (8, 6), generator="reflowpairs.noise/v9")
@@ -139,7 +172,9 @@ def test_training_reader_batches_equal_the_explicit_stores(tiny_world, stores):
 
     def batches(store: Path, start: int) -> list[dict]:
         pairs = PairDataset(PairStore(store), dataset, lookup, cache_shards=2)
-        loader = torch.utils.data.DataLoader(pairs, batch_size=8, sampler=PairSampler(pairs.counts, seed=3, window=1, start=start))
+        loader = torch.utils.data.DataLoader(
+            pairs, batch_size=8, sampler=PairSampler(pairs.counts, seed=3, window=1, start=start)
+        )
         return list(islice(iter(loader), 4))
 
     for start in (0, 90):  # the second crosses an epoch boundary (96 pairs)
@@ -150,8 +185,12 @@ def test_training_reader_batches_equal_the_explicit_stores(tiny_world, stores):
                 for key in ("x0", "x1", "obs_index", "sample"):
                     assert a[key].dtype == b[key].dtype
                     assert torch.equal(a[key], b[key]), (backend, start, key)
-                assert torch.equal(a["observation"]["observation.state"], b["observation"]["observation.state"])
-    assert "x0" not in PairDataset(PairStore(stores["zarr"]), dataset, lookup).shard(0)  # X_0 is not cached, only regenerated
+                assert torch.equal(
+                    a["observation"]["observation.state"], b["observation"]["observation.state"]
+                )
+    assert "x0" not in PairDataset(PairStore(stores["zarr"]), dataset, lookup).shard(
+        0
+    )  # X_0 is not cached, only regenerated
 
 
 def test_unknown_generator_is_refused_by_every_reader(tiny_world, stores, tmp_path):
@@ -160,7 +199,9 @@ def test_unknown_generator_is_refused_by_every_reader(tiny_world, stores, tmp_pa
     manifest["x0"]["generator"] = "reflowpairs.noise/v9"
     _write_manifest(store, manifest)
     reader = PairStore(store)  # the manifest is readable; X_0 is not
-    np.testing.assert_array_equal(reader.read(0, ("x1",))["x1"], PairStore(stores["zarr"]).read(0, ("x1",))["x1"])
+    np.testing.assert_array_equal(
+        reader.read(0, ("x1",))["x1"], PairStore(stores["zarr"]).read(0, ("x1",))["x1"]
+    )
     with pytest.raises(ReflowPairsError, match=r"reflowpairs\.noise/v9.*does not know"):
         reader.read(0)
     dataset = open_dataset(tiny_world.repo_id, tiny_world.dataset_root)
@@ -168,7 +209,12 @@ def test_unknown_generator_is_refused_by_every_reader(tiny_world, stores, tmp_pa
         PairDataset(reader, dataset, position_lookup(frame_indices(dataset)))
     report = validate(ValidateConfig(store))
     check = next(c for c in report.checks if c.name == "x0 noise")
-    assert report.status == "corrupt" and check.result == "fail" and "reflowpairs.noise/v9" in check.detail and "unknown" in check.detail
+    assert (
+        report.status == "corrupt"
+        and check.result == "fail"
+        and "reflowpairs.noise/v9" in check.detail
+        and "unknown" in check.detail
+    )
 
 
 def test_a_generator_that_does_not_reproduce_the_writers_x0_is_refused(tiny_world, stores, tmp_path):
@@ -177,7 +223,9 @@ def test_a_generator_that_does_not_reproduce_the_writers_x0_is_refused(tiny_worl
     manifest = _manifest(store)
     manifest["x0"]["probe"]["sha256"] = "0" * 64  # what another torch's randn would look like to this reader
     _write_manifest(store, manifest)
-    with pytest.raises(ReflowPairsError, match=r"X_0 regenerated here differs from the writer's.*torch") as err:
+    with pytest.raises(
+        ReflowPairsError, match=r"X_0 regenerated here differs from the writer's.*torch"
+    ) as err:
         PairStore(store).read(0)
     assert "Read it with torch" in err.value.hint
     dataset = open_dataset(tiny_world.repo_id, tiny_world.dataset_root)
@@ -228,9 +276,13 @@ def test_validate_passes_an_implicit_store(stores, backend):
 
 
 def test_validate_spot_check_of_an_implicit_store(tiny_world, stores):
-    report = validate(ValidateConfig(stores["zarr"], teacher=str(tiny_world.teacher_dir), spot_check=6, device="cpu"))
+    report = validate(
+        ValidateConfig(stores["zarr"], teacher=str(tiny_world.teacher_dir), spot_check=6, device="cpu")
+    )
     spot = next(c for c in report.checks if c.name == "spot check")
-    assert report.status == "sound" and spot.result == "pass" and "6 pairs re-sampled" in spot.detail, spot.detail
+    assert report.status == "sound" and spot.result == "pass" and "6 pairs re-sampled" in spot.detail, (
+        spot.detail
+    )
 
 
 def _edit_x1(store: Path, shard: dict, backend: str) -> None:
@@ -246,7 +298,12 @@ def _edit_x1(store: Path, shard: dict, backend: str) -> None:
         import pyarrow as pa
 
         column = pa.FixedSizeListArray.from_arrays(pa.array(values), x1.type.list_size)
-        pq.write_table(table.set_column(table.schema.get_field_index("x1"), "x1", column).replace_schema_metadata(table.schema.metadata), path)
+        pq.write_table(
+            table.set_column(table.schema.get_field_index("x1"), "x1", column).replace_schema_metadata(
+                table.schema.metadata
+            ),
+            path,
+        )
 
 
 @pytest.mark.parametrize("backend", ["zarr", "parquet"])
@@ -266,7 +323,11 @@ def test_validate_resume_command_of_an_incomplete_implicit_store(stores, tmp_pat
     store = Path(shutil.copytree(stores["zarr"], tmp_path / "store"))
     manifest = _manifest(store)
     dropped = manifest["shards"].pop()
-    manifest.update(complete=False, num_pairs=manifest["num_pairs"] - dropped["num_pairs"], num_frames=manifest["num_frames"] - dropped["num_frames"])
+    manifest.update(
+        complete=False,
+        num_pairs=manifest["num_pairs"] - dropped["num_pairs"],
+        num_frames=manifest["num_frames"] - dropped["num_frames"],
+    )
     _write_manifest(store, manifest)
     report = validate(ValidateConfig(store))
     assert report.status == "incomplete" and "--x0 implicit" in report.resume_command
@@ -294,8 +355,13 @@ def test_inspect_shows_the_x0_storage_and_bytes_per_pair(stores, backend):
     assert got["statistics"]["x0"] == explicit["statistics"]["x0"] | {"source": "regenerated"}
     assert got["statistics"]["x1"] == explicit["statistics"]["x1"]
     for index in (0, 41):  # --pair regenerates the one X_0 it shows
-        one, twin = (_inspect_json(s, "--pair", str(index), "--rows", "8") for s in (stores[backend], stores["explicit"]))
-        assert {k: v for k, v in one.items() if k != "shard"} == {k: v for k, v in twin.items() if k != "shard"}
+        one, twin = (
+            _inspect_json(s, "--pair", str(index), "--rows", "8")
+            for s in (stores[backend], stores["explicit"])
+        )
+        assert {k: v for k, v in one.items() if k != "shard"} == {
+            k: v for k, v in twin.items() if k != "shard"
+        }
         assert len(one["x0"]) == 8 and len(one["x0"][0]) == 6
 
 
@@ -303,8 +369,11 @@ def test_inspect_shows_the_x0_storage_and_bytes_per_pair(stores, backend):
 
 
 def test_merge_of_implicit_partitions(tiny_world, tmp_path):
-    settings = dict(episodes=[0], shard_size=8)
-    slices = [_generate(tiny_world, tmp_path / f"p{i}", x0="implicit", partition=(i, 2), **settings) for i in range(2)]
+    settings = {"episodes": [0], "shard_size": 8}
+    slices = [
+        _generate(tiny_world, tmp_path / f"p{i}", x0="implicit", partition=(i, 2), **settings)
+        for i in range(2)
+    ]
     merged = tmp_path / "merged"
     manifest = merge_stores(slices, merged)
     assert manifest["x0"]["stored"] is False and manifest["generation"]["x0"] == "implicit"
@@ -312,7 +381,10 @@ def test_merge_of_implicit_partitions(tiny_world, tmp_path):
     data = _read_all(merged)
     assert len(np.unique(data["obs_index"])) == 24
     for row in range(0, len(data["obs_index"]), 7):
-        np.testing.assert_array_equal(data["x0"][row], initial_noise(0, int(data["obs_index"][row]), int(data["sample"][row]), (8, 6)).numpy())
+        np.testing.assert_array_equal(
+            data["x0"][row],
+            initial_noise(0, int(data["obs_index"][row]), int(data["sample"][row]), (8, 6)).numpy(),
+        )
 
     explicit = _generate(tiny_world, tmp_path / "e1", partition=(1, 2), **settings)
     with pytest.raises(ReflowPairsError, match="X_0 storage: implicit vs explicit") as err:
@@ -333,14 +405,20 @@ def _drop_last_shard(store: Path) -> dict:
     manifest = _manifest(store)
     dropped = manifest["shards"].pop()
     (store / dropped["path"]).rename(store / "shards" / ".tmp-left-over")
-    manifest.update(complete=False, num_pairs=manifest["num_pairs"] - dropped["num_pairs"], num_frames=manifest["num_frames"] - dropped["num_frames"])
+    manifest.update(
+        complete=False,
+        num_pairs=manifest["num_pairs"] - dropped["num_pairs"],
+        num_frames=manifest["num_frames"] - dropped["num_frames"],
+    )
     _write_manifest(store, manifest)
     return manifest
 
 
 @pytest.mark.parametrize("store_mode, run_mode", [("implicit", "explicit"), ("explicit", "implicit")])
 def test_resume_refuses_the_other_x0_mode(tiny_world, stores, tmp_path, store_mode, run_mode):
-    store = Path(shutil.copytree(stores["zarr" if store_mode == "implicit" else "explicit"], tmp_path / "store"))
+    store = Path(
+        shutil.copytree(stores["zarr" if store_mode == "implicit" else "explicit"], tmp_path / "store")
+    )
     before = _drop_last_shard(store)
     with pytest.raises(ReflowPairsError) as err:
         _generate(tiny_world, store, x0=run_mode, resume=True)
@@ -349,7 +427,9 @@ def test_resume_refuses_the_other_x0_mode(tiny_world, stores, tmp_path, store_mo
     assert _manifest(store) == before  # nothing changed
 
 
-def test_resume_finishes_an_implicit_store_and_an_explicit_store_recorded_before_the_setting(tiny_world, stores, tmp_path):
+def test_resume_finishes_an_implicit_store_and_an_explicit_store_recorded_before_the_setting(
+    tiny_world, stores, tmp_path
+):
     implicit = Path(shutil.copytree(stores["zarr"], tmp_path / "implicit"))
     _drop_last_shard(implicit)
     _generate(tiny_world, implicit, x0="implicit", resume=True)
@@ -363,7 +443,10 @@ def test_resume_finishes_an_implicit_store_and_an_explicit_store_recorded_before
     _write_manifest(old, manifest)
     _generate(tiny_world, old, resume=True)  # x0 explicit, the default
     assert validate(ValidateConfig(old)).status == "sound"
-    assert "x0" not in _manifest(old)["generation"] and _manifest(old)["x0"] == {"shape": [8, 6], "dtype": "float32"}
+    assert "x0" not in _manifest(old)["generation"] and _manifest(old)["x0"] == {
+        "shape": [8, 6],
+        "dtype": "float32",
+    }
 
 
 def test_training_on_an_implicit_store_is_training_on_the_explicit_one(stores, tmp_path):
@@ -371,7 +454,18 @@ def test_training_on_an_implicit_store_is_training_on_the_explicit_one(stores, t
     from reflowpairs.train import LOG_FILE, TrainConfig, train
 
     def losses(store: Path, out: Path) -> list[float]:
-        result = train(TrainConfig(pairs=store, out=out, steps=3, batch_size=4, num_workers=1, device="cpu", save_every=3, lr=1e-3))
+        result = train(
+            TrainConfig(
+                pairs=store,
+                out=out,
+                steps=3,
+                batch_size=4,
+                num_workers=1,
+                device="cpu",
+                save_every=3,
+                lr=1e-3,
+            )
+        )
         assert result.step == 3
         return [json.loads(line)["loss"] for line in (out / LOG_FILE).read_text().splitlines()]
 

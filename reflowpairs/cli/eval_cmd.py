@@ -51,7 +51,10 @@ def report_table(report: dict[str, Any]) -> Table:
     for i, (key, _) in enumerate(COLUMNS):
         table.add_column(CONSOLE_HEADERS[key], justify="left" if i == 0 else "right", no_wrap=True)
     for i, cells in enumerate(rows):
-        table.add_row(*cells, end_section=i + 1 < len(rows) and report["rows"][i + 1]["model"] != report["rows"][i]["model"])
+        table.add_row(
+            *cells,
+            end_section=i + 1 < len(rows) and report["rows"][i + 1]["model"] != report["rows"][i]["model"],
+        )
     return table
 
 
@@ -59,8 +62,13 @@ def pairs_table(report: dict[str, Any]) -> Table:
     """The student's error on its training pairs next to its held-out error (``--pairs``)."""
     from reflowpairs.report import PAIRS_CONSOLE_HEADERS, pairs_rows
 
-    table = Table(title=f"student: training pairs ({plural(report['pairs']['num_frames'], 'frame')}) vs held-out frames",
-                  box=box.HORIZONTALS, show_edge=False, pad_edge=False, padding=(0, 1))
+    table = Table(
+        title=f"student: training pairs ({plural(report['pairs']['num_frames'], 'frame')}) vs held-out frames",
+        box=box.HORIZONTALS,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1),
+    )
     for header in PAIRS_CONSOLE_HEADERS:
         table.add_column(header, justify="right")
     for cells in pairs_rows(report):
@@ -90,26 +98,114 @@ class StageBar:
         self.bar.update(self.task, completed=done)
 
 
-@app.command("eval", cls=Command, epilog=lerobot_names_text("eval") + f" Each run writes its options to OUT/{EVAL_OPTIONS}.")
+@app.command(
+    "eval",
+    cls=Command,
+    epilog=lerobot_names_text("eval") + f" Each run writes its options to OUT/{EVAL_OPTIONS}.",
+)
 def eval_command(
     ctx: typer.Context,
     *,
-    student: Annotated[str, typer.Option(metavar="CKPT", rich_help_panel=INPUTS, help="Student checkpoint: a pretrained_model/ directory or a hub repo id.")],
-    teacher: Annotated[str, typer.Option(metavar="CKPT", rich_help_panel=INPUTS, help="Teacher checkpoint; its full-step sample is the reference.")],
-    dataset: Annotated[str, typer.Option(metavar="REPO_ID", rich_help_panel=INPUTS, help="LeRobotDataset repo id.")],
-    dataset_root: Annotated[Path | None, typer.Option(metavar="DIR", rich_help_panel=INPUTS, help="Local root of the dataset (lerobot's root=).")] = None,
-    episodes: Annotated[str | None, typer.Option(metavar="LIST", rich_help_panel=INPUTS, help="Episodes to evaluate on, e.g. 8,9, 8-9 or [8,9] (default: every episode the student did not train on).")] = None,
-    pairs: Annotated[Path | None, typer.Option(metavar="DIR", rich_help_panel=INPUTS, help="Pair store the student trained on: also report its error there.")] = None,
-    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch/--no-allow-mismatch", rich_help_panel=INPUTS, help="Compare with a teacher the student was not trained from (report labelled).")] = False,
-    include_training_frames: Annotated[bool, typer.Option("--include-training-frames/--no-include-training-frames", rich_help_panel=INPUTS, help="Allow episodes the student trained on (report labelled).")] = False,
-    num_steps: Annotated[str, typer.Option(metavar="LIST", rich_help_panel=MEASURE, help="Step counts to compare, e.g. 1,2,4,10.")] = "1,2,4,10",
-    max_frames: Annotated[int, typer.Option(metavar="N", rich_help_panel=MEASURE, help="Frames to evaluate (evenly spread); also the store frames with --pairs.")] = 64,
-    samples_per_frame: Annotated[int, typer.Option(metavar="K", rich_help_panel=MEASURE, help="K: noises per frame.")] = 4,
-    seed: Annotated[int, typer.Option(metavar="N", rich_help_panel=MEASURE, help="Seed of the noises X_0 = f(seed, obs_index, sample).")] = 1,
-    latency_repeats: Annotated[int, typer.Option(metavar="N", rich_help_panel=MEASURE, help="Timed calls per latency figure (median, after one warm-up).")] = 5,
-    out: Annotated[Path, typer.Option(metavar="DIR", rich_help_panel=OUTPUT, help=f"Directory for report.json, report.md, steps_vs_error.png and {EVAL_OPTIONS}.")],
-    device: Annotated[str, typer.Option(metavar="DEVICE", rich_help_panel=PERFORMANCE, help="auto, cpu, cuda[:N] or mps.")] = "auto",
-    batch_size: Annotated[int, typer.Option(metavar="N", rich_help_panel=PERFORMANCE, help="Frames per sampling call.")] = 8,
+    student: Annotated[
+        str,
+        typer.Option(
+            metavar="CKPT",
+            rich_help_panel=INPUTS,
+            help="Student checkpoint: a pretrained_model/ directory or a hub repo id.",
+        ),
+    ],
+    teacher: Annotated[
+        str,
+        typer.Option(
+            metavar="CKPT",
+            rich_help_panel=INPUTS,
+            help="Teacher checkpoint; its full-step sample is the reference.",
+        ),
+    ],
+    dataset: Annotated[
+        str, typer.Option(metavar="REPO_ID", rich_help_panel=INPUTS, help="LeRobotDataset repo id.")
+    ],
+    dataset_root: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR", rich_help_panel=INPUTS, help="Local root of the dataset (lerobot's root=)."
+        ),
+    ] = None,
+    episodes: Annotated[
+        str | None,
+        typer.Option(
+            metavar="LIST",
+            rich_help_panel=INPUTS,
+            help="Episodes to evaluate on, e.g. 8,9, 8-9 or [8,9] (default: every episode the student did not train on).",
+        ),
+    ] = None,
+    pairs: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            rich_help_panel=INPUTS,
+            help="Pair store the student trained on: also report its error there.",
+        ),
+    ] = None,
+    allow_mismatch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-mismatch/--no-allow-mismatch",
+            rich_help_panel=INPUTS,
+            help="Compare with a teacher the student was not trained from (report labelled).",
+        ),
+    ] = False,
+    include_training_frames: Annotated[
+        bool,
+        typer.Option(
+            "--include-training-frames/--no-include-training-frames",
+            rich_help_panel=INPUTS,
+            help="Allow episodes the student trained on (report labelled).",
+        ),
+    ] = False,
+    num_steps: Annotated[
+        str,
+        typer.Option(metavar="LIST", rich_help_panel=MEASURE, help="Step counts to compare, e.g. 1,2,4,10."),
+    ] = "1,2,4,10",
+    max_frames: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            rich_help_panel=MEASURE,
+            help="Frames to evaluate (evenly spread); also the store frames with --pairs.",
+        ),
+    ] = 64,
+    samples_per_frame: Annotated[
+        int, typer.Option(metavar="K", rich_help_panel=MEASURE, help="K: noises per frame.")
+    ] = 4,
+    seed: Annotated[
+        int,
+        typer.Option(
+            metavar="N", rich_help_panel=MEASURE, help="Seed of the noises X_0 = f(seed, obs_index, sample)."
+        ),
+    ] = 1,
+    latency_repeats: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            rich_help_panel=MEASURE,
+            help="Timed calls per latency figure (median, after one warm-up).",
+        ),
+    ] = 5,
+    out: Annotated[
+        Path,
+        typer.Option(
+            metavar="DIR",
+            rich_help_panel=OUTPUT,
+            help=f"Directory for report.json, report.md, steps_vs_error.png and {EVAL_OPTIONS}.",
+        ),
+    ],
+    device: Annotated[
+        str, typer.Option(metavar="DEVICE", rich_help_panel=PERFORMANCE, help="auto, cpu, cuda[:N] or mps.")
+    ] = "auto",
+    batch_size: Annotated[
+        int, typer.Option(metavar="N", rich_help_panel=PERFORMANCE, help="Frames per sampling call.")
+    ] = 8,
     config: Annotated[Path | None, config_option(RUN)] = None,
 ) -> None:
     """Compare a student with its teacher at each step count: error, straightness, latency; write a report."""
@@ -117,13 +213,27 @@ def eval_command(
     from reflowpairs.report import frames_text, headline_text, next_text, report_notes, write_report
 
     episode_list = parse_episodes(episodes)
-    options = resolved_options(ctx, values={"episodes": episodes_text(episode_list)}, local_paths=("student", "teacher"))
+    options = resolved_options(
+        ctx, values={"episodes": episodes_text(episode_list)}, local_paths=("student", "teacher")
+    )
     with user_errors():
         cfg = EvalConfig(
-            student=student, teacher=teacher, dataset=dataset, out=out, num_steps=parse_num_steps(num_steps),
-            dataset_root=dataset_root, episodes=episode_list, pairs=pairs, max_frames=max_frames,
-            samples_per_frame=samples_per_frame, seed=seed, device=device, latency_repeats=latency_repeats,
-            batch_size=batch_size, allow_mismatch=allow_mismatch, include_training_frames=include_training_frames,
+            student=student,
+            teacher=teacher,
+            dataset=dataset,
+            out=out,
+            num_steps=parse_num_steps(num_steps),
+            dataset_root=dataset_root,
+            episodes=episode_list,
+            pairs=pairs,
+            max_frames=max_frames,
+            samples_per_frame=samples_per_frame,
+            seed=seed,
+            device=device,
+            latency_repeats=latency_repeats,
+            batch_size=batch_size,
+            allow_mismatch=allow_mismatch,
+            include_training_frames=include_training_frames,
         )
         with _progress(prefix="eval") as bar:
             bar.live.transient = True  # the table replaces the bar
@@ -139,8 +249,11 @@ def eval_command(
     for note in report_notes(report):
         out_console.print(f"Note: {note}", style="yellow", markup=False)
     out_console.print(headline_text(report), style="bold", markup=False)
-    out_console.print(f"report: {files.json}\ntable:  {files.markdown}\nplot:   {files.plot}\noptions: {out / EVAL_OPTIONS}",
-                      markup=False, soft_wrap=True)
+    out_console.print(
+        f"report: {files.json}\ntable:  {files.markdown}\nplot:   {files.plot}\noptions: {out / EVAL_OPTIONS}",
+        markup=False,
+        soft_wrap=True,
+    )
     if next_text(report):  # the command on one line (soft-wrapped by the terminal: copy-pasteable), then why
         out_console.print(next_text(report), style="bold green", markup=False, soft_wrap=True)
         out_console.print(f"      ({report['next']['why']})", markup=False)

@@ -62,16 +62,24 @@ LEROBOT_NAMES: dict[str, dict[str, str]] = {
         "--dataset.episodes": "--episodes",
         "--policy.device": "--device",
     },
-    "validate": {"--dataset.repo_id": "--dataset", "--dataset.root": "--dataset-root", "--policy.device": "--device"},
+    "validate": {
+        "--dataset.repo_id": "--dataset",
+        "--dataset.root": "--dataset-root",
+        "--policy.device": "--device",
+    },
     "merge": {"--output_dir": "--out"},
 }
 
-_CHECKPOINT_HINT = ("lerobot's --policy.path has two meanings here: use --teacher in `reflowpairs generate` (the checkpoint that "
-                    "makes the pairs) or --init in `reflowpairs train` (the student's start; default: the teacher the "
-                    "store's manifest names).")
-_CONFIG_PATH_HINT = ("--config_path is lerobot's train_config.json; reflowpairs reads its own options file: --config FILE "
-                     "(YAML or JSON holding this command's options, e.g. the generate_config.yaml or train_options.yaml "
-                     "a run wrote).")
+_CHECKPOINT_HINT = (
+    "lerobot's --policy.path has two meanings here: use --teacher in `reflowpairs generate` (the checkpoint that "
+    "makes the pairs) or --init in `reflowpairs train` (the student's start; default: the teacher the "
+    "store's manifest names)."
+)
+_CONFIG_PATH_HINT = (
+    "--config_path is lerobot's train_config.json; reflowpairs reads its own options file: --config FILE "
+    "(YAML or JSON holding this command's options, e.g. the generate_config.yaml or train_options.yaml "
+    "a run wrote)."
+)
 
 # lerobot's option name -> what to use instead, where the meaning differs.
 LEROBOT_HINTS: dict[str, dict[str, str]] = {
@@ -80,7 +88,7 @@ LEROBOT_HINTS: dict[str, dict[str, str]] = {
         "--policy.path": _CHECKPOINT_HINT + " Here: --init.",
         "--config_path": _CONFIG_PATH_HINT,
         "--dataset.repo_id": "train reads the dataset the pair store was generated from (its manifest names it); "
-                             "--dataset-root says where it is now.",
+        "--dataset-root says where it is now.",
     },
     "eval": {
         "--policy.path": "eval takes the checkpoint to evaluate as --student and its teacher as --teacher.",
@@ -88,8 +96,10 @@ LEROBOT_HINTS: dict[str, dict[str, str]] = {
     },
     "validate": {"--policy.path": "validate takes the checkpoint that made the store as --teacher."},
 }
-_POLICY_PREFIX_HINT = ("the policy's settings come from its checkpoint's config.json; see --help for the lerobot names "
-                       "this command takes.")
+_POLICY_PREFIX_HINT = (
+    "the policy's settings come from its checkpoint's config.json; see --help for the lerobot names "
+    "this command takes."
+)
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -159,7 +169,9 @@ def translate_args(command: Any, ctx: Any, args: list[str]) -> list[str]:
             on = _bool_word(value)
             if on is None:
                 raise UsageError(f"{name} takes true or false, got {value!r}.", ctx)
-        elif name != target and i < len(args) and _bool_word(args[i]) is not None:  # lerobot's `--wandb.enable true`
+        elif (
+            name != target and i < len(args) and _bool_word(args[i]) is not None
+        ):  # lerobot's `--wandb.enable true`
             on = bool(_bool_word(args[i]))
             i += 1
         if target in param.secondary_opts:
@@ -175,7 +187,9 @@ def lerobot_names_text(command: str) -> str:
     """The epilog line naming the lerobot options a command accepts."""
     names = sorted(LEROBOT_NAMES.get(command, {}))
     shown = ", ".join(names) + ", " if names else ""
-    return f"lerobot's names work too: {shown}any option with underscores (--batch_size) and --flag=true|false."
+    return (
+        f"lerobot's names work too: {shown}any option with underscores (--batch_size) and --flag=true|false."
+    )
 
 
 # --- help without type placeholders -----------------------------------------------------------------------
@@ -259,7 +273,9 @@ def read_options_file(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise typer.BadParameter(f"{path} holds a {type(data).__name__}, not a mapping of option names to values.")
+        raise typer.BadParameter(
+            f"{path} holds a {type(data).__name__}, not a mapping of option names to values."
+        )
     return data
 
 
@@ -275,8 +291,11 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]
 
 def config_keys(command: Any) -> list[str]:
     """The keys an options file of ``command`` may hold (our long names, without dashes in front)."""
-    return [_long_name(p).removeprefix("--") for p in command.params
-            if _long_name(p) and p.name not in ("config", "help")]
+    return [
+        _long_name(p).removeprefix("--")
+        for p in command.params
+        if _long_name(p) and p.name not in ("config", "help")
+    ]
 
 
 def option_for_key(command: Any, key: str) -> TyperOption | None:
@@ -287,7 +306,11 @@ def option_for_key(command: Any, key: str) -> TyperOption | None:
     aliases = LEROBOT_NAMES.get(command.name or "", {})
     for candidate in (name, aliases.get(name), name.replace("_", "-")):
         option = options.get(candidate) if candidate else None
-        if option is not None and candidate not in option.secondary_opts and option.name not in ("config", "help"):
+        if (
+            option is not None
+            and candidate not in option.secondary_opts
+            and option.name not in ("config", "help")
+        ):
             return option
     return None
 
@@ -312,7 +335,8 @@ def load_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | No
             raise typer.BadParameter(
                 f"{value}: {key!r} is not an option of `reflowpairs {command.name}`. "
                 f"Valid keys: {', '.join(config_keys(command))}.",
-                ctx=ctx, param=param,
+                ctx=ctx,
+                param=param,
             )
         defaults[option.name] = _value_for(option, item)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
@@ -322,9 +346,13 @@ def load_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | No
 def config_option(help_panel: str | None = None) -> Any:
     """The ``--config FILE`` option of generate, train and eval."""
     return typer.Option(
-        "--config", metavar="FILE", callback=load_config, is_eager=True, rich_help_panel=help_panel,
+        "--config",
+        metavar="FILE",
+        callback=load_config,
+        is_eager=True,
+        rich_help_panel=help_panel,
         help="Read options from a YAML or JSON file (long option names as keys, dashes or underscores; flags on the "
-             "command line override it). Each run writes its own such file, so --config repeats a run.",
+        "command line override it). Each run writes its own such file, so --config repeats a run.",
     )
 
 
@@ -339,8 +367,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def resolved_options(ctx: Any, skip: Iterable[str] = (), values: dict[str, Any] | None = None,
-                     local_paths: Iterable[str] = ()) -> dict[str, Any]:
+def resolved_options(
+    ctx: Any, skip: Iterable[str] = (), values: dict[str, Any] | None = None, local_paths: Iterable[str] = ()
+) -> dict[str, Any]:
     """The command's options as this run used them, by long name (``samples-per-frame``): ``ctx.params`` with
     ``values`` (parameter name -> value) replacing some, paths made absolute (also the text options in ``local_paths``
     that name an existing local path, such as a checkpoint directory), without ``skip`` and ``--config``."""
@@ -371,9 +400,11 @@ def write_options(path: Path, command: str, options: dict[str, Any]) -> Path | N
             ours = False
         if not ours:
             return None
-    header = (f"{CONFIG_HEADER} {command} options of this run (null: the default). Repeat the run with:\n"
-              f"#   reflowpairs {command} --config {path.resolve()}\n"
-              "# Flags on the command line override this file (e.g. another --out).\n")
+    header = (
+        f"{CONFIG_HEADER} {command} options of this run (null: the default). Repeat the run with:\n"
+        f"#   reflowpairs {command} --config {path.resolve()}\n"
+        "# Flags on the command line override this file (e.g. another --out).\n"
+    )
     tmp = path.with_name(".tmp-" + path.name)
     tmp.write_text(header + yaml.safe_dump(options, sort_keys=False, default_flow_style=False))
     tmp.replace(path)

@@ -15,7 +15,15 @@ from datetime import timedelta
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 PROGRESS_ENV = "REFLOWPAIRS_PROGRESS"
 MODES = ("auto", "bar", "lines", "off")
@@ -62,7 +70,9 @@ class LineProgress(Progress):
     ``every=None`` prints a line per tenth of a task's total (at most every ``cap`` units); a task's own ``every`` field
     overrides ``every``."""
 
-    def __init__(self, *columns: Any, prefix: str, every: int | None = None, cap: int | None = None, **kwargs: Any):
+    def __init__(
+        self, *columns: Any, prefix: str, every: int | None = None, cap: int | None = None, **kwargs: Any
+    ):
         kwargs["disable"] = True  # no live display: the lines are printed by ``_log``
         super().__init__(*columns, **kwargs)
         self.prefix = prefix
@@ -72,8 +82,18 @@ class LineProgress(Progress):
         self._base: dict[TaskID, float] = {}  # units done when the task's clock started
         self._finished: set[TaskID] = set()  # tasks whose last line is printed
 
-    def add_task(self, description: str, start: bool = True, total: float | None = 100.0, completed: int = 0, visible: bool = True, **fields: Any) -> TaskID:
-        task = super().add_task(description, start=start, total=total, completed=completed, visible=visible, **fields)
+    def add_task(
+        self,
+        description: str,
+        start: bool = True,
+        total: float | None = 100.0,
+        completed: int = 0,
+        visible: bool = True,
+        **fields: Any,
+    ) -> TaskID:
+        task = super().add_task(
+            description, start=start, total=total, completed=completed, visible=visible, **fields
+        )
         self._restart(task)
         return task
 
@@ -91,7 +111,7 @@ class LineProgress(Progress):
 
     def _interval(self, task_id: TaskID) -> int:
         task = self._tasks[task_id]
-        every = task.fields["every"] if "every" in task.fields else self.every
+        every = task.fields.get("every", self.every)
         return line_interval(task.total, every, self.cap)
 
     def _restart(self, task_id: TaskID) -> None:
@@ -126,16 +146,24 @@ class LineProgress(Progress):
         rate = (done - self._base.get(task_id, 0)) / elapsed if elapsed > 0 else 0.0
         eta = duration((total - done) / rate) if rate > 0 else "?"
         what = unit if unit is not None else task.description
-        tail = f", {rate_text(rate, unit)}, ETA {eta}" if done < total else f", {rate_text(rate, unit)}, done in {duration(elapsed)}"
+        tail = (
+            f", {rate_text(rate, unit)}, ETA {eta}"
+            if done < total
+            else f", {rate_text(rate, unit)}, done in {duration(elapsed)}"
+        )
         return f"{self.prefix}: {what} {int(done):,}/{int(total):,}{share}{info}{tail}"
 
 
-def make_progress(console: Console, prefix: str, main: bool = True, every: int | None = None, cap: int | None = None) -> Progress:
+def make_progress(
+    console: Console, prefix: str, main: bool = True, every: int | None = None, cap: int | None = None
+) -> Progress:
     """The progress display of a command: a rich bar, a ``LineProgress`` or nothing (see ``progress_mode``); a process
     other than the main one of a multi-process launch (``main=False``) shows nothing."""
     mode = progress_mode(console) if main else "off"
     if mode == "lines":
-        return LineProgress(TextColumn("{task.description}"), console=console, prefix=prefix, every=every, cap=cap)
+        return LineProgress(
+            TextColumn("{task.description}"), console=console, prefix=prefix, every=every, cap=cap
+        )
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

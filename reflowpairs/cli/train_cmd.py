@@ -29,7 +29,9 @@ from reflowpairs.errors import ReflowPairsError
 
 TRAINING = "Training"
 TRAIN_OPTIONS = "train_options.yaml"
-PROGRESS_EVERY = 100  # steps between progress lines by default (--log-every's own default, 1, would flood a log)
+PROGRESS_EVERY = (
+    100  # steps between progress lines by default (--log-every's own default, 1, would flood a log)
+)
 
 
 SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
@@ -42,7 +44,9 @@ def trainable_text(plan: dict[str, Any]) -> str:
     for dtype, count in sorted(plan["trainable_dtypes"].items(), key=lambda item: -item[1]):
         low = dtype in ("bfloat16", "float16")
         parts.append(f"{count:,} {SHORT_DTYPES.get(dtype, dtype)}" + (" (fp32 master copies)" if low else ""))
-    return f"{plan['trainable_params']:,} of {plan['total_params']:,} parameters ({share:.1%}): " + ", ".join(parts)
+    return f"{plan['trainable_params']:,} of {plan['total_params']:,} parameters ({share:.1%}): " + ", ".join(
+        parts
+    )
 
 
 def num_steps_text(saved: int | None, teacher: int | None) -> str:
@@ -54,25 +58,40 @@ def num_steps_text(saved: int | None, teacher: int | None) -> str:
 
 def _plan_table(plan: dict[str, Any]) -> Table:
     table = Table(title="reflowpairs train", show_header=False)
-    start = f"resuming {plan['resumed_from']} at step {plan['start_step']}" if plan["resumed_from"] else "new run"
+    start = (
+        f"resuming {plan['resumed_from']} at step {plan['start_step']}" if plan["resumed_from"] else "new run"
+    )
     table.add_row("student init", escape(str(plan["init"])))
-    table.add_row("run", f"{start}; {plural(plan['steps'], 'step')}, batch {plan['batch_size']}, seed {plan['seed']}")
+    table.add_row(
+        "run", f"{start}; {plural(plan['steps'], 'step')}, batch {plan['batch_size']}, seed {plan['seed']}"
+    )
     table.add_row("pairs", f"{plan['num_pairs']:,} (window of {plural(plan['shuffle_window'], 'shard')})")
     table.add_row("device", f"{plan['device']} ({plan['precision']})")
     table.add_row("threads", escape(str(plan["threads"])))
     table.add_row("trainable", trainable_text(plan))
-    table.add_row("optimizer", f"{plan['optimizer']} lr {plan['lr']:g}, weight decay {plan['weight_decay']:g}, grad clip {plan['grad_clip']:g}")
+    table.add_row(
+        "optimizer",
+        f"{plan['optimizer']} lr {plan['lr']:g}, weight decay {plan['weight_decay']:g}, grad clip {plan['grad_clip']:g}",
+    )
     if plan["scheduler"] is not None:
         preset = ""
-        if plan["preset_decay_steps"] is not None and (plan["warmup_steps"], plan["decay_steps"]) != (plan["preset_warmup_steps"], plan["preset_decay_steps"]):
-            preset = f" (preset: warmup {plan['preset_warmup_steps']:,}, decay {plan['preset_decay_steps']:,})"
+        if plan["preset_decay_steps"] is not None and (plan["warmup_steps"], plan["decay_steps"]) != (
+            plan["preset_warmup_steps"],
+            plan["preset_decay_steps"],
+        ):
+            preset = (
+                f" (preset: warmup {plan['preset_warmup_steps']:,}, decay {plan['preset_decay_steps']:,})"
+            )
         table.add_row(
             "schedule",
             f"{plan['scheduler']}: warmup {plural(plan['warmup_steps'], 'step')}, decay over "
             f"{plural(plan['decay_steps'], 'step')} to {plan['decay_lr']:g}{preset}",
         )
     if plan["schedule_change"] is not None:
-        table.add_row("[yellow]schedule change[/]", escape(plan["schedule_change"]["text"]) + " (--allow-schedule-change)")
+        table.add_row(
+            "[yellow]schedule change[/]",
+            escape(plan["schedule_change"]["text"]) + " (--allow-schedule-change)",
+        )
     table.add_row("time sampling", str(plan["time_sampling"]))
     table.add_row("saved num_steps", num_steps_text(plan["saved_num_steps"], plan["teacher_num_steps"]))
     for warning in plan["warnings"]:
@@ -87,39 +106,204 @@ def _resolved_settings(plan: dict[str, Any]) -> dict[str, Any]:
 
     if plan["resumed_from"]:
         return dict(read_state(Path(plan["resumed_from"]))["settings"])
-    return {name: plan[name] for name in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps")}
+    return {
+        name: plan[name]
+        for name in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps")
+    }
 
 
-@app.command(cls=Command, epilog=lerobot_names_text("train") + f" Each run writes its options to OUT/{TRAIN_OPTIONS}.")
+@app.command(
+    cls=Command, epilog=lerobot_names_text("train") + f" Each run writes its options to OUT/{TRAIN_OPTIONS}."
+)
 def train(
     ctx: typer.Context,
     *,
-    pairs: Annotated[Path, typer.Option(metavar="DIR", rich_help_panel=INPUTS, help="Pair store written by `reflowpairs generate`.")],
-    init: Annotated[str | None, typer.Option(metavar="CKPT", rich_help_panel=INPUTS, help="Student init checkpoint (default: the teacher the store's manifest names).")] = None,
-    dataset_root: Annotated[Path | None, typer.Option(metavar="DIR", rich_help_panel=INPUTS, help="Where the dataset is (default: the root the manifest records).")] = None,
-    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch/--no-allow-mismatch", rich_help_panel=INPUTS, help="Train even if the init checkpoint or dataset differ from the store's fingerprints.")] = False,
-    steps: Annotated[int, typer.Option(metavar="N", rich_help_panel=TRAINING, help="Optimiser steps in all (a resumed run continues up to this).")] = 10_000,
-    batch_size: Annotated[int | None, typer.Option(metavar="N", rich_help_panel=TRAINING, help="Pairs per step (default: 32; on --resume: the run's).")] = None,
-    lr: Annotated[float | None, typer.Option(metavar="X", rich_help_panel=TRAINING, help="Peak learning rate (default: the policy preset's optimizer_lr).")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(metavar="N", rich_help_panel=TRAINING, help="Warmup steps, taken as is (default: the preset's, rescaled as lerobot does for short runs).")] = None,
-    grad_clip: Annotated[float | None, typer.Option(metavar="X", rich_help_panel=TRAINING, help="Gradient clipping norm (default: the preset's grad_clip_norm).")] = None,
-    seed: Annotated[int | None, typer.Option(metavar="N", rich_help_panel=TRAINING, help="Seed of data order, times and init RNG (default: 0).")] = None,
-    time_sampling: Annotated[str | None, typer.Option(metavar="NAME", rich_help_panel=TRAINING, help="beta (lerobot's), uniform, u-shaped or logit-normal (default: beta).")] = None,
-    shuffle_window: Annotated[int | None, typer.Option(metavar="N", rich_help_panel=TRAINING, help="Shards shuffled together (and cached per worker) (default: 4).")] = None,
-    out: Annotated[Path, typer.Option(metavar="DIR", rich_help_panel=OUTPUT, help=f"Run directory: checkpoints/<step>/pretrained_model, checkpoints/last, train_log.jsonl, {TRAIN_OPTIONS}.")],
-    save_every: Annotated[int, typer.Option(metavar="N", rich_help_panel=OUTPUT, help="Save a checkpoint every N steps (and always at the end).")] = 1000,
-    student_num_steps: Annotated[str | None, typer.Option(metavar="K", rich_help_panel=OUTPUT, help="The saved student's num_steps (its default step count in lerobot-eval): K, or 'teacher' to keep the teacher's (default: 1; on --resume: the run's).")] = None,
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", rich_help_panel=OUTPUT, help="Continue the run in --out from checkpoints/last.")] = False,
-    allow_schedule_change: Annotated[bool, typer.Option("--allow-schedule-change/--no-allow-schedule-change", rich_help_panel=OUTPUT, help="On --resume, accept a --steps that changes the lr schedule mid-run.")] = False,
-    device: Annotated[str, typer.Option(metavar="DEVICE", rich_help_panel=PERFORMANCE, help="auto, cpu, cuda[:N] or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(metavar="NAME", rich_help_panel=PERFORMANCE, help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32 or bfloat16.")] = "auto",
-    num_workers: Annotated[int, typer.Option(metavar="N", rich_help_panel=PERFORMANCE, help="DataLoader workers loading pairs and observations.")] = 2,
-    log_every: Annotated[int | None, typer.Option(metavar="N", rich_help_panel=RUN, help=f"A train_log.jsonl line (and W&B point) every N steps, and a progress line every N steps when the output is not a terminal (default: log every step, a progress line every {PROGRESS_EVERY} steps or every tenth of the run if that is fewer).")] = None,
-    wandb: Annotated[bool, typer.Option("--wandb/--no-wandb", rich_help_panel=RUN, help="Log loss, lr and grad_norm to Weights & Biases (needs pip install 'reflowpairs\\[wandb]').")] = False,
-    wandb_project: Annotated[str | None, typer.Option(metavar="NAME", rich_help_panel=RUN, help="W&B project (default: reflowpairs).")] = None,
-    wandb_entity: Annotated[str | None, typer.Option(metavar="NAME", rich_help_panel=RUN, help="W&B entity (user or team; default: yours).")] = None,
-    wandb_mode: Annotated[str | None, typer.Option(metavar="MODE", rich_help_panel=RUN, help="online, offline or disabled (default: WANDB_MODE, else online).")] = None,
-    wandb_notes: Annotated[str | None, typer.Option(metavar="TEXT", rich_help_panel=RUN, help="Notes for the W&B run.")] = None,
+    pairs: Annotated[
+        Path,
+        typer.Option(
+            metavar="DIR", rich_help_panel=INPUTS, help="Pair store written by `reflowpairs generate`."
+        ),
+    ],
+    init: Annotated[
+        str | None,
+        typer.Option(
+            metavar="CKPT",
+            rich_help_panel=INPUTS,
+            help="Student init checkpoint (default: the teacher the store's manifest names).",
+        ),
+    ] = None,
+    dataset_root: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            rich_help_panel=INPUTS,
+            help="Where the dataset is (default: the root the manifest records).",
+        ),
+    ] = None,
+    allow_mismatch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-mismatch/--no-allow-mismatch",
+            rich_help_panel=INPUTS,
+            help="Train even if the init checkpoint or dataset differ from the store's fingerprints.",
+        ),
+    ] = False,
+    steps: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            rich_help_panel=TRAINING,
+            help="Optimiser steps in all (a resumed run continues up to this).",
+        ),
+    ] = 10_000,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            rich_help_panel=TRAINING,
+            help="Pairs per step (default: 32; on --resume: the run's).",
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            metavar="X",
+            rich_help_panel=TRAINING,
+            help="Peak learning rate (default: the policy preset's optimizer_lr).",
+        ),
+    ] = None,
+    warmup_steps: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            rich_help_panel=TRAINING,
+            help="Warmup steps, taken as is (default: the preset's, rescaled as lerobot does for short runs).",
+        ),
+    ] = None,
+    grad_clip: Annotated[
+        float | None,
+        typer.Option(
+            metavar="X",
+            rich_help_panel=TRAINING,
+            help="Gradient clipping norm (default: the preset's grad_clip_norm).",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N", rich_help_panel=TRAINING, help="Seed of data order, times and init RNG (default: 0)."
+        ),
+    ] = None,
+    time_sampling: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            rich_help_panel=TRAINING,
+            help="beta (lerobot's), uniform, u-shaped or logit-normal (default: beta).",
+        ),
+    ] = None,
+    shuffle_window: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            rich_help_panel=TRAINING,
+            help="Shards shuffled together (and cached per worker) (default: 4).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            metavar="DIR",
+            rich_help_panel=OUTPUT,
+            help=f"Run directory: checkpoints/<step>/pretrained_model, checkpoints/last, train_log.jsonl, {TRAIN_OPTIONS}.",
+        ),
+    ],
+    save_every: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            rich_help_panel=OUTPUT,
+            help="Save a checkpoint every N steps (and always at the end).",
+        ),
+    ] = 1000,
+    student_num_steps: Annotated[
+        str | None,
+        typer.Option(
+            metavar="K",
+            rich_help_panel=OUTPUT,
+            help="The saved student's num_steps (its default step count in lerobot-eval): K, or 'teacher' to keep the teacher's (default: 1; on --resume: the run's).",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--no-resume",
+            rich_help_panel=OUTPUT,
+            help="Continue the run in --out from checkpoints/last.",
+        ),
+    ] = False,
+    allow_schedule_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-schedule-change/--no-allow-schedule-change",
+            rich_help_panel=OUTPUT,
+            help="On --resume, accept a --steps that changes the lr schedule mid-run.",
+        ),
+    ] = False,
+    device: Annotated[
+        str, typer.Option(metavar="DEVICE", rich_help_panel=PERFORMANCE, help="auto, cpu, cuda[:N] or mps.")
+    ] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            metavar="NAME",
+            rich_help_panel=PERFORMANCE,
+            help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32 or bfloat16.",
+        ),
+    ] = "auto",
+    num_workers: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            rich_help_panel=PERFORMANCE,
+            help="DataLoader workers loading pairs and observations.",
+        ),
+    ] = 2,
+    log_every: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            rich_help_panel=RUN,
+            help=f"A train_log.jsonl line (and W&B point) every N steps, and a progress line every N steps when the output is not a terminal (default: log every step, a progress line every {PROGRESS_EVERY} steps or every tenth of the run if that is fewer).",
+        ),
+    ] = None,
+    wandb: Annotated[
+        bool,
+        typer.Option(
+            "--wandb/--no-wandb",
+            rich_help_panel=RUN,
+            help="Log loss, lr and grad_norm to Weights & Biases (needs pip install 'reflowpairs\\[wandb]').",
+        ),
+    ] = False,
+    wandb_project: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", rich_help_panel=RUN, help="W&B project (default: reflowpairs)."),
+    ] = None,
+    wandb_entity: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", rich_help_panel=RUN, help="W&B entity (user or team; default: yours)."),
+    ] = None,
+    wandb_mode: Annotated[
+        str | None,
+        typer.Option(
+            metavar="MODE",
+            rich_help_panel=RUN,
+            help="online, offline or disabled (default: WANDB_MODE, else online).",
+        ),
+    ] = None,
+    wandb_notes: Annotated[
+        str | None, typer.Option(metavar="TEXT", rich_help_panel=RUN, help="Notes for the W&B run.")
+    ] = None,
     config: Annotated[Path | None, config_option(RUN)] = None,
 ) -> None:
     """Train a 1-2 step student on stored pairs (no teacher in memory); saves ordinary lerobot checkpoints."""
@@ -129,15 +313,34 @@ def train(
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun/accelerate only rank 0 reports
     check_at_least_one(log_every, "--log-every")
     options = resolved_options(ctx, skip=("resume",), local_paths=("init",))
-    wandb_cfg = _wandb_config(ctx, wandb, wandb_project, wandb_entity, wandb_mode, wandb_notes) if main_process else None
+    wandb_cfg = (
+        _wandb_config(ctx, wandb, wandb_project, wandb_entity, wandb_mode, wandb_notes)
+        if main_process
+        else None
+    )
     logger: dict[str, Any] = {}
     with user_errors(), _progress(main=main_process, prefix="train", cap=PROGRESS_EVERY) as bar:
         cfg = TrainConfig(
-            pairs=pairs, out=out, steps=steps, batch_size=batch_size, init=init, dataset_root=dataset_root, lr=lr,
-            warmup_steps=warmup_steps, grad_clip=grad_clip, seed=seed, num_workers=num_workers, device=device,
-            save_every=save_every, log_every=log_every or 1, time_sampling=time_sampling,
-            student_num_steps=parse_student_num_steps(student_num_steps), precision=precision,
-            shuffle_window=shuffle_window, resume=resume, allow_mismatch=allow_mismatch,
+            pairs=pairs,
+            out=out,
+            steps=steps,
+            batch_size=batch_size,
+            init=init,
+            dataset_root=dataset_root,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            grad_clip=grad_clip,
+            seed=seed,
+            num_workers=num_workers,
+            device=device,
+            save_every=save_every,
+            log_every=log_every or 1,
+            time_sampling=time_sampling,
+            student_num_steps=parse_student_num_steps(student_num_steps),
+            precision=precision,
+            shuffle_window=shuffle_window,
+            resume=resume,
+            allow_mismatch=allow_mismatch,
             allow_schedule_change=allow_schedule_change,
         )
         task = bar.add_task("loading", total=None, rate="", unit=None, every=None)
@@ -157,10 +360,23 @@ def train(
                 if wandb_cfg is not None:
                     from reflowpairs.wandb_log import WandbRun
 
-                    logger["run"] = WandbRun.start(wandb_cfg, out, out.resolve().name, {"options": run_options, "plan": plan},
-                                                   resume=plan["resumed_from"] is not None)
+                    logger["run"] = WandbRun.start(
+                        wandb_cfg,
+                        out,
+                        out.resolve().name,
+                        {"options": run_options, "plan": plan},
+                        resume=plan["resumed_from"] is not None,
+                    )
                     bar.console.print(f"W&B run: {escape(logger['run'].where())}", soft_wrap=True)
-            bar.reset(task, total=steps, completed=plan["start_step"], rate="", description="steps", unit="step", every=log_every)
+            bar.reset(
+                task,
+                total=steps,
+                completed=plan["start_step"],
+                rate="",
+                description="steps",
+                unit="step",
+                every=log_every,
+            )
 
         def on_verify(done: int, total: int) -> None:
             bar.update(task, description="verifying shards", total=total, completed=done)
@@ -168,7 +384,9 @@ def train(
         def on_step(step: int, total: int, loss: float) -> None:
             elapsed = bar.tasks[task].elapsed or 1e-9
             rate = (step - first.get("step", 0)) / elapsed
-            bar.update(task, completed=step, rate=f"loss {loss:.4f}  {rate:.2f} steps/s", info=f"loss {loss:.4f}")
+            bar.update(
+                task, completed=step, rate=f"loss {loss:.4f}  {rate:.2f} steps/s", info=f"loss {loss:.4f}"
+            )
 
         def on_log(record: dict[str, Any]) -> None:
             if "run" in logger:
@@ -196,11 +414,16 @@ def train(
     if not main_process:
         return
     table = Table(title=f"student {result.out}", show_header=False)
-    table.add_row("steps", f"{result.start_step:,} -> {result.step:,} ({result.steps_per_second:.2f} steps/s)")
+    table.add_row(
+        "steps", f"{result.start_step:,} -> {result.step:,} ({result.steps_per_second:.2f} steps/s)"
+    )
     table.add_row("final loss", f"{result.final_loss:.5f}")
     table.add_row("checkpoint", str(result.checkpoint / "pretrained_model"))
-    table.add_row("saved num_steps", num_steps_text(result.saved_num_steps, result.teacher_num_steps)
-                  + ": lerobot-eval and predict_action_chunk sample with this many steps")
+    table.add_row(
+        "saved num_steps",
+        num_steps_text(result.saved_num_steps, result.teacher_num_steps)
+        + ": lerobot-eval and predict_action_chunk sample with this many steps",
+    )
     table.add_row("log", str(result.out / "train_log.jsonl"))
     table.add_row("options", str(result.out / TRAIN_OPTIONS))
     if "run" in logger:
@@ -216,7 +439,14 @@ def _from_command_line(ctx: typer.Context, option: str) -> bool:
     return source is not None and source.name == "COMMANDLINE"
 
 
-def _wandb_config(ctx: typer.Context, enable: bool, project: str | None, entity: str | None, mode: str | None, notes: str | None):
+def _wandb_config(
+    ctx: typer.Context,
+    enable: bool,
+    project: str | None,
+    entity: str | None,
+    mode: str | None,
+    notes: str | None,
+):
     """lerobot's ``WandBConfig`` for ``--wandb ...`` (None without --wandb); refuses a missing wandb package or a bad
     mode before any work, and --wandb-* options on the command line without --wandb (an options file may hold them
     with ``wandb: false``)."""
@@ -224,14 +454,23 @@ def _wandb_config(ctx: typer.Context, enable: bool, project: str | None, entity:
 
     from reflowpairs.wandb_log import DEFAULT_PROJECT, check_mode, require_wandb
 
-    given = [name for name, value in (("--wandb-project", project), ("--wandb-entity", entity), ("--wandb-mode", mode),
-                                      ("--wandb-notes", notes))
-             if value is not None and _from_command_line(ctx, name)]
+    given = [
+        name
+        for name, value in (
+            ("--wandb-project", project),
+            ("--wandb-entity", entity),
+            ("--wandb-mode", mode),
+            ("--wandb-notes", notes),
+        )
+        if value is not None and _from_command_line(ctx, name)
+    ]
     with user_errors():
         if not enable:
             if given:
-                raise ReflowPairsError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for W&B logging, which is off.",
-                                       "Add --wandb (lerobot: --wandb.enable=true), or drop them.")
+                raise ReflowPairsError(
+                    f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for W&B logging, which is off.",
+                    "Add --wandb (lerobot: --wandb.enable=true), or drop them.",
+                )
             return None
         check_mode(mode)
         require_wandb()
