@@ -18,9 +18,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from reflowpairs.cli import app
-from reflowpairs.cli.app import parse_episodes
 from reflowpairs.cli.options import translate_args
 from reflowpairs.cli.progress import LineProgress, line_interval, make_progress, progress_mode
+from reflowpairs.cli.ui import parse_episodes
 from reflowpairs.errors import ReflowPairsError
 from tests.test_bf16 import assert_identical_pairs
 from tests.test_generate import read_plain

@@ -1,204 +1,44 @@
-"""Typer app: parse options, call the library, render with rich. No logic of its own."""
+"""``reflowpairs generate`` (stage 1: teacher pairs into a store) and ``reflowpairs tiny-world`` (a world to try it on)."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import Progress
 from rich.table import Table
 
-from reflowpairs.cli.options import (
-    Command,
-    Group,
-    config_option,
-    lerobot_names_text,
-    resolved_options,
-    write_options,
+from reflowpairs.cli.options import config_defaults, config_option, lerobot_names_text, resolved_options
+from reflowpairs.cli.ui import (
+    INPUTS,
+    MULTI,
+    OUTPUT,
+    PERFORMANCE,
+    RUN,
+    SAMPLING,
+    check_at_least_one,
+    console,
+    out_console,
+    parse_episodes,
+    parse_partition,
+    plural,
+    print_next,
+    progress,
+    save_options,
+    train_command,
+    user_errors,
 )
-from reflowpairs.cli.progress import PROGRESS_ENV, make_progress
-from reflowpairs.dataset import episodes_text  # noqa: F401 - re-exported for the command modules
+from reflowpairs.dataset import episodes_text
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.generate import GenerateConfig
+from reflowpairs.pairstore import GENERATE_OPTIONS
 
-ROOT_EPILOG = (
-    "Workflow: tiny-world (a toy world to try it on) -> generate -> validate / inspect -> train -> eval; merge combines "
-    "--partition slices. Progress: a bar on a terminal; with output to a file (a SLURM log) plain lines with done/total, "
-    f"rate and ETA. {PROGRESS_ENV}=bar|lines|off overrides that choice."
-)
-
-app = typer.Typer(
-    name="reflowpairs",
-    cls=Group,
-    help="Offline reflow for LeRobot flow-matching policies: generate teacher pairs once, train a 1-2 step student.",
-    epilog=ROOT_EPILOG,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-console = Console(stderr=True)
-out_console = Console()
-_state = {"debug": False}
+_DEFAULTS = config_defaults(GenerateConfig)  # the options' defaults are the library config's
+GENERATE_EPILOG = lerobot_names_text("generate") + f" Each run writes its options to OUT/{GENERATE_OPTIONS}."
 
 
-@app.callback()
-def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
-) -> None:
-    _state["debug"] = debug
-    logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
-
-
-def plural(count: int, word: str, many: str | None = None) -> str:
-    """``1 shard``, ``2 shards``, ``1,024 frames``."""
-    return f"{count:,} {word if count == 1 else (many or word + 's')}"
-
-
-def parse_episodes(text: str | None) -> list[int] | None:
-    """``"0,2,5"``, ``"0-3,7"`` or lerobot's ``"[0,1]"`` -> sorted episode list; None/empty -> None (all episodes)."""
-    if not text:
-        return None
-    body = text.strip()
-    bracketed = body.startswith("[") and body.endswith("]")
-    if bracketed:
-        body = body[1:-1]
-    problem = f"{text!r} is not a list of episode numbers like 0,2,5, 0-3,7 or [0,1]"
-    episodes: set[int] = set()
-    try:
-        for part in body.split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if hi < lo:
-                    raise typer.BadParameter(f"{problem}: the range {part} is empty", param_hint="--episodes")
-                episodes.update(range(lo, hi + 1))
-            elif part:
-                episodes.add(int(part))
-    except ValueError:
-        raise typer.BadParameter(problem, param_hint="--episodes") from None
-    if not episodes:
-        if bracketed:
-            raise typer.BadParameter(
-                f"{text!r} names no episodes; leave --episodes out to use all of them",
-                param_hint="--episodes",
-            )
-        return None
-    return sorted(episodes)
-
-
-def check_at_least_one(value: int | None, name: str) -> None:
-    """A usage error unless ``value`` is None or at least 1."""
-    if value is not None and value < 1:
-        raise typer.BadParameter(f"must be at least 1, got {value}", param_hint=name)
-
-
-def parse_partition(text: str | None) -> tuple[int, int] | None:
-    """``"i/P"`` -> ``(i, P)``."""
-    if not text:
-        return None
-    try:
-        index, count = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a slice like 0/4", param_hint="--partition") from None
-    return index, count
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Turn ``ReflowPairsError`` into one red paragraph and exit 1; Ctrl-C into a short note."""
-    try:
-        yield
-    except ReflowPairsError as err:
-        if _state["debug"]:
-            console.print_exception()
-        console.print(f"[bold red]error:[/] {escape(err.what)} {escape(err.hint)}".rstrip(), soft_wrap=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        console.print(
-            "[yellow]Interrupted.[/] Completed shards are saved; rerun the same command with --resume to finish."
-        )
-        raise typer.Exit(130) from None
-
-
-def _progress(
-    main: bool = True, prefix: str = "reflowpairs", every: int | None = None, cap: int | None = None
-) -> Progress:
-    """A rich bar on a terminal, plain progress lines (every ``every`` units; default: a tenth of the total, at most
-    ``cap``) when stderr is a file; ``REFLOWPAIRS_PROGRESS`` overrides the choice (``reflowpairs.cli.progress``)."""
-    return make_progress(console, prefix, main=main, every=every, cap=cap)
-
-
-def print_next(*commands: list[str] | str, why: str | None = None) -> None:
-    """``next: COMMAND`` (and ``then: COMMAND`` for more), each on one line so that it copies and pastes whole."""
-    for i, command in enumerate(commands):
-        text = command if isinstance(command, str) else shlex.join(command)
-        out_console.print(
-            f"{'next' if i == 0 else 'then'}: {text}",
-            style="bold green" if i == 0 else None,
-            markup=False,
-            soft_wrap=True,
-            highlight=False,
-        )
-    if why:
-        out_console.print(f"      ({why})", markup=False, soft_wrap=True, highlight=False)
-
-
-def train_command(store: Path, dataset_root: Path | None = None) -> list[str]:
-    """``reflowpairs train --pairs STORE --out outputs/reflow/<store name>`` (a run directory to change at will)."""
-    command = [
-        "reflowpairs",
-        "train",
-        "--pairs",
-        str(store),
-        "--out",
-        f"outputs/reflow/{Path(store).resolve().name}",
-    ]
-    if dataset_root is not None:
-        command += ["--dataset-root", str(dataset_root)]
-    return command
-
-
-def save_options(path: Path, command: str, options: dict) -> None:
-    """Write a run's options file (``--config`` repeats the run); a warning when a file of the user's is in the way."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        written = write_options(path, command, options)
-    except OSError as err:
-        console.print(
-            f"[yellow]warning:[/] could not write {escape(str(path))} ({escape(err.strerror or str(err))}).",
-            soft_wrap=True,
-        )
-        return
-    if written is None:
-        console.print(
-            f"[yellow]warning:[/] {escape(str(path))} exists and was not written by reflowpairs: the run's "
-            "options were not saved there.",
-            soft_wrap=True,
-        )
-
-
-INPUTS, SAMPLING, OUTPUT, PERFORMANCE, MULTI, RUN = (
-    "Inputs",
-    "Sampling",
-    "Output",
-    "Performance",
-    "Multi-process",
-    "Options file and logs",
-)
-from reflowpairs.pairstore import GENERATE_OPTIONS  # noqa: E402
-
-
-@app.command(
-    cls=Command,
-    epilog=lerobot_names_text("generate") + f" Each run writes its options to OUT/{GENERATE_OPTIONS}.",
-)
 def generate(
     ctx: typer.Context,
     *,
@@ -218,7 +58,7 @@ def generate(
         typer.Option(
             metavar="DIR", rich_help_panel=INPUTS, help="Local root of the dataset (lerobot's root=)."
         ),
-    ] = None,
+    ] = _DEFAULTS.dataset_root,
     episodes: Annotated[
         str | None,
         typer.Option(
@@ -226,16 +66,16 @@ def generate(
             rich_help_panel=INPUTS,
             help="Episodes to use, e.g. 0,2,5, 0-9 or [0,1] (default: all).",
         ),
-    ] = None,
+    ] = _DEFAULTS.episodes,
     samples_per_frame: Annotated[
         int, typer.Option(metavar="K", rich_help_panel=SAMPLING, help="K: noise samples (pairs) per frame.")
-    ] = 4,
+    ] = _DEFAULTS.samples_per_frame,
     num_steps: Annotated[
         int | None,
         typer.Option(
             metavar="N", rich_help_panel=SAMPLING, help="ODE steps (default: the teacher config's num_steps)."
         ),
-    ] = None,
+    ] = _DEFAULTS.num_steps,
     solver: Annotated[
         str,
         typer.Option(
@@ -243,17 +83,17 @@ def generate(
             rich_help_panel=SAMPLING,
             help="euler (the teacher's own), midpoint, rk4 or dopri5.",
         ),
-    ] = "euler",
+    ] = _DEFAULTS.solver,
     rtol: Annotated[
         float, typer.Option(metavar="X", rich_help_panel=SAMPLING, help="dopri5 relative tolerance.")
-    ] = 1e-5,
+    ] = _DEFAULTS.rtol,
     atol: Annotated[
         float, typer.Option(metavar="X", rich_help_panel=SAMPLING, help="dopri5 absolute tolerance.")
-    ] = 1e-5,
+    ] = _DEFAULTS.atol,
     seed: Annotated[
         int,
         typer.Option(metavar="N", rich_help_panel=SAMPLING, help="Seed of X_0 = f(seed, obs_index, sample)."),
-    ] = 0,
+    ] = _DEFAULTS.seed,
     exact: Annotated[
         bool,
         typer.Option(
@@ -261,7 +101,7 @@ def generate(
             rich_help_panel=SAMPLING,
             help="X_1 from lerobot's own predict_action_chunk per frame, bit for bit (no prefix sharing: slower).",
         ),
-    ] = False,
+    ] = _DEFAULTS.exact,
     x0: Annotated[
         str,
         typer.Option(
@@ -270,13 +110,13 @@ def generate(
             rich_help_panel=OUTPUT,
             help="How the store keeps X_0: explicit (default) stores it in every shard; implicit leaves it out (~84% of a pair's bytes at SmolVLA's shapes), records its generator, and every reader regenerates it bit for bit from (seed, obs_index, sample). A resumed store keeps its own mode.",
         ),
-    ] = "explicit",
+    ] = _DEFAULTS.x0,
     on_nonfinite: Annotated[
         str,
         typer.Option(
             metavar="WHAT", rich_help_panel=SAMPLING, help="error (stop) or skip (record and skip the frame)."
         ),
-    ] = "error",
+    ] = _DEFAULTS.on_nonfinite,
     out: Annotated[
         Path,
         typer.Option(metavar="DIR", rich_help_panel=OUTPUT, help="Directory of the pair store to write."),
@@ -286,17 +126,17 @@ def generate(
         typer.Option(
             "--format", metavar="NAME", rich_help_panel=OUTPUT, help="Shard backend: zarr or parquet."
         ),
-    ] = "zarr",
+    ] = _DEFAULTS.backend,
     shard_size: Annotated[
         int,
         typer.Option(metavar="N", rich_help_panel=OUTPUT, help="Pairs per shard (rounded to whole frames)."),
-    ] = 4096,
+    ] = _DEFAULTS.shard_size,
     resume: Annotated[
         bool,
         typer.Option(
             "--resume/--no-resume", rich_help_panel=OUTPUT, help="Finish an interrupted store in --out."
         ),
-    ] = False,
+    ] = _DEFAULTS.resume,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -304,13 +144,13 @@ def generate(
             rich_help_panel=OUTPUT,
             help="Replace the pair store in --out (only its manifest.json, shards/ and parts/), or write a new store into a non-empty folder that is not a store (its files are left alone).",
         ),
-    ] = False,
+    ] = _DEFAULTS.overwrite,
     batch_size: Annotated[
         int,
         typer.Option(
             metavar="N", rich_help_panel=PERFORMANCE, help="Frames loaded per batch (each samples K pairs)."
         ),
-    ] = 16,
+    ] = _DEFAULTS.batch_size,
     tokens_per_call: Annotated[
         int | None,
         typer.Option(
@@ -318,10 +158,10 @@ def generate(
             rich_help_panel=PERFORMANCE,
             help="Most suffix tokens (frames x K x chunk_size) per teacher call; 0: the whole batch (default: 1024 on CPU, no limit on GPU).",
         ),
-    ] = None,
+    ] = _DEFAULTS.tokens_per_call,
     device: Annotated[
         str, typer.Option(metavar="DEVICE", rich_help_panel=PERFORMANCE, help="auto, cpu, cuda[:N] or mps.")
-    ] = "auto",
+    ] = _DEFAULTS.device,
     dtype: Annotated[
         str,
         typer.Option(
@@ -329,10 +169,10 @@ def generate(
             rich_help_panel=PERFORMANCE,
             help="Teacher compute dtype: float32, bfloat16 or float16 (autocast; for CUDA).",
         ),
-    ] = "float32",
+    ] = _DEFAULTS.dtype,
     num_workers: Annotated[
         int, typer.Option(metavar="N", rich_help_panel=PERFORMANCE, help="DataLoader workers loading frames.")
-    ] = 0,
+    ] = _DEFAULTS.num_workers,
     partition: Annotated[
         str | None,
         typer.Option(
@@ -340,7 +180,7 @@ def generate(
             rich_help_panel=MULTI,
             help="Run one slice i/P of the frames (obs_index % P == i); combine slices with `reflowpairs merge`.",
         ),
-    ] = None,
+    ] = _DEFAULTS.partition,
     log_every: Annotated[
         int | None,
         typer.Option(
@@ -352,7 +192,6 @@ def generate(
     config: Annotated[Path | None, config_option(RUN)] = None,
 ) -> None:
     """Run the teacher's sampler over every frame and store (X_0, X_1, obs_index) pairs."""
-    from reflowpairs.generate import GenerateConfig
     from reflowpairs.generate import generate as run_generate
 
     main = os.environ.get("RANK", "0") == "0"
@@ -390,7 +229,7 @@ def generate(
         values={"episodes": episodes_text(episode_list)},
         local_paths=("teacher",),
     )
-    with user_errors(), _progress(main=main, prefix="generate", cap=1000) as bar:
+    with user_errors(), progress(main=main, prefix="generate", cap=1000) as bar:
         task = bar.add_task("frames", total=None, rate="", unit="frame", every=log_every)
 
         def on_plan(plan) -> None:
@@ -454,37 +293,6 @@ def _speed(pairs: int, seconds: float) -> str:
     return f"{rate:,.1f} pairs/s over {seconds:,.1f} s"
 
 
-@app.command(cls=Command, epilog=lerobot_names_text("merge"))
-def merge(
-    slices: Annotated[
-        list[Path],
-        typer.Argument(
-            metavar="SLICE", help="Stores made with --partition i/P (same teacher, dataset and settings)."
-        ),
-    ],
-    out: Annotated[Path, typer.Option(metavar="DIR", help="New directory for the combined store.")],
-) -> None:
-    """Combine partition slices into one pair store (shards are copied; slices are left as they are)."""
-    from reflowpairs.merge import merge_stores
-
-    with user_errors():
-        manifest = merge_stores(slices, out)
-    state = (
-        "complete"
-        if manifest["complete"]
-        else f"INCOMPLETE ({manifest['num_frames']:,} of {plural(manifest['generation']['num_frames'], 'frame')})"
-    )
-    out_console.print(
-        f"merged {plural(len(slices), 'slice')} into {out}: {plural(manifest['num_pairs'], 'pair')}, "
-        f"{plural(manifest['num_frames'], 'frame')}, {state}",
-        markup=False,
-        soft_wrap=True,
-        highlight=False,
-    )
-    print_next(["reflowpairs", "validate", str(out)])
-
-
-@app.command("tiny-world", cls=Command)
 def tiny_world(
     out: Annotated[
         Path, typer.Argument(metavar="DIR", help="Directory to build the tiny VLM, dataset and teacher in.")
@@ -520,15 +328,3 @@ def tiny_world(
             str(out / "pairs"),
         ]
     )
-
-
-# Commands that live in their own modules register themselves on `app` when imported.
-from reflowpairs.cli import eval_cmd, store_cmds, train_cmd  # noqa: E402,F401
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,23 +10,25 @@ from rich import box
 from rich.progress import Progress
 from rich.table import Table
 
-from reflowpairs.cli.app import (
+from reflowpairs.cli.options import config_defaults, config_option, lerobot_names_text, resolved_options
+from reflowpairs.cli.ui import (
     INPUTS,
     OUTPUT,
     PERFORMANCE,
     RUN,
-    _progress,
-    app,
-    episodes_text,
     out_console,
     parse_episodes,
     plural,
+    progress,
     save_options,
     user_errors,
 )
-from reflowpairs.cli.options import Command, config_option, lerobot_names_text, resolved_options
+from reflowpairs.dataset import episodes_text
+from reflowpairs.evaluate import EvalConfig
 
+_DEFAULTS = config_defaults(EvalConfig)  # the options' defaults are the library config's
 EVAL_OPTIONS = "eval_options.yaml"
+EVAL_EPILOG = lerobot_names_text("eval") + f" Each run writes its options to OUT/{EVAL_OPTIONS}."
 MEASURE = "Measurement"
 
 
@@ -98,11 +100,6 @@ class StageBar:
         self.bar.update(self.task, completed=done)
 
 
-@app.command(
-    "eval",
-    cls=Command,
-    epilog=lerobot_names_text("eval") + f" Each run writes its options to OUT/{EVAL_OPTIONS}.",
-)
 def eval_command(
     ctx: typer.Context,
     *,
@@ -130,7 +127,7 @@ def eval_command(
         typer.Option(
             metavar="DIR", rich_help_panel=INPUTS, help="Local root of the dataset (lerobot's root=)."
         ),
-    ] = None,
+    ] = _DEFAULTS.dataset_root,
     episodes: Annotated[
         str | None,
         typer.Option(
@@ -138,7 +135,7 @@ def eval_command(
             rich_help_panel=INPUTS,
             help="Episodes to evaluate on, e.g. 8,9, 8-9 or [8,9] (default: every episode the student did not train on).",
         ),
-    ] = None,
+    ] = _DEFAULTS.episodes,
     pairs: Annotated[
         Path | None,
         typer.Option(
@@ -146,7 +143,7 @@ def eval_command(
             rich_help_panel=INPUTS,
             help="Pair store the student trained on: also report its error there.",
         ),
-    ] = None,
+    ] = _DEFAULTS.pairs,
     allow_mismatch: Annotated[
         bool,
         typer.Option(
@@ -154,7 +151,7 @@ def eval_command(
             rich_help_panel=INPUTS,
             help="Compare with a teacher the student was not trained from (report labelled).",
         ),
-    ] = False,
+    ] = _DEFAULTS.allow_mismatch,
     include_training_frames: Annotated[
         bool,
         typer.Option(
@@ -162,11 +159,11 @@ def eval_command(
             rich_help_panel=INPUTS,
             help="Allow episodes the student trained on (report labelled).",
         ),
-    ] = False,
+    ] = _DEFAULTS.include_training_frames,
     num_steps: Annotated[
         str,
         typer.Option(metavar="LIST", rich_help_panel=MEASURE, help="Step counts to compare, e.g. 1,2,4,10."),
-    ] = "1,2,4,10",
+    ] = ",".join(map(str, _DEFAULTS.num_steps)),
     max_frames: Annotated[
         int,
         typer.Option(
@@ -174,16 +171,16 @@ def eval_command(
             rich_help_panel=MEASURE,
             help="Frames to evaluate (evenly spread); also the store frames with --pairs.",
         ),
-    ] = 64,
+    ] = _DEFAULTS.max_frames,
     samples_per_frame: Annotated[
         int, typer.Option(metavar="K", rich_help_panel=MEASURE, help="K: noises per frame.")
-    ] = 4,
+    ] = _DEFAULTS.samples_per_frame,
     seed: Annotated[
         int,
         typer.Option(
             metavar="N", rich_help_panel=MEASURE, help="Seed of the noises X_0 = f(seed, obs_index, sample)."
         ),
-    ] = 1,
+    ] = _DEFAULTS.seed,
     latency_repeats: Annotated[
         int,
         typer.Option(
@@ -191,7 +188,7 @@ def eval_command(
             rich_help_panel=MEASURE,
             help="Timed calls per latency figure (median, after one warm-up).",
         ),
-    ] = 5,
+    ] = _DEFAULTS.latency_repeats,
     out: Annotated[
         Path,
         typer.Option(
@@ -202,10 +199,10 @@ def eval_command(
     ],
     device: Annotated[
         str, typer.Option(metavar="DEVICE", rich_help_panel=PERFORMANCE, help="auto, cpu, cuda[:N] or mps.")
-    ] = "auto",
+    ] = _DEFAULTS.device,
     batch_size: Annotated[
         int, typer.Option(metavar="N", rich_help_panel=PERFORMANCE, help="Frames per sampling call.")
-    ] = 8,
+    ] = _DEFAULTS.batch_size,
     config: Annotated[Path | None, config_option(RUN)] = None,
 ) -> None:
     """Compare a student with its teacher at each step count: error, straightness, latency; write a report."""
@@ -235,7 +232,7 @@ def eval_command(
             allow_mismatch=allow_mismatch,
             include_training_frames=include_training_frames,
         )
-        with _progress(prefix="eval") as bar:
+        with progress(prefix="eval") as bar:
             bar.live.transient = True  # the table replaces the bar
             report = evaluate(cfg, progress=StageBar(bar))
         files = write_report(report, out)

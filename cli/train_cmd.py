@@ -10,25 +10,27 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from reflowpairs.cli.app import (
+from reflowpairs.cli.options import config_defaults, config_option, lerobot_names_text, resolved_options
+from reflowpairs.cli.ui import (
     INPUTS,
     OUTPUT,
     PERFORMANCE,
     RUN,
-    _progress,
-    app,
     check_at_least_one,
     console,
     out_console,
     plural,
+    progress,
     save_options,
     user_errors,
 )
-from reflowpairs.cli.options import Command, config_option, lerobot_names_text, resolved_options
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.train import TrainConfig
 
+_DEFAULTS = config_defaults(TrainConfig)  # the options' defaults are the library config's
 TRAINING = "Training"
 TRAIN_OPTIONS = "train_options.yaml"
+TRAIN_EPILOG = lerobot_names_text("train") + f" Each run writes its options to OUT/{TRAIN_OPTIONS}."
 PROGRESS_EVERY = (
     100  # steps between progress lines by default (--log-every's own default, 1, would flood a log)
 )
@@ -112,9 +114,6 @@ def _resolved_settings(plan: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@app.command(
-    cls=Command, epilog=lerobot_names_text("train") + f" Each run writes its options to OUT/{TRAIN_OPTIONS}."
-)
 def train(
     ctx: typer.Context,
     *,
@@ -131,7 +130,7 @@ def train(
             rich_help_panel=INPUTS,
             help="Student init checkpoint (default: the teacher the store's manifest names).",
         ),
-    ] = None,
+    ] = _DEFAULTS.init,
     dataset_root: Annotated[
         Path | None,
         typer.Option(
@@ -139,7 +138,7 @@ def train(
             rich_help_panel=INPUTS,
             help="Where the dataset is (default: the root the manifest records).",
         ),
-    ] = None,
+    ] = _DEFAULTS.dataset_root,
     allow_mismatch: Annotated[
         bool,
         typer.Option(
@@ -147,7 +146,7 @@ def train(
             rich_help_panel=INPUTS,
             help="Train even if the init checkpoint or dataset differ from the store's fingerprints.",
         ),
-    ] = False,
+    ] = _DEFAULTS.allow_mismatch,
     steps: Annotated[
         int,
         typer.Option(
@@ -155,7 +154,7 @@ def train(
             rich_help_panel=TRAINING,
             help="Optimiser steps in all (a resumed run continues up to this).",
         ),
-    ] = 10_000,
+    ] = _DEFAULTS.steps,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -163,7 +162,7 @@ def train(
             rich_help_panel=TRAINING,
             help="Pairs per step (default: 32; on --resume: the run's).",
         ),
-    ] = None,
+    ] = _DEFAULTS.batch_size,
     lr: Annotated[
         float | None,
         typer.Option(
@@ -171,7 +170,7 @@ def train(
             rich_help_panel=TRAINING,
             help="Peak learning rate (default: the policy preset's optimizer_lr).",
         ),
-    ] = None,
+    ] = _DEFAULTS.lr,
     warmup_steps: Annotated[
         int | None,
         typer.Option(
@@ -179,7 +178,7 @@ def train(
             rich_help_panel=TRAINING,
             help="Warmup steps, taken as is (default: the preset's, rescaled as lerobot does for short runs).",
         ),
-    ] = None,
+    ] = _DEFAULTS.warmup_steps,
     grad_clip: Annotated[
         float | None,
         typer.Option(
@@ -187,13 +186,13 @@ def train(
             rich_help_panel=TRAINING,
             help="Gradient clipping norm (default: the preset's grad_clip_norm).",
         ),
-    ] = None,
+    ] = _DEFAULTS.grad_clip,
     seed: Annotated[
         int | None,
         typer.Option(
             metavar="N", rich_help_panel=TRAINING, help="Seed of data order, times and init RNG (default: 0)."
         ),
-    ] = None,
+    ] = _DEFAULTS.seed,
     time_sampling: Annotated[
         str | None,
         typer.Option(
@@ -201,7 +200,7 @@ def train(
             rich_help_panel=TRAINING,
             help="beta (lerobot's), uniform, u-shaped or logit-normal (default: beta).",
         ),
-    ] = None,
+    ] = _DEFAULTS.time_sampling,
     shuffle_window: Annotated[
         int | None,
         typer.Option(
@@ -209,7 +208,7 @@ def train(
             rich_help_panel=TRAINING,
             help="Shards shuffled together (and cached per worker) (default: 4).",
         ),
-    ] = None,
+    ] = _DEFAULTS.shuffle_window,
     out: Annotated[
         Path,
         typer.Option(
@@ -225,7 +224,7 @@ def train(
             rich_help_panel=OUTPUT,
             help="Save a checkpoint every N steps (and always at the end).",
         ),
-    ] = 1000,
+    ] = _DEFAULTS.save_every,
     student_num_steps: Annotated[
         str | None,
         typer.Option(
@@ -233,7 +232,7 @@ def train(
             rich_help_panel=OUTPUT,
             help="The saved student's num_steps (its default step count in lerobot-eval): K, or 'teacher' to keep the teacher's (default: 1; on --resume: the run's).",
         ),
-    ] = None,
+    ] = _DEFAULTS.student_num_steps,
     resume: Annotated[
         bool,
         typer.Option(
@@ -241,7 +240,7 @@ def train(
             rich_help_panel=OUTPUT,
             help="Continue the run in --out from checkpoints/last.",
         ),
-    ] = False,
+    ] = _DEFAULTS.resume,
     allow_schedule_change: Annotated[
         bool,
         typer.Option(
@@ -249,10 +248,10 @@ def train(
             rich_help_panel=OUTPUT,
             help="On --resume, accept a --steps that changes the lr schedule mid-run.",
         ),
-    ] = False,
+    ] = _DEFAULTS.allow_schedule_change,
     device: Annotated[
         str, typer.Option(metavar="DEVICE", rich_help_panel=PERFORMANCE, help="auto, cpu, cuda[:N] or mps.")
-    ] = "auto",
+    ] = _DEFAULTS.device,
     precision: Annotated[
         str,
         typer.Option(
@@ -260,7 +259,7 @@ def train(
             rich_help_panel=PERFORMANCE,
             help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32 or bfloat16.",
         ),
-    ] = "auto",
+    ] = _DEFAULTS.precision,
     num_workers: Annotated[
         int,
         typer.Option(
@@ -268,7 +267,7 @@ def train(
             rich_help_panel=PERFORMANCE,
             help="DataLoader workers loading pairs and observations.",
         ),
-    ] = 2,
+    ] = _DEFAULTS.num_workers,
     log_every: Annotated[
         int | None,
         typer.Option(
@@ -319,7 +318,7 @@ def train(
         else None
     )
     logger: dict[str, Any] = {}
-    with user_errors(), _progress(main=main_process, prefix="train", cap=PROGRESS_EVERY) as bar:
+    with user_errors(), progress(main=main_process, prefix="train", cap=PROGRESS_EVERY) as bar:
         cfg = TrainConfig(
             pairs=pairs,
             out=out,

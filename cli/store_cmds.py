@@ -1,4 +1,4 @@
-"""``reflowpairs inspect`` and ``reflowpairs validate``: see what a pair store holds, and prove it is sound."""
+"""``reflowpairs inspect``, ``validate`` and ``merge``: see what a pair store holds, prove it sound, combine slices."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from reflowpairs.cli.app import _progress, app, out_console, print_next, train_command, user_errors
-from reflowpairs.cli.options import Command, lerobot_names_text
+from reflowpairs.cli.options import config_defaults
+from reflowpairs.cli.ui import out_console, plural, print_next, progress, train_command, user_errors
+from reflowpairs.validate import ValidateConfig
 
+_DEFAULTS = config_defaults(ValidateConfig)  # the options' defaults are the library config's
 _STYLE = {"pass": "green", "warn": "yellow", "incomplete": "yellow", "fail": "bold red", "skip": "dim"}
 _STATUS_STYLE = {"sound": "bold green", "incomplete": "bold yellow", "corrupt": "bold red"}
 
@@ -120,7 +122,6 @@ def pair_table(pair: dict[str, Any]) -> Table:
     return table
 
 
-@app.command(cls=Command)
 def inspect(
     store: Annotated[
         Path,
@@ -156,7 +157,7 @@ def inspect(
             else:
                 out_console.print(pair_table(result))
             return
-        with _progress(prefix="inspect") as bar:
+        with progress(prefix="inspect") as bar:
             task = bar.add_task("shards", total=None, rate="")
             summary = summarize(
                 store,
@@ -183,7 +184,6 @@ def report_table(report) -> Table:
     return table
 
 
-@app.command(cls=Command, epilog=lerobot_names_text("validate"))
 def validate(
     store: Annotated[
         Path,
@@ -196,42 +196,43 @@ def validate(
         typer.Option(
             metavar="REPO_ID", help="Check against this LeRobotDataset repo id (default: the recorded one)."
         ),
-    ] = None,
+    ] = _DEFAULTS.dataset,
     dataset_root: Annotated[
         Path | None, typer.Option(metavar="DIR", help="Local root of the dataset to check against.")
-    ] = None,
+    ] = _DEFAULTS.dataset_root,
     teacher: Annotated[
         str | None,
         typer.Option(
             metavar="CKPT", help="Check the store was made by this checkpoint (and use it for --spot-check)."
         ),
-    ] = None,
+    ] = _DEFAULTS.teacher,
     spot_check: Annotated[
         int,
         typer.Option(
             metavar="N", help="Re-run the teacher on N random pairs (all if N >= pairs) and compare X_1."
         ),
-    ] = 0,
+    ] = _DEFAULTS.spot_check,
     atol: Annotated[
         float | None,
         typer.Option(
             metavar="X",
             help="Largest |X_1 difference| the spot check accepts (default: 1e-4 for float32 stores, 5e-3 float16, 5e-2 bfloat16).",
         ),
-    ] = None,
-    seed: Annotated[int, typer.Option(metavar="N", help="Seed choosing the spot-checked pairs.")] = 0,
+    ] = _DEFAULTS.atol,
+    seed: Annotated[
+        int, typer.Option(metavar="N", help="Seed choosing the spot-checked pairs.")
+    ] = _DEFAULTS.seed,
     device: Annotated[
         str, typer.Option(metavar="DEVICE", help="Device for the spot check: auto, cpu, cuda[:N] or mps.")
-    ] = "auto",
+    ] = _DEFAULTS.device,
     batch_size: Annotated[
         int, typer.Option(metavar="N", help="Frames per teacher call in the spot check.")
-    ] = 16,
+    ] = _DEFAULTS.batch_size,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of the table.")
     ] = False,
 ) -> None:
     """Run every check on a pair store; exit 0 only if it is sound (1 if it is corrupt or incomplete)."""
-    from reflowpairs.validate import ValidateConfig
     from reflowpairs.validate import validate as run_validate
 
     cfg = ValidateConfig(
@@ -245,7 +246,7 @@ def validate(
         device=device,
         batch_size=batch_size,
     )
-    with user_errors(), _progress(prefix="validate") as bar:
+    with user_errors(), progress(prefix="validate") as bar:
         tasks: dict[str, int] = {}
 
         def on_progress(phase: str, done: int, total: int) -> None:
@@ -265,3 +266,32 @@ def validate(
             print_next(report.resume_command)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def merge(
+    slices: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="SLICE", help="Stores made with --partition i/P (same teacher, dataset and settings)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(metavar="DIR", help="New directory for the combined store.")],
+) -> None:
+    """Combine partition slices into one pair store (shards are copied; slices are left as they are)."""
+    from reflowpairs.merge import merge_stores
+
+    with user_errors():
+        manifest = merge_stores(slices, out)
+    state = (
+        "complete"
+        if manifest["complete"]
+        else f"INCOMPLETE ({manifest['num_frames']:,} of {plural(manifest['generation']['num_frames'], 'frame')})"
+    )
+    out_console.print(
+        f"merged {plural(len(slices), 'slice')} into {out}: {plural(manifest['num_pairs'], 'pair')}, "
+        f"{plural(manifest['num_frames'], 'frame')}, {state}",
+        markup=False,
+        soft_wrap=True,
+        highlight=False,
+    )
+    print_next(["reflowpairs", "validate", str(out)])

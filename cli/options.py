@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import typer
@@ -409,3 +411,15 @@ def write_options(path: Path, command: str, options: dict[str, Any]) -> Path | N
     tmp.write_text(header + yaml.safe_dump(options, sort_keys=False, default_flow_style=False))
     tmp.replace(path)
     return path
+
+
+def config_defaults(config_class: type) -> SimpleNamespace:
+    """The defaults of a library config dataclass (``GenerateConfig`` ...) by field name: the options of a command
+    take their defaults from here, so that the library's config is the one place a default is written."""
+    defaults = {}
+    for field in dataclasses.fields(config_class):
+        if field.default is not dataclasses.MISSING:
+            defaults[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = field.default_factory()
+    return SimpleNamespace(**defaults)
