@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from reflowpairs.cli import eval_cmd, generate_cmd, store_cmds, train_cmd
+from reflowpairs.cli import eval_cmd, generate_cmd, pipeline_cmd, store_cmds, train_cmd
 from reflowpairs.cli.options import Command, Group, lerobot_names_text
 from reflowpairs.cli.progress import PROGRESS_ENV
 from reflowpairs.cli.ui import _state, command_flags
@@ -50,6 +50,7 @@ app.command(cls=Command)(store_cmds.inspect)
 app.command(cls=Command, epilog=train_cmd.TRAIN_EPILOG)(train_cmd.train)
 app.command("eval", cls=Command, epilog=eval_cmd.EVAL_EPILOG)(eval_cmd.eval_command)
 app.command(cls=Command, epilog=lerobot_names_text("merge"))(store_cmds.merge)
+app.command(cls=Command)(pipeline_cmd.pipeline)
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - Typer built on click itself
     from click import UsageError
 
 # Commands in the order of the workflow (``reflowpairs --help`` lists them so).
-COMMAND_ORDER = ("tiny-world", "generate", "validate", "inspect", "train", "eval", "merge")
+COMMAND_ORDER = ("tiny-world", "generate", "validate", "inspect", "train", "eval", "merge", "pipeline")
 
 # lerobot's option name -> ours, per command, where the meaning is the same.
 LEROBOT_NAMES: dict[str, dict[str, str]] = {

@@ -68,3 +68,19 @@ def load_json_object(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise NotAJSONObjectError(f"holds a JSON {type(data).__name__}, not an object")
     return data
+
+
+def replace_atomically(path: Path, write: Any) -> None:
+    """Call ``write(tmp)`` for a temporary path beside ``path``, fsync it, and rename it onto ``path``: a crash
+    leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    write(tmp)
+    fsync_tree(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    """``data`` as indented JSON at ``path``, crash-safely (``replace_atomically``)."""
+    replace_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))

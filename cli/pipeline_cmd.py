@@ -1,0 +1,178 @@
+"""``reflowpairs pipeline``: R rounds of generate -> validate -> train -> eval (and a distillation), resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.table import Table
+
+from reflowpairs.cli.options import config_defaults
+from reflowpairs.cli.ui import INPUTS, OUTPUT, PERFORMANCE, console, out_console, parse_episodes, user_errors
+from reflowpairs.pipeline import PIPELINE_STATE, PipelineConfig
+
+_DEFAULTS = config_defaults(PipelineConfig)  # the options' defaults are the library config's
+RECIPE = "Recipe"
+EVAL = "Evaluation"
+
+
+def summary_table(summary: dict) -> Table:
+    """One block of rows per model (the teacher, each round's student, the distilled one): its MSE to the teacher's
+    full-step sample and to the recorded actions at each step count, and its verdict."""
+    best = summary["teacher_best_steps"]
+    table = Table(title="every model against the teacher (MSE, normalised actions)", box=box.HORIZONTALS)
+    for name in ("model", "steps", "to teacher's ref", "to data"):
+        table.add_column(name, justify="left" if name == "model" else "right", no_wrap=True)
+    for model, by_steps in summary["ref"].items():
+        for i, n in enumerate(sorted(by_steps)):
+            table.add_row(
+                model if i == 0 else "",
+                str(n),
+                f"{by_steps[n]:.4g}",
+                f"{summary['data'][model][n]:.4g}",
+                end_section=i == len(by_steps) - 1,
+            )
+    verdict = Table(title="fewest steps to match the teacher", box=box.HORIZONTALS)
+    verdict.add_column("model")
+    verdict.add_column(f"as accurate on data as teacher@{best}", justify="right")
+    verdict.add_column("as close to ref as teacher@4", justify="right")
+    for model, goals in summary["verdict"].items():
+        verdict.add_row(
+            model,
+            *(str(goals[k]) if goals[k] is not None else "-" for k in ("vs_teacher_best", "vs_teacher_4")),
+        )
+    outer = Table.grid()
+    outer.add_row(table)
+    outer.add_row(verdict)
+    return outer
+
+
+def pipeline(
+    *,
+    teacher: Annotated[
+        str, typer.Option(metavar="CKPT", rich_help_panel=INPUTS, help="The round-1 teacher checkpoint.")
+    ],
+    dataset: Annotated[
+        str, typer.Option(metavar="REPO_ID", rich_help_panel=INPUTS, help="LeRobotDataset repo id.")
+    ],
+    dataset_root: Annotated[
+        Path | None, typer.Option(metavar="DIR", rich_help_panel=INPUTS, help="Local root of the dataset.")
+    ] = _DEFAULTS.dataset_root,
+    episodes: Annotated[
+        str | None,
+        typer.Option(
+            metavar="LIST", rich_help_panel=INPUTS, help="Episodes the pairs are made on (default: all)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            metavar="DIR", rich_help_panel=OUTPUT, help=f"Folder of every artefact and {PIPELINE_STATE}."
+        ),
+    ],
+    rounds: Annotated[
+        int,
+        typer.Option(
+            metavar="R", rich_help_panel=RECIPE, help="Reflow rounds (each student teaches the next)."
+        ),
+    ] = _DEFAULTS.rounds,
+    distill: Annotated[
+        bool,
+        typer.Option(
+            "--distill/--no-distill",
+            rich_help_panel=RECIPE,
+            help="Finish with a distillation: the 1-step map fitted on the last round's pairs.",
+        ),
+    ] = _DEFAULTS.distill,
+    samples_per_frame: Annotated[
+        int, typer.Option(metavar="K", rich_help_panel=RECIPE, help="Noises per frame in each round's store.")
+    ] = _DEFAULTS.samples_per_frame,
+    num_steps: Annotated[
+        int | None,
+        typer.Option(metavar="N", rich_help_panel=RECIPE, help="Teacher ODE steps (default: its config's)."),
+    ] = _DEFAULTS.num_steps,
+    train_steps: Annotated[
+        int, typer.Option(metavar="N", rich_help_panel=RECIPE, help="Training steps per round.")
+    ] = _DEFAULTS.train_steps,
+    distill_steps: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N", rich_help_panel=RECIPE, help="Distillation steps (default: --train-steps)."
+        ),
+    ] = _DEFAULTS.distill_steps,
+    batch_size: Annotated[
+        int | None, typer.Option(metavar="N", rich_help_panel=RECIPE, help="Training batch size.")
+    ] = _DEFAULTS.batch_size,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            metavar="X", rich_help_panel=RECIPE, help="Learning rate (default: the policy preset's)."
+        ),
+    ] = _DEFAULTS.lr,
+    loss: Annotated[
+        str, typer.Option(metavar="NAME", rich_help_panel=RECIPE, help="Training loss: mse or pseudo-huber.")
+    ] = _DEFAULTS.loss,
+    seed: Annotated[int, typer.Option(metavar="N", rich_help_panel=RECIPE, help="Seed of every stage.")] = (
+        _DEFAULTS.seed
+    ),
+    spot_check: Annotated[
+        int, typer.Option(metavar="N", rich_help_panel=EVAL, help="Pairs re-sampled by each validate.")
+    ] = _DEFAULTS.spot_check,
+    eval_num_steps: Annotated[
+        str, typer.Option(metavar="LIST", rich_help_panel=EVAL, help="Step counts compared, e.g. 1,2,4,10.")
+    ] = ",".join(map(str, _DEFAULTS.eval_num_steps)),
+    eval_episodes: Annotated[
+        str | None,
+        typer.Option(
+            metavar="LIST",
+            rich_help_panel=EVAL,
+            help="Episodes scored (default: those the pairs do not cover).",
+        ),
+    ] = None,
+    eval_max_frames: Annotated[
+        int, typer.Option(metavar="N", rich_help_panel=EVAL, help="Frames scored per model.")
+    ] = _DEFAULTS.eval_max_frames,
+    device: Annotated[
+        str, typer.Option(metavar="DEVICE", rich_help_panel=PERFORMANCE, help="auto, cpu, cuda[:N] or mps.")
+    ] = _DEFAULTS.device,
+    num_workers: Annotated[
+        int, typer.Option(metavar="N", rich_help_panel=PERFORMANCE, help="Training data loader workers.")
+    ] = _DEFAULTS.num_workers,
+) -> None:
+    """Run rectified flow's recipe in one command: R reflow rounds (+ distillation), resumable, one summary."""
+    from reflowpairs.evaluate import parse_num_steps
+    from reflowpairs.pipeline import run_pipeline
+
+    with user_errors():
+        cfg = PipelineConfig(
+            teacher=teacher,
+            dataset=dataset,
+            out=out,
+            dataset_root=dataset_root,
+            episodes=parse_episodes(episodes),
+            rounds=rounds,
+            distill=distill,
+            samples_per_frame=samples_per_frame,
+            num_steps=num_steps,
+            train_steps=train_steps,
+            distill_steps=distill_steps,
+            batch_size=batch_size,
+            lr=lr,
+            loss=loss,
+            spot_check=spot_check,
+            eval_num_steps=parse_num_steps(eval_num_steps),
+            eval_episodes=parse_episodes(eval_episodes),
+            eval_max_frames=eval_max_frames,
+            seed=seed,
+            device=device,
+            num_workers=num_workers,
+        )
+
+        def on_stage(name: str, skipped: bool) -> None:
+            console.print(f"[dim]{name}: finished before, skipped[/]" if skipped else f"[bold]{name}[/]")
+
+        result = run_pipeline(cfg, on_stage=on_stage)
+    out_console.print(summary_table(result.summary))
+    out_console.print(f"state: {result.out / PIPELINE_STATE}", markup=False, soft_wrap=True)

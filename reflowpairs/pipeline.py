@@ -1,0 +1,340 @@
+"""Rectified flow's recipe in one resumable run: R rounds of reflow, each round's student the next round's teacher.
+
+    round r:  generate (teacher_r -> pairs) -> validate -> train (student_r) -> eval (student_r vs the teacher)
+    teacher_1 = the given teacher, teacher_{r+1} = student_r (1-RF -> 2-RF -> 3-RF ...)
+    distil (optional, last): the 1-step map x_0 -> x_1 fitted on round R's pairs, starting from student_R
+
+Every artefact lives under ``out``:
+
+    out/pipeline_state.json            the settings and every finished stage (with its result)
+    out/round<r>/pairs/                 the round's pair store (``generate``)
+    out/round<r>/validate.json          its validation report
+    out/round<r>/student/               the round's training run (``train``; the student is checkpoints/last)
+    out/round<r>/eval/                  the student against the ORIGINAL teacher (``eval``)
+    out/distill/student/, out/distill/eval/
+
+A stage is recorded in ``pipeline_state.json`` only once it has finished, so a crash at any point loses at most the
+stage in progress, and that stage itself resumes where it stopped (``generate`` and ``train`` have their own resume):
+running the same pipeline again skips every finished stage. Settings that would change what finished stages made
+are refused on a rerun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reflowpairs.atomic import write_json_atomically
+from reflowpairs.errors import ReflowPairsError
+
+PIPELINE_STATE = "pipeline_state.json"
+STATE_VERSION = 1
+STUDENT = Path("checkpoints") / "last" / "pretrained_model"  # a training run's latest student, below its out
+
+
+@dataclass
+class PipelineConfig:
+    """Settings of ``reflowpairs pipeline`` (the stages' own settings keep their commands' defaults)."""
+
+    teacher: str
+    dataset: str
+    out: Path
+    dataset_root: Path | None = None
+    episodes: list[int] | None = (
+        None  # pairs are made on these; eval scores the others (None: all / eval's choice)
+    )
+    rounds: int = 2
+    distill: bool = False  # a last stage that fits the 1-step map on round R's pairs
+    samples_per_frame: int = 4  # K noises per frame in every round's store
+    num_steps: int | None = None  # each round's teacher ODE steps (None: the teacher config's)
+    train_steps: int = 2000  # per round
+    distill_steps: int | None = None  # None: train_steps
+    batch_size: int | None = None  # train's (None: its default)
+    lr: float | None = None  # train's (None: the policy preset's)
+    loss: str = "mse"  # train's loss: mse or pseudo-huber
+    spot_check: int = 16  # pairs re-sampled by each round's validate
+    eval_num_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 10])
+    eval_episodes: list[int] | None = None  # None: the episodes the store does not cover
+    eval_max_frames: int = 64
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0  # train's data loader workers
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline: ``name`` (``round2/train``) and the function that runs it."""
+
+    name: str
+    run: Callable[[], dict[str, Any]]
+
+
+@dataclass
+class PipelineResult:
+    out: Path
+    stages_run: list[str]  # stages this call ran (the others had finished before)
+    stages_skipped: list[str]
+    summary: dict[str, Any]  # per model: the eval rows (see ``summary``)
+
+
+# Settings that decide what the finished stages made: a rerun must keep them.
+_FIXED = (
+    "teacher",
+    "dataset",
+    "episodes",
+    "samples_per_frame",
+    "num_steps",
+    "train_steps",
+    "batch_size",
+    "lr",
+)
+_FIXED += ("loss", "seed", "distill_steps", "eval_num_steps", "eval_episodes", "eval_max_frames")
+
+
+def _settings(cfg: PipelineConfig) -> dict[str, Any]:
+    raw = dataclasses.asdict(cfg)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in raw.items()}
+
+
+def check_config(cfg: PipelineConfig) -> None:
+    """Refuse settings no stage could run with."""
+    if cfg.rounds < 1:
+        raise ReflowPairsError(
+            f"`rounds` must be at least 1, got {cfg.rounds}.", "Set `rounds` to 1 or more."
+        )
+    for name in ("train_steps", "samples_per_frame", "eval_max_frames"):
+        if getattr(cfg, name) < 1:
+            raise ReflowPairsError(f"`{name}` must be at least 1, got {getattr(cfg, name)}.")
+    if cfg.distill_steps is not None and cfg.distill_steps < 1:
+        raise ReflowPairsError(f"`distill_steps` must be at least 1, got {cfg.distill_steps}.")
+
+
+def read_state(out: Path) -> dict[str, Any] | None:
+    """The pipeline state in ``out`` (None for a new pipeline)."""
+    from reflowpairs.atomic import load_json_object
+
+    path = Path(out) / PIPELINE_STATE
+    if not path.exists():
+        return None
+    return load_json_object(path)
+
+
+def _check_rerun(cfg: PipelineConfig, state: dict[str, Any]) -> None:
+    recorded = state.get("settings", {})
+    changed = [k for k in _FIXED if recorded.get(k) != _settings(cfg).get(k)]
+    if changed:
+        detail = ", ".join(f"`{k}` {recorded.get(k)!r} -> {_settings(cfg).get(k)!r}" for k in changed)
+        raise ReflowPairsError(
+            f"`out` {cfg.out} holds a pipeline run with other settings ({detail}).",
+            "Rerun it with its own settings to finish it (they are in its pipeline_state.json), or choose another "
+            "`out`.",
+        )
+
+
+def teacher_of_round(cfg: PipelineConfig, r: int) -> str:
+    """Round 1 samples the given teacher; round r > 1 the student of round r - 1."""
+    return cfg.teacher if r == 1 else str(Path(cfg.out) / f"round{r - 1}" / "student" / STUDENT)
+
+
+def _generate(cfg: PipelineConfig, r: int, progress: Any) -> dict[str, Any]:
+    from reflowpairs.generate import GenerateConfig, generate
+
+    pairs = Path(cfg.out) / f"round{r}" / "pairs"
+    gen = GenerateConfig(
+        teacher=teacher_of_round(cfg, r),
+        dataset=cfg.dataset,
+        out=pairs,
+        dataset_root=cfg.dataset_root,
+        episodes=cfg.episodes,
+        samples_per_frame=cfg.samples_per_frame,
+        num_steps=cfg.num_steps,
+        seed=cfg.seed + r - 1,  # fresh noises each round
+        device=cfg.device,
+        resume=(pairs / "manifest.json").exists(),  # a crash mid-store: finish it
+    )
+    result = generate(gen, progress=progress)
+    return {"pairs": str(pairs), "num_pairs": result.num_pairs, "seconds": round(result.seconds, 3)}
+
+
+def _validate(cfg: PipelineConfig, r: int) -> dict[str, Any]:
+    from reflowpairs.validate import ValidateConfig, validate
+
+    round_dir = Path(cfg.out) / f"round{r}"
+    report = validate(
+        ValidateConfig(
+            store=round_dir / "pairs",
+            dataset_root=cfg.dataset_root,
+            spot_check=cfg.spot_check,
+            seed=cfg.seed,
+            device=cfg.device,
+        )
+    )
+    write_json_atomically(round_dir / "validate.json", report.to_dict() | {"summary": report.summary()})
+    if not report.ok:
+        raise ReflowPairsError(
+            f"Round {r}'s pair store is {report.status}: {report.summary()}",
+            f"See {round_dir / 'validate.json'}; remove {round_dir} and rerun the pipeline to make it again.",
+        )
+    return {"status": report.status}
+
+
+def _train(cfg: PipelineConfig, run_dir: Path, pairs: Path, init: str | None, steps: int, **extra) -> dict:
+    from reflowpairs.train import TrainConfig, train
+
+    result = train(
+        TrainConfig(
+            pairs=pairs,
+            out=run_dir,
+            steps=steps,
+            init=init,
+            dataset_root=cfg.dataset_root,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            device=cfg.device,
+            num_workers=cfg.num_workers,
+            save_every=steps,
+            resume=(run_dir / "checkpoints" / "last").exists(),  # a crash mid-run: continue it
+            **extra,
+        )
+    )
+    return {
+        "student": str(run_dir / STUDENT),
+        "final_loss": result.final_loss,
+        "seconds": round(result.seconds, 3),
+    }
+
+
+def _eval(cfg: PipelineConfig, student: Path, out: Path, progress: Any) -> dict[str, Any]:
+    from reflowpairs.evaluate import EvalConfig, evaluate
+    from reflowpairs.report import write_report
+
+    report = evaluate(
+        EvalConfig(
+            student=str(student),
+            teacher=cfg.teacher,  # every model is scored against the ORIGINAL teacher's full-step sample
+            dataset=cfg.dataset,
+            out=out,
+            num_steps=cfg.eval_num_steps,
+            dataset_root=cfg.dataset_root,
+            episodes=cfg.eval_episodes,
+            max_frames=cfg.eval_max_frames,
+            device=cfg.device,
+            allow_mismatch=True,  # a later round's student was trained from the previous student, by design
+        ),
+        progress=progress,
+    )
+    write_report(report, out)
+    return {"report": str(out / "report.json"), "rows": report["rows"]}
+
+
+def stages(cfg: PipelineConfig, progress: Any = None) -> list[Stage]:
+    """Every stage of the pipeline, in order."""
+    out = Path(cfg.out)
+    todo: list[Stage] = []
+    for r in range(1, cfg.rounds + 1):
+        run_dir, pairs = out / f"round{r}" / "student", out / f"round{r}" / "pairs"
+        todo += [
+            Stage(f"round{r}/generate", lambda r=r: _generate(cfg, r, progress)),
+            Stage(f"round{r}/validate", lambda r=r: _validate(cfg, r)),
+            Stage(
+                f"round{r}/train",
+                lambda run_dir=run_dir, pairs=pairs: _train(
+                    cfg, run_dir, pairs, None, cfg.train_steps, loss=cfg.loss
+                ),
+            ),
+            Stage(
+                f"round{r}/eval",
+                lambda r=r, d=run_dir: _eval(cfg, d / STUDENT, out / f"round{r}" / "eval", progress),
+            ),
+        ]
+    if cfg.distill:
+        last = out / f"round{cfg.rounds}"
+        run_dir = out / "distill" / "student"
+        todo += [
+            Stage(
+                "distill/train",
+                lambda: _train(
+                    cfg,
+                    run_dir,
+                    last / "pairs",
+                    str(last / "student" / STUDENT),
+                    cfg.distill_steps or cfg.train_steps,
+                    objective="distill",
+                    loss=cfg.loss,
+                    allow_mismatch=True,  # starts from round R's student, fits round R's teacher's pairs
+                ),
+            ),
+            Stage("distill/eval", lambda: _eval(cfg, run_dir / STUDENT, out / "distill" / "eval", progress)),
+        ]
+    return todo
+
+
+def _fewest_steps(by_steps: dict[int, float | None], bar: float | None) -> int | None:
+    """The fewest step count whose error is at most ``bar`` (None if none is, or there is no bar)."""
+    if bar is None:
+        return None
+    return min((n for n, e in by_steps.items() if e is not None and e <= bar), default=None)
+
+
+def summary(state: dict[str, Any]) -> dict[str, Any]:
+    """Per model (``teacher``, ``round1`` ..., ``distill``) and step count, from each eval stage's report:
+    ``ref``: MSE to the teacher's full-step sample (``mse_ref_norm``), ``data``: MSE to the recorded actions
+    (``mse_data_norm``), both in the teacher's normalised action space. ``verdict`` per model: the fewest steps at
+    which it is as accurate on the data as the teacher at its most steps (``vs_teacher_best``: the teacher's own
+    error there to its reference is 0 by definition, so accuracy is judged on the data), and as close to the
+    reference as the teacher at 4 steps (``vs_teacher_4``); None where no step count reaches it."""
+    ref: dict[str, dict[int, float]] = {}
+    data: dict[str, dict[int, float]] = {}
+    for name, done in state.get("stages", {}).items():
+        if not name.endswith("/eval"):
+            continue
+        for row in done["rows"]:
+            who = "teacher" if row["model"] == "teacher" else name.split("/")[0]
+            ref.setdefault(who, {})[int(row["num_steps"])] = row["mse_ref_norm"]
+            data.setdefault(who, {})[int(row["num_steps"])] = row["mse_data_norm"]
+    teacher_ref, teacher_data = ref.get("teacher", {}), data.get("teacher", {})
+    best = max(teacher_data, default=None)
+    verdict = {
+        model: {
+            "vs_teacher_best": _fewest_steps(data[model], teacher_data.get(best) if best else None),
+            "vs_teacher_4": _fewest_steps(ref[model], teacher_ref.get(4)),
+        }
+        for model in ref
+    }
+    return {"ref": ref, "data": data, "teacher_best_steps": best, "verdict": verdict}
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    progress: Any = None,
+    on_stage: Callable[[str, bool], None] | None = None,
+) -> PipelineResult:
+    """Run every stage not finished yet; ``on_stage(name, skipped)`` is called as each one starts (or is skipped)."""
+    check_config(cfg)
+    out = Path(cfg.out)
+    state = read_state(out)
+    if state is None:
+        out.mkdir(parents=True, exist_ok=True)
+        state = {"version": STATE_VERSION, "settings": _settings(cfg), "stages": {}}
+    else:
+        _check_rerun(cfg, state)
+        state["settings"] = _settings(cfg)  # the settings not in _FIXED (device, workers...) may change
+    ran, skipped = [], []
+    for stage in stages(cfg, progress):
+        if stage.name in state["stages"]:
+            skipped.append(stage.name)
+            if on_stage:
+                on_stage(stage.name, True)
+            continue
+        if on_stage:
+            on_stage(stage.name, False)
+        state["stages"][stage.name] = stage.run()
+        write_json_atomically(out / PIPELINE_STATE, state)
+        ran.append(stage.name)
+    state["summary"] = summary(state)
+    write_json_atomically(out / PIPELINE_STATE, state)
+    return PipelineResult(out=out, stages_run=ran, stages_skipped=skipped, summary=state["summary"])
