@@ -209,6 +209,9 @@ class TinyPiSpec:
     num_inference_steps: int = 10
     image_size: int = 32
     tokenizer_max_length: int = 24
+    dtype: str = (
+        "float32"  # "bfloat16": the Gemma layers in bfloat16 (vision, norms stay float32), as real ones
+    )
     train_steps: int = 3
     batch_size: int = 8
     lr: float = 1e-3
@@ -234,7 +237,7 @@ def tiny_pi_config(variant: str, dataset_meta, spec: TinyPiSpec = TinyPiSpec()):
         num_inference_steps=spec.num_inference_steps,
         image_resolution=(spec.image_size, spec.image_size),
         tokenizer_max_length=spec.tokenizer_max_length,
-        dtype="float32",
+        dtype=spec.dtype,
         device="cpu",
         push_to_hub=False,
         input_features={k: f for k, f in features.items() if f.type is not FeatureType.ACTION},

@@ -57,19 +57,24 @@ def load_teacher(checkpoint: Path, strict: bool = True):
     return policy, preprocessor
 
 
+def _raw_frames(dataset_root: Path) -> dict:
+    """The collated dataset frames ``FRAMES`` without their action keys (an observation batch)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    dataset = LeRobotDataset(TINY_REPO_ID, root=dataset_root)
+    raw = torch.utils.data.default_collate([dataset[i] for i in FRAMES])
+    return {k: v for k, v in raw.items() if not k.startswith("action")}
+
+
 @pytest.fixture(scope="module")
 def pi_world(tmp_path_factory):
     """``{variant: (checkpoint_dir, policy, preprocessed batch of FRAMES)}`` for tiny pi0 and pi05 teachers (2
     training steps each), built and loaded with the network refused."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
-
     root = tmp_path_factory.mktemp("pi")
     world = {}
     with no_network():
         build_tiny_dataset(root / "dataset", TINY_REPO_ID, TinyDatasetSpec(num_episodes=2, episode_length=12))
-        dataset = LeRobotDataset(TINY_REPO_ID, root=root / "dataset")
-        raw = torch.utils.data.default_collate([dataset[i] for i in FRAMES])
-        raw = {k: v for k, v in raw.items() if not k.startswith("action")}
+        raw = _raw_frames(root / "dataset")
         for variant in VARIANTS:
             checkpoint = tinypi.build_tiny_pi_teacher(
                 root / variant,
@@ -235,3 +240,51 @@ def test_tiny_build_is_offline_and_self_describing(pi_world):
     assert tinypi.active_spec() is None
     assert modeling_pi0.get_gemma_config("gemma_2b").width == 2048
     assert modeling_pi05.get_gemma_config("gemma_300m").width == 1024
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_other_solvers_reuse_the_cache(pi_world, variant):
+    """midpoint and dopri5 run on the engine's velocity field; dopri5 solves each frame on its own, so a frame's X_1
+    does not depend on which frames share its call."""
+    _, policy, batch = pi_world[variant]
+    engine = FAMILIES[variant].make_engine(policy, 2)
+    noise = torch.randn(len(FRAMES), 2, *engine.noise_shape, generator=torch.Generator().manual_seed(3))
+    midpoint = engine.sample(batch, noise, SolverConfig("midpoint", 4))
+    assert midpoint.shape == (len(FRAMES), 2, engine.noise_shape[0], engine.action_dim)
+    assert torch.isfinite(midpoint).all()
+    dopri = engine.sample(batch, noise, SolverConfig("dopri5", rtol=1e-3, atol=1e-3))
+    alone = (
+        FAMILIES[variant]
+        .make_engine(policy)
+        .sample(
+            {k: v[2:] if torch.is_tensor(v) and v.ndim > 0 else v for k, v in batch.items()},
+            noise[2:],
+            SolverConfig("dopri5", rtol=1e-3, atol=1e-3),
+        )
+    )
+    torch.testing.assert_close(dopri[2:], alone, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_engine_matches_in_bfloat16(pi_world, variant, tmp_path):
+    """A teacher built with ``dtype: bfloat16`` (Gemma layers in bfloat16, as real pi checkpoints run): the engine's
+    X_1 still equals ``predict_action_chunk``'s (bit for bit on the CPU)."""
+    checkpoint = pi_world[variant][0]
+    dataset_root = checkpoint.parent / "dataset"
+    bf16 = tinypi.build_tiny_pi_teacher(
+        tmp_path / variant,
+        variant,
+        TINY_REPO_ID,
+        dataset_root,
+        tokenizer_dir=checkpoint / "tokenizer",
+        spec=tinypi.TinyPiSpec(train_steps=0, dtype="bfloat16"),
+    )
+    policy, preprocessor = load_teacher(bf16)
+    check_weights_loaded(policy, bf16)
+    assert {p.dtype for p in policy.parameters()} == {torch.bfloat16, torch.float32}
+    batch = preprocessor(_raw_frames(dataset_root))
+    engine = FAMILIES[variant].make_engine(policy, 2)
+    noise = torch.randn(len(FRAMES), 3, *engine.noise_shape, generator=torch.Generator().manual_seed(4))
+    x1 = engine.sample(batch, noise, SolverConfig("euler", 10))
+    torch.testing.assert_close(x1, reference_x1(policy, batch, noise, 10), rtol=0, atol=1e-5)
