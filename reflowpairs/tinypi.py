@@ -181,7 +181,7 @@ def build_pi_tokenizer(out_dir: str | Path, tasks: tuple[str, ...] | None = None
 
     tasks = TASKS if tasks is None else tasks
     words = {w for task in tasks for w in task.replace("_", " ").split()}
-    words |= {"Task", "State", "Action", ":", ",", ";", ";\n", "a", "the", "robot", "push", "T"}
+    words |= {"Task", "State", "Action", ":", ",", ";", "a", "the", "robot", "push", "T"}
     words |= {str(i) for i in range(256)}
     specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
     vocab = {tok: i for i, tok in enumerate(specials + sorted(words - set(specials)))}

@@ -122,7 +122,8 @@ def test_registry_and_version():
 def test_engine_matches_predict_action_chunk(pi_world, variant, samples, num_steps):
     """X_1 of the prefix-cached engine == ``predict_action_chunk(batch, noise=x0)`` (normalised actions cropped to
     the action dimension: pi's predict_action_chunk returns the model output, the postprocessor unnormalises), for
-    one call of all frames and for calls of 2 frames (the second one padded with a copy of its last frame)."""
+    one call of all frames, calls of 2 frames (the second one padded with a copy of its last frame) and one call
+    padded from 3 frames to 4."""
     _, policy, batch = pi_world[variant]
     fam = FAMILIES[variant]
     (chunk, max_dim), (_, action_dim) = fam.pair_shapes(policy.config)
@@ -131,7 +132,7 @@ def test_engine_matches_predict_action_chunk(pi_world, variant, samples, num_ste
     )
     expected = reference_x1(policy, batch, noise, num_steps)
     assert expected.shape == (len(FRAMES), samples, chunk, action_dim)
-    for frames_per_call in (None, 2):
+    for frames_per_call in (None, 2, 4):
         engine = fam.make_engine(policy, frames_per_call)
         assert engine.noise_shape == (chunk, max_dim) and engine.action_dim == action_dim
         x1 = engine.sample(batch, noise, SolverConfig("euler", num_steps))
@@ -288,3 +289,20 @@ def test_engine_matches_in_bfloat16(pi_world, variant, tmp_path):
     noise = torch.randn(len(FRAMES), 3, *engine.noise_shape, generator=torch.Generator().manual_seed(4))
     x1 = engine.sample(batch, noise, SolverConfig("euler", 10))
     torch.testing.assert_close(x1, reference_x1(policy, batch, noise, 10), rtol=0, atol=1e-5)
+
+
+def test_install_for_checkpoint(pi_world):
+    """A fresh process (a CLI subprocess) installs the patch a tiny checkpoint names before loading it; an ordinary
+    checkpoint installs nothing."""
+    checkpoint = pi_world["pi0"][0]
+    assert tinypi.active_spec() is None
+    try:
+        assert tinypi.install_for_checkpoint(checkpoint)
+        assert tinypi.active_spec() == tinypi.read_marker(checkpoint)
+        policy, _ = load_teacher(checkpoint)  # the context manager inside restores the installed spec after
+        assert tinypi.active_spec() == tinypi.read_marker(checkpoint)
+        check_weights_loaded(policy, checkpoint)
+    finally:
+        tinypi.uninstall()
+    assert not tinypi.install_for_checkpoint(checkpoint / "tokenizer")
+    assert tinypi.active_spec() is None
