@@ -1,0 +1,342 @@
+"""What pi0 and pi05 (lerobot 0.6) share: the prefix-cached engine, the reflow loss, the weights check.
+
+The two differ in one place: pi0 puts a *state token* at the head of the action expert's suffix
+(``embed_suffix(state, x_t, t)``; ``forward(..., state, actions, noise, time)``), while pi05 has no state
+argument (the state is discretised into the prompt by its preprocessor) and conditions the expert on the
+time through adaRMS (``embed_suffix(x_t, t)`` returns the condition). ``PiEngine.uses_state`` says which.
+
+``PiEngine`` samples as lerobot's ``PI0Pytorch.sample_actions`` does (``modeling_pi0.py``): the prefix
+(SigLIP image tokens + language) goes once through the PaliGemma with ``use_cache=True``; each Euler step
+embeds the suffix and runs the action expert against that cache. Here the cache is filled once per call of
+frames, repeated for the K samples of each frame, and reused by every ODE step: lerobot copies the cache
+before every step (``clone_past_key_values``) because the expert's self-attention appends the suffix keys and
+values to it in place; the engine crops them off after the step instead (``DynamicCache.crop``), which leaves
+the cache as it was without a copy. The maths of ``denoise_step`` is untouched (eager attention, lerobot's 4-D
+additive masks and positions), so X_1 equals ``policy.predict_action_chunk(batch, noise=x0)`` up to float
+rounding of the batched matmuls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from reflowpairs.errors import ReflowPairsError
+from reflowpairs.solvers import SolverConfig, Velocity, integrate
+
+STEP_FIELD = "num_inference_steps"
+"""The pi0/pi05 config field holding the sampler's Euler step count (SmolVLA's is ``num_steps``)."""
+
+
+def action_dim(config) -> int:
+    """The policy's real action dimension (its actions are padded to ``max_action_dim`` inside the model)."""
+    from lerobot.utils.constants import ACTION
+
+    return config.output_features[ACTION].shape[0]
+
+
+def pair_shapes(config) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(x0_shape, x1_shape)``: noise ``(chunk_size, max_action_dim)``, actions ``(chunk_size, action_dim)``."""
+    return (config.chunk_size, config.max_action_dim), (config.chunk_size, action_dim(config))
+
+
+def _check_supported(config) -> None:
+    if getattr(
+        config, "adapt_to_pi_aloha", False
+    ):  # not a pi0/pi05 option in lerobot 0.6; refuse if it appears
+        raise ReflowPairsError(
+            f"This {config.type} checkpoint sets adapt_to_pi_aloha, which the {config.type} engine does not handle.",
+            "Use a checkpoint without it.",
+        )
+    if getattr(config, "compile_model", False):
+        raise ReflowPairsError(
+            f"This {config.type} checkpoint sets compile_model: true; the prefix-cached engine runs the model's "
+            "modules eagerly and does not support torch.compile'd sampling.",
+            "Set compile_model to false in its config.json (it does not change the sampled actions).",
+        )
+
+
+class PiEngine:
+    """Prefix-cached sampler for lerobot 0.6's ``PI0Policy``/``PI05Policy`` (``Engine`` protocol of
+    ``reflowpairs.engine``), built from the model's own modules.
+
+    ``frames_per_call``: every call samples exactly this many frames (a short call is padded with copies of its
+    last frame, the language with pad tokens to ``tokenizer_max_length``), so a frame's X_1 does not depend on its
+    batch-mates; None: the whole batch in one call, unpadded. Real-time chunking (``rtc_config``) is not applied:
+    the engine samples the plain ODE, as ``predict_action_chunk`` does without RTC arguments."""
+
+    exact = False
+
+    def __init__(self, policy, frames_per_call: int | None = None, *, uses_state: bool):
+        _check_supported(policy.config)
+        self.uses_state = uses_state  # pi0: the state token heads the suffix; pi05: no state argument
+        self.policy = policy
+        self.model = policy.model
+        self.frames_per_call = frames_per_call
+        self.noise_shape, (_, self.action_dim) = pair_shapes(policy.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    @torch.no_grad()
+    def velocity_field(self, batch: dict[str, Tensor], repeats: int) -> Velocity:
+        """The teacher's velocity ``v(x_t, t)`` for each frame of ``batch`` repeated ``repeats`` times (frame-major):
+        ``x_t`` ``(B * repeats, T, max_action_dim)``, ``t`` ``(B * repeats,)``."""
+        prefix_pad_masks, cache, state = self._fill_prefix(batch)
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+            prefix_pad_masks = prefix_pad_masks.repeat_interleave(repeats, dim=0)
+            state = None if state is None else state.repeat_interleave(repeats, dim=0)
+        return partial(self._denoise_step, prefix_pad_masks, cache, state)
+
+    @torch.no_grad()
+    def _fill_prefix(self, batch: dict[str, Tensor]) -> tuple[Tensor, object, Tensor | None]:
+        """Embed the prefix of a preprocessed batch of B frames and fill its KV cache as ``sample_actions`` does;
+        returns ``prefix_pad_masks`` ``(B, P)``, the ``DynamicCache`` and the padded state (None for pi05)."""
+        from lerobot.policies.common.vla_utils import make_att_2d_masks, prepare_attention_masks_4d
+        from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+
+        from reflowpairs.engine import pad_language
+
+        policy, model = self.policy, self.model
+        policy.eval()
+        images, img_masks = policy._preprocess_images(batch)
+        tokens, masks = pad_language(
+            batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK], policy.config.tokenizer_max_length
+        )
+        state = policy.prepare_state(batch) if self.uses_state else None
+        prefix_embs, prefix_pad_masks, prefix_att_masks = model.embed_prefix(images, img_masks, tokens, masks)
+        att_4d = prepare_attention_masks_4d(make_att_2d_masks(prefix_pad_masks, prefix_att_masks))
+        with_expert = model.paligemma_with_expert
+        with_expert.paligemma.model.language_model.config._attn_implementation = "eager"  # as sample_actions
+        _, cache = with_expert.forward(
+            attention_mask=att_4d,
+            position_ids=torch.cumsum(prefix_pad_masks, dim=1) - 1,
+            past_key_values=None,
+            inputs_embeds=[prefix_embs, None],
+            use_cache=True,
+        )
+        return prefix_pad_masks, cache, state
+
+    @torch.no_grad()
+    def _denoise_step(
+        self, prefix_pad_masks: Tensor, cache, state: Tensor | None, x_t: Tensor, t: Tensor
+    ) -> Tensor:
+        """lerobot's ``denoise_step`` against the shared cache, which is cropped back to the prefix after the step
+        instead of being copied before it. Returns ``v_t`` ``(N, T, max_action_dim)`` float32."""
+        from lerobot.policies.common.vla_utils import make_att_2d_masks, prepare_attention_masks_4d
+
+        model = self.model
+        if self.uses_state:
+            suffix_embs, suffix_pad_masks, suffix_att_masks, adarms_cond = model.embed_suffix(state, x_t, t)
+        else:
+            suffix_embs, suffix_pad_masks, suffix_att_masks, adarms_cond = model.embed_suffix(x_t, t)
+        rows, prefix_len = prefix_pad_masks.shape
+        suffix_len = suffix_pad_masks.shape[1]
+        prefix_2d = prefix_pad_masks[:, None, :].expand(rows, suffix_len, prefix_len)
+        suffix_2d = make_att_2d_masks(suffix_pad_masks, suffix_att_masks)
+        att_4d = prepare_attention_masks_4d(torch.cat([prefix_2d, suffix_2d], dim=2))
+        positions = torch.sum(prefix_pad_masks, dim=-1)[:, None] + torch.cumsum(suffix_pad_masks, dim=1) - 1
+        with_expert = model.paligemma_with_expert
+        with_expert.gemma_expert.model.config._attn_implementation = "eager"  # as denoise_step
+        try:
+            outputs_embeds, _ = with_expert.forward(
+                attention_mask=att_4d,
+                position_ids=positions,
+                past_key_values=cache,
+                inputs_embeds=[None, suffix_embs],
+                use_cache=False,
+                adarms_cond=[None, adarms_cond],
+            )
+        finally:
+            cache.crop(prefix_len)  # the expert's self-attention appended the suffix K/V in place
+        suffix_out = outputs_embeds[1][:, -self.policy.config.chunk_size :].to(dtype=torch.float32)
+        return model.action_out_proj(suffix_out)
+
+    @torch.no_grad()
+    def sample(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
+        """X_1 ``(B, K, T, action_dim)`` in normalised action space from noise ``(B, K, T, max_action_dim)``, in
+        calls of exactly ``frames_per_call`` frames (one frame per call for an adaptive solver)."""
+        from reflowpairs.engine import pad_frames, slice_frames
+
+        frames = noise.shape[0]
+        # an adaptive solver's steps depend on all it integrates: one frame per call keeps X_1 a function of the
+        # frame and its noises, whatever the batching
+        group = 1 if solver.adaptive else self.frames_per_call or frames
+        calls = []
+        for start in range(0, frames, group):
+            stop = min(start + group, frames)
+            part = pad_frames(slice_frames(batch, start, stop, frames), stop - start, group)
+            part_noise = noise[start:stop]
+            if stop - start < group:
+                part_noise = torch.cat(
+                    [part_noise, part_noise[-1:].expand(group - (stop - start), *noise.shape[1:])]
+                )
+            calls.append(self._sample_call(part, part_noise, solver)[: stop - start])
+        return torch.cat(calls)
+
+    @torch.no_grad()
+    def _sample_call(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
+        """``sample`` for the frames of one call: one prefix fill, one ODE over all their samples."""
+        frames, samples = noise.shape[:2]
+        velocity = self.velocity_field(batch, samples)
+        x0 = noise.reshape(frames * samples, *noise.shape[2:]).to(
+            self.device, torch.float32, non_blocking=True
+        )
+        x1 = integrate(velocity, x0, solver)[:, :, : self.action_dim]
+        return x1.reshape(frames, samples, *x1.shape[1:])
+
+
+def reflow_loss(
+    policy,
+    batch: dict[str, Tensor],
+    x0: Tensor,
+    x1: Tensor,
+    t: Tensor,
+    *,
+    uses_state: bool,
+    reduction: str = "mean",
+) -> Tensor:
+    """lerobot's own pi0/pi05 training loss for given noise and time: what ``PI0Policy.forward`` computes when its
+    model draws ``x0`` and ``t``.
+
+    ``batch``: a preprocessed (normalised, tokenised) observation batch; ``x0`` ``(B, T, max_action_dim)`` noise;
+    ``x1`` ``(B, T, action_dim)`` normalised actions (padded to ``max_action_dim`` with zeros here, as
+    ``prepare_action`` does); ``t`` ``(B,)`` in (0, 1]. The model-level ``forward`` returns the per-element
+    ``(u_t - v_t)**2``; as lerobot does, the padded action dimensions are cropped off before the mean (lerobot does
+    not mask padded chunk steps, ``action_is_pad``, for pi0/pi05, so neither does this). ``reduction``: "mean"
+    (a scalar) or "none" (per sample, ``(B,)``)."""
+    from lerobot.policies.common.vla_utils import pad_vector
+    from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+
+    config = policy.config
+    device = t.device
+    images, img_masks = policy._preprocess_images(batch)
+    tokens, masks = batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK]
+    actions = pad_vector(x1.to(device, torch.float32), config.max_action_dim)
+    noise = x0.to(device, torch.float32)
+    if uses_state:
+        state = policy.prepare_state(batch)
+        losses = policy.model.forward(images, img_masks, tokens, masks, state, actions, noise, t)
+    else:
+        losses = policy.model.forward(images, img_masks, tokens, masks, actions, noise, t)
+    losses = losses[:, :, : action_dim(config)]
+    if reduction == "none":
+        return losses.mean(dim=(1, 2))
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return losses.mean()
+
+
+@dataclass(frozen=True)
+class PiFamily:
+    """The family interface (``reflowpairs.policies``) for a pi0-style policy type."""
+
+    policy_type: str
+    uses_state: bool
+    step_field: str = STEP_FIELD
+
+    def pair_shapes(self, config) -> tuple[tuple[int, int], tuple[int, int]]:
+        return pair_shapes(config)
+
+    def make_engine(self, policy, frames_per_call: int | None = None) -> PiEngine:
+        """The prefix-cached engine for the policy, ``frames_per_call`` frames per call."""
+        from reflowpairs.policies import require_lerobot_version
+
+        require_lerobot_version()
+        return PiEngine(policy, frames_per_call, uses_state=self.uses_state)
+
+    def reflow_loss(
+        self, policy, batch: dict[str, Tensor], x0: Tensor, x1: Tensor, t: Tensor, reduction: str = "mean"
+    ) -> Tensor:
+        return reflow_loss(policy, batch, x0, x1, t, uses_state=self.uses_state, reduction=reduction)
+
+
+# --- did the weights load? --------------------------------------------------------------------------
+
+
+def _file_keys_to_policy(policy, keys) -> dict[str, str]:
+    """Map safetensors keys to the policy's ``state_dict`` keys as lerobot's pi ``from_pretrained`` does
+    (``_fix_pytorch_state_dict_keys`` renames, then a ``model.`` prefix)."""
+    import logging
+
+    fix = getattr(policy, "_fix_pytorch_state_dict_keys", None)
+    mapping = {}
+    logging.disable(logging.WARNING)  # the renamer warns per vision key; only the names matter here
+    try:
+        for key in keys:
+            fixed = fix({key: torch.empty(0)}, policy.config) if fix is not None else {key: None}
+            for (
+                new
+            ) in fixed:  # a key may be dropped (adaRMS mismatch) or duplicated (lm_head -> embed_tokens)
+                mapping[new if new.startswith("model.") else f"model.{new}"] = key
+    finally:
+        logging.disable(logging.NOTSET)
+    return mapping
+
+
+def check_weights_loaded(policy, checkpoint_dir: str | Path, max_tensors: int | None = 32) -> None:
+    """Raise ``ReflowPairsError`` unless ``policy`` holds the weights of ``checkpoint_dir``/model.safetensors.
+
+    lerobot's ``PI0Policy/PI05Policy.from_pretrained`` *prints* a message and returns a randomly initialised model
+    when the file is missing or cannot be loaded (or, with ``strict=False``, leaves missing layers random); this
+    check catches all three: the file must exist and parse, every policy tensor must come from it (tied tensors,
+    which the file stores once, count as present), and the compared tensors must be equal. ``max_tensors``: how
+    many tensors, spread evenly over the file's keys, are compared (a random init differs in all of them);
+    None compares every one."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(checkpoint_dir) / "model.safetensors"
+    if not path.is_file():
+        raise ReflowPairsError(
+            f"Checkpoint {checkpoint_dir} has no model.safetensors: lerobot would have built the "
+            f"{policy.config.type} policy with random weights.",
+            "Point `teacher` at a complete pretrained_model/ directory.",
+        )
+    state = policy.state_dict(keep_vars=True)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            mapping = _file_keys_to_policy(policy, handle.keys())
+            stored = {}
+            for policy_key, file_key in mapping.items():
+                if policy_key in state:
+                    stored.setdefault(file_key, policy_key)
+            # tied tensors (lm_head and embed_tokens) are stored once: present when their storage is
+            present = {state[k].data_ptr() for k in mapping if k in state}
+            missing = [k for k, v in state.items() if k not in mapping and v.data_ptr() not in present]
+            if missing:
+                raise ReflowPairsError(
+                    f"{path} lacks {len(missing)} of the {policy.config.type} policy's tensors (e.g. "
+                    f"{', '.join(missing[:3])}): lerobot leaves those randomly initialised.",
+                    "Use the complete model.safetensors that lerobot-train saved; a tiny test checkpoint needs "
+                    "reflowpairs.tinypi's patch installed before loading.",
+                )
+            file_keys = sorted(stored)
+            if max_tensors is not None and len(file_keys) > max_tensors:
+                stride = len(file_keys) / max_tensors
+                file_keys = [file_keys[int(i * stride)] for i in range(max_tensors)]
+            differ = []
+            for file_key in file_keys:
+                tensor = handle.get_tensor(file_key)
+                mine = state[stored[file_key]].detach()
+                if mine.shape != tensor.shape or not torch.equal(mine.cpu(), tensor.to(mine.dtype)):
+                    differ.append(file_key)
+    except SafetensorError as err:
+        raise ReflowPairsError(
+            f"{path} cannot be read ({err}): lerobot would have built the {policy.config.type} policy with random "
+            "weights.",
+            "Use the complete model.safetensors that lerobot-train saved.",
+        ) from err
+    if differ:
+        raise ReflowPairsError(
+            f"The loaded {policy.config.type} policy does not hold the weights in {path} ({len(differ)} of "
+            f"{len(file_keys)} compared tensors differ, e.g. {differ[0]}): lerobot most likely failed to load them "
+            "and returned a randomly initialised model.",
+            "Check that the file is complete and matches config.json; a tiny test checkpoint needs "
+            "reflowpairs.tinypi's patch installed before loading.",
+        )
