@@ -11,6 +11,8 @@ import torch
 
 from reflowpairs.tinyworld import TinyDatasetSpec, TinyTeacherSpec, TinyWorld, VLMSpec, build_tiny_world
 
+from .helpers import generate_store, tiny_store_settings
+
 logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
 torch.set_num_threads(1)  # tiny models; and subprocess tests share the 2 cores
 
@@ -49,20 +51,4 @@ def bf16_world(tmp_path_factory) -> TinyWorld:
 @pytest.fixture(scope="session")
 def tiny_store(tiny_world, tmp_path_factory) -> Path:
     """A complete zarr pair store over episodes 0-5 of the tiny world, K=2, small shards."""
-    from reflowpairs.generate import GenerateConfig, generate
-
-    out = tmp_path_factory.mktemp("store") / "pairs"
-    generate(
-        GenerateConfig(
-            teacher=str(tiny_world.teacher_dir),
-            dataset=tiny_world.repo_id,
-            dataset_root=tiny_world.dataset_root,
-            out=out,
-            episodes=[0, 1, 2, 3, 4, 5],
-            samples_per_frame=2,
-            batch_size=8,
-            shard_size=64,
-            device="cpu",
-        )
-    )
-    return out
+    return generate_store(tiny_world, tmp_path_factory.mktemp("store") / "pairs", **tiny_store_settings())

@@ -5,26 +5,28 @@ and partitions + merge. Every way of making the store gives X_1 bit for bit equa
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
-from typer.testing import CliRunner
 
-from reflowpairs.cli import app
 from reflowpairs.validate import ValidateConfig, validate
 
+from .helpers import (
+    assert_sound_but_incomplete,
+    cli,
+    generate_args,
+    reflowpairs_cmd,
+    run_child,
+    signal_after_shards,
+    torchrun_cmd,
+)
 from .test_generate import read_plain
-from .test_generate_crash import _assert_sound_but_incomplete, _start_and_signal
 
-runner = CliRunner()
 SETTINGS = [
     "--episodes",
     "0-3",
@@ -40,19 +42,7 @@ SETTINGS = [
 
 
 def _args(world, out: Path, *extra: str) -> list[str]:
-    return [
-        "generate",
-        "--teacher",
-        str(world.teacher_dir),
-        "--dataset",
-        world.repo_id,
-        "--dataset-root",
-        str(world.dataset_root),
-        "--out",
-        str(out),
-        *SETTINGS,
-        *extra,
-    ]
+    return generate_args(world, out, *SETTINGS, *extra)
 
 
 def assert_identical_pairs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
@@ -64,8 +54,7 @@ def assert_identical_pairs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -
 def reference(bf16_world, tmp_path_factory) -> Path:
     """One uninterrupted run in calls of 4 frames (batches of 4)."""
     out = tmp_path_factory.mktemp("bf16ref") / "pairs"
-    result = runner.invoke(app, _args(bf16_world, out, "--batch-size", "4"))
-    assert result.exit_code == 0, result.output
+    cli(*_args(bf16_world, out, "--batch-size", "4"))
     return out
 
 
@@ -102,70 +91,46 @@ def test_validate_spot_check_passes_a_sound_bf16_store_and_catches_a_changed_x1(
 def test_another_batching_gives_identical_pairs(bf16_world, reference, tmp_path):
     """Batches of 8 frames, cut into calls of 4 by --tokens-per-call (4 frames x K=2 x chunk 8 = 64 tokens)."""
     out = tmp_path / "pairs"
-    result = runner.invoke(app, _args(bf16_world, out, "--batch-size", "8", "--tokens-per-call", "64"))
-    assert result.exit_code == 0, result.output
+    cli(*_args(bf16_world, out, "--batch-size", "8", "--tokens-per-call", "64"))
     assert_identical_pairs(read_plain(reference), read_plain(out))
 
 
 def test_resume_with_another_call_size_is_refused(bf16_world, reference, tmp_path):
     out = tmp_path / "pairs"
     shutil.copytree(reference, out)
-    result = runner.invoke(app, _args(bf16_world, out, "--batch-size", "2", "--resume"))
-    assert result.exit_code == 1
+    result = cli(*_args(bf16_world, out, "--batch-size", "2", "--resume"), exit_code=1)
     assert "generation.frames_per_call: store has 4, this run has 2" in " ".join(result.output.split())
 
 
 def test_kill_and_resume_gives_identical_pairs(bf16_world, reference, tmp_path):
     out = tmp_path / "pairs"
-    cmd = [sys.executable, "-m", "reflowpairs", *_args(bf16_world, out, "--batch-size", "4")]
-    killed = _start_and_signal(cmd, out, after_shards=2, sig=signal.SIGKILL)
-    assert killed.returncode == -signal.SIGKILL
-    _assert_sound_but_incomplete(out)
-    done = subprocess.run(
-        [*cmd, "--resume"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    cmd = reflowpairs_cmd(*_args(bf16_world, out, "--batch-size", "4"))
+    killed = signal_after_shards(cmd, out, shards=2, sig=signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert_sound_but_incomplete(out)
+    done = run_child([*cmd, "--resume"])
     assert done.returncode == 0, done.stderr[-2000:]
     assert_identical_pairs(read_plain(reference), read_plain(out))
 
 
 def test_two_processes_and_partitions_give_identical_pairs(bf16_world, reference, tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "two"
-    proc = subprocess.run(
-        [
-            str(torchrun),
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "reflowpairs",
-            *_args(bf16_world, out, "--batch-size", "4"),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=600,
-    )
+    proc = run_child(torchrun_cmd(*_args(bf16_world, out, "--batch-size", "4")), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_identical_pairs(read_plain(reference), read_plain(out))
 
     slices = []
     for i in range(2):
         part = tmp_path / f"slice{i}"
-        assert (
-            runner.invoke(
-                app, _args(bf16_world, part, "--batch-size", "4", "--partition", f"{i}/2")
-            ).exit_code
-            == 0
-        )
+        cli(*_args(bf16_world, part, "--batch-size", "4", "--partition", f"{i}/2"))
         slices.append(str(part))
-    assert runner.invoke(app, ["merge", *slices, "--out", str(tmp_path / "merged")]).exit_code == 0
+    cli("merge", *slices, "--out", str(tmp_path / "merged"))
     assert_identical_pairs(read_plain(reference), read_plain(tmp_path / "merged"))
 
 
 def test_exact_store_is_predict_action_chunk_and_passes_validate(bf16_world, reference, tmp_path):
     out = tmp_path / "exact"
-    result = runner.invoke(app, _args(bf16_world, out, "--episodes", "0", "--exact"))
-    assert result.exit_code == 0, result.output
+    cli(*_args(bf16_world, out, "--episodes", "0", "--exact"))
     assert json.loads((out / "manifest.json").read_text())["generation"]["sampler"] == "exact"
     report = validate(ValidateConfig(out, spot_check=6, device="cpu", atol=1e-12))
     assert report.status == "sound", [c for c in report.checks if c.result == "fail"]

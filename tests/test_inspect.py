@@ -12,33 +12,23 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import zarr
-from typer.testing import CliRunner
 
-from reflowpairs.cli import app
-from reflowpairs.generate import GenerateConfig, generate
 from reflowpairs.inspect_store import RunningStats
 
-runner = CliRunner()
+from .helpers import cli, generate_store, inspect_json
 
 
 @pytest.fixture(scope="module")
 def parquet_store(tiny_world, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("inspect") / "parquet"
-    generate(
-        GenerateConfig(
-            teacher=str(tiny_world.teacher_dir),
-            dataset=tiny_world.repo_id,
-            dataset_root=tiny_world.dataset_root,
-            out=out,
-            episodes=[2, 3],
-            samples_per_frame=3,
-            batch_size=8,
-            shard_size=30,
-            device="cpu",
-            backend="parquet",
-        )
+    return generate_store(
+        tiny_world,
+        tmp_path_factory.mktemp("inspect") / "parquet",
+        episodes=[2, 3],
+        samples_per_frame=3,
+        batch_size=8,
+        shard_size=30,
+        backend="parquet",
     )
-    return out
 
 
 def plain_read(store: Path) -> dict:
@@ -79,16 +69,10 @@ def plain_read(store: Path) -> dict:
     return {"manifest": manifest, "data": data, "dtypes": dtypes, "bytes": size}
 
 
-def _inspect_json(store: Path, *args: str) -> dict:
-    result = runner.invoke(app, ["inspect", str(store), "--json", *args])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
 @pytest.mark.parametrize("which", ["zarr", "parquet"])
 def test_inspect_json_agrees_with_plain_reads(tiny_store, parquet_store, which):
     store = tiny_store if which == "zarr" else parquet_store
-    got = _inspect_json(store)
+    got = inspect_json(store)
     plain = plain_read(store)
     manifest, data = plain["manifest"], plain["data"]
     x0, x1 = data["x0"].astype(np.float64), data["x1"].astype(np.float64)
@@ -127,8 +111,7 @@ def test_inspect_json_agrees_with_plain_reads(tiny_store, parquet_store, which):
 
 
 def test_inspect_tables_name_what_they_show(tiny_world, tiny_store):
-    result = runner.invoke(app, ["inspect", str(tiny_store)])
-    assert result.exit_code == 0, result.output
+    result = cli("inspect", str(tiny_store))
     for words in (
         "backend",
         "zarr",
@@ -154,7 +137,7 @@ def test_pair_shows_the_pair_it_names(tiny_store, parquet_store, which):
     plain = plain_read(store)
     data, first_shard = plain["data"], plain["manifest"]["shards"][0]["num_pairs"]
     index = first_shard + 5  # a pair in the second shard
-    got = _inspect_json(store, "--pair", str(index), "--rows", "2")
+    got = inspect_json(store, "--pair", str(index), "--rows", "2")
     assert (
         got["index"] == index
         and got["shard"].endswith(("w0-000001.zarr", "w0-000001.parquet"))
@@ -163,14 +146,12 @@ def test_pair_shows_the_pair_it_names(tiny_store, parquet_store, which):
     assert (got["obs_index"], got["sample"]) == (int(data["obs_index"][index]), int(data["sample"][index]))
     np.testing.assert_array_equal(np.array(got["x0"], np.float32), data["x0"][index, :2])
     np.testing.assert_array_equal(np.array(got["x1"], np.float32), data["x1"][index, :2])
-    table = runner.invoke(app, ["inspect", str(store), "--pair", str(index)])
-    assert table.exit_code == 0, table.output
+    table = cli("inspect", str(store), "--pair", str(index))
     assert f"obs_index {got['obs_index']}" in table.output and "X_1" in table.output
 
 
 def test_pair_out_of_range(tiny_store):
-    result = runner.invoke(app, ["inspect", str(tiny_store), "--pair", "288"])
-    assert result.exit_code == 1
+    result = cli("inspect", str(tiny_store), "--pair", "288", exit_code=1)
     assert (
         "--pair 288 is out of range" in result.output
         and "0 to 287" in result.output
@@ -179,17 +160,15 @@ def test_pair_out_of_range(tiny_store):
 
 
 def test_not_a_store(tmp_path):
-    result = runner.invoke(app, ["inspect", str(tmp_path)])
-    assert (
-        result.exit_code == 1 and "is not a pair store" in result.output and "Traceback" not in result.output
-    )
+    result = cli("inspect", str(tmp_path), exit_code=1)
+    assert "is not a pair store" in result.output and "Traceback" not in result.output
 
 
 def test_missing_shard_is_named(tiny_store, tmp_path):
     store = Path(shutil.copytree(tiny_store, tmp_path / "store"))
     shutil.rmtree(store / "shards/w0-000002.zarr")
-    result = runner.invoke(app, ["inspect", str(store)])
-    assert result.exit_code == 1 and "shards/w0-000002.zarr" in result.output and "missing" in result.output
+    result = cli("inspect", str(store), exit_code=1)
+    assert "shards/w0-000002.zarr" in result.output and "missing" in result.output
     assert "Traceback" not in result.output
 
 
@@ -198,7 +177,7 @@ def test_nonfinite_values_are_counted_and_left_out_of_the_statistics(tiny_store,
     group = zarr.open_group(str(store / "shards/w0-000001.zarr"), mode="r+")
     group["x1"][4, 0, 1] = np.nan
     group["x1"][9, 3, 0] = np.inf
-    got = _inspect_json(store)
+    got = inspect_json(store)
     x1 = plain_read(store)["data"]["x1"].astype(np.float64).reshape(-1, 2)
     assert got["statistics"]["x1"]["nonfinite"] == 2 and got["statistics"]["x0"]["nonfinite"] == 0
     finite = np.where(np.isfinite(x1), x1, np.nan)
@@ -208,7 +187,7 @@ def test_nonfinite_values_are_counted_and_left_out_of_the_statistics(tiny_store,
 
 
 def test_no_stats_reads_only_the_index(tiny_store):
-    got = _inspect_json(tiny_store, "--no-stats")
+    got = inspect_json(tiny_store, "--no-stats")
     assert "statistics" not in got and got["pairs"] == 288 and got["frames"] == 144
 
 
