@@ -49,8 +49,8 @@ from reflowpairs.pairstore import (
     PairStore,
     PairStoreWriter,
     StoreManifest,
-    _remove,
     manifest_format,
+    remove_path,
 )
 from reflowpairs.solvers import SolverConfig
 from reflowpairs.storelock import StoreLock
@@ -271,7 +271,7 @@ def _clear_unlisted(manifest: StoreManifest) -> None:
     listed = manifest.shard_names()
     for path in (manifest.out / SHARDS_DIR).glob("*"):
         if path.name not in listed:
-            _remove(path)
+            remove_path(path)
 
 
 def _overwrite(manifest: StoreManifest) -> None:
@@ -281,7 +281,7 @@ def _overwrite(manifest: StoreManifest) -> None:
     leftovers ``--resume`` removes. Only the store's own entries go: files of the user's beside it stay."""
     manifest.write()
     for name in (PARTS_DIR, SHARDS_DIR):
-        _remove(manifest.out / name)
+        remove_path(manifest.out / name)
 
 
 class _BackgroundWriter:

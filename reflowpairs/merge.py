@@ -35,7 +35,7 @@ from reflowpairs.pairstore import (
     JobDifference,
     PairStore,
     StoreManifest,
-    _remove,
+    remove_path,
 )
 from reflowpairs.storelock import StoreLock, busy_error
 
@@ -65,7 +65,7 @@ def _place(src: Path, dst: Path, move: bool) -> None:
         os.replace(src, dst)
         return
     tmp = dst.with_name(TMP_PREFIX + dst.name)
-    _remove(tmp)
+    remove_path(tmp)
     if src.is_dir():
         shutil.copytree(src, tmp)
     else:

@@ -145,7 +145,7 @@ def write_shard(
 ) -> None:
     """Write ``arrays`` of ``pairs`` to ``path`` atomically: into ``.tmp-<name>`` beside it, fsync, rename."""
     tmp = path.with_name(TMP_PREFIX + path.name)
-    _remove(tmp)
+    remove_path(tmp)
     if backend == "zarr":
         _write_zarr(tmp, pairs, attrs, arrays)
     else:
@@ -222,7 +222,8 @@ def shard_attrs(path: Path, backend: str) -> dict[str, Any]:
     return json.loads(meta.get(b"reflowpairs", b"{}"))
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove a shard, a leftover or a store entry: a directory with everything under it, or a file; nothing if absent."""
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
