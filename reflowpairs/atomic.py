@@ -40,10 +40,15 @@ def check_writable(out: Path) -> None:
         probe.write_bytes(b"reflowpairs")
         probe.unlink()
     except OSError as err:
-        raise ReflowPairsError(
-            f"Cannot write to --out {out} ({err.strerror or err}).",
-            "Choose a writable directory with free space; nothing was written.",
-        ) from err
+        raise cannot_write(out, err) from err
+
+
+def cannot_write(out: Path, err: OSError) -> ReflowPairsError:
+    """The error for an ``out`` that cannot be created or written (the ``out`` setting, by its name)."""
+    return ReflowPairsError(
+        f"Cannot write to `out` {out} ({err.strerror or err}).",
+        "Choose a writable directory with free space; nothing was written.",
+    )
 
 
 class NotAJSONObjectError(ValueError):

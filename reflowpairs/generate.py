@@ -44,14 +44,13 @@ from reflowpairs.pairstore import (
     STORE_ENTRIES,
     TMP_PREFIX,
     X0_MODES,
+    JobDifference,
     Pairs,
     PairStore,
     PairStoreWriter,
+    StoreManifest,
     manifest_format,
-    new_manifest,
-    read_manifest,
-    recorded_generation,
-    write_manifest,
+    remove_path,
 )
 from reflowpairs.solvers import SolverConfig
 from reflowpairs.storelock import StoreLock
@@ -128,44 +127,44 @@ def software_versions() -> dict[str, str]:
 
 def _check_args(cfg: GenerateConfig) -> None:
     if cfg.samples_per_frame < 1:
-        raise ReflowPairsError(f"--samples-per-frame must be at least 1, got {cfg.samples_per_frame}.")
+        raise ReflowPairsError(f"`samples_per_frame` must be at least 1, got {cfg.samples_per_frame}.")
     if cfg.batch_size < 1:
-        raise ReflowPairsError(f"--batch-size must be at least 1, got {cfg.batch_size}.")
+        raise ReflowPairsError(f"`batch_size` must be at least 1, got {cfg.batch_size}.")
     if cfg.num_steps is not None and cfg.num_steps < 1:
         raise ReflowPairsError(
-            f"--num-steps must be at least 1, got {cfg.num_steps}.",
-            "Leave it out to use the teacher's num_steps.",
+            f"`num_steps` must be at least 1, got {cfg.num_steps}.",
+            "Leave `num_steps` unset to use the teacher's num_steps.",
         )
     if cfg.num_workers < 0:
         raise ReflowPairsError(
-            f"--num-workers must be 0 (load in the main process) or more, got {cfg.num_workers}."
+            f"`num_workers` must be 0 (load in the main process) or more, got {cfg.num_workers}."
         )
     if cfg.shard_size < 1:
-        raise ReflowPairsError(f"--shard-size must be at least 1, got {cfg.shard_size}.")
+        raise ReflowPairsError(f"`shard_size` must be at least 1, got {cfg.shard_size}.")
     SolverConfig(
         cfg.solver, 1 if cfg.num_steps is None else cfg.num_steps, cfg.rtol, cfg.atol
     )  # solver, rtol, atol
     if cfg.tokens_per_call is not None and cfg.tokens_per_call < 0:
-        raise ReflowPairsError(f"--tokens-per-call must be 0 (no limit) or more, got {cfg.tokens_per_call}.")
+        raise ReflowPairsError(f"`tokens_per_call` must be 0 (no limit) or more, got {cfg.tokens_per_call}.")
     if cfg.exact and cfg.solver != "euler":
         raise ReflowPairsError(
-            f"--exact runs lerobot's own Euler sampler; it cannot run --solver {cfg.solver}.",
-            "Drop --exact, or use --solver euler.",
+            f"`exact` runs lerobot's own Euler sampler; it cannot run `solver` {cfg.solver}.",
+            "Unset `exact`, or set `solver` to euler.",
         )
     if cfg.on_nonfinite not in ("error", "skip"):
-        raise ReflowPairsError(f"--on-nonfinite must be 'error' or 'skip', got {cfg.on_nonfinite!r}.")
+        raise ReflowPairsError(f"`on_nonfinite` must be 'error' or 'skip', got {cfg.on_nonfinite!r}.")
     if cfg.x0 not in X0_MODES:
         raise ReflowPairsError(
-            f"--x0 must be one of {', '.join(X0_MODES)}, got {cfg.x0!r}.",
+            f"`x0` must be one of {', '.join(X0_MODES)}, got {cfg.x0!r}.",
             "explicit stores X_0 in every shard; implicit leaves it out (readers regenerate it from the seed).",
         )
     if cfg.dtype not in COMPUTE_DTYPES:
-        raise ReflowPairsError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {cfg.dtype!r}.")
+        raise ReflowPairsError(f"`dtype` must be one of {', '.join(COMPUTE_DTYPES)}, got {cfg.dtype!r}.")
     if cfg.resume and cfg.overwrite:
-        raise ReflowPairsError("--resume and --overwrite contradict each other.", "Give one of them.")
+        raise ReflowPairsError("`resume` and `overwrite` contradict each other.", "Set one of them.")
     if cfg.partition is not None and not (cfg.partition[1] >= 1 and 0 <= cfg.partition[0] < cfg.partition[1]):
         raise ReflowPairsError(
-            f"--partition {cfg.partition[0]}/{cfg.partition[1]} is not a slice i/P with 0 <= i < P."
+            f"`partition` {cfg.partition[0]}/{cfg.partition[1]} is not a slice i/P with 0 <= i < P."
         )
     _check_out(cfg)
 
@@ -196,109 +195,93 @@ def _check_out(cfg: GenerateConfig) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ReflowPairsError(
-            f"--out {out} exists and is not a directory.", "Give a directory for the pair store."
+            f"`out` {out} exists and is not a directory.", "Give a directory for the pair store."
         )
     has_manifest = (out / MANIFEST).exists()
     if cfg.resume:
         if not has_manifest:
-            raise ReflowPairsError(f"--resume was given but {out} holds no pair store ({MANIFEST} missing).")
-        read_manifest(out)
+            raise ReflowPairsError(
+                f"`resume` is set but {out} holds no pair store ({MANIFEST} missing).",
+                "Unset `resume` to start a new store there.",
+            )
+        StoreManifest.read(out)
         return
     if has_manifest:
         fmt, why = manifest_format(out)
         if fmt != FORMAT:
             reason = why or f"{out / MANIFEST} has format {fmt!r}, not {FORMAT!r}"
             raise ReflowPairsError(
-                f"--out {out} is not a pair store: {reason.rstrip('.')}.",
-                f"generate never replaces a {MANIFEST} it did not write, not even with --overwrite: choose another "
-                "--out (for example a new subdirectory).",
+                f"`out` {out} is not a pair store: {reason.rstrip('.')}.",
+                f"generate never replaces a {MANIFEST} it did not write, not even with `overwrite`: choose another "
+                "`out` (for example a new subdirectory).",
             )
         if not cfg.overwrite:
             raise ReflowPairsError(
-                f"--out {out} already holds a pair store.",
-                "Pass --resume to finish it (same teacher, dataset and settings), --overwrite to replace it, "
-                "or choose another --out.",
+                f"`out` {out} already holds a pair store.",
+                "Set `resume` to finish it (same teacher, dataset and settings), `overwrite` to replace it, "
+                "or choose another `out`.",
             )
         return
     ours = [name for name in (SHARDS_DIR, PARTS_DIR) if (out / name).exists()]
     if ours:
         raise ReflowPairsError(
-            f"--out {out} has a {ours[0]}/ directory but no {MANIFEST}, so it is not a pair store that generate can "
+            f"`out` {out} has a {ours[0]}/ directory but no {MANIFEST}, so it is not a pair store that generate can "
             "resume or replace.",
-            "Choose an empty --out (or delete that directory yourself if it is what is left of a store).",
+            "Choose an empty `out` (or delete that directory yourself if it is what is left of a store).",
         )
     others = _user_entries(out)
     if others and not cfg.overwrite:
         raise ReflowPairsError(
-            f"--out {out} is not empty and is not a pair store: it holds {_listed(others)}.",
-            "Choose a new or empty --out (for example a new subdirectory), or pass --overwrite to write the store "
+            f"`out` {out} is not empty and is not a pair store: it holds {_listed(others)}.",
+            "Choose a new or empty `out` (for example a new subdirectory), or set `overwrite` to write the store "
             f"beside these files ({MANIFEST}, {SHARDS_DIR}/; your files are left alone).",
         )
 
 
-def _diff(recorded: dict[str, Any], wanted: dict[str, Any], prefix: str) -> list[str]:
-    return [
-        f"{prefix}.{k}: store has {recorded.get(k)!r}, this run has {wanted.get(k)!r}"
-        for k in sorted(set(recorded) | set(wanted))
-        if recorded.get(k) != wanted.get(k)
-    ]
-
-
-def _resume_manifest(out: Path, fresh: dict[str, Any]) -> dict[str, Any]:
-    """The existing manifest, after checking it was made by the same teacher, dataset and settings."""
-    manifest = read_manifest(out)
-    recorded, wanted = recorded_generation(manifest), fresh["generation"]
-    if recorded["x0"] != wanted["x0"]:
+def _resume_manifest(out: Path, fresh: StoreManifest) -> StoreManifest:
+    """The existing manifest, after checking it is the same job as ``fresh`` (``StoreManifest.job_differences``)."""
+    manifest = StoreManifest.read(out)
+    differences = manifest.job_differences(fresh)
+    storage = next((d for d in differences if d.field == "x0 storage"), None)
+    if storage is not None:
         raise ReflowPairsError(
-            f"Cannot resume {out}: its X_0 is {recorded['x0']} ({_X0_WORDS.get(recorded['x0'], '?')}), and this run asks "
-            f"for --x0 {wanted['x0']}; a store keeps X_0 one way in every shard.",
-            f"Resume with --x0 {recorded['x0']}, or use --overwrite to start over.",
-        )
-    differences = (
-        [f"backend: store has {manifest['backend']!r}, this run has {fresh['backend']!r}"]
-        if manifest["backend"] != fresh["backend"]
-        else []
-    )
-    differences += _diff(recorded, wanted, "generation")
-    for key in ("teacher", "dataset"):
-        differences += _diff(
-            {"fingerprint": (manifest.get(key) or {}).get("fingerprint")},
-            {"fingerprint": fresh[key]["fingerprint"]},
-            key,
+            f"Cannot resume {out}: its X_0 is {storage.ours} ({_X0_WORDS.get(storage.ours, '?')}), and this run asks "
+            f"for `x0` {storage.theirs}; a store keeps X_0 one way in every shard.",
+            f"Resume with `x0` {storage.ours}, or set `overwrite` to start over.",
         )
     if differences:
         raise ReflowPairsError(
             f"Cannot resume {out}: it was made with other inputs or settings: "
-            + "; ".join(differences)
+            + "; ".join(map(_store_vs_run, differences))
             + ".",
-            "Resume with the original settings, or use --overwrite to start over.",
+            "Resume with the original settings, or set `overwrite` to start over.",
         )
     return manifest
+
+
+def _store_vs_run(diff: JobDifference) -> str:
+    return f"{diff.field}: store has {diff.ours!r}, this run has {diff.theirs!r}"
 
 
 _X0_WORDS = {"explicit": "stored in every shard", "implicit": "not stored, regenerated from the seed"}
 
 
-def _clear_unlisted(out: Path, manifest: dict[str, Any]) -> None:
+def _clear_unlisted(manifest: StoreManifest) -> None:
     """Remove shards/ entries the manifest does not list (leftovers of an interrupted run)."""
-    from reflowpairs.pairstore import _remove
-
-    listed = {Path(s["path"]).name for s in manifest["shards"]}
-    for path in (out / SHARDS_DIR).glob("*"):
+    listed = manifest.shard_names()
+    for path in (manifest.out / SHARDS_DIR).glob("*"):
         if path.name not in listed:
-            _remove(path)
+            remove_path(path)
 
 
-def _overwrite(out: Path, manifest: dict[str, Any]) -> None:
-    """Replace the store in ``out`` by the empty ``manifest``, then remove the old store's shards and parts.
+def _overwrite(manifest: StoreManifest) -> None:
+    """Replace the store in ``manifest.out`` by the empty ``manifest``, then remove the old store's shards and parts.
 
     The new manifest goes in first (one atomic rename), so a crash part-way leaves a sound empty store whose
     leftovers ``--resume`` removes. Only the store's own entries go: files of the user's beside it stay."""
-    from reflowpairs.pairstore import _remove
-
-    write_manifest(out, manifest)
+    manifest.write()
     for name in (PARTS_DIR, SHARDS_DIR):
-        _remove(out / name)
+        remove_path(manifest.out / name)
 
 
 class _BackgroundWriter:
@@ -348,7 +331,7 @@ class _BackgroundWriter:
 def _write_failed(out: Path, err: BaseException) -> ReflowPairsError:
     return ReflowPairsError(
         f"Writing the pair store {out} failed ({type(err).__name__}: {err}). Every shard the manifest lists is complete.",
-        "Free disk space or fix permissions, then rerun the same command with --resume.",
+        "Free disk space or fix permissions, then rerun the same command with `resume`.",
     )
 
 
@@ -361,10 +344,10 @@ class _Job:
     engine: Any
     solver: SolverConfig
     frame_index: np.ndarray  # global obs_index of each dataset position (selected episodes)
-    fresh: dict[str, Any]  # the manifest a new store would start with
+    fresh: StoreManifest  # the manifest a new store at --out would start with (not written)
 
 
-def _prepare(cfg: GenerateConfig, device: str) -> _Job:
+def _prepare(cfg: GenerateConfig, device: str, out: Path) -> _Job:
     # the cheap checks first: a wrong --teacher, --dataset-root or --episodes is reported before the teacher loads
     read_policy_config(cfg.teacher)
     check_episodes(cfg.episodes, open_metadata(cfg.dataset, cfg.dataset_root).total_episodes, cfg.dataset)
@@ -411,31 +394,37 @@ def _prepare(cfg: GenerateConfig, device: str) -> _Job:
             "count": count,
             "num_frames": int((frame_index % count == index).sum()),
         }
-    fresh = new_manifest(
-        cfg.backend, engine.noise_shape, (engine.noise_shape[0], engine.action_dim), provenance, x0=cfg.x0
+    fresh = StoreManifest.new(
+        out,
+        cfg.backend,
+        engine.noise_shape,
+        (engine.noise_shape[0], engine.action_dim),
+        provenance,
+        x0=cfg.x0,
     )
     return _Job(teacher, dataset, engine, solver, frame_index, fresh)
 
 
-def _open_store(out: Path, job: _Job, cfg: GenerateConfig) -> dict[str, Any]:
+def _open_store(out: Path, job: _Job, cfg: GenerateConfig) -> StoreManifest:
     """The store's manifest after the --out / --resume / --overwrite checks; only then is --out touched.
 
     Runs in the main process while it holds the store lock, so no other writer can change --out meanwhile."""
     _check_out(cfg)  # again, now under the lock: another run may have written --out since _check_args
     manifest = _resume_manifest(out, job.fresh) if cfg.resume else job.fresh
-    if cfg.resume and manifest.get("partition") != job.fresh.get("partition"):
+    partitions = manifest.data.get("partition"), job.fresh.data.get("partition")
+    if cfg.resume and partitions[0] != partitions[1]:
         raise ReflowPairsError(
-            f"Cannot resume {out}: it is partition {manifest.get('partition')}, this run is {job.fresh.get('partition')}."
+            f"Cannot resume {out}: it is partition {partitions[0]}, this run is {partitions[1]}.",
+            "Resume with the `partition` it was made with.",
         )
     # Nothing in --out is touched before every check above has passed.
     check_writable(out)
     if cfg.resume:
-        _clear_unlisted(out, manifest)
-        absorb_parts(out, manifest)  # sub-stores of an interrupted multi-process run
+        _clear_unlisted(manifest)
+        absorb_parts(manifest)  # sub-stores of an interrupted multi-process run
     elif cfg.overwrite:
-        _overwrite(out, manifest)
-    manifest["complete"] = False
-    write_manifest(out, manifest)
+        _overwrite(manifest)
+    manifest.set_complete(False)
     return manifest
 
 
@@ -443,7 +432,7 @@ def _todo(job: _Job, out: Path, partition: tuple[int, int] | None) -> tuple[np.n
     """Dataset positions still to sample (in this partition) and how many frames are done: frames in listed shards and
     frames recorded as skipped for non-finite X_1 (which a resume must not sample again)."""
     store = PairStore(out)
-    done = np.union1d(store.index()[0], np.asarray(store.manifest.get("skipped_frames", []), dtype=np.int64))
+    done = np.union1d(store.index()[0], np.asarray(store.meta.skipped_frames, dtype=np.int64))
     selected = np.ones(len(job.frame_index), dtype=bool)
     if partition is not None:
         selected = job.frame_index % partition[1] == partition[0]
@@ -480,7 +469,7 @@ def generate(
     dist = DistContext.from_env()
     if dist.world > 1 and cfg.partition is not None:
         raise ReflowPairsError(
-            "--partition is for single-process slices; do not combine it with a multi-process launch."
+            "`partition` is for single-process slices; do not combine it with a multi-process launch."
         )
     out = Path(cfg.out)
     with contextlib.ExitStack() as held:
@@ -507,7 +496,7 @@ def _generate(
     on_plan: Callable[[GeneratePlan], None] | None,
 ) -> GenerateResult:
     """``generate`` once the main process holds the store lock."""
-    job = _prepare(cfg, dist.device(cfg.device))
+    job = _prepare(cfg, dist.device(cfg.device), out)
     failure = None
     if dist.is_main:
         try:
@@ -519,7 +508,7 @@ def _generate(
         raise ReflowPairsError(*failure)
     todo, done = _todo(job, out, cfg.partition)
     if on_plan is not None:
-        g = job.fresh["generation"]
+        g = job.fresh.data["generation"]
         on_plan(
             GeneratePlan(
                 len(todo),
@@ -534,16 +523,16 @@ def _generate(
             )
         )
     if dist.world == 1:
-        result = _sample_frames(job, out, manifest, todo, cfg.writer_id, cfg, progress)
-        final = read_manifest(out)
+        result = _sample_frames(job, manifest, todo, cfg.writer_id, cfg, progress)
+        final = StoreManifest.read(out).data
         return GenerateResult(out, final["num_pairs"], final["num_frames"], *result)
     token = dist.broadcast(uuid.uuid4().hex[:8])
     part = out / PARTS_DIR / f"rank{dist.rank:03d}-{token}"
-    sub = dict(read_manifest(out), shards=[], num_pairs=0, num_frames=0, skipped_frames=[])
+    sub = StoreManifest.read(out).emptied(part)
     try:
         result, failure = (
             _sample_frames(
-                job, part, sub, todo[dist.rank :: dist.world], f"{token}-r{dist.rank:03d}", cfg, progress
+                job, sub, todo[dist.rank :: dist.world], f"{token}-r{dist.rank:03d}", cfg, progress
             ),
             None,
         )
@@ -551,10 +540,9 @@ def _generate(
         result, failure = (0, 0.0, []), (f"[rank {dist.rank}] {err.what}", err.hint)
     failures = [f for f in dist.all_gather(failure) if f is not None]
     if dist.is_main:
-        top = read_manifest(out)
-        absorb_parts(out, top)
+        absorb_parts(StoreManifest.read(out))
     dist.barrier()
-    final = read_manifest(out)
+    final = StoreManifest.read(out).data
     new_pairs = sum(r[0] for r in dist.all_gather(result))
     dist.close()
     if failures:
@@ -566,21 +554,20 @@ def _generate(
 
 def _sample_frames(
     job: _Job,
-    out: Path,
-    manifest: dict[str, Any],
+    manifest: StoreManifest,
     positions: np.ndarray,
     writer_id: str,
     cfg: GenerateConfig,
     progress: Progress | None,
 ) -> tuple[int, float, list[int]]:
-    """Sample every frame at dataset ``positions`` into the store at ``out``; returns (pairs, seconds, skipped)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Sample every frame at dataset ``positions`` into ``manifest``'s store; returns (pairs, seconds, skipped)."""
+    manifest.out.mkdir(parents=True, exist_ok=True)
     try:
         writer = _BackgroundWriter(
-            PairStoreWriter(out, manifest, cfg.shard_size, cfg.samples_per_frame, writer_id)
+            PairStoreWriter(manifest, cfg.shard_size, cfg.samples_per_frame, writer_id)
         )
     except OSError as err:
-        raise _write_failed(out, err) from err
+        raise _write_failed(manifest.out, err) from err
     start, frames, pairs = time.perf_counter(), 0, 0
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(job.dataset, positions.tolist()),
@@ -596,8 +583,8 @@ def _sample_frames(
             if bad and cfg.on_nonfinite == "error":
                 raise ReflowPairsError(
                     f"The teacher produced non-finite X_1 (NaN or inf) for obs_index {bad}.",
-                    "Check the teacher checkpoint and that frame's observation; pass --on-nonfinite skip "
-                    "to record and skip such frames. Shards written so far are kept; rerun with --resume.",
+                    "Check the teacher checkpoint and that frame's observation; set `on_nonfinite` to skip "
+                    "to record and skip such frames. Shards written so far are kept; rerun with `resume`.",
                 )
             if bad:
                 writer.skip(bad)
@@ -615,7 +602,7 @@ def _sample_frames(
     seconds = time.perf_counter() - start
     if progress is not None:
         progress(frames, pairs, seconds)
-    return pairs, seconds, list(manifest.get("skipped_frames", []))
+    return pairs, seconds, manifest.skipped_frames
 
 
 def _sample_batch(

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairstore import MANIFEST, PairStore, x0_mode
+from reflowpairs.pairstore import MANIFEST, PairStore
 
 ShardProgress = Callable[[int, int], None]
 """``progress(shards_done, shards_total)``, called after each shard."""
@@ -145,7 +145,11 @@ def summarize(
         "x1": {"shape": list(store.x1_shape), "dtype": manifest["x1"].get("dtype")},
         "bytes_on_disk": shard_bytes + bytes_on_disk(store.path / MANIFEST),
         "bytes_per_pair": shard_bytes / pairs if pairs else None,
-        "x0_storage": {"mode": x0_mode(manifest), "stored": store.x0_stored, "generator": store.x0_generator},
+        "x0_storage": {
+            "mode": store.meta.x0_mode,
+            "stored": store.x0_stored,
+            "generator": store.x0_generator,
+        },
         "teacher": manifest.get("teacher", {}),
         "dataset": manifest.get("dataset", {}),
         "generation": manifest.get("generation", {}),
@@ -183,16 +187,16 @@ def _frame_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[int, tupl
 
 
 def locate_pair(store: PairStore, index: int) -> tuple[int, int]:
-    """``(shard, row)`` of global pair ``index`` (pairs numbered in manifest shard order)."""
-    total = sum(int(s["num_pairs"]) for s in store.shards)
-    if not 0 <= index < total:
+    """``(shard, row)`` of global pair ``index`` (``StoreManifest.locate``); out of range, a ``ReflowPairsError``
+    naming the ``pair`` setting."""
+    try:
+        return store.meta.locate(index)
+    except IndexError:
+        total = store.meta.listed_pairs()
         raise ReflowPairsError(
-            f"--pair {index} is out of range: store {store.path} holds {total} pairs.",
+            f"`pair` {index} is out of range: store {store.path} holds {total} pairs.",
             f"Give a pair number from 0 to {total - 1}." if total else "The store holds no pairs yet.",
-        )
-    offsets = np.cumsum([0] + [int(s["num_pairs"]) for s in store.shards])
-    shard = int(np.searchsorted(offsets, index, side="right") - 1)
-    return shard, index - int(offsets[shard])
+        ) from None
 
 
 def pair(path: str | Path, index: int, rows: int = 3) -> dict[str, Any]:

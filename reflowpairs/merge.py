@@ -32,47 +32,29 @@ from reflowpairs.pairstore import (
     PARTS_DIR,
     SHARDS_DIR,
     TMP_PREFIX,
+    JobDifference,
     PairStore,
-    _remove,
-    read_manifest,
-    recorded_generation,
-    write_manifest,
-    x0_mode,
+    StoreManifest,
+    remove_path,
 )
 from reflowpairs.storelock import StoreLock, busy_error
 
 
-def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """How two manifests' jobs differ (backend, how X_0 is kept, shapes, teacher, dataset, generation settings); []
-    if they match. A generation record without ``x0`` (written before that setting) counts as ``explicit``."""
-    diffs = []
-    mixed = x0_mode(a) != x0_mode(b)
-    if mixed:
-        diffs.append(
-            f"X_0 storage: {x0_mode(a)} vs {x0_mode(b)} (generate --x0; a store keeps X_0 one way in every shard)"
-        )
-    for key in ("backend", "x0", "x1"):
-        va, vb = a.get(key), b.get(key)
-        if key == "x0" and mixed:  # storage named above: compare what X_0 is, not how it is kept
-            va, vb = ({k: v.get(k) for k in ("shape", "dtype")} for v in (va, vb))
-        if va != vb:
-            diffs.append(f"{key}: {va!r} vs {vb!r}")
-    for key in ("teacher", "dataset"):
-        if a[key].get("fingerprint") != b[key].get("fingerprint"):
-            diffs.append(
-                f"{key} fingerprint: {a[key].get('fingerprint', '?')[:12]} vs {b[key].get('fingerprint', '?')[:12]}"
-            )
-    ga, gb = recorded_generation(a), recorded_generation(b)
-    for key in sorted(set(ga) | set(gb)):
-        if ga.get(key) != gb.get(key) and key != "x0":  # x0: named above
-            diffs.append(f"generation.{key}: {ga.get(key)!r} vs {gb.get(key)!r}")
-    return diffs
+def _short(fingerprint: Any) -> str:
+    return str(fingerprint if fingerprint is not None else "?")[:12]
 
 
-def mark_complete(manifest: dict[str, Any]) -> None:
-    """``complete`` is true when listed frames plus skipped frames cover every frame the job selected."""
-    covered = manifest["num_frames"] + len(manifest.get("skipped_frames", []))
-    manifest["complete"] = covered >= manifest["generation"]["num_frames"]
+def differences(a: StoreManifest, b: StoreManifest) -> list[str]:
+    """How two stores' jobs differ (``StoreManifest.job_differences``), each in words; [] if they are the same job."""
+
+    def words(diff: JobDifference) -> str:
+        if diff.field == "x0 storage":
+            return f"X_0 storage: {diff.ours} vs {diff.theirs} (generate's `x0`; a store keeps X_0 one way in every shard)"
+        if diff.field.endswith(".fingerprint"):
+            return f"{diff.field.replace('.', ' ')}: {_short(diff.ours)} vs {_short(diff.theirs)}"
+        return f"{diff.field}: {diff.ours!r} vs {diff.theirs!r}"
+
+    return [words(diff) for diff in a.job_differences(b)]
 
 
 def _place(src: Path, dst: Path, move: bool) -> None:
@@ -83,7 +65,7 @@ def _place(src: Path, dst: Path, move: bool) -> None:
         os.replace(src, dst)
         return
     tmp = dst.with_name(TMP_PREFIX + dst.name)
-    _remove(tmp)
+    remove_path(tmp)
     if src.is_dir():
         shutil.copytree(src, tmp)
     else:
@@ -92,53 +74,48 @@ def _place(src: Path, dst: Path, move: bool) -> None:
     os.replace(tmp, dst)
 
 
-def _absorb(
-    out: Path, manifest: dict[str, Any], part: Path, part_manifest: dict[str, Any], prefix: str, move: bool
-) -> None:
-    """List ``part``'s shards in ``manifest`` (copied or moved into ``out/shards``), rewriting it after each."""
-    for entry in part_manifest["shards"]:
-        src = part / entry["path"]
+def _absorb(manifest: StoreManifest, part: StoreManifest, prefix: str, move: bool) -> None:
+    """List ``part``'s shards in ``manifest`` (copied or moved into its ``shards/``), rewriting it after each."""
+    for entry in part.shards:
+        src = part.out / entry["path"]
         if not src.exists():  # moved already by an interrupted earlier absorb; its frames are regenerated
             continue
         name = prefix + Path(entry["path"]).name
-        _place(src, out / SHARDS_DIR / name, move)
-        manifest["shards"].append(
+        _place(src, manifest.out / SHARDS_DIR / name, move)
+        manifest.append_shard(
             {
                 **entry,
                 "path": f"{SHARDS_DIR}/{name}",
-                "store_id": entry.get("store_id", part_manifest["store_id"]),
+                "store_id": entry.get("store_id", part.store_id),
                 "written_as": entry.get("written_as", entry["path"]),
             }
         )
-        manifest["num_pairs"] += entry["num_pairs"]
-        manifest["num_frames"] += entry["num_frames"]
-        write_manifest(out, manifest)
-    manifest.setdefault("skipped_frames", []).extend(part_manifest.get("skipped_frames", []))
+    manifest.add_skipped(part.skipped_frames)
 
 
-def absorb_parts(out: Path, manifest: dict[str, Any]) -> None:
-    """Move every ``out/parts/*`` sub-store's shards into ``out`` and delete the parts (main process only)."""
-    parts_dir = out / PARTS_DIR
+def absorb_parts(manifest: StoreManifest) -> None:
+    """Move every ``parts/*`` sub-store's shards into ``manifest``'s store and delete the parts (main process only)."""
+    parts_dir = manifest.out / PARTS_DIR
     if not parts_dir.is_dir():
         return
-    for part in sorted(p for p in parts_dir.iterdir() if (p / MANIFEST).is_file()):
-        part_manifest = read_manifest(part)
-        diffs = differences(manifest, part_manifest)
+    for path in sorted(p for p in parts_dir.iterdir() if (p / MANIFEST).is_file()):
+        part = StoreManifest.read(path)
+        diffs = differences(manifest, part)
         if diffs:
             raise ReflowPairsError(
-                f"{part} belongs to another job: " + "; ".join(diffs) + ".", "Remove it, or use --overwrite."
+                f"{path} belongs to another job: " + "; ".join(diffs) + ".",
+                "Remove it, or set `overwrite` to start the store over.",
             )
-        _absorb(out, manifest, part, part_manifest, "", move=True)
-    mark_complete(manifest)
-    write_manifest(out, manifest)
+        _absorb(manifest, part, "", move=True)
+    manifest.set_complete()
     shutil.rmtree(parts_dir)
 
 
 def _require_empty(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise ReflowPairsError(f"--out {out} exists and is not a directory.", "Merge into a new directory.")
+        raise ReflowPairsError(f"`out` {out} exists and is not a directory.", "Merge into a new directory.")
     if out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
-        raise ReflowPairsError(f"--out {out} is not empty.", "Merge into a new directory.")
+        raise ReflowPairsError(f"`out` {out} is not empty.", "Merge into a new directory.")
 
 
 def merge_stores(slices: list[Path], out: Path) -> dict[str, Any]:
@@ -149,7 +126,7 @@ def merge_stores(slices: list[Path], out: Path) -> dict[str, Any]:
     if not slices:
         raise ReflowPairsError("reflowpairs merge needs at least one slice directory.")
     _require_empty(out)
-    manifests = [read_manifest(s) for s in slices]
+    manifests = [StoreManifest.read(s) for s in slices]
     for path in slices:
         holder = StoreLock.holder(path)
         if holder is not None:
@@ -176,21 +153,13 @@ def merge_stores(slices: list[Path], out: Path) -> dict[str, Any]:
         return _merge_into(out, slices, manifests)
 
 
-def _merge_into(out: Path, slices: list[Path], manifests: list[dict[str, Any]]) -> dict[str, Any]:
-    first = manifests[0]
-    manifest = {k: v for k, v in first.items() if k not in ("shards", "partition")}
-    manifest.update(
-        store_id=uuid.uuid4().hex,
-        num_pairs=0,
-        num_frames=0,
-        shards=[],
-        skipped_frames=[],
-        merged_from=[str(s) for s in slices],
+def _merge_into(out: Path, slices: list[Path], manifests: list[StoreManifest]) -> dict[str, Any]:
+    manifest = manifests[0].emptied(
+        out, drop=("shards", "partition"), store_id=uuid.uuid4().hex, merged_from=[str(s) for s in slices]
     )
     (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    write_manifest(out, manifest)
-    for i, (path, part_manifest) in enumerate(zip(slices, manifests, strict=True)):
-        _absorb(out, manifest, path, part_manifest, f"s{i:03d}-", move=False)
-    mark_complete(manifest)
-    write_manifest(out, manifest)
-    return manifest
+    manifest.write()
+    for i, part in enumerate(manifests):
+        _absorb(manifest, part, f"s{i:03d}-", move=False)
+    manifest.set_complete()
+    return manifest.data

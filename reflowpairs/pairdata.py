@@ -6,7 +6,8 @@ full dataset). Action keys are dropped from the observation: the student trains 
 already in the model's normalised action space, and the dataset's own action must never reach the
 normaliser in its place.
 
-Pairs are addressed by a *global pair id*: shards in manifest order, rows in shard order. Reading is
+Pairs are addressed by a *global pair id*: shards in manifest order, rows in shard order
+(``StoreManifest.locate``). Reading is
 shard-aware: ``PairDataset`` keeps the few shards it is working on in memory (per DataLoader worker),
 and ``PairSampler`` visits the store so that only a few shards are live at a time: each epoch it
 shuffles the shard order, cuts it into windows of ``window`` shards and shuffles the pairs within
@@ -135,8 +136,7 @@ class PairDataset(Dataset):
         self.store = store
         self.dataset = dataset
         self.lookup = lookup
-        self.counts = np.array([int(s["num_pairs"]) for s in store.shards], dtype=np.int64)
-        self.ends = np.cumsum(self.counts)
+        self.counts = np.diff(store.meta.pair_ends(), prepend=0)  # pairs per shard, for PairSampler
         self.cache_shards = max(1, int(cache_shards))
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self.columns = tuple(c for c in PAIR_COLUMNS if store.x0_stored or c != "x0")
@@ -146,14 +146,11 @@ class PairDataset(Dataset):
             store.check_x0_generator()
 
     def __len__(self) -> int:
-        return int(self.ends[-1]) if len(self.ends) else 0
+        return self.store.meta.listed_pairs()
 
     def locate(self, pair_id: int) -> tuple[int, int]:
-        """``(shard, row)`` of a global pair id."""
-        if not 0 <= pair_id < len(self):
-            raise IndexError(f"pair id {pair_id} out of range [0, {len(self)})")
-        shard = int(np.searchsorted(self.ends, pair_id, side="right"))
-        return shard, int(pair_id - (self.ends[shard] - self.counts[shard]))
+        """``(shard, row)`` of a global pair id (``StoreManifest.locate``; ``IndexError`` out of range)."""
+        return self.store.meta.locate(pair_id)
 
     def shard(self, i: int) -> dict[str, np.ndarray]:
         """The stored columns of shard ``i`` (``self.columns``: no ``x0`` when the store does not keep it), from the

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -59,8 +59,15 @@ IMPLICIT_ARRAYS = ("x1", "obs_index", "sample")  # what a shard of a store with 
 X0_MODES = ("explicit", "implicit")
 """How a store keeps X_0: ``explicit`` (an ``x0`` array in every shard, format version 1 as it always was) or
 ``implicit`` (no ``x0`` array; readers regenerate it from ``(seed, obs_index, sample)``)."""
-_DTYPES = {"x0": np.float32, "x1": np.float32, "obs_index": np.int64, "sample": np.int32}
-_SUFFIX = {"zarr": ".zarr", "parquet": ".parquet"}
+DTYPES = {
+    "x0": np.dtype(np.float32),
+    "x1": np.dtype(np.float32),
+    "obs_index": np.dtype(np.int64),
+    "sample": np.dtype(np.int32),
+}
+"""The dtype of each array a shard holds."""
+SHARD_SUFFIX = {"zarr": ".zarr", "parquet": ".parquet"}
+"""The file name ending of a shard of each backend."""
 ZARR_CHUNK = 256  # pairs per zarr chunk along the first axis
 
 
@@ -75,7 +82,7 @@ class Pairs:
 
     def __post_init__(self):
         for name in ARRAYS:
-            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=_DTYPES[name]))
+            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=DTYPES[name]))
         n = len(self.obs_index)
         if not (len(self.x0) == len(self.x1) == len(self.sample) == n):
             raise ValueError("x0, x1, obs_index and sample must have the same length")
@@ -119,39 +126,15 @@ def x0_spec(shape, mode: str = "explicit", seed: int | None = None) -> dict[str,
     ``implicit``: also ``"stored": false``, ``"generator"`` (the versioned name of the recipe that regenerates it) and
     ``"probe"`` (``x0_probe`` of ``seed``, the store's ``generation.seed``)."""
     if mode not in X0_MODES:
-        raise ReflowPairsError(f"--x0 must be one of {', '.join(X0_MODES)}, got {mode!r}.")
+        raise ReflowPairsError(f"`x0` must be one of {', '.join(X0_MODES)}, got {mode!r}.")
     spec: dict[str, Any] = {"shape": list(shape), "dtype": "float32"}
     if mode == "implicit":
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ReflowPairsError(
-                f"--seed must be a non-negative integer to regenerate X_0 from, got {seed!r}."
+                f"`seed` must be a non-negative integer to regenerate X_0 from, got {seed!r}."
             )
         spec.update(stored=False, generator=GENERATOR, probe=x0_probe(seed, shape))
     return spec
-
-
-def x0_stored(manifest: dict[str, Any]) -> bool:
-    """Whether the store's shards hold an ``x0`` array (true unless the manifest says ``x0.stored: false``)."""
-    spec = manifest.get("x0")
-    return not (isinstance(spec, dict) and spec.get("stored") is False)
-
-
-def x0_mode(manifest: dict[str, Any]) -> str:
-    """``"explicit"`` or ``"implicit"``: how ``manifest``'s store keeps X_0."""
-    return "explicit" if x0_stored(manifest) else "implicit"
-
-
-def recorded_generation(manifest: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a store's generation record with ``x0`` (how X_0 is kept, ``X0_MODES``) filled in from the manifest's
-    ``x0`` entry when the record predates that setting (such a store keeps X_0: ``explicit``)."""
-    generation = dict(manifest.get("generation") or {})
-    generation.setdefault("x0", x0_mode(manifest))
-    return generation
-
-
-def stored_arrays(manifest: dict[str, Any]) -> tuple[str, ...]:
-    """The arrays each shard of ``manifest``'s store holds (and has checksums for)."""
-    return ARRAYS if x0_stored(manifest) else IMPLICIT_ARRAYS
 
 
 # --- files -----------------------------------------------------------------------------------------
@@ -162,7 +145,7 @@ def write_shard(
 ) -> None:
     """Write ``arrays`` of ``pairs`` to ``path`` atomically: into ``.tmp-<name>`` beside it, fsync, rename."""
     tmp = path.with_name(TMP_PREFIX + path.name)
-    _remove(tmp)
+    remove_path(tmp)
     if backend == "zarr":
         _write_zarr(tmp, pairs, attrs, arrays)
     else:
@@ -239,7 +222,8 @@ def shard_attrs(path: Path, backend: str) -> dict[str, Any]:
     return json.loads(meta.get(b"reflowpairs", b"{}"))
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove a shard, a leftover or a store entry: a directory with everything under it, or a file; nothing if absent."""
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
@@ -247,17 +231,6 @@ def _remove(path: Path) -> None:
 
 
 # --- manifest --------------------------------------------------------------------------------------
-
-
-def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    """Rewrite ``out/manifest.json`` atomically (temp file, fsync, rename)."""
-    tmp = out / (TMP_PREFIX + MANIFEST)
-    with open(tmp, "w") as handle:
-        json.dump(manifest, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, out / MANIFEST)
-    fsync_dir(out)
 
 
 def _damaged(path: Path, what: str) -> ReflowPairsError:
@@ -375,62 +348,348 @@ def manifest_format(out: str | Path) -> tuple[str | None, str]:
     return (fmt, "") if isinstance(fmt, str) else (None, f'{Path(out) / MANIFEST} has no "format" field')
 
 
-def read_manifest(out: str | Path) -> dict[str, Any]:
-    """Parse and sanity-check ``out/manifest.json``; errors name the store and what is wrong.
+class JobDifference(NamedTuple):
+    """One way two stores' jobs differ (``StoreManifest.job_differences``): ``field`` is ``"x0 storage"`` (how X_0 is
+    kept, ``X0_MODES``), ``"backend"``, ``"x0"``, ``"x1"`` (the manifest entries), ``"teacher.fingerprint"``,
+    ``"dataset.fingerprint"`` or ``"generation.<key>"``; ``ours`` and ``theirs`` are its two values."""
 
-    Any damage (unreadable, not UTF-8, not JSON, not an object, another format or version, fields a reader needs
-    missing or of the wrong kind) raises ``ReflowPairsError``; the manifest returned is safe to index as
-    ``PairStore`` does. ``reflowpairs validate`` checks the rest of the contract."""
-    path = Path(out) / MANIFEST
-    if not path.is_file():
-        raise ReflowPairsError(
-            f"{out} is not a pair store: it has no {MANIFEST}.",
-            "Give the --out directory of `reflowpairs generate`.",
-        )
-    manifest = load_manifest_json(path)
-    if manifest.get("format") != FORMAT:
-        raise ReflowPairsError(
-            f"{path} is not a reflowpairs manifest (its format is {manifest.get('format')!r}, not {FORMAT!r}).",
-            "Give the --out directory of `reflowpairs generate`.",
-        )
-    if manifest.get("version") != VERSION:
-        raise ReflowPairsError(
-            f"{path} has format version {manifest.get('version')!r}; this build reads version {VERSION}.",
-            "Use the reflowpairs version that wrote it, or regenerate the store.",
-        )
-    problems = structure_problems(manifest)
-    if problems:
-        raise ReflowPairsError(
-            f"{path} does not follow the pair-store contract: " + "; ".join(problems) + ".",
-            "The manifest is damaged or was edited by hand; restore it from a copy or regenerate the store "
-            "(`reflowpairs validate` lists every problem).",
-        )
-    return manifest
+    field: str
+    ours: Any
+    theirs: Any
+
+
+class ShardProblem(NamedTuple):
+    """What is wrong with one array of a shard (``StoreManifest.shard_problems``): ``kind`` is ``"layout"`` (row
+    count, shape or dtype other than the manifest says) or ``"checksum"`` (content other than what was written);
+    ``text`` says it in words, starting with the array's name."""
+
+    array: str
+    kind: str
+    text: str
+
+
+LAYOUT, CHECKSUM = "layout", "checksum"
+
+
+class StoreManifest:
+    """The manifest of one pair store, ``<out>/manifest.json``: the one owner of the pair-store format.
+
+    ``data`` is the manifest exactly as ``docs/pair-store.md`` defines it (the JSON object on disk, key for key). Only
+    this class edits it, and every edit is written at once, atomically (temp file, fsync, rename; ``write``).
+    Conventions:
+
+    - the manifest lists complete shards only: ``append_shard`` is called once a shard file is in place under its
+      final name, so a crash at any moment leaves a manifest whose every shard is whole;
+    - ``num_pairs`` and ``num_frames`` are the sums of the listed shards' entries (``append_shard`` keeps them so);
+    - pairs are numbered globally: shards in manifest order, rows in shard order (``locate``);
+    - a shard is sound when each array it stores has the row count, shape and dtype the manifest says and the
+      checksum its entry recorded (``shard_problems``);
+    - two stores come from the same generation job when ``job_differences`` is empty: same backend, same way of
+      keeping X_0, same X_0/X_1 entries, teacher and dataset fingerprints and generation settings. ``generate
+      --resume`` extends only such a store, and ``merge`` and the multi-process absorb combine only such stores.
+    """
+
+    def __init__(self, out: str | Path, data: dict[str, Any]):
+        self.out = Path(out)
+        self.data = data
+        self._ends: np.ndarray | None = None  # pair_ends, cached while the shard list is unchanged
+        self._starts = np.zeros(0, np.int64)  # the global id of each shard's first pair
+
+    # --- reading, creating, writing
+
+    @classmethod
+    def read(cls, out: str | Path) -> StoreManifest:
+        """Parse and sanity-check ``out/manifest.json``; errors name the store and what is wrong.
+
+        Any damage (unreadable, not UTF-8, not JSON, not an object, another format or version, fields a reader needs
+        missing or of the wrong kind) raises ``ReflowPairsError``; the manifest returned is safe to index as
+        ``PairStore`` does. ``reflowpairs validate`` checks the rest of the contract."""
+        path = Path(out) / MANIFEST
+        if not path.is_file():
+            raise ReflowPairsError(
+                f"{out} is not a pair store: it has no {MANIFEST}.",
+                "Give a directory that `reflowpairs generate` wrote.",
+            )
+        data = load_manifest_json(path)
+        if data.get("format") != FORMAT:
+            raise ReflowPairsError(
+                f"{path} is not a reflowpairs manifest (its format is {data.get('format')!r}, not {FORMAT!r}).",
+                "Give a directory that `reflowpairs generate` wrote.",
+            )
+        if data.get("version") != VERSION:
+            raise ReflowPairsError(
+                f"{path} has format version {data.get('version')!r}; this build reads version {VERSION}.",
+                "Use the reflowpairs version that wrote it, or regenerate the store.",
+            )
+        problems = structure_problems(data)
+        if problems:
+            raise ReflowPairsError(
+                f"{path} does not follow the pair-store contract: " + "; ".join(problems) + ".",
+                "The manifest is damaged or was edited by hand; restore it from a copy or regenerate the store "
+                "(`reflowpairs validate` lists every problem).",
+            )
+        return cls(out, data)
+
+    @classmethod
+    def new(
+        cls,
+        out: str | Path,
+        backend: str,
+        x0_shape,
+        x1_shape,
+        provenance: dict[str, Any],
+        x0: str = "explicit",
+    ) -> StoreManifest:
+        """A manifest with no shards yet, for a store at ``out`` (nothing is written): ``provenance`` holds
+        teacher/dataset/generation/software (and partition); ``x0`` is how the store keeps X_0 (``X0_MODES``:
+        ``explicit`` stores it, ``implicit`` records its generator instead)."""
+        if backend not in BACKENDS:
+            raise ReflowPairsError(
+                f"Unknown `backend` {backend!r}.", f"Set `backend` to one of: {', '.join(BACKENDS)}."
+            )
+        data = {
+            "format": FORMAT,
+            "version": VERSION,
+            "backend": backend,
+            "store_id": uuid.uuid4().hex,
+            "complete": False,
+            "num_pairs": 0,
+            "num_frames": 0,
+            "x0": x0_spec(x0_shape, x0, (provenance.get("generation") or {}).get("seed")),
+            "x1": {"shape": list(x1_shape), "dtype": "float32"},
+            **provenance,
+            "shards": [],
+        }
+        return cls(out, data)
+
+    def emptied(self, out: str | Path, drop: tuple[str, ...] = (), **fields: Any) -> StoreManifest:
+        """A manifest of the same job for a store at ``out`` that lists no shards and no skipped frames yet (a rank's
+        sub-store, a merged store): this one without the keys in ``drop``, with ``fields`` set (nothing is
+        written)."""
+        data = {k: v for k, v in self.data.items() if k not in drop}
+        data.update(num_pairs=0, num_frames=0, shards=[], skipped_frames=[])
+        data.update(fields)
+        return StoreManifest(out, data)
+
+    def write(self) -> None:
+        """Rewrite ``out/manifest.json`` atomically (temp file, fsync, rename)."""
+        tmp = self.out / (TMP_PREFIX + MANIFEST)
+        with open(tmp, "w") as handle:
+            json.dump(self.data, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.out / MANIFEST)
+        fsync_dir(self.out)
+
+    # --- what it records
+
+    @property
+    def backend(self) -> str:
+        return self.data["backend"]
+
+    @property
+    def store_id(self) -> str:
+        return self.data["store_id"]
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        """The shard entries, in manifest order (read them; ``append_shard`` adds one)."""
+        return self.data["shards"]
+
+    @property
+    def x0_shape(self) -> tuple[int, ...]:
+        return tuple(self.data["x0"]["shape"])
+
+    @property
+    def x1_shape(self) -> tuple[int, ...]:
+        return tuple(self.data["x1"]["shape"])
+
+    @property
+    def x0_stored(self) -> bool:
+        """Whether the shards hold an ``x0`` array (true unless the manifest says ``x0.stored: false``)."""
+        spec = self.data.get("x0")
+        return not (isinstance(spec, dict) and spec.get("stored") is False)
+
+    @property
+    def x0_mode(self) -> str:
+        """``"explicit"`` or ``"implicit"``: how the store keeps X_0 (``X0_MODES``)."""
+        return "explicit" if self.x0_stored else "implicit"
+
+    @property
+    def x0_generator(self) -> str:
+        """The versioned name of the recipe X_0 is (re)generated with."""
+        return self.data["x0"].get("generator", GENERATOR)
+
+    @property
+    def stored_arrays(self) -> tuple[str, ...]:
+        """The arrays each shard holds (and has checksums for)."""
+        return ARRAYS if self.x0_stored else IMPLICIT_ARRAYS
+
+    @property
+    def seed(self) -> int | None:
+        """``generation.seed``, the seed X_0 is a function of."""
+        return (self.data.get("generation") or {}).get("seed")
+
+    @property
+    def generation(self) -> dict[str, Any]:
+        """A copy of the generation record with ``x0`` (``X0_MODES``) filled in from the manifest's ``x0`` entry when
+        the record predates that setting (such a store keeps X_0: ``explicit``)."""
+        generation = dict(self.data.get("generation") or {})
+        generation.setdefault("x0", self.x0_mode)
+        return generation
+
+    @property
+    def skipped_frames(self) -> list[int]:
+        """obs_index of the frames skipped for non-finite X_1."""
+        return list(self.data.get("skipped_frames", []))
+
+    def shard_names(self) -> set[str]:
+        """File names (under ``shards/``) of the listed shards."""
+        return {Path(entry["path"]).name for entry in self.shards}
+
+    # --- edits (each written at once)
+
+    def append_shard(self, entry: dict[str, Any]) -> None:
+        """List a shard that is in place under ``entry["path"]``, add its pairs and frames to the totals, and write."""
+        self.shards.append(entry)
+        self.data["num_pairs"] += entry["num_pairs"]
+        self.data["num_frames"] += entry["num_frames"]
+        self._ends = None
+        self.write()
+
+    def add_skipped(self, obs_index: list[int]) -> None:
+        """Record frames skipped for non-finite X_1 (each frame once; written when any is new), so a resumed run
+        counts them as done and never samples them again."""
+        listed = self.data.setdefault("skipped_frames", [])
+        known = set(listed)
+        new = [i for i in dict.fromkeys(int(i) for i in obs_index) if i not in known]
+        if new:
+            listed.extend(new)
+            self.write()
+
+    def set_complete(self, complete: bool | None = None) -> None:
+        """Set ``complete`` and write. ``None``: complete when the listed frames plus the skipped frames cover every
+        frame the job selected (``generation.num_frames``)."""
+        if complete is None:
+            covered = self.data["num_frames"] + len(self.data.get("skipped_frames", []))
+            complete = covered >= self.data["generation"]["num_frames"]
+        self.data["complete"] = complete
+        self.write()
+
+    # --- pair lookup
+
+    def pair_ends(self) -> np.ndarray:
+        """int64 ``(shards,)``: one past the global id of each shard's last pair (the running sum of ``num_pairs``)."""
+        if self._ends is None or len(self._ends) != len(self.shards):
+            self._ends = np.cumsum([int(entry["num_pairs"]) for entry in self.shards], dtype=np.int64)
+            self._starts = np.concatenate([np.zeros(1, np.int64), self._ends[:-1]])
+        return self._ends
+
+    def listed_pairs(self) -> int:
+        """How many pairs the listed shards hold (the sum of their entries' ``num_pairs``)."""
+        ends = self.pair_ends()
+        return int(ends[-1]) if len(ends) else 0
+
+    def locate_many(self, pair_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(shard, row)`` int64 arrays of global pair ids; ``IndexError`` names the first id outside
+        ``[0, listed_pairs())``."""
+        ids = np.asarray(pair_ids, dtype=np.int64)
+        ends = self.pair_ends()
+        total = int(ends[-1]) if len(ends) else 0
+        outside = (ids < 0) | (ids >= total)
+        if outside.any():
+            raise IndexError(f"pair id {int(ids[outside][0])} out of range [0, {total})")
+        shards = np.searchsorted(ends, ids, side="right").astype(np.int64)
+        return shards, ids - self._starts[shards]
+
+    def locate(self, pair_id: int) -> tuple[int, int]:
+        """``(shard, row)`` of global pair ``pair_id``; ``IndexError`` outside ``[0, listed_pairs())``."""
+        shards, rows = self.locate_many(np.array([pair_id]))
+        return int(shards[0]), int(rows[0])
+
+    # --- soundness
+
+    def shard_problems(self, i: int, data: dict[str, np.ndarray]) -> list[ShardProblem]:
+        """What is wrong with the stored arrays ``data`` of shard ``i`` (as ``read_shard`` returns them): each of
+        ``stored_arrays`` must have its entry's row count, the manifest's shape and dtype, and the checksum recorded
+        when it was written; [] when the shard is sound."""
+        entry = self.shards[i]
+        n = entry.get("num_pairs")
+        expected = {"x0": (n, *self.x0_shape), "x1": (n, *self.x1_shape), "obs_index": (n,), "sample": (n,)}
+        recorded = entry.get("sha256") or {}
+        problems = []
+        for name in self.stored_arrays:
+            array = data[name]
+            if array.shape != expected[name] or array.dtype != DTYPES[name]:
+                problems.append(
+                    ShardProblem(
+                        name,
+                        LAYOUT,
+                        f"{name} is {array.dtype}{list(array.shape)}, the manifest says {DTYPES[name]}{list(expected[name])}",
+                    )
+                )
+            elif array_sha256(array) != recorded.get(name):
+                problems.append(
+                    ShardProblem(
+                        name, CHECKSUM, f"{name} does not match the checksum recorded when it was written"
+                    )
+                )
+        return problems
+
+    def origin_problem(self, i: int, attrs: dict[str, Any]) -> str | None:
+        """What is wrong with where shard ``i`` comes from, given the attributes it carries (``shard_attrs``), or None:
+        it must carry the store id and name it was written with (its entry's ``store_id`` and ``written_as``, which a
+        merged store keeps for each shard, else this store's id and the entry's path)."""
+        entry = self.shards[i]
+        name = entry["path"]
+        origin_id = entry.get("store_id", self.data.get("store_id"))
+        if attrs.get("store_id") != origin_id:
+            return (
+                f"{name} belongs to store {attrs.get('store_id')!r}, not this store ({origin_id}): copied in from "
+                "another store"
+            )
+        if attrs.get("shard") != entry.get("written_as", name):
+            return f"{name} was written as {attrs.get('shard')} (a copy or a renamed shard)"
+        return None
+
+    # --- same job
+
+    def job_differences(self, other: StoreManifest) -> list[JobDifference]:
+        """How ``other``'s generation job differs from this one's; [] when they are the same job. A generation record
+        without ``x0`` (written before that setting) counts as ``explicit``; when the two keep X_0 differently, that
+        is one difference (``"x0 storage"``) and their ``x0`` entries are compared on shape and dtype only. An implicit
+        store's ``x0.probe`` follows from ``generation.seed``: with different seeds (a difference of their own) the
+        probes are not compared."""
+        a, b = self.data, other.data
+        diffs = []
+        mixed = self.x0_mode != other.x0_mode
+        if mixed:
+            diffs.append(JobDifference("x0 storage", self.x0_mode, other.x0_mode))
+        for key in ("backend", "x0", "x1"):
+            va, vb = a.get(key), b.get(key)
+            if key == "x0" and mixed:  # storage named above: compare what X_0 is, not how it is kept
+                va, vb = ({k: v.get(k) for k in ("shape", "dtype")} for v in (va, vb))
+            elif key == "x0" and self.seed != other.seed:
+                va, vb = ({k: v for k, v in spec.items() if k != "probe"} for spec in (va, vb))
+            if va != vb:
+                diffs.append(JobDifference(key, va, vb))
+        for key in ("teacher", "dataset"):
+            fa, fb = ((m.get(key) or {}).get("fingerprint") for m in (a, b))
+            if fa != fb:
+                diffs.append(JobDifference(f"{key}.fingerprint", fa, fb))
+        ga, gb = self.generation, other.generation
+        for key in sorted(set(ga) | set(gb)):
+            if key != "x0" and ga.get(key) != gb.get(key):  # x0: "x0 storage" above
+                diffs.append(JobDifference(f"generation.{key}", ga.get(key), gb.get(key)))
+        return diffs
+
+
+def read_manifest(out: str | Path) -> dict[str, Any]:
+    """The checked manifest of the store at ``out`` as a dict (``StoreManifest.read(out).data``)."""
+    return StoreManifest.read(out).data
 
 
 # --- writer ----------------------------------------------------------------------------------------
-
-
-def new_manifest(
-    backend: str, x0_shape, x1_shape, provenance: dict[str, Any], x0: str = "explicit"
-) -> dict[str, Any]:
-    """A manifest with no shards yet; ``provenance`` holds teacher/dataset/generation/software; ``x0`` is how the
-    store keeps X_0 (``X0_MODES``: ``explicit`` stores it, ``implicit`` records its generator instead)."""
-    if backend not in BACKENDS:
-        raise ReflowPairsError(f"Unknown --format {backend!r}.", f"Choose one of: {', '.join(BACKENDS)}.")
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "backend": backend,
-        "store_id": uuid.uuid4().hex,
-        "complete": False,
-        "num_pairs": 0,
-        "num_frames": 0,
-        "x0": x0_spec(x0_shape, x0, (provenance.get("generation") or {}).get("seed")),
-        "x1": {"shape": list(x1_shape), "dtype": "float32"},
-        **provenance,
-        "shards": [],
-    }
 
 
 class PairStoreWriter:
@@ -439,20 +698,19 @@ class PairStoreWriter:
     ``add`` takes pairs frame by frame (all K samples of a frame together); once ``shard_size``
     pairs are buffered, a shard of ``max(K, shard_size // K * K)`` pairs is written and the manifest
     rewritten. ``close`` writes what is left. Not thread-safe: one writer per process. ``add`` always takes X_0;
-    a store whose manifest says ``x0.stored: false`` drops it (``stored_arrays``).
+    a store whose manifest says ``x0.stored: false`` drops it (``StoreManifest.stored_arrays``).
     """
 
     def __init__(
         self,
-        out: str | Path,
-        manifest: dict[str, Any],
+        manifest: StoreManifest,
         shard_size: int,
         samples_per_frame: int,
         writer_id: str = "w0",
     ):
         if shard_size < 1:
-            raise ReflowPairsError(f"--shard-size must be at least 1, got {shard_size}.")
-        self.out = Path(out)
+            raise ReflowPairsError(f"`shard_size` must be at least 1, got {shard_size}.")
+        self.out = manifest.out
         self.manifest = manifest
         self.samples_per_frame = samples_per_frame
         self.pairs_per_shard = max(samples_per_frame, shard_size // samples_per_frame * samples_per_frame)
@@ -460,9 +718,8 @@ class PairStoreWriter:
         self._buffer: list[Pairs] = []
         self._buffered = 0
         (self.out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-        taken = {Path(s["path"]).stem for s in manifest["shards"]}
-        self._seq = sum(1 for name in taken if name.startswith(f"{writer_id}-"))
-        write_manifest(self.out, manifest)
+        self._seq = sum(1 for name in manifest.shard_names() if name.startswith(f"{writer_id}-"))
+        manifest.write()
 
     def add(self, pairs: Pairs) -> None:
         self._buffer.append(pairs)
@@ -474,65 +731,60 @@ class PairStoreWriter:
             self._buffer, self._buffered = ([rest] if len(rest) else []), len(rest)
 
     def skip(self, obs_index: list[int]) -> None:
-        """Record frames skipped for non-finite X_1 in the manifest at once (each frame once), so a resumed run counts
-        them as done and never samples them again, even if this run dies before its next shard."""
-        listed = self.manifest.setdefault("skipped_frames", [])
-        new = [int(i) for i in obs_index if int(i) not in set(listed)]
-        if new:
-            listed.extend(new)
-            write_manifest(self.out, self.manifest)
+        """Record frames skipped for non-finite X_1 in the manifest at once (``StoreManifest.add_skipped``), even if
+        this run dies before its next shard."""
+        self.manifest.add_skipped(obs_index)
 
     def close(self, complete: bool) -> None:
         """Write buffered pairs as a last shard and mark the manifest complete (or not)."""
         if self._buffered:
             self._write(Pairs.concat(self._buffer))
             self._buffer, self._buffered = [], 0
-        self.manifest["complete"] = complete
-        write_manifest(self.out, self.manifest)
+        self.manifest.set_complete(complete)
 
     def _write(self, pairs: Pairs) -> None:
-        name = f"{self.writer_id}-{self._seq:06d}{_SUFFIX[self.manifest['backend']]}"
-        rel = f"{SHARDS_DIR}/{name}"
-        attrs = {"format": FORMAT, "store_id": self.manifest["store_id"], "shard": rel}
-        arrays = stored_arrays(self.manifest)
-        write_shard(self.out / rel, pairs, self.manifest["backend"], attrs, arrays)
+        manifest = self.manifest
+        rel = f"{SHARDS_DIR}/{self.writer_id}-{self._seq:06d}{SHARD_SUFFIX[manifest.backend]}"
+        attrs = {"format": FORMAT, "store_id": manifest.store_id, "shard": rel}
+        arrays = manifest.stored_arrays
+        write_shard(self.out / rel, pairs, manifest.backend, attrs, arrays)
         self._seq += 1
-        self.manifest["shards"].append(
+        frames = len(np.unique(pairs.obs_index))
+        manifest.append_shard(
             {
                 "path": rel,
                 "num_pairs": len(pairs),
-                "num_frames": len(np.unique(pairs.obs_index)),
+                "num_frames": frames,
                 "obs_index_min": int(pairs.obs_index.min()),
                 "obs_index_max": int(pairs.obs_index.max()),
-                "store_id": self.manifest["store_id"],
+                "store_id": manifest.store_id,
                 "sha256": checksums(pairs, arrays),
             }
         )
-        self.manifest["num_pairs"] += len(pairs)
-        self.manifest["num_frames"] += len(np.unique(pairs.obs_index))
-        write_manifest(self.out, self.manifest)
 
 
 # --- reader ----------------------------------------------------------------------------------------
 
 
 class PairStore:
-    """Read access to a pair store: its manifest, and shards on demand (nothing loaded up front).
+    """Read access to a pair store: its manifest (``meta``, a ``StoreManifest``; ``manifest`` is its dict), and shards
+    on demand (nothing loaded up front).
 
     ``read`` returns ``x0`` whether or not the shards store it: a store with ``x0.stored: false`` has it regenerated
     from ``(generation.seed, obs_index, sample)`` by its recorded generator (``regenerate_x0``)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
-        self.backend: str = self.manifest["backend"]
-        self.x0_shape = tuple(self.manifest["x0"]["shape"])
-        self.x1_shape = tuple(self.manifest["x1"]["shape"])
-        self.shards: list[dict[str, Any]] = self.manifest["shards"]
-        self.x0_stored: bool = x0_stored(self.manifest)
-        self.stored_arrays: tuple[str, ...] = stored_arrays(self.manifest)
-        self.x0_generator: str = self.manifest["x0"].get("generator", GENERATOR)
-        self.seed: int | None = (self.manifest.get("generation") or {}).get("seed")
+        self.meta = StoreManifest.read(self.path)
+        self.manifest: dict[str, Any] = self.meta.data
+        self.backend: str = self.meta.backend
+        self.x0_shape = self.meta.x0_shape
+        self.x1_shape = self.meta.x1_shape
+        self.shards: list[dict[str, Any]] = self.meta.shards
+        self.x0_stored: bool = self.meta.x0_stored
+        self.stored_arrays: tuple[str, ...] = self.meta.stored_arrays
+        self.x0_generator: str = self.meta.x0_generator
+        self.seed: int | None = self.meta.seed
         self._x0_checked = False
 
     def check_x0_generator(self) -> str:
@@ -564,7 +816,7 @@ class PairStore:
                 f"Store {self.path} does not keep X_0, and X_0 regenerated here differs from the writer's: pair "
                 f"(obs_index {obs}, sample {sample}) has sha256 {got[:12]}..., the manifest records {recorded[:12]}... "
                 f"(generator {self.x0_generator}; torch {torch.__version__} here, {written} when it was written).",
-                f"Read it with torch {written}, or regenerate the store (with --x0 explicit to keep X_0 in it).",
+                f"Read it with torch {written}, or regenerate the store (with `x0` explicit to keep X_0 in it).",
             )
         self._x0_checked = True
         return f"generator {self.x0_generator} is known and reproduces the writer's X_0 of pair ({obs}, {sample})"
@@ -625,22 +877,14 @@ class PairStore:
         return np.concatenate([c["obs_index"] for c in cols]), np.concatenate([c["sample"] for c in cols])
 
     def verify_shard(self, i: int) -> list[str]:
-        """Problems with shard ``i``: unreadable, wrong row count/shape/dtype, or checksum mismatch of the arrays it
-        stores (X_0 is not read, nor regenerated, when the store does not keep it)."""
-        entry = self.shards[i]
+        """Problems with shard ``i``: unreadable, or ``StoreManifest.shard_problems`` (row count, shape, dtype, checksum
+        of the arrays it stores; X_0 is not read, nor regenerated, when the store does not keep it)."""
         try:
             data = self.read_stored(i, self.stored_arrays)
         except ReflowPairsError as err:
             return [err.what]
-        problems = []
-        n = entry["num_pairs"]
-        expected = {"x0": (n, *self.x0_shape), "x1": (n, *self.x1_shape), "obs_index": (n,), "sample": (n,)}
-        for name in self.stored_arrays:
-            array = data[name]
-            if array.shape != expected[name] or array.dtype != _DTYPES[name]:
-                problems.append(
-                    f"{name} is {array.dtype}{list(array.shape)}, the manifest says {np.dtype(_DTYPES[name])}{list(expected[name])}"
-                )
-            elif array_sha256(array) != entry.get("sha256", {}).get(name):
-                problems.append(f"{name} does not match the checksum recorded when it was written")
-        return problems
+        return [problem.text for problem in self.meta.shard_problems(i, data)]
+
+    def origin_problem(self, i: int) -> str | None:
+        """``StoreManifest.origin_problem`` of shard ``i``, from the attributes its file carries."""
+        return self.meta.origin_problem(i, shard_attrs(self.shard_path(i), self.backend))

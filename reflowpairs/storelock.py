@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reflowpairs.atomic import cannot_write
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pairstore import LOCK
 
@@ -88,21 +89,14 @@ def _missing_dirs(path: Path) -> list[Path]:
     return missing
 
 
-def _cannot_write(out: Path, err: OSError) -> ReflowPairsError:
-    return ReflowPairsError(
-        f"Cannot write to --out {out} ({err.strerror or err}).",
-        "Choose a writable directory with free space; nothing was written.",
-    )
-
-
 def busy_error(out: Path, holder: LockHolder) -> ReflowPairsError:
     """The refusal a second writer gets: who is writing ``out``, and what to do."""
     stop = f"stop it (kill {holder.pid})" if holder.pid is not None else "stop it"
     return ReflowPairsError(
         f"{out} is being written by {holder.describe()}. A pair store takes one writer at a time, so this command "
         "stopped before changing anything.",
-        f"Wait for that run to finish, or {stop} and rerun it with --resume to finish the store; or choose another "
-        "--out. (A lock whose process has exited is taken over automatically: there is nothing to delete.)",
+        f"Wait for that run to finish, or {stop} and rerun it with `resume` to finish the store; or choose another "
+        "`out`. (A lock whose process has exited is taken over automatically: there is nothing to delete.)",
     )
 
 
@@ -135,7 +129,7 @@ class StoreLock:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as err:
                 _remove_empty(created)
-                raise _cannot_write(out, err) from err
+                raise cannot_write(out, err) from err
             try:
                 _flock_or_holder(fd)
             except BlockingIOError:
@@ -148,7 +142,7 @@ class StoreLock:
                     path.unlink(missing_ok=True)
                 _remove_empty(created)
                 raise ReflowPairsError(
-                    f"Cannot lock {path} ({err.strerror or err}): the filesystem of --out does not support flock.",
+                    f"Cannot lock {path} ({err.strerror or err}): the filesystem of `out` does not support flock.",
                     "Write the store to a local disk or a filesystem with locking, and move it afterwards.",
                 ) from err
             if _same_file(fd, path):
@@ -166,7 +160,7 @@ class StoreLock:
             os.pwrite(fd, json.dumps(_record(command)).encode(), 0)
         except OSError as err:
             lock.release()
-            raise _cannot_write(out, err) from err
+            raise cannot_write(out, err) from err
         return lock
 
     @staticmethod

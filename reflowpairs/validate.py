@@ -30,15 +30,14 @@ import numpy as np
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pairstore import (
     ARRAYS,
+    DTYPES,
+    LAYOUT,
     MANIFEST,
+    SHARD_SUFFIX,
     SHARDS_DIR,
     TMP_PREFIX,
     PairStore,
-    array_sha256,
-    read_manifest,
-    shard_attrs,
-    stored_arrays,
-    x0_stored,
+    StoreManifest,
 )
 
 PASS, WARN, FAIL, INCOMPLETE, SKIP = "pass", "warn", "fail", "incomplete", "skip"
@@ -59,13 +58,6 @@ CHECKS = (
 )
 """Every check, in the order they are reported."""
 
-_DTYPES = {
-    "x0": np.dtype(np.float32),
-    "x1": np.dtype(np.float32),
-    "obs_index": np.dtype(np.int64),
-    "sample": np.dtype(np.int32),
-}
-_SUFFIX = {"zarr": ".zarr", "parquet": ".parquet"}
 MAX_LISTED = 5  # problems listed per check before "and N more"
 
 Progress = Callable[[str, int, int], None]
@@ -194,8 +186,9 @@ def _listed(values, limit: int = 8) -> str:
 # --- manifest -------------------------------------------------------------------------------------
 
 
-def manifest_problems(manifest: dict[str, Any]) -> list[str]:
-    """Contract problems of a manifest that ``read_manifest`` accepted (types, sums, shard entries)."""
+def manifest_problems(meta: StoreManifest) -> list[str]:
+    """Contract problems of a manifest that ``StoreManifest.read`` accepted (types, sums, shard entries)."""
+    manifest = meta.data
     problems: list[str] = []
     for key, kind in (
         ("store_id", str),
@@ -237,13 +230,13 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
         if (
             len(parts) != 2
             or parts[0] != SHARDS_DIR
-            or not path.endswith(_SUFFIX.get(manifest.get("backend"), "?"))
+            or not path.endswith(SHARD_SUFFIX.get(manifest.get("backend"), "?"))
         ):
             problems.append(f"{path}: not a {manifest.get('backend')} shard path under {SHARDS_DIR}/")
         if not isinstance(entry.get("num_pairs"), int) or entry["num_pairs"] < 0:
             problems.append(f"{path}: num_pairs is {entry.get('num_pairs')!r}")
         sha = entry.get("sha256")
-        arrays = stored_arrays(manifest)
+        arrays = meta.stored_arrays
         if not isinstance(sha, dict) or sorted(sha) != sorted(arrays):
             kept = "" if arrays == ARRAYS else " (X_0 is not stored)"
             problems.append(f"{path}: sha256 must hold checksums of {', '.join(arrays)}{kept}")
@@ -262,8 +255,9 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
-def resume_command(store: Path, manifest: dict[str, Any]) -> str:
+def resume_command(store: Path, meta: StoreManifest) -> str:
     """The ``reflowpairs generate ... --resume`` command that finishes ``store`` with its recorded settings."""
+    manifest = meta.data
     g, teacher, dataset = (
         manifest.get("generation", {}),
         manifest.get("teacher", {}),
@@ -287,7 +281,7 @@ def resume_command(store: Path, manifest: dict[str, Any]) -> str:
     if g.get("solver") == "dopri5":
         args += [f"--rtol {g.get('rtol')}", f"--atol {g.get('atol')}"]
     args += [f"--seed {g.get('seed')}", f"--format {manifest.get('backend')}"]
-    if not x0_stored(manifest):
+    if not meta.x0_stored:
         args.append("--x0 implicit")
     if g.get("dtype", "float32") != "float32":
         args.append(f"--dtype {g['dtype']}")
@@ -359,15 +353,9 @@ def _check_shard(
         found.shards.add(f"{name} is missing")
         return
     try:
-        attrs = shard_attrs(path, store.backend)
-        # Merged stores keep each shard's original store id and name in its manifest entry.
-        origin_id = entry.get("store_id", store.manifest.get("store_id"))
-        if attrs.get("store_id") != origin_id:
-            found.origin.add(
-                f"{name} belongs to store {attrs.get('store_id')!r}, not this store ({origin_id}): copied in from another store"
-            )
-        elif attrs.get("shard") != entry.get("written_as", name):
-            found.origin.add(f"{name} was written as {attrs.get('shard')} (a copy or a renamed shard)")
+        origin = store.origin_problem(i)
+        if origin is not None:
+            found.origin.add(origin)
     except Exception as err:  # noqa: BLE001
         found.origin.add(f"{name}: its attributes cannot be read ({type(err).__name__}: {err})")
     try:
@@ -378,21 +366,14 @@ def _check_shard(
         found.shards.add(err.what)
         return
     n = entry.get("num_pairs")
-    expected = {"x0": (n, *store.x0_shape), "x1": (n, *store.x1_shape), "obs_index": (n,), "sample": (n,)}
-    good = True
-    for array_name in store.stored_arrays:
-        array = data[array_name]
-        if array.shape != expected[array_name] or array.dtype != _DTYPES[array_name]:
-            found.shards.add(
-                f"{name}: {array_name} is {array.dtype}{list(array.shape)}, the manifest says {_DTYPES[array_name]}{list(expected[array_name])}"
-            )
-            good = False
-        elif array_sha256(array) != (entry.get("sha256") or {}).get(array_name):
-            extra = _missing_chunks(path, array_name) if store.backend == "zarr" else ""
-            found.checksums.add(
-                f"{name}: {array_name} does not match the checksum recorded when it was written{extra}"
-            )
-    if not good:
+    problems = store.meta.shard_problems(i, data)
+    for problem in problems:
+        if problem.kind == LAYOUT:
+            found.shards.add(f"{name}: {problem.text}")
+        else:
+            extra = _missing_chunks(path, problem.array) if store.backend == "zarr" else ""
+            found.checksums.add(f"{name}: {problem.text}{extra}")
+    if any(problem.kind == LAYOUT for problem in problems):
         return
     found.readable += 1
     obs, sample = data["obs_index"], data["sample"]
@@ -469,7 +450,7 @@ def _check_implicit_x0(store: PairStore, found: _Pass) -> CheckResult:
     obs = int(found.obs_index[0][0]) if found.obs_index and len(found.obs_index[0]) else 0
     sample = int(found.sample[0][0]) if found.sample and len(found.sample[0]) else 0
     x0 = store.regenerate_x0(np.array([obs]), np.array([sample]))
-    if x0.shape != (1, *store.x0_shape) or x0.dtype != _DTYPES["x0"] or not np.isfinite(x0).all():
+    if x0.shape != (1, *store.x0_shape) or x0.dtype != DTYPES["x0"] or not np.isfinite(x0).all():
         return CheckResult(
             "x0 noise",
             FAIL,
@@ -780,11 +761,11 @@ def _result(name: str, problems: _Problems, ok_detail: str) -> CheckResult:
 
 def _check_args(cfg: ValidateConfig) -> None:
     if cfg.spot_check < 0:
-        raise ReflowPairsError(f"--spot-check must be 0 or more pairs, got {cfg.spot_check}.")
+        raise ReflowPairsError(f"`spot_check` must be 0 or more pairs, got {cfg.spot_check}.")
     if cfg.atol is not None and not cfg.atol > 0:
-        raise ReflowPairsError(f"--atol must be positive, got {cfg.atol}.")
+        raise ReflowPairsError(f"`atol` must be positive, got {cfg.atol}.")
     if cfg.batch_size < 1:
-        raise ReflowPairsError(f"--batch-size must be at least 1, got {cfg.batch_size}.")
+        raise ReflowPairsError(f"`batch_size` must be at least 1, got {cfg.batch_size}.")
 
 
 def validate(cfg: ValidateConfig, progress: Progress | None = None) -> ValidationReport:
@@ -796,7 +777,6 @@ def validate(cfg: ValidateConfig, progress: Progress | None = None) -> Validatio
     path = Path(cfg.store)
     checks: dict[str, CheckResult] = {}
     try:
-        read_manifest(path)
         store = PairStore(path)
     except ReflowPairsError as err:
         checks["manifest"] = CheckResult("manifest", FAIL, f"{err.what} {err.hint}".strip())
@@ -808,7 +788,7 @@ def validate(cfg: ValidateConfig, progress: Progress | None = None) -> Validatio
         skipped = [CheckResult(name, SKIP, "not checked: the manifest is unusable") for name in CHECKS[1:]]
         return ValidationReport(str(path), CORRUPT, [checks["manifest"], *skipped])
 
-    problems = manifest_problems(store.manifest)
+    problems = manifest_problems(store.meta)
     checks["manifest"] = (
         CheckResult("manifest", FAIL, "; ".join(problems))
         if problems
@@ -832,23 +812,18 @@ def validate(cfg: ValidateConfig, progress: Progress | None = None) -> Validatio
         ),
     )
 
-    # Which pairs the spot check re-samples, by global number over the listed shards.
+    # Which pairs the spot check re-samples, by global pair id over the listed shards.
     spot_rows: dict[int, dict[int, int]] = {}
-    sizes = [
-        int(e.get("num_pairs", 0)) if isinstance(e, dict) and isinstance(e.get("num_pairs"), int) else 0
-        for e in store.shards
-    ]
-    if cfg.spot_check and sum(sizes):
-        total = sum(sizes)
+    total = store.meta.listed_pairs()
+    if cfg.spot_check and total:
         picks = (
             np.arange(total)
             if cfg.spot_check >= total
             else np.sort(np.random.default_rng(cfg.seed).choice(total, cfg.spot_check, replace=False))
         )
-        offsets = np.cumsum([0, *sizes])
-        for g in picks.tolist():
-            i = int(np.searchsorted(offsets, g, side="right") - 1)
-            spot_rows.setdefault(i, {})[g] = g - int(offsets[i])
+        shards, rows = store.meta.locate_many(picks)
+        for g, i, row in zip(picks.tolist(), shards.tolist(), rows.tolist(), strict=True):
+            spot_rows.setdefault(i, {})[g] = row
 
     found = _Pass()
     if entries_ok:
@@ -940,7 +915,7 @@ def validate(cfg: ValidateConfig, progress: Progress | None = None) -> Validatio
 
     checks["obs_index"] = _guard("obs_index", obs_index_check)
 
-    resume = resume_command(path, manifest)
+    resume = resume_command(path, store.meta)
     frames_done = frames_expected = None
 
     def frames_check() -> CheckResult:

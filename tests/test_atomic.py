@@ -121,7 +121,7 @@ def test_check_writable_on_a_file_is_a_clear_error(tmp_path):
     out.write_text("not a directory")
     with pytest.raises(ReflowPairsError) as info:
         check_writable(out)
-    assert info.value.what.startswith(f"Cannot write to --out {out} (")
+    assert info.value.what.startswith(f"Cannot write to `out` {out} (")
     assert "File exists" in info.value.what
     assert "nothing was written" in info.value.hint
     assert isinstance(info.value.__cause__, OSError)
@@ -132,7 +132,7 @@ def test_check_writable_under_a_file_is_a_clear_error(tmp_path):
     parent = tmp_path / "file"
     parent.write_text("x")
     out = parent / "pairs"
-    with pytest.raises(ReflowPairsError, match=rf"Cannot write to --out {out} \(Not a directory\)"):
+    with pytest.raises(ReflowPairsError, match=rf"Cannot write to `out` {out} \(Not a directory\)"):
         check_writable(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
@@ -173,7 +173,7 @@ def test_check_writable_on_a_read_only_directory_is_a_clear_error(tmp_path, sub)
             pytest.skip("user namespaces are not allowed here")
         assert proc.returncode == 3, proc.stdout + proc.stderr
         text = " ".join(proc.stdout.split())
-        assert f"REFUSED Cannot write to --out {out} (Permission denied)." in text
+        assert f"REFUSED Cannot write to `out` {out} (Permission denied)." in text
         assert "Choose a writable directory with free space; nothing was written." in text
         assert list(readonly.iterdir()) == [], "a refused check must leave nothing behind"
     finally:

@@ -74,8 +74,9 @@ def test_non_empty_folder_that_is_not_a_store_is_refused(tiny_world, tmp_path):
     )
     text = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
-    assert f"--out {out} is not empty and is not a pair store: it holds README.md, empty, notes." in text
-    assert "--overwrite to write the store beside these files" in text and "Traceback" not in result.output
+    # the CLI words the settings as its options (--out, --overwrite): only the rest is the library's
+    assert f"{out} is not empty and is not a pair store: it holds README.md, empty, notes." in text
+    assert "to write the store beside these files" in text and "Traceback" not in result.output
     assert _tree(out, exclude=()) == before  # nothing written, not even a lock file
 
 
@@ -113,8 +114,8 @@ def test_foreign_manifest_is_never_replaced(tiny_world, tmp_path, manifest, why,
     with pytest.raises(ReflowPairsError) as caught:
         generate(_cfg(tiny_world, out, **flags))
     text = f"{caught.value.what} {caught.value.hint}"
-    assert f"--out {out} is not a pair store: {out}/" in text and why in text
-    assert "never replaces a manifest.json it did not write, not even with --overwrite" in text
+    assert f"`out` {out} is not a pair store: {out}/" in text and why in text
+    assert "never replaces a manifest.json it did not write, not even with `overwrite`" in text
     assert _tree(out, exclude=()) == before
 
 
@@ -136,7 +137,7 @@ def test_shards_or_parts_without_a_manifest_are_not_taken_for_a_store(tiny_world
     before = _tree(out, exclude=())
     with pytest.raises(ReflowPairsError) as caught:
         generate(_cfg(tiny_world, out, overwrite=True))
-    assert f"--out {out} has a {ours}/ directory but no manifest.json" in caught.value.what
+    assert f"`out` {out} has a {ours}/ directory but no manifest.json" in caught.value.what
     assert _tree(out, exclude=()) == before
 
 

@@ -83,6 +83,17 @@ def _run(store: Path, *args: str):
     return runner.invoke(app, ["validate", str(store), *args])
 
 
+def _run_json(store: Path, *args: str) -> tuple[int, dict]:
+    """``reflowpairs validate STORE ARGS --json``: its exit code and its report."""
+    result = _run(store, *args, "--json")
+    assert "Traceback" not in result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def _json_failed(data: dict) -> set[str]:
+    return {c["name"] for c in data["checks"] if c["result"] == "fail"}
+
+
 # --- sound stores ---------------------------------------------------------------------------------
 
 
@@ -93,9 +104,8 @@ def test_sound_store_passes_in_both_backends(stores, backend):
     assert [c.name for c in report.checks] == list(CHECKS)
     assert all(c.result in ("pass", "skip") for c in report.checks), report.checks
     assert "48 frames x K=2" in _check(report, "frames").detail
-    result = _run(stores[backend])
-    assert result.exit_code == 0, result.output
-    assert "SOUND" in result.output and "FAIL" not in result.output
+    code, data = _run_json(stores[backend])
+    assert code == 0 and data["status"] == "sound" and not _json_failed(data)
 
 
 def test_sound_store_matches_its_dataset_and_teacher(tiny_world, tiny_store):
@@ -129,9 +139,8 @@ def test_deleted_zarr_chunk_file(stores, tmp_path):
     assert report.status == "corrupt"
     detail = _failed(report)["checksums"]
     assert "shards/w0-000001.zarr" in detail and "x1" in detail and "missing" in detail
-    result = _run(store)
-    assert result.exit_code == 1
-    assert "CORRUPT" in result.output and "Traceback" not in result.output
+    code, data = _run_json(store)
+    assert code == 1 and data["status"] == "corrupt" and "checksums" in _json_failed(data)
 
 
 def test_truncated_chunk_file_is_unreadable(stores, tmp_path):
@@ -150,12 +159,12 @@ def test_truncated_parquet_file(stores, tmp_path):
     assert report.status == "corrupt"
     detail = _failed(report)["shards"]
     assert "shards/w0-000001.parquet" in detail and "cannot be read" in detail
-    result = _run(store)
-    assert result.exit_code == 1 and "Traceback" not in result.output
+    code, data = _run_json(store)
+    assert code == 1 and data["status"] == "corrupt"
     # its frames are missing, but --resume cannot replace a listed shard: no advice to run it
     frames = _failed(report)["frames"]
     assert "damaged shards" in frames and "--overwrite" in frames and "Finish it with" not in frames
-    assert report.resume_command is None and "Finish it with" not in result.output
+    assert report.resume_command is None and data["resume_command"] is None
 
 
 def test_deleted_parquet_shard(stores, tmp_path):
@@ -172,8 +181,9 @@ def test_manifest_that_is_not_json(stores, tmp_path):
     assert report.status == "corrupt"
     assert "not valid JSON" in _failed(report)["manifest"]
     assert all(c.result == "skip" for c in report.checks[1:])
-    result = _run(store)
-    assert result.exit_code == 1 and "not valid JSON" in result.output and "Traceback" not in result.output
+    code, data = _run_json(store)
+    assert code == 1 and _json_failed(data) == {"manifest"}
+    assert "not valid JSON" in data["checks"][0]["detail"]
 
 
 def _edit_num_pairs(m):
@@ -236,8 +246,8 @@ def test_nan_written_into_x1(stores, tmp_path):
     assert "shards/w0-000003.zarr: x1 has 1 non-finite value" in failed["finite"]
     assert f"obs_index {obs} sample {sample}" in failed["finite"]
     assert "shards/w0-000003.zarr: x1 does not match" in failed["checksums"]
-    result = _run(store)
-    assert result.exit_code == 1 and "non-finite" in result.output
+    code, data = _run_json(store)
+    assert code == 1 and _json_failed(data) == {"finite", "checksums"}
 
 
 def test_x0_that_does_not_regenerate(stores, tmp_path):
@@ -296,8 +306,8 @@ def test_shard_from_another_store_copied_in(stores, tmp_path):
     other_id = _manifest(stores["other"])["store_id"]
     assert "shards/w0-000000.zarr belongs to store" in failed["origin"] and other_id in failed["origin"]
     assert "another store" in failed["origin"]
-    result = _run(store)
-    assert result.exit_code == 1 and "origin" in result.output
+    code, data = _run_json(store)
+    assert code == 1 and _json_failed(data) == {"origin"}
 
 
 def test_obs_index_outside_the_recorded_dataset(stores, tmp_path):
@@ -332,9 +342,8 @@ def test_missing_frames_are_incomplete_not_corrupt(tiny_world, stores, tmp_path)
     assert "missing obs_index 40, 41" in frames.detail and "--resume" in frames.detail
     leftovers = _check(report, "leftovers")
     assert leftovers.result == "warn" and f"{dropped['path']} (not listed)" in leftovers.detail
-    result = _run(store)
-    assert result.exit_code == 1
-    assert "INCOMPLETE" in result.output and "CORRUPT" not in result.output
+    code, data = _run_json(store)
+    assert code == 1 and data["status"] == "incomplete" and data["resume_command"] == report.resume_command
     # The command the report gives finishes the store, which is then sound.
     args = shlex.split(report.resume_command)
     assert args[:2] == ["reflowpairs", "generate"]
@@ -461,29 +470,33 @@ def test_spot_check_catches_a_store_made_with_other_settings(stores, tmp_path):
     detail = _failed(report)["spot check"]
     assert "6 of 6 re-sampled pairs differ from the stored X_1 by more than --atol 0.0001" in detail
     assert "euler, 2 steps" in detail and "shards/w0-" in detail
-    result = _run(store, "--spot-check", "2", "--device", "cpu")
-    assert result.exit_code == 1 and "spot check" in result.output
+    code, data = _run_json(store, "--spot-check", "2", "--device", "cpu")
+    assert code == 1 and _json_failed(data) == {"spot check"}
 
 
 @pytest.mark.parametrize(
     ("option", "words"),
     [
-        (["--spot-check", "-1"], "--spot-check must be 0 or more"),
-        (["--atol", "0"], "--atol must be positive"),
+        (["--spot-check", "-1"], "`spot_check` must be 0 or more"),
+        (["--atol", "0"], "`atol` must be positive"),
     ],
 )
 def test_bad_options(stores, option, words):
     result = _run(stores["zarr"], *option)
-    assert result.exit_code == 1 and words in result.output and "Traceback" not in result.output
-    with pytest.raises(ReflowPairsError, match=words.split()[0]):
+    # the CLI words the setting as its option (--spot-check, --atol): only the rest is the library's
+    assert (
+        result.exit_code == 1 and words.split("` ")[1] in result.output and "Traceback" not in result.output
+    )
+    with pytest.raises(ReflowPairsError) as caught:
         validate(
             ValidateConfig(
                 stores["zarr"], spot_check=-1 if "spot" in words else 0, atol=0.0 if "atol" in words else 1e-4
             )
         )
+    assert caught.value.what.startswith(words)
 
 
 def test_not_a_store(tmp_path):
-    result = _run(tmp_path)
-    assert result.exit_code == 1
-    assert "has no manifest.json" in result.output and "Traceback" not in result.output
+    code, data = _run_json(tmp_path)
+    assert code == 1 and data["status"] == "corrupt" and _json_failed(data) == {"manifest"}
+    assert "has no manifest.json" in data["checks"][0]["detail"]

@@ -396,7 +396,7 @@ def test_merge_of_implicit_partitions(tiny_world, tmp_path):
 
 
 def test_an_unknown_x0_mode_is_refused_before_anything_loads(tiny_world, tmp_path):
-    with pytest.raises(ReflowPairsError, match="--x0 must be one of explicit, implicit, got 'none'"):
+    with pytest.raises(ReflowPairsError, match="`x0` must be one of explicit, implicit, got 'none'"):
         _generate(tiny_world, tmp_path / "out", x0="none", teacher=str(tmp_path / "no-such-teacher"))
     assert not (tmp_path / "out").exists()
 
@@ -422,8 +422,8 @@ def test_resume_refuses_the_other_x0_mode(tiny_world, stores, tmp_path, store_mo
     before = _drop_last_shard(store)
     with pytest.raises(ReflowPairsError) as err:
         _generate(tiny_world, store, x0=run_mode, resume=True)
-    assert f"its X_0 is {store_mode}" in err.value.what and f"asks for --x0 {run_mode}" in err.value.what
-    assert f"Resume with --x0 {store_mode}" in err.value.hint
+    assert f"its X_0 is {store_mode}" in err.value.what and f"asks for `x0` {run_mode}" in err.value.what
+    assert f"Resume with `x0` {store_mode}" in err.value.hint
     assert _manifest(store) == before  # nothing changed
 
 
