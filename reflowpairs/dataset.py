@@ -7,6 +7,7 @@ is what the pair store records as ``obs_index``.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,17 @@ from typing import Any
 import numpy as np
 
 from reflowpairs.errors import ReflowPairsError
+
+DATASET_LOGGER = "lerobot.utils.import_utils"
+"""The lerobot logger that warns, when lerobot's dataset code is first imported, about every video decoder it
+could not load (a page-long "Could not load libtorchcodec" traceback where FFmpeg's shared libraries are missing;
+lerobot falls back to pyav, and image datasets never decode video)."""
+
+
+def quiet_dataset_logs() -> None:
+    """Silence ``DATASET_LOGGER`` below CRITICAL. Nothing in reflowpairs calls it on import: logging is the
+    application's to configure; the ``reflowpairs`` CLI, the test suite and the benchmarks call it."""
+    logging.getLogger(DATASET_LOGGER).setLevel(logging.CRITICAL)
 
 
 def check_dataset_root(root: str | Path | None) -> Path | None:

@@ -27,11 +27,10 @@ velocity ``v = dx/dt`` points from action to noise (``u = noise - action``); Eul
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch
 from torch import Tensor
 
 from reflowpairs.dataset import check_episodes, open_metadata
-from reflowpairs.engine import configured_num_steps, pair_shapes
+from reflowpairs.engine import lerobot_sampling_steps, pair_shapes
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.noise import batch_noise
 from reflowpairs.report import episode_span
@@ -646,23 +645,10 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@contextlib.contextmanager
-def sampling_steps(policy, num_steps: int) -> Iterator[None]:
-    """``policy.config.num_steps = num_steps`` inside the block, the saved value restored after it, even on
-    error. lerobot 0.6's SmolVLA ``sample_actions`` reads the step count from its config and takes no
-    step-count argument, so lerobot's own call path can only be timed this way; the error and straightness
-    columns pass the count to ``reflowpairs.solvers.integrate`` instead and never touch the config."""
-    try:
-        with configured_num_steps(policy, num_steps):
-            yield
-    finally:
-        policy.reset()
-
-
 def _plain_call(model: _Model, batch: dict[str, Any], noise: Tensor, num_steps: int) -> tuple[float, Tensor]:
     """Seconds for one ``policy.predict_action_chunk(batch, noise=noise)`` at ``num_steps``, and its action."""
     device = model.engine.device
-    with sampling_steps(model.policy, num_steps):
+    with lerobot_sampling_steps(model.policy, num_steps):  # lerobot's sampler reads config.num_steps only
         model.policy.reset()
         _synchronize(device)
         start = time.perf_counter()

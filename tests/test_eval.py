@@ -27,7 +27,6 @@ from reflowpairs.evaluate import (
     parse_num_steps,
     pick_positions,
     recommend_steps,
-    sampling_steps,
     straightness,
 )
 from reflowpairs.report import (
@@ -199,13 +198,15 @@ def test_latency_is_the_median_of_repeated_calls(main_run):
         assert row["latency_ms"] == statistics.median(runs)
 
 
-def test_sampling_steps_restores_the_policy_config():
+def test_lerobot_sampling_steps_restores_the_policy_config():
     """lerobot's SmolVLA reads the step count from its config: it is set for the block and restored, even on error."""
+    from reflowpairs.engine import lerobot_sampling_steps
+
     resets = []
     policy = SimpleNamespace(config=SimpleNamespace(num_steps=10), reset=lambda: resets.append(1))
-    with sampling_steps(policy, 2):
+    with lerobot_sampling_steps(policy, 2):
         assert policy.config.num_steps == 2
-    with pytest.raises(RuntimeError), sampling_steps(policy, 3):
+    with pytest.raises(RuntimeError), lerobot_sampling_steps(policy, 3):
         raise RuntimeError("sampling failed")
     assert policy.config.num_steps == 10 and len(resets) == 2
 
