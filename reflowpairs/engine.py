@@ -367,7 +367,7 @@ class ExactSampler:
         if solver.name != "euler":
             raise ReflowPairsError(
                 f"The exact sampler is lerobot's own Euler sampler; it cannot run the {solver.name} solver.",
-                "Drop --exact, or use --solver euler.",
+                "Unset `exact`, or set `solver` to euler.",
             )
         frames, samples = noise.shape[:2]
         out = []

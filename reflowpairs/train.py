@@ -1092,7 +1092,7 @@ def _loader(run: _Run, start: _Start) -> torch.utils.data.DataLoader:
 
 
 TEST_SAVED_FD = "REFLOWPAIRS_TEST_SAVED_FD"
-"""Test hook: an inherited file descriptor (a pipe's write end) to which the main process writes ``"<step>\n"``
+"""Test hook: an inherited file descriptor (a pipe's write end) to which the main process writes ``"<step>\\n"``
 after each checkpoint it saves, so a test can interrupt a run once a checkpoint exists without polling for it
 (``tests/test_train.py``'s Ctrl-C and SIGKILL tests). Unset in normal use."""
 
