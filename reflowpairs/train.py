@@ -1199,11 +1199,16 @@ def _loop(
                     ) from None
                 step, loss_value = step + 1, stats.loss
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    seconds = round(time.perf_counter() - started, 3)
-                    record = {"step": step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm}
-                    _write_log(log, {**record, "seconds": seconds}, run, saver.checkpoint)
+                    record = {
+                        "step": step,
+                        "loss": stats.loss,
+                        "lr": stats.lr,
+                        "grad_norm": stats.grad_norm,
+                        "seconds": round(time.perf_counter() - started, 3),
+                    }
+                    _write_log(log, record, run, saver.checkpoint)
                     if on_log is not None and dist.is_main:
-                        on_log({**record, "seconds": seconds})
+                        on_log(record)
                 if (step % cfg.save_every == 0 or step == cfg.steps) and dist.is_main:
                     saver.save(step)
                 if progress is not None and dist.is_main:

@@ -5,17 +5,16 @@ in the teacher's dtypes, the masters go into the training state, and a resumed r
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from reflowpairs.checkpoint import MASTER_FILE
-from reflowpairs.cli.app import app
-from reflowpairs.train import MasterWeights, TrainConfig, TrainingInterrupted, train
+from reflowpairs.train import MasterWeights, TrainConfig, TrainingInterrupted, next_commands, train
 
 BATCH = 4
 
@@ -182,35 +181,31 @@ def test_resume_with_masters_is_bit_identical(bf16_store, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_cli_plan_and_summary(bf16_world, bf16_store, tmp_path):
-    out = tmp_path / "cli"
-    result = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "--pairs",
-            str(bf16_store),
-            "--out",
-            str(out),
-            "--steps",
-            "1",
-            "--batch-size",
-            "4",
-            "--num-workers",
-            "0",
-            "--device",
-            "cpu",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    text = " ".join(result.output.replace("│", " ").split())  # rich table rows wrap inside their cells
-    assert "bf16 (fp32 master copies), " in text and " fp32" in text.split("bf16 (fp32 master copies)", 1)[1]
+def test_plan_and_summary(bf16_world, bf16_store, tmp_path):
+    """What the CLI's plan table and summary show, from the structured results: ``on_plan``'s plan (trainable
+    dtypes, master copies, saved num_steps) and ``next_commands`` of the result."""
+    plans = []
+    result = train(_cfg(bf16_store, tmp_path / "run", steps=1, lr=None), on_plan=plans.append)
+    (plan,) = plans
+    assert plan["master_copies"] is True
+    assert set(plan["trainable_dtypes"]) == {"bfloat16", "float32"} and all(plan["trainable_dtypes"].values())
     teacher_steps = json.loads((bf16_world.teacher_dir / "config.json").read_text())["num_steps"]
-    assert f"saved num_steps 1 (teacher: {teacher_steps})" in text
-    student = out / "checkpoints" / "last" / "pretrained_model"
-    assert f"use it: lerobot-eval --policy.path={student} --env.type=..." in text
-    assert f"next: reflowpairs eval --student {student} --teacher {bf16_world.teacher_dir}" in text
-    assert f"--episodes 4-9 --pairs {bf16_store}" in text  # the episodes the store holds no pairs of
+    assert (plan["saved_num_steps"], plan["teacher_num_steps"]) == (1, teacher_steps)
+    assert (result.saved_num_steps, result.teacher_num_steps) == (1, teacher_steps)
+    assert result.held_out_episodes == [4, 5, 6, 7, 8, 9]  # the episodes the store holds no pairs of
+    student = tmp_path / "run" / "checkpoints" / "last" / "pretrained_model"
+    commands = {name: shlex.split(command) for name, command in next_commands(result).items()}
+    assert commands["lerobot_eval"] == ["lerobot-eval", f"--policy.path={student}", "--env.type=..."]
+    ours = commands["reflowpairs_eval"]
+    assert ours[:6] == [
+        "reflowpairs",
+        "eval",
+        "--student",
+        str(student),
+        "--teacher",
+        str(bf16_world.teacher_dir),
+    ]
+    assert ours[ours.index("--episodes") + 1] == "4-9" and ours[ours.index("--pairs") + 1] == str(bf16_store)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
