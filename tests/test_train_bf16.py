@@ -59,7 +59,8 @@ def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
 
 def _dtypes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     with safe_open(str(path), "pt") as f:
-        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f}
+        names = f.keys()  # safe_open is not iterable
+        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in names}
 
 
 @pytest.fixture(scope="module")
