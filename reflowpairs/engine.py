@@ -328,7 +328,7 @@ class SmolVLAEngine:
 
 @contextmanager
 def lerobot_sampling_steps(policy, num_steps: int) -> Iterator[None]:
-    """The one place reflowpairs changes a policy's config: within the block, lerobot's own sampler
+    """The one place reflowpairs changes a built policy's config: within the block, lerobot's own sampler
     (``predict_action_chunk`` -> ``sample_actions``) integrates with ``num_steps`` Euler steps.
 
     lerobot 0.6's SmolVLA ``sample_actions`` reads the step count from ``config.num_steps`` only (it takes noise and
