@@ -331,14 +331,14 @@ def test_resume_with_more_steps_follows_the_new_schedule(tiny_store, tmp_path):
     with pytest.raises(ReflowPairsError) as err:
         train(TrainConfig(**resume))
     old_lr = plan_optimizer_lr(longer, steps=3, step=4)
-    assert "with --steps 6 would change its lr schedule mid-run" in err.value.what
+    assert "with `steps` 6 would change its lr schedule mid-run" in err.value.what
     stated = re.search(r"the lr at step 4 goes from (\S+) to (\S+)\.$", err.value.what)
     assert (
         stated
         and float(stated[1]) == pytest.approx(old_lr, rel=0.06)
         and float(stated[2]) == pytest.approx(a[3]["lr"], rel=0.06)
     )
-    assert "--allow-schedule-change" in err.value.hint and _tree(longer) == before
+    assert "`allow_schedule_change`" in err.value.hint and _tree(longer) == before
     plans = []
     result = train(TrainConfig(**resume, allow_schedule_change=True), on_plan=plans.append)
     assert (result.start_step, result.step) == (3, 6)
@@ -474,7 +474,7 @@ def test_failed_save_leaves_last_on_a_complete_checkpoint(tiny_store, tmp_path, 
         train(_cfg(tiny_store, out))
     assert "Writing checkpoint 4" in err.value.what and "No space left on device" in err.value.what
     assert "checkpoints/last still points at the last complete checkpoint (000002)" in err.value.what
-    assert "--resume" in err.value.hint
+    assert "`resume`" in err.value.hint
     monkeypatch.setattr(DataProcessorPipeline, "save_pretrained", original)
     ckpts = out / "checkpoints"
     assert os.readlink(ckpts / "last") == "000002"
@@ -571,7 +571,7 @@ def test_other_init_checkpoint_is_refused_unless_allowed(tiny_world, tiny_store,
     with pytest.raises(ReflowPairsError) as err:
         train(_cfg(tiny_store, tmp_path / "o", init=str(other)))
     assert "is not the teacher the store" in err.value.what and "teacher fingerprint" in err.value.what
-    assert "--allow-mismatch" in err.value.hint
+    assert "`allow_mismatch`" in err.value.hint
     assert not (tmp_path / "o").exists()
     # Allowed: it trains, records the warning, and --student-num-steps is the only other config change.
     result = train(
