@@ -667,7 +667,7 @@ def verify_store(path: Path, progress: Callable[[int, int], None] | None = None)
 
 def _mismatch(what: str, allow: bool, warnings: list[str]) -> None:
     if allow:
-        warnings.append(what + " (allowed by `allow_mismatch`)")
+        warnings.append(what + " (allowed by --allow-mismatch)")  # a warning, printed as is: not an error
         return
     raise ReflowPairsError(
         what,
