@@ -178,7 +178,7 @@ def test_damaged_training_state_is_named(tiny_world, trained_student, tmp_path):
     with pytest.raises(ReflowPairsError) as err:
         evaluate(_cfg(tiny_world, copy_dir / "pretrained_model", tmp_path, episodes=[9]))
     assert str(err.value).startswith(
-        f"--student: {copy_dir / 'training_state' / 'reflow_state.json'} is not valid JSON"
+        f"`student`: {copy_dir / 'training_state' / 'reflow_state.json'} is not valid JSON"
     )
     assert "evaluate a copy of pretrained_model/ on its own" in str(err.value)
 
