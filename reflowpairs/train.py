@@ -351,7 +351,7 @@ class MasterWeights:
 
 # --- one optimiser step -----------------------------------------------------------------------------
 
-LossFn = Callable[[Any, Any], Tensor]
+LossFn = Callable[[torch.nn.Module, Any], Tensor]
 """``loss_fn(model, batch)``: the scalar training loss of ``batch`` under ``model`` (``train_step`` runs it under
 its autocast). ``reflow_batch_loss`` is stage 2's; the tiny teacher's is lerobot's plain ``policy.forward``."""
 
@@ -388,7 +388,7 @@ class NonFiniteLossError(ReflowPairsError):
 
 
 def train_step(
-    model,
+    model: torch.nn.Module,
     batch: Any,
     loss_fn: LossFn,
     opt: Optimisation,
