@@ -285,3 +285,36 @@ def test_resume_without_or_with_damaged_masters(bf16_store, small_lr_run, tmp_pa
         f"holds no float32 master copies ({MASTER_FILE})" in w for w in result.warnings
     )
     assert (result.checkpoint / "training_state" / MASTER_FILE).is_file()
+
+
+def test_train_step_with_any_loss_steps_the_masters_and_refuses_a_non_finite_loss():
+    """``train_step`` takes the loss as a parameter (the tiny teacher's is lerobot's plain forward): one call is
+    forward, backward, clip on the float32 masters, step, rounding into the bf16 model, schedule step; a non-finite
+    loss is refused before anything changes."""
+    from reflowpairs.train import NonFiniteLossError, Optimisation, train_step
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 1).to(torch.bfloat16)
+    masters = MasterWeights(list(layer.named_parameters()))
+    optimizer = torch.optim.SGD(masters.params, lr=0.5)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    opt = Optimisation(masters, optimizer, schedule, grad_clip=1e9)
+
+    def loss_fn(model, batch):
+        return ((model(batch["x"]).float() - batch["y"]) ** 2).mean()
+
+    batch = {"x": torch.ones(2, 4, dtype=torch.bfloat16), "y": torch.zeros(2, 1)}
+    before = {name: master.clone() for name, master in masters.state_dict().items()}
+    with torch.no_grad():
+        expected = float(loss_fn(layer, batch))
+    stats = train_step(layer, batch, loss_fn, opt)
+    assert stats.loss == expected and stats.lr == 0.5
+    assert stats.grad_norm > 0 and optimizer.param_groups[0]["lr"] == 0.25  # the schedule stepped
+    after = masters.state_dict()
+    assert all(not torch.equal(before[n], after[n]) for n in before)
+    assert all(torch.equal(p, after[n].to(torch.bfloat16)) for n, p in layer.named_parameters())
+    assert all(p.grad is None for p in layer.parameters()) and all(m.grad is None for m in masters.params)
+    with pytest.raises(NonFiniteLossError):
+        train_step(layer, batch, lambda model, batch: loss_fn(model, batch) * float("nan"), opt)
+    assert all(torch.equal(after[n], m) for n, m in masters.state_dict().items())
+    assert optimizer.param_groups[0]["lr"] == 0.25 and all(p.grad is None for p in layer.parameters())
