@@ -4,10 +4,10 @@
   -> preprocessor -> ``policy.forward`` -> backward -> ``clip_grad_norm_(policy.parameters())`` -> ``optimizer.step()``
   -> ``optimizer.zero_grad()`` -> ``lr_scheduler.step()``, with the optimiser and scheduler its presets build over
   ``policy.get_optim_params()`` (as ``make_optimizer_and_scheduler`` does).
-- ``reflowpairs``: a ``reflowpairs train`` step, by the functions ``train()`` itself uses (``_build_optimisation``,
-  ``_update``: float32 master copies of low-precision trainables, lerobot's order): stored pairs (``PairDataset`` +
-  ``PairSampler``) joined with their observations -> ``reflow_loss`` (the policy's own forward with noise := X_0,
-  action := X_1).
+- ``reflowpairs``: a ``reflowpairs train`` step, by the functions ``train()`` itself uses (``build_optimisation``,
+  ``train_step`` with ``reflow_batch_loss``: float32 master copies of low-precision trainables, lerobot's order):
+  stored pairs (``PairDataset`` + ``PairSampler``) joined with their observations -> ``reflow_loss`` (the policy's
+  own forward with noise := X_0, action := X_1).
 - ``online``: the predecessor's online reflow: a teacher in memory runs its 10-step ODE on every batch to make X_1,
   then the same student step as ``reflowpairs``.
 
@@ -17,13 +17,14 @@ Each side's ``step()`` runs one optimiser step; no side uses autocast (as ``refl
 from __future__ import annotations
 
 import itertools
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
+from reflowpairs.dataset import quiet_dataset_logs
+
+quiet_dataset_logs()
 
 SIDES = ("ordinary", "reflowpairs", "online")
 
@@ -79,7 +80,7 @@ class Side:
         from reflowpairs.dataset import frame_indices, open_dataset
         from reflowpairs.engine import make_engine
         from reflowpairs.teacher import load_policy
-        from reflowpairs.train import _build_optimisation, trainable_parameters
+        from reflowpairs.train import build_optimisation, reflow_batch_loss, trainable_parameters
 
         torch.manual_seed(seed)
         self.name, self.device = name, device
@@ -93,12 +94,13 @@ class Side:
             self.scheduler = config.get_scheduler_preset().build(self.optimizer, PLANNED_STEPS)
             self.grad_clip = config.get_optimizer_preset().grad_clip_norm
         else:  # reflowpairs train's own: the presets, master copies of low-precision trainables
-            self.opt = _build_optimisation(
+            self.opt = build_optimisation(
                 self.policy,
                 PLANNED_STEPS,
                 {"lr": None, "warmup_steps": None, "grad_clip": None},
                 str(world.teacher),
             )
+            self.loss_fn = reflow_batch_loss(self.preprocessor)
         self.steps_done = 0
         chunk = self.policy.config.chunk_size
         if name == "reflowpairs":
@@ -137,7 +139,7 @@ class Side:
     def step(self) -> float:
         from reflowpairs.solvers import SolverConfig
         from reflowpairs.timesampling import sample_time
-        from reflowpairs.train import _update
+        from reflowpairs.train import train_step
 
         batch = next(self.batches)
         self.steps_done += 1
@@ -159,8 +161,8 @@ class Side:
                         self.teacher.preprocessor(batch), x0[:, None], SolverConfig("euler", 10)
                     )[:, 0]
                 batch = {"observation": batch, "x0": x0, "x1": x1, "obs_index": batch["index"]}
-            t = sample_time("beta", batch["x0"].shape[0], self.generator, self.device)
-            value, _, _ = _update(self.policy, self.preprocessor, batch, t, None, self.opt, self.steps_done)
+            batch["t"] = sample_time("beta", batch["x0"].shape[0], self.generator, self.device)
+            value = train_step(self.policy, batch, self.loss_fn, self.opt).loss
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         return value

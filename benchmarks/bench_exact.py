@@ -12,7 +12,6 @@ and prints pairs/s of each, the speed ratio (what --exact costs), and how far th
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import tempfile
 from pathlib import Path
@@ -21,7 +20,9 @@ import numpy as np
 import torch
 from bench_generate import SIZES, build_world
 
-logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
+from reflowpairs.dataset import quiet_dataset_logs
+
+quiet_dataset_logs()
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ missed. With --dtype bfloat16 it also reports the max |X_1| difference to fp32 o
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import tempfile
 import time
@@ -26,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
+from reflowpairs.dataset import quiet_dataset_logs
+
+quiet_dataset_logs()
 
 GOALS = [(4, "plain_single", 8.0), (4, "plain_batched", 1.3), (16, "plain_batched", 1.6)]
 """Issue #7's CPU goals for the small model: (K, side, least ratio reflowpairs / side)."""

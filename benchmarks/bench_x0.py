@@ -17,7 +17,6 @@ Side by side in one run:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
@@ -26,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
+from reflowpairs.dataset import quiet_dataset_logs
+
+quiet_dataset_logs()
 
 
 def shard_bytes(store: Path) -> int:

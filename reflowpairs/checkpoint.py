@@ -73,7 +73,7 @@ def last_checkpoint(out: str | Path) -> Path | None:
     if not target.is_dir():
         raise ReflowPairsError(
             f"{link} points at {target}, which does not exist.",
-            "Repoint it at a complete checkpoints/<step> directory, or start a new run in another --out.",
+            "Repoint it at a complete checkpoints/<step> directory, or start a new run in another `out`.",
         )
     return target
 
@@ -88,9 +88,9 @@ def student_config_json(
     if num_steps is not None:
         if "num_steps" not in config:
             raise ReflowPairsError(
-                f"The student's num_steps would be {num_steps} (--student-num-steps), but the init checkpoint's "
+                f"The student's num_steps would be {num_steps} (`student_num_steps`), but the init checkpoint's "
                 "config.json has no num_steps field.",
-                "Pass --student-num-steps teacher for this policy.",
+                "Set `student_num_steps` to 'teacher' for this policy.",
             )
         config["num_steps"] = int(num_steps)
     return config
@@ -198,12 +198,12 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
         state = read_json_object(
             path,
             "The checkpoint is damaged: resume from an earlier one (repoint checkpoints/last "
-            "at it) or start a new run in another --out.",
+            "at it) or start a new run in another `out`.",
         )
     except FileNotFoundError:
         raise ReflowPairsError(
             f"{checkpoint} has no {path.relative_to(checkpoint)}: it was not written by `reflowpairs train`.",
-            "Resume only runs that `reflowpairs train` started, or start a new run in another --out.",
+            "Resume only runs that `reflowpairs train` started, or start a new run in another `out`.",
         ) from None
     if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
         raise ReflowPairsError(f"{path} is not a version {STATE_VERSION} {STATE_FORMAT} state file.")
@@ -219,7 +219,7 @@ def load_training_state(checkpoint: Path, optimizer, scheduler) -> int:
     except Exception as err:  # noqa: BLE001 - safetensors/json/torch raise many kinds
         raise ReflowPairsError(
             f"Cannot restore the training state in {training_state_dir(checkpoint)} ({type(err).__name__}: {err}).",
-            "The checkpoint is damaged or was written with other settings; start a new run in another --out.",
+            "The checkpoint is damaged or was written with other settings; start a new run in another `out`.",
         ) from err
     return int(step)
 
@@ -237,5 +237,5 @@ def load_master_params(checkpoint: Path) -> dict[str, Any] | None:
     except Exception as err:  # noqa: BLE001 - safetensors raises several kinds
         raise ReflowPairsError(
             f"Cannot read {path} ({type(err).__name__}: {err}).",
-            "The checkpoint is damaged; resume from an earlier one or start a new run in another --out.",
+            "The checkpoint is damaged; resume from an earlier one or start a new run in another `out`.",
         ) from err

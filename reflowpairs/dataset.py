@@ -7,6 +7,7 @@ is what the pair store records as ``obs_index``.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,17 @@ from typing import Any
 import numpy as np
 
 from reflowpairs.errors import ReflowPairsError
+
+DATASET_LOGGER = "lerobot.utils.import_utils"
+"""The lerobot logger that warns, when lerobot's dataset code is first imported, about every video decoder it
+could not load (a page-long "Could not load libtorchcodec" traceback where FFmpeg's shared libraries are missing;
+lerobot falls back to pyav, and image datasets never decode video)."""
+
+
+def quiet_dataset_logs() -> None:
+    """Silence ``DATASET_LOGGER`` below CRITICAL. Nothing in reflowpairs calls it on import: logging is the
+    application's to configure; the ``reflowpairs`` CLI, the test suite and the benchmarks call it."""
+    logging.getLogger(DATASET_LOGGER).setLevel(logging.CRITICAL)
 
 
 def check_dataset_root(root: str | Path | None) -> Path | None:
@@ -23,8 +35,8 @@ def check_dataset_root(root: str | Path | None) -> Path | None:
     root = Path(root).expanduser()
     if not (root / "meta" / "info.json").is_file():
         raise ReflowPairsError(
-            f"--dataset-root {root} is not a LeRobotDataset (no meta/info.json there).",
-            "Point it at the dataset's local root, the directory holding meta/ and data/.",
+            f"`dataset_root` {root} is not a LeRobotDataset (no meta/info.json there).",
+            "Set `dataset_root` to the dataset's local root, the directory holding meta/ and data/.",
         )
     return root
 
@@ -46,11 +58,13 @@ def check_episodes(episodes: Sequence[int] | None, total_episodes: int, repo_id:
     if episodes is None:
         return
     if not episodes:
-        raise ReflowPairsError("--episodes selects no episode.", "Give episode numbers, e.g. 0,2,5 or 0-9.")
+        raise ReflowPairsError(
+            "`episodes` selects no episode.", "Set `episodes` to episode numbers, e.g. 0,2,5 or 0-9."
+        )
     bad = [e for e in episodes if e < 0 or e >= total_episodes]
     if bad:
         raise ReflowPairsError(
-            f"--episodes {', '.join(map(str, bad))} out of range: dataset {repo_id} has {total_episodes} episodes "
+            f"`episodes` {', '.join(map(str, bad))} out of range: dataset {repo_id} has {total_episodes} episodes "
             f"(0 to {total_episodes - 1}).",
             "Choose episodes that exist.",
         )
@@ -80,7 +94,7 @@ def open_dataset(repo_id: str, root: str | Path | None = None, episodes: list[in
     try:
         return LeRobotDataset(repo_id, root=root, episodes=episodes, **kwargs)
     except ValueError as err:
-        raise ReflowPairsError(f"Dataset {repo_id}: {err}", "Check --episodes against the dataset.") from err
+        raise ReflowPairsError(f"Dataset {repo_id}: {err}", "Check `episodes` against the dataset.") from err
     except Exception as err:  # noqa: BLE001 - hub and file errors come in many kinds
         raise unopenable(repo_id, root, err) from err
 
@@ -90,7 +104,7 @@ def unopenable(repo_id: str, root: Path | None, err: Exception) -> ReflowPairsEr
     where = f"at {root}" if root is not None else "in the local cache or on the Hugging Face hub"
     return ReflowPairsError(
         f"Could not open dataset {repo_id!r} {where} ({type(err).__name__}: {err}).",
-        "Give --dataset-root DIR for a local copy, or check the repo id and your network.",
+        "Set `dataset_root` to a local copy, or check the repo id and your network.",
     )
 
 

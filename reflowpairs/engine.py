@@ -327,15 +327,23 @@ class SmolVLAEngine:
 
 
 @contextmanager
-def configured_num_steps(policy, num_steps: int) -> Iterator[None]:
-    """Within the block, ``policy`` samples with ``num_steps`` Euler steps (lerobot's ``sample_actions`` reads the
-    count from ``config.num_steps`` only); the config's own value is restored after."""
+def lerobot_sampling_steps(policy, num_steps: int) -> Iterator[None]:
+    """The one place reflowpairs changes a built policy's config: within the block, lerobot's own sampler
+    (``predict_action_chunk`` -> ``sample_actions``) integrates with ``num_steps`` Euler steps.
+
+    lerobot 0.6's SmolVLA ``sample_actions`` reads the step count from ``config.num_steps`` only (it takes noise and
+    RTC arguments, no step count), so calling lerobot's sampler at another count means setting the config. Only the
+    callers that must run lerobot's own code use this (``ExactSampler``, eval's latency of lerobot's call path); the
+    engine's own sampling (``SmolVLAEngine.sample``, ``velocity_field`` + ``solvers.integrate``) takes the count as an
+    argument (``SolverConfig.num_steps``) and never touches the config. The config's value is restored and the
+    policy's action queue reset (``policy.reset()``) on leaving the block, also on error."""
     saved = policy.config.num_steps
     policy.config.num_steps = num_steps
     try:
         yield
     finally:
         policy.config.num_steps = saved
+        policy.reset()
 
 
 class ExactSampler:
@@ -359,18 +367,17 @@ class ExactSampler:
         if solver.name != "euler":
             raise ReflowPairsError(
                 f"The exact sampler is lerobot's own Euler sampler; it cannot run the {solver.name} solver.",
-                "Drop --exact, or use --solver euler.",
+                "Unset `exact`, or set `solver` to euler.",
             )
         frames, samples = noise.shape[:2]
         out = []
-        with configured_num_steps(self.policy, solver.num_steps):
+        with lerobot_sampling_steps(self.policy, solver.num_steps):
             for f in range(frames):
                 frame = repeat_frames(slice_frames(batch, f, f + 1, frames), 1, samples)
                 self.policy.reset()
                 out.append(
                     self.policy.predict_action_chunk(frame, noise=noise[f].to(self.device, torch.float32))
                 )
-        self.policy.reset()
         return torch.stack(out)
 
 

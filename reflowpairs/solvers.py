@@ -48,7 +48,7 @@ class SolverConfig:
         if self.num_steps < 1:
             raise ReflowPairsError(f"num_steps must be at least 1, got {self.num_steps}.")
         if not (self.rtol > 0 and self.atol > 0):
-            raise ReflowPairsError(f"--rtol and --atol must be positive, got {self.rtol} and {self.atol}.")
+            raise ReflowPairsError(f"`rtol` and `atol` must be positive, got {self.rtol} and {self.atol}.")
 
 
 def integrate(velocity: Velocity, noise: Tensor, solver: SolverConfig) -> Tensor:

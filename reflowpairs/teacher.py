@@ -67,11 +67,12 @@ def resolve_device(device: str) -> str:
         return "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ReflowPairsError(
-            f"--device {device} was asked for, but CUDA is not available here.", "Use --device cpu or auto."
+            f"`device` {device} was asked for, but CUDA is not available here.",
+            "Set `device` to cpu or auto.",
         )
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ReflowPairsError(
-            "--device mps was asked for, but MPS is not available here.", "Use --device cpu or auto."
+            "`device` mps was asked for, but MPS is not available here.", "Set `device` to cpu or auto."
         )
     if device not in ("cpu", "mps") and not device.startswith("cuda"):
         raise ReflowPairsError(f"Unknown device {device!r}.", "Use auto, cpu, cuda, cuda:N or mps.")

@@ -44,7 +44,8 @@ def check_time_sampling(name: str) -> str:
     """``name`` if it is a known time sampling, else a ``ReflowPairsError`` listing the choices."""
     if name not in TIME_SAMPLINGS:
         raise ReflowPairsError(
-            f"Unknown --time-sampling {name!r}.", f"Choose one of: {', '.join(TIME_SAMPLINGS)}."
+            f"Unknown `time_sampling` {name!r}.",
+            f"Set `time_sampling` to one of: {', '.join(TIME_SAMPLINGS)}.",
         )
     return name
 

@@ -355,18 +355,31 @@ def tiny_smolvla_config(vlm_dir: str | Path, dataset_meta, spec: TinyTeacherSpec
     )
 
 
+def _flow_matching_loss(preprocessor):
+    """``train_step``'s loss for the tiny teacher: lerobot's ordinary flow-matching loss (``policy.forward`` on a
+    preprocessed dataset batch, lerobot drawing the noise and times) on a raw batch with its action chunk."""
+
+    def loss(policy, batch):
+        value, _ = policy.forward(preprocessor(batch))
+        return value
+
+    return loss
+
+
 def build_tiny_teacher(
     vlm_dir: str | Path,
     dataset,
     out_dir: str | Path,
     spec: TinyTeacherSpec = TinyTeacherSpec(),
 ) -> Path:
-    """Train a tiny SmolVLA on ``dataset`` with lerobot's own flow-matching loss (``policy.forward``)
-    and save it as ``lerobot-train`` saves ``pretrained_model/``: config.json, model.safetensors and
-    the policy pre/post-processor files."""
+    """Train a tiny SmolVLA on ``dataset`` with lerobot's own flow-matching loss (``policy.forward``), by
+    ``reflowpairs.train.train_step`` (AdamW, cosine schedule, gradient clip 1), and save it as ``lerobot-train``
+    saves ``pretrained_model/``: config.json, model.safetensors and the policy pre/post-processor files."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     from lerobot.policies.factory import make_pre_post_processors
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    from reflowpairs.train import MasterWeights, Optimisation, train_step
 
     torch.manual_seed(spec.seed)
     cfg = tiny_smolvla_config(vlm_dir, dataset.meta, spec)
@@ -385,19 +398,18 @@ def build_tiny_teacher(
         drop_last=True,
         generator=torch.Generator().manual_seed(spec.seed),
     )
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    # reflowpairs' own training step (train_step: float32 masters of any bfloat16 parameter) with a plain AdamW and
+    # a cosine schedule, over the trainable parameters in ``policy.parameters()`` order
+    masters = MasterWeights([(n, p) for n, p in policy.named_parameters() if p.requires_grad])
+    optimizer = torch.optim.AdamW(masters.params, lr=spec.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.train_steps)
+    opt = Optimisation(masters, optimizer, schedule, grad_clip=1.0)
     policy.train()
-    step = 0
+    loss_fn = _flow_matching_loss(preprocessor)
+    step, stats = 0, None
     while step < spec.train_steps:
         for batch in loader:
-            loss, _ = policy.forward(preprocessor(batch))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
+            stats = train_step(policy, batch, loss_fn, opt)
             step += 1
             if step >= spec.train_steps:
                 break
@@ -405,7 +417,7 @@ def build_tiny_teacher(
     policy.save_pretrained(out_dir)
     preprocessor.save_pretrained(out_dir)
     postprocessor.save_pretrained(out_dir)
-    (out_dir / "tiny_training.json").write_text(json.dumps({"final_loss": loss.item(), "steps": step}))
+    (out_dir / "tiny_training.json").write_text(json.dumps({"final_loss": stats.loss, "steps": step}))
     return out_dir
 
 

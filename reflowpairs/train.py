@@ -349,43 +349,153 @@ class MasterWeights:
         self._round_into_model()
 
 
+# --- one optimiser step -----------------------------------------------------------------------------
+
+LossFn = Callable[[torch.nn.Module, Any], Tensor]
+"""``loss_fn(model, batch)``: the scalar training loss of ``batch`` under ``model`` (``train_step`` runs it under
+its autocast). ``reflow_batch_loss`` is stage 2's; the tiny teacher's is lerobot's plain ``policy.forward``."""
+
+
+@dataclass
+class Optimisation:
+    """What updates a model: ``optimizer`` steps ``masters.params`` (float32 masters of the low-precision trainable
+    parameters, the float32 ones themselves), gradients clipped to ``grad_clip`` (total norm); ``scheduler`` (any
+    object with ``step()``, e.g. a lerobot preset's ``LambdaLR``) is stepped after every update, or None. ``plan``
+    is the lerobot preset plan it was built from (``build_optimisation``), None for a hand-built one."""
+
+    masters: MasterWeights
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    grad_clip: float
+    plan: OptimPlan | None = None
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one ``train_step`` did: the loss it computed, the gradient norm before clipping, the lr it used."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+
+
+class NonFiniteLossError(ReflowPairsError):
+    """``train_step`` computed a NaN or infinite loss; nothing was updated (raised before ``backward``)."""
+
+    def __init__(self, loss: float):
+        super().__init__(f"The loss became non-finite ({loss}).")
+        self.loss = loss
+
+
+def train_step(
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: LossFn,
+    opt: Optimisation,
+    autocast_dtype: torch.dtype | None = None,
+) -> StepStats:
+    """One optimiser step in lerobot's order (``lerobot_train.update_policy``), the only one stage 2, the
+    benchmarks and the tiny teacher's training take:
+
+    1. forward: ``loss = loss_fn(model, batch)``, a scalar, under ``torch.autocast`` with ``autocast_dtype``
+       (None: no autocast, plain float32); a non-finite loss raises ``NonFiniteLossError`` before anything changes;
+    2. ``loss.backward()``;
+    3. ``opt.masters.step``: gradients moved onto the float32 masters, total-norm clip to ``opt.grad_clip``,
+       ``optimizer.step()``, the masters rounded into the model's low-precision parameters, ``zero_grad``;
+    4. ``opt.scheduler.step()`` when there is a schedule.
+
+    ``batch`` is whatever ``loss_fn`` reads: for stage 2 (``reflow_batch_loss``) a dict with ``observation`` (a
+    collated raw dataset batch of B frames), ``x0`` ``(B, T, max_action_dim)``, ``x1`` ``(B, T, A)`` and ``t``
+    ``(B,)`` on the model's device. ``model`` may be a ``DistributedDataParallel`` wrapper of the policy whose
+    parameters ``opt.masters`` holds. Returns the loss, the gradient norm before clipping and the lr the step
+    used (``optimizer.param_groups[0]["lr"]`` before the scheduler moved it)."""
+    device_type = opt.masters.model_params[0].device.type
+    with torch.autocast(
+        device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+    ):
+        loss = loss_fn(model, batch)
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(float(loss.detach()))
+    loss.backward()
+    lr = opt.optimizer.param_groups[0]["lr"]
+    grad_norm = opt.masters.step(opt.optimizer, float(opt.grad_clip))
+    if opt.scheduler is not None:
+        opt.scheduler.step()
+    return StepStats(float(loss.detach()), float(grad_norm), lr)
+
+
+def reflow_batch_loss(preprocessor) -> LossFn:
+    """Stage 2's ``LossFn``: ``reflow_loss`` of a batch of stored pairs with its times (``observation``, ``x0``,
+    ``x1``, ``t``; see ``train_step``)."""
+
+    def loss(model, batch: dict[str, Any]) -> Tensor:
+        value, _ = reflow_loss(
+            model, preprocessor, batch["observation"], batch["x0"], batch["x1"], batch["t"]
+        )
+        return value
+
+    return loss
+
+
+def build_optimisation(policy, steps: int, settings: dict[str, Any], init_source: str) -> Optimisation:
+    """The policy's lerobot optimiser and schedule (``plan_optimizer`` with ``settings``' ``lr``, ``warmup_steps``,
+    ``grad_clip``) over float32 master copies of its trainable parameters, for a ``steps``-step run."""
+    plan = plan_optimizer(
+        policy.config, steps, settings["lr"], settings["warmup_steps"], settings["grad_clip"]
+    )
+    named = trainable_named_parameters(policy)
+    if not named:
+        raise ReflowPairsError(f"The policy in {init_source} has no trainable parameters under its config.")
+    masters = MasterWeights(named)
+    optimizer = plan.optimizer.build(masters.params)
+    scheduler = plan.scheduler.build(optimizer, steps) if plan.scheduler is not None else None
+    return Optimisation(masters, optimizer, scheduler, float(plan.optimizer.grad_clip_norm), plan)
+
+
 # --- input checks -----------------------------------------------------------------------------------
 
 
 def _check_args(cfg: TrainConfig) -> None:
     for name, value, least in (
-        ("--steps", cfg.steps, 1),
-        ("--batch-size", cfg.batch_size, 1),
-        ("--save-every", cfg.save_every, 1),
-        ("--log-every", cfg.log_every, 1),
-        ("--num-workers", cfg.num_workers, 0),
-        ("--shuffle-window", cfg.shuffle_window, 1),
-        ("--warmup-steps", cfg.warmup_steps, 0),
-        ("--seed", cfg.seed, 0),
+        ("steps", cfg.steps, 1),
+        ("batch_size", cfg.batch_size, 1),
+        ("save_every", cfg.save_every, 1),
+        ("log_every", cfg.log_every, 1),
+        ("num_workers", cfg.num_workers, 0),
+        ("shuffle_window", cfg.shuffle_window, 1),
+        ("warmup_steps", cfg.warmup_steps, 0),
+        ("seed", cfg.seed, 0),
     ):
         if value is not None and value < least:
-            raise ReflowPairsError(f"{name} must be at least {least}, got {value}.")
+            raise ReflowPairsError(
+                f"`{name}` must be at least {least}, got {value}.", f"Set `{name}` to {least} or more."
+            )
     if isinstance(cfg.student_num_steps, str):
         parse_student_num_steps(cfg.student_num_steps)  # refuses anything but a number or "teacher"
     elif cfg.student_num_steps is not None and cfg.student_num_steps < 1:
         raise ReflowPairsError(
-            f"--student-num-steps must be at least 1, got {cfg.student_num_steps}.",
-            "Pass a step count such as 1 or 2, or 'teacher' to keep the teacher's num_steps.",
+            f"`student_num_steps` must be at least 1, got {cfg.student_num_steps}.",
+            "Set `student_num_steps` to a step count such as 1 or 2, or 'teacher' to keep the teacher's num_steps.",
         )
-    for name, value in (("--lr", cfg.lr), ("--grad-clip", cfg.grad_clip)):
+    for name, value in (("lr", cfg.lr), ("grad_clip", cfg.grad_clip)):
         if value is not None and not (math.isfinite(value) and value > 0):
-            raise ReflowPairsError(f"{name} must be a positive number, got {value}.")
+            raise ReflowPairsError(
+                f"`{name}` must be a positive number, got {value}.", f"Set `{name}` above 0."
+            )
     if cfg.time_sampling is not None:
         check_time_sampling(cfg.time_sampling)
     if cfg.precision not in PRECISIONS:
-        raise ReflowPairsError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}.")
+        raise ReflowPairsError(
+            f"`precision` must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}.",
+            "Set `precision` to one of those.",
+        )
 
 
 def _check_out(out: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a new run), after refusing an --out that does not fit."""
+    """The checkpoint to resume from (None for a new run), after refusing an ``out`` that does not fit."""
     if out.exists() and not out.is_dir():
         raise ReflowPairsError(
-            f"--out {out} exists and is not a directory.", "Choose a directory for the run."
+            f"`out` {out} exists and is not a directory.", "Set `out` to a directory for the run."
         )
     has_run = checkpoints_dir(out).is_dir() and any(
         p for p in checkpoints_dir(out).iterdir() if not p.name.startswith(".")
@@ -393,15 +503,15 @@ def _check_out(out: Path, resume: bool) -> Path | None:
     if not resume:
         if has_run:  # a log without any checkpoint (a run killed before its first save) is simply restarted
             raise ReflowPairsError(
-                f"--out {out} already holds a training run.",
-                "Pass --resume to continue it from checkpoints/last, or choose another --out.",
+                f"`out` {out} already holds a training run.",
+                "Set `resume` to continue it from checkpoints/last, or choose another `out`.",
             )
         return None
     checkpoint = last_checkpoint(out)
     if checkpoint is None:
         raise ReflowPairsError(
-            f"--resume was given but {out} has no checkpoints/last to resume from.",
-            "Drop --resume to start a new run there, or point --out at an earlier run.",
+            f"`resume` was set but {out} has no checkpoints/last to resume from.",
+            "Unset `resume` to start a new run there, or point `out` at an earlier run.",
         )
     return checkpoint
 
@@ -486,8 +596,8 @@ def parse_student_num_steps(text: str | None) -> int | str | None:
         return int(text)
     except ValueError:
         raise ReflowPairsError(
-            f"--student-num-steps must be a whole number of steps or 'teacher', got {text!r}.",
-            "Pass e.g. --student-num-steps 1 (the default) or --student-num-steps teacher to keep the teacher's num_steps.",
+            f"`student_num_steps` must be a whole number of steps or 'teacher', got {text!r}.",
+            "Set `student_num_steps` to e.g. 1 (the default), or to 'teacher' to keep the teacher's num_steps.",
         ) from None
 
 
@@ -511,7 +621,7 @@ def _resolve_settings(cfg: TrainConfig, state: dict[str, Any] | None) -> dict[st
     if differences:
         raise ReflowPairsError(
             "Cannot resume with other training settings: " + "; ".join(differences) + ".",
-            "Leave those options out (a resumed run keeps its own settings), or start a new run in another --out.",
+            "Leave those settings unset (a resumed run keeps its own), or start a new run in another `out`.",
         )
     return {name: given[name] if given[name] is not None else recorded.get(name) for name in INHERITED}
 
@@ -557,11 +667,11 @@ def verify_store(path: Path, progress: Callable[[int, int], None] | None = None)
 
 def _mismatch(what: str, allow: bool, warnings: list[str]) -> None:
     if allow:
-        warnings.append(what + " (allowed by --allow-mismatch)")
+        warnings.append(what + " (allowed by --allow-mismatch)")  # a warning, printed as is: not an error
         return
     raise ReflowPairsError(
         what,
-        "Train with the checkpoint and dataset the store was generated from, or pass --allow-mismatch "
+        "Train with the checkpoint and dataset the store was generated from, or set `allow_mismatch` "
         "if you know they are equivalent. Nothing was written.",
     )
 
@@ -592,8 +702,8 @@ def _prepare(
     if state is not None and state["store"]["store_id"] != manifest.get("store_id"):
         raise ReflowPairsError(
             f"Cannot resume: the run in {cfg.out} trained on store {state['store']['store_id']} "
-            f"({state['store']['path']}), but --pairs {cfg.pairs} is store {manifest.get('store_id')}.",
-            "Resume with the store the run started on, or start a new run in another --out.",
+            f"({state['store']['path']}), but `pairs` {cfg.pairs} is store {manifest.get('store_id')}.",
+            "Resume with the store the run started on, or start a new run in another `out`.",
         )
 
     # The init checkpoint: --init, else the manifest's teacher (or, on resume, what the run started from).
@@ -611,28 +721,28 @@ def _prepare(
             init_source = str(Path(init_source).expanduser().resolve())
         if not init_source:
             raise ReflowPairsError(
-                f"The manifest of {cfg.pairs} names no teacher checkpoint.", "Pass --init PATH_OR_REPO_ID."
+                f"The manifest of {cfg.pairs} names no teacher checkpoint.",
+                "Set `init` to the teacher checkpoint (a path or hub repo id).",
             )
         try:
             config_path = checkpoint_file(init_source, "config.json")
         except ReflowPairsError as err:
             where = (
-                "--init"
+                "`init`"
                 if cfg.init
                 else f"The store's teacher ({manifest['teacher'].get('source')!r}, from its manifest)"
             )
             raise ReflowPairsError(
-                f"{where}: {err.what}", "Pass --init with the teacher checkpoint's current location."
+                f"{where}: {err.what}", "Set `init` to the teacher checkpoint's current location."
             ) from err
         try:
             init_config = read_json_object(
                 config_path,
-                "The checkpoint's config.json is damaged: pass --init with a "
-                "good copy of the teacher checkpoint.",
+                "The checkpoint's config.json is damaged: set `init` to a good copy of the teacher checkpoint.",
             )
         except FileNotFoundError as err:
             raise ReflowPairsError(
-                f"{config_path} is missing.", "Pass --init with a complete checkpoint."
+                f"{config_path} is missing.", "Set `init` to a complete checkpoint."
             ) from err
         init_fp = fingerprint_checkpoint(init_source)
     store_teacher = manifest.get("teacher", {}).get("fingerprint")
@@ -652,7 +762,7 @@ def _prepare(
         if not (root / "meta" / "info.json").is_file():
             raise ReflowPairsError(
                 f"The store's dataset {recorded.get('repo_id')!r} was read from {root}, which holds no dataset now.",
-                "Pass --dataset-root with where the dataset is now.",
+                "Set `dataset_root` to where the dataset is now.",
             )
     dataset = open_dataset(recorded.get("repo_id"), root)
     if recorded.get("fingerprint") != dataset_fingerprint(dataset):
@@ -669,7 +779,7 @@ def _prepare(
         shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
         raise ReflowPairsError(
             f"{len(missing)} obs_index values of store {cfg.pairs} are not frames of the dataset at {dataset.root}: {shown}.",
-            "Train with the dataset the store was generated from (--dataset-root).",
+            "Train with the dataset the store was generated from (`dataset_root`).",
         )
 
     # The one policy of this process: the student (the init checkpoint, or the checkpoint resumed from).
@@ -694,8 +804,8 @@ def _precision(name: str, device: str) -> torch.dtype | None:
     if name == "bfloat16":
         if not cuda:
             raise ReflowPairsError(
-                f"--precision bfloat16 is for CUDA devices; this run is on {device}.",
-                "Use --precision float32 or auto.",
+                f"`precision` bfloat16 is for CUDA devices; this run is on {device}.",
+                "Set `precision` to float32 or auto.",
             )
         return torch.bfloat16
     return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
@@ -746,9 +856,9 @@ def _write_failed(out: Path, what: str, err: OSError, last: Path | None) -> Refl
         else "no checkpoint was complete yet"
     )
     return ReflowPairsError(
-        f"Writing {what} to --out {out} failed ({err.strerror or err}); {kept}.",
-        "Free disk space or fix permissions, then rerun the same command with --resume"
-        + (" (or without it, into an empty --out)." if last is None else "."),
+        f"Writing {what} to `out` {out} failed ({err.strerror or err}); {kept}.",
+        "Free disk space or fix permissions, then rerun the same command with `resume` set"
+        + (" (or without it, into an empty `out`)." if last is None else "."),
     )
 
 
@@ -780,30 +890,6 @@ class _StopFlag:
 # --- the run ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Optimisation:
-    """What updates the student: ``optimizer`` steps ``masters.params`` (float32 masters of the low-precision
-    trainable parameters, the float32 ones themselves); ``scheduler`` is None for a preset without one."""
-
-    plan: OptimPlan
-    masters: MasterWeights
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-
-
-def _build_optimisation(policy, steps: int, settings: dict[str, Any], init_source: str) -> _Optimisation:
-    plan = plan_optimizer(
-        policy.config, steps, settings["lr"], settings["warmup_steps"], settings["grad_clip"]
-    )
-    named = trainable_named_parameters(policy)
-    if not named:
-        raise ReflowPairsError(f"The policy in {init_source} has no trainable parameters under its config.")
-    masters = MasterWeights(named)
-    optimizer = plan.optimizer.build(masters.params)
-    scheduler = plan.scheduler.build(optimizer, steps) if plan.scheduler is not None else None
-    return _Optimisation(plan, masters, optimizer, scheduler)
-
-
 def _check_resume_steps(
     cfg: TrainConfig, state: dict[str, Any], policy_config, settings: dict[str, Any]
 ) -> ScheduleChange | None:
@@ -812,20 +898,21 @@ def _check_resume_steps(
     start_step, old_steps = int(state["step"]), int(state["steps"])
     if start_step >= cfg.steps:
         raise ReflowPairsError(
-            f"The run in {cfg.out} is already at step {start_step}, and --steps is {cfg.steps}.",
-            "Pass a larger --steps to train further.",
+            f"The run in {cfg.out} is already at step {start_step}, and `steps` is {cfg.steps}.",
+            "Set a larger `steps` to train further.",
         )
     change = schedule_change(policy_config, settings, old_steps, cfg.steps, start_step)
     if change is not None and not cfg.allow_schedule_change:
-        keep = f", or resume with --steps {old_steps} to keep it" if start_step < old_steps else ""
+        keep = f", or resume with `steps` {old_steps} to keep it" if start_step < old_steps else ""
         raise ReflowPairsError(
-            f"Resuming the run in {cfg.out} with --steps {cfg.steps} would change its lr schedule mid-run: {change.describe()}.",
-            f"Pass --allow-schedule-change to continue on the {cfg.steps:,}-step schedule{keep}.",
+            f"Resuming the run in {cfg.out} with `steps` {cfg.steps} would change its lr schedule mid-run: "
+            f"{change.describe()}.",
+            f"Set `allow_schedule_change` to continue on the {cfg.steps:,}-step schedule{keep}.",
         )
     return change
 
 
-def _restore(opt: _Optimisation, checkpoint: Path, warnings: list[str]) -> int:
+def _restore(opt: Optimisation, checkpoint: Path, warnings: list[str]) -> int:
     """Restore optimiser, scheduler, RNG state and float32 master copies from ``checkpoint``; returns its step."""
     start_step = load_training_state(checkpoint, opt.optimizer, opt.scheduler)
     if opt.scheduler is not None:
@@ -842,7 +929,7 @@ def _restore(opt: _Optimisation, checkpoint: Path, warnings: list[str]) -> int:
             except ValueError as err:
                 raise ReflowPairsError(
                     f"Cannot restore {MASTER_FILE} of {checkpoint}: {err}.",
-                    "The checkpoint was written for other trainable parameters; start a new run in another --out.",
+                    "The checkpoint was written for other trainable parameters; start a new run in another `out`.",
                 ) from err
     return start_step
 
@@ -854,41 +941,113 @@ def _held_out_episodes(inputs: _Inputs) -> list[int]:
     return [] if stored is None else sorted(set(range(total)) - {int(e) for e in stored})
 
 
-def _plan_info(
-    cfg: TrainConfig,
-    inputs: _Inputs,
-    opt: _Optimisation,
-    settings: dict[str, Any],
-    resume_from: Path | None,
-    start_step: int,
-    samples_seen: int,
-    device: str,
-    autocast_dtype: torch.dtype | None,
-    change: ScheduleChange | None,
-    config_json: dict[str, Any],
-    threads: str,
-) -> dict[str, Any]:
+@dataclass
+class _Run:
+    """A checked, planned run: its settings and inputs, before anything is written (``_plan_run``)."""
+
+    cfg: TrainConfig
+    out: Path
+    resume_from: Path | None  # the checkpoint resumed from; None for a new run
+    state: dict[str, Any] | None  # its training state
+    settings: dict[str, Any]  # INHERITED settings, resolved
+    dist: DistContext
+    device: str
+    autocast_dtype: torch.dtype | None
+    threads: str  # ThreadPlan.describe()
+    inputs: _Inputs
+    change: ScheduleChange | None  # the schedule change a resume was allowed
+    config_json: dict[str, Any]  # the student's config.json
+
+    @property
+    def policy(self):
+        return self.inputs.loaded.policy
+
+    @property
+    def preprocessor(self):
+        return self.inputs.loaded.preprocessor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.settings["batch_size"])
+
+
+@dataclass
+class _Start:
+    """Where the loop starts: the step and the samples the data order has already served."""
+
+    step: int
+    samples_seen: int
+
+
+def _plan_run(cfg: TrainConfig, on_verify: Callable[[int, int], None] | None) -> _Run:
+    """Every check (settings, ``out``, the store's checksums, fingerprints, shapes, frames) and the loaded student;
+    nothing is written."""
+    from reflowpairs.teacher import resolve_device
+
+    _check_args(cfg)
+    threads = configure_threads(cfg.num_workers)
+    out = Path(cfg.out)
+    resume_from = _check_out(out, cfg.resume)
+    state = read_state(resume_from) if resume_from is not None else None
+    settings = _resolve_settings(cfg, state)
+    dist = DistContext.from_env()
+    device = resolve_device(dist.device(cfg.device))
+    autocast_dtype = _precision(cfg.precision, device)
+    inputs = _prepare(cfg, resume_from, state, on_verify)
+    policy_config = inputs.loaded.policy.config
+    change = _check_resume_steps(cfg, state, policy_config, settings) if state is not None else None
+    config_json = student_config_json(
+        inputs.init_config, inputs.init_source, _saved_num_steps(settings["student_num_steps"])
+    )
+    return _Run(
+        cfg=cfg,
+        out=out,
+        resume_from=resume_from,
+        state=state,
+        settings=settings,
+        dist=dist,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        threads=threads.describe(),
+        inputs=inputs,
+        change=change,
+        config_json=config_json,
+    )
+
+
+def _restore_or_seed(run: _Run, opt: Optimisation) -> _Start:
+    """On resume, the checkpoint's optimiser, schedule, masters and RNG state; for a new run, the seed."""
+    from lerobot.utils.random_utils import set_seed
+
+    if run.resume_from is None:
+        set_seed(int(run.settings["seed"]))
+        return _Start(0, 0)
+    step = _restore(opt, run.resume_from, run.inputs.warnings)
+    return _Start(step, int(run.state["samples_seen"]))
+
+
+def _plan_info(run: _Run, opt: Optimisation, start: _Start) -> dict[str, Any]:
     """What ``on_plan`` receives: the run as it will happen."""
-    policy = inputs.loaded.policy
+    cfg, inputs, change = run.cfg, run.inputs, run.change
     return {
         "init": inputs.init_source,
-        "resumed_from": str(resume_from) if resume_from is not None else None,
-        "start_step": start_step,
+        "resumed_from": str(run.resume_from) if run.resume_from is not None else None,
+        "start_step": start.step,
         "steps": cfg.steps,
-        "device": device,
-        "threads": threads,  # ThreadPlan.describe()
-        "precision": "bfloat16 autocast" if autocast_dtype is not None else "float32",
+        "device": run.device,
+        "threads": run.threads,  # ThreadPlan.describe()
+        "precision": "bfloat16 autocast" if run.autocast_dtype is not None else "float32",
         "trainable_params": sum(p.numel() for p in opt.masters.model_params),
         "trainable_dtypes": opt.masters.dtype_counts(),  # elements per dtype, e.g. {"bfloat16": N, "float32": M}
         "master_copies": opt.masters.has_copies,  # bfloat16/float16 trainables step as float32 masters
-        "total_params": sum(p.numel() for p in policy.parameters()),
+        "total_params": sum(p.numel() for p in run.policy.parameters()),
         "num_pairs": len(inputs.store),
-        "samples_seen": samples_seen,
+        "samples_seen": start.samples_seen,
         **{
-            k: settings[k]
+            k: run.settings[k]
             for k in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps")
         },
-        "saved_num_steps": config_json.get("num_steps"),
+        "saved_num_steps": run.config_json.get("num_steps"),
         "teacher_num_steps": inputs.init_config.get("num_steps"),
         **opt.plan.describe(),
         "schedule_change": None if change is None else {**asdict(change), "text": change.describe()},
@@ -896,34 +1055,204 @@ def _plan_info(
     }
 
 
-def _update(
-    model,
-    preprocessor,
-    batch: dict[str, Any],
-    t: Tensor,
-    autocast_dtype: torch.dtype | None,
-    opt: _Optimisation,
-    step: int,
-) -> tuple[float, float, float]:
-    """Optimiser step ``step`` (1-based) in lerobot's order (``update_policy``): forward, backward, clip, step,
-    ``zero_grad``, scheduler step. Returns the loss, the gradient norm before clipping and the lr it used."""
-    device_type = t.device.type
-    with torch.autocast(
-        device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-    ):
-        loss, _ = reflow_loss(model, preprocessor, batch["observation"], batch["x0"], batch["x1"], t)
-    if not torch.isfinite(loss):
-        raise ReflowPairsError(
-            f"The loss became non-finite at step {step} (obs_index {batch['obs_index'].tolist()[:8]} ...).",
-            "Lower --lr or check the store with `reflowpairs validate`; the last checkpoint is kept "
-            "(--resume continues from it).",
-        )
-    loss.backward()
-    lr = opt.optimizer.param_groups[0]["lr"]
-    grad_norm = opt.masters.step(opt.optimizer, float(opt.plan.optimizer.grad_clip_norm))
-    if opt.scheduler is not None:
-        opt.scheduler.step()
-    return float(loss.detach()), float(grad_norm), lr
+def _open_out(run: _Run, start: _Start) -> Path:
+    """Every check has passed: only now is ``out`` touched (leftovers of a killed run cleaned, the log trimmed to
+    the resumed step). Returns the log's path."""
+    log_path = run.out / LOG_FILE
+    if run.dist.is_main:
+        check_writable(run.out)
+        clean_leftovers(run.out)
+        _trim_log(log_path, start.step)
+    run.dist.barrier()
+    return log_path
+
+
+def _loader(run: _Run, start: _Start) -> torch.utils.data.DataLoader:
+    """Batches of stored pairs joined with their observations, in the seeded shard-windowed order from
+    ``start.samples_seen`` on; each process of a data-parallel run gets its slice of every global batch."""
+    settings, cfg = run.settings, run.cfg
+    pairs = PairDataset(
+        run.inputs.store,
+        run.inputs.dataset,
+        run.inputs.lookup,
+        cache_shards=int(settings["shuffle_window"]) + 1,
+    )
+    order = PairSampler(
+        pairs.counts, int(settings["seed"]), int(settings["shuffle_window"]), start=start.samples_seen
+    )
+    return torch.utils.data.DataLoader(
+        pairs,
+        batch_size=run.batch_size,
+        sampler=RankSlice(order, run.dist.rank, run.dist.world),
+        num_workers=cfg.num_workers,
+        pin_memory=run.device.startswith("cuda"),
+        generator=torch.Generator().manual_seed(int(settings["seed"])),
+        persistent_workers=cfg.num_workers > 0,
+    )
+
+
+TEST_SAVED_FD = "REFLOWPAIRS_TEST_SAVED_FD"
+"""Test hook: an inherited file descriptor (a pipe's write end) to which the main process writes ``"<step>\\n"``
+after each checkpoint it saves, so a test can interrupt a run once a checkpoint exists without polling for it
+(``tests/test_train.py``'s Ctrl-C and SIGKILL tests). Unset in normal use."""
+
+
+class _Saver:
+    """Writes checkpoints (``save``) and remembers the last complete one."""
+
+    def __init__(self, run: _Run, opt: Optimisation, start: _Start):
+        self.run, self.opt, self.start = run, opt, start
+        self.checkpoint, self.saved_at = run.resume_from, start.step
+        inputs = run.inputs
+        manifest = inputs.store.manifest
+        self.store_info = {
+            "path": str(Path(run.cfg.pairs).resolve()),
+            "store_id": manifest.get("store_id"),
+            "teacher_fingerprint": manifest.get("teacher", {}).get("fingerprint"),
+            "dataset_fingerprint": manifest.get("dataset", {}).get("fingerprint"),
+            "num_pairs": len(inputs.store),
+        }
+        hook = os.environ.get(TEST_SAVED_FD)
+        self._hook_fd = int(hook) if hook else None
+
+    def state_for(self, step: int) -> dict[str, Any]:
+        """The training state of checkpoint ``step`` (what ``--resume`` continues from)."""
+        run = self.run
+        done = (step - self.start.step) * run.batch_size * run.dist.world
+        return {
+            "samples_seen": self.start.samples_seen + done,
+            "settings": {name: run.settings[name] for name in INHERITED},
+            "effective": self.opt.plan.describe(),
+            "store": self.store_info,
+            "init": {"source": run.inputs.init_source, "fingerprint": run.inputs.init_fingerprint},
+            "init_config": run.inputs.init_config,
+            "steps": run.cfg.steps,
+            "warnings": run.inputs.warnings,
+        }
+
+    def save(self, step: int) -> None:
+        """Checkpoint ``step`` (the main process only); ``checkpoints/last`` moves to it once it is complete."""
+        run = self.run
+        try:
+            self.checkpoint = save_checkpoint(
+                run.out,
+                step,
+                run.cfg.steps,
+                run.policy,
+                run.preprocessor,
+                run.inputs.loaded.postprocessor,
+                run.config_json,
+                self.opt.optimizer,
+                self.opt.scheduler,
+                self.state_for(step),
+                batch_size=run.batch_size,
+                master_params=self.opt.masters.state_dict(),
+            )
+        except OSError as err:
+            raise _write_failed(run.out, f"checkpoint {step}", err, self.checkpoint) from err
+        self.saved_at = step
+        if self._hook_fd is not None:
+            os.write(self._hook_fd, f"{step}\n".encode())
+
+
+def _model(run: _Run):
+    """The module the loop runs: the policy, or in a data-parallel run its DDP wrapper (gradients averaged)."""
+    if run.dist.world == 1:
+        return run.policy
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(run.policy)
+
+
+def _loop(
+    run: _Run,
+    opt: Optimisation,
+    saver: _Saver,
+    start: _Start,
+    log_path: Path,
+    progress: Progress | None,
+    on_log: Callable[[dict[str, Any]], None] | None,
+) -> tuple[int, float, float]:
+    """One ``train_step`` per batch until ``cfg.steps``: a log record every ``log_every`` steps, a checkpoint every
+    ``save_every`` steps and at the end. Ctrl-C: the step in flight finishes, a checkpoint is saved, and
+    ``TrainingInterrupted`` is raised. Returns the last step, its loss and the seconds the loop took."""
+    cfg, dist, settings = run.cfg, run.dist, run.settings
+    model, loss_fn, loader = _model(run), reflow_batch_loss(run.preprocessor), _loader(run, start)
+    run.policy.train()
+    started = time.perf_counter()
+    step, loss_value = start.step, float("nan")
+    with _StopFlag() as stop, open(log_path if dist.is_main else os.devnull, "a") as log:
+        batches = iter(loader)
+        try:
+            while step < cfg.steps:
+                batch = next(batches)
+                generator = step_generator(settings["seed"], (step + 1) * dist.world + dist.rank)
+                batch["t"] = sample_time(settings["time_sampling"], len(batch["x0"]), generator, run.device)
+                try:
+                    stats = train_step(model, batch, loss_fn, opt, run.autocast_dtype)
+                except NonFiniteLossError as err:
+                    raise ReflowPairsError(
+                        f"The loss became non-finite ({err.loss}) at step {step + 1} "
+                        f"(obs_index {batch['obs_index'].tolist()[:8]} ...).",
+                        "Lower `lr` or check the store with `reflowpairs validate`; the last checkpoint is kept "
+                        "(`resume` continues from it).",
+                    ) from None
+                step, loss_value = step + 1, stats.loss
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    record = {
+                        "step": step,
+                        "loss": stats.loss,
+                        "lr": stats.lr,
+                        "grad_norm": stats.grad_norm,
+                        "seconds": round(time.perf_counter() - started, 3),
+                    }
+                    _write_log(log, record, run, saver.checkpoint)
+                    if on_log is not None and dist.is_main:
+                        on_log(record)
+                if (step % cfg.save_every == 0 or step == cfg.steps) and dist.is_main:
+                    saver.save(step)
+                if progress is not None and dist.is_main:
+                    progress(step, cfg.steps, loss_value)
+                if stop.requested:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            log.flush()
+            if step > saver.saved_at and not stop.aborted and dist.is_main:  # at a step boundary only
+                saver.save(step)
+            raise TrainingInterrupted(step, saver.checkpoint, saver.saved_at) from None
+        finally:
+            del batches
+    return step, loss_value, time.perf_counter() - started
+
+
+def _write_log(log, record: dict[str, Any], run: _Run, last: Path | None) -> None:
+    """One ``train_log.jsonl`` record, flushed."""
+    try:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    except OSError as err:
+        raise _write_failed(run.out, LOG_FILE, err, last) from err
+
+
+def _result(run: _Run, saver: _Saver, start: _Start, step: int, loss: float, seconds: float) -> TrainResult:
+    """The summary of a finished run."""
+    inputs = run.inputs
+    return TrainResult(
+        run.out,
+        saver.checkpoint,
+        start.step,
+        step,
+        loss,
+        seconds,
+        inputs.warnings,
+        saved_num_steps=run.config_json.get("num_steps"),
+        teacher_num_steps=inputs.init_config.get("num_steps"),
+        init_source=inputs.init_source,
+        dataset_repo_id=inputs.store.manifest.get("dataset", {}).get("repo_id"),
+        dataset_root=Path(inputs.dataset.root),
+        held_out_episodes=_held_out_episodes(inputs),
+        pairs=Path(run.cfg.pairs),
+    )
 
 
 def train(
@@ -941,190 +1270,17 @@ def train(
 
     Ctrl-C (SIGINT) finishes the step in flight, saves a checkpoint and raises ``TrainingInterrupted``
     (a second Ctrl-C stops at once, keeping the last checkpoint); rerun with ``resume=True`` to continue."""
-    from lerobot.utils.random_utils import set_seed
-
-    from reflowpairs.teacher import resolve_device
-
-    # Checks: settings, --out, inputs; nothing is written before they pass.
-    _check_args(cfg)
-    threads = configure_threads(cfg.num_workers)
-    out = Path(cfg.out)
-    resume_from = _check_out(out, cfg.resume)
-    state = read_state(resume_from) if resume_from is not None else None
-    settings = _resolve_settings(cfg, state)
-    dist = DistContext.from_env()
-    device = resolve_device(dist.device(cfg.device))
-    autocast_dtype = _precision(cfg.precision, device)
-    inputs = _prepare(cfg, resume_from, state, on_verify)
-    policy, preprocessor = inputs.loaded.policy, inputs.loaded.preprocessor
-    change = _check_resume_steps(cfg, state, policy.config, settings) if state is not None else None
-    config_json = student_config_json(
-        inputs.init_config, inputs.init_source, _saved_num_steps(settings["student_num_steps"])
-    )
-    batch_size = int(settings["batch_size"])
-
-    # Optimiser, schedule and master copies; restored on resume.
-    opt = _build_optimisation(policy, cfg.steps, settings, inputs.init_source)
-    start_step, samples_seen = 0, 0
-    if resume_from is not None:
-        start_step, samples_seen = _restore(opt, resume_from, inputs.warnings), int(state["samples_seen"])
-    else:
-        set_seed(int(settings["seed"]))
+    run = _plan_run(cfg, on_verify)  # every check; nothing is written before they pass
+    opt = build_optimisation(run.policy, cfg.steps, run.settings, run.inputs.init_source)
+    start = _restore_or_seed(run, opt)
     if on_plan is not None:
-        on_plan(
-            _plan_info(
-                cfg,
-                inputs,
-                opt,
-                settings,
-                resume_from,
-                start_step,
-                samples_seen,
-                device,
-                autocast_dtype,
-                change,
-                config_json,
-                threads.describe(),
-            )
-        )
-
-    # Every check has passed: only now is --out touched.
-    if dist.is_main:
-        check_writable(out)
-        clean_leftovers(out)
-    log_path = out / LOG_FILE
-    if dist.is_main:
-        _trim_log(log_path, start_step)
-    dist.barrier()
-    model = policy
-    if (
-        dist.world > 1
-    ):  # data parallel: each process its own slice of every global batch; DDP averages gradients
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(policy)
-
-    pairs = PairDataset(
-        inputs.store, inputs.dataset, inputs.lookup, cache_shards=int(settings["shuffle_window"]) + 1
-    )
-    loader = torch.utils.data.DataLoader(
-        pairs,
-        batch_size=batch_size,
-        sampler=RankSlice(
-            PairSampler(
-                pairs.counts, int(settings["seed"]), int(settings["shuffle_window"]), start=samples_seen
-            ),
-            dist.rank,
-            dist.world,
-        ),
-        num_workers=cfg.num_workers,
-        pin_memory=device.startswith("cuda"),
-        generator=torch.Generator().manual_seed(int(settings["seed"])),
-        persistent_workers=cfg.num_workers > 0,
-    )
-    store_info = {
-        "path": str(Path(cfg.pairs).resolve()),
-        "store_id": inputs.store.manifest.get("store_id"),
-        "teacher_fingerprint": inputs.store.manifest.get("teacher", {}).get("fingerprint"),
-        "dataset_fingerprint": inputs.store.manifest.get("dataset", {}).get("fingerprint"),
-        "num_pairs": len(inputs.store),
-    }
-
-    def state_for(step: int) -> dict[str, Any]:
-        return {
-            "samples_seen": samples_seen + (step - start_step) * batch_size * dist.world,
-            "settings": {name: settings[name] for name in INHERITED},
-            "effective": opt.plan.describe(),
-            "store": store_info,
-            "init": {"source": inputs.init_source, "fingerprint": inputs.init_fingerprint},
-            "init_config": inputs.init_config,
-            "steps": cfg.steps,
-            "warnings": inputs.warnings,
-        }
-
-    def save(step: int) -> Path:
-        try:
-            return save_checkpoint(
-                out,
-                step,
-                cfg.steps,
-                policy,
-                preprocessor,
-                inputs.loaded.postprocessor,
-                config_json,
-                opt.optimizer,
-                opt.scheduler,
-                state_for(step),
-                batch_size=batch_size,
-                master_params=opt.masters.state_dict(),
-            )
-        except OSError as err:
-            raise _write_failed(out, f"checkpoint {step}", err, checkpoint) from err
-
-    # The loop: one optimiser step per batch, a log line, a checkpoint every --save-every steps.
-    policy.train()
-    started = time.perf_counter()
-    step, loss_value, saved_at, checkpoint = start_step, float("nan"), start_step, resume_from
-    log_target = log_path if dist.is_main else os.devnull
-    with _StopFlag() as stop, open(log_target, "a") as log:
-        batches = iter(loader)
-        try:
-            while step < cfg.steps:
-                batch = next(batches)
-                generator = step_generator(settings["seed"], (step + 1) * dist.world + dist.rank)
-                t = sample_time(settings["time_sampling"], len(batch["x0"]), generator, device)
-                loss_value, grad_norm, lr = _update(
-                    model, preprocessor, batch, t, autocast_dtype, opt, step + 1
-                )
-                step += 1
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    record = {
-                        "step": step,
-                        "loss": loss_value,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "seconds": round(time.perf_counter() - started, 3),
-                    }
-                    try:
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
-                    except OSError as err:
-                        raise _write_failed(out, LOG_FILE, err, checkpoint) from err
-                    if on_log is not None and dist.is_main:
-                        on_log(record)
-                if (step % cfg.save_every == 0 or step == cfg.steps) and dist.is_main:
-                    checkpoint, saved_at = save(step), step
-                if progress is not None and dist.is_main:
-                    progress(step, cfg.steps, loss_value)
-                if stop.requested:
-                    raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            log.flush()
-            if (
-                step > saved_at and not stop.aborted and dist.is_main
-            ):  # only at a step boundary: never half an update
-                checkpoint, saved_at = save(step), step
-            raise TrainingInterrupted(step, checkpoint, saved_at) from None
-        finally:
-            del batches
-    dist.barrier()  # the main process has written the last checkpoint
-    dist.close()
-    return TrainResult(
-        out,
-        checkpoint,
-        start_step,
-        step,
-        loss_value,
-        time.perf_counter() - started,
-        inputs.warnings,
-        saved_num_steps=config_json.get("num_steps"),
-        teacher_num_steps=inputs.init_config.get("num_steps"),
-        init_source=inputs.init_source,
-        dataset_repo_id=inputs.store.manifest.get("dataset", {}).get("repo_id"),
-        dataset_root=Path(inputs.dataset.root),
-        held_out_episodes=_held_out_episodes(inputs),
-        pairs=Path(cfg.pairs),
-    )
+        on_plan(_plan_info(run, opt, start))
+    log_path = _open_out(run, start)
+    saver = _Saver(run, opt, start)
+    step, loss, seconds = _loop(run, opt, saver, start, log_path, progress, on_log)
+    run.dist.barrier()  # the main process has written the last checkpoint
+    run.dist.close()
+    return _result(run, saver, start, step, loss, seconds)
 
 
 def _saved_num_steps(setting: int | str) -> int | None:
@@ -1187,7 +1343,13 @@ __all__ = [
     "OptimPlan",
     "plan_optimizer",
     "reflow_loss",
+    "reflow_batch_loss",
     "train",
+    "train_step",
+    "Optimisation",
+    "StepStats",
+    "NonFiniteLossError",
+    "build_optimisation",
     "trainable_parameters",
     "verify_store",
 ]

@@ -146,9 +146,9 @@ def test_student_config_without_num_steps_field_is_a_clear_error():
     init = {"type": "otherpolicy", "chunk_size": 8}
     with pytest.raises(ReflowPairsError) as info:
         student_config_json(init, "init", 1)
-    assert "num_steps would be 1 (--student-num-steps)" in info.value.what
+    assert "num_steps would be 1 (`student_num_steps`)" in info.value.what
     assert "has no num_steps field" in info.value.what
-    assert info.value.hint == "Pass --student-num-steps teacher for this policy."
+    assert info.value.hint == "Set `student_num_steps` to 'teacher' for this policy."
     # Without a requested num_steps the same config is fine and gains nothing but pretrained_path.
     assert student_config_json(init, "init") == {**init, "pretrained_path": "init"}
 
@@ -201,7 +201,7 @@ def test_dangling_last_is_a_clear_error(tmp_path):
         info.value.what
         == f"{last_link(tmp_path)} points at {(root / '000030').resolve()}, which does not exist."
     )
-    assert "--out" in info.value.hint
+    assert "`out`" in info.value.hint
 
 
 def test_last_pointing_at_a_file_is_a_clear_error(tmp_path):
@@ -272,7 +272,7 @@ def test_read_state_missing_file_says_it_is_not_a_reflowpairs_run(tmp_path):
     assert info.value.what == (
         f"{checkpoint} has no training_state/{STATE_FILE}: it was not written by `reflowpairs train`."
     )
-    assert "start a new run in another --out" in info.value.hint
+    assert "start a new run in another `out`" in info.value.hint
 
 
 def test_read_state_bad_json_names_the_file(tmp_path):

@@ -96,10 +96,10 @@ def test_student_of_another_teacher_is_refused(tiny_world, trained_student, othe
     given = fingerprint_checkpoint(str(other_teacher))["fingerprint"][:12]
     assert (
         f"was trained from teacher {own}" in message
-        and f"--teacher {other_teacher} is teacher {given}" in message
+        and f"`teacher` {other_teacher} is teacher {given}" in message
     )
-    assert f"Pass --teacher {tiny_world.teacher_dir} (the checkpoint it was trained from)" in message
-    assert "--allow-mismatch" in message
+    assert f"Set `teacher` to {tiny_world.teacher_dir} (the checkpoint it was trained from)" in message
+    assert "`allow_mismatch`" in message
     assert not cfg.out.exists()
 
 
@@ -178,7 +178,7 @@ def test_damaged_training_state_is_named(tiny_world, trained_student, tmp_path):
     with pytest.raises(ReflowPairsError) as err:
         evaluate(_cfg(tiny_world, copy_dir / "pretrained_model", tmp_path, episodes=[9]))
     assert str(err.value).startswith(
-        f"--student: {copy_dir / 'training_state' / 'reflow_state.json'} is not valid JSON"
+        f"`student`: {copy_dir / 'training_state' / 'reflow_state.json'} is not valid JSON"
     )
     assert "evaluate a copy of pretrained_model/ on its own" in str(err.value)
 
@@ -211,9 +211,9 @@ def test_episodes_the_student_trained_on_are_refused(tiny_world, trained_student
         evaluate(cfg)
     message = str(err.value)
     assert (
-        "--episodes includes 4-5, which the student" in message and "holds frames of episodes 0-5" in message
+        "`episodes` includes 4-5, which the student" in message and "holds frames of episodes 0-5" in message
     )
-    assert "Choose held-out episodes (6-9)" in message and "--include-training-frames" in message
+    assert "Choose held-out episodes (6-9)" in message and "`include_training_frames`" in message
     assert not cfg.out.exists()
 
 
@@ -238,7 +238,7 @@ def test_a_student_that_trained_on_every_episode(tiny_world, trained_student, tm
     with pytest.raises(ReflowPairsError) as err:
         choose_episodes(_cfg(tiny_world, trained_student, tmp_path), meta.total_episodes, training)
     assert "trained on every episode of reflowpairs/tiny_reach (0-9, store /s)" in str(err.value)
-    assert "--include-training-frames" in str(err.value)
+    assert "`include_training_frames`" in str(err.value)
     allowed = _cfg(tiny_world, trained_student, tmp_path, include_training_frames=True)
     assert choose_episodes(allowed, meta.total_episodes, training) == list(range(10))
 
@@ -256,7 +256,7 @@ def test_training_store_gone_or_moved(tiny_world, trained_student, tiny_store, t
         choose_episodes(_cfg(tiny_world, trained_student, tmp_path), meta.total_episodes, training)
     message = str(err.value)
     assert "Cannot tell which frames the student" in message and "is gone" in message
-    assert "Pass --pairs with the store's new location, or --episodes with episodes you know" in message
+    assert "Set `pairs` to the store's new location, or `episodes` to episodes you know" in message
     assert choose_episodes(
         _cfg(tiny_world, trained_student, tmp_path, episodes=[9]), meta.total_episodes, training
     ) == [9]

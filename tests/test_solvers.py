@@ -243,7 +243,7 @@ def test_num_steps_below_one_is_refused(steps):
 def test_non_positive_tolerances_are_refused(rtol, atol):
     with pytest.raises(ReflowPairsError) as info:
         SolverConfig("dopri5", rtol=rtol, atol=atol)
-    assert str(info.value).startswith("--rtol and --atol must be positive, got")
+    assert str(info.value).startswith("`rtol` and `atol` must be positive, got")
     assert f"got {rtol} and {atol}." in str(info.value)
 
 

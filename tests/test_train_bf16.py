@@ -5,17 +5,16 @@ in the teacher's dtypes, the masters go into the training state, and a resumed r
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from reflowpairs.checkpoint import MASTER_FILE
-from reflowpairs.cli.app import app
-from reflowpairs.train import MasterWeights, TrainConfig, TrainingInterrupted, train
+from reflowpairs.train import MasterWeights, TrainConfig, TrainingInterrupted, next_commands, train
 
 BATCH = 4
 
@@ -60,7 +59,8 @@ def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
 
 def _dtypes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     with safe_open(str(path), "pt") as f:
-        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f}
+        names = f.keys()  # safe_open is not iterable
+        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in names}
 
 
 @pytest.fixture(scope="module")
@@ -182,35 +182,31 @@ def test_resume_with_masters_is_bit_identical(bf16_store, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_cli_plan_and_summary(bf16_world, bf16_store, tmp_path):
-    out = tmp_path / "cli"
-    result = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "--pairs",
-            str(bf16_store),
-            "--out",
-            str(out),
-            "--steps",
-            "1",
-            "--batch-size",
-            "4",
-            "--num-workers",
-            "0",
-            "--device",
-            "cpu",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    text = " ".join(result.output.replace("│", " ").split())  # rich table rows wrap inside their cells
-    assert "bf16 (fp32 master copies), " in text and " fp32" in text.split("bf16 (fp32 master copies)", 1)[1]
+def test_plan_and_summary(bf16_world, bf16_store, tmp_path):
+    """What the CLI's plan table and summary show, from the structured results: ``on_plan``'s plan (trainable
+    dtypes, master copies, saved num_steps) and ``next_commands`` of the result."""
+    plans = []
+    result = train(_cfg(bf16_store, tmp_path / "run", steps=1, lr=None), on_plan=plans.append)
+    (plan,) = plans
+    assert plan["master_copies"] is True
+    assert set(plan["trainable_dtypes"]) == {"bfloat16", "float32"} and all(plan["trainable_dtypes"].values())
     teacher_steps = json.loads((bf16_world.teacher_dir / "config.json").read_text())["num_steps"]
-    assert f"saved num_steps 1 (teacher: {teacher_steps})" in text
-    student = out / "checkpoints" / "last" / "pretrained_model"
-    assert f"use it: lerobot-eval --policy.path={student} --env.type=..." in text
-    assert f"next: reflowpairs eval --student {student} --teacher {bf16_world.teacher_dir}" in text
-    assert f"--episodes 4-9 --pairs {bf16_store}" in text  # the episodes the store holds no pairs of
+    assert (plan["saved_num_steps"], plan["teacher_num_steps"]) == (1, teacher_steps)
+    assert (result.saved_num_steps, result.teacher_num_steps) == (1, teacher_steps)
+    assert result.held_out_episodes == [4, 5, 6, 7, 8, 9]  # the episodes the store holds no pairs of
+    student = tmp_path / "run" / "checkpoints" / "last" / "pretrained_model"
+    commands = {name: shlex.split(command) for name, command in next_commands(result).items()}
+    assert commands["lerobot_eval"] == ["lerobot-eval", f"--policy.path={student}", "--env.type=..."]
+    ours = commands["reflowpairs_eval"]
+    assert ours[:6] == [
+        "reflowpairs",
+        "eval",
+        "--student",
+        str(student),
+        "--teacher",
+        str(bf16_world.teacher_dir),
+    ]
+    assert ours[ours.index("--episodes") + 1] == "4-9" and ours[ours.index("--pairs") + 1] == str(bf16_store)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -289,3 +285,36 @@ def test_resume_without_or_with_damaged_masters(bf16_store, small_lr_run, tmp_pa
         f"holds no float32 master copies ({MASTER_FILE})" in w for w in result.warnings
     )
     assert (result.checkpoint / "training_state" / MASTER_FILE).is_file()
+
+
+def test_train_step_with_any_loss_steps_the_masters_and_refuses_a_non_finite_loss():
+    """``train_step`` takes the loss as a parameter (the tiny teacher's is lerobot's plain forward): one call is
+    forward, backward, clip on the float32 masters, step, rounding into the bf16 model, schedule step; a non-finite
+    loss is refused before anything changes."""
+    from reflowpairs.train import NonFiniteLossError, Optimisation, train_step
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 1).to(torch.bfloat16)
+    masters = MasterWeights(list(layer.named_parameters()))
+    optimizer = torch.optim.SGD(masters.params, lr=0.5)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    opt = Optimisation(masters, optimizer, schedule, grad_clip=1e9)
+
+    def loss_fn(model, batch):
+        return ((model(batch["x"]).float() - batch["y"]) ** 2).mean()
+
+    batch = {"x": torch.ones(2, 4, dtype=torch.bfloat16), "y": torch.zeros(2, 1)}
+    before = {name: master.clone() for name, master in masters.state_dict().items()}
+    with torch.no_grad():
+        expected = float(loss_fn(layer, batch))
+    stats = train_step(layer, batch, loss_fn, opt)
+    assert stats.loss == expected and stats.lr == 0.5
+    assert stats.grad_norm > 0 and optimizer.param_groups[0]["lr"] == 0.25  # the schedule stepped
+    after = masters.state_dict()
+    assert all(not torch.equal(before[n], after[n]) for n in before)
+    assert all(torch.equal(p, after[n].to(torch.bfloat16)) for n, p in layer.named_parameters())
+    assert all(p.grad is None for p in layer.parameters()) and all(m.grad is None for m in masters.params)
+    with pytest.raises(NonFiniteLossError):
+        train_step(layer, batch, lambda model, batch: loss_fn(model, batch) * float("nan"), opt)
+    assert all(torch.equal(after[n], m) for n, m in masters.state_dict().items())
+    assert optimizer.param_groups[0]["lr"] == 0.25 and all(p.grad is None for p in layer.parameters())
