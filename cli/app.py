@@ -6,7 +6,6 @@ function over the library; what they share is in ``ui``. Nothing here or there h
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 import typer
@@ -15,6 +14,7 @@ from reflowpairs.cli import eval_cmd, generate_cmd, pipeline_cmd, store_cmds, tr
 from reflowpairs.cli.options import Command, Group, lerobot_names_text
 from reflowpairs.cli.progress import PROGRESS_ENV
 from reflowpairs.cli.ui import _state, command_flags
+from reflowpairs.dataset import quiet_dataset_logs
 
 ROOT_EPILOG = (
     "Workflow: tiny-world (a toy world to try it on) -> generate -> validate / inspect -> train -> eval; merge combines "
@@ -40,7 +40,7 @@ def _root(
 ) -> None:
     _state["debug"] = debug
     _state["flags"] = command_flags(ctx.command.get_command(ctx, ctx.invoked_subcommand or ""))
-    logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)  # logging is the CLI's to set
+    quiet_dataset_logs()  # logging is the CLI's to set
 
 
 app.command("tiny-world", cls=Command)(generate_cmd.tiny_world)

@@ -71,7 +71,7 @@ from reflowpairs.pairdata import (
     missing_frames,
     position_lookup,
 )
-from reflowpairs.pairstore import PairStore, shard_attrs
+from reflowpairs.pairstore import PairStore
 from reflowpairs.threads import configure_threads
 from reflowpairs.timesampling import TIME_SAMPLINGS, check_time_sampling, sample_time, step_generator
 
@@ -646,12 +646,8 @@ def verify_store(path: Path, progress: Callable[[int, int], None] | None = None)
         )
     for i, entry in enumerate(store.shards):
         problems = store.verify_shard(i)
-        if not problems:
-            attrs_id = shard_attrs(store.shard_path(i), store.backend).get("store_id")
-            if attrs_id != manifest.get("store_id"):
-                problems = [
-                    f"it belongs to store {attrs_id!r}, not this store ({manifest.get('store_id')!r})"
-                ]
+        if not problems and (origin := store.origin_problem(i)) is not None:
+            problems = [origin]  # a merged store's shards carry the id of the slice that wrote them
         if problems:
             raise ReflowPairsError(
                 f"Pair store {path} is corrupt: shard {entry['path']}: "

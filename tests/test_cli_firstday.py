@@ -841,7 +841,7 @@ def test_damaged_init_config_is_named(tiny_world, tiny_store, tmp_path, content,
     )
     assert result.exit_code == 1 and "Traceback" not in result.output
     text = _flat(result.output)
-    assert f"{init / 'config.json'} {words}" in text and "pass --init with a good copy" in text
+    assert f"{init / 'config.json'} {words}" in text and "set --init to a good copy" in text
     assert not (tmp_path / "o").exists()
 
 

@@ -143,13 +143,13 @@ def test_dopri5_pairs_do_not_depend_on_the_batching(tiny_world, tmp_path):
         ({"num_steps": 0}, "`num_steps` must be at least 1, got 0"),  # not taken as "the teacher's default"
         ({"num_workers": -1}, "`num_workers` must be 0 (load in the main process) or more, got -1"),
         ({"shard_size": 0}, "`shard_size` must be at least 1, got 0"),
-        ({"solver": "dopri5", "rtol": -1.0}, "--rtol and --atol must be positive, got -1.0 and 1e-05"),
+        ({"solver": "dopri5", "rtol": -1.0}, "`rtol` and `atol` must be positive, got -1.0 and 1e-05"),
         ({"solver": "heun"}, "Unknown solver 'heun'"),
         (
             {"episodes": [0, 12]},
-            "--episodes 12 out of range: dataset reflowpairs/tiny_reach has 10 episodes (0 to 9)",
+            "`episodes` 12 out of range: dataset reflowpairs/tiny_reach has 10 episodes (0 to 9)",
         ),
-        ({"episodes": []}, "--episodes selects no episode"),
+        ({"episodes": []}, "`episodes` selects no episode"),
     ],
 )
 def test_bad_settings_are_refused_before_anything_is_written(tiny_world, tmp_path, setting, words):

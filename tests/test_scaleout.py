@@ -178,6 +178,11 @@ def test_partition_slices_and_merged_stores_validate(tiny_world, tmp_path):
     runner.invoke(app, ["merge", *map(str, slices), "--out", str(tmp_path / "merged")])
     report = validate(ValidateConfig(store=tmp_path / "merged"))
     assert report.status == "sound", report
+    # train's own check accepts it too: each merged shard carries the id of the slice that wrote it
+    from reflowpairs.pairstore import PairStore
+    from reflowpairs.train import verify_store
+
+    assert len(verify_store(tmp_path / "merged")) == sum(len(PairStore(s)) for s in slices) > 0
 
 
 def test_rank_slices_split_every_global_batch_disjointly():
