@@ -95,6 +95,7 @@ def _plan_table(plan: dict[str, Any]) -> Table:
             escape(plan["schedule_change"]["text"]) + " (--allow-schedule-change)",
         )
     table.add_row("time sampling", str(plan["time_sampling"]))
+    table.add_row("loss", str(plan["loss"]))
     table.add_row("saved num_steps", num_steps_text(plan["saved_num_steps"], plan["teacher_num_steps"]))
     for warning in plan["warnings"]:
         table.add_row("[yellow]warning[/]", escape(warning))
@@ -110,7 +111,7 @@ def _resolved_settings(plan: dict[str, Any]) -> dict[str, Any]:
         return dict(read_state(Path(plan["resumed_from"]))["settings"])
     return {
         name: plan[name]
-        for name in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps")
+        for name in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps", "loss")
     }
 
 
@@ -198,9 +199,18 @@ def train(
         typer.Option(
             metavar="NAME",
             rich_help_panel=TRAINING,
-            help="beta (lerobot's), uniform, u-shaped or logit-normal (default: beta).",
+            help="beta (lerobot's), uniform, u-shaped, logit-normal, or noise-end (t = 1 only: one-step "
+            "distillation of the pairs) (default: beta).",
         ),
     ] = _DEFAULTS.time_sampling,
+    loss: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            rich_help_panel=TRAINING,
+            help="mse (lerobot's) or pseudo-huber (rectified flow++) (default: mse).",
+        ),
+    ] = _DEFAULTS.loss,
     shuffle_window: Annotated[
         int | None,
         typer.Option(
@@ -335,6 +345,7 @@ def train(
             save_every=save_every,
             log_every=log_every or 1,
             time_sampling=time_sampling,
+            loss=loss,
             student_num_steps=parse_student_num_steps(student_num_steps),
             precision=precision,
             shuffle_window=shuffle_window,

@@ -263,7 +263,7 @@ def stages(cfg: PipelineConfig, progress: Any = None) -> list[Stage]:
                     last / "pairs",
                     str(last / "student" / STUDENT),
                     cfg.distill_steps or cfg.train_steps,
-                    objective="distill",
+                    time_sampling="noise-end",  # the 1-step map x_0 -> x_1 (timesampling.py)
                     loss=cfg.loss,
                     allow_mismatch=True,  # starts from round R's student, fits round R's teacher's pairs
                 ),

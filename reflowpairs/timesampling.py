@@ -12,7 +12,11 @@ Every sampler returns float32 ``t`` of shape ``(B,)`` in ``[offset, offset + sca
   Lee et al. 2024): more weight near both ends, where a 1-step student is judged (t=1) and where
   the target is sharpest (t=0); sampled exactly by its inverse CDF;
 - ``logit-normal``: ``s = sigmoid(m + s_d z)``, ``z ~ N(0, 1)``, ``m = 0``, ``s_d = 1`` (Stable
-  Diffusion 3): more weight in the middle.
+  Diffusion 3): more weight in the middle;
+- ``noise-end``: ``t = 1`` exactly, where ``x_t`` is the noise ``x_0`` itself and the target velocity
+  ``x_0 - x_1`` makes one Euler step (``x_0 - v``) land on ``x_1``: the loss fits the 1-step map
+  ``x_0 -> x_1`` directly (one-step distillation from the stored pairs, InstaFlow's last stage). It trains
+  nothing at other t, so multi-step sampling of the student can get worse (docs/train.md).
 
 Each non-beta ``s`` is mapped through the same ``s * scale + offset``.
 
@@ -32,7 +36,7 @@ from torch import Tensor
 
 from reflowpairs.errors import ReflowPairsError
 
-TIME_SAMPLINGS = ("beta", "uniform", "u-shaped", "logit-normal")
+TIME_SAMPLINGS = ("beta", "uniform", "u-shaped", "logit-normal", "noise-end")
 SCALE = 0.999
 OFFSET = 0.001
 U_SHAPED_A = 4.0
@@ -89,6 +93,8 @@ def sample_time(
     check_time_sampling(name)
     if name == "beta":
         t = _beta(bsize, generator)
+    elif name == "noise-end":
+        t = torch.ones(bsize, dtype=torch.float32)  # the generator is not drawn from: nothing is random
     else:
         s = {"uniform": _unit_uniform, "u-shaped": _u_shaped, "logit-normal": _logit_normal}[name](
             bsize, generator

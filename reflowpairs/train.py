@@ -87,6 +87,7 @@ DEFAULTS: dict[str, Any] = {
     "time_sampling": "beta",
     "shuffle_window": 4,
     "student_num_steps": 1,
+    "loss": "mse",
 }
 INHERITED = (
     "batch_size",
@@ -97,6 +98,7 @@ INHERITED = (
     "warmup_steps",
     "grad_clip",
     "student_num_steps",
+    "loss",
 )
 TEACHER_NUM_STEPS = "teacher"  # --student-num-steps teacher: the saved config keeps the teacher's num_steps
 LOW_PRECISION = (
@@ -127,7 +129,8 @@ class TrainConfig:
     device: str = "auto"
     save_every: int = 1000
     log_every: int = 1
-    time_sampling: str | None = None  # "beta" (lerobot's own)
+    time_sampling: str | None = None  # "beta" (lerobot's own); "noise-end" (t = 1): one-step distillation
+    loss: str | None = None  # "mse" (lerobot's own); "pseudo-huber" (rectified flow++)
     student_num_steps: int | str | None = (
         None  # 1: the saved config's num_steps; "teacher" keeps the teacher's
     )
@@ -177,21 +180,45 @@ class TrainingInterrupted(KeyboardInterrupt):
 # --- the loss ---------------------------------------------------------------------------------------
 
 
+LOSSES = ("mse", "pseudo-huber")
+PSEUDO_HUBER_C = 0.00054  # c = 0.00054 sqrt(d) (Song & Dhariwal 2023, used by rectified flow++)
+
+
+def pseudo_huber(per_sample_mse: Tensor, dims: int) -> Tensor:
+    """Mean over the batch of ``sqrt(||r||^2 + c^2) - c`` with ``c = 0.00054 sqrt(dims)``, from each sample's mean
+    squared residual over its ``dims`` (chunk x action) entries (``||r||^2 = dims * mse``): quadratic for small
+    residuals, linear for large ones, so a few hard pairs do not dominate (rectified flow++'s 1-step gains)."""
+    c = PSEUDO_HUBER_C * dims**0.5
+    return (torch.sqrt(per_sample_mse * dims + c * c) - c).mean()
+
+
 def reflow_loss(
-    policy, preprocessor, observation: dict[str, Any], x0: Tensor, x1: Tensor, t: Tensor
+    policy,
+    preprocessor,
+    observation: dict[str, Any],
+    x0: Tensor,
+    x1: Tensor,
+    t: Tensor,
+    loss: str = "mse",
 ) -> tuple[Tensor, dict]:
     """The policy's own flow-matching training loss on stored pairs (lerobot convention).
 
     ``observation``: a collated raw dataset batch (action keys are dropped here, before the
     preprocessor, so the normaliser never sees an action); ``x0``: ``(B, T, max_action_dim)`` noise;
     ``x1``: ``(B, T, A)`` teacher actions, already normalised; ``t``: ``(B,)`` in (0, 1] on the policy's
-    device. Returns ``policy.forward(batch, noise=x0, time=t)`` with ``batch["action"] = x1``: the mean
-    of ``((x0 - x1) - v(x_t, t))**2`` over batch, chunk and action dimensions."""
+    device. ``loss="mse"``: ``policy.forward(batch, noise=x0, time=t)`` with ``batch["action"] = x1``, the mean
+    of ``((x0 - x1) - v(x_t, t))**2`` over batch, chunk and action dimensions; ``"pseudo-huber"``: ``pseudo_huber``
+    of the same forward's per-sample errors (``reduction="none"``)."""
     from lerobot.utils.constants import ACTION
 
     batch = preprocessor(drop_action_keys(observation))
     batch[ACTION] = x1.to(t.device, torch.float32)
-    return policy.forward(batch, noise=x0.to(t.device, torch.float32), time=t)
+    noise = x0.to(t.device, torch.float32)
+    if loss == "mse":
+        return policy.forward(batch, noise=noise, time=t)
+    per_sample, info = policy.forward(batch, noise=noise, time=t, reduction="none")
+    value = pseudo_huber(per_sample, x1.shape[1] * x1.shape[2])
+    return value, info | {"loss": value.item()}
 
 
 # --- optimiser and schedule -------------------------------------------------------------------------
@@ -424,17 +451,17 @@ def train_step(
     return StepStats(float(loss.detach()), float(grad_norm), lr)
 
 
-def reflow_batch_loss(preprocessor) -> LossFn:
-    """Stage 2's ``LossFn``: ``reflow_loss`` of a batch of stored pairs with its times (``observation``, ``x0``,
-    ``x1``, ``t``; see ``train_step``)."""
+def reflow_batch_loss(preprocessor, loss: str = "mse") -> LossFn:
+    """Stage 2's ``LossFn``: ``reflow_loss`` (``loss``: mse or pseudo-huber) of a batch of stored pairs with its
+    times (``observation``, ``x0``, ``x1``, ``t``; see ``train_step``)."""
 
-    def loss(model, batch: dict[str, Any]) -> Tensor:
+    def loss_fn(model, batch: dict[str, Any]) -> Tensor:
         value, _ = reflow_loss(
-            model, preprocessor, batch["observation"], batch["x0"], batch["x1"], batch["t"]
+            model, preprocessor, batch["observation"], batch["x0"], batch["x1"], batch["t"], loss
         )
         return value
 
-    return loss
+    return loss_fn
 
 
 def build_optimisation(policy, steps: int, settings: dict[str, Any], init_source: str) -> Optimisation:
@@ -484,6 +511,8 @@ def _check_args(cfg: TrainConfig) -> None:
             )
     if cfg.time_sampling is not None:
         check_time_sampling(cfg.time_sampling)
+    if cfg.loss is not None and cfg.loss not in LOSSES:
+        raise ReflowPairsError(f"Unknown `loss` {cfg.loss!r}.", f"Set `loss` to one of: {', '.join(LOSSES)}.")
     if cfg.precision not in PRECISIONS:
         raise ReflowPairsError(
             f"`precision` must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}.",
@@ -613,6 +642,7 @@ def _resolve_settings(cfg: TrainConfig, state: dict[str, Any] | None) -> dict[st
         recorded.get("student_num_steps") is None
     ):  # runs before --student-num-steps defaulted to 1: the teacher's
         recorded["student_num_steps"] = TEACHER_NUM_STEPS
+    recorded.setdefault("loss", "mse")  # runs from before the loss setting trained on MSE
     differences = [
         f"{name}: the checkpoint has {recorded.get(name)!r}, this run asks for {given[name]!r}"
         for name in INHERITED
@@ -1041,7 +1071,7 @@ def _plan_info(run: _Run, opt: Optimisation, start: _Start) -> dict[str, Any]:
         "samples_seen": start.samples_seen,
         **{
             k: run.settings[k]
-            for k in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps")
+            for k in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps", "loss")
         },
         "saved_num_steps": run.config_json.get("num_steps"),
         "teacher_num_steps": inputs.init_config.get("num_steps"),
@@ -1173,7 +1203,11 @@ def _loop(
     ``save_every`` steps and at the end. Ctrl-C: the step in flight finishes, a checkpoint is saved, and
     ``TrainingInterrupted`` is raised. Returns the last step, its loss and the seconds the loop took."""
     cfg, dist, settings = run.cfg, run.dist, run.settings
-    model, loss_fn, loader = _model(run), reflow_batch_loss(run.preprocessor), _loader(run, start)
+    model, loss_fn, loader = (
+        _model(run),
+        reflow_batch_loss(run.preprocessor, run.settings["loss"]),
+        _loader(run, start),
+    )
     run.policy.train()
     started = time.perf_counter()
     step, loss_value = start.step, float("nan")
