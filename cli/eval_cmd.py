@@ -16,6 +16,7 @@ from reflowpairs.cli.ui import (
     OUTPUT,
     PERFORMANCE,
     RUN,
+    console,
     out_console,
     parse_episodes,
     plural,
@@ -78,6 +79,80 @@ def pairs_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def parse_students(given: list[str]) -> dict[str, str]:
+    """``--student`` values -> label: checkpoint. ``LABEL=CKPT`` names a student; unnamed ones are ``student`` (one)
+    or ``student1``, ``student2``... Labels become folder names: letters, digits, ``-``, ``_`` and ``.`` only."""
+    students: dict[str, str] = {}
+    for i, text in enumerate(given, start=1):
+        label, sep, source = text.partition("=")
+        if not sep:
+            label, source = ("student" if len(given) == 1 else f"student{i}"), text
+        if (
+            not label
+            or label == "teacher"
+            or not all(c.isalnum() or c in "-_." for c in label)
+            or label[0] == "."
+        ):
+            raise typer.BadParameter(
+                f"{label!r} cannot label a student (letters, digits, - _ . only; not 'teacher')",
+                param_hint="--student",
+            )
+        if label in students:
+            raise typer.BadParameter(f"the label {label!r} is given twice", param_hint="--student")
+        students[label] = source
+    return students
+
+
+def _compare_students(cfg, students: dict[str, str], options: dict[str, Any]) -> None:
+    """``eval`` with several students: each evaluated into OUT/LABEL/, then one comparison in OUT."""
+    from reflowpairs.compare import evaluate_students
+
+    with progress(prefix="eval") as bar:
+        bar.live.transient = True
+        stage_bar = StageBar(bar)
+        comparison, files = evaluate_students(
+            cfg, students, progress=stage_bar, on_student=lambda label, _: console.print(f"[bold]{label}[/]")
+        )
+    save_options(Path(cfg.out) / EVAL_OPTIONS, "eval", options)
+    for table in comparison_tables(comparison):
+        out_console.print(table)
+    out_console.print(
+        f"comparison: {files['json']}\ntable:      {files['markdown']}\nplot:       {files['plot']}",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+def comparison_tables(comparison: dict[str, Any]) -> list[Table]:
+    """Several students side by side (``reflowpairs.compare``): every model's rows, then the verdict."""
+    from reflowpairs.report import COLUMNS, CONSOLE_HEADERS, format_value
+
+    ref = comparison["settings"]["reference_num_steps"]
+    frames = comparison["frames"]
+    table = Table(
+        title=f"students compared: {plural(frames['count'], 'frame')} x "
+        f"{plural(frames['samples_per_frame'], 'noise')}; reference = teacher, {plural(ref, 'step')}",
+        box=box.HORIZONTALS,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+        padding=(0, 1),
+    )
+    for i, (key, _) in enumerate(COLUMNS):
+        table.add_column(CONSOLE_HEADERS[key], justify="left" if i == 0 else "right", no_wrap=True)
+    rows = comparison["rows"]
+    for i, row in enumerate(rows):
+        last = i + 1 == len(rows) or rows[i + 1]["model"] != row["model"]
+        table.add_row(*(format_value(row.get(key)) for key, _ in COLUMNS), end_section=last)
+    verdict = Table(title="fewest steps to match the teacher", box=box.HORIZONTALS, show_edge=False)
+    verdict.add_column("model", no_wrap=True)
+    verdict.add_column(f"as accurate on data\nas the teacher at {ref}", justify="right")
+    verdict.add_column("as close to the reference\nas the teacher at 4", justify="right")
+    for model, goals in comparison["verdict"].items():
+        verdict.add_row(model, format_value(goals["vs_teacher_best"]), format_value(goals["vs_teacher_4"]))
+    return [table, verdict]
+
+
 class StageBar:
     """One progress bar for all of eval's stages: each new stage renames it and restarts its count, so one
     bar is on screen at a time (and, the bar being transient, none once the table is printed)."""
@@ -104,11 +179,13 @@ def eval_command(
     ctx: typer.Context,
     *,
     student: Annotated[
-        str,
+        list[str],
         typer.Option(
-            metavar="CKPT",
+            metavar="[LABEL=]CKPT",
             rich_help_panel=INPUTS,
-            help="Student checkpoint: a pretrained_model/ directory or a hub repo id.",
+            help="Student checkpoint: a pretrained_model/ directory or a hub repo id. Repeat it to compare several "
+            "students (LABEL=CKPT names one): each gets its report in OUT/LABEL/, and OUT/comparison.json, .md and "
+            ".png put them side by side.",
         ),
     ],
     teacher: Annotated[
@@ -213,9 +290,12 @@ def eval_command(
     options = resolved_options(
         ctx, values={"episodes": episodes_text(episode_list)}, local_paths=("student", "teacher")
     )
+    students = parse_students(student)
+    if len(students) > 1 and pairs is not None:
+        raise typer.BadParameter("is for one student (the store it trained on)", param_hint="--pairs")
     with user_errors():
         cfg = EvalConfig(
-            student=student,
+            student=next(iter(students.values())),
             teacher=teacher,
             dataset=dataset,
             out=out,
@@ -232,6 +312,9 @@ def eval_command(
             allow_mismatch=allow_mismatch,
             include_training_frames=include_training_frames,
         )
+        if len(students) > 1:
+            _compare_students(cfg, students, options)
+            return
         with progress(prefix="eval") as bar:
             bar.live.transient = True  # the table replaces the bar
             report = evaluate(cfg, progress=StageBar(bar))

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich import box
-from rich.table import Table
 
+from reflowpairs.cli.eval_cmd import comparison_tables
 from reflowpairs.cli.options import config_defaults
 from reflowpairs.cli.ui import INPUTS, OUTPUT, PERFORMANCE, console, out_console, parse_episodes, user_errors
 from reflowpairs.pipeline import PIPELINE_STATE, PipelineConfig
@@ -16,37 +15,6 @@ from reflowpairs.pipeline import PIPELINE_STATE, PipelineConfig
 _DEFAULTS = config_defaults(PipelineConfig)  # the options' defaults are the library config's
 RECIPE = "Recipe"
 EVAL = "Evaluation"
-
-
-def summary_table(summary: dict) -> Table:
-    """One block of rows per model (the teacher, each round's student, the distilled one): its MSE to the teacher's
-    full-step sample and to the recorded actions at each step count, and its verdict."""
-    best = summary["teacher_best_steps"]
-    table = Table(title="every model against the teacher (MSE, normalised actions)", box=box.HORIZONTALS)
-    for name in ("model", "steps", "to teacher's ref", "to data"):
-        table.add_column(name, justify="left" if name == "model" else "right", no_wrap=True)
-    for model, by_steps in summary["ref"].items():
-        for i, n in enumerate(sorted(by_steps)):
-            table.add_row(
-                model if i == 0 else "",
-                str(n),
-                f"{by_steps[n]:.4g}",
-                f"{summary['data'][model][n]:.4g}",
-                end_section=i == len(by_steps) - 1,
-            )
-    verdict = Table(title="fewest steps to match the teacher", box=box.HORIZONTALS)
-    verdict.add_column("model")
-    verdict.add_column(f"as accurate on data as teacher@{best}", justify="right")
-    verdict.add_column("as close to ref as teacher@4", justify="right")
-    for model, goals in summary["verdict"].items():
-        verdict.add_row(
-            model,
-            *(str(goals[k]) if goals[k] is not None else "-" for k in ("vs_teacher_best", "vs_teacher_4")),
-        )
-    outer = Table.grid()
-    outer.add_row(table)
-    outer.add_row(verdict)
-    return outer
 
 
 def pipeline(
@@ -174,5 +142,9 @@ def pipeline(
             console.print(f"[dim]{name}: finished before, skipped[/]" if skipped else f"[bold]{name}[/]")
 
         result = run_pipeline(cfg, on_stage=on_stage)
-    out_console.print(summary_table(result.summary))
+    for table in comparison_tables(result.comparison):
+        out_console.print(table)
+    out_console.print(
+        f"comparison: {result.out / 'comparison' / 'comparison.md'}", markup=False, soft_wrap=True
+    )
     out_console.print(f"state: {result.out / PIPELINE_STATE}", markup=False, soft_wrap=True)

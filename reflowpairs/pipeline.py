@@ -12,6 +12,7 @@ Every artefact lives under ``out``:
     out/round<r>/student/               the round's training run (``train``; the student is checkpoints/last)
     out/round<r>/eval/                  the student against the ORIGINAL teacher (``eval``)
     out/distill/student/, out/distill/eval/
+    out/comparison/                     every model side by side: comparison.json, .md, .png (``compare``)
 
 A stage is recorded in ``pipeline_state.json`` only once it has finished, so a crash at any point loses at most the
 stage in progress, and that stage itself resumes where it stopped (``generate`` and ``train`` have their own resume):
@@ -77,7 +78,7 @@ class PipelineResult:
     out: Path
     stages_run: list[str]  # stages this call ran (the others had finished before)
     stages_skipped: list[str]
-    summary: dict[str, Any]  # per model: the eval rows (see ``summary``)
+    comparison: dict[str, Any]  # every model side by side (``reflowpairs.compare``), out/comparison/
 
 
 # Settings that decide what the finished stages made: a rerun must keep them.
@@ -227,8 +228,7 @@ def _eval(cfg: PipelineConfig, student: Path, out: Path, progress: Any) -> dict[
         ),
         progress=progress,
     )
-    write_report(report, out)
-    return {"report": str(out / "report.json"), "rows": report["rows"]}
+    return {"report": str(write_report(report, out).json)}
 
 
 def stages(cfg: PipelineConfig, progress: Any = None) -> list[Stage]:
@@ -273,39 +273,16 @@ def stages(cfg: PipelineConfig, progress: Any = None) -> list[Stage]:
     return todo
 
 
-def _fewest_steps(by_steps: dict[int, float | None], bar: float | None) -> int | None:
-    """The fewest step count whose error is at most ``bar`` (None if none is, or there is no bar)."""
-    if bar is None:
-        return None
-    return min((n for n, e in by_steps.items() if e is not None and e <= bar), default=None)
+def _compare(state: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Every model's eval report side by side (``reflowpairs.compare``) in ``out/comparison``."""
+    from reflowpairs.compare import compare_reports, read_report, write_comparison
 
-
-def summary(state: dict[str, Any]) -> dict[str, Any]:
-    """Per model (``teacher``, ``round1`` ..., ``distill``) and step count, from each eval stage's report:
-    ``ref``: MSE to the teacher's full-step sample (``mse_ref_norm``), ``data``: MSE to the recorded actions
-    (``mse_data_norm``), both in the teacher's normalised action space. ``verdict`` per model: the fewest steps at
-    which it is as accurate on the data as the teacher at its most steps (``vs_teacher_best``: the teacher's own
-    error there to its reference is 0 by definition, so accuracy is judged on the data), and as close to the
-    reference as the teacher at 4 steps (``vs_teacher_4``); None where no step count reaches it."""
-    ref: dict[str, dict[int, float]] = {}
-    data: dict[str, dict[int, float]] = {}
-    for name, done in state.get("stages", {}).items():
-        if not name.endswith("/eval"):
-            continue
-        for row in done["rows"]:
-            who = "teacher" if row["model"] == "teacher" else name.split("/")[0]
-            ref.setdefault(who, {})[int(row["num_steps"])] = row["mse_ref_norm"]
-            data.setdefault(who, {})[int(row["num_steps"])] = row["mse_data_norm"]
-    teacher_ref, teacher_data = ref.get("teacher", {}), data.get("teacher", {})
-    best = max(teacher_data, default=None)
-    verdict = {
-        model: {
-            "vs_teacher_best": _fewest_steps(data[model], teacher_data.get(best) if best else None),
-            "vs_teacher_4": _fewest_steps(ref[model], teacher_ref.get(4)),
-        }
-        for model in ref
+    sources = {
+        name.split("/")[0]: done["report"] for name, done in state["stages"].items() if name.endswith("/eval")
     }
-    return {"ref": ref, "data": data, "teacher_best_steps": best, "verdict": verdict}
+    comparison = compare_reports({label: read_report(path) for label, path in sources.items()}, sources)
+    files = write_comparison(comparison, out / "comparison")
+    return {"comparison": str(files["json"]), "verdict": comparison["verdict"]}
 
 
 def run_pipeline(
@@ -335,6 +312,9 @@ def run_pipeline(
         state["stages"][stage.name] = stage.run()
         write_json_atomically(out / PIPELINE_STATE, state)
         ran.append(stage.name)
-    state["summary"] = summary(state)
+    state["comparison"] = _compare(state, out)  # always anew: a rerun with more rounds adds models
     write_json_atomically(out / PIPELINE_STATE, state)
-    return PipelineResult(out=out, stages_run=ran, stages_skipped=skipped, summary=state["summary"])
+    from reflowpairs.compare import read_report
+
+    comparison = read_report(state["comparison"]["comparison"])
+    return PipelineResult(out=out, stages_run=ran, stages_skipped=skipped, comparison=comparison)

@@ -191,7 +191,7 @@ PAIRS_CONSOLE_HEADERS = (
 """``PAIRS_COLUMNS`` in two lines each, for the console."""
 
 
-def _markdown_table(headers: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
+def markdown_table(headers: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines)
@@ -226,7 +226,7 @@ def markdown(report: dict[str, Any]) -> str:
     parts += [line for note in report_notes(report) for line in ("", f"Note: {note}")]
     parts += [
         "",
-        _markdown_table([h for _, h in COLUMNS], table_rows(report)),
+        markdown_table([h for _, h in COLUMNS], table_rows(report)),
         "",
         "Columns are explained in the reflowpairs docs (`docs/eval.md`): *ref* = the teacher's full-step sample "
         "from the same noise; *data* = the dataset's recorded action chunk (padding past the episode end masked); "
@@ -241,7 +241,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"Student error to the stored X_1 from the stored X_0 on {pairs['num_frames']} training frames "
             f"({pairs['num_pairs']} pairs) of `{pairs['path']}`, next to its error on the held-out frames above.",
             "",
-            _markdown_table(PAIRS_COLUMNS, pairs_rows(report)),
+            markdown_table(PAIRS_COLUMNS, pairs_rows(report)),
         ]
     nxt = report.get("next") or {}
     if nxt.get("command"):

@@ -74,11 +74,21 @@ def test_rounds_chain_and_a_crash_loses_only_the_stage_in_progress(tiny_world, t
     m1 = json.loads(round1_manifest)
     m2 = json.loads((out / "round2" / "pairs" / "manifest.json").read_text())
     assert m1["teacher"]["source"] == str(tiny_world.teacher_dir)
-    assert Path(m2["teacher"]["source"]) == out / "round1" / "student" / STUDENT
+    assert Path(m2["teacher"]["source"]).resolve() == (out / "round1" / "student" / STUDENT).resolve()
     assert m1["generation"]["seed"] != m2["generation"]["seed"]
 
-    # the summary: the teacher and both students at each step count, with a verdict each
-    ref, data = result.summary["ref"], result.summary["data"]
+    # one comparison: the teacher and both students at each step count, with a verdict each
+    comparison = result.comparison
+    assert comparison["models"] == ["teacher", "round1", "round2"]
+    assert {p.name for p in (out / "comparison").iterdir()} == {
+        "comparison.json",
+        "comparison.md",
+        "comparison.png",
+    }
+    ref, data = {}, {}
+    for row in comparison["rows"]:
+        ref.setdefault(row["model"], {})[row["num_steps"]] = row["mse_ref_norm"]
+        data.setdefault(row["model"], {})[row["num_steps"]] = row["mse_data_norm"]
     assert set(ref) == set(data) == {"teacher", "round1", "round2"}
     for model in ref:
         assert set(ref[model]) == set(data[model]) == {1, 4}
@@ -87,7 +97,7 @@ def test_rounds_chain_and_a_crash_loses_only_the_stage_in_progress(tiny_world, t
     rows = [json.loads(Path(state_stage["report"]).read_text())["rows"] for state_stage in _evals(out)]
     teacher_rows = [[r for r in rs if r["model"] == "teacher"] for rs in rows]
     assert _same_errors(teacher_rows[0], teacher_rows[1])
-    verdict = result.summary["verdict"]
+    verdict = comparison["verdict"]
     assert set(verdict) == set(ref)
     for model in ref:  # the fewest steps at which the model is within the teacher's bar
         within_ref = [n for n in (1, 4) if ref[model][n] <= ref["teacher"][4]]
@@ -98,7 +108,7 @@ def test_rounds_chain_and_a_crash_loses_only_the_stage_in_progress(tiny_world, t
 
     # a third run has nothing left to do
     again = run_pipeline(_cfg(tiny_world, out))
-    assert again.stages_run == [] and again.summary == result.summary
+    assert again.stages_run == [] and again.comparison["rows"] == comparison["rows"]
 
 
 def _evals(out: Path) -> list[dict]:
@@ -132,7 +142,8 @@ def test_the_cli_prints_one_summary(tiny_world, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     state = json.loads((out / PIPELINE_STATE).read_text())
-    assert set(state["summary"]["ref"]) == {"teacher", "round1"}
+    assert list(state["stages"]) == ["round1/generate", "round1/validate", "round1/train", "round1/eval"]
+    assert json.loads((out / "comparison" / "comparison.json").read_text())["models"] == ["teacher", "round1"]
     assert "round1" in result.output and "teacher" in result.output
 
     bad = CliRunner().invoke(app, [*args[:-2], "--device", "cpu", "--samples-per-frame", "3"])
