@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import copy
-import re
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
