@@ -53,7 +53,7 @@ def _crash_at(stage: str):
 def test_rounds_chain_and_a_crash_loses_only_the_stage_in_progress(tiny_world, tmp_path):
     out = tmp_path / "recipe"
     with pytest.raises(CrashError):
-        run_pipeline(_cfg(tiny_world, out), on_stage=_crash_at("round2/train"))
+        run_pipeline(_cfg(tiny_world, out, distill=True), on_stage=_crash_at("round2/train"))
     state = json.loads((out / PIPELINE_STATE).read_text())
     assert list(state["stages"]) == [
         "round1/generate",
@@ -65,9 +65,9 @@ def test_rounds_chain_and_a_crash_loses_only_the_stage_in_progress(tiny_world, t
     ]
     round1_manifest = (out / "round1" / "pairs" / "manifest.json").read_bytes()
 
-    result = run_pipeline(_cfg(tiny_world, out))
+    result = run_pipeline(_cfg(tiny_world, out, distill=True))
     assert result.stages_skipped == list(state["stages"])
-    assert result.stages_run == ["round2/train", "round2/eval"]
+    assert result.stages_run == ["round2/train", "round2/eval", "distill/train", "distill/eval"]
     assert (out / "round1" / "pairs" / "manifest.json").read_bytes() == round1_manifest  # not made again
 
     # round 2's teacher is round 1's student; each round's store has its own noises
@@ -79,7 +79,7 @@ def test_rounds_chain_and_a_crash_loses_only_the_stage_in_progress(tiny_world, t
 
     # one comparison: the teacher and both students at each step count, with a verdict each
     comparison = result.comparison
-    assert comparison["models"] == ["teacher", "round1", "round2"]
+    assert comparison["models"] == ["teacher", "round1", "round2", "distill"]
     assert {p.name for p in (out / "comparison").iterdir()} == {
         "comparison.json",
         "comparison.md",
@@ -89,7 +89,7 @@ def test_rounds_chain_and_a_crash_loses_only_the_stage_in_progress(tiny_world, t
     for row in comparison["rows"]:
         ref.setdefault(row["model"], {})[row["num_steps"]] = row["mse_ref_norm"]
         data.setdefault(row["model"], {})[row["num_steps"]] = row["mse_data_norm"]
-    assert set(ref) == set(data) == {"teacher", "round1", "round2"}
+    assert set(ref) == set(data) == {"teacher", "round1", "round2", "distill"}
     for model in ref:
         assert set(ref[model]) == set(data[model]) == {1, 4}
         assert all(e > 0 for e in [*ref[model].values(), *data[model].values()])
@@ -106,8 +106,15 @@ def test_rounds_chain_and_a_crash_loses_only_the_stage_in_progress(tiny_world, t
         assert verdict[model]["vs_teacher_best"] == (min(within_data) if within_data else None)
     assert verdict["teacher"]["vs_teacher_4"] is not None  # the teacher at 4 meets its own bar
 
+    # the distilled student starts from round 2's and fits round 2's pairs at t = 1 only
+    distill_state = json.loads(
+        (out / "distill" / "student" / "checkpoints" / "last" / "training_state" / "reflow_state.json").read_text()
+    )
+    assert distill_state["settings"]["time_sampling"] == "noise-end"
+    assert Path(distill_state["store"]["path"]).resolve() == (out / "round2" / "pairs").resolve()
+
     # a third run has nothing left to do
-    again = run_pipeline(_cfg(tiny_world, out))
+    again = run_pipeline(_cfg(tiny_world, out, distill=True))
     assert again.stages_run == [] and again.comparison["rows"] == comparison["rows"]
 
 
