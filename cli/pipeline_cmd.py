@@ -7,9 +7,18 @@ from typing import Annotated
 
 import typer
 
-from reflowpairs.cli.eval_cmd import comparison_tables
+from reflowpairs.cli.eval_cmd import StageBar, comparison_tables
 from reflowpairs.cli.options import config_defaults
-from reflowpairs.cli.ui import INPUTS, OUTPUT, PERFORMANCE, console, out_console, parse_episodes, user_errors
+from reflowpairs.cli.ui import (
+    INPUTS,
+    OUTPUT,
+    PERFORMANCE,
+    console,
+    out_console,
+    parse_episodes,
+    progress,
+    user_errors,
+)
 from reflowpairs.pipeline import PIPELINE_STATE, PipelineConfig
 
 _DEFAULTS = config_defaults(PipelineConfig)  # the options' defaults are the library config's
@@ -141,7 +150,8 @@ def pipeline(
         def on_stage(name: str, skipped: bool) -> None:
             console.print(f"[dim]{name}: finished before, skipped[/]" if skipped else f"[bold]{name}[/]")
 
-        result = run_pipeline(cfg, on_stage=on_stage)
+        with progress(prefix="pipeline") as bar:
+            result = run_pipeline(cfg, progress=StageBar(bar), on_stage=on_stage)
     for table in comparison_tables(result.comparison):
         out_console.print(table)
     out_console.print(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +66,21 @@ class PipelineConfig:
     num_workers: int = 0  # train's data loader workers
 
 
+Progress = Callable[[str, int, int], None]
+"""``progress(phase, done, total)``: a stage's work so far (``phase``: frames, steps, or validate's and eval's own)."""
+
+
 @dataclass(frozen=True)
 class Stage:
-    """One step of the pipeline: ``name`` (``round2/train``) and the function that runs it."""
+    """One step of the pipeline: ``name`` (``round2/train``) and ``run(progress)``, which returns its result."""
 
     name: str
-    run: Callable[[], dict[str, Any]]
+    run: Callable[[Progress], dict[str, Any]]
+
+
+def _prefixed(progress: Progress | None, stage: str, phase: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(f"{stage}: {phase}", done, total)
 
 
 @dataclass
@@ -140,7 +150,7 @@ def teacher_of_round(cfg: PipelineConfig, r: int) -> str:
     return cfg.teacher if r == 1 else str(Path(cfg.out) / f"round{r - 1}" / "student" / STUDENT)
 
 
-def _generate(cfg: PipelineConfig, r: int, progress: Any) -> dict[str, Any]:
+def _generate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]:
     from reflowpairs.generate import GenerateConfig, generate
 
     pairs = Path(cfg.out) / f"round{r}" / "pairs"
@@ -156,11 +166,18 @@ def _generate(cfg: PipelineConfig, r: int, progress: Any) -> dict[str, Any]:
         device=cfg.device,
         resume=(pairs / "manifest.json").exists(),  # a crash mid-store: finish it
     )
-    result = generate(gen, progress=progress)
+    total = [0]
+
+    def on_plan(plan) -> None:
+        total[0] = plan.frames_to_do
+
+    result = generate(
+        gen, progress=lambda frames, _pairs, _s: progress("frames", frames, total[0]), on_plan=on_plan
+    )
     return {"pairs": str(pairs), "num_pairs": result.num_pairs, "seconds": round(result.seconds, 3)}
 
 
-def _validate(cfg: PipelineConfig, r: int) -> dict[str, Any]:
+def _validate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]:
     from reflowpairs.validate import ValidateConfig, validate
 
     round_dir = Path(cfg.out) / f"round{r}"
@@ -171,7 +188,8 @@ def _validate(cfg: PipelineConfig, r: int) -> dict[str, Any]:
             spot_check=cfg.spot_check,
             seed=cfg.seed,
             device=cfg.device,
-        )
+        ),
+        progress=progress,
     )
     write_json_atomically(round_dir / "validate.json", report.to_dict() | {"summary": report.summary()})
     if not report.ok:
@@ -182,7 +200,9 @@ def _validate(cfg: PipelineConfig, r: int) -> dict[str, Any]:
     return {"status": report.status}
 
 
-def _train(cfg: PipelineConfig, run_dir: Path, pairs: Path, init: str | None, steps: int, **extra) -> dict:
+def _train(
+    cfg: PipelineConfig, progress: Progress, run_dir: Path, pairs: Path, init: str | None, steps: int, **extra
+) -> dict:
     from reflowpairs.train import TrainConfig, train
 
     result = train(
@@ -200,7 +220,8 @@ def _train(cfg: PipelineConfig, run_dir: Path, pairs: Path, init: str | None, st
             save_every=steps,
             resume=(run_dir / "checkpoints" / "last").exists(),  # a crash mid-run: continue it
             **extra,
-        )
+        ),
+        progress=lambda step, total, _loss: progress("steps", step, total),
     )
     return {
         "student": str(run_dir / STUDENT),
@@ -209,7 +230,7 @@ def _train(cfg: PipelineConfig, run_dir: Path, pairs: Path, init: str | None, st
     }
 
 
-def _eval(cfg: PipelineConfig, student: Path, out: Path, progress: Any) -> dict[str, Any]:
+def _eval(cfg: PipelineConfig, student: Path, out: Path, progress: Progress) -> dict[str, Any]:
     from reflowpairs.evaluate import EvalConfig, evaluate
     from reflowpairs.report import write_report
 
@@ -231,44 +252,36 @@ def _eval(cfg: PipelineConfig, student: Path, out: Path, progress: Any) -> dict[
     return {"report": str(write_report(report, out).json)}
 
 
-def stages(cfg: PipelineConfig, progress: Any = None) -> list[Stage]:
+def stages(cfg: PipelineConfig) -> list[Stage]:
     """Every stage of the pipeline, in order."""
     out = Path(cfg.out)
     todo: list[Stage] = []
     for r in range(1, cfg.rounds + 1):
         run_dir, pairs = out / f"round{r}" / "student", out / f"round{r}" / "pairs"
         todo += [
-            Stage(f"round{r}/generate", lambda r=r: _generate(cfg, r, progress)),
-            Stage(f"round{r}/validate", lambda r=r: _validate(cfg, r)),
+            Stage(f"round{r}/generate", partial(_generate, cfg, r)),
+            Stage(f"round{r}/validate", partial(_validate, cfg, r)),
             Stage(
                 f"round{r}/train",
-                lambda run_dir=run_dir, pairs=pairs: _train(
-                    cfg, run_dir, pairs, None, cfg.train_steps, loss=cfg.loss
-                ),
+                lambda p, d=run_dir, s=pairs: _train(cfg, p, d, s, None, cfg.train_steps, loss=cfg.loss),
             ),
             Stage(
                 f"round{r}/eval",
-                lambda r=r, d=run_dir: _eval(cfg, d / STUDENT, out / f"round{r}" / "eval", progress),
+                lambda p, d=run_dir, r=r: _eval(cfg, d / STUDENT, out / f"round{r}" / "eval", p),
             ),
         ]
     if cfg.distill:
-        last = out / f"round{cfg.rounds}"
-        run_dir = out / "distill" / "student"
+        last, run_dir = out / f"round{cfg.rounds}", out / "distill" / "student"
+        distill = {
+            "time_sampling": "noise-end",  # the 1-step map x_0 -> x_1 (timesampling.py)
+            "loss": cfg.loss,
+            "allow_mismatch": True,  # starts from round R's student, fits round R's teacher's pairs
+        }
+        steps = cfg.distill_steps or cfg.train_steps
+        init = str(last / "student" / STUDENT)
         todo += [
-            Stage(
-                "distill/train",
-                lambda: _train(
-                    cfg,
-                    run_dir,
-                    last / "pairs",
-                    str(last / "student" / STUDENT),
-                    cfg.distill_steps or cfg.train_steps,
-                    time_sampling="noise-end",  # the 1-step map x_0 -> x_1 (timesampling.py)
-                    loss=cfg.loss,
-                    allow_mismatch=True,  # starts from round R's student, fits round R's teacher's pairs
-                ),
-            ),
-            Stage("distill/eval", lambda: _eval(cfg, run_dir / STUDENT, out / "distill" / "eval", progress)),
+            Stage("distill/train", lambda p: _train(cfg, p, run_dir, last / "pairs", init, steps, **distill)),
+            Stage("distill/eval", lambda p: _eval(cfg, run_dir / STUDENT, out / "distill" / "eval", p)),
         ]
     return todo
 
@@ -287,10 +300,12 @@ def _compare(state: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def run_pipeline(
     cfg: PipelineConfig,
-    progress: Any = None,
+    progress: Progress | None = None,
     on_stage: Callable[[str, bool], None] | None = None,
 ) -> PipelineResult:
-    """Run every stage not finished yet; ``on_stage(name, skipped)`` is called as each one starts (or is skipped)."""
+    """Run every stage not finished yet; ``on_stage(name, skipped)`` is called as each one starts (or is skipped),
+    ``progress(f"{stage}: {phase}", done, total)`` as its work goes (``frames``, ``steps``, validate's and eval's
+    own phases)."""
     check_config(cfg)
     out = Path(cfg.out)
     state = read_state(out)
@@ -301,7 +316,7 @@ def run_pipeline(
         _check_rerun(cfg, state)
         state["settings"] = _settings(cfg)  # the settings not in _FIXED (device, workers...) may change
     ran, skipped = [], []
-    for stage in stages(cfg, progress):
+    for stage in stages(cfg):
         if stage.name in state["stages"]:
             skipped.append(stage.name)
             if on_stage:
@@ -309,7 +324,7 @@ def run_pipeline(
             continue
         if on_stage:
             on_stage(stage.name, False)
-        state["stages"][stage.name] = stage.run()
+        state["stages"][stage.name] = stage.run(partial(_prefixed, progress, stage.name))
         write_json_atomically(out / PIPELINE_STATE, state)
         ran.append(stage.name)
     state["comparison"] = _compare(state, out)  # always anew: a rerun with more rounds adds models

@@ -108,7 +108,9 @@ def test_rounds_chain_and_a_crash_loses_only_the_stage_in_progress(tiny_world, t
 
     # the distilled student starts from round 2's and fits round 2's pairs at t = 1 only
     distill_state = json.loads(
-        (out / "distill" / "student" / "checkpoints" / "last" / "training_state" / "reflow_state.json").read_text()
+        (
+            out / "distill" / "student" / "checkpoints" / "last" / "training_state" / "reflow_state.json"
+        ).read_text()
     )
     assert distill_state["settings"]["time_sampling"] == "noise-end"
     assert Path(distill_state["store"]["path"]).resolve() == (out / "round2" / "pairs").resolve()
