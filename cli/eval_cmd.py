@@ -103,6 +103,12 @@ def parse_students(given: list[str]) -> dict[str, str]:
     return students
 
 
+def _local(source: str) -> str:
+    """``source`` made absolute when it is a local path (a hub repo id stays as it is)."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
 def _compare_students(cfg, students: dict[str, str], options: dict[str, Any]) -> None:
     """``eval`` with several students: each evaluated into OUT/LABEL/, then one comparison in OUT."""
     from reflowpairs.compare import evaluate_students
@@ -287,10 +293,13 @@ def eval_command(
     from reflowpairs.report import frames_text, headline_text, next_text, report_notes, write_report
 
     episode_list = parse_episodes(episodes)
-    options = resolved_options(
-        ctx, values={"episodes": episodes_text(episode_list)}, local_paths=("student", "teacher")
-    )
     students = parse_students(student)
+    given = {"episodes": episodes_text(episode_list)}
+    if len(student) == 1:  # one student: written as one path, made absolute like --teacher
+        given["student"] = student[0]
+    else:
+        given["student"] = [f"{label}={_local(source)}" for label, source in students.items()]
+    options = resolved_options(ctx, values=given, local_paths=("student", "teacher"))
     if len(students) > 1 and pairs is not None:
         raise typer.BadParameter("is for one student (the store it trained on)", param_hint="--pairs")
     with user_errors():

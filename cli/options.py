@@ -319,8 +319,11 @@ def option_for_key(command: Any, key: str) -> TyperOption | None:
 
 def _value_for(option: TyperOption, value: Any) -> Any:
     """A file's value as the option takes it: a list for a text option (``episodes: [0, 1]``) becomes ``0,1``."""
-    if isinstance(value, list) and not getattr(option, "multiple", False):
+    multiple = getattr(option, "multiple", False)
+    if isinstance(value, list) and not multiple:
         return ",".join(map(str, value))
+    if multiple and not isinstance(value, list):  # a repeatable option given once (eval's `student: DIR`)
+        return [value]
     return value
 
 

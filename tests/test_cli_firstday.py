@@ -27,7 +27,7 @@ from tests.test_generate import read_plain
 
 runner = CliRunner()
 ENV = {"COLUMNS": "200", "OMP_NUM_THREADS": "1"}  # wide tables; OMP_NUM_THREADS keeps the suite's one thread
-COMMANDS = ("tiny-world", "generate", "validate", "inspect", "train", "eval", "merge")
+COMMANDS = ("tiny-world", "generate", "validate", "inspect", "train", "eval", "merge", "pipeline")
 
 
 def _flat(text: str) -> str:
