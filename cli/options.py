@@ -41,6 +41,7 @@ LEROBOT_NAMES: dict[str, dict[str, str]] = {
         "--dataset.episodes": "--episodes",
         "--policy.device": "--device",
         "--policy.num_steps": "--num-steps",
+        "--policy.num_inference_steps": "--num-steps",
         "--log_freq": "--log-every",
     },
     "train": {

@@ -82,17 +82,21 @@ def student_config_json(
     init_config: dict[str, Any], init_source: str, num_steps: int | None = None
 ) -> dict[str, Any]:
     """The student's config.json: the init checkpoint's, with ``pretrained_path`` set to ``init_source``
-    and ``num_steps`` set only when ``num_steps`` is given. Nothing else changes."""
+    and the policy family's step-count field (SmolVLA's ``num_steps``, pi0/pi05's ``num_inference_steps``) set
+    only when ``num_steps`` is given. Nothing else changes."""
+    from reflowpairs.policies import json_step_field
+
     config = dict(init_config)
     config["pretrained_path"] = str(init_source)
     if num_steps is not None:
-        if "num_steps" not in config:
+        field = json_step_field(config)
+        if field not in config:
             raise ReflowPairsError(
-                f"The student's num_steps would be {num_steps} (`student_num_steps`), but the init checkpoint's "
-                "config.json has no num_steps field.",
+                f"The student's {field} would be {num_steps} (`student_num_steps`), but the init checkpoint's "
+                f"config.json has no {field} field.",
                 "Set `student_num_steps` to 'teacher' for this policy.",
             )
-        config["num_steps"] = int(num_steps)
+        config[field] = int(num_steps)
     return config
 
 
