@@ -128,6 +128,7 @@ def save_checkpoint(
     state: dict[str, Any],
     batch_size: int | None = None,
     master_params: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write ``OUT/checkpoints/<step>`` atomically and repoint ``last`` at it; returns its path.
 
@@ -135,7 +136,9 @@ def save_checkpoint(
     weights through lerobot's ``policy.save_pretrained``, processors through their own
     ``save_pretrained``, and the training state through lerobot's ``save_training_state`` plus
     ``state`` as ``training_state/reflow_state.json`` and, when not empty, ``master_params`` (name ->
-    float32 tensor, ``MasterWeights.state_dict()``) as ``training_state/master_params.safetensors``."""
+    float32 tensor, ``MasterWeights.state_dict()``) as ``training_state/master_params.safetensors``.
+    ``extra_files``: name -> text written into ``pretrained_model/`` too (a tiny test teacher's size marker,
+    ``LoadedPolicy.extra_files``, so the student loads as the teacher does)."""
     from lerobot.common.train_utils import get_step_identifier, save_training_state
     from safetensors.torch import save_file
 
@@ -152,6 +155,8 @@ def save_checkpoint(
         json.dump(config_json, handle, indent=4)
     preprocessor.save_pretrained(model_dir)
     postprocessor.save_pretrained(model_dir)
+    for filename, text in (extra_files or {}).items():
+        (model_dir / filename).write_text(text)
     save_training_state(tmp, step, optimizer, scheduler, batch_size=batch_size)
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": int(step), **state}
     (training_state_dir(tmp) / STATE_FILE).write_text(json.dumps(state, indent=2))

@@ -130,6 +130,10 @@ class Engine(Protocol):
         """X_1 ``(B, K, T, action_dim)`` in normalised action space from noise ``(B, K, T, D0)``, in calls of at most
         the engine's ``tokens_per_call`` suffix tokens (one frame per call for an adaptive solver)."""
 
+    def finish(self, x: Tensor) -> Tensor:
+        """An ODE end point ``(N, T, D0)`` from ``velocity_field`` -> the normalised action ``(N, T, action_dim)``
+        ``predict_action_chunk`` returns for it (the family's cropping and action encoding)."""
+
 
 @contextmanager
 def lerobot_sampling_steps(policy, num_steps: int) -> Iterator[None]:

@@ -497,10 +497,7 @@ class _Model:
 
     def finish(self, x: Tensor) -> Tensor:
         """Model-space ``(N, T, D0)`` -> its normalised action ``(N, T, A)``, as ``predict_action_chunk``."""
-        x = x[:, :, : self.engine.action_dim]
-        if self.policy.config.adapt_to_pi_aloha:
-            x = self.policy._pi_aloha_encode_actions(x)
-        return x
+        return self.engine.finish(x)
 
     def units(self, action: Tensor) -> Tensor:
         """Normalised ``(N, T, A)`` -> dataset units on CPU, through the checkpoint's postprocessor."""

@@ -1143,6 +1143,7 @@ class _Saver:
                 self.state_for(step),
                 batch_size=run.batch_size,
                 master_params=self.opt.masters.state_dict(),
+                extra_files=run.inputs.loaded.extra_files,
             )
         except OSError as err:
             raise _write_failed(run.out, f"checkpoint {step}", err, self.checkpoint) from err

@@ -188,8 +188,13 @@ class PiEngine:
         x0 = noise.reshape(frames * samples, *noise.shape[2:]).to(
             self.device, torch.float32, non_blocking=True
         )
-        x1 = integrate(velocity, x0, solver)[:, :, : self.action_dim]
+        x1 = self.finish(integrate(velocity, x0, solver))
         return x1.reshape(frames, samples, *x1.shape[1:])
+
+    def finish(self, x: Tensor) -> Tensor:
+        """ODE end point ``(N, T, max_action_dim)`` -> normalised action ``(N, T, action_dim)`` (cropped), as
+        ``predict_action_chunk`` returns it."""
+        return x[:, :, : self.action_dim]
 
 
 def reflow_loss(

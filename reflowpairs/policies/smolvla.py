@@ -220,10 +220,16 @@ class SmolVLAEngine:
         x0 = noise.reshape(frames * samples, *noise.shape[2:]).to(
             self.device, torch.float32, non_blocking=True
         )
-        x1 = integrate(velocity, x0, solver)[:, :, : self.action_dim]
-        if self.policy.config.adapt_to_pi_aloha:
-            x1 = self.policy._pi_aloha_encode_actions(x1)
+        x1 = self.finish(integrate(velocity, x0, solver))
         return x1.reshape(frames, samples, *x1.shape[1:])
+
+    def finish(self, x: Tensor) -> Tensor:
+        """ODE end point ``(N, T, max_action_dim)`` -> normalised action ``(N, T, action_dim)``, as
+        ``predict_action_chunk`` does (cropped; the pi-aloha action encoding when the config asks for it)."""
+        x = x[:, :, : self.action_dim]
+        if self.policy.config.adapt_to_pi_aloha:
+            x = self.policy._pi_aloha_encode_actions(x)
+        return x
 
 
 def reflow_loss(
