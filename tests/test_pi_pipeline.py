@@ -8,6 +8,7 @@ A tiny checkpoint carries ``tinypi.TINY_MARKER``; ``load_policy`` applies its si
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import redirect_stdout
 from io import StringIO
 from pathlib import Path
@@ -18,11 +19,12 @@ import torch
 
 from reflowpairs import tinypi
 from reflowpairs.dataset import open_dataset
+from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pairstore import Pairs, PairStore
 from reflowpairs.policies._pi_common import check_weights_loaded
-from reflowpairs.teacher import load_policy
+from reflowpairs.teacher import TOKENIZER_ENV, load_policy
 
-from .helpers import cli
+from .helpers import cli, reflowpairs_cmd, run_child
 
 VARIANTS = ("pi0", "pi05")
 GENERATE = ("--episodes", "0", "--samples-per-frame", "2", "--num-steps", "3", "--batch-size", "8")
@@ -141,3 +143,93 @@ def test_generate_validate_train_eval_from_the_cli(pi_teachers, tiny_world, tmp_
     assert report["settings"]["reference_num_steps"] == 10
     assert report["student"]["num_steps"] == 2 and report["student"]["step_field"] == "num_inference_steps"
     assert f"--policy.num_inference_steps={report['next']['num_steps']}" in report["next"]["command"]
+
+
+@pytest.mark.slow
+def test_generate_in_a_fresh_process(pi_teachers, tiny_world, tmp_path):
+    """``reflowpairs generate`` as its own process loads the tiny teacher (its marker's size patch is applied by the
+    loader, not by this test process) and stores lerobot's own X_1."""
+    teacher, store = pi_teachers["pi0"], tmp_path / "pairs"
+    data = ("--dataset", tiny_world.repo_id, "--dataset-root", str(tiny_world.dataset_root))
+    done = run_child(
+        reflowpairs_cmd("generate", "--teacher", str(teacher), *data, "--out", str(store), *GENERATE)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_x1_is_lerobots(store, teacher, tiny_world, num_steps=3)
+
+
+def test_damaged_weights_are_refused_naming_the_file(pi_teachers, tiny_world, tmp_path):
+    """lerobot returns random weights (or leaves a layer random) when model.safetensors does not load: reflowpairs
+    refuses the teacher with the file named, from the library and from the CLI."""
+    from safetensors.torch import load_file, save_file
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(pi_teachers["pi0"], truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ReflowPairsError) as err:
+        load_policy(str(truncated), "cpu")
+    assert str(weights) in err.value.what
+    result = cli(
+        "generate",
+        "--teacher",
+        str(truncated),
+        "--dataset",
+        tiny_world.repo_id,
+        "--dataset-root",
+        str(tiny_world.dataset_root),
+        "--out",
+        str(tmp_path / "pairs"),
+        *GENERATE,
+        exit_code=1,
+    )
+    assert "model.safetensors" in result.output and not (tmp_path / "pairs" / "manifest.json").exists()
+
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(pi_teachers["pi05"], incomplete)
+    tensors = load_file(incomplete / "model.safetensors")
+    dropped = next(k for k in tensors if "action_out_proj" in k)
+    save_file({k: v for k, v in tensors.items() if k != dropped}, incomplete / "model.safetensors")
+    with pytest.raises(ReflowPairsError, match="lacks 1 of") as err:
+        load_policy(str(incomplete), "cpu")
+    assert str(incomplete / "model.safetensors") in err.value.what
+
+
+def test_the_tokenizer_override(pi_teachers, tiny_world, tmp_path, monkeypatch):
+    """A saved preprocessor that names a tokenizer this machine cannot load (the gated hub one, offline) loads with
+    ``tokenizer`` / REFLOWPAIRS_TOKENIZER / ``--tokenizer DIR`` pointing at a local copy."""
+    monkeypatch.setenv(TOKENIZER_ENV, "")  # restored (unset) after the test: --tokenizer sets it
+    source = pi_teachers["pi05"]
+    copy = tmp_path / "teacher"
+    shutil.copytree(source, copy)
+    path = copy / "policy_preprocessor.json"
+    pipeline = json.loads(path.read_text())
+    local = None
+    for step in pipeline["steps"]:
+        if step.get("registry_name") == "tokenizer_processor":
+            local = step["config"]["tokenizer_name"]
+            step["config"]["tokenizer_name"] = str(tmp_path / "no-such-tokenizer")
+    path.write_text(json.dumps(pipeline))
+    assert local is not None and Path(local).is_dir()
+
+    with pytest.raises(ReflowPairsError, match="could not load the processors"):
+        load_policy(str(copy), "cpu")
+    reference = load_policy(str(source), "cpu")
+    overridden = load_policy(str(copy), "cpu", tokenizer=local)
+    dataset = open_dataset(tiny_world.repo_id, tiny_world.dataset_root)
+    item = {k: v for k, v in dataset[0].items() if not k.startswith("action")}
+    ours = overridden.preprocessor(torch.utils.data.default_collate([item]))
+    theirs = reference.preprocessor(torch.utils.data.default_collate([item]))
+    key = "observation.language.tokens"
+    assert torch.equal(ours[key], theirs[key])
+    monkeypatch.setenv(TOKENIZER_ENV, local)
+    load_policy(str(copy), "cpu")
+    monkeypatch.setenv(TOKENIZER_ENV, "")
+    with pytest.raises(ReflowPairsError, match="`tokenizer`"):
+        load_policy(str(copy), "cpu", tokenizer=tmp_path / "missing")
+
+    data = ("--dataset", tiny_world.repo_id, "--dataset-root", str(tiny_world.dataset_root))
+    store = tmp_path / "pairs"
+    fast = ("--episodes", "0", "--samples-per-frame", "1", "--num-steps", "1", "--device", "cpu")
+    cli("generate", "--teacher", str(copy), *data, "--out", str(store), *fast, "--tokenizer", local)
+    assert (store / "manifest.json").is_file()
