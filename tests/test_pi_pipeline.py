@@ -20,6 +20,7 @@ import torch
 from reflowpairs import tinypi
 from reflowpairs.dataset import open_dataset
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.evaluate import next_step
 from reflowpairs.pairstore import Pairs, PairStore
 from reflowpairs.policies._pi_common import check_weights_loaded
 from reflowpairs.teacher import TOKENIZER_ENV, load_policy
@@ -142,7 +143,9 @@ def test_generate_validate_train_eval_from_the_cli(pi_teachers, tiny_world, tmp_
     assert report["engine_check"]["max_abs_diff"] < 1e-5
     assert report["settings"]["reference_num_steps"] == 10
     assert report["student"]["num_steps"] == 2 and report["student"]["step_field"] == "num_inference_steps"
-    assert f"--policy.num_inference_steps={report['next']['num_steps']}" in report["next"]["command"]
+    # the lerobot-eval command it recommends (once the student beats the teacher) sets the same field
+    better = next_step({**report, "headline": {**report["headline"], "ratio": 0.5}})
+    assert f"--policy.num_inference_steps={better['num_steps']}" in better["command"]
 
 
 @pytest.mark.slow
