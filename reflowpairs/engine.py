@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.solvers import SolverConfig, Velocity
+from reflowpairs.solvers import SolverConfig, Velocity, integrate
 
 
 def pair_shapes(policy_config) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -133,6 +133,58 @@ class Engine(Protocol):
     def finish(self, x: Tensor) -> Tensor:
         """An ODE end point ``(N, T, D0)`` from ``velocity_field`` -> the normalised action ``(N, T, action_dim)``
         ``predict_action_chunk`` returns for it (the family's cropping and action encoding)."""
+
+
+class PrefixCachedEngine:
+    """What every family's prefix-cached engine shares: ``sample`` in calls of exactly ``frames_per_call`` frames
+    (a short call padded with copies of its last frame; one frame per call for an adaptive solver), each call one
+    ``velocity_field`` (one prefix fill) and one ODE over all its samples, ended by the family's ``finish``.
+    Subclasses set ``policy``, ``frames_per_call`` and ``action_dim`` and define ``velocity_field`` and ``finish``."""
+
+    exact = False
+    policy: object
+    frames_per_call: int | None
+    action_dim: int
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def velocity_field(self, batch: dict[str, Tensor], repeats: int) -> Velocity:
+        raise NotImplementedError
+
+    def finish(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
+        """X_1 ``(B, K, T, action_dim)`` in normalised action space from noise ``(B, K, T, D0)``."""
+        frames = noise.shape[0]
+        # an adaptive solver's steps depend on all it integrates: one frame (its K samples) per call keeps X_1 a
+        # function of the frame and its noises, whatever the batching
+        group = 1 if solver.adaptive else self.frames_per_call or frames
+        calls = []
+        for start in range(0, frames, group):
+            stop = min(start + group, frames)
+            part = pad_frames(slice_frames(batch, start, stop, frames), stop - start, group)
+            part_noise = noise[start:stop]
+            if stop - start < group:
+                part_noise = torch.cat(
+                    [part_noise, part_noise[-1:].expand(group - (stop - start), *noise.shape[1:])]
+                )
+            calls.append(self._sample_call(part, part_noise, solver)[: stop - start])
+        return torch.cat(calls)
+
+    @torch.no_grad()
+    def _sample_call(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
+        """``sample`` for frames that go in one call: one prefix fill, one ODE over all their samples."""
+        frames, samples = noise.shape[:2]
+        velocity = self.velocity_field(batch, samples)
+        x0 = noise.reshape(frames * samples, *noise.shape[2:]).to(
+            self.device, torch.float32, non_blocking=True
+        )
+        x1 = self.finish(integrate(velocity, x0, solver))
+        return x1.reshape(frames, samples, *x1.shape[1:])
 
 
 @contextmanager

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from reflowpairs.engine import pad_frames, pad_language, slice_frames
+from reflowpairs.engine import PrefixCachedEngine, pad_language
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.solvers import SolverConfig, Velocity, integrate
+from reflowpairs.solvers import Velocity
 
 STEP_FIELD = "num_steps"
 """SmolVLA's config field holding the sampler's Euler step count (pi0/pi05: ``num_inference_steps``)."""
@@ -99,13 +99,11 @@ def attention_interface(vlm_with_expert, attention) -> Iterator[None]:
         del vlm_with_expert.get_attention_interface
 
 
-class SmolVLAEngine:
+class SmolVLAEngine(PrefixCachedEngine):
     """Prefix-cached sampler for ``SmolVLAPolicy`` (lerobot 0.6), built from the policy's own methods.
 
     ``frames_per_call``: every call samples exactly this many frames (a short call is padded with copies of its
     last frame), so a frame's X_1 does not depend on its batch-mates; None: the whole batch in one call, unpadded."""
-
-    exact = False
 
     def __init__(self, policy, frames_per_call: int | None = None):
         self.policy = policy
@@ -118,10 +116,6 @@ class SmolVLAEngine:
                 "This SmolVLA checkpoint has use_cache=false; the prefix-cached engine needs the KV cache.",
                 "Set use_cache to true in its config.json (it does not change the sampled actions).",
             )
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.policy.parameters()).device
 
     @torch.no_grad()
     def velocity_field(self, batch: dict[str, Tensor], repeats: int) -> Velocity:
@@ -193,35 +187,6 @@ class SmolVLAEngine:
         cache.crop(prefix_len)  # the self-attention layers appended the suffix K/V in place
         suffix_out = outputs_embeds[1].reshape(rows * fold, chunk, -1)[:, -self.policy.config.chunk_size :]
         return model.action_out_proj(suffix_out.to(dtype=torch.float32))
-
-    @torch.no_grad()
-    def sample(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
-        frames = noise.shape[0]
-        # an adaptive solver's steps depend on all it integrates: one frame (its K samples) per call keeps X_1 a
-        # function of the frame and its noises, whatever the batching
-        group = 1 if solver.adaptive else self.frames_per_call or frames
-        calls = []
-        for start in range(0, frames, group):
-            stop = min(start + group, frames)
-            part = pad_frames(slice_frames(batch, start, stop, frames), stop - start, group)
-            part_noise = noise[start:stop]
-            if stop - start < group:
-                part_noise = torch.cat(
-                    [part_noise, part_noise[-1:].expand(group - (stop - start), *noise.shape[1:])]
-                )
-            calls.append(self._sample_call(part, part_noise, solver)[: stop - start])
-        return torch.cat(calls)
-
-    @torch.no_grad()
-    def _sample_call(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
-        """``sample`` for frames that go in one call: one prefix fill, one ODE over all their samples."""
-        frames, samples = noise.shape[:2]
-        velocity = self.velocity_field(batch, samples)
-        x0 = noise.reshape(frames * samples, *noise.shape[2:]).to(
-            self.device, torch.float32, non_blocking=True
-        )
-        x1 = self.finish(integrate(velocity, x0, solver))
-        return x1.reshape(frames, samples, *x1.shape[1:])
 
     def finish(self, x: Tensor) -> Tensor:
         """ODE end point ``(N, T, max_action_dim)`` -> normalised action ``(N, T, action_dim)``, as
