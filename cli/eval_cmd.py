@@ -10,7 +10,13 @@ from rich import box
 from rich.progress import Progress
 from rich.table import Table
 
-from reflowpairs.cli.options import config_defaults, config_option, lerobot_names_text, resolved_options
+from reflowpairs.cli.options import (
+    config_defaults,
+    config_option,
+    lerobot_names_text,
+    resolved_options,
+    tokenizer_option,
+)
 from reflowpairs.cli.ui import (
     INPUTS,
     OUTPUT,
@@ -280,6 +286,7 @@ def eval_command(
             help=f"Directory for report.json, report.md, steps_vs_error.png and {EVAL_OPTIONS}.",
         ),
     ],
+    tokenizer: Annotated[Path | None, tokenizer_option(PERFORMANCE)] = None,
     device: Annotated[
         str, typer.Option(metavar="DEVICE", rich_help_panel=PERFORMANCE, help="auto, cpu, cuda[:N] or mps.")
     ] = _DEFAULTS.device,

@@ -10,7 +10,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from reflowpairs.cli.options import config_defaults, config_option, lerobot_names_text, resolved_options
+from reflowpairs.cli.options import (
+    config_defaults,
+    config_option,
+    lerobot_names_text,
+    resolved_options,
+    tokenizer_option,
+)
 from reflowpairs.cli.ui import (
     INPUTS,
     MULTI,
@@ -159,6 +165,7 @@ def generate(
             help="Most suffix tokens (frames x K x chunk_size) per teacher call; 0: the whole batch (default: 1024 on CPU, no limit on GPU).",
         ),
     ] = _DEFAULTS.tokens_per_call,
+    tokenizer: Annotated[Path | None, tokenizer_option(PERFORMANCE)] = None,
     device: Annotated[
         str, typer.Option(metavar="DEVICE", rich_help_panel=PERFORMANCE, help="auto, cpu, cuda[:N] or mps.")
     ] = _DEFAULTS.device,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,6 +42,7 @@ LEROBOT_NAMES: dict[str, dict[str, str]] = {
         "--dataset.episodes": "--episodes",
         "--policy.device": "--device",
         "--policy.num_steps": "--num-steps",
+        "--policy.num_inference_steps": "--num-steps",
         "--log_freq": "--log-every",
     },
     "train": {
@@ -358,6 +360,29 @@ def config_option(help_panel: str | None = None) -> Any:
         rich_help_panel=help_panel,
         help="Read options from a YAML or JSON file (long option names as keys, dashes or underscores; flags on the "
         "command line override it). Each run writes its own such file, so --config repeats a run.",
+    )
+
+
+def _use_tokenizer(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
+    """``--tokenizer DIR``: every checkpoint this command (and any worker process it starts) loads tokenizes with
+    DIR, through ``reflowpairs.teacher.TOKENIZER_ENV``."""
+    if value is not None:
+        from reflowpairs.teacher import TOKENIZER_ENV
+
+        os.environ[TOKENIZER_ENV] = str(Path(value).expanduser().resolve())
+    return value
+
+
+def tokenizer_option(help_panel: str | None = None) -> Any:
+    """The ``--tokenizer DIR`` option of generate, validate, train and eval."""
+    return typer.Option(
+        "--tokenizer",
+        metavar="DIR",
+        callback=_use_tokenizer,
+        rich_help_panel=help_panel,
+        help="A local tokenizer directory the checkpoints' preprocessors use instead of the one they name (pi0/pi05 "
+        "name the gated hub google/paligemma-3b-pt-224; point this at a downloaded copy to run offline). Same as "
+        "the REFLOWPAIRS_TOKENIZER environment variable.",
     )
 
 

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from reflowpairs.cli.options import config_defaults
+from reflowpairs.cli.options import config_defaults, tokenizer_option
 from reflowpairs.cli.ui import out_console, plural, print_next, progress, train_command, user_errors
 from reflowpairs.validate import ValidateConfig
 
@@ -222,6 +222,7 @@ def validate(
     seed: Annotated[
         int, typer.Option(metavar="N", help="Seed choosing the spot-checked pairs.")
     ] = _DEFAULTS.seed,
+    tokenizer: Annotated[Path | None, tokenizer_option()] = None,
     device: Annotated[
         str, typer.Option(metavar="DEVICE", help="Device for the spot check: auto, cpu, cuda[:N] or mps.")
     ] = _DEFAULTS.device,

@@ -10,7 +10,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from reflowpairs.cli.options import config_defaults, config_option, lerobot_names_text, resolved_options
+from reflowpairs.cli.options import (
+    config_defaults,
+    config_option,
+    lerobot_names_text,
+    resolved_options,
+    tokenizer_option,
+)
 from reflowpairs.cli.ui import (
     INPUTS,
     OUTPUT,
@@ -259,6 +265,7 @@ def train(
             help="On --resume, accept a --steps that changes the lr schedule mid-run.",
         ),
     ] = _DEFAULTS.allow_schedule_change,
+    tokenizer: Annotated[Path | None, tokenizer_option(PERFORMANCE)] = None,
     device: Annotated[
         str, typer.Option(metavar="DEVICE", rich_help_panel=PERFORMANCE, help="auto, cpu, cuda[:N] or mps.")
     ] = _DEFAULTS.device,

@@ -82,17 +82,21 @@ def student_config_json(
     init_config: dict[str, Any], init_source: str, num_steps: int | None = None
 ) -> dict[str, Any]:
     """The student's config.json: the init checkpoint's, with ``pretrained_path`` set to ``init_source``
-    and ``num_steps`` set only when ``num_steps`` is given. Nothing else changes."""
+    and the policy family's step-count field (SmolVLA's ``num_steps``, pi0/pi05's ``num_inference_steps``) set
+    only when ``num_steps`` is given. Nothing else changes."""
+    from reflowpairs.policies import json_step_field
+
     config = dict(init_config)
     config["pretrained_path"] = str(init_source)
     if num_steps is not None:
-        if "num_steps" not in config:
+        field = json_step_field(config)
+        if field not in config:
             raise ReflowPairsError(
-                f"The student's num_steps would be {num_steps} (`student_num_steps`), but the init checkpoint's "
-                "config.json has no num_steps field.",
+                f"The student's {field} would be {num_steps} (`student_num_steps`), but the init checkpoint's "
+                f"config.json has no {field} field.",
                 "Set `student_num_steps` to 'teacher' for this policy.",
             )
-        config["num_steps"] = int(num_steps)
+        config[field] = int(num_steps)
     return config
 
 
@@ -124,6 +128,7 @@ def save_checkpoint(
     state: dict[str, Any],
     batch_size: int | None = None,
     master_params: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write ``OUT/checkpoints/<step>`` atomically and repoint ``last`` at it; returns its path.
 
@@ -131,7 +136,9 @@ def save_checkpoint(
     weights through lerobot's ``policy.save_pretrained``, processors through their own
     ``save_pretrained``, and the training state through lerobot's ``save_training_state`` plus
     ``state`` as ``training_state/reflow_state.json`` and, when not empty, ``master_params`` (name ->
-    float32 tensor, ``MasterWeights.state_dict()``) as ``training_state/master_params.safetensors``."""
+    float32 tensor, ``MasterWeights.state_dict()``) as ``training_state/master_params.safetensors``.
+    ``extra_files``: name -> text written into ``pretrained_model/`` too (a tiny test teacher's size marker,
+    ``LoadedPolicy.extra_files``, so the student loads as the teacher does)."""
     from lerobot.common.train_utils import get_step_identifier, save_training_state
     from safetensors.torch import save_file
 
@@ -148,6 +155,8 @@ def save_checkpoint(
         json.dump(config_json, handle, indent=4)
     preprocessor.save_pretrained(model_dir)
     postprocessor.save_pretrained(model_dir)
+    for filename, text in (extra_files or {}).items():
+        (model_dir / filename).write_text(text)
     save_training_state(tmp, step, optimizer, scheduler, batch_size=batch_size)
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": int(step), **state}
     (training_state_dir(tmp) / STATE_FILE).write_text(json.dumps(state, indent=2))

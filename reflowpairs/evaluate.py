@@ -44,6 +44,7 @@ from reflowpairs.dataset import check_episodes, open_metadata
 from reflowpairs.engine import lerobot_sampling_steps, pair_shapes
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.noise import batch_noise
+from reflowpairs.policies import config_num_steps, step_field
 from reflowpairs.report import episode_span
 
 REPORT_FORMAT = "reflowpairs.eval"
@@ -496,10 +497,7 @@ class _Model:
 
     def finish(self, x: Tensor) -> Tensor:
         """Model-space ``(N, T, D0)`` -> its normalised action ``(N, T, A)``, as ``predict_action_chunk``."""
-        x = x[:, :, : self.engine.action_dim]
-        if self.policy.config.adapt_to_pi_aloha:
-            x = self.policy._pi_aloha_encode_actions(x)
-        return x
+        return self.engine.finish(x)
 
     def units(self, action: Tensor) -> Tensor:
         """Normalised ``(N, T, A)`` -> dataset units on CPU, through the checkpoint's postprocessor."""
@@ -650,7 +648,7 @@ def _synchronize(device: torch.device) -> None:
 def _plain_call(model: _Model, batch: dict[str, Any], noise: Tensor, num_steps: int) -> tuple[float, Tensor]:
     """Seconds for one ``policy.predict_action_chunk(batch, noise=noise)`` at ``num_steps``, and its action."""
     device = model.engine.device
-    with lerobot_sampling_steps(model.policy, num_steps):  # lerobot's sampler reads config.num_steps only
+    with lerobot_sampling_steps(model.policy, num_steps):  # lerobot's sampler reads the step field only
         model.policy.reset()
         _synchronize(device)
         start = time.perf_counter()
@@ -845,12 +843,13 @@ def next_step(report: dict[str, Any]) -> dict[str, Any]:
             f"--steps {2 * int(training['steps'] or training['step'] or 1)}",
         }
     saved = report["student"].get("num_steps")
+    field = report["student"].get("step_field", "num_steps")  # the policy family's step-count field
     if n == saved:  # the checkpoint already samples in n steps: lerobot-eval needs no step-count flag
         why, override = f"the student is saved to sample in {n} step{'s' if n != 1 else ''}, {rule}", ""
     else:
         why, override = (
-            f"--policy.num_steps={n}: {rule} (the checkpoint is saved with num_steps {saved})",
-            f" --policy.num_steps={n}",
+            f"--policy.{field}={n}: {rule} (the checkpoint is saved with {field} {saved})",
+            f" --policy.{field}={n}",
         )
     return {
         "num_steps": n,
@@ -926,7 +925,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
     check_features(teacher_loaded.config, meta, rename_map(teacher_loaded.preprocessor))
     check_features(student_loaded.config, meta, rename_map(student_loaded.preprocessor))
     chunk_size = teacher_loaded.config.chunk_size
-    ref_steps = int(teacher_loaded.config.num_steps)
+    ref_steps = config_num_steps(teacher_loaded.config)
     dataset = open_dataset(
         cfg.dataset,
         cfg.dataset_root,
@@ -980,7 +979,8 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
         "teacher": {**teacher_loaded.provenance(), "num_steps": ref_steps},
         "student": {
             **student_loaded.provenance(),
-            "num_steps": int(student_loaded.config.num_steps),
+            "num_steps": config_num_steps(student_loaded.config),
+            "step_field": step_field(student_loaded.config.type),
             "same_action_normalisation": same_units,
             "training": _training_info(state, state_file, teacher_check),
         },

@@ -52,6 +52,7 @@ from reflowpairs.pairstore import (
     manifest_format,
     remove_path,
 )
+from reflowpairs.policies import config_num_steps
 from reflowpairs.solvers import SolverConfig
 from reflowpairs.storelock import StoreLock
 from reflowpairs.teacher import compute_dtype, load_policy, parameter_dtypes, read_policy_config, rename_map
@@ -74,7 +75,7 @@ class GenerateConfig:
     dataset_root: Path | None = None
     episodes: list[int] | None = None
     samples_per_frame: int = 4
-    num_steps: int | None = None  # None: the teacher config's num_steps
+    num_steps: int | None = None  # None: the teacher config's step count (num_steps / num_inference_steps)
     solver: str = "euler"
     rtol: float = 1e-5
     atol: float = 1e-5
@@ -363,7 +364,10 @@ def _prepare(cfg: GenerateConfig, device: str, out: Path) -> _Job:
     )
     engine = make_engine(teacher.policy, call_frames, exact=cfg.exact)
     solver = SolverConfig(
-        cfg.solver, teacher.config.num_steps if cfg.num_steps is None else cfg.num_steps, cfg.rtol, cfg.atol
+        cfg.solver,
+        config_num_steps(teacher.config) if cfg.num_steps is None else cfg.num_steps,
+        cfg.rtol,
+        cfg.atol,
     )
     frame_index = frame_indices(dataset)
     generation = {

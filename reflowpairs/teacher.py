@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
-from contextlib import redirect_stdout
-from dataclasses import dataclass
+from contextlib import nullcontext, redirect_stdout
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,16 @@ from reflowpairs.errors import ReflowPairsError
 FLOW_MATCHING_POLICIES = ("smolvla", "pi0", "pi05")
 """lerobot policy types that sample actions by integrating a flow-matching ODE."""
 
-SUPPORTED_POLICIES = ("smolvla",)
-"""Flow-matching policies this version has a sampling engine for (pi0/pi05 come next)."""
+SUPPORTED_POLICIES = ("smolvla", "pi0", "pi05")
+"""Flow-matching policies this version has a policy family for (``reflowpairs.policies.FAMILIES``)."""
+
+PI_POLICIES = ("pi0", "pi05")
+"""Policy types whose support calls lerobot 0.6 internals directly (checked against the installed version) and
+whose ``from_pretrained`` silently falls back to random weights (checked after loading)."""
+
+TOKENIZER_ENV = "REFLOWPAIRS_TOKENIZER"
+"""Environment variable naming a local tokenizer directory that every loaded checkpoint's preprocessor uses in place
+of the one its ``policy_preprocessor.json`` names (``load_policy``'s ``tokenizer`` wins over it)."""
 
 PREPROCESSOR_FILE = "policy_preprocessor.json"
 POSTPROCESSOR_FILE = "policy_postprocessor.json"
@@ -42,6 +51,9 @@ class LoadedPolicy:
     preprocessor: Any  # PolicyProcessorPipeline (observation dict -> model batch)
     postprocessor: Any  # PolicyProcessorPipeline (normalised action -> dataset units)
     fingerprint: dict[str, str]
+    extra_files: dict[str, str] = field(
+        default_factory=dict
+    )  # files a student checkpoint carries over (tiny marker)
 
     @property
     def config(self):
@@ -167,8 +179,12 @@ def read_policy_config(source: str):
         raise ReflowPairsError(
             f"Checkpoint {source} is a {policy_type} policy; this version of reflowpairs supports "
             f"{', '.join(SUPPORTED_POLICIES)} only.",
-            "pi0/pi05 support is planned; use a SmolVLA checkpoint for now.",
+            "Use a checkpoint of one of those policy types.",
         )
+    if policy_type in PI_POLICIES:
+        from reflowpairs.policies import require_lerobot_version
+
+        require_lerobot_version()
     source_dir = config_path.parent
     try:
         return PreTrainedConfig.from_pretrained(source_dir)
@@ -204,12 +220,25 @@ def fingerprint_checkpoint(source: str) -> dict[str, str]:
 
 
 def load_policy(
-    source: str | Path, device: str = "auto", fingerprint: dict[str, str] | None = None
+    source: str | Path,
+    device: str = "auto",
+    fingerprint: dict[str, str] | None = None,
+    tokenizer: str | Path | None = None,
 ) -> LoadedPolicy:
     """Load a flow-matching policy checkpoint and its processors with lerobot's own classes.
 
     Refuses non-flow-matching policies and checkpoints without processor files, with a clear error.
     ``fingerprint``: the checkpoint's ``fingerprint_checkpoint`` when the caller has it already.
+    ``tokenizer``: a local tokenizer directory the preprocessor's tokenizer step loads instead of the one its
+    ``policy_preprocessor.json`` names (pi0/pi05 name the gated hub ``google/paligemma-3b-pt-224``; offline, point
+    this at a downloaded copy); None: the ``REFLOWPAIRS_TOKENIZER`` environment variable, else the saved name.
+
+    pi0/pi05: the installed lerobot must be 0.6.x, and the weights are checked after loading
+    (``check_weights_loaded``: lerobot returns a random-weight model when ``model.safetensors`` cannot be loaded;
+    here that is an error naming the file). Tiny test checkpoints (``reflowpairs.tinypi``) carry a marker file
+    with their sizes: this is the documented test-fixture route, ``tinypi.tiny_gemma_patch`` is applied for that
+    checkpoint's ``from_pretrained`` only, so a tiny checkpoint loads in any process (a CLI subprocess included)
+    and ordinary checkpoints are never affected.
     """
     from lerobot.policies.factory import get_policy_class, make_pre_post_processors
 
@@ -228,10 +257,12 @@ def load_policy(
     if vlm_from_checkpoint:
         config.load_vlm_weights = False
     policy_cls = get_policy_class(config.type)
+    sizes, extra_files = _tiny_sizes(source)
     # lerobot prints progress notes ("Loading weights ...") to stdout: keep stdout for our own output (--json).
     with redirect_stdout(sys.stderr):
         try:
-            policy = policy_cls.from_pretrained(source, config=config, strict=vlm_from_checkpoint)
+            with sizes:
+                policy = policy_cls.from_pretrained(source, config=config, strict=vlm_from_checkpoint)
         except Exception as err:  # noqa: BLE001
             if vlm_from_checkpoint and "Missing key" in str(err):
                 raise ReflowPairsError(
@@ -241,18 +272,49 @@ def load_policy(
                     "Use the complete model.safetensors that lerobot-train saved.",
                 ) from err
             raise ReflowPairsError(
-                f"lerobot could not load the {config.type} policy in {source}: {err}."
+                f"lerobot could not load the {config.type} policy in {source} "
+                f"({checkpoint_file(source, 'model.safetensors')}): {err}."
             ) from err
+        if config.type in PI_POLICIES:
+            from reflowpairs.policies._pi_common import check_weights_loaded
+
+            check_weights_loaded(policy, checkpoint_file(source, "model.safetensors").parent)
         policy.eval()
+        overrides: dict[str, dict] = {"device_processor": {"device": device}}
+        tokenizer = tokenizer or os.environ.get(TOKENIZER_ENV) or None
+        if tokenizer is not None:
+            overrides["tokenizer_processor"] = {"tokenizer_name": _tokenizer_dir(tokenizer)}
         try:
             preprocessor, postprocessor = make_pre_post_processors(
-                config,
-                pretrained_path=source,
-                preprocessor_overrides={"device_processor": {"device": device}},
+                config, pretrained_path=source, preprocessor_overrides=overrides
             )
         except Exception as err:  # noqa: BLE001
             raise ReflowPairsError(f"lerobot could not load the processors in {source}: {err}.") from err
-    return LoadedPolicy(source, policy, preprocessor, postprocessor, fingerprint)
+    return LoadedPolicy(source, policy, preprocessor, postprocessor, fingerprint, extra_files)
+
+
+def _tiny_sizes(source: str):
+    """``(context, files)``: ``tinypi.tiny_gemma_patch`` for a tiny test checkpoint (its marker file) and the
+    marker to carry into student checkpoints; a no-op context and no files for any other checkpoint."""
+    from reflowpairs import tinypi
+
+    spec = tinypi.read_marker(source) if is_local(source) else None
+    if spec is None:
+        return nullcontext(), {}
+    marker = (Path(source).expanduser() / tinypi.TINY_MARKER).read_text()
+    return tinypi.tiny_gemma_patch(spec), {tinypi.TINY_MARKER: marker}
+
+
+def _tokenizer_dir(tokenizer: str | Path) -> str:
+    """A local tokenizer directory, absolute, or an error naming the setting."""
+    path = Path(tokenizer).expanduser()
+    if not path.is_dir():
+        raise ReflowPairsError(
+            f"`tokenizer` {tokenizer} is not a directory.",
+            "Set `tokenizer` to a local tokenizer directory (one AutoTokenizer.from_pretrained loads), or unset "
+            f"it and {TOKENIZER_ENV}.",
+        )
+    return str(path.resolve())
 
 
 def parameter_dtypes(policy) -> dict[str, int]:

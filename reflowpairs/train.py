@@ -72,6 +72,7 @@ from reflowpairs.pairdata import (
     position_lookup,
 )
 from reflowpairs.pairstore import PairStore
+from reflowpairs.policies import family, json_step_field
 from reflowpairs.threads import configure_threads
 from reflowpairs.timesampling import TIME_SAMPLINGS, check_time_sampling, sample_time, step_generator
 
@@ -151,9 +152,9 @@ class TrainResult:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     saved_num_steps: int | None = (
-        None  # num_steps of the saved config.json (the student's default step count)
+        None  # the saved config.json's step count (its family's step field: num_steps, num_inference_steps)
     )
-    teacher_num_steps: int | None = None  # num_steps of the init checkpoint's config.json
+    teacher_num_steps: int | None = None  # the init checkpoint config.json's step count (its step field)
     init_source: str = ""
     dataset_repo_id: str | None = None
     dataset_root: Path | None = None
@@ -206,19 +207,20 @@ def reflow_loss(
     ``observation``: a collated raw dataset batch (action keys are dropped here, before the
     preprocessor, so the normaliser never sees an action); ``x0``: ``(B, T, max_action_dim)`` noise;
     ``x1``: ``(B, T, A)`` teacher actions, already normalised; ``t``: ``(B,)`` in (0, 1] on the policy's
-    device. ``loss="mse"``: ``policy.forward(batch, noise=x0, time=t)`` with ``batch["action"] = x1``, the mean
-    of ``((x0 - x1) - v(x_t, t))**2`` over batch, chunk and action dimensions; ``"pseudo-huber"``: ``pseudo_huber``
-    of the same forward's per-sample errors (``reduction="none"``)."""
-    from lerobot.utils.constants import ACTION
-
+    device. Returns ``(loss, {})`` from the policy family's ``reflow_loss`` (``reflowpairs.policies``;
+    SmolVLA: ``policy.forward(batch, noise=x0, time=t)`` with ``batch["action"] = x1``; pi0/pi05: the model-level
+    ``forward``). ``loss="mse"``: the mean of ``((x0 - x1) - v(x_t, t))**2`` over batch, chunk and action
+    dimensions, lerobot's own loss; ``"pseudo-huber"``: ``pseudo_huber`` of the same forward's per-sample errors
+    (``reduction="none"``)."""
     batch = preprocessor(drop_action_keys(observation))
-    batch[ACTION] = x1.to(t.device, torch.float32)
-    noise = x0.to(t.device, torch.float32)
+    fam = family(policy.config.type)
     if loss == "mse":
-        return policy.forward(batch, noise=noise, time=t)
-    per_sample, info = policy.forward(batch, noise=noise, time=t, reduction="none")
-    value = pseudo_huber(per_sample, x1.shape[1] * x1.shape[2])
-    return value, info | {"loss": value.item()}
+        value = fam.reflow_loss(policy, batch, x0, x1, t, reduction="mean")
+    else:
+        value = pseudo_huber(
+            fam.reflow_loss(policy, batch, x0, x1, t, reduction="none"), x1.shape[1] * x1.shape[2]
+        )
+    return value, {}
 
 
 # --- optimiser and schedule -------------------------------------------------------------------------
@@ -1073,8 +1075,8 @@ def _plan_info(run: _Run, opt: Optimisation, start: _Start) -> dict[str, Any]:
             k: run.settings[k]
             for k in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps", "loss")
         },
-        "saved_num_steps": run.config_json.get("num_steps"),
-        "teacher_num_steps": inputs.init_config.get("num_steps"),
+        "saved_num_steps": run.config_json.get(json_step_field(run.config_json)),
+        "teacher_num_steps": inputs.init_config.get(json_step_field(inputs.init_config)),
         **opt.plan.describe(),
         "schedule_change": None if change is None else {**asdict(change), "text": change.describe()},
         "warnings": list(inputs.warnings),
@@ -1173,6 +1175,7 @@ class _Saver:
                 self.state_for(step),
                 batch_size=run.batch_size,
                 master_params=self.opt.masters.state_dict(),
+                extra_files=run.inputs.loaded.extra_files,
             )
         except OSError as err:
             raise _write_failed(run.out, f"checkpoint {step}", err, self.checkpoint) from err
@@ -1275,8 +1278,8 @@ def _result(run: _Run, saver: _Saver, start: _Start, step: int, loss: float, sec
         loss,
         seconds,
         inputs.warnings,
-        saved_num_steps=run.config_json.get("num_steps"),
-        teacher_num_steps=inputs.init_config.get("num_steps"),
+        saved_num_steps=run.config_json.get(json_step_field(run.config_json)),
+        teacher_num_steps=inputs.init_config.get(json_step_field(inputs.init_config)),
         init_source=inputs.init_source,
         dataset_repo_id=inputs.store.manifest.get("dataset", {}).get("repo_id"),
         dataset_root=Path(inputs.dataset.root),

@@ -14,12 +14,11 @@ from reflowpairs.engine import (
     pad_frames,
     pad_language,
     resolve_frames_per_call,
-    samples_per_row,
-    sdpa_attention,
     slice_frames,
 )
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.noise import batch_noise
+from reflowpairs.policies.smolvla import samples_per_row, sdpa_attention
 from reflowpairs.solvers import SolverConfig
 from reflowpairs.teacher import load_policy
 

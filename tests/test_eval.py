@@ -199,16 +199,24 @@ def test_latency_is_the_median_of_repeated_calls(main_run):
 
 
 def test_lerobot_sampling_steps_restores_the_policy_config():
-    """lerobot's SmolVLA reads the step count from its config: it is set for the block and restored, even on error."""
+    """lerobot reads the step count from the config (the family's field): it is set for the block and restored, even
+    on error."""
     from reflowpairs.engine import lerobot_sampling_steps
 
     resets = []
-    policy = SimpleNamespace(config=SimpleNamespace(num_steps=10), reset=lambda: resets.append(1))
+    policy = SimpleNamespace(
+        config=SimpleNamespace(type="smolvla", num_steps=10), reset=lambda: resets.append(1)
+    )
     with lerobot_sampling_steps(policy, 2):
         assert policy.config.num_steps == 2
     with pytest.raises(RuntimeError), lerobot_sampling_steps(policy, 3):
         raise RuntimeError("sampling failed")
     assert policy.config.num_steps == 10 and len(resets) == 2
+    # pi0/pi05 read num_inference_steps: that is the field set
+    pi = SimpleNamespace(config=SimpleNamespace(type="pi0", num_inference_steps=10), reset=lambda: None)
+    with lerobot_sampling_steps(pi, 1):
+        assert pi.config.num_inference_steps == 1 and not hasattr(pi.config, "num_steps")
+    assert pi.config.num_inference_steps == 10
 
 
 def test_next_step_recommends_few_steps_or_more_training(main_run):

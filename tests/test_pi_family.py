@@ -106,13 +106,14 @@ def reference_x1(policy, batch: dict, noise: torch.Tensor, num_steps: int) -> to
 
 
 def test_registry_and_version():
-    assert set(FAMILIES) == {"pi0", "pi05"}
-    assert all(FAMILIES[name].step_field == "num_inference_steps" for name in FAMILIES)
+    assert set(FAMILIES) == {"smolvla", "pi0", "pi05"}
+    assert all(FAMILIES[name].step_field == "num_inference_steps" for name in VARIANTS)
+    assert FAMILIES["smolvla"].step_field == "num_steps"
     assert lerobot_version_ok()  # the installed lerobot is the tested 0.6.x
     assert lerobot_version_ok("0.6.9") and not lerobot_version_ok("0.7.0") and not lerobot_version_ok("0.60")
     with pytest.raises(ReflowPairsError, match="0.6.x"):
         require_lerobot_version("0.7.0")
-    with pytest.raises(ReflowPairsError, match="Supported: pi0, pi05"):
+    with pytest.raises(ReflowPairsError, match="Supported: smolvla, pi0, pi05"):
         family("act")
 
 

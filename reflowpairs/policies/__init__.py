@@ -2,8 +2,8 @@
 
 ``FAMILIES`` maps a lerobot config ``type`` to its family object, which provides:
 
-- ``step_field: str``: the config field holding the sampler's Euler step count (``"num_inference_steps"`` for
-  pi0/pi05; SmolVLA's is ``"num_steps"``);
+- ``step_field: str``: the config field holding the sampler's Euler step count (``"num_steps"`` for SmolVLA,
+  ``"num_inference_steps"`` for pi0/pi05); everything that reads or writes a policy's step count goes through it;
 - ``pair_shapes(config) -> ((T, D0), (T, D1))``: noise ``(chunk_size, max_action_dim)`` and actions
   ``(chunk_size, action_dim)``, the pair-store contract's shapes;
 - ``make_engine(policy, frames_per_call=None) -> Engine``: the prefix-cached sampler (``reflowpairs.engine.Engine``
@@ -25,12 +25,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.policies import pi0, pi05
+from reflowpairs.policies import pi0, pi05, smolvla
 
 TESTED_LEROBOT = "0.6"
 """The lerobot minor series the families were written and tested against."""
 
-FAMILIES = {"pi0": pi0.FAMILY, "pi05": pi05.FAMILY}
+FAMILIES = {"smolvla": smolvla.FAMILY, "pi0": pi0.FAMILY, "pi05": pi05.FAMILY}
 
 
 def lerobot_version() -> str:
@@ -76,3 +76,21 @@ def configured_num_steps(policy, num_steps: int) -> Iterator[None]:
         yield
     finally:
         setattr(policy.config, field, saved)
+
+
+def step_field(policy_type: str) -> str:
+    """The config field holding a policy type's sampler step count (``smolvla``: ``num_steps``; pi0/pi05:
+    ``num_inference_steps``)."""
+    return family(policy_type).step_field
+
+
+def config_num_steps(config) -> int:
+    """A built policy config's sampler step count, read from its family's ``step_field``."""
+    return int(getattr(config, step_field(config.type)))
+
+
+def json_step_field(config_json: dict) -> str:
+    """The step-count field of a saved config.json (a dict), by its ``type``: its family's ``step_field``, or
+    ``num_steps`` for a type without a family."""
+    policy_type = config_json.get("type")
+    return FAMILIES[policy_type].step_field if policy_type in FAMILIES else "num_steps"

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from reflowpairs.engine import PrefixCachedEngine, pad_language
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.solvers import SolverConfig, Velocity, integrate
+from reflowpairs.solvers import Velocity
 
 STEP_FIELD = "num_inference_steps"
 """The pi0/pi05 config field holding the sampler's Euler step count (SmolVLA's is ``num_steps``)."""
@@ -60,7 +61,7 @@ def _check_supported(config) -> None:
         )
 
 
-class PiEngine:
+class PiEngine(PrefixCachedEngine):
     """Prefix-cached sampler for lerobot 0.6's ``PI0Policy``/``PI05Policy`` (``Engine`` protocol of
     ``reflowpairs.engine``), built from the model's own modules.
 
@@ -69,8 +70,6 @@ class PiEngine:
     batch-mates; None: the whole batch in one call, unpadded. Real-time chunking (``rtc_config``) is not applied:
     the engine samples the plain ODE, as ``predict_action_chunk`` does without RTC arguments."""
 
-    exact = False
-
     def __init__(self, policy, frames_per_call: int | None = None, *, uses_state: bool):
         _check_supported(policy.config)
         self.uses_state = uses_state  # pi0: the state token heads the suffix; pi05: no state argument
@@ -78,10 +77,6 @@ class PiEngine:
         self.model = policy.model
         self.frames_per_call = frames_per_call
         self.noise_shape, (_, self.action_dim) = pair_shapes(policy.config)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.policy.parameters()).device
 
     @torch.no_grad()
     def velocity_field(self, batch: dict[str, Tensor], repeats: int) -> Velocity:
@@ -100,8 +95,6 @@ class PiEngine:
         returns ``prefix_pad_masks`` ``(B, P)``, the ``DynamicCache`` and the padded state (None for pi05)."""
         from lerobot.policies.common.vla_utils import make_att_2d_masks, prepare_attention_masks_4d
         from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
-
-        from reflowpairs.engine import pad_language
 
         policy, model = self.policy, self.model
         policy.eval()
@@ -158,38 +151,10 @@ class PiEngine:
         suffix_out = outputs_embeds[1][:, -self.policy.config.chunk_size :].to(dtype=torch.float32)
         return model.action_out_proj(suffix_out)
 
-    @torch.no_grad()
-    def sample(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
-        """X_1 ``(B, K, T, action_dim)`` in normalised action space from noise ``(B, K, T, max_action_dim)``, in
-        calls of exactly ``frames_per_call`` frames (one frame per call for an adaptive solver)."""
-        from reflowpairs.engine import pad_frames, slice_frames
-
-        frames = noise.shape[0]
-        # an adaptive solver's steps depend on all it integrates: one frame per call keeps X_1 a function of the
-        # frame and its noises, whatever the batching
-        group = 1 if solver.adaptive else self.frames_per_call or frames
-        calls = []
-        for start in range(0, frames, group):
-            stop = min(start + group, frames)
-            part = pad_frames(slice_frames(batch, start, stop, frames), stop - start, group)
-            part_noise = noise[start:stop]
-            if stop - start < group:
-                part_noise = torch.cat(
-                    [part_noise, part_noise[-1:].expand(group - (stop - start), *noise.shape[1:])]
-                )
-            calls.append(self._sample_call(part, part_noise, solver)[: stop - start])
-        return torch.cat(calls)
-
-    @torch.no_grad()
-    def _sample_call(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
-        """``sample`` for the frames of one call: one prefix fill, one ODE over all their samples."""
-        frames, samples = noise.shape[:2]
-        velocity = self.velocity_field(batch, samples)
-        x0 = noise.reshape(frames * samples, *noise.shape[2:]).to(
-            self.device, torch.float32, non_blocking=True
-        )
-        x1 = integrate(velocity, x0, solver)[:, :, : self.action_dim]
-        return x1.reshape(frames, samples, *x1.shape[1:])
+    def finish(self, x: Tensor) -> Tensor:
+        """ODE end point ``(N, T, max_action_dim)`` -> normalised action ``(N, T, action_dim)`` (cropped), as
+        ``predict_action_chunk`` returns it."""
+        return x[:, :, : self.action_dim]
 
 
 def reflow_loss(
