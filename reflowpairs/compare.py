@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.report import COLUMNS, format_value, log_ticks, markdown_table
+from reflowpairs.report import COLUMNS, format_value, markdown_table, steps_vs_error_axes
 
 COMPARISON_FORMAT = "reflowpairs.compare"
 COMPARISON_VERSION = 1
@@ -139,7 +139,6 @@ def figure(comparison: dict[str, Any]):
     """Error to the teacher's reference against steps, a line per model, log-log (matplotlib Agg figure)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import NullLocator
 
     fig = Figure(figsize=(6.4, 5.2), layout="constrained")
     FigureCanvasAgg(fig)
@@ -150,19 +149,9 @@ def figure(comparison: dict[str, Any]):
         points = [(n, v) for n, v in points if v is not None and math.isfinite(v) and v > 0]
         ax.plot([n for n, _ in points], [v for _, v in points], marker="os^vD<>p"[i % 8], label=model)
         values += [v for _, v in points]
-    steps = comparison["settings"]["num_steps"]
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xticks(steps)
-    ax.set_xticklabels([str(n) for n in steps])
-    ticks = log_ticks(min(values), max(values)) if values else []
-    if ticks:
-        ax.set_yticks(ticks)
-        ax.set_yticklabels([format_value(v) for v in ticks])
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.yaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel("ODE steps (Euler)")
-    ax.set_ylabel("MSE to the teacher's reference (normalised)")
+    steps_vs_error_axes(
+        ax, comparison["settings"]["num_steps"], values, "MSE to the teacher's reference (normalised)"
+    )
     ax.set_title(
         f"Students compared (reference: teacher at {comparison['settings']['reference_num_steps']} steps)"
     )

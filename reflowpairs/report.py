@@ -285,11 +285,29 @@ def log_ticks(lo: float, hi: float, max_ticks: int = 8) -> list[float]:
     return inside
 
 
+def steps_vs_error_axes(ax, steps: list[int], values: list[float], ylabel: str) -> None:
+    """Log-log axes of error against ODE steps: the evaluated step counts as x ticks, several labelled y ticks
+    over ``values`` (``log_ticks``), no minor ticks."""
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(steps)
+    ax.set_xticklabels([str(n) for n in steps])
+    ticks = log_ticks(min(values), max(values)) if values else []
+    if ticks:
+        ax.set_yticks(ticks)
+        ax.set_yticklabels([format_value(v) for v in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("ODE steps (Euler)")
+    ax.set_ylabel(ylabel)
+
+
 def steps_vs_error_figure(report: dict[str, Any]):
     """The figure of ``plot_steps_vs_error`` (a matplotlib ``Figure`` on the Agg canvas, global state untouched)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import NullLocator
 
     fig = Figure(figsize=(6.4, 5.2), layout="constrained")
     FigureCanvasAgg(fig)
@@ -323,19 +341,7 @@ def steps_vs_error_figure(report: dict[str, Any]):
             label="student: MSE to stored X_1 (training pairs)",
         )
         values += [v for _, v in points]
-    steps = report["settings"]["num_steps"]
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xticks(steps)
-    ax.set_xticklabels([str(n) for n in steps])
-    ticks = log_ticks(min(values), max(values)) if values else []
-    if ticks:
-        ax.set_yticks(ticks)
-        ax.set_yticklabels([format_value(v) for v in ticks])
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.yaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel("ODE steps (Euler)")
-    ax.set_ylabel("MSE (normalised action space)")
+    steps_vs_error_axes(ax, report["settings"]["num_steps"], values, "MSE (normalised action space)")
     title = f"Error vs steps (reference: teacher at {report['settings']['reference_num_steps']} steps)"
     ax.set_title(title + "".join(f"\n{label}" for label in report.get("labels") or []), fontsize=10)
     ax.grid(True, which="major", alpha=0.3)

@@ -213,7 +213,9 @@ def reflow_loss(
     dimensions, lerobot's own loss; ``"pseudo-huber"``: ``pseudo_huber`` of the same forward's per-sample errors
     (``reduction="none"``)."""
     batch = preprocessor(drop_action_keys(observation))
-    fam = family(policy.config.type)
+    fam = family(
+        getattr(policy, "module", policy).config.type
+    )  # under DDP, the wrapper's module holds the config
     if loss == "mse":
         value = fam.reflow_loss(policy, batch, x0, x1, t, reduction="mean")
     else:

@@ -64,7 +64,8 @@ def _assert_names(err: ReflowPairsError, store: Path, holder: Child, command: st
         f"{store} is being written by `reflowpairs {command}` (pid {holder.pid} on host {socket.gethostname()}, since 20"
         in text
     )
-    assert "stopped before changing anything" in text and f"kill {holder.pid}" in text and "--resume" in text
+    # the library names the setting (`resume`); the CLI words it as --resume
+    assert "stopped before changing anything" in text and f"kill {holder.pid}" in text and "`resume`" in text
 
 
 @pytest.mark.parametrize("mode", ["resume", "overwrite"])
