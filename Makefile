@@ -26,10 +26,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Two workers (the tests pin torch to one thread each, so one process leaves a core idle); a file's tests stay
-# together in one worker, so module fixtures are built once.
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q tests
 
 # Benchmarks (not tests): each prints its side-by-side ratios; figures in benchmarks/RESULTS.md.
 # Pass other settings with ARGS, e.g. `make bench-generate ARGS="--device cuda --ks 1,4,16"`.

@@ -17,6 +17,17 @@ logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
 torch.set_num_threads(1)  # tiny models; and subprocess tests share the 2 cores
 
 
+@pytest.fixture(autouse=True)
+def _root_log_handlers_restored():
+    """Log handlers a test adds to the root logger (lerobot's ``init_logging`` replaces them with a handler on the
+    test's captured stream, closed after it) are taken away again, so a later test's log records do not go to a
+    closed stream ("--- Logging error ---")."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    root.handlers[:] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> TinyWorld:
     """The bundled tiny world, with a briefly trained teacher (tests need a real ODE, not a good one)."""
