@@ -139,7 +139,7 @@ def pipeline(
             lr=lr,
             loss=loss,
             spot_check=spot_check,
-            eval_num_steps=parse_num_steps(eval_num_steps),
+            eval_num_steps=parse_num_steps(eval_num_steps, "eval_num_steps"),
             eval_episodes=parse_episodes(eval_episodes),
             eval_max_frames=eval_max_frames,
             seed=seed,

@@ -81,19 +81,21 @@ class EvalConfig:
 # --- input checks ----------------------------------------------------------------------------------
 
 
-def parse_num_steps(text: str) -> list[int]:
-    """``"1,2,4,10"`` -> ``[1, 2, 4, 10]`` (sorted, unique); anything but positive integers is refused."""
+def parse_num_steps(text: str, setting: str = "num_steps") -> list[int]:
+    """``"1,2,4,10"`` -> ``[1, 2, 4, 10]`` (sorted, unique); anything but positive integers is refused, naming
+    ``setting`` (the config field the text came from)."""
     parts = [p.strip() for p in str(text).split(",")]
     if not any(parts):
         raise ReflowPairsError(
-            "`num_steps` is empty.",
-            "Set `num_steps` to a comma-separated list of step counts, e.g. 1,2,4,10.",
+            f"`{setting}` is empty.",
+            f"Set `{setting}` to a comma-separated list of step counts, e.g. 1,2,4,10.",
         )
     bad = [p for p in parts if not p.isdigit() or int(p) < 1]
     if bad:
         raise ReflowPairsError(
-            f"`num_steps` {text!r} has entries that are not positive whole numbers: {', '.join(repr(b) for b in bad)}.",
-            "Set `num_steps` to step counts of at least 1, e.g. 1,2,4,10.",
+            f"`{setting}` {text!r} has entries that are not positive whole numbers: "
+            f"{', '.join(repr(b) for b in bad)}.",
+            f"Set `{setting}` to step counts of at least 1, e.g. 1,2,4,10.",
         )
     return sorted({int(p) for p in parts})
 
