@@ -70,9 +70,13 @@ def _plan_table(plan: dict[str, Any]) -> Table:
         f"resuming {plan['resumed_from']} at step {plan['start_step']}" if plan["resumed_from"] else "new run"
     )
     table.add_row("student init", escape(str(plan["init"])))
-    table.add_row(
-        "run", f"{start}; {plural(plan['steps'], 'step')}, batch {plan['batch_size']}, seed {plan['seed']}"
+    processes = int(plan.get("processes", 1))
+    batch = (
+        f"batch {plan['batch_size']}"
+        if processes == 1
+        else f"batch {plan['batch_size']} x {processes} processes = {plan['batch_size'] * processes}"
     )
+    table.add_row("run", f"{start}; {plural(plan['steps'], 'step')}, {batch}, seed {plan['seed']}")
     table.add_row("pairs", f"{plan['num_pairs']:,} (window of {plural(plan['shuffle_window'], 'shard')})")
     table.add_row("device", f"{plan['device']} ({plan['precision']})")
     table.add_row("threads", escape(str(plan["threads"])))
@@ -395,9 +399,6 @@ def train(
                 every=log_every,
             )
 
-        def on_verify(done: int, total: int) -> None:
-            bar.update(task, description="verifying shards", total=total, completed=done)
-
         def on_step(step: int, total: int, loss: float) -> None:
             elapsed = bar.tasks[task].elapsed or 1e-9
             rate = (step - first.get("step", 0)) / elapsed
@@ -411,7 +412,7 @@ def train(
 
         exit_code = 1
         try:
-            result = run_train(cfg, progress=on_step, on_plan=on_plan, on_verify=on_verify, on_log=on_log)
+            result = run_train(cfg, progress=on_step, on_plan=on_plan, on_log=on_log)
             exit_code = 0
         except TrainingInterrupted as stop:
             bar.stop()

@@ -2,6 +2,9 @@
 
 A single process needs none of this: ``DistContext.from_env()`` then has ``world == 1`` and its
 collectives are no-ops, so the same code runs either way.
+
+``generate`` uses this context (its processes share nothing but a few object collectives). ``train`` does not: it
+runs its processes through accelerate's ``Accelerator``, as lerobot-train does (``reflowpairs.train._accelerator``).
 """
 
 from __future__ import annotations

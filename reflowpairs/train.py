@@ -21,9 +21,18 @@ policy). Optimiser and schedule are the policy's lerobot presets (``get_optimize
 change them and how lerobot's automatic warmup/decay rescaling is made explicit.
 
 Before the first step every input is checked and nothing is written before the checks pass: the
-store is complete and every shard matches its checksums; the manifest's teacher and dataset
-fingerprints match the init checkpoint and the dataset (unless ``--allow-mismatch``); the store's
-shapes match the policy; every stored ``obs_index`` is a frame of the dataset.
+store's manifest is complete and sound; the manifest's teacher and dataset fingerprints match the init
+checkpoint and the dataset (unless ``--allow-mismatch``); the store's shapes match the policy. These checks
+read the manifest only, so start-up (and ``--resume``) takes the same time for any store size. Each shard is
+checked when it is first read, in the DataLoader workers (``reflowpairs.pairdata.read_checked``: row counts,
+shapes, dtypes, sha256, origin, every ``obs_index`` a frame of the dataset); a damaged shard stops training with
+an error naming it before any of its pairs reaches a step.
+
+Processes: one, or several launched by ``torchrun`` / ``accelerate launch``. An ``accelerate.Accelerator`` (as in
+``lerobot-train``) joins the process group, wraps the student in DDP, and says which process is the main one
+(the only one that saves and logs) and reduces the loss across processes. Each process reads only its own shards
+(``PairSampler`` with ``rank``/``world``). Precision stays this module's (``train_step``: float32 master copies of
+low-precision parameters, our own autocast): accelerate's ``mixed_precision`` is left at ``"no"``.
 """
 
 from __future__ import annotations
@@ -60,16 +69,16 @@ from reflowpairs.checkpoint import (
     student_config_json,
 )
 from reflowpairs.dataset import episodes_text
-from reflowpairs.distributed import DistContext
 from reflowpairs.engine import pair_shapes
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pairdata import (
     PairDataset,
     PairSampler,
-    RankSlice,
+    collate_pairs,
     drop_action_keys,
-    missing_frames,
     position_lookup,
+    raise_if_refused,
+    read_checked,
 )
 from reflowpairs.pairstore import PairStore
 from reflowpairs.policies import family, json_step_field
@@ -424,6 +433,7 @@ def train_step(
     loss_fn: LossFn,
     opt: Optimisation,
     autocast_dtype: torch.dtype | None = None,
+    accelerator: Any = None,
 ) -> StepStats:
     """One optimiser step in lerobot's order (``lerobot_train.update_policy``), the only one stage 2, the
     benchmarks and the tiny teacher's training take:
@@ -438,21 +448,31 @@ def train_step(
     ``batch`` is whatever ``loss_fn`` reads: for stage 2 (``reflow_batch_loss``) a dict with ``observation`` (a
     collated raw dataset batch of B frames), ``x0`` ``(B, T, max_action_dim)``, ``x1`` ``(B, T, A)`` and ``t``
     ``(B,)`` on the model's device. ``model`` may be a ``DistributedDataParallel`` wrapper of the policy whose
-    parameters ``opt.masters`` holds. Returns the loss, the gradient norm before clipping and the lr the step
-    used (``optimizer.param_groups[0]["lr"]`` before the scheduler moved it)."""
+    parameters ``opt.masters`` holds (``accelerator.prepare_model``). With an ``accelerator`` of several processes,
+    the non-finite check is agreed by all of them (every process raises, none is left waiting in ``backward``),
+    ``backward`` is ``accelerator.backward`` (lerobot-train's), and the returned loss is the mean over processes
+    (the global batch's). Returns the loss, the gradient norm before clipping and the lr the step used
+    (``optimizer.param_groups[0]["lr"]`` before the scheduler moved it)."""
     device_type = opt.masters.model_params[0].device.type
     with torch.autocast(
         device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
     ):
         loss = loss_fn(model, batch)
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(float(loss.detach()))
-    loss.backward()
+    several = accelerator is not None and accelerator.num_processes > 1
+    value = loss.detach().float()
+    if several:
+        value = accelerator.reduce(value.reshape(1), reduction="mean")[0]  # a NaN anywhere makes the mean NaN
+    if not torch.isfinite(value):
+        raise NonFiniteLossError(float(value))
+    if several:
+        accelerator.backward(loss)
+    else:
+        loss.backward()
     lr = opt.optimizer.param_groups[0]["lr"]
     grad_norm = opt.masters.step(opt.optimizer, float(opt.grad_clip))
     if opt.scheduler is not None:
         opt.scheduler.step()
-    return StepStats(float(loss.detach()), float(grad_norm), lr)
+    return StepStats(float(value), float(grad_norm), lr)
 
 
 def reflow_batch_loss(preprocessor, loss: str = "mse") -> LossFn:
@@ -660,10 +680,10 @@ def _resolve_settings(cfg: TrainConfig, state: dict[str, Any] | None) -> dict[st
     return {name: given[name] if given[name] is not None else recorded.get(name) for name in INHERITED}
 
 
-def verify_store(path: Path, progress: Callable[[int, int], None] | None = None) -> PairStore:
-    """Open the store and prove it is whole: complete, and every shard matches what the manifest recorded
-    (row counts, shapes, dtypes, sha256 of every array, store id). Refusals name the shard.
-    ``progress(shards_done, shards_total)`` is called after each shard."""
+def check_store(path: Path) -> PairStore:
+    """Open the store and check what its manifest says, without reading a shard: the manifest is sound
+    (``StoreManifest.read``), the store is complete and holds pairs. Time independent of the store's size; the
+    shards are checked as they are read (``reflowpairs.pairdata.read_checked``)."""
     store = PairStore(path)
     manifest = store.manifest
     if not manifest.get("complete", False):
@@ -678,18 +698,17 @@ def verify_store(path: Path, progress: Callable[[int, int], None] | None = None)
         raise ReflowPairsError(
             f"Pair store {path} holds no pairs.", "Generate pairs first with `reflowpairs generate`."
         )
-    for i, entry in enumerate(store.shards):
-        problems = store.verify_shard(i)
-        if not problems and (origin := store.origin_problem(i)) is not None:
-            problems = [origin]  # a merged store's shards carry the id of the slice that wrote them
-        if problems:
-            raise ReflowPairsError(
-                f"Pair store {path} is corrupt: shard {entry['path']}: "
-                + "; ".join(p.rstrip(".") for p in problems)
-                + ".",
-                "Do not train on it: regenerate the store (or restore that shard from a good copy). "
-                "`reflowpairs validate` checks a whole store.",
-            )
+    return store
+
+
+def verify_store(path: Path, progress: Callable[[int, int], None] | None = None) -> PairStore:
+    """``check_store``, then prove every shard whole, reading each once (``read_checked``: row counts, shapes,
+    dtypes, sha256 of every array, store id and name). Refusals name the shard. ``progress(shards_done,
+    shards_total)`` is called after each shard. ``train`` does not call this (it checks each shard as it reads it);
+    it is the whole-store check for callers that want one up front."""
+    store = check_store(path)
+    for i in range(len(store.shards)):
+        read_checked(store, i)
         if progress is not None:
             progress(i + 1, len(store.shards))
     return store
@@ -721,13 +740,13 @@ class _Inputs:
 
 
 def _prepare(
-    cfg: TrainConfig, resume_from: Path | None, state: dict[str, Any] | None, on_verify=None
+    cfg: TrainConfig, resume_from: Path | None, state: dict[str, Any] | None, device: str
 ) -> _Inputs:
     from reflowpairs.dataset import check_features, dataset_fingerprint, frame_indices, open_dataset
     from reflowpairs.teacher import checkpoint_file, fingerprint_checkpoint, is_local, load_policy, rename_map
 
     warnings: list[str] = []
-    store = verify_store(Path(cfg.pairs), on_verify)
+    store = check_store(Path(cfg.pairs))
     manifest = store.manifest
     if state is not None and state["store"]["store_id"] != manifest.get("store_id"):
         raise ReflowPairsError(
@@ -803,18 +822,11 @@ def _prepare(
             cfg.allow_mismatch,
             warnings,
         )
-    lookup = position_lookup(frame_indices(dataset))
-    missing = missing_frames(lookup, store.index()[0])
-    if len(missing):
-        shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
-        raise ReflowPairsError(
-            f"{len(missing)} obs_index values of store {cfg.pairs} are not frames of the dataset at {dataset.root}: {shown}.",
-            "Train with the dataset the store was generated from (`dataset_root`).",
-        )
+    lookup = position_lookup(frame_indices(dataset))  # each shard's obs_index is checked against it when read
 
     # The one policy of this process: the student (the init checkpoint, or the checkpoint resumed from).
     source = str(pretrained_dir(resume_from)) if resume_from is not None else init_source
-    loaded = load_policy(source, cfg.device, fingerprint=init_fp if resume_from is None else None)
+    loaded = load_policy(source, device, fingerprint=init_fp if resume_from is None else None)
     check_features(loaded.config, dataset.meta, rename_map(loaded.preprocessor))
     x0_shape, x1_shape = pair_shapes(loaded.config)
     if tuple(store.x0_shape) != x0_shape or tuple(store.x1_shape) != x1_shape:
@@ -980,7 +992,7 @@ class _Run:
     resume_from: Path | None  # the checkpoint resumed from; None for a new run
     state: dict[str, Any] | None  # its training state
     settings: dict[str, Any]  # INHERITED settings, resolved
-    dist: DistContext
+    accelerator: Any  # accelerate.Accelerator: processes, DDP, main-process-only writes
     device: str
     autocast_dtype: torch.dtype | None
     threads: str  # ThreadPlan.describe()
@@ -998,7 +1010,20 @@ class _Run:
 
     @property
     def batch_size(self) -> int:
+        """Pairs per process per step (the global batch is ``batch_size * world``)."""
         return int(self.settings["batch_size"])
+
+    @property
+    def world(self) -> int:
+        return int(self.accelerator.num_processes)
+
+    @property
+    def rank(self) -> int:
+        return int(self.accelerator.process_index)
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
 
 
 @dataclass
@@ -1009,21 +1034,73 @@ class _Start:
     samples_seen: int
 
 
-def _plan_run(cfg: TrainConfig, on_verify: Callable[[int, int], None] | None) -> _Run:
-    """Every check (settings, ``out``, the store's checksums, fingerprints, shapes, frames) and the loaded student;
-    nothing is written."""
+def _accelerator(device_setting: str) -> tuple[Any, str]:
+    """The ``accelerate.Accelerator`` of this process (joining the process group ``torchrun`` or ``accelerate
+    launch`` set up: gloo on CPU, nccl on CUDA) and this process's device (``cuda`` becomes ``cuda:<local rank>``
+    when there are several processes). ``mixed_precision="no"``: ``train_step`` keeps its own precision handling
+    (float32 master copies of bfloat16 parameters, which accelerate's ``bf16`` does not make, and autocast only where
+    ``precision`` says); the scheduler steps once per optimiser step whatever the process count, as in lerobot-train."""
+    from accelerate import Accelerator
+
     from reflowpairs.teacher import resolve_device
 
+    device = resolve_device(device_setting)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no", step_scheduler_with_optimizer=False)
+    if accelerator.num_processes > 1 and device.startswith("cuda"):
+        device = str(accelerator.device)
+    return accelerator, device
+
+
+def _release(accelerator: Any, owns_group: bool) -> None:
+    """After every process's last collective: wait for all, end the process group this run created (so no process
+    exits with its peers' gloo/nccl connections open), and forget accelerate's process state."""
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        if owns_group:
+            accelerator.end_training()
+    _forget_accelerate()
+
+
+def _forget_accelerate() -> None:
+    """Reset accelerate's process-wide state (a singleton), so a later run in the same Python process (tests,
+    ``pipeline``) gets an ``Accelerator`` for its own device settings instead of the first run's."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _check_world(cfg: TrainConfig, state: dict[str, Any], world: int) -> None:
+    """Refuse to resume with another process count: the global batch (``batch_size`` per process times the
+    processes) and each process's share of the data are those of the run's own process count."""
+    batch = int(state["settings"]["batch_size"])
+    recorded = state.get("world")
+    if recorded is None:  # runs from before this field: samples_seen = steps * batch_size * processes
+        step = int(state.get("step", 0))
+        recorded = int(state["samples_seen"]) // (step * batch) if step > 0 else world
+    if int(recorded) != world:
+        raise ReflowPairsError(
+            f"Cannot resume the run in {cfg.out} on {world} process{'es' if world > 1 else ''}: it was trained on "
+            f"{recorded} (global batch {recorded} x {batch} = {int(recorded) * batch} pairs per step, each process "
+            "on its own part of the store).",
+            f"Resume it with {recorded} process{'es' if int(recorded) > 1 else ''} (the same launcher settings), or "
+            "start a new run in another `out`.",
+        )
+
+
+def _plan_run(cfg: TrainConfig) -> _Run:
+    """Every check (settings, ``out``, the store's manifest, fingerprints, shapes) and the loaded student; nothing
+    is written. Shards are checked as they are read."""
     _check_args(cfg)
     threads = configure_threads(cfg.num_workers)
     out = Path(cfg.out)
     resume_from = _check_out(out, cfg.resume)
     state = read_state(resume_from) if resume_from is not None else None
     settings = _resolve_settings(cfg, state)
-    dist = DistContext.from_env()
-    device = resolve_device(dist.device(cfg.device))
+    accelerator, device = _accelerator(cfg.device)
+    if state is not None:
+        _check_world(cfg, state, accelerator.num_processes)
     autocast_dtype = _precision(cfg.precision, device)
-    inputs = _prepare(cfg, resume_from, state, on_verify)
+    inputs = _prepare(cfg, resume_from, state, device)
     policy_config = inputs.loaded.policy.config
     change = _check_resume_steps(cfg, state, policy_config, settings) if state is not None else None
     config_json = student_config_json(
@@ -1035,7 +1112,7 @@ def _plan_run(cfg: TrainConfig, on_verify: Callable[[int, int], None] | None) ->
         resume_from=resume_from,
         state=state,
         settings=settings,
-        dist=dist,
+        accelerator=accelerator,
         device=device,
         autocast_dtype=autocast_dtype,
         threads=threads.describe(),
@@ -1065,6 +1142,7 @@ def _plan_info(run: _Run, opt: Optimisation, start: _Start) -> dict[str, Any]:
         "start_step": start.step,
         "steps": cfg.steps,
         "device": run.device,
+        "processes": run.world,  # the global batch is batch_size x processes
         "threads": run.threads,  # ThreadPlan.describe()
         "precision": "bfloat16 autocast" if run.autocast_dtype is not None else "float32",
         "trainable_params": sum(p.numel() for p in opt.masters.model_params),
@@ -1089,17 +1167,20 @@ def _open_out(run: _Run, start: _Start) -> Path:
     """Every check has passed: only now is ``out`` touched (leftovers of a killed run cleaned, the log trimmed to
     the resumed step). Returns the log's path."""
     log_path = run.out / LOG_FILE
-    if run.dist.is_main:
+    if run.is_main:
         check_writable(run.out)
         clean_leftovers(run.out)
         _trim_log(log_path, start.step)
-    run.dist.barrier()
+    run.accelerator.wait_for_everyone()
     return log_path
 
 
 def _loader(run: _Run, start: _Start) -> torch.utils.data.DataLoader:
     """Batches of stored pairs joined with their observations, in the seeded shard-windowed order from
-    ``start.samples_seen`` on; each process of a data-parallel run gets its slice of every global batch."""
+    ``start.samples_seen`` on; each process of a data-parallel run reads its own part of each epoch (``PairSampler``
+    with its rank), ``samples_seen / world`` pairs into its stream. Shards are checked as the workers read them; a
+    batch with pairs of a damaged shard arrives as ``{"refused": ...}`` (``collate_pairs``). Not prepared by
+    accelerate: its batch sharding would have every process read every shard."""
     settings, cfg = run.settings, run.cfg
     pairs = PairDataset(
         run.inputs.store,
@@ -1108,12 +1189,18 @@ def _loader(run: _Run, start: _Start) -> torch.utils.data.DataLoader:
         cache_shards=int(settings["shuffle_window"]) + 1,
     )
     order = PairSampler(
-        pairs.counts, int(settings["seed"]), int(settings["shuffle_window"]), start=start.samples_seen
+        pairs.counts,
+        int(settings["seed"]),
+        int(settings["shuffle_window"]),
+        start=start.samples_seen // run.world,
+        rank=run.rank,
+        world=run.world,
     )
     return torch.utils.data.DataLoader(
         pairs,
         batch_size=run.batch_size,
-        sampler=RankSlice(order, run.dist.rank, run.dist.world),
+        sampler=order,
+        collate_fn=collate_pairs,
         num_workers=cfg.num_workers,
         pin_memory=run.device.startswith("cuda"),
         generator=torch.Generator().manual_seed(int(settings["seed"])),
@@ -1148,9 +1235,10 @@ class _Saver:
     def state_for(self, step: int) -> dict[str, Any]:
         """The training state of checkpoint ``step`` (what ``--resume`` continues from)."""
         run = self.run
-        done = (step - self.start.step) * run.batch_size * run.dist.world
+        done = (step - self.start.step) * run.batch_size * run.world
         return {
             "samples_seen": self.start.samples_seen + done,
+            "world": run.world,  # processes: a resume must use as many (``_check_world``)
             "settings": {name: run.settings[name] for name in INHERITED},
             "effective": self.opt.plan.describe(),
             "store": self.store_info,
@@ -1168,7 +1256,7 @@ class _Saver:
                 run.out,
                 step,
                 run.cfg.steps,
-                run.policy,
+                run.policy,  # the unwrapped student (the loop runs its DDP wrapper in several processes)
                 run.preprocessor,
                 run.inputs.loaded.postprocessor,
                 run.config_json,
@@ -1187,12 +1275,9 @@ class _Saver:
 
 
 def _model(run: _Run):
-    """The module the loop runs: the policy, or in a data-parallel run its DDP wrapper (gradients averaged)."""
-    if run.dist.world == 1:
-        return run.policy
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(run.policy)
+    """The module the loop runs: ``accelerator.prepare_model`` of the policy, i.e. the policy itself in one process
+    and its DDP wrapper (gradients averaged) in several. The policy is already on this process's device."""
+    return run.accelerator.prepare_model(run.policy, device_placement=False)
 
 
 def _loop(
@@ -1207,7 +1292,7 @@ def _loop(
     """One ``train_step`` per batch until ``cfg.steps``: a log record every ``log_every`` steps, a checkpoint every
     ``save_every`` steps and at the end. Ctrl-C: the step in flight finishes, a checkpoint is saved, and
     ``TrainingInterrupted`` is raised. Returns the last step, its loss and the seconds the loop took."""
-    cfg, dist, settings = run.cfg, run.dist, run.settings
+    cfg, settings, is_main = run.cfg, run.settings, run.is_main
     model, loss_fn, loader = (
         _model(run),
         reflow_batch_loss(run.preprocessor, run.settings["loss"]),
@@ -1216,15 +1301,15 @@ def _loop(
     run.policy.train()
     started = time.perf_counter()
     step, loss_value = start.step, float("nan")
-    with _StopFlag() as stop, open(log_path if dist.is_main else os.devnull, "a") as log:
+    with _StopFlag() as stop, open(log_path if is_main else os.devnull, "a") as log:
         batches = iter(loader)
         try:
             while step < cfg.steps:
-                batch = next(batches)
-                generator = step_generator(settings["seed"], (step + 1) * dist.world + dist.rank)
+                batch = raise_if_refused(next(batches))  # a damaged shard: before any of its pairs is used
+                generator = step_generator(settings["seed"], (step + 1) * run.world + run.rank)
                 batch["t"] = sample_time(settings["time_sampling"], len(batch["x0"]), generator, run.device)
                 try:
-                    stats = train_step(model, batch, loss_fn, opt, run.autocast_dtype)
+                    stats = train_step(model, batch, loss_fn, opt, run.autocast_dtype, run.accelerator)
                 except NonFiniteLossError as err:
                     raise ReflowPairsError(
                         f"The loss became non-finite ({err.loss}) at step {step + 1} "
@@ -1242,17 +1327,17 @@ def _loop(
                         "seconds": round(time.perf_counter() - started, 3),
                     }
                     _write_log(log, record, run, saver.checkpoint)
-                    if on_log is not None and dist.is_main:
+                    if on_log is not None and is_main:
                         on_log(record)
-                if (step % cfg.save_every == 0 or step == cfg.steps) and dist.is_main:
+                if (step % cfg.save_every == 0 or step == cfg.steps) and is_main:
                     saver.save(step)
-                if progress is not None and dist.is_main:
+                if progress is not None and is_main:
                     progress(step, cfg.steps, loss_value)
                 if stop.requested:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             log.flush()
-            if step > saver.saved_at and not stop.aborted and dist.is_main:  # at a step boundary only
+            if step > saver.saved_at and not stop.aborted and is_main:  # at a step boundary only
                 saver.save(step)
             raise TrainingInterrupted(step, saver.checkpoint, saver.saved_at) from None
         finally:
@@ -1294,10 +1379,9 @@ def train(
     cfg: TrainConfig,
     progress: Progress | None = None,
     on_plan: Callable[[dict[str, Any]], None] | None = None,
-    on_verify: Callable[[int, int], None] | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Run stage 2. ``on_verify(shards_done, total)`` reports the store check; ``on_plan(plan)`` is called
+    """Run stage 2. ``on_plan(plan)`` is called
     once before the first step with what the run will do (init, device, CPU threads, precision, effective
     optimiser/schedule, parameter counts and dtypes, start step, a schedule change on resume);
     ``progress(step, total, loss)`` after each step; ``on_log(record)`` in the main process with each record
@@ -1305,16 +1389,27 @@ def train(
 
     Ctrl-C (SIGINT) finishes the step in flight, saves a checkpoint and raises ``TrainingInterrupted``
     (a second Ctrl-C stops at once, keeping the last checkpoint); rerun with ``resume=True`` to continue."""
-    run = _plan_run(cfg, on_verify)  # every check; nothing is written before they pass
-    opt = build_optimisation(run.policy, cfg.steps, run.settings, run.inputs.init_source)
-    start = _restore_or_seed(run, opt)
-    if on_plan is not None:
-        on_plan(_plan_info(run, opt, start))
-    log_path = _open_out(run, start)
-    saver = _Saver(run, opt, start)
-    step, loss, seconds = _loop(run, opt, saver, start, log_path, progress, on_log)
-    run.dist.barrier()  # the main process has written the last checkpoint
-    run.dist.close()
+    import torch.distributed
+
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    try:
+        run = _plan_run(cfg)  # every check; nothing is written before they pass
+    except BaseException:
+        _forget_accelerate()
+        raise
+    try:
+        opt = build_optimisation(run.policy, cfg.steps, run.settings, run.inputs.init_source)
+        start = _restore_or_seed(run, opt)
+        if on_plan is not None:
+            on_plan(_plan_info(run, opt, start))
+        log_path = _open_out(run, start)
+        saver = _Saver(run, opt, start)
+        step, loss, seconds = _loop(run, opt, saver, start, log_path, progress, on_log)
+        run.accelerator.wait_for_everyone()  # the main process has written the last checkpoint
+        _release(run.accelerator, owns_group)
+    except BaseException:
+        _forget_accelerate()
+        raise
     return _result(run, saver, start, step, loss, seconds)
 
 
@@ -1386,5 +1481,6 @@ __all__ = [
     "NonFiniteLossError",
     "build_optimisation",
     "trainable_parameters",
+    "check_store",
     "verify_store",
 ]

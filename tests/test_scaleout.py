@@ -185,18 +185,40 @@ def test_partition_slices_and_merged_stores_validate(tiny_world, tmp_path):
     assert len(verify_store(tmp_path / "merged")) == sum(len(PairStore(s)) for s in slices) > 0
 
 
-def test_rank_slices_split_every_global_batch_disjointly():
-    from reflowpairs.pairdata import PairSampler, RankSlice
+def test_each_process_reads_its_own_shards_and_every_epoch_covers_the_store():
+    from reflowpairs.pairdata import PairSampler, epoch_order, piece_size
 
-    counts = np.array([5, 7, 3])
-    stream = list(itertools.islice(iter(PairSampler(counts, seed=3, window=2)), 30))
-    slices = [
-        list(itertools.islice(iter(RankSlice(PairSampler(counts, seed=3, window=2), rank, 3)), 10))
-        for rank in range(3)
-    ]
-    assert sorted(sum(slices, [])) == sorted(stream)
-    for rank in range(3):
-        assert slices[rank] == stream[rank::3]
+    counts = np.array([5, 7, 3, 6, 4, 8, 2, 5, 6])  # 46 pairs in 9 shards
+    ends = np.cumsum(counts)
+    assert epoch_order(counts, 3, 0, 2).tolist() == epoch_order(counts, 3, 0, 2, rank=0, world=1).tolist()
+    for world in (1, 2, 3):
+        streams = [
+            list(
+                itertools.islice(
+                    iter(PairSampler(counts, 3, 2, rank=r, world=world)), 4 * piece_size(46, r, world)
+                )
+            )
+            for r in range(world)
+        ]
+        for epoch in range(4):
+            orders = [epoch_order(counts, 3, epoch, 2, rank=r, world=world) for r in range(world)]
+            assert sorted(np.concatenate(orders).tolist()) == list(range(46))  # every pair once per epoch
+            touched = [set(np.searchsorted(ends, order, side="right").tolist()) for order in orders]
+            for rank, order in enumerate(orders):
+                size = piece_size(46, rank, world)
+                assert (
+                    len(order) == size and streams[rank][epoch * size : (epoch + 1) * size] == order.tolist()
+                )
+                others = set().union(*(t for r, t in enumerate(touched) if r != rank))
+                assert len(touched[rank] & others) <= 2  # only a piece's two end shards can be shared
+            # the distinct shards the processes read add up to the store's, plus at most one cut shard per boundary
+            assert len(counts) <= sum(map(len, touched)) <= len(counts) + world - 1
+        if world > 1:
+            # resuming at position p of a process's stream continues it
+            assert (
+                list(itertools.islice(iter(PairSampler(counts, 3, 2, 17, 1, world)), 20)) == streams[1][17:37]
+            )
+    assert not np.array_equal(epoch_order(counts, 3, 0, 2, 0, 2), epoch_order(counts, 3, 1, 2, 0, 2))
 
 
 def test_two_process_training_saves_a_loadable_student(tiny_world, tiny_store, tmp_path):
@@ -229,6 +251,7 @@ def test_two_process_training_saves_a_loadable_student(tiny_world, tiny_store, t
     last = out / "checkpoints" / "last"
     state = json.loads((last / "training_state" / "reflow_state.json").read_text())
     assert state["samples_seen"] == 4 * 2 * 2  # two processes, each a batch of 2 per step
+    assert state["world"] == 2
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 4  # written once, by the main process
     student = SmolVLAPolicy.from_pretrained(last / "pretrained_model")
     trained = load_file(last / "pretrained_model" / "model.safetensors")
@@ -236,3 +259,11 @@ def test_two_process_training_saves_a_loadable_student(tiny_world, tiny_store, t
     assert trained.keys() == teacher.keys()
     assert any(not torch.equal(trained[k], teacher[k]) for k in trained)
     assert student.config.chunk_size == 8
+    # one process cannot continue it: the global batch and each process's part of the store would change
+    from reflowpairs.errors import ReflowPairsError
+    from reflowpairs.train import TrainConfig, train
+
+    with pytest.raises(ReflowPairsError) as err:
+        train(TrainConfig(pairs=tiny_store, out=out, steps=6, resume=True, device="cpu", num_workers=0))
+    assert "on 1 process: it was trained on 2 (global batch 2 x 2 = 4 pairs per step" in err.value.what
+    assert "Resume it with 2 processes" in err.value.hint

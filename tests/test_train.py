@@ -505,10 +505,23 @@ def test_incomplete_store_is_refused(tiny_store, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_corrupt_shard_is_refused_naming_it(tiny_store, tmp_path, damage):
+def test_corrupt_shard_stops_training_before_its_pairs_are_used(tiny_store, tmp_path, monkeypatch, damage):
+    """Start-up reads no shard; the damaged one is refused (naming it) when the loader first reads it, before the
+    step whose batch holds its first pair, and no step or checkpoint used it. ``flip``: the library, loading in this
+    process; ``truncate``: the CLI, loading in a DataLoader worker (the error crosses back without a traceback)."""
+    from reflowpairs.pairstore import PairStore
+
     store = _copy_store(tiny_store, tmp_path / "s")
     manifest = json.loads((store / "manifest.json").read_text())
-    shard = manifest["shards"][2]["path"]
+    counts = np.array([s["num_pairs"] for s in manifest["shards"]])
+    order = epoch_order(counts, seed=0, epoch=0, window=1)  # one shard at a time
+    ends = np.cumsum(counts)
+    damaged = int(
+        np.searchsorted(ends, order[counts.max()], side="right")
+    )  # in use from the 2nd or 3rd window
+    first_use = int(np.flatnonzero(np.searchsorted(ends, order, side="right") == damaged)[0])
+    assert first_use >= 8
+    shard = manifest["shards"][damaged]["path"]
     chunk = next(
         p for p in sorted((store / shard / "x1").rglob("*")) if p.is_file() and p.name != "zarr.json"
     )
@@ -519,13 +532,47 @@ def test_corrupt_shard_is_refused_naming_it(tiny_store, tmp_path, damage):
         del data[len(data) // 2 :]
     chunk.write_bytes(bytes(data))
     before = _tree(store)
-    with pytest.raises(ReflowPairsError) as err:
-        train(_cfg(store, tmp_path / "o"))
-    assert f"is corrupt: shard {shard}" in err.value.what and not err.value.what.endswith("..")
+    out = tmp_path / "o"
+    settings = {"steps": 40, "batch_size": 8, "save_every": 1, "shuffle_window": 1, "seed": 0}
+    if damage == "flip":
+        reads = []
+        original = PairStore.read_stored
+        monkeypatch.setattr(
+            PairStore, "read_stored", lambda self, *a, **k: reads.append(1) or original(self, *a, **k)
+        )
+        at_plan = []
+        with pytest.raises(ReflowPairsError) as err:
+            train(_cfg(store, out, **settings), on_plan=lambda plan: at_plan.append(len(reads)))
+        assert at_plan == [0]  # no shard was read before training started
+        what, hint = err.value.what, err.value.hint
+    else:
+        args = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+        result = runner.invoke(
+            app,
+            [
+                "train",
+                "--pairs",
+                str(store),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--num-workers",
+                "1",
+                *args,
+            ],
+        )
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        what = hint = " ".join(result.output.split())
+    assert f"is corrupt: shard {shard}" in what and not what.endswith("..")
     # a flipped byte usually still decodes (then the checksum catches it); a truncated chunk does not decode
-    assert "x1 does not match the checksum" in err.value.what or "cannot be read" in err.value.what
-    assert "regenerate" in err.value.hint
-    assert not (tmp_path / "o").exists() and _tree(store) == before
+    assert "x1 does not match the checksum" in what or "cannot be read" in what
+    assert "regenerate" in hint
+    last_clean_step = first_use // 8  # the next step's batch holds the shard's first pair
+    assert [r["step"] for r in _log(out)] == list(range(1, last_clean_step + 1))
+    state = json.loads((out / "checkpoints" / "last" / "training_state" / STATE_FILE).read_text())
+    assert state["samples_seen"] == 8 * last_clean_step <= first_use
+    assert _tree(store) == before
 
 
 def test_parquet_store_trains(tiny_world, tmp_path):
