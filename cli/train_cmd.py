@@ -154,6 +154,14 @@ def train(
             help="Train even if the init checkpoint or dataset differ from the store's fingerprints.",
         ),
     ] = _DEFAULTS.allow_mismatch,
+    no_feature_cache: Annotated[
+        bool,
+        typer.Option(
+            "--no-feature-cache",
+            rich_help_panel=INPUTS,
+            help="Decode images and run the vision encoder even when the store has a feature cache (docs/feature-cache.md).",
+        ),
+    ] = _DEFAULTS.no_feature_cache,
     steps: Annotated[
         int,
         typer.Option(
@@ -358,6 +366,7 @@ def train(
             shuffle_window=shuffle_window,
             resume=resume,
             allow_mismatch=allow_mismatch,
+            no_feature_cache=no_feature_cache,
             allow_schedule_change=allow_schedule_change,
         )
         task = bar.add_task("loading", total=None, rate="", unit=None, every=None)

@@ -34,6 +34,7 @@ from reflowpairs.dataset import (
 from reflowpairs.distributed import DistContext
 from reflowpairs.engine import make_engine, resolve_frames_per_call
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.featurecache import FEATURES_DIR, check_feature_dtype, refuse_uncacheable
 from reflowpairs.merge import absorb_parts
 from reflowpairs.noise import batch_noise
 from reflowpairs.pairstore import (
@@ -96,6 +97,8 @@ class GenerateConfig:
     exact: bool = False  # lerobot's own sampler per frame (bit for bit), no prefix sharing
     x0: str = "explicit"  # "explicit": shards store X_0; "implicit": no X_0 array, readers regenerate it from the seed
     writer_id: str = "w0"
+    cache_features: bool = False  # also store each frame's frozen features (reflowpairs.featurecache)
+    feature_dtype: str = "float32"  # storage dtype of the cached features: float32, float16 or bfloat16
 
 
 @dataclass
@@ -127,6 +130,7 @@ def software_versions() -> dict[str, str]:
 
 
 def _check_args(cfg: GenerateConfig) -> None:
+    check_feature_dtype(cfg.feature_dtype)
     if cfg.samples_per_frame < 1:
         raise ReflowPairsError(f"`samples_per_frame` must be at least 1, got {cfg.samples_per_frame}.")
     if cfg.batch_size < 1:
@@ -281,7 +285,7 @@ def _overwrite(manifest: StoreManifest) -> None:
     The new manifest goes in first (one atomic rename), so a crash part-way leaves a sound empty store whose
     leftovers ``--resume`` removes. Only the store's own entries go: files of the user's beside it stay."""
     manifest.write()
-    for name in (PARTS_DIR, SHARDS_DIR):
+    for name in (PARTS_DIR, SHARDS_DIR, FEATURES_DIR):
         remove_path(manifest.out / name)
 
 
@@ -501,6 +505,8 @@ def _generate(
 ) -> GenerateResult:
     """``generate`` once the main process holds the store lock."""
     job = _prepare(cfg, dist.device(cfg.device), out)
+    if cfg.cache_features:
+        refuse_uncacheable(job.teacher.policy)
     failure = None
     if dist.is_main:
         try:
@@ -528,6 +534,7 @@ def _generate(
         )
     if dist.world == 1:
         result = _sample_frames(job, manifest, todo, cfg.writer_id, cfg, progress)
+        _cache_features(cfg, job, out)
         final = StoreManifest.read(out).data
         return GenerateResult(out, final["num_pairs"], final["num_frames"], *result)
     token = dist.broadcast(uuid.uuid4().hex[:8])
@@ -545,6 +552,8 @@ def _generate(
     failures = [f for f in dist.all_gather(failure) if f is not None]
     if dist.is_main:
         absorb_parts(StoreManifest.read(out))
+        if not failures:
+            _cache_features(cfg, job, out)
     dist.barrier()
     final = StoreManifest.read(out).data
     new_pairs = sum(r[0] for r in dist.all_gather(result))
@@ -554,6 +563,23 @@ def _generate(
     return GenerateResult(
         out, final["num_pairs"], final["num_frames"], new_pairs, result[1], final.get("skipped_frames", [])
     )
+
+
+def _cache_features(cfg: GenerateConfig, job: _Job, out: Path) -> None:
+    """With ``cache_features``: the frozen features of every frame of the store not cached yet
+    (``featurecache.add_features``; on a complete store with ``resume``, this adds a cache without sampling)."""
+    if cfg.cache_features:
+        from reflowpairs.featurecache import add_features
+
+        add_features(
+            out,
+            job.teacher.policy,
+            job.teacher.preprocessor,
+            job.dataset,
+            cfg.feature_dtype,
+            cfg.batch_size,
+            cfg.num_workers,
+        )
 
 
 def _sample_frames(
