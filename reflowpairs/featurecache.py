@@ -542,3 +542,36 @@ def check(
             )
         summary += f"; {len(picks)} frames recomputed match (max relative error {err:.1e})"
     return problems, summary
+
+
+def recompute_features(source: str, device: str, dataset) -> Callable[[np.ndarray], Tensor]:
+    """``recompute(obs_index) -> (n, S, N, D)``: the features of those frames of ``dataset`` computed afresh by the
+    checkpoint ``source`` (for ``check``'s spot check)."""
+    from torch.utils.data import default_collate
+
+    from reflowpairs.dataset import frame_indices
+    from reflowpairs.pairdata import position_lookup
+    from reflowpairs.teacher import load_policy
+
+    loaded = load_policy(source, device)
+    loaded.policy.eval()
+    lookup = position_lookup(frame_indices(dataset))
+
+    def recompute(obs_index: np.ndarray) -> Tensor:
+        batch = default_collate([dataset[int(lookup[o])] for o in obs_index])
+        return cache_family(loaded.policy).compute_features(loaded.policy, loaded.preprocessor(batch))[0]
+
+    return recompute
+
+
+def validate_features(store, teacher: str | None, device: str, open_dataset, spot: int, seed: int):
+    """``validate``'s ``features`` check: ``(result, detail)`` ("pass"/"fail"; "skip", "no feature cache" for a store
+    without one). ``open_dataset()`` gives the store's dataset, only needed for a spot check (``spot`` > 0 frames)."""
+    if read_index(store.path) is None:
+        return "skip", "no feature cache"
+    recompute = None
+    if spot:
+        source = teacher or store.manifest.get("teacher", {}).get("source")
+        recompute = recompute_features(source, device, open_dataset())
+    problems, summary = check(store.path, store.index()[0], recompute, spot, seed)
+    return ("fail", "; ".join(problems)) if problems else ("pass", summary)

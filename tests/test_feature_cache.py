@@ -103,8 +103,13 @@ def test_cache_added_to_a_store_trains_like_decoding(tiny_world, tiny_store, tmp
     assert index["complete"] and featurecache.cached_frames(index) == len(frames)
     assert json.loads((store / "manifest.json").read_text())["num_pairs"] == before
     assert index["shape"] == [1, 4, 64] and index["bytes_per_frame"] == 4 * 64 * 4
-    problems, summary = featurecache.check(store, frames)
-    assert problems == [] and "every frame covered" in summary
+    from reflowpairs.inspect_store import summarize
+    from reflowpairs.validate import ValidateConfig, validate
+
+    assert summarize(store, statistics=False)["feature_cache"]["frames"] == len(frames)
+    report = validate(ValidateConfig(store=store, spot_check=2, device="cpu"))
+    assert report.ok and report.checks[-1].name == "features", report.checks
+    assert "2 frames recomputed match" in report.checks[-1].detail
 
     students = {}
     for name, off in (("cached", False), ("decoded", True)):
@@ -141,3 +146,4 @@ def test_cache_added_to_a_store_trains_like_decoding(tiny_world, tiny_store, tmp
     group["features"][0, 0, 0, 0] = 123.0
     problems, _ = featurecache.check(store, frames)
     assert any("checksum" in p for p in problems)
+    assert validate(ValidateConfig(store=store)).checks[-1].result == "fail"
