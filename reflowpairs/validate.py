@@ -959,7 +959,7 @@ def validate(cfg: ValidateConfig, progress: Progress | None = None) -> Validatio
                 store,
                 cfg.teacher,
                 cfg.device,
-                lambda: dataset or _open_dataset(store, cfg, use_recorded=True),
+                lambda: dataset if dataset is not None else _open_dataset(store, cfg, use_recorded=True),
                 cfg.spot_check,
                 cfg.seed,
             ),
