@@ -226,6 +226,62 @@ def refuse_uncacheable(policy) -> None:
         )
 
 
+def assemble_captured(outputs: list[Tensor], slots: int, frames: int) -> Tensor | None:
+    """``(frames, S, N, D)`` from ``embed_image`` outputs captured over an engine's calls (``slots`` per call, each
+    ``(rows, N, D)``; a call's rows past the frames left are padding copies), or None when they do not add up."""
+    if not outputs or len(outputs) % slots:
+        return None
+    parts, left = [], frames
+    for call in range(len(outputs) // slots):
+        group = outputs[call * slots : (call + 1) * slots]
+        take = min(left, group[0].shape[0])
+        parts.append(torch.stack([g[:take] for g in group], dim=1))
+        left -= take
+    return torch.cat(parts) if left == 0 else None
+
+
+class FeatureSink:
+    """Writes features of a store's frames into its cache (``features/``), skipping frames it holds already;
+    refuses a cache made with other weights, image settings or ``dtype``; removes unlisted leftovers."""
+
+    def __init__(self, store: str | Path, policy, dtype: str = "float32"):
+        from reflowpairs.pairstore import StoreManifest
+
+        refuse_uncacheable(policy)
+        check_feature_dtype(dtype)
+        self.store, self.policy, self.dtype = Path(store), policy, dtype
+        self.family = cache_family(policy)
+        self.identity = cache_identity(policy)
+        self.store_id = StoreManifest.read(store).store_id
+        index = read_index(store)
+        if index is not None:
+            expected = {**self.identity, "dtype": dtype}
+            differs = [k for k in ("kind", "fingerprint", "inputs", "dtype") if index.get(k) != expected[k]]
+            if differs or index.get("store_id") != self.store_id:
+                raise ReflowPairsError(
+                    f"Store {store} already has a feature cache made differently "
+                    f"({', '.join(differs) if differs else 'store id'}).",
+                    f"Delete {features_dir(store)} to cache the features again.",
+                )
+        _clear_unlisted(self.store, index)
+        self.writer = None if index is None else FeatureWriter(store, index)
+        self.have = set(cached_obs_index(store, index).tolist()) if index is not None else set()
+
+    def put(self, obs_index: np.ndarray, features: Tensor, slots: list[str]) -> None:
+        new = np.array([o not in self.have for o in obs_index.tolist()], dtype=bool)
+        if not new.any():
+            return
+        if self.writer is None:
+            index = new_index(self.store_id, self.identity, slots, features.shape[1:], self.dtype)
+            self.writer = FeatureWriter(self.store, index)
+        self.writer.put(obs_index[new], features[torch.from_numpy(new)])
+        self.have.update(obs_index[new].tolist())
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+
 def add_features(
     store: str | Path,
     policy,
@@ -244,28 +300,9 @@ def add_features(
     from reflowpairs.pairdata import missing_frames, position_lookup
     from reflowpairs.pairstore import PairStore
 
-    refuse_uncacheable(policy)
-    check_feature_dtype(dtype)
-    pairs = PairStore(store)
-    fam = cache_family(policy)
-    identity = cache_identity(policy)
-    index = read_index(store)
-    if index is not None:
-        differs = [
-            k
-            for k in ("kind", "fingerprint", "inputs", "dtype")
-            if index.get(k) != {**identity, "dtype": dtype}[k]
-        ]
-        if differs or index.get("store_id") != pairs.meta.store_id:
-            what = ", ".join(differs) if differs else "store id"
-            raise ReflowPairsError(
-                f"Store {store} already has a feature cache made differently ({what}).",
-                f"Delete {features_dir(store)} to cache the features again.",
-            )
-    _clear_unlisted(Path(store), index)
-    wanted = np.unique(pairs.index()[0])
-    have = cached_obs_index(store, index) if index is not None else np.zeros(0, np.int64)
-    todo = np.setdiff1d(wanted, have)
+    sink = FeatureSink(store, policy, dtype)
+    wanted = np.unique(PairStore(store).index()[0])
+    todo = np.setdiff1d(wanted, np.fromiter(sink.have, dtype=np.int64, count=len(sink.have)))
     lookup = position_lookup(frame_indices(dataset))
     unknown = missing_frames(lookup, todo)
     if len(unknown):
@@ -274,34 +311,29 @@ def add_features(
             f"(obs_index {unknown[:8].tolist()}).",
             "Give the dataset the store was generated from.",
         )
-    positions = lookup[todo]
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, positions.tolist()),
+        torch.utils.data.Subset(dataset, lookup[todo].tolist()),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
     )
     policy.eval()
-    writer = None if index is None else FeatureWriter(store, index)
     done = 0
     for batch in loader:
         obs_index = batch["index"].to(torch.int64).numpy()
-        processed = preprocessor(batch)
-        features, slots = fam.compute_features(policy, processed)
-        if writer is None:
-            index = new_index(pairs.meta.store_id, identity, slots, features.shape[1:], dtype)
-            writer = FeatureWriter(store, index)
-        writer.put(obs_index, features)
+        features, slots = sink.family.compute_features(policy, preprocessor(batch))
+        sink.put(obs_index, features, slots)
         done += len(obs_index)
         if progress is not None:
             progress(done, len(todo))
-    if writer is None:  # nothing to compute and no cache yet: an empty store
+    sink.close()
+    if sink.writer is None:  # an empty store: nothing to cache
         return {}
-    writer.flush()
-    writer.index["complete"] = len(np.setdiff1d(wanted, cached_obs_index(store, writer.index))) == 0
-    writer.index["num_frames"] = cached_frames(writer.index)
-    writer.write_index()
-    return writer.index
+    index = sink.writer.index
+    index["complete"] = not len(np.setdiff1d(wanted, cached_obs_index(store, index)))
+    index["num_frames"] = cached_frames(index)
+    sink.writer.write_index()
+    return index
 
 
 def _clear_unlisted(store: Path, index: dict[str, Any] | None) -> None:

@@ -34,7 +34,13 @@ from reflowpairs.dataset import (
 from reflowpairs.distributed import DistContext
 from reflowpairs.engine import make_engine, resolve_frames_per_call
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.featurecache import FEATURES_DIR, check_feature_dtype, refuse_uncacheable
+from reflowpairs.featurecache import (
+    FEATURES_DIR,
+    FeatureSink,
+    assemble_captured,
+    check_feature_dtype,
+    refuse_uncacheable,
+)
 from reflowpairs.merge import absorb_parts
 from reflowpairs.noise import batch_noise
 from reflowpairs.pairstore import (
@@ -533,7 +539,7 @@ def _generate(
             )
         )
     if dist.world == 1:
-        result = _sample_frames(job, manifest, todo, cfg.writer_id, cfg, progress)
+        result = _sample_frames(job, manifest, todo, cfg.writer_id, cfg, progress, cfg.cache_features)
         _cache_features(cfg, job, out)
         final = StoreManifest.read(out).data
         return GenerateResult(out, final["num_pairs"], final["num_frames"], *result)
@@ -589,9 +595,12 @@ def _sample_frames(
     writer_id: str,
     cfg: GenerateConfig,
     progress: Progress | None,
+    features: bool = False,
 ) -> tuple[int, float, list[int]]:
-    """Sample every frame at dataset ``positions`` into ``manifest``'s store; returns (pairs, seconds, skipped)."""
+    """Sample every frame at dataset ``positions`` into ``manifest``'s store; returns (pairs, seconds, skipped).
+    ``features``: also keep each frame's frozen features, as the prefix fills compute them (``FeatureSink``)."""
     manifest.out.mkdir(parents=True, exist_ok=True)
+    sink = FeatureSink(manifest.out, job.teacher.policy, cfg.feature_dtype) if features else None
     try:
         writer = _BackgroundWriter(
             PairStoreWriter(manifest, cfg.shard_size, cfg.samples_per_frame, writer_id)
@@ -609,7 +618,7 @@ def _sample_frames(
     complete = False
     try:
         for number, batch in enumerate(loader, start=1):
-            block, bad = _sample_batch(batch, job.teacher.preprocessor, job.engine, job.solver, cfg)
+            block, bad = _sample_batch(batch, job.teacher.preprocessor, job.engine, job.solver, cfg, sink)
             if bad and cfg.on_nonfinite == "error":
                 raise ReflowPairsError(
                     f"The teacher produced non-finite X_1 (NaN or inf) for obs_index {bad}.",
@@ -629,6 +638,8 @@ def _sample_frames(
         complete = True
     finally:
         writer.close(complete)
+        if sink is not None:
+            sink.close()
     seconds = time.perf_counter() - start
     if progress is not None:
         progress(frames, pairs, seconds)
@@ -636,17 +647,36 @@ def _sample_frames(
 
 
 def _sample_batch(
-    batch: dict[str, Any], preprocessor, engine, solver: SolverConfig, cfg: GenerateConfig
+    batch: dict[str, Any],
+    preprocessor,
+    engine,
+    solver: SolverConfig,
+    cfg: GenerateConfig,
+    sink: FeatureSink | None = None,
 ) -> tuple[Pairs, list[int]]:
-    """Sample K pairs for each frame of a raw dataset batch; frames with non-finite X_1 are dropped."""
+    """Sample K pairs for each frame of a raw dataset batch; frames with non-finite X_1 are dropped. With a ``sink``,
+    the kept frames' features go to the feature cache: captured from the engine's prefix fills when it computes them
+    in float32 (prefix-cached engine, no autocast), else computed for the batch."""
     obs_index = batch["index"].to(torch.int64).numpy()
     k = cfg.samples_per_frame
     noise = batch_noise(cfg.seed, obs_index.tolist(), k, engine.noise_shape)  # (B, K, T, D0)
     compute = COMPUTE_DTYPES[cfg.dtype]
-    with torch.autocast(engine.device.type, dtype=compute, enabled=compute is not torch.float32):
-        x1 = engine.sample(preprocessor(batch), noise, solver).float().cpu()  # (B, K, T, D1)
+    processed = preprocessor(batch)
+    capture = sink is not None and not engine.exact and compute is torch.float32
+    captured = sink.family.captured_features(sink.policy) if capture else contextlib.nullcontext([])
+    with (
+        torch.autocast(engine.device.type, dtype=compute, enabled=compute is not torch.float32),
+        captured as outputs,
+    ):
+        x1 = engine.sample(processed, noise, solver).float().cpu()  # (B, K, T, D1)
     finite = torch.isfinite(x1).flatten(1).all(dim=1).numpy()
     keep = np.flatnonzero(finite)
+    if sink is not None and len(keep):
+        slots = sink.family.feature_slots(sink.policy.config, processed.keys())
+        features = assemble_captured(outputs, len(slots), len(obs_index)) if capture else None
+        if features is None:
+            features, slots = sink.family.compute_features(sink.policy, processed)
+        sink.put(obs_index[keep], features[torch.from_numpy(keep)], slots)
     block = Pairs(
         x0=noise[keep].reshape(-1, *noise.shape[2:]).numpy(),
         x1=x1[keep].reshape(-1, *x1.shape[2:]).numpy(),

@@ -147,3 +147,35 @@ def test_cache_added_to_a_store_trains_like_decoding(tiny_world, tiny_store, tmp
     problems, _ = featurecache.check(store, frames)
     assert any("checksum" in p for p in problems)
     assert validate(ValidateConfig(store=store)).checks[-1].result == "fail"
+
+
+def test_generate_keeps_the_features_its_prefix_fills_compute(tiny_world, tmp_path, monkeypatch):
+    from tests.helpers import generate_store
+
+    def not_again(*args):
+        raise AssertionError("generate computed features its prefix fills had computed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(smolvla.SmolVLAFamily, "compute_features", not_again)
+        store = generate_store(
+            tiny_world,
+            tmp_path / "pairs",
+            episodes=[0],
+            samples_per_frame=1,
+            num_steps=2,
+            batch_size=5,
+            cache_features=True,
+        )
+    index = featurecache.read_index(store)
+    frames = np.unique(PairStore(store).index()[0])
+    assert index["complete"] and featurecache.cached_frames(index) == len(frames) == 24
+    # captured from the engine's (padded) calls, they are the features computed afresh, frame by frame
+    recompute = featurecache.recompute_features(str(tiny_world.teacher_dir), "cpu", _dataset(tiny_world))
+    problems, summary = featurecache.check(store, frames, recompute, spot=6)
+    assert problems == [] and "6 frames recomputed match" in summary
+
+
+def _dataset(world):
+    from reflowpairs.dataset import open_dataset
+
+    return open_dataset(world.repo_id, world.dataset_root)

@@ -298,6 +298,26 @@ def substituted_image_features(policy, features: Tensor, slots: list[str]) -> It
         del vlm_with_expert.embed_image
 
 
+@contextmanager
+def captured_image_features(policy) -> Iterator[list[Tensor]]:
+    """Within the block, every ``embed_image`` output of the policy (one per camera slot per prefix fill, in call
+    order) is appended to the yielded list: stage 1 keeps the features its prefix fills compute anyway."""
+    vlm_with_expert = _inner(policy).model.vlm_with_expert
+    original = vlm_with_expert.embed_image
+    outputs: list[Tensor] = []
+
+    def embed_image(image: Tensor) -> Tensor:
+        out = original(image)
+        outputs.append(out)
+        return out
+
+    vlm_with_expert.embed_image = embed_image
+    try:
+        yield outputs
+    finally:
+        del vlm_with_expert.embed_image
+
+
 @dataclass(frozen=True)
 class SmolVLAFamily:
     """The family interface (``reflowpairs.policies``) for ``smolvla`` policies."""
@@ -333,6 +353,12 @@ class SmolVLAFamily:
 
     def substituted_features(self, policy, features: Tensor, slots: list[str]):
         return substituted_image_features(policy, features, slots)
+
+    def captured_features(self, policy):
+        return captured_image_features(policy)
+
+    def feature_slots(self, config, batch_keys) -> list[str]:
+        return feature_slots(config, batch_keys)
 
 
 FAMILY = SmolVLAFamily()
