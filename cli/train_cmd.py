@@ -103,6 +103,13 @@ def _plan_table(plan: dict[str, Any]) -> Table:
     table.add_row("time sampling", str(plan["time_sampling"]))
     table.add_row("loss", str(plan["loss"]))
     table.add_row("saved num_steps", num_steps_text(plan["saved_num_steps"], plan["teacher_num_steps"]))
+    if plan.get(
+        "feature_cache"
+    ):  # the store's feature cache (docs/feature-cache.md); --no-feature-cache turns it off
+        cache = plan["feature_cache"]
+        table.add_row(
+            "feature cache", f"{cache['frames']:,} frames x {cache['bytes_per_frame']:,} B ({cache['dtype']})"
+        )
     for warning in plan["warnings"]:
         table.add_row("[yellow]warning[/]", escape(warning))
     return table

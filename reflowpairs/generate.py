@@ -661,13 +661,13 @@ def _sample_batch(
     k = cfg.samples_per_frame
     noise = batch_noise(cfg.seed, obs_index.tolist(), k, engine.noise_shape)  # (B, K, T, D0)
     compute = COMPUTE_DTYPES[cfg.dtype]
-    processed = preprocessor(batch)
     capture = sink is not None and not engine.exact and compute is torch.float32
     captured = sink.family.captured_features(sink.policy) if capture else contextlib.nullcontext([])
     with (
         torch.autocast(engine.device.type, dtype=compute, enabled=compute is not torch.float32),
         captured as outputs,
     ):
+        processed = preprocessor(batch)
         x1 = engine.sample(processed, noise, solver).float().cpu()  # (B, K, T, D1)
     finite = torch.isfinite(x1).flatten(1).all(dim=1).numpy()
     keep = np.flatnonzero(finite)
