@@ -8,6 +8,9 @@
   ``train_step`` with ``reflow_batch_loss``: float32 master copies of low-precision trainables, lerobot's order):
   stored pairs (``PairDataset`` + ``PairSampler``) joined with their observations -> ``reflow_loss`` (the policy's
   own forward with noise := X_0, action := X_1).
+- ``cached``: ``reflowpairs train`` with the store's feature cache (``reflowpairs.featurecache``): the same step, but
+  the observation's non-camera columns come straight from the parquet (no image decoded) and the frozen vision
+  encoder + connector are replaced by the cached embeddings (``TrainingCache.frames`` / ``TrainingCache.loss_fn``).
 - ``online``: the predecessor's online reflow: a teacher in memory runs its 10-step ODE on every batch to make X_1,
   then the same student step as ``reflowpairs``.
 
@@ -26,7 +29,7 @@ from reflowpairs.dataset import quiet_dataset_logs
 
 quiet_dataset_logs()
 
-SIDES = ("ordinary", "reflowpairs", "online")
+SIDES = ("ordinary", "reflowpairs", "cached", "online")
 
 
 @dataclass
@@ -37,23 +40,37 @@ class World:
     store: Path
 
 
-def build_world(root: Path, size: str, samples_per_frame: int = 2) -> World:
-    """Tiny-world dataset, an untrained SmolVLA of ``size`` (tiny | small | large), and a pair store from it."""
+def build_world(
+    root: Path, size: str, samples_per_frame: int = 2, episodes: list[int] | None = None
+) -> World:
+    """Tiny-world dataset, an untrained SmolVLA of ``size`` (tiny | small | large | smolvla-shaped: real token and
+    layer counts, chunk 50, max_action_dim 32), and a pair store from it with its feature cache (``cache_features``)."""
     from reflowpairs.dataset import open_dataset
     from reflowpairs.generate import GenerateConfig, generate
     from reflowpairs.tinyworld import (
         TINY_REPO_ID,
+        TinyTeacherSpec,
         VLMSpec,
         build_tiny_dataset,
         build_tiny_vlm,
         save_untrained_policy,
     )
 
-    specs = {"tiny": VLMSpec(), "small": VLMSpec.small(), "large": VLMSpec.large()}
+    specs = {
+        "tiny": VLMSpec(),
+        "small": VLMSpec.small(),
+        "large": VLMSpec.large(),
+        "smolvla-shaped": VLMSpec.smolvla_shaped(),
+    }
+    teacher_spec = (
+        TinyTeacherSpec(chunk_size=50, max_action_dim=32, max_state_dim=32)
+        if size == "smolvla-shaped"
+        else TinyTeacherSpec()
+    )
     vlm = build_tiny_vlm(root / "vlm", specs[size])
     build_tiny_dataset(root / "dataset")
     dataset = open_dataset(TINY_REPO_ID, root / "dataset")
-    teacher = save_untrained_policy(vlm, dataset, root / "teacher")
+    teacher = save_untrained_policy(vlm, dataset, root / "teacher", teacher_spec)
     store = root / "pairs"
     generate(
         GenerateConfig(
@@ -61,10 +78,11 @@ def build_world(root: Path, size: str, samples_per_frame: int = 2) -> World:
             dataset=TINY_REPO_ID,
             dataset_root=root / "dataset",
             out=store,
-            episodes=[0, 1, 2, 3],
+            episodes=[0, 1, 2, 3] if episodes is None else episodes,
             samples_per_frame=samples_per_frame,
             num_steps=2,
             device="cpu",
+            cache_features=True,
         )
     )
     return World(root / "dataset", TINY_REPO_ID, teacher, store)
@@ -103,14 +121,20 @@ class Side:
             self.loss_fn = reflow_batch_loss(self.preprocessor)
         self.steps_done = 0
         chunk = self.policy.config.chunk_size
-        if name == "reflowpairs":
+        if name in ("reflowpairs", "cached"):
             from reflowpairs.pairdata import PairDataset, PairSampler, position_lookup
             from reflowpairs.pairstore import PairStore
 
+            store = PairStore(world.store)
             full = open_dataset(world.repo_id, world.dataset_root)
-            pairs = PairDataset(
-                PairStore(world.store), full, position_lookup(frame_indices(full)), cache_shards=5
-            )
+            frames = full
+            if name == "cached":
+                from reflowpairs.featurecache import plan_training
+
+                self.cache = plan_training(world.store, self.policy, store.index()[0], disabled=False)
+                frames = self.cache.frames(full)
+                self.loss_fn = self.cache.loss_fn(self.preprocessor)
+            pairs = PairDataset(store, frames, position_lookup(frame_indices(full)), cache_shards=5)
             loader = torch.utils.data.DataLoader(
                 pairs, batch_size=batch_size, sampler=PairSampler(pairs.counts, seed, 4)
             )
@@ -129,7 +153,7 @@ class Side:
                 drop_last=True,
                 generator=torch.Generator().manual_seed(seed),
             )
-        self.batches = itertools.cycle(loader) if name != "reflowpairs" else iter(loader)
+        self.batches = itertools.cycle(loader) if name not in ("reflowpairs", "cached") else iter(loader)
         self.generator = torch.Generator().manual_seed(seed)
         self.teacher = None
         if name == "online":

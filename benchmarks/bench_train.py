@@ -1,11 +1,14 @@
-"""Stage-2 cost: seconds per training step of `reflowpairs train` vs ordinary lerobot fine-tuning vs online reflow.
+"""Stage-2 cost: seconds per training step of `reflowpairs train` (with and without the feature cache) vs ordinary lerobot fine-tuning vs online reflow.
 
 Same checkpoint, same batch size, same device, one process. The sides are interleaved (every repeat runs a block of
 --steps steps of each side, after one warm-up step per block) and torch threads are pinned. Prints the median
-seconds per step of each side with its spread, and the ratios reflowpairs / ordinary (goal: at most 1.1) and
-online / reflowpairs (how much the predecessor's online reflow costs more).
+seconds per step of each side with its spread, and the ratios reflowpairs / ordinary (goal: at most 1.1),
+cached / ordinary (the feature cache, #14: goal at most 0.4 on --size smolvla-shaped) and online / reflowpairs (how
+much the predecessor's online reflow costs more); then the cache's bytes per frame and its read throughput (frames/s
+through ``FeatureReader``, cold shards) against what the cached side consumes (frames/s).
 
     python benchmarks/bench_train.py --size small --batch-size 16 --device cpu
+    python benchmarks/bench_train.py --size smolvla-shaped --batch-size 8 --steps 2 --repeats 2 --sides ordinary,cached
 """
 
 from __future__ import annotations
@@ -25,24 +28,32 @@ from _sides import SIDES, Side, build_world  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=["tiny", "small", "large"], default="small")
+    parser.add_argument("--size", choices=["tiny", "small", "large", "smolvla-shaped"], default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side per repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--sides", default=",".join(SIDES), help="comma-separated subset of " + ",".join(SIDES)
+    )
+    parser.add_argument("--episodes", default="0,1,2,3", help="episodes the store is generated from")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    chosen = [name for name in SIDES if name in args.sides.split(",")]
+    if "ordinary" not in chosen:
+        chosen.insert(0, "ordinary")
 
-    world = build_world(Path(tempfile.mkdtemp(prefix="bench-train-")), args.size)
-    sides = {name: Side(name, world, args.batch_size, args.device) for name in SIDES}
+    episodes = [int(e) for e in args.episodes.split(",")]
+    world = build_world(Path(tempfile.mkdtemp(prefix="bench-train-")), args.size, episodes=episodes)
+    sides = {name: Side(name, world, args.batch_size, args.device) for name in chosen}
     n_params = sum(p.numel() for p in sides["ordinary"].policy.parameters())
     print(
         f"student: SmolVLA {args.size}, {n_params / 1e6:.2f} M parameters ({sum(p.numel() for p in sides['ordinary'].params) / 1e6:.2f} M trainable); "
         f"device {args.device}; {args.threads} torch thread(s); batch {args.batch_size}; "
         f"{args.repeats} repeats x {args.steps} steps per side, interleaved"
     )
-    times: dict[str, list[float]] = {name: [] for name in SIDES}
+    times: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(args.repeats):
         for name, side in sides.items():
             side.step()  # warm-up: first batch of the block, caches
@@ -55,9 +66,35 @@ def main() -> None:
         print(
             f"  {name:12s} {med[name] * 1000:8.1f} ms/step  (min {min(values) * 1000:.1f}, max {max(values) * 1000:.1f})"
         )
-    print(f"  ratio reflowpairs / ordinary: {med['reflowpairs'] / med['ordinary']:.3f}x  (goal <= 1.1)")
+    if "reflowpairs" in med:
+        print(f"  ratio reflowpairs / ordinary: {med['reflowpairs'] / med['ordinary']:.3f}x  (goal <= 1.1)")
+    if "cached" in med:
+        print(
+            f"  ratio cached / ordinary:      {med['cached'] / med['ordinary']:.3f}x  (feature cache; goal <= 0.4 on smolvla-shaped)"
+        )
+        _cache_figures(sides["cached"], args.batch_size / med["cached"])
+    if "online" in med and "reflowpairs" in med:
+        print(
+            f"  ratio online / reflowpairs:   {med['online'] / med['reflowpairs']:.2f}x  (online reflow's extra cost)"
+        )
+
+
+def _cache_figures(side, consumed: float) -> None:
+    """Bytes per frame of the feature cache, and its read throughput (a fresh reader: shards read cold) against the
+    frames per second the cached side consumes."""
+    from reflowpairs.featurecache import FeatureReader, cached_obs_index
+
+    index = side.cache.index
+    obs = cached_obs_index(side.cache.store, index)
+    reader = FeatureReader(side.cache.store, index)
+    start = time.perf_counter()
+    for o in obs:
+        reader[int(o)]
+    rate = len(obs) / (time.perf_counter() - start)
+    per_frame = index["bytes_per_frame"]
     print(
-        f"  ratio online / reflowpairs:   {med['online'] / med['reflowpairs']:.2f}x  (online reflow's extra cost)"
+        f"  feature cache: {per_frame:,} bytes/frame ({index['dtype']}, {index['shape']}); read {rate:,.0f} frames/s "
+        f"({rate * per_frame / 1e6:,.1f} MB/s) vs {consumed:,.1f} frames/s consumed by the cached side"
     )
 
 

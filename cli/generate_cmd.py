@@ -117,6 +117,22 @@ def generate(
             help="How the store keeps X_0: explicit (default) stores it in every shard; implicit leaves it out (~84% of a pair's bytes at SmolVLA's shapes), records its generator, and every reader regenerates it bit for bit from (seed, obs_index, sample). A resumed store keeps its own mode.",
         ),
     ] = _DEFAULTS.x0,
+    cache_features: Annotated[
+        bool,
+        typer.Option(
+            "--cache-features/--no-cache-features",
+            rich_help_panel=OUTPUT,
+            help="Also store each frame's frozen image features (OUT/features/) so `reflowpairs train` skips decoding and the vision encoder (SmolVLA; docs/feature-cache.md). With --resume on a complete store it adds them without sampling.",
+        ),
+    ] = _DEFAULTS.cache_features,
+    feature_dtype: Annotated[
+        str,
+        typer.Option(
+            metavar="float32|float16|bfloat16",
+            rich_help_panel=OUTPUT,
+            help="Storage dtype of the cached features: float32 (exact) or half the bytes in float16/bfloat16.",
+        ),
+    ] = _DEFAULTS.feature_dtype,
     on_nonfinite: Annotated[
         str,
         typer.Option(
@@ -229,6 +245,8 @@ def generate(
         partition=parse_partition(partition),
         exact=exact,
         x0=x0,
+        cache_features=cache_features,
+        feature_dtype=feature_dtype,
     )
     options = resolved_options(
         ctx,

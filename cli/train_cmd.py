@@ -107,6 +107,13 @@ def _plan_table(plan: dict[str, Any]) -> Table:
     table.add_row("time sampling", str(plan["time_sampling"]))
     table.add_row("loss", str(plan["loss"]))
     table.add_row("saved num_steps", num_steps_text(plan["saved_num_steps"], plan["teacher_num_steps"]))
+    if plan.get(
+        "feature_cache"
+    ):  # the store's feature cache (docs/feature-cache.md); --no-feature-cache turns it off
+        cache = plan["feature_cache"]
+        table.add_row(
+            "feature cache", f"{cache['frames']:,} frames x {cache['bytes_per_frame']:,} B ({cache['dtype']})"
+        )
     for warning in plan["warnings"]:
         table.add_row("[yellow]warning[/]", escape(warning))
     return table
@@ -158,6 +165,14 @@ def train(
             help="Train even if the init checkpoint or dataset differ from the store's fingerprints.",
         ),
     ] = _DEFAULTS.allow_mismatch,
+    no_feature_cache: Annotated[
+        bool,
+        typer.Option(
+            "--no-feature-cache",
+            rich_help_panel=INPUTS,
+            help="Decode images and run the vision encoder even when the store has a feature cache (docs/feature-cache.md).",
+        ),
+    ] = _DEFAULTS.no_feature_cache,
     steps: Annotated[
         int,
         typer.Option(
@@ -362,6 +377,7 @@ def train(
             shuffle_window=shuffle_window,
             resume=resume,
             allow_mismatch=allow_mismatch,
+            no_feature_cache=no_feature_cache,
             allow_schedule_change=allow_schedule_change,
         )
         task = bar.add_task("loading", total=None, rate="", unit=None, every=None)

@@ -2,6 +2,9 @@
 
     dataset + teacher (tiny-world) -> generate -> validate -> train -> eval
 
+generate stores the feature cache too (``--cache-features``, docs/feature-cache.md), so train reads the frames'
+image embeddings instead of decoding images and running the frozen vision encoder.
+
 Run with ``make demo`` (or ``python examples/demo.py --out demo_out``). Each step is the command a user would type;
 they are printed before they run.
 """
@@ -65,6 +68,7 @@ def main() -> None:
             "10",
             "--format",
             "zarr",
+            "--cache-features",  # each frame's image embeddings: train skips decoding and the vision encoder
             "--device",
             "cpu",
         ]

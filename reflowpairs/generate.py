@@ -34,6 +34,13 @@ from reflowpairs.dataset import (
 from reflowpairs.distributed import DistContext
 from reflowpairs.engine import make_engine, resolve_frames_per_call
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.featurecache import (
+    FEATURES_DIR,
+    FeatureSink,
+    assemble_captured,
+    check_feature_dtype,
+    refuse_uncacheable,
+)
 from reflowpairs.merge import absorb_parts
 from reflowpairs.noise import batch_noise
 from reflowpairs.pairstore import (
@@ -96,6 +103,8 @@ class GenerateConfig:
     exact: bool = False  # lerobot's own sampler per frame (bit for bit), no prefix sharing
     x0: str = "explicit"  # "explicit": shards store X_0; "implicit": no X_0 array, readers regenerate it from the seed
     writer_id: str = "w0"
+    cache_features: bool = False  # also store each frame's frozen features (reflowpairs.featurecache)
+    feature_dtype: str = "float32"  # storage dtype of the cached features: float32, float16 or bfloat16
 
 
 @dataclass
@@ -127,6 +136,7 @@ def software_versions() -> dict[str, str]:
 
 
 def _check_args(cfg: GenerateConfig) -> None:
+    check_feature_dtype(cfg.feature_dtype)
     if cfg.samples_per_frame < 1:
         raise ReflowPairsError(f"`samples_per_frame` must be at least 1, got {cfg.samples_per_frame}.")
     if cfg.batch_size < 1:
@@ -281,7 +291,7 @@ def _overwrite(manifest: StoreManifest) -> None:
     The new manifest goes in first (one atomic rename), so a crash part-way leaves a sound empty store whose
     leftovers ``--resume`` removes. Only the store's own entries go: files of the user's beside it stay."""
     manifest.write()
-    for name in (PARTS_DIR, SHARDS_DIR):
+    for name in (PARTS_DIR, SHARDS_DIR, FEATURES_DIR):
         remove_path(manifest.out / name)
 
 
@@ -501,6 +511,8 @@ def _generate(
 ) -> GenerateResult:
     """``generate`` once the main process holds the store lock."""
     job = _prepare(cfg, dist.device(cfg.device), out)
+    if cfg.cache_features:
+        refuse_uncacheable(job.teacher.policy)
     failure = None
     if dist.is_main:
         try:
@@ -527,7 +539,8 @@ def _generate(
             )
         )
     if dist.world == 1:
-        result = _sample_frames(job, manifest, todo, cfg.writer_id, cfg, progress)
+        result = _sample_frames(job, manifest, todo, cfg.writer_id, cfg, progress, cfg.cache_features)
+        _cache_features(cfg, job, out)
         final = StoreManifest.read(out).data
         return GenerateResult(out, final["num_pairs"], final["num_frames"], *result)
     token = dist.broadcast(uuid.uuid4().hex[:8])
@@ -545,6 +558,8 @@ def _generate(
     failures = [f for f in dist.all_gather(failure) if f is not None]
     if dist.is_main:
         absorb_parts(StoreManifest.read(out))
+        if not failures:
+            _cache_features(cfg, job, out)
     dist.barrier()
     final = StoreManifest.read(out).data
     new_pairs = sum(r[0] for r in dist.all_gather(result))
@@ -556,6 +571,23 @@ def _generate(
     )
 
 
+def _cache_features(cfg: GenerateConfig, job: _Job, out: Path) -> None:
+    """With ``cache_features``: the frozen features of every frame of the store not cached yet
+    (``featurecache.add_features``; on a complete store with ``resume``, this adds a cache without sampling)."""
+    if cfg.cache_features:
+        from reflowpairs.featurecache import add_features
+
+        add_features(
+            out,
+            job.teacher.policy,
+            job.teacher.preprocessor,
+            job.dataset,
+            cfg.feature_dtype,
+            cfg.batch_size,
+            cfg.num_workers,
+        )
+
+
 def _sample_frames(
     job: _Job,
     manifest: StoreManifest,
@@ -563,9 +595,12 @@ def _sample_frames(
     writer_id: str,
     cfg: GenerateConfig,
     progress: Progress | None,
+    features: bool = False,
 ) -> tuple[int, float, list[int]]:
-    """Sample every frame at dataset ``positions`` into ``manifest``'s store; returns (pairs, seconds, skipped)."""
+    """Sample every frame at dataset ``positions`` into ``manifest``'s store; returns (pairs, seconds, skipped).
+    ``features``: also keep each frame's frozen features, as the prefix fills compute them (``FeatureSink``)."""
     manifest.out.mkdir(parents=True, exist_ok=True)
+    sink = FeatureSink(manifest.out, job.teacher.policy, cfg.feature_dtype) if features else None
     try:
         writer = _BackgroundWriter(
             PairStoreWriter(manifest, cfg.shard_size, cfg.samples_per_frame, writer_id)
@@ -583,7 +618,7 @@ def _sample_frames(
     complete = False
     try:
         for number, batch in enumerate(loader, start=1):
-            block, bad = _sample_batch(batch, job.teacher.preprocessor, job.engine, job.solver, cfg)
+            block, bad = _sample_batch(batch, job.teacher.preprocessor, job.engine, job.solver, cfg, sink)
             if bad and cfg.on_nonfinite == "error":
                 raise ReflowPairsError(
                     f"The teacher produced non-finite X_1 (NaN or inf) for obs_index {bad}.",
@@ -603,6 +638,8 @@ def _sample_frames(
         complete = True
     finally:
         writer.close(complete)
+        if sink is not None:
+            sink.close()
     seconds = time.perf_counter() - start
     if progress is not None:
         progress(frames, pairs, seconds)
@@ -610,17 +647,36 @@ def _sample_frames(
 
 
 def _sample_batch(
-    batch: dict[str, Any], preprocessor, engine, solver: SolverConfig, cfg: GenerateConfig
+    batch: dict[str, Any],
+    preprocessor,
+    engine,
+    solver: SolverConfig,
+    cfg: GenerateConfig,
+    sink: FeatureSink | None = None,
 ) -> tuple[Pairs, list[int]]:
-    """Sample K pairs for each frame of a raw dataset batch; frames with non-finite X_1 are dropped."""
+    """Sample K pairs for each frame of a raw dataset batch; frames with non-finite X_1 are dropped. With a ``sink``,
+    the kept frames' features go to the feature cache: captured from the engine's prefix fills when it computes them
+    in float32 (prefix-cached engine, no autocast), else computed for the batch."""
     obs_index = batch["index"].to(torch.int64).numpy()
     k = cfg.samples_per_frame
     noise = batch_noise(cfg.seed, obs_index.tolist(), k, engine.noise_shape)  # (B, K, T, D0)
     compute = COMPUTE_DTYPES[cfg.dtype]
-    with torch.autocast(engine.device.type, dtype=compute, enabled=compute is not torch.float32):
-        x1 = engine.sample(preprocessor(batch), noise, solver).float().cpu()  # (B, K, T, D1)
+    capture = sink is not None and not engine.exact and compute is torch.float32
+    captured = sink.family.captured_features(sink.policy) if capture else contextlib.nullcontext([])
+    with (
+        torch.autocast(engine.device.type, dtype=compute, enabled=compute is not torch.float32),
+        captured as outputs,
+    ):
+        processed = preprocessor(batch)
+        x1 = engine.sample(processed, noise, solver).float().cpu()  # (B, K, T, D1)
     finite = torch.isfinite(x1).flatten(1).all(dim=1).numpy()
     keep = np.flatnonzero(finite)
+    if sink is not None and len(keep):
+        slots = sink.family.feature_slots(sink.policy.config, processed.keys())
+        features = assemble_captured(outputs, len(slots), len(obs_index)) if capture else None
+        if features is None:
+            features, slots = sink.family.compute_features(sink.policy, processed)
+        sink.put(obs_index[keep], features[torch.from_numpy(keep)], slots)
     block = Pairs(
         x0=noise[keep].reshape(-1, *noise.shape[2:]).numpy(),
         x1=x1[keep].reshape(-1, *x1.shape[2:]).numpy(),

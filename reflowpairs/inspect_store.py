@@ -156,6 +156,10 @@ def summarize(
         "software": manifest.get("software", {}),
         "skipped_frames": list(manifest.get("skipped_frames", [])),
     }
+    from reflowpairs.featurecache import describe, read_index  # the feature cache, when the store has one
+
+    features = read_index(store.path)
+    summary["feature_cache"] = describe(features) if features is not None else None
     if statistics:
         x0 = x0_stats.summary()
         x1 = x1_stats.summary()

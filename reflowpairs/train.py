@@ -149,6 +149,9 @@ class TrainConfig:
     resume: bool = False
     allow_mismatch: bool = False
     allow_schedule_change: bool = False  # resume with a --steps that changes the lr schedule
+    no_feature_cache: bool = (
+        False  # decode images even when the store has a feature cache (reflowpairs.featurecache)
+    )
 
 
 @dataclass
@@ -999,6 +1002,7 @@ class _Run:
     inputs: _Inputs
     change: ScheduleChange | None  # the schedule change a resume was allowed
     config_json: dict[str, Any]  # the student's config.json
+    feature_cache: Any = None  # featurecache.TrainingCache when the store's feature cache applies
 
     @property
     def policy(self):
@@ -1106,7 +1110,13 @@ def _plan_run(cfg: TrainConfig) -> _Run:
     config_json = student_config_json(
         inputs.init_config, inputs.init_source, _saved_num_steps(settings["student_num_steps"])
     )
+    from reflowpairs.featurecache import plan_training
+
+    feature_cache = plan_training(
+        cfg.pairs, inputs.loaded.policy, inputs.store.index()[0], cfg.no_feature_cache
+    )
     return _Run(
+        feature_cache=feature_cache,
         cfg=cfg,
         out=out,
         resume_from=resume_from,
@@ -1160,6 +1170,7 @@ def _plan_info(run: _Run, opt: Optimisation, start: _Start) -> dict[str, Any]:
         **opt.plan.describe(),
         "schedule_change": None if change is None else {**asdict(change), "text": change.describe()},
         "warnings": list(inputs.warnings),
+        "feature_cache": run.feature_cache.describe() if run.feature_cache is not None else None,
     }
 
 
@@ -1184,7 +1195,7 @@ def _loader(run: _Run, start: _Start) -> torch.utils.data.DataLoader:
     settings, cfg = run.settings, run.cfg
     pairs = PairDataset(
         run.inputs.store,
-        run.inputs.dataset,
+        run.feature_cache.frames(run.inputs.dataset) if run.feature_cache else run.inputs.dataset,
         run.inputs.lookup,
         cache_shards=int(settings["shuffle_window"]) + 1,
     )
@@ -1295,7 +1306,9 @@ def _loop(
     cfg, settings, is_main = run.cfg, run.settings, run.is_main
     model, loss_fn, loader = (
         _model(run),
-        reflow_batch_loss(run.preprocessor, run.settings["loss"]),
+        (run.feature_cache.loss_fn if run.feature_cache else reflow_batch_loss)(
+            run.preprocessor, run.settings["loss"]
+        ),
         _loader(run, start),
     )
     run.policy.train()

@@ -949,6 +949,23 @@ def validate(cfg: ValidateConfig, progress: Progress | None = None) -> Validatio
         )
 
     ordered = [checks[name] for name in CHECKS]
+    from reflowpairs.featurecache import validate_features  # the feature cache, when the store has one
+
+    features = _guard(
+        "features",
+        lambda: CheckResult(
+            "features",
+            *validate_features(
+                store,
+                cfg.teacher,
+                cfg.device,
+                lambda: dataset if dataset is not None else _open_dataset(store, cfg, use_recorded=True),
+                cfg.spot_check,
+                cfg.seed,
+            ),
+        ),
+    )
+    ordered += [features] if features.detail != "no feature cache" else []
     if any(c.result == FAIL for c in ordered):
         status = CORRUPT
     elif any(c.result == INCOMPLETE for c in ordered):

@@ -54,7 +54,12 @@ def test_make_targets_pass_their_default_arguments_whole(target, arguments):
         (
             "bench_train.py",
             "--size tiny --batch-size 4 --steps 1 --repeats 1",
-            [r"ratio reflowpairs / ordinary: \d+\.\d+x", r"ratio online / reflowpairs: +\d+\.\d+x"],
+            [
+                r"ratio reflowpairs / ordinary: \d+\.\d+x",
+                r"ratio cached / ordinary: +\d+\.\d+x",
+                r"feature cache: [\d,]+ bytes/frame",
+                r"ratio online / reflowpairs: +\d+\.\d+x",
+            ],
         ),
         (
             "bench_memory.py",

@@ -14,6 +14,14 @@
   for noise ``x0`` ``(B, T, D0)``, normalised actions ``x1`` ``(B, T, D1)`` and time ``t`` ``(B,)``, on a
   *preprocessed* observation batch (normalised, tokenised).
 
+A family may also offer the feature cache (``reflowpairs.featurecache``, docs/feature-cache.md); SmolVLA does, pi0/pi05
+do not yet (``featurecache.cache_family`` is None for them). Its members: ``feature_kind`` (what is cached),
+``frozen_feature_modules(policy)`` (the modules the features depend on, fingerprinted), ``feature_cache_problems(policy)``
+(why a student cannot use the cache: trainable parameters there), ``feature_inputs(config)`` (settings that change the
+features), ``feature_slots(config, batch_keys)``, ``compute_features(policy, batch) -> ((B, S, N, D), slots)``,
+``captured_features(policy)`` (a context yielding the features a sampling call computes) and
+``substituted_features(policy, features, slots)`` (a context in which the training forward takes cached features).
+
 Only lerobot 0.6.x is tested (``lerobot_version_ok``; ``require_lerobot_version`` raises outside it): the families
 call lerobot's model internals (``embed_prefix``, ``embed_suffix``, the model-level ``forward``), which are not a
 stable API.

@@ -210,6 +210,114 @@ def reflow_loss(
     return policy.forward(batch, noise=x0.to(t.device, torch.float32), time=t, reduction=reduction)[0]
 
 
+# --- the feature cache (reflowpairs.featurecache): image embeddings after the connector -------------------------
+
+EMPTY_CAMERA = ""
+"""The slot name of an empty camera (``config.empty_cameras``: a -1 image with a zero mask, added by
+``prepare_images`` for a configured camera missing from the batch)."""
+
+
+def _inner(policy):
+    """The policy itself, or the module a DDP wrapper holds."""
+    return getattr(policy, "module", policy)
+
+
+def frozen_feature_modules(policy) -> dict[str, torch.nn.Module]:
+    """The modules the cached features depend on: SmolVLM's ``vision_model`` (SigLIP) and ``connector`` (pixel
+    shuffle + projection), which together are ``SmolVLMWithExpertModel.embed_image``."""
+    vlm = _inner(policy).model.vlm_with_expert.get_vlm_model()
+    return {"vision_model": vlm.vision_model, "connector": vlm.connector}
+
+
+def feature_cache_problems(policy) -> list[str]:
+    """Why the image-embedding cache cannot stand in for this policy's ``embed_image`` in training (empty: it can).
+
+    lerobot's ``set_requires_grad``: ``freeze_vision_encoder`` freezes the vision model only, ``train_expert_only``
+    the whole VLM (the connector included); the cache needs both the vision model and the connector frozen."""
+    problems = []
+    for name, module in frozen_feature_modules(policy).items():
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        if trainable:
+            problems.append(f"its {name} has {trainable} trainable parameters")
+    return problems
+
+
+def feature_slots(config, batch_keys) -> list[str]:
+    """The camera slots ``prepare_images`` builds for a batch holding ``batch_keys``, in its order: the configured
+    image keys present in the batch, then ``EMPTY_CAMERA`` for each missing one (at most ``config.empty_cameras``)."""
+    present = [key for key in config.image_features if key in batch_keys]
+    missing = len(config.image_features) - len(present)
+    return present + [EMPTY_CAMERA] * min(missing, config.empty_cameras)
+
+
+def feature_inputs(config) -> dict:
+    """The settings besides the frozen weights that decide the cached features: the image keys and how
+    ``prepare_images`` resizes them."""
+    resize = config.resize_imgs_with_padding
+    return {
+        "image_keys": list(config.image_features),
+        "empty_cameras": int(config.empty_cameras),
+        "resize_imgs_with_padding": list(resize) if resize is not None else None,
+    }
+
+
+@torch.no_grad()
+def compute_image_features(policy, batch: dict[str, Tensor]) -> tuple[Tensor, list[str]]:
+    """The cacheable features of a *preprocessed* batch of B frames: ``embed_image`` of every camera slot, the
+    connector's output *before* ``embed_prefix`` scales it by ``sqrt(hidden)``. Returns ``(features (B, S, N, D)``
+    in the connector's dtype, ``slots``) with S camera slots (``feature_slots``) of N tokens of width D."""
+    inner = _inner(policy)
+    images, _ = inner.prepare_images(batch)
+    features = torch.stack([inner.model.vlm_with_expert.embed_image(img) for img in images], dim=1)
+    return features, feature_slots(inner.config, batch.keys())
+
+
+@contextmanager
+def substituted_image_features(policy, features: Tensor, slots: list[str]) -> Iterator[None]:
+    """Within the block, the policy's training forward takes its image embeddings from ``features``
+    ``(B, S, N, D)`` (``compute_image_features``' output for the same frames) instead of decoding and encoding
+    images: ``prepare_images`` returns the cached slots (mask True for a camera, False for an empty one, as it
+    would) and ``embed_image`` passes them through. Everything after ``embed_image`` is lerobot's own code."""
+    inner = _inner(policy)
+    vlm_with_expert = inner.model.vlm_with_expert
+    dtype = next(vlm_with_expert.get_vlm_model().connector.parameters()).dtype
+    device = next(inner.parameters()).device
+    features = features.to(device=device, dtype=dtype)
+    size = features.shape[0]
+
+    def prepare_images(batch):
+        masks = [torch.full((size,), slot != EMPTY_CAMERA, dtype=torch.bool, device=device) for slot in slots]
+        return [features[:, s] for s in range(len(slots))], masks
+
+    inner.prepare_images = prepare_images
+    vlm_with_expert.embed_image = lambda image: image
+    try:
+        yield
+    finally:
+        del inner.prepare_images
+        del vlm_with_expert.embed_image
+
+
+@contextmanager
+def captured_image_features(policy) -> Iterator[list[Tensor]]:
+    """Within the block, every ``embed_image`` output of the policy (one per camera slot per prefix fill, in call
+    order) is appended to the yielded list: stage 1 keeps the features its prefix fills compute anyway."""
+    vlm_with_expert = _inner(policy).model.vlm_with_expert
+    original = vlm_with_expert.embed_image
+    outputs: list[Tensor] = []
+
+    def embed_image(image: Tensor) -> Tensor:
+        out = original(image)
+        outputs.append(out)
+        return out
+
+    vlm_with_expert.embed_image = embed_image
+    try:
+        yield outputs
+    finally:
+        del vlm_with_expert.embed_image
+
+
 @dataclass(frozen=True)
 class SmolVLAFamily:
     """The family interface (``reflowpairs.policies``) for ``smolvla`` policies."""
@@ -227,6 +335,30 @@ class SmolVLAFamily:
         self, policy, batch: dict[str, Tensor], x0: Tensor, x1: Tensor, t: Tensor, reduction: str = "mean"
     ) -> Tensor:
         return reflow_loss(policy, batch, x0, x1, t, reduction)
+
+    # the feature cache (see reflowpairs.featurecache)
+    feature_kind: str = "smolvla.image_embeddings"
+
+    def frozen_feature_modules(self, policy) -> dict[str, torch.nn.Module]:
+        return frozen_feature_modules(policy)
+
+    def feature_cache_problems(self, policy) -> list[str]:
+        return feature_cache_problems(policy)
+
+    def feature_inputs(self, config) -> dict:
+        return feature_inputs(config)
+
+    def compute_features(self, policy, batch: dict[str, Tensor]) -> tuple[Tensor, list[str]]:
+        return compute_image_features(policy, batch)
+
+    def substituted_features(self, policy, features: Tensor, slots: list[str]):
+        return substituted_image_features(policy, features, slots)
+
+    def captured_features(self, policy):
+        return captured_image_features(policy)
+
+    def feature_slots(self, config, batch_keys) -> list[str]:
+        return feature_slots(config, batch_keys)
 
 
 FAMILY = SmolVLAFamily()

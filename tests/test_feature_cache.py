@@ -1,0 +1,181 @@
+"""The feature cache (reflowpairs.featurecache, docs/feature-cache.md): exact loss and gradients with cached image
+embeddings, the store's cache written by ``generate --cache-features --resume``, training with and without it, the
+refusals, and validate's checks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from reflowpairs import featurecache
+from reflowpairs.errors import ReflowPairsError
+from reflowpairs.pairstore import PairStore
+from reflowpairs.policies import smolvla
+from tests.helpers import cli, generate_args
+
+
+def _policy_and_batch(world, cameras: int, batch: int = 3):
+    """A random tiny SmolVLA with ``cameras`` cameras and a preprocessed batch with padded language."""
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    from reflowpairs.dataset import open_metadata
+    from reflowpairs.tinyworld import tiny_smolvla_config
+
+    cfg = tiny_smolvla_config(world.vlm_dir, open_metadata(world.repo_id, world.dataset_root))
+    keys = ["observation.images.cam"] + [f"observation.images.cam{i}" for i in range(2, cameras + 1)]
+    for key in keys[1:]:
+        cfg.input_features[key] = copy.deepcopy(cfg.input_features[keys[0]])
+    torch.manual_seed(cameras)
+    policy = SmolVLAPolicy(cfg)
+    policy.train()
+    g = torch.Generator().manual_seed(cameras)
+    data = {key: torch.rand(batch, 3, 32, 32, generator=g) for key in keys}
+    data["observation.state"] = torch.randn(batch, 2, generator=g)
+    data["observation.language.tokens"] = torch.randint(0, 8, (batch, 5), generator=g)
+    mask = torch.ones(batch, 5, dtype=torch.bool)
+    mask[1, 3:], mask[2, 2:] = False, False  # padded language
+    data["observation.language.attention_mask"] = mask
+    x0 = torch.randn(batch, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    x1 = torch.randn(batch, cfg.chunk_size, 2, generator=g)
+    t = torch.rand(batch, generator=g)
+    return policy, data, (x0, x1, t), keys
+
+
+def _loss_and_grads(policy, fn):
+    policy.zero_grad()
+    loss = fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("cameras", [1, 2])
+def test_cached_embeddings_give_the_same_loss_and_gradients(tiny_world, cameras):
+    policy, batch, (x0, x1, t), keys = _policy_and_batch(tiny_world, cameras)
+    loss, grads = _loss_and_grads(policy, lambda: smolvla.reflow_loss(policy, batch, x0, x1, t))
+    features, slots = smolvla.compute_image_features(policy, batch)
+    assert slots == keys and features.shape[:2] == (3, cameras)
+    no_images = {k: v for k, v in batch.items() if k not in keys}
+
+    def cached():
+        with smolvla.substituted_image_features(policy, features, slots):
+            return smolvla.reflow_loss(policy, no_images, x0, x1, t)
+
+    cached_loss, cached_grads = _loss_and_grads(policy, cached)
+    assert torch.allclose(cached_loss, loss, rtol=1e-5, atol=0)
+    assert grads.keys() == cached_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        scale = grad.abs().max().clamp_min(1e-12)
+        assert (cached_grads[name] - grad).abs().max() <= 1e-5 * scale, name
+    # the substitution is scoped: outside the block the policy encodes images again
+    assert "prepare_images" not in vars(policy) and "embed_image" not in vars(policy.model.vlm_with_expert)
+    # the cache's preconditions: frozen vision model and connector; a trainable connector is named
+    assert smolvla.feature_cache_problems(policy) == []
+    for p in smolvla.frozen_feature_modules(policy)["connector"].parameters():
+        p.requires_grad_(True)
+    assert "connector" in smolvla.feature_cache_problems(policy)[0]
+
+
+def test_bf16_and_fp16_storage_round_trip_within_their_rounding():
+    features = torch.randn(4, 2, 3, 8)
+    for dtype, tol in (("float32", 0.0), ("float16", 1e-3), ("bfloat16", 8e-3)):
+        back = featurecache.from_storage(featurecache.to_storage(features, dtype), dtype)
+        assert (back - features).abs().max() <= tol * features.abs().max(), dtype
+
+
+def test_cache_added_to_a_store_trains_like_decoding(tiny_world, tiny_store, tmp_path):
+    from safetensors.torch import load_file
+
+    from reflowpairs.train import TrainConfig, train
+
+    store = tmp_path / "pairs"
+    shutil.copytree(tiny_store, store)
+    # a complete store gains its cache without sampling: generate --resume --cache-features
+    before = json.loads((store / "manifest.json").read_text())["num_pairs"]
+    same = ("--episodes", "0-5", "--samples-per-frame", "2", "--batch-size", "8", "--shard-size", "64")
+    cli(*generate_args(tiny_world, store, *same, "--device", "cpu", "--resume", "--cache-features"))
+    index = featurecache.read_index(store)
+    frames = np.unique(PairStore(store).index()[0])
+    assert index["complete"] and featurecache.cached_frames(index) == len(frames)
+    assert json.loads((store / "manifest.json").read_text())["num_pairs"] == before
+    assert index["shape"] == [1, 4, 64] and index["bytes_per_frame"] == 4 * 64 * 4
+    from reflowpairs.inspect_store import summarize
+    from reflowpairs.validate import ValidateConfig, validate
+
+    assert summarize(store, statistics=False)["feature_cache"]["frames"] == len(frames)
+    report = validate(ValidateConfig(store=store, spot_check=2, device="cpu"))
+    assert report.ok and report.checks[-1].name == "features", report.checks
+    assert "2 frames recomputed match" in report.checks[-1].detail
+
+    students = {}
+    for name, off in (("cached", False), ("decoded", True)):
+        plans = []
+        settings = {"steps": 2, "batch_size": 4, "num_workers": 0, "device": "cpu", "no_feature_cache": off}
+        train(TrainConfig(pairs=store, out=tmp_path / name, **settings), on_plan=plans.append)
+        assert (plans[0]["feature_cache"] is not None) is (not off)
+        students[name] = load_file(
+            tmp_path / name / "checkpoints" / "last" / "pretrained_model" / "model.safetensors"
+        )
+    for key, value in students["decoded"].items():
+        assert torch.allclose(students["cached"][key], value, rtol=1e-5, atol=1e-7), key
+
+    # refusals: other frozen weights, missing frames
+    from reflowpairs.teacher import load_policy
+
+    policy = load_policy(str(tiny_world.teacher_dir), "cpu").policy
+    featurecache.plan_training(store, policy, frames, disabled=False)  # applies
+    with torch.no_grad():
+        next(smolvla.frozen_feature_modules(policy)["vision_model"].parameters()).add_(1.0)
+    with pytest.raises(ReflowPairsError, match="frozen weights") as err:
+        featurecache.plan_training(store, policy, frames, disabled=False)
+    assert "`no_feature_cache`" in err.value.hint
+    assert featurecache.plan_training(store, policy, frames, disabled=True) is None
+    with pytest.raises(ReflowPairsError, match="lacks 1 of its frames"):
+        featurecache.plan_training(
+            store, load_policy(str(tiny_world.teacher_dir), "cpu").policy, np.append(frames, 10**6), False
+        )
+    # a damaged feature shard is found by its checksum
+    shard = store / index["shards"][0]["path"]
+    import zarr
+
+    group = zarr.open_group(str(shard), mode="r+")
+    group["features"][0, 0, 0, 0] = 123.0
+    problems, _ = featurecache.check(store, frames)
+    assert any("checksum" in p for p in problems)
+    assert validate(ValidateConfig(store=store)).checks[-1].result == "fail"
+
+
+def test_generate_keeps_the_features_its_prefix_fills_compute(tiny_world, tmp_path, monkeypatch):
+    from tests.helpers import generate_store
+
+    def not_again(*args):
+        raise AssertionError("generate computed features its prefix fills had computed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(smolvla.SmolVLAFamily, "compute_features", not_again)
+        store = generate_store(
+            tiny_world,
+            tmp_path / "pairs",
+            episodes=[0],
+            samples_per_frame=1,
+            num_steps=2,
+            batch_size=5,
+            cache_features=True,
+        )
+    index = featurecache.read_index(store)
+    frames = np.unique(PairStore(store).index()[0])
+    assert index["complete"] and featurecache.cached_frames(index) == len(frames) == 24
+    # captured from the engine's (padded) calls, they are the features computed afresh, frame by frame
+    recompute = featurecache.recompute_features(str(tiny_world.teacher_dir), "cpu", _dataset(tiny_world))
+    problems, summary = featurecache.check(store, frames, recompute, spot=6)
+    assert problems == [] and "6 frames recomputed match" in summary
+
+
+def _dataset(world):
+    from reflowpairs.dataset import open_dataset
+
+    return open_dataset(world.repo_id, world.dataset_root)
