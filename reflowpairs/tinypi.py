@@ -275,7 +275,8 @@ def build_tiny_pi_teacher(
     gemma: TinyGemmaSpec = TinyGemmaSpec(),
 ) -> Path:
     """Build a tiny ``variant`` ("pi0" or "pi05") teacher for the LeRobotDataset at ``dataset_root`` offline, train
-    it ``spec.train_steps`` steps with lerobot's own loss (``policy.forward``; 0 keeps the random init) and save it
+    it ``spec.train_steps`` steps with lerobot's own loss (``policy.forward``, by ``reflowpairs.train.train_step``;
+    0 keeps the random init) and save it
     as ``lerobot-train`` saves ``pretrained_model/``: config.json, model.safetensors, the policy pre/post-processor
     files, plus ``TINY_MARKER``. ``tokenizer_dir``: a local tokenizer directory; None writes ``build_pi_tokenizer``'s
     to ``out_dir/tokenizer``. The tiny patch is active only during the build (see ``tiny_gemma_patch``)."""
@@ -314,7 +315,13 @@ def _policy_class(variant: str):
 
 
 def _train(policy, preprocessor, dataset, cfg, spec: TinyPiSpec) -> dict:
+    """``spec.train_steps`` steps of ``reflowpairs.train.train_step`` with lerobot's own pi0/pi05 loss
+    (``policy.forward``, lerobot drawing noise and times) on the dataset's action chunks; returns the step count
+    and the last loss."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from reflowpairs.tinyworld import _flow_matching_loss
+    from reflowpairs.train import MasterWeights, Optimisation, train_step
 
     fps = dataset.meta.fps
     train_set = LeRobotDataset(
@@ -329,19 +336,19 @@ def _train(policy, preprocessor, dataset, cfg, spec: TinyPiSpec) -> dict:
         drop_last=True,
         generator=torch.Generator().manual_seed(spec.seed),
     )
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    # reflowpairs' one training step (``train_step``: lerobot's order, float32 masters of any bfloat16 parameter)
+    # on lerobot's own loss, with a plain AdamW (no schedule) over the trainable parameters, clipped to norm 1
+    masters = MasterWeights([(n, p) for n, p in policy.named_parameters() if p.requires_grad])
+    optimizer = torch.optim.AdamW(masters.params, lr=spec.lr, weight_decay=0.0)
+    opt = Optimisation(masters, optimizer, scheduler=None, grad_clip=1.0)
+    loss_fn = _flow_matching_loss(preprocessor)
     policy.train()
-    step, loss = 0, None
+    step, stats = 0, None
     while step < spec.train_steps:
         for batch in loader:
-            loss, _ = policy.forward(preprocessor(batch))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            stats = train_step(policy, batch, loss_fn, opt)
             step += 1
             if step >= spec.train_steps:
                 break
     policy.eval()
-    return {"steps": step, "final_loss": None if loss is None else loss.item()}
+    return {"steps": step, "final_loss": None if stats is None else stats.loss}
