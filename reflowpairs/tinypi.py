@@ -18,6 +18,11 @@ checkpoint: without it lerobot's ``from_pretrained`` builds the 3 B model, fails
 silently returns random weights (``reflowpairs.policies._pi_common.check_weights_loaded`` catches that). A tiny
 checkpoint carries ``TINY_MARKER`` (the spec, as JSON) so a loader can call ``install_for_checkpoint(dir)`` first.
 
+lerobot's own commands load checkpoints with no reflowpairs code involved, so the patch has to be installed in their
+process first: ``python -m reflowpairs.tinypi lerobot-eval --policy.path=DIR ...`` (or ``lerobot-train``) installs
+the patch ``DIR``'s marker names and runs lerobot's command in the same process (``run_lerobot``); an ordinary
+checkpoint runs unpatched. This is the test fixture for lerobot's CLI (``tests/test_pusht_eval.py``).
+
 The tokenizer: lerobot's pi processors hard-code the gated ``google/paligemma-3b-pt-224`` tokenizer. Here the
 preprocessor is built with ``TokenizerProcessorStep(tokenizer_name=<local dir>)`` (``build_pi_tokenizer`` writes a
 small word-level one whose ids fit the vocabulary: the tasks' words, pi05's ``Task: ..., State: ...;`` prompt
@@ -30,6 +35,7 @@ of PaliGemma's), load it with ``make_pre_post_processors(cfg, pretrained_path=DI
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -352,3 +358,46 @@ def _train(policy, preprocessor, dataset, cfg, spec: TinyPiSpec) -> dict:
                 break
     policy.eval()
     return {"steps": step, "final_loss": None if stats is None else stats.loss}
+
+
+# --- lerobot's own commands on a tiny checkpoint ------------------------------------------------------
+
+LEROBOT_COMMANDS = {
+    "lerobot-eval": "lerobot.scripts.lerobot_eval",
+    "lerobot-train": "lerobot.scripts.lerobot_train",
+}
+"""The lerobot console commands ``run_lerobot`` runs, by the module whose ``main()`` each calls."""
+
+
+def policy_path_argument(args: list[str]) -> str | None:
+    """The value of ``--policy.path=DIR`` (or ``--policy.path DIR``) in lerobot command-line ``args``, or None."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--policy.path="):
+            return arg.split("=", 1)[1]
+        if arg == "--policy.path" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def run_lerobot(command: str, args: list[str]) -> int:
+    """Run lerobot's ``command`` (``lerobot-eval`` or ``lerobot-train``) with ``args`` in this process, after
+    installing the tiny patch that the ``--policy.path`` checkpoint's marker names (nothing for an ordinary
+    checkpoint). Returns the command's exit status."""
+    import importlib
+
+    if command not in LEROBOT_COMMANDS:
+        raise SystemExit(f"usage: python -m reflowpairs.tinypi {{{','.join(LEROBOT_COMMANDS)}}} ARGS...")
+    path = policy_path_argument(args)
+    if path is not None:
+        install_for_checkpoint(path)
+    module = importlib.import_module(LEROBOT_COMMANDS[command])
+    sys.argv = [command, *args]
+    result = module.main()
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    # run through the package's module (not this __main__ copy), so the patch state is the one everything shares
+    from reflowpairs import tinypi as _shared
+
+    sys.exit(_shared.run_lerobot(sys.argv[1] if len(sys.argv) > 1 else "", sys.argv[2:]))
