@@ -105,6 +105,16 @@ def reference_x1(policy, batch: dict, noise: torch.Tensor, num_steps: int) -> to
     return torch.stack(out)
 
 
+def loss_inputs(policy, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random ``(x0 (B, T, max_action_dim), x1 (B, T, action_dim), t (B,) in (0.001, 1])`` for the B=len(FRAMES)
+    frames of a loss test."""
+    (chunk, max_dim), (_, action_dim) = FAMILIES[policy.config.type].pair_shapes(policy.config)
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(len(FRAMES), chunk, max_dim, generator=gen)
+    x1 = torch.randn(len(FRAMES), chunk, action_dim, generator=gen)
+    return x0, x1, torch.rand(len(FRAMES), generator=gen) * 0.999 + 0.001
+
+
 def test_registry_and_version():
     assert set(FAMILIES) == {"smolvla", "pi0", "pi05"}
     assert all(FAMILIES[name].step_field == "num_inference_steps" for name in VARIANTS)
@@ -161,11 +171,8 @@ def test_reflow_loss_is_lerobots_loss(pi_world, variant):
 
     _, policy, batch = pi_world[variant]
     fam = FAMILIES[variant]
-    (chunk, max_dim), (_, action_dim) = fam.pair_shapes(policy.config)
-    gen = torch.Generator().manual_seed(2)
-    x0 = torch.randn(len(FRAMES), chunk, max_dim, generator=gen)
-    x1 = torch.randn(len(FRAMES), chunk, action_dim, generator=gen)
-    t = torch.rand(len(FRAMES), generator=gen) * 0.999 + 0.001
+    x0, x1, t = loss_inputs(policy, seed=2)
+    action_dim = x1.shape[-1]
     loss = fam.reflow_loss(policy, batch, x0, x1, t)
     per_sample = fam.reflow_loss(policy, batch, x0, x1, t, reduction="none")
 
@@ -210,11 +217,7 @@ def test_reflow_loss_through_a_ddp_wrapper(pi_world, tmp_path):
         for variant in VARIANTS:
             _, policy, batch = pi_world[variant]
             fam = FAMILIES[variant]
-            (chunk, max_dim), (_, action_dim) = fam.pair_shapes(policy.config)
-            gen = torch.Generator().manual_seed(5)
-            x0 = torch.randn(len(FRAMES), chunk, max_dim, generator=gen)
-            x1 = torch.randn(len(FRAMES), chunk, action_dim, generator=gen)
-            t = torch.rand(len(FRAMES), generator=gen) * 0.999 + 0.001
+            x0, x1, t = loss_inputs(policy, seed=5)
             head = policy.model.action_out_proj.weight
             plain = fam.reflow_loss(policy, batch, x0, x1, t)
             plain.backward()
