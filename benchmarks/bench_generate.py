@@ -12,7 +12,16 @@ The sides are interleaved and repeated (--repeats); torch threads are pinned (--
 spread) and the ratios reflowpairs / plain_*, per K, then each of issue #7's goals that the run measured, met or
 missed. With --dtype bfloat16 it also reports the max |X_1| difference to fp32 on the benchmark frames.
 
+Beside each ratio over plain_batched it prints what prefix sharing can give at most, ``K(P+N*S)/(P+N*K*S)``: the
+plain loop pays the prefix P once per sample, reflowpairs once per frame, and both pay N suffix steps of S per
+sample. P and S are measured in the same run on the teacher's own engine (``prefix_and_step_costs``): P is one
+prefix fill of a call's frames (``velocity_field``) per frame, S one ODE step of that call (frames x K samples) per
+sample, each the median of --repeats timings. --size takes a comma-separated list (one run per size): the SmolVLA
+sizes and the tiny pi0/pi05 architectures of ``reflowpairs.tinypi`` (``pi0-small``/``pi05-small``, where the prefix
+is about half of a 10-step call; ``pi0-tiny``/``pi05-tiny`` for smoke runs).
+
     python benchmarks/bench_generate.py --size small --ks 1,4,16 --batch-size 32 --episodes 0,1,2,3 --device cpu
+    python benchmarks/bench_generate.py --size pi0-small,pi05-small --ks 4,16 --batch-size 32 --skip-single
 """
 
 from __future__ import annotations
@@ -33,14 +42,53 @@ GOALS = [(4, "plain_single", 8.0), (4, "plain_batched", 1.3), (16, "plain_batche
 """Issue #7's CPU goals for the small model: (K, side, least ratio reflowpairs / side)."""
 
 
-SIZES = ("tiny", "small", "smolvla-shaped")
+SMOLVLA_SIZES = ("tiny", "small", "smolvla-shaped")
+PI_SIZES = ("pi0-tiny", "pi05-tiny", "pi0-small", "pi05-small")
+SIZES = SMOLVLA_SIZES + PI_SIZES
+
+
+def pi_specs(size: str):
+    """``(variant, TinyPiSpec, TinyGemmaSpec)`` of a pi size. ``small``: PaliGemma-shaped at toy widths (VLM width
+    256 over 8 layers, expert width 128, SigLIP-like tower of 4 layers at width 128 over 128 px images in 16 px
+    patches: 64 image tokens + 48 prompt tokens), chunk 32 and 32 action dimensions as real pi checkpoints pad
+    to; the prefix is about half of a 10-step call. ``tiny``: the tests' sizes. Untrained, a 1,024-token
+    vocabulary (the tiny tokenizer's ids fit)."""
+    from reflowpairs.tinypi import TinyGemmaSpec, TinyPiSpec
+
+    variant, scale = size.split("-")
+    if scale == "tiny":
+        return variant, TinyPiSpec(train_steps=0), TinyGemmaSpec(vocab_size=1024)
+    spec = TinyPiSpec(
+        chunk_size=32,
+        max_action_dim=32,
+        max_state_dim=32,
+        image_size=128,
+        tokenizer_max_length=48,
+        train_steps=0,
+    )
+    gemma = TinyGemmaSpec(
+        vlm_width=256,
+        expert_width=128,
+        depth=8,
+        num_heads=8,
+        num_kv_heads=1,
+        head_dim=32,
+        vision_hidden=128,
+        vision_layers=4,
+        vision_heads=4,
+        patch_size=16,
+        vocab_size=1024,
+    )
+    return variant, spec, gemma
 
 
 def build_world(root: Path, size: str, teacher_dtype: str | None = None):
     """A dataset (the tiny world's) and an untrained teacher of the requested size: ``tiny``; ``small`` (9 M
     parameters, the prefix ~30% of a 10-step call, the issue's goals are for it); ``smolvla-shaped`` (SmolVLA's real
     token and layer counts at a quarter of its widths, chunk 50, max_action_dim 32: the prefix dominates).
-    ``teacher_dtype="bfloat16"``: VLM text layers and expert in bfloat16, as real SmolVLA checkpoints are."""
+    ``teacher_dtype="bfloat16"``: VLM text layers and expert in bfloat16, as real SmolVLA checkpoints are.
+    A pi size (``PI_SIZES``): a tiny pi0/pi05 teacher of ``pi_specs(size)``, built offline by ``reflowpairs.tinypi``
+    (its checkpoint's marker makes every loader apply the size patch)."""
     from reflowpairs.dataset import open_dataset
     from reflowpairs.tinyworld import (
         TINY_REPO_ID,
@@ -51,6 +99,19 @@ def build_world(root: Path, size: str, teacher_dtype: str | None = None):
         save_untrained_policy,
     )
 
+    if size in PI_SIZES:
+        from dataclasses import replace
+
+        from reflowpairs.tinypi import build_tiny_pi_teacher
+
+        build_tiny_dataset(root / "dataset")
+        dataset = open_dataset(TINY_REPO_ID, root / "dataset")
+        variant, spec, gemma = pi_specs(size)
+        spec = replace(spec, dtype=teacher_dtype or "float32")
+        teacher = build_tiny_pi_teacher(
+            root / "teacher", variant, TINY_REPO_ID, root / "dataset", spec=spec, gemma=gemma
+        )
+        return dataset, teacher
     vlm_spec = {"tiny": VLMSpec(), "small": VLMSpec.small(), "smolvla-shaped": VLMSpec.smolvla_shaped()}[size]
     teacher_spec = (
         TinyTeacherSpec(chunk_size=50, max_action_dim=32, max_state_dim=32)
@@ -97,9 +158,38 @@ def plain_loop(
     return pairs
 
 
+def prefix_and_step_costs(engine, batch: dict, k: int, repeats: int, steps: int = 3) -> tuple[float, float]:
+    """``(P, S)`` in seconds, on the engine itself: P the prefix fill of one call's frames (``velocity_field``:
+    embedding, the VLM forward that fills the KV cache, its repetition for the K samples) per frame; S one ODE
+    step of that call (``velocity(x_t, t)`` over frames x K samples) per sample. Each is the median of ``repeats``
+    timings (S: of ``steps`` consecutive steps). ``batch``: a preprocessed batch of exactly
+    ``engine.frames_per_call`` frames."""
+    frames = engine.frames_per_call
+    x = torch.randn(frames * k, *engine.noise_shape, generator=torch.Generator().manual_seed(0))
+    prefix, step = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        velocity = engine.velocity_field(batch, k)
+        t1 = time.perf_counter()
+        for i in range(steps):
+            velocity(x, torch.full((frames * k,), 1.0 - i / 10))
+        t2 = time.perf_counter()
+        prefix.append((t1 - t0) / frames)
+        step.append((t2 - t1) / (steps * frames * k))
+    return statistics.median(prefix), statistics.median(step)
+
+
+def sharing_bound(k: int, prefix: float, step: float, num_steps: int) -> float:
+    """What prefix sharing can give at most over a loop that recomputes the prefix per sample:
+    ``K(P + N*S) / (P + N*K*S)`` (P per frame, S per sample and step, N steps)."""
+    return k * (prefix + num_steps * step) / (prefix + num_steps * k * step)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=SIZES, default="small")
+    parser.add_argument(
+        "--size", default="small", help=f"comma-separated, one run each, of: {', '.join(SIZES)}"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ks", default="1,4,16")
     parser.add_argument("--episodes", default="0,1", help="tiny-world episodes to run over (24 frames each)")
@@ -125,19 +215,32 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    sizes = args.size.split(",")
+    unknown = [size for size in sizes if size not in SIZES]
+    if unknown:
+        parser.error(f"unknown --size {', '.join(unknown)}; choose from {', '.join(SIZES)}")
+    for number, size in enumerate(sizes):
+        if number:
+            print()
+        run_size(args, size)
 
+
+def run_size(args: argparse.Namespace, size: str) -> None:
+    """The whole benchmark for one teacher size."""
     from reflowpairs.dataset import open_dataset
-    from reflowpairs.generate import GenerateConfig, generate
+    from reflowpairs.engine import make_engine, resolve_frames_per_call
+    from reflowpairs.generate import COMPUTE_DTYPES, GenerateConfig, generate
     from reflowpairs.noise import batch_noise
+    from reflowpairs.policies import step_field
     from reflowpairs.teacher import load_policy
 
     root = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     episodes = [int(e) for e in args.episodes.split(",")]
-    full, teacher_dir = build_world(root, args.size)
+    full, teacher_dir = build_world(root, size)
     dataset = open_dataset(full.repo_id, full.root, episodes)
     teacher = load_policy(str(teacher_dir), args.device)
     policy, pre = teacher.policy, teacher.preprocessor
-    policy.config.num_steps = args.num_steps
+    setattr(policy.config, step_field(policy.config.type), args.num_steps)  # the plain loops' step count
     n_params = sum(p.numel() for p in policy.parameters())
     positions = list(range(len(dataset)))
     shape = (policy.config.chunk_size, policy.config.max_action_dim)
@@ -146,9 +249,9 @@ def main() -> None:
         return batch_noise(0, indices, k, shape)
 
     print(
-        f"teacher: SmolVLA {args.size}, {n_params / 1e6:.2f} M parameters, chunk {shape[0]}; device {args.device}; "
-        f"{args.threads} torch thread(s); {len(positions)} frames; batch {args.batch_size}; {args.num_steps} Euler steps; "
-        f"reflowpairs with {args.num_workers} DataLoader worker(s)"
+        f"teacher: {policy.config.type} {size}, {n_params / 1e6:.2f} M parameters, chunk {shape[0]}; "
+        f"device {args.device}; {args.threads} torch thread(s); {len(positions)} frames; batch {args.batch_size}; "
+        f"{args.num_steps} Euler steps; reflowpairs with {args.num_workers} DataLoader worker(s)"
     )
     runs = 0
 
@@ -175,12 +278,33 @@ def main() -> None:
         )  # result.seconds covers its sampling loop (loading, engine, writing), not start-up
         return result.new_pairs / result.seconds
 
+    def cost_meter(k: int):
+        """One timing of (P, S) on the engine reflowpairs runs at this K (its frames per call), under the run's
+        autocast."""
+        call_frames = resolve_frames_per_call(
+            args.tokens_per_call, args.batch_size, k, shape[0], torch.device(args.device)
+        )
+        engine = make_engine(policy, call_frames)
+        items = [dataset[p] for p in positions[:call_frames]]
+        call = pre(torch.utils.data.default_collate(items))
+        compute = COMPUTE_DTYPES[args.dtype]
+
+        def measure() -> tuple[float, float]:
+            with torch.autocast(
+                torch.device(args.device).type, dtype=compute, enabled=compute is not torch.float32
+            ):
+                return prefix_and_step_costs(engine, call, k, repeats=1)
+
+        return measure
+
     ratios: dict[tuple[int, str], float] = {}
     for k in [int(x) for x in args.ks.split(",")]:
         sides = ["plain_batched", "reflowpairs"] + ([] if args.skip_single else ["plain_single"])
         rates: dict[str, list[float]] = {s: [] for s in sides}
+        measure = cost_meter(k) if k > 1 else None
+        costs: list[tuple[float, float]] = []
         for _ in range(args.repeats):
-            for side in sides:  # interleaved: every repeat runs every side once
+            for side in sides:  # interleaved: every repeat runs every side once, then times P and S
                 if side == "reflowpairs":
                     rate = run_reflowpairs(k)
                 else:
@@ -191,6 +315,8 @@ def main() -> None:
                     )
                     rate = pairs / (time.perf_counter() - t0)
                 rates[side].append(rate)
+            if measure is not None:
+                costs.append(measure())
         med = {s: statistics.median(v) for s, v in rates.items()}
         print(f"\nK={k}")
         for side, values in rates.items():
@@ -201,9 +327,20 @@ def main() -> None:
             if side != "reflowpairs":
                 ratios[k, side] = med["reflowpairs"] / med[side]
                 print(f"  ratio reflowpairs / {side}: {ratios[k, side]:.2f}x")
+        if costs:  # what prefix sharing can give at most, from P and S measured in this run
+            prefix = statistics.median(c[0] for c in costs)
+            step = statistics.median(c[1] for c in costs)
+            bound = sharing_bound(k, prefix, step, args.num_steps)
+            share = prefix / (prefix + args.num_steps * step)
+            print(
+                f"  prefix-sharing bound K(P+N*S)/(P+N*K*S): {bound:.2f}x (P {prefix * 1e3:.2f} ms/frame, "
+                f"S {step * 1e3:.3f} ms/sample-step, N {args.num_steps}: the prefix is {share:.0%} of a "
+                f"{args.num_steps}-step call); reflowpairs / plain_batched is "
+                f"{ratios[k, 'plain_batched'] / bound:.0%} of it"
+            )
 
     measured = [(k, side, goal) for k, side, goal in GOALS if (k, side) in ratios]
-    if args.device != "cpu" or args.size != "small":
+    if args.device != "cpu" or size != "small":
         print("\n(issue #7's goals are for --size small on --device cpu; not checked for this run)")
     elif measured:
         print("\ngoals (issue #7, CPU, small model):")

@@ -18,6 +18,11 @@ checkpoint: without it lerobot's ``from_pretrained`` builds the 3 B model, fails
 silently returns random weights (``reflowpairs.policies._pi_common.check_weights_loaded`` catches that). A tiny
 checkpoint carries ``TINY_MARKER`` (the spec, as JSON) so a loader can call ``install_for_checkpoint(dir)`` first.
 
+lerobot's own commands load checkpoints with no reflowpairs code involved, so the patch has to be installed in their
+process first: ``python -m reflowpairs.tinypi lerobot-eval --policy.path=DIR ...`` (or ``lerobot-train``) installs
+the patch ``DIR``'s marker names and runs lerobot's command in the same process (``run_lerobot``); an ordinary
+checkpoint runs unpatched. This is the test fixture for lerobot's CLI (``tests/test_pusht_eval.py``).
+
 The tokenizer: lerobot's pi processors hard-code the gated ``google/paligemma-3b-pt-224`` tokenizer. Here the
 preprocessor is built with ``TokenizerProcessorStep(tokenizer_name=<local dir>)`` (``build_pi_tokenizer`` writes a
 small word-level one whose ids fit the vocabulary: the tasks' words, pi05's ``Task: ..., State: ...;`` prompt
@@ -30,6 +35,7 @@ of PaliGemma's), load it with ``make_pre_post_processors(cfg, pretrained_path=DI
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -275,7 +281,8 @@ def build_tiny_pi_teacher(
     gemma: TinyGemmaSpec = TinyGemmaSpec(),
 ) -> Path:
     """Build a tiny ``variant`` ("pi0" or "pi05") teacher for the LeRobotDataset at ``dataset_root`` offline, train
-    it ``spec.train_steps`` steps with lerobot's own loss (``policy.forward``; 0 keeps the random init) and save it
+    it ``spec.train_steps`` steps with lerobot's own loss (``policy.forward``, by ``reflowpairs.train.train_step``;
+    0 keeps the random init) and save it
     as ``lerobot-train`` saves ``pretrained_model/``: config.json, model.safetensors, the policy pre/post-processor
     files, plus ``TINY_MARKER``. ``tokenizer_dir``: a local tokenizer directory; None writes ``build_pi_tokenizer``'s
     to ``out_dir/tokenizer``. The tiny patch is active only during the build (see ``tiny_gemma_patch``)."""
@@ -314,7 +321,13 @@ def _policy_class(variant: str):
 
 
 def _train(policy, preprocessor, dataset, cfg, spec: TinyPiSpec) -> dict:
+    """``spec.train_steps`` steps of ``reflowpairs.train.train_step`` with lerobot's own pi0/pi05 loss
+    (``policy.forward``, lerobot drawing noise and times) on the dataset's action chunks; returns the step count
+    and the last loss."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from reflowpairs.tinyworld import _flow_matching_loss
+    from reflowpairs.train import MasterWeights, Optimisation, train_step
 
     fps = dataset.meta.fps
     train_set = LeRobotDataset(
@@ -329,19 +342,62 @@ def _train(policy, preprocessor, dataset, cfg, spec: TinyPiSpec) -> dict:
         drop_last=True,
         generator=torch.Generator().manual_seed(spec.seed),
     )
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    # reflowpairs' one training step (``train_step``: lerobot's order, float32 masters of any bfloat16 parameter)
+    # on lerobot's own loss, with a plain AdamW (no schedule) over the trainable parameters, clipped to norm 1
+    masters = MasterWeights([(n, p) for n, p in policy.named_parameters() if p.requires_grad])
+    optimizer = torch.optim.AdamW(masters.params, lr=spec.lr, weight_decay=0.0)
+    opt = Optimisation(masters, optimizer, scheduler=None, grad_clip=1.0)
+    loss_fn = _flow_matching_loss(preprocessor)
     policy.train()
-    step, loss = 0, None
+    step, stats = 0, None
     while step < spec.train_steps:
         for batch in loader:
-            loss, _ = policy.forward(preprocessor(batch))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            stats = train_step(policy, batch, loss_fn, opt)
             step += 1
             if step >= spec.train_steps:
                 break
     policy.eval()
-    return {"steps": step, "final_loss": None if loss is None else loss.item()}
+    return {"steps": step, "final_loss": None if stats is None else stats.loss}
+
+
+# --- lerobot's own commands on a tiny checkpoint ------------------------------------------------------
+
+LEROBOT_COMMANDS = {
+    "lerobot-eval": "lerobot.scripts.lerobot_eval",
+    "lerobot-train": "lerobot.scripts.lerobot_train",
+}
+"""The lerobot console commands ``run_lerobot`` runs, by the module whose ``main()`` each calls."""
+
+
+def policy_path_argument(args: list[str]) -> str | None:
+    """The value of ``--policy.path=DIR`` (or ``--policy.path DIR``) in lerobot command-line ``args``, or None."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--policy.path="):
+            return arg.split("=", 1)[1]
+        if arg == "--policy.path" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def run_lerobot(command: str, args: list[str]) -> int:
+    """Run lerobot's ``command`` (``lerobot-eval`` or ``lerobot-train``) with ``args`` in this process, after
+    installing the tiny patch that the ``--policy.path`` checkpoint's marker names (nothing for an ordinary
+    checkpoint). Returns the command's exit status."""
+    import importlib
+
+    if command not in LEROBOT_COMMANDS:
+        raise SystemExit(f"usage: python -m reflowpairs.tinypi {{{','.join(LEROBOT_COMMANDS)}}} ARGS...")
+    path = policy_path_argument(args)
+    if path is not None:
+        install_for_checkpoint(path)
+    module = importlib.import_module(LEROBOT_COMMANDS[command])
+    sys.argv = [command, *args]
+    result = module.main()
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    # run through the package's module (not this __main__ copy), so the patch state is the one everything shares
+    from reflowpairs import tinypi as _shared
+
+    sys.exit(_shared.run_lerobot(sys.argv[1] if len(sys.argv) > 1 else "", sys.argv[2:]))

@@ -48,8 +48,13 @@ def test_make_targets_pass_their_default_arguments_whole(target, arguments):
     [
         (
             "bench_generate.py",
-            "--size tiny --ks 2 --episodes 0 --batch-size 8 --repeats 1 --num-steps 2",
-            [r"ratio reflowpairs / plain_batched: \d+\.\d+x", r"ratio reflowpairs / plain_single: \d+\.\d+x"],
+            "--size tiny,pi0-tiny --ks 2 --episodes 0 --batch-size 8 --repeats 1 --num-steps 2",
+            [
+                r"ratio reflowpairs / plain_batched: \d+\.\d+x",
+                r"ratio reflowpairs / plain_single: \d+\.\d+x",
+                r"teacher: pi0 pi0-tiny",
+                r"prefix-sharing bound K\(P\+N\*S\)/\(P\+N\*K\*S\): \d+\.\d+x \(P \d",
+            ],
         ),
         (
             "bench_train.py",

@@ -105,6 +105,16 @@ def reference_x1(policy, batch: dict, noise: torch.Tensor, num_steps: int) -> to
     return torch.stack(out)
 
 
+def loss_inputs(policy, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random ``(x0 (B, T, max_action_dim), x1 (B, T, action_dim), t (B,) in (0.001, 1])`` for the B=len(FRAMES)
+    frames of a loss test."""
+    (chunk, max_dim), (_, action_dim) = FAMILIES[policy.config.type].pair_shapes(policy.config)
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(len(FRAMES), chunk, max_dim, generator=gen)
+    x1 = torch.randn(len(FRAMES), chunk, action_dim, generator=gen)
+    return x0, x1, torch.rand(len(FRAMES), generator=gen) * 0.999 + 0.001
+
+
 def test_registry_and_version():
     assert set(FAMILIES) == {"smolvla", "pi0", "pi05"}
     assert all(FAMILIES[name].step_field == "num_inference_steps" for name in VARIANTS)
@@ -161,11 +171,8 @@ def test_reflow_loss_is_lerobots_loss(pi_world, variant):
 
     _, policy, batch = pi_world[variant]
     fam = FAMILIES[variant]
-    (chunk, max_dim), (_, action_dim) = fam.pair_shapes(policy.config)
-    gen = torch.Generator().manual_seed(2)
-    x0 = torch.randn(len(FRAMES), chunk, max_dim, generator=gen)
-    x1 = torch.randn(len(FRAMES), chunk, action_dim, generator=gen)
-    t = torch.rand(len(FRAMES), generator=gen) * 0.999 + 0.001
+    x0, x1, t = loss_inputs(policy, seed=2)
+    action_dim = x1.shape[-1]
     loss = fam.reflow_loss(policy, batch, x0, x1, t)
     per_sample = fam.reflow_loss(policy, batch, x0, x1, t, reduction="none")
 
@@ -185,6 +192,56 @@ def test_reflow_loss_is_lerobots_loss(pi_world, variant):
     loss.backward()  # differentiable, as training needs
     assert policy.model.action_out_proj.weight.grad is not None
     policy.zero_grad(set_to_none=True)
+
+
+def test_reflow_loss_through_a_ddp_wrapper(pi_world, tmp_path):
+    """Under data parallelism the loop hands the family loss the ``DistributedDataParallel`` wrapper: the loss runs
+    through the wrapper's ``forward`` (so DDP averages the gradients), equals the plain policy's, and gives the same
+    gradients (one process, gloo), step after step; ``reflowpairs.train.reflow_loss`` finds the family through the
+    wrapper. The wrapper needs ``find_unused_parameters=True``, as lerobot-train sets it: pi's loss never uses the
+    VLM's last-layer attention output and MLP, its final norm and the lm_heads."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from reflowpairs.train import reflow_loss
+
+    class CountingDDP(DistributedDataParallel):
+        calls = 0
+
+        def forward(self, *args, **kwargs):
+            CountingDDP.calls += 1
+            return super().forward(*args, **kwargs)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for variant in VARIANTS:
+            _, policy, batch = pi_world[variant]
+            fam = FAMILIES[variant]
+            x0, x1, t = loss_inputs(policy, seed=5)
+            head = policy.model.action_out_proj.weight
+            plain = fam.reflow_loss(policy, batch, x0, x1, t)
+            plain.backward()
+            expected_grad = head.grad.clone()
+            policy.zero_grad(set_to_none=True)
+
+            # lerobot-train's DDP setting: pi's loss leaves the VLM's last-layer output path and lm_heads unused
+            wrapped = CountingDDP(policy, find_unused_parameters=True)
+            with torch.no_grad():
+                per_sample = fam.reflow_loss(wrapped, batch, x0, x1, t, reduction="none")
+            for _ in range(2):  # a second forward fails if the first left a parameter without its gradient
+                calls = CountingDDP.calls
+                loss = fam.reflow_loss(wrapped, batch, x0, x1, t)
+                assert CountingDDP.calls == calls + 1  # through the wrapper's forward
+                loss.backward()
+                torch.testing.assert_close(loss.detach(), plain.detach(), rtol=0, atol=1e-6)
+                torch.testing.assert_close(head.grad, expected_grad, rtol=0, atol=1e-6)
+                policy.zero_grad(set_to_none=True)
+            torch.testing.assert_close(per_sample.mean(), plain.detach(), rtol=0, atol=1e-6)
+            assert "sample_noise" not in vars(policy.model)  # the pinned draws are gone again
+            generic, _ = reflow_loss(wrapped, dict, batch, x0, x1, t)  # batch is preprocessed already
+            torch.testing.assert_close(generic.detach(), plain.detach(), rtol=0, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -236,3 +236,80 @@ def test_the_tokenizer_override(pi_teachers, tiny_world, tmp_path, monkeypatch):
     fast = ("--episodes", "0", "--samples-per-frame", "1", "--num-steps", "1", "--device", "cpu")
     cli("generate", "--teacher", str(copy), *data, "--out", str(store), *fast, "--tokenizer", local)
     assert (store / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_resume_partitions_parquet_and_midpoint(pi_teachers, tiny_world, tmp_path, variant):
+    """One midpoint store (a non-Euler solver) of episode 0, K=2, in the parquet backend, and what must equal it: the
+    store resumed after an interruption (its manifest cut to 2 shards, marked incomplete) and ``partition`` 0/2 + 1/2
+    in zarr, merged. Its X_1 is ``predict_action_chunk``'s with lerobot's own Euler loop (``euler_integrate``, looked up by
+    ``sample_actions``) replaced by the same midpoint integration: the same solver semantics on lerobot's velocity."""
+    from lerobot.policies.pi0 import modeling_pi0
+    from lerobot.policies.pi05 import modeling_pi05
+
+    from reflowpairs.generate import GenerateConfig, generate
+    from reflowpairs.merge import merge_stores
+    from reflowpairs.solvers import SolverConfig, integrate
+
+    from .test_generate import assert_same_pairs, read_plain
+
+    teacher = pi_teachers[variant]
+    settings = {
+        "teacher": str(teacher),
+        "dataset": tiny_world.repo_id,
+        "dataset_root": tiny_world.dataset_root,
+        "device": "cpu",
+        "episodes": [0],
+        "samples_per_frame": 2,
+        "num_steps": 2,
+        "solver": "midpoint",
+        "backend": "parquet",
+        "batch_size": 8,
+        "shard_size": 8,
+    }
+
+    def run(out: Path, **overrides) -> Path:
+        generate(GenerateConfig(**{**settings, "out": out, **overrides}))
+        return out
+
+    single = read_plain(run(tmp_path / "single"))
+    assert len(single["obs_index"]) == 2 * 24
+    assert json.loads((tmp_path / "single" / "manifest.json").read_text())["backend"] == "parquet"
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "single", resumed)
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 6
+    manifest["shards"] = manifest["shards"][:2]
+    manifest["num_pairs"] = sum(s["num_pairs"] for s in manifest["shards"])
+    manifest["complete"] = False
+    (resumed / "manifest.json").write_text(json.dumps(manifest))
+    run(resumed, resume=True)
+    assert json.loads((resumed / "manifest.json").read_text())["complete"] is True
+    assert_same_pairs(single, read_plain(resumed))
+
+    slices = [run(tmp_path / f"slice{i}", partition=(i, 2), backend="zarr") for i in range(2)]
+    merge_stores(slices, tmp_path / "merged")
+    assert_same_pairs(single, read_plain(tmp_path / "merged"))
+
+    # X_1 of a few frames == lerobot's sampler, its Euler loop swapped for the midpoint solver
+    loaded = load_policy(str(teacher), "cpu")
+    module = modeling_pi0 if variant == "pi0" else modeling_pi05
+    dataset = open_dataset(tiny_world.repo_id, tiny_world.dataset_root)
+    position = {int(i): p for p, i in enumerate(np.asarray(dataset.hf_dataset["index"]))}
+    original = module.euler_integrate
+    module.euler_integrate = lambda velocity, noise, num_steps, **_: integrate(
+        velocity, noise, SolverConfig("midpoint", num_steps)
+    )
+    try:
+        for frame in sorted(set(single["obs_index"].tolist()))[::8]:
+            rows = np.flatnonzero(single["obs_index"] == frame)
+            item = {k: v for k, v in dataset[position[frame]].items() if not k.startswith("action")}
+            batch = loaded.preprocessor(torch.utils.data.default_collate([item] * len(rows)))
+            with torch.no_grad():
+                x1 = loaded.policy.predict_action_chunk(
+                    batch, noise=torch.from_numpy(single["x0"][rows]), num_steps=2
+                )
+            np.testing.assert_allclose(x1.numpy(), single["x1"][rows], atol=1e-5, rtol=0)
+    finally:
+        module.euler_integrate = original

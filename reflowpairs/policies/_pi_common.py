@@ -18,6 +18,8 @@ rounding of the batched matmuls.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -175,16 +177,25 @@ def reflow_loss(
     ``prepare_action`` does); ``t`` ``(B,)`` in (0, 1]. The model-level ``forward`` returns the per-element
     ``(u_t - v_t)**2``; as lerobot does, the padded action dimensions are cropped off before the mean (lerobot does
     not mask padded chunk steps, ``action_is_pad``, for pi0/pi05, so neither does this). ``reduction``: "mean"
-    (a scalar) or "none" (per sample, ``(B,)``)."""
-    from lerobot.policies.common.vla_utils import pad_vector
-    from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+    (a scalar) or "none" (per sample, ``(B,)``).
 
-    config = policy.config
+    ``policy`` may be a ``DistributedDataParallel`` wrapper (``.module`` the policy): the loss must then run through
+    the wrapper's ``forward``, or DDP would not average the gradients, so the policy-level ``forward`` is called
+    through it with the model's noise and time draws pinned to ``x0`` and ``t`` (``pinned_draws``)."""
+    from lerobot.policies.common.vla_utils import pad_vector
+    from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     device = t.device
+    noise = x0.to(device, torch.float32)
+    if _is_wrapper(policy):
+        with pinned_draws(policy.module.model, noise, t):
+            return policy({**batch, ACTION: x1.to(device, torch.float32)}, reduction=reduction)[0]
+    config = policy.config
     images, img_masks = policy._preprocess_images(batch)
     tokens, masks = batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK]
     actions = pad_vector(x1.to(device, torch.float32), config.max_action_dim)
-    noise = x0.to(device, torch.float32)
     if uses_state:
         state = policy.prepare_state(batch)
         losses = policy.model.forward(images, img_masks, tokens, masks, state, actions, noise, t)
@@ -193,9 +204,37 @@ def reflow_loss(
     losses = losses[:, :, : action_dim(config)]
     if reduction == "none":
         return losses.mean(dim=(1, 2))
-    if reduction != "mean":
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     return losses.mean()
+
+
+def _is_wrapper(policy) -> bool:
+    """True for a ``DistributedDataParallel`` (or any ``.module``-holding) wrapper of a policy."""
+    return not hasattr(policy, "config") and hasattr(policy, "module")
+
+
+@contextmanager
+def pinned_draws(model, noise: Tensor, time: Tensor) -> Iterator[None]:
+    """Within the block, the pi model's ``sample_noise`` returns ``noise`` ``(B, T, max_action_dim)`` and its
+    ``sample_time`` returns ``time`` ``(B,)`` (instance attributes over lerobot's methods, removed after), so the
+    policy-level ``forward`` computes its loss for that noise and time. A draw of another shape is an error."""
+
+    def sample_noise(shape, device):
+        if tuple(shape) != tuple(noise.shape):
+            raise ValueError(
+                f"pinned noise has shape {tuple(noise.shape)}, the model asked for {tuple(shape)}"
+            )
+        return noise.to(device)
+
+    def sample_time(bsize, device):
+        if bsize != time.shape[0]:
+            raise ValueError(f"pinned time has {time.shape[0]} rows, the model asked for {bsize}")
+        return time.to(device)
+
+    model.sample_noise, model.sample_time = sample_noise, sample_time
+    try:
+        yield
+    finally:
+        del model.sample_noise, model.sample_time
 
 
 @dataclass(frozen=True)
