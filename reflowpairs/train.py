@@ -1044,12 +1044,18 @@ def _accelerator(device_setting: str) -> tuple[Any, str]:
     when there are several processes). ``mixed_precision="no"``: ``train_step`` keeps its own precision handling
     (float32 master copies of bfloat16 parameters, which accelerate's ``bf16`` does not make, and autocast only where
     ``precision`` says); the scheduler steps once per optimiser step whatever the process count, as in lerobot-train."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     from reflowpairs.teacher import resolve_device
 
     device = resolve_device(device_setting)
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no", step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(
+        cpu=device == "cpu",
+        mixed_precision="no",
+        step_scheduler_with_optimizer=False,
+        # as lerobot-train: pi0/pi05's loss leaves parts of the VLM unused (its last layer's output, lm_head)
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
     if accelerator.num_processes > 1 and device.startswith("cuda"):
         device = str(accelerator.device)
     return accelerator, device
