@@ -92,7 +92,7 @@ def assert_same_pairs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> Non
 def test_store_contract_read_with_plain_libraries(tiny_world, tmp_path, backend):
     store = _generate(tiny_world, tmp_path / backend, backend=backend)
     manifest = json.loads((store / "manifest.json").read_text())
-    assert manifest["format"] == "reflowpairs.pairs" and manifest["version"] == 1
+    assert manifest["format"] == "reflowpairs.pairs" and manifest["version"] == 2
     assert manifest["backend"] == backend and manifest["complete"] is True
     for key in ("teacher", "dataset", "generation", "software"):
         assert isinstance(manifest[key], dict)
