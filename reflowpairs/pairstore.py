@@ -616,7 +616,11 @@ class StoreManifest:
             fsync_dir(self.out)
             self.rewrites += 1
             journals = self.out / JOURNAL_DIR
-            if journals.is_dir():  # folded into the manifest just written, or never named by it
+            if journals.is_dir() and self.data.get(
+                "complete"
+            ):  # a complete store is manifest.json and shards/
+                remove_path(journals)
+            elif journals.is_dir():  # folded into the manifest just written, or never named by it
                 for old in journals.iterdir():
                     if f"{JOURNAL_DIR}/{old.name}" != self.data.get("journal"):
                         remove_path(old)
@@ -635,8 +639,12 @@ class StoreManifest:
             path.parent.mkdir(exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            if os.write(fd, line) != len(line):
-                raise OSError(errno.EIO, f"short write to {path}")
+            done = 0
+            while done < len(line):  # a short write (a file-size limit, a full disk) raises on the next try
+                written = os.write(fd, line[done:])
+                if written <= 0:
+                    raise OSError(errno.EIO, f"cannot append to {path}")
+                done += written
             os.fsync(fd)
         finally:
             os.close(fd)

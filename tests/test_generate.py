@@ -629,7 +629,7 @@ def test_skipped_frames_are_in_the_manifest_before_the_next_shard(tiny_world, tm
 
     def spy(self, obs_index):
         real(self, obs_index)
-        seen.append(json.loads((self.out / "manifest.json").read_text())["skipped_frames"])
+        seen.append(pairstore.StoreManifest.read(self.out).skipped_frames)  # manifest.json + its journal
 
     monkeypatch.setattr(pairstore.PairStoreWriter, "skip", spy)
     generate(

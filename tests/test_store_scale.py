@@ -83,7 +83,7 @@ def test_listing_a_shard_costs_the_same_at_any_store_size_and_completing_folds_a
     on_disk = json.loads((tmp_path / MANIFEST).read_text())
     assert on_disk["version"] == 2 and on_disk["complete"] is True and "journal" not in on_disk
     assert len(on_disk["shards"]) == 300 and on_disk["num_pairs"] == 2400
-    assert on_disk["skipped_frames"] == [9000, 9001] and not list((tmp_path / JOURNAL_DIR).iterdir())
+    assert on_disk["skipped_frames"] == [9000, 9001] and not (tmp_path / JOURNAL_DIR).exists()
 
 
 def test_a_torn_journal_line_is_ignored_and_its_shard_is_a_leftover(tmp_path):
@@ -178,3 +178,30 @@ def test_a_version_1_store_reads_validates_and_trains(tiny_store, tmp_path):
     train(TrainConfig(pairs=store, out=tmp_path / "o", steps=1, batch_size=4, num_workers=0, device="cpu"))
     assert (tmp_path / "o").is_dir()
     assert json.loads((store / MANIFEST).read_text())["version"] == 1  # reading never rewrites it
+
+
+def test_skipped_frames_added_from_threads_are_listed_once(tmp_path):
+    """The writer thread records skips while the main thread may read them: edits hold the manifest's lock, so
+    overlapping skips from several threads list each frame once, in the journal as in memory."""
+    import threading
+
+    manifest = _manifest(tmp_path)
+    manifest.write()
+
+    repeats: list[int] = []
+
+    def skip(offset: int) -> None:
+        for i in range(25):
+            manifest.add_skipped([offset + i, offset + i + 1, i])
+            seen = manifest.skipped_frames  # one copy, taken under the lock
+            repeats.append(len(seen) - len(set(seen)))
+
+    threads = [threading.Thread(target=skip, args=(10 * t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    expected = set(range(56))
+    assert len(repeats) == 100 and not any(repeats)
+    assert sorted(manifest.skipped_frames) == sorted(expected)
+    assert sorted(StoreManifest.read(tmp_path).skipped_frames) == sorted(expected)
