@@ -17,14 +17,12 @@ from reflowpairs.pairstore import (
     JOURNAL_DIR,
     MANIFEST,
     SHARDS_PER_FOLDER,
-    Pairs,
     PairStore,
     PairStoreWriter,
     StoreManifest,
     shard_rel_path,
 )
-
-T, D0, D1, K = 3, 4, 2, 2
+from tests.test_pairstore import D0, D1, K, T, _frames
 
 
 def _manifest(out: Path, backend: str = "zarr", num_frames: int = 10_000) -> StoreManifest:
@@ -35,17 +33,6 @@ def _manifest(out: Path, backend: str = "zarr", num_frames: int = 10_000) -> Sto
         "software": {"reflowpairs": "test"},
     }
     return StoreManifest.new(out, backend, (T, D0), (T, D1), provenance)
-
-
-def _frames(obs: list[int]) -> Pairs:
-    rng = np.random.default_rng(obs[0])
-    n = len(obs) * K
-    return Pairs(
-        x0=rng.standard_normal((n, T, D0)),
-        x1=rng.standard_normal((n, T, D1)),
-        obs_index=np.repeat(obs, K),
-        sample=np.tile(np.arange(K), len(obs)),
-    )
 
 
 def _entry(i: int) -> dict:
