@@ -7,7 +7,7 @@ RP := $(VENV)/bin/reflowpairs
 DEMO ?= demo_out
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo lint test clean bench bench-generate bench-train bench-memory bench-store bench-exact bench-x0
+.PHONY: venv demo lint test clean bench bench-generate bench-train bench-memory bench-store bench-exact bench-x0 bench-scale
 
 venv: $(STAMP)
 
@@ -31,7 +31,7 @@ test: lint
 
 # Benchmarks (not tests): each prints its side-by-side ratios; figures in benchmarks/RESULTS.md.
 # Pass other settings with ARGS, e.g. `make bench-generate ARGS="--device cuda --ks 1,4,16"`.
-bench: bench-generate bench-train bench-memory bench-store bench-exact bench-x0
+bench: bench-generate bench-train bench-memory bench-store bench-exact bench-x0 bench-scale
 
 # Default settings of each benchmark (in variables: a comma inside $(or ...) would split its arguments).
 BENCH_GENERATE_ARGS := --size small --ks 1,4,16 --batch-size 32 --episodes 0,1,2,3
@@ -42,6 +42,7 @@ BENCH_MEMORY_ARGS := --size large --batch-size 8 --steps 3
 BENCH_STORE_ARGS := --size small --samples-per-frame 8 --batch-size 32
 BENCH_EXACT_ARGS := --size small --k 4 --episodes 0,1 --batch-size 16
 BENCH_X0_ARGS := --pairs 4000 --repeats 3
+BENCH_SCALE_ARGS := --sizes 10000,100000
 
 bench-generate: $(STAMP)
 	$(PY) benchmarks/bench_generate.py $(or $(ARGS),$(BENCH_GENERATE_ARGS))
@@ -61,6 +62,10 @@ bench-exact: $(STAMP)
 
 bench-x0: $(STAMP)
 	$(PY) benchmarks/bench_x0.py $(or $(ARGS),$(BENCH_X0_ARGS))
+
+# pair-store costs as the store grows (issue #15); ARGS="--sizes 10000,100000,1000000" for the full curve
+bench-scale: $(STAMP)
+	$(PY) benchmarks/bench_scale.py $(or $(ARGS),$(BENCH_SCALE_ARGS))
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -279,10 +279,8 @@ _X0_WORDS = {"explicit": "stored in every shard", "implicit": "not stored, regen
 
 def _clear_unlisted(manifest: StoreManifest) -> None:
     """Remove shards/ entries the manifest does not list (leftovers of an interrupted run)."""
-    listed = manifest.shard_names()
-    for path in (manifest.out / SHARDS_DIR).glob("*"):
-        if path.name not in listed:
-            remove_path(path)
+    for path in manifest.leftovers():
+        remove_path(path)
 
 
 def _overwrite(manifest: StoreManifest) -> None:

@@ -8,7 +8,8 @@ Two uses share this module:
   process moves their shards into ``OUT/shards`` and lists them in ``OUT/manifest.json`` (at the end of a run,
   and before a resumed run plans its work).
 
-Either way, every shard is put in place atomically before the manifest that lists it is rewritten, and stores
+Either way, every shard is put in place atomically before the manifest's journal lists it (one line per shard; the
+journal is folded into ``manifest.json`` at the end), and stores
 made by other teachers, datasets or settings are refused with the difference named. That includes how X_0 is kept
 (``generate --x0``): a store keeps it one way in every shard, so an implicit slice (no X_0 array) and an explicit
 one are refused together rather than mixed; shards are copied as they are, X_0 is never regenerated or dropped.
@@ -24,18 +25,18 @@ from typing import Any
 
 import numpy as np
 
-from reflowpairs.atomic import fsync_tree
+from reflowpairs.atomic import fsync_dir, fsync_tree
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pairstore import (
     LOCK,
     MANIFEST,
     PARTS_DIR,
-    SHARDS_DIR,
     TMP_PREFIX,
     JobDifference,
     PairStore,
     StoreManifest,
     remove_path,
+    shard_rel_path,
 )
 from reflowpairs.storelock import StoreLock, busy_error
 
@@ -60,7 +61,9 @@ def differences(a: StoreManifest, b: StoreManifest) -> list[str]:
 def _place(src: Path, dst: Path, move: bool) -> None:
     if dst.exists():
         raise ReflowPairsError(f"Cannot place shard {src} at {dst}: a shard of that name is already there.")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.parent.is_dir():  # a new group folder: its entry must survive a crash too
+        dst.parent.mkdir(parents=True)
+        fsync_dir(dst.parent.parent)
     if move:
         os.replace(src, dst)
         return
@@ -75,17 +78,17 @@ def _place(src: Path, dst: Path, move: bool) -> None:
 
 
 def _absorb(manifest: StoreManifest, part: StoreManifest, prefix: str, move: bool) -> None:
-    """List ``part``'s shards in ``manifest`` (copied or moved into its ``shards/``), rewriting it after each."""
+    """List ``part``'s shards in ``manifest`` (copied or moved into its ``shards/``), journaling each."""
     for entry in part.shards:
         src = part.out / entry["path"]
         if not src.exists():  # moved already by an interrupted earlier absorb; its frames are regenerated
             continue
-        name = prefix + Path(entry["path"]).name
-        _place(src, manifest.out / SHARDS_DIR / name, move)
+        rel = shard_rel_path(prefix + Path(entry["path"]).name)
+        _place(src, manifest.out / rel, move)
         manifest.append_shard(
             {
                 **entry,
-                "path": f"{SHARDS_DIR}/{name}",
+                "path": rel,
                 "store_id": entry.get("store_id", part.store_id),
                 "written_as": entry.get("written_as", entry["path"]),
             }
@@ -157,7 +160,6 @@ def _merge_into(out: Path, slices: list[Path], manifests: list[StoreManifest]) -
     manifest = manifests[0].emptied(
         out, drop=("shards", "partition"), store_id=uuid.uuid4().hex, merged_from=[str(s) for s in slices]
     )
-    (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     manifest.write()
     for i, part in enumerate(manifests):
         _absorb(manifest, part, f"s{i:03d}-", move=False)

@@ -1,15 +1,18 @@
-"""The sharded pair store: ``OUT/manifest.json`` plus ``OUT/shards/<name>.zarr|.parquet``.
+"""The sharded pair store: ``OUT/manifest.json`` plus ``OUT/shards/<group>/<name>.zarr|.parquet``.
 
 The format is a contract other tools can read without this package; ``docs/pair-store.md``
 states it and this module keeps to it. In short:
 
 - a shard holds n pairs: ``x0`` (n, T, D0) float32, ``x1`` (n, T, D1) float32, ``obs_index`` (n,)
-  int64, ``sample`` (n,) int32 (zarr v3 arrays, or Parquet columns with x0/x1 as fixed-size lists
-  of float32, each tensor flattened row-major);
-- a shard is written under ``shards/.tmp-<name>``, flushed, and renamed into place only when
-  complete; the manifest is then rewritten atomically (temp file + rename) to list it. The
-  manifest therefore only ever lists complete shards, and anything else under ``shards/`` is a
-  leftover from an interrupted run;
+  int64, ``sample`` (n,) int32 (zarr v3 arrays, one data file each through zarr's sharding codec, or
+  Parquet columns with x0/x1 as fixed-size lists of float32, each tensor flattened row-major);
+- shards sit in group folders of at most ``SHARDS_PER_FOLDER`` shards (``shard_rel_path``);
+- a shard is written under ``.tmp-<name>`` beside its final path, flushed, and renamed into place only
+  when complete; one fsynced line recording it is then appended to the store's journal
+  (``journal/<token>.jsonl``, named by the manifest while the store is incomplete), and the journal is
+  folded into ``manifest.json`` (atomically: temp file + rename) when the run ends. Writing a shard
+  therefore costs the same whatever the store's size, the manifest plus its journal only ever list
+  complete shards, and anything else under ``shards/`` is a leftover from an interrupted run;
 - each shard entry records sha256 checksums of its arrays' logical content (C order,
   little-endian bytes), so a reader can prove a shard is the one that was written;
 - X_0 is a pure function of ``(generation.seed, obs_index, sample)`` (``reflowpairs/noise.py``), so a
@@ -25,10 +28,12 @@ several processes never collide, and a single manifest lists them all.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,17 +47,22 @@ from reflowpairs.errors import ReflowPairsError
 from reflowpairs.noise import GENERATOR, check_generator, pair_noise
 
 FORMAT = "reflowpairs.pairs"
-VERSION = 1
+VERSION = 2
+"""The format version this build writes. Version 2 adds the shard journal of an incomplete store, group folders under
+``shards/`` and single-file zarr arrays; a complete store's ``manifest.json`` still lists every shard."""
+READ_VERSIONS = (1, 2)
+"""The format versions this build reads (version 1: every shard listed in ``manifest.json`` at all times)."""
 BACKENDS = ("zarr", "parquet")
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
 PARTS_DIR = "parts"  # per-rank sub-stores of a multi-process generate (reflowpairs/merge.py)
 TMP_PREFIX = ".tmp-"
 LOCK = ".lock"  # the writer lock (reflowpairs/storelock.py)
+JOURNAL_DIR = "journal"  # the shard journal of an incomplete store (format version 2)
 GENERATE_OPTIONS = (
     "generate_config.yaml"  # the options generate ran with (written by the CLI beside the manifest)
 )
-STORE_ENTRIES = (MANIFEST, SHARDS_DIR, PARTS_DIR, TMP_PREFIX + MANIFEST, LOCK, GENERATE_OPTIONS)
+STORE_ENTRIES = (MANIFEST, SHARDS_DIR, PARTS_DIR, JOURNAL_DIR, TMP_PREFIX + MANIFEST, LOCK, GENERATE_OPTIONS)
 """Everything a store puts at its top level; ``generate --overwrite`` removes these and nothing else."""
 ARRAYS = ("x0", "x1", "obs_index", "sample")
 IMPLICIT_ARRAYS = ("x1", "obs_index", "sample")  # what a shard of a store with x0.stored false holds
@@ -68,7 +78,42 @@ DTYPES = {
 """The dtype of each array a shard holds."""
 SHARD_SUFFIX = {"zarr": ".zarr", "parquet": ".parquet"}
 """The file name ending of a shard of each backend."""
-ZARR_CHUNK = 256  # pairs per zarr chunk along the first axis
+ZARR_CHUNK = 256  # pairs per zarr chunk along the first axis (inner chunks of the array's one shard file)
+SHARDS_PER_FOLDER = 1000
+"""At most this many shards share a folder: a shard's group folder is its name less the last 3 digits of its
+sequence number (``shard_rel_path``)."""
+
+
+def shard_rel_path(name: str) -> str:
+    """The path in a store of the shard called ``name`` (``<writer id>-<sequence><suffix>``, sequence >= 6 digits):
+    ``shards/<name less its suffix and last 3 digits>/<name>``, e.g. ``shards/w0-000/w0-000123.zarr``. Sequences
+    ``k*1000 .. k*1000+999`` of one writer share a folder, so no folder holds more than ``SHARDS_PER_FOLDER``
+    shards (plus their half-written ``.tmp-`` copies)."""
+    stem = name.split(".", 1)[0]
+    return f"{SHARDS_DIR}/{stem[:-3]}/{name}"
+
+
+def unlisted_entries(out: Path, listed: set[str]) -> list[Path]:
+    """Entries under ``out/shards/`` that are not the listed shard paths ``listed`` (relative to ``out``) nor a
+    folder holding one: leftovers of an interrupted run (``.tmp-`` shards, shards never listed, group folders of
+    those only) or files copied in. Works for version 1 (shards directly under ``shards/``) and 2 (group folders)."""
+    listed_paths = {Path(p) for p in listed}
+    keep = {parent for p in listed_paths for parent in p.parents}
+    found: list[Path] = []
+
+    def walk(rel: Path) -> None:
+        for child in sorted((out / rel).iterdir()):
+            child_rel = rel / child.name
+            if child_rel in listed_paths:
+                continue
+            if child_rel in keep and child.is_dir():
+                walk(child_rel)
+            else:
+                found.append(child)
+
+    if (out / SHARDS_DIR).is_dir():
+        walk(Path(SHARDS_DIR))
+    return found
 
 
 @dataclass
@@ -145,6 +190,9 @@ def write_shard(
 ) -> None:
     """Write ``arrays`` of ``pairs`` to ``path`` atomically: into ``.tmp-<name>`` beside it, fsync, rename."""
     tmp = path.with_name(TMP_PREFIX + path.name)
+    if not path.parent.is_dir():  # a new group folder: its entry in shards/ must survive a crash too
+        path.parent.mkdir(parents=True)
+        fsync_dir(path.parent.parent)
     remove_path(tmp)
     if backend == "zarr":
         _write_zarr(tmp, pairs, attrs, arrays)
@@ -162,8 +210,18 @@ def _write_zarr(path: Path, pairs: Pairs, attrs: dict[str, Any], arrays: tuple[s
     group.attrs.update(attrs)
     for name in arrays:
         data = getattr(pairs, name)
-        chunks = (min(ZARR_CHUNK, max(len(data), 1)), *data.shape[1:])
-        array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
+        rows = min(ZARR_CHUNK, max(len(data), 1))
+        chunks = (rows, *data.shape[1:])
+        # one zarr shard (one file, ``c.0[.0.0]``) holds the whole array, its chunks inside it
+        whole = (-(-max(len(data), 1) // rows) * rows, *data.shape[1:])
+        array = group.create_array(
+            name,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=chunks,
+            shards=whole,
+            chunk_key_encoding={"name": "default", "separator": "."},
+        )
         array[...] = data
 
 
@@ -348,6 +406,61 @@ def manifest_format(out: str | Path) -> tuple[str | None, str]:
     return (fmt, "") if isinstance(fmt, str) else (None, f'{Path(out) / MANIFEST} has no "format" field')
 
 
+def _journal_record_problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    if "shard" in record:
+        return _shard_entry_problem(record["shard"])
+    skipped = record.get("skipped_frames")
+    if isinstance(skipped, list) and all(_is_count(i) for i in skipped):
+        return None
+    return "is neither a shard record nor a skipped-frames record"
+
+
+def _fold_journal(out: Path, data: dict[str, Any]) -> list[str]:
+    """Add the records of the journal ``data`` names (format version 2, an incomplete store) to ``data``: shards not
+    yet listed (with their pairs and frames) and skipped frames. The bytes after the last newline are a line torn by a
+    crash and are ignored, as is a last line that does not parse (its shard, unlisted, is a leftover). Returns the
+    problems found ([] when it folded), like ``structure_problems``."""
+    rel = data.get("journal")
+    if rel is None:
+        return []
+    parts = Path(rel).parts if isinstance(rel, str) else ()
+    if len(parts) != 2 or parts[0] != JOURNAL_DIR or not parts[1].endswith(".jsonl"):
+        return [f"journal is {rel!r}, not a file under {JOURNAL_DIR}/"]
+    path = out / rel
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []  # nothing journaled since the manifest was written
+    except OSError as err:
+        return [f"its journal {rel} cannot be read ({err.strerror or err})"]
+    lines = raw.split(b"\n")[:-1]  # the last piece is empty or a torn line
+    listed = {entry["path"] for entry in data["shards"]}
+    for j, line in enumerate(lines):
+        try:
+            record = json.loads(line.decode("utf-8"))
+            problem = _journal_record_problem(record)
+        except (ValueError, RecursionError):
+            problem = "is not valid JSON"
+        if problem is not None:
+            if j == len(lines) - 1:  # the last line, damaged by a crash while it was written
+                break
+            return [f"line {j + 1} of its journal {rel} {problem}"]
+        if "shard" in record:
+            entry = record["shard"]
+            if entry["path"] not in listed:
+                listed.add(entry["path"])
+                data["shards"].append(entry)
+                data["num_pairs"] += entry["num_pairs"]
+                data["num_frames"] += entry.get("num_frames", 0)
+        else:
+            skipped = data.setdefault("skipped_frames", [])
+            known = set(skipped)
+            skipped.extend(i for i in dict.fromkeys(record["skipped_frames"]) if i not in known)
+    return []
+
+
 class JobDifference(NamedTuple):
     """One way two stores' jobs differ (``StoreManifest.job_differences``): ``field`` is ``"x0 storage"`` (how X_0 is
     kept, ``X0_MODES``), ``"backend"``, ``"x0"``, ``"x1"`` (the manifest entries), ``"teacher.fingerprint"``,
@@ -374,12 +487,19 @@ LAYOUT, CHECKSUM = "layout", "checksum"
 class StoreManifest:
     """The manifest of one pair store, ``<out>/manifest.json``: the one owner of the pair-store format.
 
-    ``data`` is the manifest exactly as ``docs/pair-store.md`` defines it (the JSON object on disk, key for key). Only
-    this class edits it, and every edit is written at once, atomically (temp file, fsync, rename; ``write``).
+    ``data`` is the manifest exactly as ``docs/pair-store.md`` defines it (the JSON object on disk, key for key, with
+    the records of its journal folded in). Only this class edits it, and every edit is on disk when it returns: a
+    shard or a skipped frame as one fsynced line appended to the journal (cost independent of the store's size),
+    anything else by rewriting ``manifest.json`` atomically (temp file, fsync, rename; ``write``), which also folds
+    the journal in. Thread-safe: the writer thread edits it while the main thread may read ``skipped_frames``.
     Conventions:
 
     - the manifest lists complete shards only: ``append_shard`` is called once a shard file is in place under its
-      final name, so a crash at any moment leaves a manifest whose every shard is whole;
+      final name, so a crash at any moment leaves a manifest (plus journal) whose every shard is whole; a journal
+      line torn by the crash is ignored, and its shard, unlisted, is a leftover that ``generate --resume`` redoes;
+    - the journal is named by ``manifest.json``'s ``journal`` key, present only while the store is incomplete; every
+      ``write`` starts a new one (and removes older ones), so a journal that ``manifest.json`` does not name is never
+      read;
     - ``num_pairs`` and ``num_frames`` are the sums of the listed shards' entries (``append_shard`` keeps them so);
     - pairs are numbered globally: shards in manifest order, rows in shard order (``locate``);
     - a shard is sound when each array it stores has the row count, shape and dtype the manifest says and the
@@ -392,6 +512,9 @@ class StoreManifest:
     def __init__(self, out: str | Path, data: dict[str, Any]):
         self.out = Path(out)
         self.data = data
+        self._lock = threading.RLock()  # edits come from the writer thread
+        self.rewrites = 0  # how many times this object rewrote manifest.json (``write``)
+        self.journal_bytes = 0  # bytes it appended to the journal
         self._ends: np.ndarray | None = None  # pair_ends, cached while the shard list is unchanged
         self._starts = np.zeros(0, np.int64)  # the global id of each shard's first pair
 
@@ -416,12 +539,15 @@ class StoreManifest:
                 f"{path} is not a reflowpairs manifest (its format is {data.get('format')!r}, not {FORMAT!r}).",
                 "Give a directory that `reflowpairs generate` wrote.",
             )
-        if data.get("version") != VERSION:
+        if data.get("version") not in READ_VERSIONS:
             raise ReflowPairsError(
-                f"{path} has format version {data.get('version')!r}; this build reads version {VERSION}.",
+                f"{path} has format version {data.get('version')!r}; this build reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))}.",
                 "Use the reflowpairs version that wrote it, or regenerate the store.",
             )
         problems = structure_problems(data)
+        if not problems:
+            problems = _fold_journal(Path(out), data)
         if problems:
             raise ReflowPairsError(
                 f"{path} does not follow the pair-store contract: " + "; ".join(problems) + ".",
@@ -466,20 +592,66 @@ class StoreManifest:
         """A manifest of the same job for a store at ``out`` that lists no shards and no skipped frames yet (a rank's
         sub-store, a merged store): this one without the keys in ``drop``, with ``fields`` set (nothing is
         written)."""
-        data = {k: v for k, v in self.data.items() if k not in drop}
-        data.update(num_pairs=0, num_frames=0, shards=[], skipped_frames=[])
+        data = {k: v for k, v in self.data.items() if k not in drop and k != "journal"}
+        data.update(complete=False, num_pairs=0, num_frames=0, shards=[], skipped_frames=[])
         data.update(fields)
         return StoreManifest(out, data)
 
     def write(self) -> None:
-        """Rewrite ``out/manifest.json`` atomically (temp file, fsync, rename)."""
-        tmp = self.out / (TMP_PREFIX + MANIFEST)
-        with open(tmp, "w") as handle:
-            json.dump(self.data, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.out / MANIFEST)
-        fsync_dir(self.out)
+        """Rewrite ``out/manifest.json`` atomically (temp file, fsync, rename) with everything recorded so far, in the
+        format version this build writes: the journal's records are folded in. An incomplete store's manifest names a
+        new, empty journal for the records to come; journals it does not name are then removed."""
+        with self._lock:
+            self.data["version"] = VERSION
+            if self.data.get("complete"):
+                self.data.pop("journal", None)
+            else:
+                self.data["journal"] = f"{JOURNAL_DIR}/{uuid.uuid4().hex[:16]}.jsonl"
+            tmp = self.out / (TMP_PREFIX + MANIFEST)
+            with open(tmp, "w") as handle:
+                json.dump(self.data, handle, indent=2)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.out / MANIFEST)
+            fsync_dir(self.out)
+            self.rewrites += 1
+            journals = self.out / JOURNAL_DIR
+            if journals.is_dir() and self.data.get(
+                "complete"
+            ):  # a complete store is manifest.json and shards/
+                remove_path(journals)
+            elif journals.is_dir():  # folded into the manifest just written, or never named by it
+                for old in journals.iterdir():
+                    if f"{JOURNAL_DIR}/{old.name}" != self.data.get("journal"):
+                        remove_path(old)
+
+    def _journal(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as one fsynced JSON line to the journal ``manifest.json`` names; a store without one
+        (complete) is rewritten instead (``write``)."""
+        rel = self.data.get("journal")
+        if rel is None:
+            self.write()
+            return
+        path = self.out / rel
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        new = not path.exists()
+        if new:
+            path.parent.mkdir(exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            done = 0
+            while done < len(line):  # a short write (a file-size limit, a full disk) raises on the next try
+                written = os.write(fd, line[done:])
+                if written <= 0:
+                    raise OSError(errno.EIO, f"cannot append to {path}")
+                done += written
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if new:  # the journal's entry (and its folder's) must survive a crash
+            fsync_dir(path.parent)
+            fsync_dir(self.out)
+        self.journal_bytes += len(line)
 
     # --- what it records
 
@@ -540,41 +712,51 @@ class StoreManifest:
 
     @property
     def skipped_frames(self) -> list[int]:
-        """obs_index of the frames skipped for non-finite X_1."""
-        return list(self.data.get("skipped_frames", []))
+        """obs_index of the frames skipped for non-finite X_1 (a copy, taken under the lock the writer thread holds
+        while it adds to them)."""
+        with self._lock:
+            return list(self.data.get("skipped_frames", []))
 
     def shard_names(self) -> set[str]:
-        """File names (under ``shards/``) of the listed shards."""
+        """File names (under ``shards/`` or its group folders) of the listed shards."""
         return {Path(entry["path"]).name for entry in self.shards}
+
+    def leftovers(self) -> list[Path]:
+        """Entries under ``shards/`` that no listed shard is or holds (``unlisted_entries``)."""
+        return unlisted_entries(self.out, {entry["path"] for entry in self.shards})
 
     # --- edits (each written at once)
 
     def append_shard(self, entry: dict[str, Any]) -> None:
-        """List a shard that is in place under ``entry["path"]``, add its pairs and frames to the totals, and write."""
-        self.shards.append(entry)
-        self.data["num_pairs"] += entry["num_pairs"]
-        self.data["num_frames"] += entry["num_frames"]
-        self._ends = None
-        self.write()
+        """List a shard that is in place under ``entry["path"]`` and add its pairs and frames to the totals: one line
+        appended to the journal (``manifest.json`` is not rewritten), so the cost does not grow with the store."""
+        with self._lock:
+            self.shards.append(entry)
+            self.data["num_pairs"] += entry["num_pairs"]
+            self.data["num_frames"] += entry["num_frames"]
+            self._ends = None
+            self._journal({"shard": entry})
 
     def add_skipped(self, obs_index: list[int]) -> None:
-        """Record frames skipped for non-finite X_1 (each frame once; written when any is new), so a resumed run
+        """Record frames skipped for non-finite X_1 (each frame once; journaled when any is new), so a resumed run
         counts them as done and never samples them again."""
-        listed = self.data.setdefault("skipped_frames", [])
-        known = set(listed)
-        new = [i for i in dict.fromkeys(int(i) for i in obs_index) if i not in known]
-        if new:
-            listed.extend(new)
-            self.write()
+        with self._lock:
+            listed = self.data.setdefault("skipped_frames", [])
+            known = set(listed)
+            new = [i for i in dict.fromkeys(int(i) for i in obs_index) if i not in known]
+            if new:
+                listed.extend(new)
+                self._journal({"skipped_frames": new})
 
     def set_complete(self, complete: bool | None = None) -> None:
-        """Set ``complete`` and write. ``None``: complete when the listed frames plus the skipped frames cover every
-        frame the job selected (``generation.num_frames``)."""
-        if complete is None:
-            covered = self.data["num_frames"] + len(self.data.get("skipped_frames", []))
-            complete = covered >= self.data["generation"]["num_frames"]
-        self.data["complete"] = complete
-        self.write()
+        """Set ``complete`` and write (folding the journal in). ``None``: complete when the listed frames plus the
+        skipped frames cover every frame the job selected (``generation.num_frames``)."""
+        with self._lock:
+            if complete is None:
+                covered = self.data["num_frames"] + len(self.data.get("skipped_frames", []))
+                complete = covered >= self.data["generation"]["num_frames"]
+            self.data["complete"] = complete
+            self.write()
 
     # --- pair lookup
 
@@ -696,8 +878,8 @@ class PairStoreWriter:
     """Appends whole frames of pairs to a store and cuts them into atomic shards.
 
     ``add`` takes pairs frame by frame (all K samples of a frame together); once ``shard_size``
-    pairs are buffered, a shard of ``max(K, shard_size // K * K)`` pairs is written and the manifest
-    rewritten. ``close`` writes what is left. Not thread-safe: one writer per process. ``add`` always takes X_0;
+    pairs are buffered, a shard of ``max(K, shard_size // K * K)`` pairs is written and journaled
+    (``StoreManifest.append_shard``). ``close`` writes what is left and folds the journal into the manifest. Not thread-safe: one writer per process. ``add`` always takes X_0;
     a store whose manifest says ``x0.stored: false`` drops it (``StoreManifest.stored_arrays``).
     """
 
@@ -744,7 +926,7 @@ class PairStoreWriter:
 
     def _write(self, pairs: Pairs) -> None:
         manifest = self.manifest
-        rel = f"{SHARDS_DIR}/{self.writer_id}-{self._seq:06d}{SHARD_SUFFIX[manifest.backend]}"
+        rel = shard_rel_path(f"{self.writer_id}-{self._seq:06d}{SHARD_SUFFIX[manifest.backend]}")
         attrs = {"format": FORMAT, "store_id": manifest.store_id, "shard": rel}
         arrays = manifest.stored_arrays
         write_shard(self.out / rel, pairs, manifest.backend, attrs, arrays)

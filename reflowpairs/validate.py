@@ -38,6 +38,7 @@ from reflowpairs.pairstore import (
     TMP_PREFIX,
     PairStore,
     StoreManifest,
+    unlisted_entries,
 )
 
 PASS, WARN, FAIL, INCOMPLETE, SKIP = "pass", "warn", "fail", "incomplete", "skip"
@@ -228,7 +229,7 @@ def manifest_problems(meta: StoreManifest) -> list[str]:
         paths[path] = paths.get(path, 0) + 1
         parts = Path(path).parts
         if (
-            len(parts) != 2
+            len(parts) not in (2, 3)  # shards/<name> (format version 1) or shards/<group>/<name>
             or parts[0] != SHARDS_DIR
             or not path.endswith(SHARD_SUFFIX.get(manifest.get("backend"), "?"))
         ):
@@ -721,15 +722,11 @@ def _spot_check(
 
 def _check_leftovers(store_path: Path, listed: set[str]) -> CheckResult:
     leftovers = []
-    shards_dir = store_path / SHARDS_DIR
-    if shards_dir.is_dir():
-        for path in sorted(shards_dir.iterdir()):
-            rel = f"{SHARDS_DIR}/{path.name}"
-            if rel in listed:
-                continue
-            leftovers.append(
-                f"{rel} (half-written)" if path.name.startswith(TMP_PREFIX) else f"{rel} (not listed)"
-            )
+    for path in unlisted_entries(store_path, listed):
+        rel = path.relative_to(store_path).as_posix()
+        leftovers.append(
+            f"{rel} (half-written)" if path.name.startswith(TMP_PREFIX) else f"{rel} (not listed)"
+        )
     if (store_path / (TMP_PREFIX + MANIFEST)).exists():
         leftovers.append(f"{TMP_PREFIX}{MANIFEST} (half-written manifest)")
     if leftovers:

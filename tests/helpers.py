@@ -21,8 +21,9 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from reflowpairs.cli import app
+from reflowpairs.errors import ReflowPairsError
 from reflowpairs.generate import GenerateConfig, generate
-from reflowpairs.pairstore import PairStore
+from reflowpairs.pairstore import PairStore, StoreManifest
 
 CHILD_TIMEOUT = 600  # seconds a child process may run to its end (the suite shares 2 cores)
 READY_TIMEOUT = 180  # seconds a test waits for a state of a running child
@@ -151,11 +152,11 @@ def generate_store(world, out: Path, **settings: Any) -> Path:
 
 
 def listed_shards(store: Path) -> int:
-    """How many shards ``store``'s manifest lists: 0 while there is no manifest (or when it is caught between the
-    write and the rename of its temporary file)."""
+    """How many shards ``store``'s manifest lists (with its journal's, as ``StoreManifest.read`` folds them): 0 while
+    there is no manifest (or when it is caught between the write and the rename of its temporary file)."""
     try:
-        return len(json.loads((store / "manifest.json").read_text())["shards"])
-    except (OSError, ValueError):
+        return len(StoreManifest.read(store).shards)
+    except (OSError, ValueError, ReflowPairsError):
         return 0
 
 

@@ -166,15 +166,15 @@ def test_not_a_store(tmp_path):
 
 def test_missing_shard_is_named(tiny_store, tmp_path):
     store = Path(shutil.copytree(tiny_store, tmp_path / "store"))
-    shutil.rmtree(store / "shards/w0-000002.zarr")
+    shutil.rmtree(store / "shards/w0-000/w0-000002.zarr")
     result = cli("inspect", str(store), exit_code=1)
-    assert "shards/w0-000002.zarr" in result.output and "missing" in result.output
+    assert "shards/w0-000/w0-000002.zarr" in result.output and "missing" in result.output
     assert "Traceback" not in result.output
 
 
 def test_nonfinite_values_are_counted_and_left_out_of_the_statistics(tiny_store, tmp_path):
     store = Path(shutil.copytree(tiny_store, tmp_path / "store"))
-    group = zarr.open_group(str(store / "shards/w0-000001.zarr"), mode="r+")
+    group = zarr.open_group(str(store / "shards/w0-000/w0-000001.zarr"), mode="r+")
     group["x1"][4, 0, 1] = np.nan
     group["x1"][9, 3, 0] = np.inf
     got = inspect_json(store)

@@ -120,7 +120,7 @@ def test_unknown_backend_and_x0_mode_name_the_setting(tmp_path):
     ("edit", "words"),
     [
         (None, "has no manifest.json"),
-        ({"version": 2}, "has format version 2; this build reads version 1"),
+        ({"version": 3}, "has format version 3; this build reads versions 1, 2"),
         ({"format": "other"}, "is not a reflowpairs manifest"),
         ({"num_pairs": -1}, "num_pairs is -1, not a count"),
     ],
@@ -145,7 +145,7 @@ def test_the_writer_lists_each_shard_once_it_is_in_place(tmp_path):
     manifest = _store(tmp_path, [[0, 1], [2, 3], [4]])
     on_disk = _on_disk(tmp_path)
     assert on_disk == manifest.data and on_disk["complete"] is True
-    assert [s["path"] for s in on_disk["shards"]] == [f"shards/w0-00000{i}.zarr" for i in range(3)]
+    assert [s["path"] for s in on_disk["shards"]] == [f"shards/w0-000/w0-00000{i}.zarr" for i in range(3)]
     assert [s["num_pairs"] for s in on_disk["shards"]] == [4, 4, 2]
     assert (on_disk["num_pairs"], on_disk["num_frames"]) == (10, 5)
     first = on_disk["shards"][0]
@@ -176,7 +176,7 @@ def test_append_shard_adds_to_the_totals_and_writes_at_once(tmp_path):
     manifest.write()
     manifest.append_shard({"path": "shards/a.zarr", "num_pairs": 6, "num_frames": 3})
     manifest.append_shard({"path": "shards/b.zarr", "num_pairs": 0, "num_frames": 0})
-    on_disk = _on_disk(tmp_path)
+    on_disk = StoreManifest.read(tmp_path).data  # manifest.json and the journal it names
     assert (on_disk["num_pairs"], on_disk["num_frames"]) == (6, 3)
     assert [s["path"] for s in on_disk["shards"]] == ["shards/a.zarr", "shards/b.zarr"]
 
@@ -189,7 +189,7 @@ def test_skipped_frames_are_recorded_once_and_complete_follows_coverage(tmp_path
     assert _on_disk(tmp_path)["complete"] is False
     manifest.add_skipped([4, 3, 4])
     manifest.add_skipped([3])
-    assert _on_disk(tmp_path)["skipped_frames"] == [4, 3] == manifest.skipped_frames
+    assert StoreManifest.read(tmp_path).skipped_frames == [4, 3] == manifest.skipped_frames
     manifest.set_complete()
     assert _on_disk(tmp_path)["complete"] is True
     manifest.set_complete(False)

@@ -60,7 +60,7 @@ DAMAGE = {
     ),
     "shard-num-pairs-missing": (
         _edit_shard(num_pairs=None),
-        "shards[1] (shards/w0-000001.zarr) has num_pairs None",
+        "shards[1] (shards/w0-000/w0-000001.zarr) has num_pairs None",
     ),
     "shard-sha256-a-string": (_edit_shard(sha256="abc"), "has sha256 'abc', not an object of checksums"),
 }

@@ -154,7 +154,7 @@ def test_overwrite_of_a_store_removes_only_the_store(tiny_world, tiny_store, tmp
         and len(new) == 24
         and new.manifest["complete"] is True
     )
-    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(
+    assert sorted(p.name for p in (out / "shards").glob("*/*")) == sorted(
         Path(s["path"]).name for s in new.shards
     )
     assert not (out / "parts").exists() and not (out / ".lock").exists()

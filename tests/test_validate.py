@@ -132,33 +132,33 @@ def test_json_output_is_one_object(stores, tmp_path):
 
 def test_deleted_zarr_chunk_file(stores, tmp_path):
     store = _copy(stores, "zarr", tmp_path)
-    chunk = store / "shards/w0-000001.zarr/x1/c/0/0/0"
+    chunk = store / "shards/w0-000/w0-000001.zarr/x1/c.0.0.0"
     assert chunk.is_file()
     chunk.unlink()
     report = validate(ValidateConfig(store))
     assert report.status == "corrupt"
     detail = _failed(report)["checksums"]
-    assert "shards/w0-000001.zarr" in detail and "x1" in detail and "missing" in detail
+    assert "shards/w0-000/w0-000001.zarr" in detail and "x1" in detail and "missing" in detail
     code, data = _run_json(store)
     assert code == 1 and data["status"] == "corrupt" and "checksums" in _json_failed(data)
 
 
 def test_truncated_chunk_file_is_unreadable(stores, tmp_path):
     store = _copy(stores, "zarr", tmp_path)
-    chunk = store / "shards/w0-000002.zarr/x0/c/0/0/0"
+    chunk = store / "shards/w0-000/w0-000002.zarr/x0/c.0.0.0"
     chunk.write_bytes(chunk.read_bytes()[:20])
     detail = _failed(validate(ValidateConfig(store)))["shards"]
-    assert "shards/w0-000002.zarr" in detail and "cannot be read" in detail
+    assert "shards/w0-000/w0-000002.zarr" in detail and "cannot be read" in detail
 
 
 def test_truncated_parquet_file(stores, tmp_path):
     store = _copy(stores, "parquet", tmp_path)
-    shard = store / "shards/w0-000001.parquet"
+    shard = store / "shards/w0-000/w0-000001.parquet"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     report = validate(ValidateConfig(store))
     assert report.status == "corrupt"
     detail = _failed(report)["shards"]
-    assert "shards/w0-000001.parquet" in detail and "cannot be read" in detail
+    assert "shards/w0-000/w0-000001.parquet" in detail and "cannot be read" in detail
     code, data = _run_json(store)
     assert code == 1 and data["status"] == "corrupt"
     # its frames are missing, but --resume cannot replace a listed shard: no advice to run it
@@ -169,9 +169,9 @@ def test_truncated_parquet_file(stores, tmp_path):
 
 def test_deleted_parquet_shard(stores, tmp_path):
     store = _copy(stores, "parquet", tmp_path)
-    (store / "shards/w0-000003.parquet").unlink()
+    (store / "shards/w0-000/w0-000003.parquet").unlink()
     detail = _failed(validate(ValidateConfig(store)))["shards"]
-    assert "shards/w0-000003.parquet is missing" in detail
+    assert "shards/w0-000/w0-000003.parquet is missing" in detail
 
 
 def test_manifest_that_is_not_json(stores, tmp_path):
@@ -214,10 +214,10 @@ def _edit_fingerprint(m):
     ("edit", "check", "words"),
     [
         (_edit_num_pairs, "manifest", ["num_pairs is 98", "96 pairs"]),
-        (_edit_shard_rows, "shards", ["shards/w0-000001.zarr", "the manifest says", "[14"]),
-        (_edit_checksum, "checksums", ["shards/w0-000002.zarr", "x1 does not match the checksum"]),
-        (_edit_version, "manifest", ["version 99", "this build reads version 1"]),
-        (_edit_shape, "shards", ["shards/w0-000000.zarr", "x1 is float32[16, 8, 2]"]),
+        (_edit_shard_rows, "shards", ["shards/w0-000/w0-000001.zarr", "the manifest says", "[14"]),
+        (_edit_checksum, "checksums", ["shards/w0-000/w0-000002.zarr", "x1 does not match the checksum"]),
+        (_edit_version, "manifest", ["version 99", "this build reads versions 1, 2"]),
+        (_edit_shape, "shards", ["shards/w0-000/w0-000000.zarr", "x1 is float32[16, 8, 2]"]),
         (_edit_fingerprint, "manifest", ["teacher.fingerprint is missing"]),
     ],
     ids=["num_pairs", "shard-rows", "checksum", "version", "x1-shape", "no-fingerprint"],
@@ -238,14 +238,14 @@ def test_edited_manifest(stores, tmp_path, edit, check, words):
 
 def test_nan_written_into_x1(stores, tmp_path):
     store = _copy(stores, "zarr", tmp_path)
-    group = zarr.open_group(str(store / "shards/w0-000003.zarr"), mode="r+")
+    group = zarr.open_group(str(store / "shards/w0-000/w0-000003.zarr"), mode="r+")
     obs, sample = int(group["obs_index"][5]), int(group["sample"][5])
     group["x1"][5, 2, 1] = np.nan
     report = validate(ValidateConfig(store))
     failed = _failed(report)
-    assert "shards/w0-000003.zarr: x1 has 1 non-finite value" in failed["finite"]
+    assert "shards/w0-000/w0-000003.zarr: x1 has 1 non-finite value" in failed["finite"]
     assert f"obs_index {obs} sample {sample}" in failed["finite"]
-    assert "shards/w0-000003.zarr: x1 does not match" in failed["checksums"]
+    assert "shards/w0-000/w0-000003.zarr: x1 does not match" in failed["checksums"]
     code, data = _run_json(store)
     assert code == 1 and _json_failed(data) == {"finite", "checksums"}
 
@@ -253,7 +253,7 @@ def test_nan_written_into_x1(stores, tmp_path):
 def test_x0_that_does_not_regenerate(stores, tmp_path):
     """X_0 replaced and its checksum updated to match: only regenerating X_0 from the seed catches it."""
     store = _copy(stores, "zarr", tmp_path)
-    group = zarr.open_group(str(store / "shards/w0-000004.zarr"), mode="r+")
+    group = zarr.open_group(str(store / "shards/w0-000/w0-000004.zarr"), mode="r+")
     x0 = np.asarray(group["x0"][...])
     x0[3] = np.random.default_rng(5).standard_normal(x0[3].shape).astype(np.float32)
     group["x0"][...] = x0
@@ -263,7 +263,7 @@ def test_x0_that_does_not_regenerate(stores, tmp_path):
     report = validate(ValidateConfig(store))
     assert set(_failed(report)) == {"x0 noise"}
     detail = _failed(report)["x0 noise"]
-    assert "shards/w0-000004.zarr: x0 of 1 of 16 pairs does not regenerate" in detail
+    assert "shards/w0-000/w0-000004.zarr: x0 of 1 of 16 pairs does not regenerate" in detail
 
 
 def test_duplicated_shard_entry(stores, tmp_path):
@@ -275,36 +275,38 @@ def test_duplicated_shard_entry(stores, tmp_path):
     _write_manifest(store, manifest)
     report = validate(ValidateConfig(store))
     failed = _failed(report)
-    assert "shards/w0-000001.parquet is listed 2 times" in failed["manifest"]
+    assert "shards/w0-000/w0-000001.parquet is listed 2 times" in failed["manifest"]
     assert (
         "16 duplicate pair(s) over 8 frame(s)" in failed["frames"]
-        and "shards/w0-000001.parquet" in failed["frames"]
+        and "shards/w0-000/w0-000001.parquet" in failed["frames"]
     )
 
 
 def test_copy_of_a_shard_listed_twice(stores, tmp_path):
     store = _copy(stores, "zarr", tmp_path)
-    shutil.copytree(store / "shards/w0-000001.zarr", store / "shards/w0-000099.zarr")
+    shutil.copytree(store / "shards/w0-000/w0-000001.zarr", store / "shards/w0-000/w0-000099.zarr")
     manifest = _manifest(store)
-    manifest["shards"].append(dict(manifest["shards"][1], path="shards/w0-000099.zarr"))
+    manifest["shards"].append(dict(manifest["shards"][1], path="shards/w0-000/w0-000099.zarr"))
     manifest["num_pairs"] += manifest["shards"][1]["num_pairs"]
     manifest["num_frames"] += manifest["shards"][1]["num_frames"]
     _write_manifest(store, manifest)
     failed = _failed(validate(ValidateConfig(store)))
     assert "duplicate pair(s)" in failed["frames"]
-    assert "shards/w0-000001.zarr, shards/w0-000099.zarr" in failed["frames"]
-    assert "shards/w0-000099.zarr was written as shards/w0-000001.zarr" in failed["origin"]
+    assert "shards/w0-000/w0-000001.zarr, shards/w0-000/w0-000099.zarr" in failed["frames"]
+    assert "shards/w0-000/w0-000099.zarr was written as shards/w0-000/w0-000001.zarr" in failed["origin"]
 
 
 def test_shard_from_another_store_copied_in(stores, tmp_path):
     store = _copy(stores, "zarr", tmp_path)
-    shutil.rmtree(store / "shards/w0-000000.zarr")
-    shutil.copytree(stores["other"] / "shards/w0-000000.zarr", store / "shards/w0-000000.zarr")
+    shutil.rmtree(store / "shards/w0-000/w0-000000.zarr")
+    shutil.copytree(stores["other"] / "shards/w0-000/w0-000000.zarr", store / "shards/w0-000/w0-000000.zarr")
     report = validate(ValidateConfig(store))
     failed = _failed(report)
     assert set(failed) == {"origin"}, failed  # the same pairs, so the checksums alone would not notice
     other_id = _manifest(stores["other"])["store_id"]
-    assert "shards/w0-000000.zarr belongs to store" in failed["origin"] and other_id in failed["origin"]
+    assert (
+        "shards/w0-000/w0-000000.zarr belongs to store" in failed["origin"] and other_id in failed["origin"]
+    )
     assert "another store" in failed["origin"]
     code, data = _run_json(store)
     assert code == 1 and _json_failed(data) == {"origin"}
@@ -316,7 +318,7 @@ def test_obs_index_outside_the_recorded_dataset(stores, tmp_path):
     manifest["dataset"]["total_frames"] = 40
     _write_manifest(store, manifest)
     detail = _failed(validate(ValidateConfig(store)))["obs_index"]
-    assert "shards/w0-000005.zarr: obs_index 40, 41" in detail and "frames 0..39" in detail
+    assert "shards/w0-000/w0-000005.zarr: obs_index 40, 41" in detail and "frames 0..39" in detail
 
 
 # --- incomplete stores ----------------------------------------------------------------------------
@@ -369,7 +371,7 @@ def test_interrupted_store_says_complete_false(stores, tmp_path):
 
 def test_leftovers_are_reported_but_not_counted(stores, tmp_path):
     store = _copy(stores, "zarr", tmp_path)
-    shutil.copytree(store / "shards/w0-000001.zarr", store / "shards/.tmp-w0-000006.zarr")
+    shutil.copytree(store / "shards/w0-000/w0-000001.zarr", store / "shards/.tmp-w0-000006.zarr")
     report = validate(ValidateConfig(store))
     assert report.status == "sound"
     assert _check(report, "leftovers").result == "warn"

@@ -89,7 +89,7 @@ def _read_all(store: Path) -> dict[str, np.ndarray]:
 def test_implicit_store_has_no_x0_and_records_its_generator(stores, backend):
     store = stores[backend]
     manifest = _manifest(store)
-    assert manifest["version"] == 1 and manifest["backend"] == backend
+    assert manifest["version"] == 2 and manifest["backend"] == backend
     probe = manifest["x0"].pop("probe")
     assert manifest["x0"] == {
         "shape": [8, 6],
