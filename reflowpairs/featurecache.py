@@ -301,7 +301,9 @@ def add_features(
     from reflowpairs.pairstore import PairStore
 
     sink = FeatureSink(store, policy, dtype)
-    wanted = np.unique(PairStore(store).index()[0])
+    pairs = PairStore(store)
+    manifest = pairs.meta
+    wanted = np.unique(pairs.index()[0])
     todo = np.setdiff1d(wanted, np.fromiter(sink.have, dtype=np.int64, count=len(sink.have)))
     lookup = position_lookup(frame_indices(dataset))
     unknown = missing_frames(lookup, todo)
@@ -332,6 +334,7 @@ def add_features(
     index = sink.writer.index
     index["complete"] = not len(np.setdiff1d(wanted, cached_obs_index(store, index)))
     index["num_frames"] = cached_frames(index)
+    index["store_pairs"] = int(manifest.data["num_pairs"])  # plan_training: frames added since lack features
     sink.writer.write_index()
     return index
 
@@ -397,8 +400,22 @@ class FeatureReader:
         return data
 
     def __getitem__(self, obs_index: int) -> Tensor:
+        """The frame's features; ``ReflowPairsError`` naming the frame and the fix when the cache lacks it."""
+        if not self.has(np.array([int(obs_index)]))[0]:
+            raise missing_frames_error(self.store, np.array([int(obs_index)]))
         shard, row = self.where[int(obs_index)]
         return from_storage(self.shard(int(shard))[int(row)], self.index["dtype"])
+
+
+def missing_frames_error(store: str | Path, missing: np.ndarray, of: int | None = None) -> ReflowPairsError:
+    """The refusal of a feature cache that lacks frames ``missing`` (obs_index) of its store."""
+    shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+    count = f"{len(missing)} of its frames" if of is None else f"{len(missing)} of its {of} frames"
+    return ReflowPairsError(
+        f"Store {store}'s feature cache lacks {count} (obs_index {shown}).",
+        f"Add them with `reflowpairs generate --resume --cache-features` on {store} (the teacher and dataset it was "
+        "generated with), or set `no_feature_cache`.",
+    )
 
 
 class CachedFrames:
@@ -456,10 +473,13 @@ class TrainingCache:
         return {**describe(self.index), "path": str(self.store / FEATURES_DIR)}
 
 
-def plan_training(store: str | Path, policy, obs_index: np.ndarray, disabled: bool) -> TrainingCache | None:
+def plan_training(store: str | Path, policy, manifest, disabled: bool) -> TrainingCache | None:
     """The store's feature cache if training ``policy`` should use it: None when the store has none or ``disabled``
     (``no_feature_cache``); ``ReflowPairsError`` when it has one that cannot stand in for the policy's own features
-    (trainable vision model or connector, other frozen weights or image settings, frames missing)."""
+    (trainable vision model or connector, other frozen weights or image settings, frames missing). ``manifest``: the
+    store's ``StoreManifest``. Reads no pair shard: the frames are checked against what the manifest records
+    (``coverage_problem``); a frame still missing is refused where its features are looked up (``FeatureReader``),
+    before a step uses it."""
     if disabled:
         return None
     index = read_index(store)
@@ -493,23 +513,37 @@ def plan_training(store: str | Path, policy, obs_index: np.ndarray, disabled: bo
                 f"(cache: {shown[0]}, student: {shown[1]}).",
                 off,
             )
-    if index.get("store_id") is not None:
-        from reflowpairs.pairstore import StoreManifest
-
-        if index["store_id"] != StoreManifest.read(store).store_id:
-            raise ReflowPairsError(
-                f"Store {store}'s feature cache belongs to another store ({index['store_id']}).", off
-            )
-    reader = FeatureReader(store, index, cache_shards=1)
-    missing = np.unique(np.asarray(obs_index))[~reader.has(np.unique(np.asarray(obs_index)))]
-    if len(missing):
-        shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+    if index.get("store_id") is not None and index["store_id"] != manifest.store_id:
         raise ReflowPairsError(
-            f"Store {store}'s feature cache lacks {len(missing)} of its frames (obs_index {shown}).",
-            "Add them with `reflowpairs generate` with `cache_features` and `resume` on the store, or set "
-            "`no_feature_cache`.",
+            f"Store {store}'s feature cache belongs to another store ({index['store_id']}).", off
+        )
+    problem = coverage_problem(index, manifest)
+    if problem is not None:
+        raise ReflowPairsError(
+            f"Store {store}'s feature cache does not cover the store: {problem}.",
+            f"Add the missing features with `reflowpairs generate --resume --cache-features` on {store} (the teacher "
+            "and dataset it was generated with), or set `no_feature_cache`.",
         )
     return TrainingCache(Path(store), index)
+
+
+def coverage_problem(index: dict[str, Any], manifest) -> str | None:
+    """Why the cache cannot cover every frame of the store, from the index and the manifest alone (no shard read),
+    or None: the cache must be ``complete``; a cache that recorded the store's pair count (``store_pairs``) must
+    match the manifest's (else pairs were added since, without features); and a complete store's frames (the job's
+    ``num_frames``, of its partition if any, less the skipped ones) cannot outnumber the cached frames."""
+    if not index.get("complete"):
+        return "the cache is incomplete (an interrupted run)"
+    pairs = int(manifest.data.get("num_pairs", 0))
+    if index.get("store_pairs") is not None and int(index["store_pairs"]) != pairs:
+        return f"it was made when the store had {index['store_pairs']} pairs, the store has {pairs} now"
+    if manifest.data.get("complete"):
+        frames = (manifest.data.get("partition") or manifest.data.get("generation") or {}).get("num_frames")
+        if frames is not None:
+            expected = int(frames) - len(manifest.skipped_frames)
+            if cached_frames(index) < expected:
+                return f"it holds {cached_frames(index)} frames, the store has {expected}"
+    return None
 
 
 # --- checking it (validate) ----------------------------------------------------------------------------------------

@@ -111,11 +111,14 @@ def test_cache_added_to_a_store_trains_like_decoding(tiny_world, tiny_store, tmp
     assert report.ok and report.checks[-1].name == "features", report.checks
     assert "2 frames recomputed match" in report.checks[-1].detail
 
+    assert index["store_pairs"] == before
     students = {}
     for name, off in (("cached", False), ("decoded", True)):
         plans = []
         settings = {"steps": 2, "batch_size": 4, "num_workers": 0, "device": "cpu", "no_feature_cache": off}
-        train(TrainConfig(pairs=store, out=tmp_path / name, **settings), on_plan=plans.append)
+        with pytest.MonkeyPatch.context() as patch:  # start-up reads no pair shard's obs_index (issue #15)
+            patch.setattr(PairStore, "index", lambda self: pytest.fail("train read every shard's obs_index"))
+            train(TrainConfig(pairs=store, out=tmp_path / name, **settings), on_plan=plans.append)
         assert (plans[0]["feature_cache"] is not None) is (not off)
         students[name] = load_file(
             tmp_path / name / "checkpoints" / "last" / "pretrained_model" / "model.safetensors"
@@ -127,17 +130,38 @@ def test_cache_added_to_a_store_trains_like_decoding(tiny_world, tiny_store, tmp
     from reflowpairs.teacher import load_policy
 
     policy = load_policy(str(tiny_world.teacher_dir), "cpu").policy
-    featurecache.plan_training(store, policy, frames, disabled=False)  # applies
+    meta = PairStore(store).meta
+    assert featurecache.plan_training(store, policy, meta, disabled=False) is not None  # applies
+    # frames missing: pairs added after the cache (known from the manifest), or a frame found missing when read
+    featurecache.write_json_atomically(
+        featurecache.features_dir(store) / "index.json", {**index, "store_pairs": 1}
+    )
+    with pytest.raises(ReflowPairsError, match="had 1 pairs, the store has") as err:
+        featurecache.plan_training(store, policy, meta, disabled=False)
+    assert "generate --resume --cache-features" in err.value.hint
+    featurecache.write_json_atomically(featurecache.features_dir(store) / "index.json", index)
+    assert "incomplete" in featurecache.coverage_problem({**index, "complete": False}, meta)
+    from reflowpairs.dataset import frame_indices
+    from reflowpairs.pairdata import REFUSED, PairDataset, position_lookup
+
+    dataset = _dataset(tiny_world)
+    pairs = PairDataset(
+        PairStore(store),
+        featurecache.TrainingCache(store, index).frames(dataset),
+        position_lookup(frame_indices(dataset)),
+    )
+    first = pairs[0]
+    assert first["observation"][featurecache.FEATURE_KEY].shape == (1, 4, 64)
+    pairs.dataset.reader.where[first["obs_index"]] = -1
+    what, hint = pairs[0][REFUSED]
+    assert f"lacks 1 of its frames (obs_index {first['obs_index']})" in what
+    assert "generate --resume --cache-features" in hint
     with torch.no_grad():
         next(smolvla.frozen_feature_modules(policy)["vision_model"].parameters()).add_(1.0)
     with pytest.raises(ReflowPairsError, match="frozen weights") as err:
-        featurecache.plan_training(store, policy, frames, disabled=False)
+        featurecache.plan_training(store, policy, meta, disabled=False)
     assert "`no_feature_cache`" in err.value.hint
-    assert featurecache.plan_training(store, policy, frames, disabled=True) is None
-    with pytest.raises(ReflowPairsError, match="lacks 1 of its frames"):
-        featurecache.plan_training(
-            store, load_policy(str(tiny_world.teacher_dir), "cpu").policy, np.append(frames, 10**6), False
-        )
+    assert featurecache.plan_training(store, policy, meta, disabled=True) is None
     # a damaged feature shard is found by its checksum
     shard = store / index["shards"][0]["path"]
     import zarr
