@@ -364,16 +364,24 @@ def cached_obs_index(store: str | Path, index: dict[str, Any]) -> np.ndarray:
 
 class FeatureReader:
     """``reader[obs_index] -> (S, N, D) float32``: whole shards read on first use, the last ``cache_shards`` kept
-    (per process, so per DataLoader worker)."""
+    (per process, so per DataLoader worker). Where each frame is (``where``) is read on first use too (each shard's
+    obs_index column), so building a reader reads nothing."""
 
     def __init__(self, store: str | Path, index: dict[str, Any], cache_shards: int = 8):
         self.store, self.index, self.cache_shards = Path(store), index, max(1, int(cache_shards))
-        obs = [cached_obs_index(store, {"shards": [s]}) for s in index["shards"]]
-        size = int(max((o.max(initial=-1) for o in obs), default=-1)) + 1
-        self.where = np.full((size, 2), -1, dtype=np.int64)
-        for i, o in enumerate(obs):
-            self.where[o, 0], self.where[o, 1] = i, np.arange(len(o))
+        self._where: np.ndarray | None = None
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    @property
+    def where(self) -> np.ndarray:
+        """``(max obs_index + 1, 2)`` int64: (shard, row) of each cached frame, -1 where not cached."""
+        if self._where is None:
+            obs = [cached_obs_index(self.store, {"shards": [s]}) for s in self.index["shards"]]
+            size = int(max((o.max(initial=-1) for o in obs), default=-1)) + 1
+            self._where = np.full((size, 2), -1, dtype=np.int64)
+            for i, o in enumerate(obs):
+                self._where[o, 0], self._where[o, 1] = i, np.arange(len(o))
+        return self._where
 
     def has(self, obs_index: np.ndarray) -> np.ndarray:
         obs_index = np.asarray(obs_index)

@@ -107,6 +107,10 @@ def test_cache_added_to_a_store_trains_like_decoding(tiny_world, tiny_store, tmp
     from reflowpairs.validate import ValidateConfig, validate
 
     assert summarize(store, statistics=False)["feature_cache"]["frames"] == len(frames)
+    shown = cli("inspect", str(store), "--no-stats").stdout  # the terminal table, not only --json
+    table = shown[shown.index("feature cache") :]
+    for text in ("float32 (1, 4, 64)", "bytes per frame", "1,024", f"{len(frames)} in 1 shards", "True"):
+        assert text in table, shown
     report = validate(ValidateConfig(store=store, spot_check=2, device="cpu"))
     assert report.ok and report.checks[-1].name == "features", report.checks
     assert "2 frames recomputed match" in report.checks[-1].detail
