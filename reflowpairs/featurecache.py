@@ -508,19 +508,7 @@ def plan_training(store: str | Path, policy, manifest, disabled: bool) -> Traini
             + " (train_expert_only freezes both; freeze_vision_encoder alone leaves the connector trainable).",
             off,
         )
-    identity = cache_identity(policy)
-    for key, words in (("kind", "kind"), ("fingerprint", "frozen weights"), ("inputs", "image settings")):
-        if index.get(key) != identity[key]:
-            shown = (
-                (str(index.get(key))[:12], str(identity[key])[:12])
-                if key == "fingerprint"
-                else (index.get(key), identity[key])
-            )
-            raise ReflowPairsError(
-                f"Store {store}'s feature cache was computed with other {words} than the student's "
-                f"(cache: {shown[0]}, student: {shown[1]}).",
-                off,
-            )
+    refuse_other_identity(store, index, policy, "student", off)
     if index.get("store_id") is not None and index["store_id"] != manifest.store_id:
         raise ReflowPairsError(
             f"Store {store}'s feature cache belongs to another store ({index['store_id']}).", off
@@ -533,6 +521,38 @@ def plan_training(store: str | Path, policy, manifest, disabled: bool) -> Traini
             "and dataset it was generated with), or set `no_feature_cache`.",
         )
     return TrainingCache(Path(store), index)
+
+
+def refuse_other_identity(store: str | Path, index: dict[str, Any], policy, whose: str, hint: str) -> None:
+    """``ReflowPairsError`` unless the cache's kind, frozen-weights fingerprint and image settings are ``policy``'s."""
+    identity = cache_identity(policy)
+    for key, words in (("kind", "kind"), ("fingerprint", "frozen weights"), ("inputs", "image settings")):
+        if index.get(key) != identity[key]:
+            shown = (
+                (str(index.get(key))[:12], str(identity[key])[:12])
+                if key == "fingerprint"
+                else (index.get(key), identity[key])
+            )
+            raise ReflowPairsError(
+                f"Store {store}'s feature cache was computed with other {words} than the {whose}'s "
+                f"(cache: {shown[0]}, {whose}: {shown[1]}).",
+                hint,
+            )
+
+
+def source_cache(source: str | Path, policy) -> TrainingCache:
+    """Another store's feature cache that stage 1 reads instead of running ``policy``'s frozen vision encoder
+    (``features_from``: a later reflow round whose teacher shares the frozen weights): refused when ``source`` has
+    none, or one made with other frozen weights, kind or image settings."""
+    hint = "Unset `features_from` (the teacher then computes the features itself)."
+    refuse_uncacheable(policy)
+    index = read_index(source)
+    if index is None:
+        raise ReflowPairsError(
+            f"Store {source} has no feature cache (no {features_dir(source) / INDEX}).", hint
+        )
+    refuse_other_identity(source, index, policy, "teacher", hint)
+    return TrainingCache(Path(source), index)
 
 
 def coverage_problem(index: dict[str, Any], manifest) -> str | None:

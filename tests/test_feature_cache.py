@@ -202,6 +202,42 @@ def test_generate_keeps_the_features_its_prefix_fills_compute(tiny_world, tmp_pa
     problems, summary = featurecache.check(store, frames, recompute, spot=6)
     assert problems == [] and "6 frames recomputed match" in summary
 
+    # a later round whose teacher shares the frozen weights reads the cache: no image decoded, no vision encoder
+    # run, X_1 unchanged, and the new store gets the same features
+    from lerobot.policies.smolvla.smolvlm_with_expert import SmolVLMWithExpertModel
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SmolVLMWithExpertModel, "embed_image", not_again)
+        patch.setattr(smolvla.SmolVLAFamily, "compute_features", not_again)
+        again = generate_store(
+            tiny_world,
+            tmp_path / "round2",
+            episodes=[0],
+            samples_per_frame=1,
+            num_steps=2,
+            batch_size=5,
+            features_from=str(store),
+        )
+    first, second = PairStore(store), PairStore(again)
+    for i in range(len(first.shards)):
+        a, b = first.read_stored(i, ("obs_index", "x1")), second.read_stored(i, ("obs_index", "x1"))
+        assert np.array_equal(a["obs_index"], b["obs_index"]) and np.array_equal(
+            a["x1"], b["x1"]
+        )  # bit-identical
+    copied = featurecache.read_index(again)
+    assert copied["complete"] and copied["fingerprint"] == index["fingerprint"]
+    reader, copy_reader = (featurecache.FeatureReader(s, featurecache.read_index(s)) for s in (store, again))
+    assert all(torch.equal(reader[int(o)], copy_reader[int(o)]) for o in frames)
+    # a teacher with other frozen weights is refused
+    from reflowpairs.teacher import load_policy
+
+    policy = load_policy(str(tiny_world.teacher_dir), "cpu").policy
+    with torch.no_grad():
+        next(smolvla.frozen_feature_modules(policy)["connector"].parameters()).add_(1.0)
+    with pytest.raises(ReflowPairsError, match="other frozen weights than the teacher's") as err:
+        featurecache.source_cache(store, policy)
+    assert "`features_from`" in err.value.hint
+
 
 def _dataset(world):
     from reflowpairs.dataset import open_dataset
