@@ -314,4 +314,6 @@ def merge(
         soft_wrap=True,
         highlight=False,
     )
+    if manifest.get("feature_cache_note"):
+        out_console.print(manifest["feature_cache_note"], markup=False, soft_wrap=True, highlight=False)
     print_next(["reflowpairs", "validate", str(out)])

@@ -37,7 +37,14 @@ from torch import Tensor
 
 from reflowpairs.atomic import load_json_object, write_json_atomically
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairstore import TMP_PREFIX, array_sha256, read_shard, remove_path, write_shard
+from reflowpairs.pairstore import (
+    TMP_PREFIX,
+    StoreManifest,
+    array_sha256,
+    read_shard,
+    remove_path,
+    write_shard,
+)
 
 FEATURES_DIR = "features"
 INDEX = "index.json"
@@ -357,6 +364,45 @@ def cached_obs_index(store: str | Path, index: dict[str, Any]) -> np.ndarray:
         for s in index["shards"]
     ]
     return np.concatenate(cols) if cols else np.zeros(0, np.int64)
+
+
+# --- merging partition slices' caches (reflowpairs.merge) --------------------------------------------------------
+
+_SAME_ACROSS_SLICES = ("kind", "policy_type", "fingerprint", "inputs", "slots", "shape", "dtype")
+
+
+def merge_caches(out: Path, slices: list[Path], manifest, place: Callable[[Path, Path], None]) -> str | None:
+    """Carry the slices' feature caches into the merged store ``out`` (``manifest``: its ``StoreManifest``, shards
+    already listed): each slice's feature shards copied with ``place(src, dst)`` under ``features/s<i>-<name>`` and
+    listed in one index with ``out``'s store id. Returns None when no slice has a cache or they were merged, else why
+    they were not (some slices without one, or caches made differently): the merged store then has none."""
+    indexes = [read_index(s) for s in slices]
+    if all(i is None for i in indexes):
+        return None
+    how = "add one with `reflowpairs generate --resume --cache-features` on the merged store"
+    lacking = [str(s) for s, i in zip(slices, indexes, strict=True) if i is None]
+    if lacking:
+        return f"feature cache not merged: {', '.join(lacking)} has none; {how}"
+    differ = [k for k in _SAME_ACROSS_SLICES if any(i.get(k) != indexes[0].get(k) for i in indexes)]
+    if differ:
+        return f"feature cache not merged: the slices' caches differ in {', '.join(differ)}; {how}"
+    merged = {k: v for k, v in indexes[0].items() if k not in ("shards", "store_pairs")}
+    merged.update(store_id=manifest.store_id, shards=[])
+    for n, (store, index) in enumerate(zip(slices, indexes, strict=True)):
+        for entry in index["shards"]:
+            rel = f"{FEATURES_DIR}/s{n:03d}-{Path(entry['path']).name}"
+            place(Path(store) / entry["path"], Path(out) / rel)
+            merged["shards"].append({**entry, "path": rel})
+    merged["num_frames"] = cached_frames(merged)
+    # complete when every slice's cache covered its slice (checked from the manifests, as train does)
+    covered = all(
+        coverage_problem(i, StoreManifest.read(s)) is None for s, i in zip(slices, indexes, strict=True)
+    )
+    merged["complete"] = covered
+    if covered:
+        merged["store_pairs"] = int(manifest.data["num_pairs"])
+    write_json_atomically(features_dir(out) / INDEX, merged)
+    return None
 
 
 # --- reading it in training ------------------------------------------------------------------------------------

@@ -228,6 +228,25 @@ def test_generate_keeps_the_features_its_prefix_fills_compute(tiny_world, tmp_pa
     assert copied["complete"] and copied["fingerprint"] == index["fingerprint"]
     reader, copy_reader = (featurecache.FeatureReader(s, featurecache.read_index(s)) for s in (store, again))
     assert all(torch.equal(reader[int(o)], copy_reader[int(o)]) for o in frames)
+    # partition slices made so carry their caches into the merged store, which training accepts
+    settings = {
+        "episodes": [0],
+        "samples_per_frame": 1,
+        "num_steps": 2,
+        "batch_size": 5,
+        "features_from": str(store),
+    }
+    slices = [generate_store(tiny_world, tmp_path / f"s{i}", partition=(i, 2), **settings) for i in range(2)]
+    out = cli("merge", *map(str, slices), "--out", str(tmp_path / "merged")).stdout
+    merged = featurecache.read_index(tmp_path / "merged")
+    assert "feature cache not merged" not in out and merged["complete"] and merged["num_frames"] == 24
+    assert featurecache.check(tmp_path / "merged", frames)[0] == []
+    assert featurecache.coverage_problem(merged, PairStore(tmp_path / "merged").meta) is None
+    shutil.rmtree(slices[1] / "features")  # a slice without one: said, and the merged store has none
+    out = cli("merge", *map(str, slices), "--out", str(tmp_path / "merged2")).stdout
+    assert "feature cache not merged" in " ".join(out.split()) and "--cache-features" in out
+    assert featurecache.read_index(tmp_path / "merged2") is None
+
     # a teacher with other frozen weights is refused
     from reflowpairs.teacher import load_policy
 
