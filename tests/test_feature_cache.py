@@ -183,17 +183,10 @@ def test_generate_keeps_the_features_its_prefix_fills_compute(tiny_world, tmp_pa
     def not_again(*args):
         raise AssertionError("generate computed features its prefix fills had computed")
 
+    job = {"episodes": [0], "samples_per_frame": 1, "num_steps": 2, "batch_size": 5}
     with monkeypatch.context() as patch:
         patch.setattr(smolvla.SmolVLAFamily, "compute_features", not_again)
-        store = generate_store(
-            tiny_world,
-            tmp_path / "pairs",
-            episodes=[0],
-            samples_per_frame=1,
-            num_steps=2,
-            batch_size=5,
-            cache_features=True,
-        )
+        store = generate_store(tiny_world, tmp_path / "pairs", cache_features=True, **job)
     index = featurecache.read_index(store)
     frames = np.unique(PairStore(store).index()[0])
     assert index["complete"] and featurecache.cached_frames(index) == len(frames) == 24
@@ -209,15 +202,7 @@ def test_generate_keeps_the_features_its_prefix_fills_compute(tiny_world, tmp_pa
     with monkeypatch.context() as patch:
         patch.setattr(SmolVLMWithExpertModel, "embed_image", not_again)
         patch.setattr(smolvla.SmolVLAFamily, "compute_features", not_again)
-        again = generate_store(
-            tiny_world,
-            tmp_path / "round2",
-            episodes=[0],
-            samples_per_frame=1,
-            num_steps=2,
-            batch_size=5,
-            features_from=str(store),
-        )
+        again = generate_store(tiny_world, tmp_path / "round2", features_from=str(store), **job)
     first, second = PairStore(store), PairStore(again)
     for i in range(len(first.shards)):
         a, b = first.read_stored(i, ("obs_index", "x1")), second.read_stored(i, ("obs_index", "x1"))
@@ -229,14 +214,10 @@ def test_generate_keeps_the_features_its_prefix_fills_compute(tiny_world, tmp_pa
     reader, copy_reader = (featurecache.FeatureReader(s, featurecache.read_index(s)) for s in (store, again))
     assert all(torch.equal(reader[int(o)], copy_reader[int(o)]) for o in frames)
     # partition slices made so carry their caches into the merged store, which training accepts
-    settings = {
-        "episodes": [0],
-        "samples_per_frame": 1,
-        "num_steps": 2,
-        "batch_size": 5,
-        "features_from": str(store),
-    }
-    slices = [generate_store(tiny_world, tmp_path / f"s{i}", partition=(i, 2), **settings) for i in range(2)]
+    slices = [
+        generate_store(tiny_world, tmp_path / f"s{i}", partition=(i, 2), features_from=str(store), **job)
+        for i in range(2)
+    ]
     out = cli("merge", *map(str, slices), "--out", str(tmp_path / "merged")).stdout
     merged = featurecache.read_index(tmp_path / "merged")
     assert "feature cache not merged" not in out and merged["complete"] and merged["num_frames"] == 24
