@@ -131,7 +131,7 @@ class Side:
             if name == "cached":
                 from reflowpairs.featurecache import plan_training
 
-                self.cache = plan_training(world.store, self.policy, store.index()[0], disabled=False)
+                self.cache = plan_training(world.store, self.policy, store.meta, disabled=False)
                 frames = self.cache.frames(full)
                 self.loss_fn = self.cache.loss_fn(self.preprocessor)
             pairs = PairDataset(store, frames, position_lookup(frame_indices(full)), cache_shards=5)

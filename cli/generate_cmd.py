@@ -133,6 +133,14 @@ def generate(
             help="Storage dtype of the cached features: float32 (exact) or half the bytes in float16/bfloat16.",
         ),
     ] = _DEFAULTS.feature_dtype,
+    features_from: Annotated[
+        str | None,
+        typer.Option(
+            metavar="STORE",
+            rich_help_panel=OUTPUT,
+            help="Read the frozen image features from STORE's feature cache instead of decoding images and running the vision encoder (a later reflow round whose teacher shares the frozen weights; X_1 unchanged). Implies --cache-features: the new store gets the same features. A cache made with other frozen weights or image settings is refused.",
+        ),
+    ] = _DEFAULTS.features_from,
     on_nonfinite: Annotated[
         str,
         typer.Option(
@@ -247,6 +255,7 @@ def generate(
         x0=x0,
         cache_features=cache_features,
         feature_dtype=feature_dtype,
+        features_from=features_from,
     )
     options = resolved_options(
         ctx,

@@ -46,6 +46,22 @@ def _kv_table(title: str, rows: dict[str, Any]) -> Table:
     return table
 
 
+def feature_cache_table(cache: dict[str, Any]) -> Table:
+    """The store's feature cache (``featurecache.describe``): what, dtype, bytes per frame, frames, complete."""
+    return _kv_table(
+        "feature cache (features/)",
+        {
+            "kind": cache["kind"],
+            "what": cache.get("what") or "-",
+            "dtype": f"{cache['dtype']} {tuple(cache['shape'])} (slots {', '.join(map(repr, cache['slots']))})",
+            "bytes per frame": f"{cache['bytes_per_frame']:,}",
+            "frames": f"{cache['frames']:,} in {cache['shards']} shards ({_human_bytes(cache['bytes'])})",
+            "complete": cache["complete"],
+            "fingerprint": cache["fingerprint"][:16],
+        },
+    )
+
+
 def summary_tables(summary: dict[str, Any]) -> list[Table]:
     """The rich tables of ``inspect``: store, provenance, and statistics (when computed)."""
     spf = summary["samples_per_frame"]
@@ -86,6 +102,9 @@ def summary_tables(summary: dict[str, Any]) -> list[Table]:
                 end_section=i == len(summary[section]) - 1,
             )
     tables.append(provenance)
+    cache = summary.get("feature_cache")
+    if cache:
+        tables.append(feature_cache_table(cache))
     stats = summary.get("statistics")
     if stats:
         x0 = stats["x0"]
@@ -295,4 +314,6 @@ def merge(
         soft_wrap=True,
         highlight=False,
     )
+    if manifest.get("feature_cache_note"):
+        out_console.print(manifest["feature_cache_note"], markup=False, soft_wrap=True, highlight=False)
     print_next(["reflowpairs", "validate", str(out)])

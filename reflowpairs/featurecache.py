@@ -37,7 +37,14 @@ from torch import Tensor
 
 from reflowpairs.atomic import load_json_object, write_json_atomically
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairstore import TMP_PREFIX, array_sha256, read_shard, remove_path, write_shard
+from reflowpairs.pairstore import (
+    TMP_PREFIX,
+    StoreManifest,
+    array_sha256,
+    read_shard,
+    remove_path,
+    write_shard,
+)
 
 FEATURES_DIR = "features"
 INDEX = "index.json"
@@ -301,7 +308,9 @@ def add_features(
     from reflowpairs.pairstore import PairStore
 
     sink = FeatureSink(store, policy, dtype)
-    wanted = np.unique(PairStore(store).index()[0])
+    pairs = PairStore(store)
+    manifest = pairs.meta
+    wanted = np.unique(pairs.index()[0])
     todo = np.setdiff1d(wanted, np.fromiter(sink.have, dtype=np.int64, count=len(sink.have)))
     lookup = position_lookup(frame_indices(dataset))
     unknown = missing_frames(lookup, todo)
@@ -332,6 +341,7 @@ def add_features(
     index = sink.writer.index
     index["complete"] = not len(np.setdiff1d(wanted, cached_obs_index(store, index)))
     index["num_frames"] = cached_frames(index)
+    index["store_pairs"] = int(manifest.data["num_pairs"])  # plan_training: frames added since lack features
     sink.writer.write_index()
     return index
 
@@ -356,21 +366,68 @@ def cached_obs_index(store: str | Path, index: dict[str, Any]) -> np.ndarray:
     return np.concatenate(cols) if cols else np.zeros(0, np.int64)
 
 
+# --- merging partition slices' caches (reflowpairs.merge) --------------------------------------------------------
+
+_SAME_ACROSS_SLICES = ("kind", "policy_type", "fingerprint", "inputs", "slots", "shape", "dtype")
+
+
+def merge_caches(out: Path, slices: list[Path], manifest, place: Callable[[Path, Path], None]) -> str | None:
+    """Carry the slices' feature caches into the merged store ``out`` (``manifest``: its ``StoreManifest``, shards
+    already listed): each slice's feature shards copied with ``place(src, dst)`` under ``features/s<i>-<name>`` and
+    listed in one index with ``out``'s store id. Returns None when no slice has a cache or they were merged, else why
+    they were not (some slices without one, or caches made differently): the merged store then has none."""
+    indexes = [read_index(s) for s in slices]
+    if all(i is None for i in indexes):
+        return None
+    how = "add one with `reflowpairs generate --resume --cache-features` on the merged store"
+    lacking = [str(s) for s, i in zip(slices, indexes, strict=True) if i is None]
+    if lacking:
+        return f"feature cache not merged: {', '.join(lacking)} has none; {how}"
+    differ = [k for k in _SAME_ACROSS_SLICES if any(i.get(k) != indexes[0].get(k) for i in indexes)]
+    if differ:
+        return f"feature cache not merged: the slices' caches differ in {', '.join(differ)}; {how}"
+    merged = {k: v for k, v in indexes[0].items() if k not in ("shards", "store_pairs")}
+    merged.update(store_id=manifest.store_id, shards=[])
+    for n, (store, index) in enumerate(zip(slices, indexes, strict=True)):
+        for entry in index["shards"]:
+            rel = f"{FEATURES_DIR}/s{n:03d}-{Path(entry['path']).name}"
+            place(Path(store) / entry["path"], Path(out) / rel)
+            merged["shards"].append({**entry, "path": rel})
+    merged["num_frames"] = cached_frames(merged)
+    # complete when every slice's cache covered its slice (checked from the manifests, as train does)
+    covered = all(
+        coverage_problem(i, StoreManifest.read(s)) is None for s, i in zip(slices, indexes, strict=True)
+    )
+    merged["complete"] = covered
+    if covered:
+        merged["store_pairs"] = int(manifest.data["num_pairs"])
+    write_json_atomically(features_dir(out) / INDEX, merged)
+    return None
+
+
 # --- reading it in training ------------------------------------------------------------------------------------
 
 
 class FeatureReader:
     """``reader[obs_index] -> (S, N, D) float32``: whole shards read on first use, the last ``cache_shards`` kept
-    (per process, so per DataLoader worker)."""
+    (per process, so per DataLoader worker). Where each frame is (``where``) is read on first use too (each shard's
+    obs_index column), so building a reader reads nothing."""
 
     def __init__(self, store: str | Path, index: dict[str, Any], cache_shards: int = 8):
         self.store, self.index, self.cache_shards = Path(store), index, max(1, int(cache_shards))
-        obs = [cached_obs_index(store, {"shards": [s]}) for s in index["shards"]]
-        size = int(max((o.max(initial=-1) for o in obs), default=-1)) + 1
-        self.where = np.full((size, 2), -1, dtype=np.int64)
-        for i, o in enumerate(obs):
-            self.where[o, 0], self.where[o, 1] = i, np.arange(len(o))
+        self._where: np.ndarray | None = None
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    @property
+    def where(self) -> np.ndarray:
+        """``(max obs_index + 1, 2)`` int64: (shard, row) of each cached frame, -1 where not cached."""
+        if self._where is None:
+            obs = [cached_obs_index(self.store, {"shards": [s]}) for s in self.index["shards"]]
+            size = int(max((o.max(initial=-1) for o in obs), default=-1)) + 1
+            self._where = np.full((size, 2), -1, dtype=np.int64)
+            for i, o in enumerate(obs):
+                self._where[o, 0], self._where[o, 1] = i, np.arange(len(o))
+        return self._where
 
     def has(self, obs_index: np.ndarray) -> np.ndarray:
         obs_index = np.asarray(obs_index)
@@ -397,8 +454,22 @@ class FeatureReader:
         return data
 
     def __getitem__(self, obs_index: int) -> Tensor:
+        """The frame's features; ``ReflowPairsError`` naming the frame and the fix when the cache lacks it."""
+        if not self.has(np.array([int(obs_index)]))[0]:
+            raise missing_frames_error(self.store, np.array([int(obs_index)]))
         shard, row = self.where[int(obs_index)]
         return from_storage(self.shard(int(shard))[int(row)], self.index["dtype"])
+
+
+def missing_frames_error(store: str | Path, missing: np.ndarray, of: int | None = None) -> ReflowPairsError:
+    """The refusal of a feature cache that lacks frames ``missing`` (obs_index) of its store."""
+    shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+    count = f"{len(missing)} of its frames" if of is None else f"{len(missing)} of its {of} frames"
+    return ReflowPairsError(
+        f"Store {store}'s feature cache lacks {count} (obs_index {shown}).",
+        f"Add them with `reflowpairs generate --resume --cache-features` on {store} (the teacher and dataset it was "
+        "generated with), or set `no_feature_cache`.",
+    )
 
 
 class CachedFrames:
@@ -456,10 +527,13 @@ class TrainingCache:
         return {**describe(self.index), "path": str(self.store / FEATURES_DIR)}
 
 
-def plan_training(store: str | Path, policy, obs_index: np.ndarray, disabled: bool) -> TrainingCache | None:
+def plan_training(store: str | Path, policy, manifest, disabled: bool) -> TrainingCache | None:
     """The store's feature cache if training ``policy`` should use it: None when the store has none or ``disabled``
     (``no_feature_cache``); ``ReflowPairsError`` when it has one that cannot stand in for the policy's own features
-    (trainable vision model or connector, other frozen weights or image settings, frames missing)."""
+    (trainable vision model or connector, other frozen weights or image settings, frames missing). ``manifest``: the
+    store's ``StoreManifest``. Reads no pair shard: the frames are checked against what the manifest records
+    (``coverage_problem``); a frame still missing is refused where its features are looked up (``FeatureReader``),
+    before a step uses it."""
     if disabled:
         return None
     index = read_index(store)
@@ -480,6 +554,23 @@ def plan_training(store: str | Path, policy, obs_index: np.ndarray, disabled: bo
             + " (train_expert_only freezes both; freeze_vision_encoder alone leaves the connector trainable).",
             off,
         )
+    refuse_other_identity(store, index, policy, "student", off)
+    if index.get("store_id") is not None and index["store_id"] != manifest.store_id:
+        raise ReflowPairsError(
+            f"Store {store}'s feature cache belongs to another store ({index['store_id']}).", off
+        )
+    problem = coverage_problem(index, manifest)
+    if problem is not None:
+        raise ReflowPairsError(
+            f"Store {store}'s feature cache does not cover the store: {problem}.",
+            f"Add the missing features with `reflowpairs generate --resume --cache-features` on {store} (the teacher "
+            "and dataset it was generated with), or set `no_feature_cache`.",
+        )
+    return TrainingCache(Path(store), index)
+
+
+def refuse_other_identity(store: str | Path, index: dict[str, Any], policy, whose: str, hint: str) -> None:
+    """``ReflowPairsError`` unless the cache's kind, frozen-weights fingerprint and image settings are ``policy``'s."""
     identity = cache_identity(policy)
     for key, words in (("kind", "kind"), ("fingerprint", "frozen weights"), ("inputs", "image settings")):
         if index.get(key) != identity[key]:
@@ -489,27 +580,44 @@ def plan_training(store: str | Path, policy, obs_index: np.ndarray, disabled: bo
                 else (index.get(key), identity[key])
             )
             raise ReflowPairsError(
-                f"Store {store}'s feature cache was computed with other {words} than the student's "
-                f"(cache: {shown[0]}, student: {shown[1]}).",
-                off,
+                f"Store {store}'s feature cache was computed with other {words} than the {whose}'s "
+                f"(cache: {shown[0]}, {whose}: {shown[1]}).",
+                hint,
             )
-    if index.get("store_id") is not None:
-        from reflowpairs.pairstore import StoreManifest
 
-        if index["store_id"] != StoreManifest.read(store).store_id:
-            raise ReflowPairsError(
-                f"Store {store}'s feature cache belongs to another store ({index['store_id']}).", off
-            )
-    reader = FeatureReader(store, index, cache_shards=1)
-    missing = np.unique(np.asarray(obs_index))[~reader.has(np.unique(np.asarray(obs_index)))]
-    if len(missing):
-        shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+
+def source_cache(source: str | Path, policy) -> TrainingCache:
+    """Another store's feature cache that stage 1 reads instead of running ``policy``'s frozen vision encoder
+    (``features_from``: a later reflow round whose teacher shares the frozen weights): refused when ``source`` has
+    none, or one made with other frozen weights, kind or image settings."""
+    hint = "Unset `features_from` (the teacher then computes the features itself)."
+    refuse_uncacheable(policy)
+    index = read_index(source)
+    if index is None:
         raise ReflowPairsError(
-            f"Store {store}'s feature cache lacks {len(missing)} of its frames (obs_index {shown}).",
-            "Add them with `reflowpairs generate` with `cache_features` and `resume` on the store, or set "
-            "`no_feature_cache`.",
+            f"Store {source} has no feature cache (no {features_dir(source) / INDEX}).", hint
         )
-    return TrainingCache(Path(store), index)
+    refuse_other_identity(source, index, policy, "teacher", hint)
+    return TrainingCache(Path(source), index)
+
+
+def coverage_problem(index: dict[str, Any], manifest) -> str | None:
+    """Why the cache cannot cover every frame of the store, from the index and the manifest alone (no shard read),
+    or None: the cache must be ``complete``; a cache that recorded the store's pair count (``store_pairs``) must
+    match the manifest's (else pairs were added since, without features); and a complete store's frames (the job's
+    ``num_frames``, of its partition if any, less the skipped ones) cannot outnumber the cached frames."""
+    if not index.get("complete"):
+        return "the cache is incomplete (an interrupted run)"
+    pairs = int(manifest.data.get("num_pairs", 0))
+    if index.get("store_pairs") is not None and int(index["store_pairs"]) != pairs:
+        return f"it was made when the store had {index['store_pairs']} pairs, the store has {pairs} now"
+    if manifest.data.get("complete"):
+        frames = (manifest.data.get("partition") or manifest.data.get("generation") or {}).get("num_frames")
+        if frames is not None:
+            expected = int(frames) - len(manifest.skipped_frames)
+            if cached_frames(index) < expected:
+                return f"it holds {cached_frames(index)} frames, the store has {expected}"
+    return None
 
 
 # --- checking it (validate) ----------------------------------------------------------------------------------------

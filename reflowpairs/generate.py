@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,14 @@ from reflowpairs.distributed import DistContext
 from reflowpairs.engine import make_engine, resolve_frames_per_call
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.featurecache import (
+    FEATURE_KEY,
     FEATURES_DIR,
     FeatureSink,
     assemble_captured,
     check_feature_dtype,
+    missing_frames_error,
     refuse_uncacheable,
+    source_cache,
 )
 from reflowpairs.merge import absorb_parts
 from reflowpairs.noise import batch_noise
@@ -105,6 +108,9 @@ class GenerateConfig:
     writer_id: str = "w0"
     cache_features: bool = False  # also store each frame's frozen features (reflowpairs.featurecache)
     feature_dtype: str = "float32"  # storage dtype of the cached features: float32, float16 or bfloat16
+    # a store whose feature cache the teacher's prefix fills read instead of running its frozen vision encoder (a
+    # later reflow round whose teacher shares those weights); the new store gets the same features (cache_features)
+    features_from: str | None = None
 
 
 @dataclass
@@ -137,6 +143,11 @@ def software_versions() -> dict[str, str]:
 
 def _check_args(cfg: GenerateConfig) -> None:
     check_feature_dtype(cfg.feature_dtype)
+    if cfg.features_from is not None and cfg.exact:
+        raise ReflowPairsError(
+            "`features_from` feeds the prefix-cached engine's prefix fills; `exact` runs lerobot's own sampler.",
+            "Unset `exact` or `features_from`.",
+        )
     if cfg.samples_per_frame < 1:
         raise ReflowPairsError(f"`samples_per_frame` must be at least 1, got {cfg.samples_per_frame}.")
     if cfg.batch_size < 1:
@@ -354,6 +365,7 @@ class _Job:
     solver: SolverConfig
     frame_index: np.ndarray  # global obs_index of each dataset position (selected episodes)
     fresh: StoreManifest  # the manifest a new store at --out would start with (not written)
+    features: Any = None  # featurecache.TrainingCache of `features_from`, read instead of the vision encoder
 
 
 def _prepare(cfg: GenerateConfig, device: str, out: Path) -> _Job:
@@ -509,6 +521,10 @@ def _generate(
 ) -> GenerateResult:
     """``generate`` once the main process holds the store lock."""
     job = _prepare(cfg, dist.device(cfg.device), out)
+    if cfg.features_from is not None:  # read, and kept in the new store as they are (their dtype)
+        job.features = source_cache(cfg.features_from, job.teacher.policy)
+        job.engine.feature_slots = list(job.features.index["slots"])
+        cfg = replace(cfg, cache_features=True, feature_dtype=job.features.index["dtype"])
     if cfg.cache_features:
         refuse_uncacheable(job.teacher.policy)
     failure = None
@@ -606,8 +622,17 @@ def _sample_frames(
     except OSError as err:
         raise _write_failed(manifest.out, err) from err
     start, frames, pairs = time.perf_counter(), 0, 0
+    items = job.dataset
+    if job.features is not None:  # no image decoded, no vision encoder run: the cached features instead
+        items = job.features.frames(job.dataset)
+        lacking = job.frame_index[positions][~items.reader.has(job.frame_index[positions])]
+        if len(lacking):
+            err = missing_frames_error(job.features.store, lacking)
+            raise ReflowPairsError(
+                err.what, "Add them to that store's cache first, or unset `features_from`."
+            )
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(job.dataset, positions.tolist()),
+        torch.utils.data.Subset(items, positions.tolist()),
         batch_size=cfg.batch_size,
         shuffle=False,
         num_workers=cfg.num_workers,
@@ -656,23 +681,29 @@ def _sample_batch(
     the kept frames' features go to the feature cache: captured from the engine's prefix fills when it computes them
     in float32 (prefix-cached engine, no autocast), else computed for the batch."""
     obs_index = batch["index"].to(torch.int64).numpy()
+    batch = dict(batch)
+    cached = batch.pop(FEATURE_KEY, None)  # (B, S, N, D) read from `features_from`'s cache
     k = cfg.samples_per_frame
     noise = batch_noise(cfg.seed, obs_index.tolist(), k, engine.noise_shape)  # (B, K, T, D0)
     compute = COMPUTE_DTYPES[cfg.dtype]
-    capture = sink is not None and not engine.exact and compute is torch.float32
+    capture = sink is not None and not engine.exact and compute is torch.float32 and cached is None
     captured = sink.family.captured_features(sink.policy) if capture else contextlib.nullcontext([])
     with (
         torch.autocast(engine.device.type, dtype=compute, enabled=compute is not torch.float32),
         captured as outputs,
     ):
         processed = preprocessor(batch)
+        if cached is not None:
+            processed[FEATURE_KEY] = cached  # the engine's prefix fills use it (sliced and padded per call)
         x1 = engine.sample(processed, noise, solver).float().cpu()  # (B, K, T, D1)
     finite = torch.isfinite(x1).flatten(1).all(dim=1).numpy()
     keep = np.flatnonzero(finite)
     if sink is not None and len(keep):
         slots = sink.family.feature_slots(sink.policy.config, processed.keys())
-        features = assemble_captured(outputs, len(slots), len(obs_index)) if capture else None
-        if features is None:
+        features = assemble_captured(outputs, len(slots), len(obs_index)) if capture else cached
+        if cached is not None:
+            slots = list(engine.feature_slots)
+        elif features is None:
             features, slots = sink.family.compute_features(sink.policy, processed)
         sink.put(obs_index[keep], features[torch.from_numpy(keep)], slots)
     block = Pairs(

@@ -164,4 +164,7 @@ def _merge_into(out: Path, slices: list[Path], manifests: list[StoreManifest]) -
     for i, part in enumerate(manifests):
         _absorb(manifest, part, f"s{i:03d}-", move=False)
     manifest.set_complete()
-    return manifest.data
+    from reflowpairs.featurecache import merge_caches  # the slices' feature caches, when they have them
+
+    note = merge_caches(out, slices, manifest, lambda src, dst: _place(src, dst, move=False))
+    return {**manifest.data, "feature_cache_note": note}

@@ -296,10 +296,14 @@ class PairDataset(Dataset):
             x0 = np.array(data["x0"][row], dtype=np.float32)
         else:
             x0 = self.store.regenerate_x0(np.array([obs_index]), np.array([sample]))[0]
+        try:
+            observation = drop_action_keys(self.dataset[position])
+        except ReflowPairsError as err:  # e.g. a frame the feature cache lacks (featurecache.FeatureReader)
+            return {REFUSED: (err.what, err.hint)}
         return {
             "x0": torch.from_numpy(x0),
             "x1": torch.from_numpy(np.array(data["x1"][row], dtype=np.float32)),
             "obs_index": obs_index,
             "sample": sample,
-            "observation": drop_action_keys(self.dataset[position]),
+            "observation": observation,
         }

@@ -1118,9 +1118,7 @@ def _plan_run(cfg: TrainConfig) -> _Run:
     )
     from reflowpairs.featurecache import plan_training
 
-    feature_cache = plan_training(
-        cfg.pairs, inputs.loaded.policy, inputs.store.index()[0], cfg.no_feature_cache
-    )
+    feature_cache = plan_training(cfg.pairs, inputs.loaded.policy, inputs.store.meta, cfg.no_feature_cache)
     return _Run(
         feature_cache=feature_cache,
         cfg=cfg,

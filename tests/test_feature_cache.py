@@ -107,15 +107,22 @@ def test_cache_added_to_a_store_trains_like_decoding(tiny_world, tiny_store, tmp
     from reflowpairs.validate import ValidateConfig, validate
 
     assert summarize(store, statistics=False)["feature_cache"]["frames"] == len(frames)
+    shown = cli("inspect", str(store), "--no-stats").stdout  # the terminal table, not only --json
+    table = shown[shown.index("feature cache") :]
+    for text in ("float32 (1, 4, 64)", "bytes per frame", "1,024", f"{len(frames)} in 1 shards", "True"):
+        assert text in table, shown
     report = validate(ValidateConfig(store=store, spot_check=2, device="cpu"))
     assert report.ok and report.checks[-1].name == "features", report.checks
     assert "2 frames recomputed match" in report.checks[-1].detail
 
+    assert index["store_pairs"] == before
     students = {}
     for name, off in (("cached", False), ("decoded", True)):
         plans = []
         settings = {"steps": 2, "batch_size": 4, "num_workers": 0, "device": "cpu", "no_feature_cache": off}
-        train(TrainConfig(pairs=store, out=tmp_path / name, **settings), on_plan=plans.append)
+        with pytest.MonkeyPatch.context() as patch:  # start-up reads no pair shard's obs_index (issue #15)
+            patch.setattr(PairStore, "index", lambda self: pytest.fail("train read every shard's obs_index"))
+            train(TrainConfig(pairs=store, out=tmp_path / name, **settings), on_plan=plans.append)
         assert (plans[0]["feature_cache"] is not None) is (not off)
         students[name] = load_file(
             tmp_path / name / "checkpoints" / "last" / "pretrained_model" / "model.safetensors"
@@ -127,17 +134,38 @@ def test_cache_added_to_a_store_trains_like_decoding(tiny_world, tiny_store, tmp
     from reflowpairs.teacher import load_policy
 
     policy = load_policy(str(tiny_world.teacher_dir), "cpu").policy
-    featurecache.plan_training(store, policy, frames, disabled=False)  # applies
+    meta = PairStore(store).meta
+    assert featurecache.plan_training(store, policy, meta, disabled=False) is not None  # applies
+    # frames missing: pairs added after the cache (known from the manifest), or a frame found missing when read
+    featurecache.write_json_atomically(
+        featurecache.features_dir(store) / "index.json", {**index, "store_pairs": 1}
+    )
+    with pytest.raises(ReflowPairsError, match="had 1 pairs, the store has") as err:
+        featurecache.plan_training(store, policy, meta, disabled=False)
+    assert "generate --resume --cache-features" in err.value.hint
+    featurecache.write_json_atomically(featurecache.features_dir(store) / "index.json", index)
+    assert "incomplete" in featurecache.coverage_problem({**index, "complete": False}, meta)
+    from reflowpairs.dataset import frame_indices
+    from reflowpairs.pairdata import REFUSED, PairDataset, position_lookup
+
+    dataset = _dataset(tiny_world)
+    pairs = PairDataset(
+        PairStore(store),
+        featurecache.TrainingCache(store, index).frames(dataset),
+        position_lookup(frame_indices(dataset)),
+    )
+    first = pairs[0]
+    assert first["observation"][featurecache.FEATURE_KEY].shape == (1, 4, 64)
+    pairs.dataset.reader.where[first["obs_index"]] = -1
+    what, hint = pairs[0][REFUSED]
+    assert f"lacks 1 of its frames (obs_index {first['obs_index']})" in what
+    assert "generate --resume --cache-features" in hint
     with torch.no_grad():
         next(smolvla.frozen_feature_modules(policy)["vision_model"].parameters()).add_(1.0)
     with pytest.raises(ReflowPairsError, match="frozen weights") as err:
-        featurecache.plan_training(store, policy, frames, disabled=False)
+        featurecache.plan_training(store, policy, meta, disabled=False)
     assert "`no_feature_cache`" in err.value.hint
-    assert featurecache.plan_training(store, policy, frames, disabled=True) is None
-    with pytest.raises(ReflowPairsError, match="lacks 1 of its frames"):
-        featurecache.plan_training(
-            store, load_policy(str(tiny_world.teacher_dir), "cpu").policy, np.append(frames, 10**6), False
-        )
+    assert featurecache.plan_training(store, policy, meta, disabled=True) is None
     # a damaged feature shard is found by its checksum
     shard = store / index["shards"][0]["path"]
     import zarr
@@ -155,17 +183,10 @@ def test_generate_keeps_the_features_its_prefix_fills_compute(tiny_world, tmp_pa
     def not_again(*args):
         raise AssertionError("generate computed features its prefix fills had computed")
 
+    job = {"episodes": [0], "samples_per_frame": 1, "num_steps": 2, "batch_size": 5}
     with monkeypatch.context() as patch:
         patch.setattr(smolvla.SmolVLAFamily, "compute_features", not_again)
-        store = generate_store(
-            tiny_world,
-            tmp_path / "pairs",
-            episodes=[0],
-            samples_per_frame=1,
-            num_steps=2,
-            batch_size=5,
-            cache_features=True,
-        )
+        store = generate_store(tiny_world, tmp_path / "pairs", cache_features=True, **job)
     index = featurecache.read_index(store)
     frames = np.unique(PairStore(store).index()[0])
     assert index["complete"] and featurecache.cached_frames(index) == len(frames) == 24
@@ -173,6 +194,49 @@ def test_generate_keeps_the_features_its_prefix_fills_compute(tiny_world, tmp_pa
     recompute = featurecache.recompute_features(str(tiny_world.teacher_dir), "cpu", _dataset(tiny_world))
     problems, summary = featurecache.check(store, frames, recompute, spot=6)
     assert problems == [] and "6 frames recomputed match" in summary
+
+    # a later round whose teacher shares the frozen weights reads the cache: no image decoded, no vision encoder
+    # run, X_1 unchanged, and the new store gets the same features
+    from lerobot.policies.smolvla.smolvlm_with_expert import SmolVLMWithExpertModel
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SmolVLMWithExpertModel, "embed_image", not_again)
+        patch.setattr(smolvla.SmolVLAFamily, "compute_features", not_again)
+        again = generate_store(tiny_world, tmp_path / "round2", features_from=str(store), **job)
+    first, second = PairStore(store), PairStore(again)
+    for i in range(len(first.shards)):
+        a, b = first.read_stored(i, ("obs_index", "x1")), second.read_stored(i, ("obs_index", "x1"))
+        assert np.array_equal(a["obs_index"], b["obs_index"]) and np.array_equal(
+            a["x1"], b["x1"]
+        )  # bit-identical
+    copied = featurecache.read_index(again)
+    assert copied["complete"] and copied["fingerprint"] == index["fingerprint"]
+    reader, copy_reader = (featurecache.FeatureReader(s, featurecache.read_index(s)) for s in (store, again))
+    assert all(torch.equal(reader[int(o)], copy_reader[int(o)]) for o in frames)
+    # partition slices made so carry their caches into the merged store, which training accepts
+    slices = [
+        generate_store(tiny_world, tmp_path / f"s{i}", partition=(i, 2), features_from=str(store), **job)
+        for i in range(2)
+    ]
+    out = cli("merge", *map(str, slices), "--out", str(tmp_path / "merged")).stdout
+    merged = featurecache.read_index(tmp_path / "merged")
+    assert "feature cache not merged" not in out and merged["complete"] and merged["num_frames"] == 24
+    assert featurecache.check(tmp_path / "merged", frames)[0] == []
+    assert featurecache.coverage_problem(merged, PairStore(tmp_path / "merged").meta) is None
+    shutil.rmtree(slices[1] / "features")  # a slice without one: said, and the merged store has none
+    out = cli("merge", *map(str, slices), "--out", str(tmp_path / "merged2")).stdout
+    assert "feature cache not merged" in " ".join(out.split()) and "--cache-features" in out
+    assert featurecache.read_index(tmp_path / "merged2") is None
+
+    # a teacher with other frozen weights is refused
+    from reflowpairs.teacher import load_policy
+
+    policy = load_policy(str(tiny_world.teacher_dir), "cpu").policy
+    with torch.no_grad():
+        next(smolvla.frozen_feature_modules(policy)["connector"].parameters()).add_(1.0)
+    with pytest.raises(ReflowPairsError, match="other frozen weights than the teacher's") as err:
+        featurecache.source_cache(store, policy)
+    assert "`features_from`" in err.value.hint
 
 
 def _dataset(world):

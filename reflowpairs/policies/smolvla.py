@@ -23,6 +23,7 @@ calling ``denoise_step`` (benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from torch.nn import functional as F
 
 from reflowpairs.engine import PrefixCachedEngine, pad_language
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.featurecache import FEATURE_KEY
 from reflowpairs.solvers import Velocity
 
 STEP_FIELD = "num_steps"
@@ -105,6 +107,10 @@ class SmolVLAEngine(PrefixCachedEngine):
     ``frames_per_call``: every call samples exactly this many frames (a short call is padded with copies of its
     last frame), so a frame's X_1 does not depend on its batch-mates; None: the whole batch in one call, unpadded."""
 
+    feature_slots: list[str] | None = (
+        None  # the camera slots of cached features a batch carries (FEATURE_KEY)
+    )
+
     def __init__(self, policy, frames_per_call: int | None = None):
         self.policy = policy
         self.frames_per_call = frames_per_call
@@ -139,15 +145,26 @@ class SmolVLAEngine(PrefixCachedEngine):
         batch = dict(batch)
         if policy.config.adapt_to_pi_aloha:  # _prepare_batch edits the state in place
             batch[OBS_STATE] = batch[OBS_STATE].clone()
+        features = batch.pop(
+            FEATURE_KEY, None
+        )  # cached image embeddings (B, S, N, D): no vision encoder pass
         batch = policy._prepare_batch(batch)
-        images, img_masks = policy.prepare_images(batch)
-        state = policy.prepare_state(batch)
-        tokens, token_mask = pad_language(
-            batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK], policy.config.tokenizer_max_length
+        substituted = (
+            substituted_image_features(policy, features, self.feature_slots)
+            if features is not None
+            else contextlib.nullcontext()
         )
-        prefix_embs, prefix_pad_masks, prefix_att_masks = model.embed_prefix(
-            images, img_masks, tokens, token_mask, state=state
-        )
+        with substituted:
+            images, img_masks = policy.prepare_images(batch)
+            state = policy.prepare_state(batch)
+            tokens, token_mask = pad_language(
+                batch[OBS_LANGUAGE_TOKENS],
+                batch[OBS_LANGUAGE_ATTENTION_MASK],
+                policy.config.tokenizer_max_length,
+            )
+            prefix_embs, prefix_pad_masks, prefix_att_masks = model.embed_prefix(
+                images, img_masks, tokens, token_mask, state=state
+            )
         _, cache = model.vlm_with_expert.forward(
             attention_mask=make_att_2d_masks(prefix_pad_masks, prefix_att_masks),
             position_ids=torch.cumsum(prefix_pad_masks, dim=1) - 1,
