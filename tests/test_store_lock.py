@@ -110,7 +110,7 @@ def test_two_generate_runs_into_one_store(tiny_world, tmp_path):
     store = PairStore(out)
     assert store.manifest["complete"] is True
     assert all(store.verify_shard(i) == [] for i in range(len(store.shards)))
-    assert not (out / ".lock").exists() and not list((out / "shards").glob(".tmp-*"))
+    assert not (out / ".lock").exists() and not list((out / "shards").rglob(".tmp-*"))
 
 
 def test_lock_of_a_killed_process_is_taken_over(tiny_world, tmp_path):
