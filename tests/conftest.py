@@ -4,6 +4,7 @@ a second, differently shaped world the main code paths never special-case, and a
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,11 @@ from .helpers import generate_store, tiny_store_settings
 
 logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
 torch.set_num_threads(1)  # tiny models; and subprocess tests share the 2 cores
+# ... and the same for the library's own thread planning: generate() and train() call configure_threads, which gives
+# the main process every core unless OMP_NUM_THREADS is set, undoing the line above for the rest of the session. On a
+# shared 2-core machine two OpenMP threads on these tiny tensors make a generate run up to 20x slower (busy-waiting).
+# Tests of the default thread plan clear the variable themselves (monkeypatch.delenv); a user's setting is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -129,10 +129,14 @@ def test_backends_and_batch_sizes_store_identical_pairs(tiny_world, tmp_path):
 
 
 def test_dopri5_pairs_do_not_depend_on_the_batching(tiny_world, tmp_path):
-    """An adaptive solver's steps depend on everything integrated together; the engine solves one frame per call."""
+    """An adaptive solver's steps depend on everything integrated together; the engine solves one frame per call.
+    Every 4th frame of episode 1 (``partition`` 0/4: 6 frames): dopri5 solves each frame on its own, so more frames
+    would only repeat the check."""
     settings = {"episodes": [1], "samples_per_frame": 2, "solver": "dopri5", "rtol": 1e-3, "atol": 1e-3}
+    settings["partition"] = (0, 4)
     a = read_plain(_generate(tiny_world, tmp_path / "a", batch_size=1, **settings))
     b = read_plain(_generate(tiny_world, tmp_path / "b", batch_size=24, **settings))
+    assert len(a["obs_index"]) == 6 * 2
     assert_same_pairs(a, b)
 
 
@@ -509,13 +513,15 @@ def test_hub_ids_while_offline_get_a_clear_error(tiny_world, tmp_path, monkeypat
 
 
 def test_higher_order_solvers_buy_accuracy_per_step(tiny_world, tmp_path):
-    """midpoint/rk4 at 4 steps land closer to a tight dopri5 solution than Euler at 4 steps; all share one engine."""
+    """midpoint/rk4 at 4 steps land closer to a tight dopri5 solution than Euler at 4 steps; all share one engine.
+    On every 4th frame of episode 1 (``partition`` 0/4: 6 frames, which dopri5 solves one by one)."""
     stores = {}
     for solver, steps in (("euler", 4), ("midpoint", 4), ("rk4", 4), ("dopri5", 1)):
         out = _generate(
             tiny_world,
             tmp_path / solver,
             episodes=[1],
+            partition=(0, 4),
             samples_per_frame=1,
             solver=solver,
             num_steps=steps,
@@ -525,6 +531,7 @@ def test_higher_order_solvers_buy_accuracy_per_step(tiny_world, tmp_path):
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["generation"]["solver"] == solver
         stores[solver] = read_plain(out)
+    assert len(stores["dopri5"]["obs_index"]) == 6
     exact = stores["dopri5"]["x1"]
     error = {s: float(np.abs(stores[s]["x1"] - exact).mean()) for s in ("euler", "midpoint", "rk4")}
     assert error["rk4"] < error["midpoint"] < error["euler"], error
