@@ -56,7 +56,7 @@ def test_sigkill_at_several_points_then_resume_gives_identical_pairs(tiny_world,
     assert done.returncode == 0, done.stderr
     assert "Resuming" in done.stderr
     assert json.loads((out / "manifest.json").read_text())["complete"] is True
-    assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".tmp-")]
+    assert not list((out / "shards").rglob(".tmp-*"))
     assert_same_pairs(uninterrupted, read_plain(out))
 
 
@@ -66,7 +66,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(tiny_world, tmp_path, uninterrupted
     assert result.returncode == 130, result.stderr[-3000:]
     assert "--resume" in result.stderr and "Traceback" not in result.stderr
     assert_sound_but_incomplete(out)
-    assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".tmp-")]
+    assert not list((out / "shards").rglob(".tmp-*"))
     done = run_child(_cmd(tiny_world, out, "--resume"))
     assert done.returncode == 0, done.stderr
     assert_same_pairs(uninterrupted, read_plain(out))
