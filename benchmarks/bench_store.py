@@ -29,6 +29,34 @@ def store_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in (path / "shards").rglob("*") if p.is_file())
 
 
+# The real SmolVLA's vision side (SmolVLM2-500M-Video-Instruct's config): 512 px images in 16 px patches, pixel
+# shuffle by 4 in the connector, text width 960: (512 / 16 / 4)^2 = 64 image tokens of 960 values per camera.
+REAL_SMOLVLA_IMAGE_TOKENS = (512 // 16 // 4) ** 2
+REAL_SMOLVLA_WIDTH = 960
+
+
+def report_feature_cache(store: Path, pairs: int, frames: int = 20_000, cameras: int = 2) -> None:
+    """The feature cache (docs/feature-cache.md): bytes/frame of this store's cache, measured on disk, and the size of
+    a cache for ``frames`` frames of ``cameras`` cameras at the real SmolVLA's shapes, computed from bytes/frame."""
+    from reflowpairs.featurecache import bytes_per_frame, cached_frames, features_dir, read_index
+
+    index = read_index(store)
+    if index is not None:
+        on_disk = sum(p.stat().st_size for p in features_dir(store).rglob("*") if p.is_file())
+        cached = cached_frames(index)
+        print(
+            f"\nfeature cache of this store: {index['bytes_per_frame']:,} bytes/frame ({index['dtype']}, shape "
+            f"{index['shape']}), {on_disk / max(cached, 1):,.0f} bytes/frame on disk ({cached} frames, {pairs} pairs)"
+        )
+    shape = (cameras, REAL_SMOLVLA_IMAGE_TOKENS, REAL_SMOLVLA_WIDTH)
+    for dtype in ("float32", "bfloat16"):
+        per_frame = bytes_per_frame(shape, dtype)
+        print(
+            f"feature cache at the real SmolVLA's shapes, {cameras} cameras x {REAL_SMOLVLA_IMAGE_TOKENS} tokens x "
+            f"{REAL_SMOLVLA_WIDTH}, {dtype}: {per_frame:,} bytes/frame; {frames:,} frames: {frames * per_frame / 1e9:.1f} GB"
+        )
+
+
 def timed(fn, repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
@@ -119,6 +147,8 @@ def main() -> None:
             print(
                 f"  {name:28s} {statistics.median(rates):12,.0f} pairs/s (min {min(rates):,.0f}, max {max(rates):,.0f})"
             )
+
+    report_feature_cache(world.store, n)
 
     side = Side(
         "reflowpairs",

@@ -194,9 +194,14 @@ class FeatureWriter:
         write_json_atomically(features_dir(self.store) / INDEX, self.index)
 
 
+def bytes_per_frame(shape, dtype: str) -> int:
+    """Bytes one frame's cached features take: ``shape`` = (camera slots, tokens per camera, text width) values of
+    the storage ``dtype`` (float32, float16 or bfloat16)."""
+    return int(np.prod(shape)) * np.dtype(_NUMPY[dtype]).itemsize
+
+
 def new_index(store_id: str, identity: dict[str, Any], slots: list[str], shape, dtype: str) -> dict[str, Any]:
     """A feature index with no shards yet."""
-    itemsize = np.dtype(_NUMPY[dtype]).itemsize
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -207,7 +212,7 @@ def new_index(store_id: str, identity: dict[str, Any], slots: list[str], shape, 
         "slots": list(slots),
         "shape": [int(s) for s in shape],
         "dtype": dtype,
-        "bytes_per_frame": int(np.prod(shape)) * itemsize,
+        "bytes_per_frame": bytes_per_frame(shape, dtype),
         "complete": False,
         "shards": [],
     }

@@ -81,7 +81,14 @@ def test_make_targets_pass_their_default_arguments_whole(target, arguments):
         (
             "bench_store.py",
             "--size tiny --samples-per-frame 2 --batch-size 8 --repeats 1",
-            [r"zarr: \d+ bytes/pair", r"parquet: \d+ bytes/pair", r"training consumes \d+ pairs/s"],
+            [
+                r"zarr: \d+ bytes/pair",
+                r"parquet: \d+ bytes/pair",
+                r"training consumes \d+ pairs/s",
+                r"feature cache of this store: [\d,]+ bytes/frame \(float32",
+                # 2 cameras x 64 tokens x 960 values x 4 bytes; x 20,000 frames
+                r"2 cameras x 64 tokens x 960, float32: 491,520 bytes/frame; 20,000 frames: 9\.8 GB",
+            ],
         ),
         (
             "bench_exact.py",
