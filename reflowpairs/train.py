@@ -78,7 +78,6 @@ from reflowpairs.pairdata import (
     drop_action_keys,
     position_lookup,
     raise_if_refused,
-    read_checked,
 )
 from reflowpairs.pairstore import PairStore
 from reflowpairs.policies import family, json_step_field
@@ -701,19 +700,6 @@ def check_store(path: Path) -> PairStore:
         raise ReflowPairsError(
             f"Pair store {path} holds no pairs.", "Generate pairs first with `reflowpairs generate`."
         )
-    return store
-
-
-def verify_store(path: Path, progress: Callable[[int, int], None] | None = None) -> PairStore:
-    """``check_store``, then prove every shard whole, reading each once (``read_checked``: row counts, shapes,
-    dtypes, sha256 of every array, store id and name). Refusals name the shard. ``progress(shards_done,
-    shards_total)`` is called after each shard. ``train`` does not call this (it checks each shard as it reads it);
-    it is the whole-store check for callers that want one up front."""
-    store = check_store(path)
-    for i in range(len(store.shards)):
-        read_checked(store, i)
-        if progress is not None:
-            progress(i + 1, len(store.shards))
     return store
 
 
@@ -1499,5 +1485,4 @@ __all__ = [
     "build_optimisation",
     "trainable_parameters",
     "check_store",
-    "verify_store",
 ]

@@ -178,11 +178,18 @@ def test_partition_slices_and_merged_stores_validate(tiny_world, tmp_path):
     runner.invoke(app, ["merge", *map(str, slices), "--out", str(tmp_path / "merged")])
     report = validate(ValidateConfig(store=tmp_path / "merged"))
     assert report.status == "sound", report
-    # train's own check accepts it too: each merged shard carries the id of the slice that wrote it
+    # train's own checks accept it too (the start-up one, then each shard's as a loader reads it): each merged shard
+    # carries the id of the slice that wrote it
+    from reflowpairs.pairdata import read_checked
     from reflowpairs.pairstore import PairStore
-    from reflowpairs.train import verify_store
+    from reflowpairs.train import check_store
 
-    assert len(verify_store(tmp_path / "merged")) == sum(len(PairStore(s)) for s in slices) > 0
+    merged = check_store(tmp_path / "merged")
+    assert (
+        sum(len(read_checked(merged, i)["obs_index"]) for i in range(len(merged.shards)))
+        == sum(len(PairStore(s)) for s in slices)
+        > 0
+    )
 
 
 def test_each_process_reads_its_own_shards_and_every_epoch_covers_the_store():
