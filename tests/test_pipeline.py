@@ -158,3 +158,15 @@ def test_the_cli_prints_one_summary(tiny_world, tmp_path):
     bad = CliRunner().invoke(app, [*args[:-2], "--device", "cpu", "--samples-per-frame", "3"])
     assert bad.exit_code == 1
     assert "--samples-per-frame 2 -> 3" in bad.output  # the library's setting, worded as the flag
+
+
+def test_a_bad_eval_steps_list_is_named_by_its_own_flag(tmp_path):
+    """`--eval-num-steps` is parsed before anything loads; its error names that flag, not eval's `--num-steps`."""
+    out = tmp_path / "recipe"
+    args = ["pipeline", "--teacher", "t", "--dataset", "d", "--out", str(out), "--eval-num-steps", "1,a"]
+    result = CliRunner().invoke(app, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "--eval-num-steps '1,a' has entries that are not positive whole numbers: 'a'." in text
+    assert "Set --eval-num-steps to step counts of at least 1" in text and "Traceback" not in result.output
+    assert not out.exists()
