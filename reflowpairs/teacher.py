@@ -22,11 +22,73 @@ import torch
 
 from reflowpairs.errors import ReflowPairsError
 
-FLOW_MATCHING_POLICIES = ("smolvla", "pi0", "pi05")
-"""lerobot policy types that sample actions by integrating a flow-matching ODE."""
-
 SUPPORTED_POLICIES = ("smolvla", "pi0", "pi05")
 """Flow-matching policies this version has a policy family for (``reflowpairs.policies.FAMILIES``)."""
+
+UNSUPPORTED_POLICIES: dict[str, tuple[bool, str]] = {
+    # type: (samples by a flow-matching / diffusion ODE?, why reflowpairs cannot straighten it).
+    # One line per lerobot 0.6.1 policy type; docs/families.md keeps the same survey with its sources.
+    "act": (
+        False,
+        "it regresses the action chunk in one forward pass: there is no ODE sampler to straighten",
+    ),
+    "vqbet": (False, "it predicts discrete action tokens (VQ codes): there is no ODE sampler to straighten"),
+    "tdmpc": (False, "it plans with a learned world model (MPPI): there is no ODE sampler to straighten"),
+    "gaussian_actor": (False, "it samples a Gaussian actor (RL): there is no ODE sampler to straighten"),
+    "pi0_fast": (
+        False,
+        "it decodes FAST action tokens autoregressively: there is no ODE sampler to straighten",
+    ),
+    "diffusion": (
+        True,
+        "its DDPM/DDIM scheduler is built without a timestep spacing, so a 1-step DDIM student would run at t=0 "
+        "and cannot be saved as an ordinary lerobot checkpoint",
+    ),
+    "xvla": (
+        True,
+        "it predicts clean actions and re-noises them (not a velocity ODE), classifies its gripper channels, and "
+        "ignores the noise it is given",
+    ),
+    "eo1": (
+        True,
+        "its sampler draws the noise inside the model (no entry point takes a given noise); a family for it is "
+        "planned, not yet written",
+    ),
+    "multi_task_dit": (
+        True,
+        "its sampler draws the noise inside conditional_sample and integrates t=0 -> 1; a family for it is planned, "
+        "not yet written",
+    ),
+    "groot": (True, "it draws its noise inline and builds a hub-only backbone in its constructor"),
+    "evo1": (True, "it draws its noise inline and builds a hub-only backbone in its constructor"),
+    "vla_jepa": (True, "it draws its noise inline and builds a hub-only backbone in its constructor"),
+    "wall_x": (True, "it draws its noise inline and builds a hub-only backbone in its constructor"),
+    "fastwam": (True, "it draws its noise inline and builds a hub-only video backbone in its constructor"),
+    "lingbot_va": (True, "it draws its noise inline and builds a hub-only video backbone in its constructor"),
+    "molmoact2": (
+        True,
+        "its loss at a given noise and time is a private method and its backbone loads from the hub only",
+    ),
+}
+"""Every other lerobot 0.6.1 policy type, with the reason ``load_config`` refuses it."""
+
+
+def unsupported_policy_problem(policy_type: str) -> tuple[str, str]:
+    """The refusal (problem, what to do) for a policy type reflowpairs has no family for."""
+    supported = f"reflowpairs straightens {', '.join(SUPPORTED_POLICIES)} policies"
+    if policy_type not in UNSUPPORTED_POLICIES:
+        return (
+            f"a {policy_type!r} policy, a type reflowpairs does not know.",
+            f"{supported}; docs/families.md lists every lerobot policy type and why each other one is refused.",
+        )
+    ode, why = UNSUPPORTED_POLICIES[policy_type]
+    kind = (
+        "a flow-matching/diffusion policy reflowpairs cannot straighten"
+        if ode
+        else "not a flow-matching policy"
+    )
+    return f"a {policy_type!r} policy, {kind}: {why}.", f"{supported} (docs/families.md)."
+
 
 PI_POLICIES = ("pi0", "pi05")
 """Policy types whose support calls lerobot 0.6 internals directly (checked against the installed version) and
@@ -169,18 +231,9 @@ def read_policy_config(source: str):
             'Point at the pretrained_model/ directory lerobot-train saved (config.json with "type": "smolvla", '
             "model.safetensors and the policy processor files).",
         )
-    if policy_type not in FLOW_MATCHING_POLICIES:
-        raise ReflowPairsError(
-            f"Checkpoint {source} is a {policy_type!r} policy, not a flow-matching policy.",
-            f"Reflow needs a policy that samples by integrating a flow-matching ODE ({', '.join(FLOW_MATCHING_POLICIES)}); "
-            "ACT, diffusion and other policies cannot be straightened this way.",
-        )
     if policy_type not in SUPPORTED_POLICIES:
-        raise ReflowPairsError(
-            f"Checkpoint {source} is a {policy_type} policy; this version of reflowpairs supports "
-            f"{', '.join(SUPPORTED_POLICIES)} only.",
-            "Use a checkpoint of one of those policy types.",
-        )
+        problem, fix = unsupported_policy_problem(policy_type)
+        raise ReflowPairsError(f"Checkpoint {source} is {problem}", fix)
     if policy_type in PI_POLICIES:
         from reflowpairs.policies import require_lerobot_version
 
