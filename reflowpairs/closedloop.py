@@ -111,7 +111,9 @@ class ClosedLoopConfig:
         if self.n_episodes < 1:
             raise ReflowPairsError(f"`n_episodes` is {self.n_episodes}.", "Give at least 1 episode per cell.")
         if self.batch_size < 1:
-            raise ReflowPairsError(f"`batch_size` is {self.batch_size}.", "Give at least 1 env per batch.")
+            raise ReflowPairsError(
+                f"The env batch size (--eval.batch_size) is {self.batch_size}.", "Give at least 1 env per batch."
+            )
         for steps in (*self.num_steps, *(self.teacher_num_steps or ())):
             if steps < 1:
                 raise ReflowPairsError(f"`num_steps` holds {steps}.", "Step counts are positive integers.")

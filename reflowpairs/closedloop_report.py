@@ -133,16 +133,18 @@ def success_figure(report: dict[str, Any]):
         label=f"teacher at {ref['num_steps']} steps (95% CI)",
     )
     steps_seen: set[int] = set()
-    for label in report["models"]:
+    labels = list(report["models"])
+    for i, label in enumerate(labels):
         cells = [c for c in report["cells"] if c["model"] == label]
-        x = [c["num_steps"] for c in cells]
+        shift = 1 + 0.03 * (i - (len(labels) - 1) / 2)  # side by side, so equal points stay visible
+        x = [c["num_steps"] * shift for c in cells]
         y = [100 * c["success_rate"] for c in cells]
         err = [
             [max(0.0, 100 * (c["success_rate"] - c["success_low"])) for c in cells],
             [max(0.0, 100 * (c["success_high"] - c["success_rate"])) for c in cells],
         ]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
-        steps_seen.update(x)
+        steps_seen.update(c["num_steps"] for c in cells)
     ax.set_xscale("log")
     ticks = sorted(steps_seen)
     ax.set_xticks(ticks)
