@@ -112,7 +112,8 @@ class ClosedLoopConfig:
             raise ReflowPairsError(f"`n_episodes` is {self.n_episodes}.", "Give at least 1 episode per cell.")
         if self.batch_size < 1:
             raise ReflowPairsError(
-                f"The env batch size (--eval.batch_size) is {self.batch_size}.", "Give at least 1 env per batch."
+                f"The env batch size (--eval.batch_size) is {self.batch_size}.",
+                "Give at least 1 env per batch.",
             )
         for steps in (*self.num_steps, *(self.teacher_num_steps or ())):
             if steps < 1:
@@ -532,64 +533,60 @@ def evaluate_closed_loop(cfg: ClosedLoopConfig, progress: Progress | None = None
 
     env_cfg = make_env_config(cfg.env_type, cfg.env_options)
     checkpoints = {TEACHER: cfg.teacher, **cfg.students}
-    for label, checkpoint in checkpoints.items():  # before any rollout: every model fits the env
-        check_features(env_cfg, label, checkpoint)
-    teacher_config = read_policy_config(cfg.teacher)
-    plan = _plan(cfg, config_num_steps(teacher_config))
+    configs = {label: read_policy_config(checkpoint) for label, checkpoint in checkpoints.items()}
+    plan = _plan(cfg, config_num_steps(configs[TEACHER]))
     hashes = {label: fingerprint_checkpoint(ckpt) for label, ckpt in checkpoints.items()}
-    fingerprints = {label: h["fingerprint"] for label, h in hashes.items()}
+    models = {
+        label: {
+            "role": TEACHER if label == TEACHER else "student",
+            "checkpoint": checkpoint,
+            "policy_type": configs[label].type,
+            "step_field": step_field(configs[label].type),
+            "full_num_steps": config_num_steps(configs[label]),
+            "fingerprint": hashes[label]["fingerprint"],
+        }
+        for label, checkpoint in checkpoints.items()
+    }
     cells: dict[tuple[str, int], dict[str, Any]] = {}
     todo: list[tuple[str, str, int]] = []
     for label, checkpoint, steps_list in plan:
         for steps in steps_list:
-            settings = cell_settings(cfg, label, steps, fingerprints[label])
+            settings = cell_settings(cfg, label, steps, models[label]["fingerprint"])
             found = read_cell(cell_path(cfg.out, label, steps), settings)
             if found is None:
                 todo.append((label, checkpoint, steps))
             else:
                 cells[(label, steps)] = found
-    models: dict[str, dict[str, Any]] = {}
-    for label, checkpoint, _ in plan:
-        config = teacher_config if label == TEACHER else read_policy_config(checkpoint)
-        models[label] = {
-            "role": TEACHER if label == TEACHER else "student",
-            "checkpoint": checkpoint,
-            "policy_type": config.type,
-            "step_field": step_field(config.type),
-            "full_num_steps": config_num_steps(config),
-            "fingerprint": fingerprints[label],
-        }
-    tasks: list[str] = []
-    if todo:
-        envs = make_envs(env_cfg, min(cfg.batch_size, cfg.n_episodes), cfg.use_async_envs)
-        try:
-            tasks = [f"{g}/{t}" for g, ts in envs.items() for t in ts]
-            total = len(todo) * cfg.n_episodes * len(tasks)
-            done = [0]
+    # the env first (a missing simulator package is named before anything loads), then every model's fit to it
+    envs = make_envs(env_cfg, min(cfg.batch_size, cfg.n_episodes), cfg.use_async_envs) if todo else {}
+    try:
+        for label, checkpoint in checkpoints.items():
+            check_features(env_cfg, label, checkpoint)
+        total = len(todo) * cfg.n_episodes * sum(len(tasks) for tasks in envs.values())
+        done = [0]
 
-            def on_episodes(n: int) -> None:
-                done[0] += n
-                if progress is not None:
-                    progress("rollouts", done[0], total)
-
+        def on_episodes(n: int) -> None:
+            done[0] += n
             if progress is not None:
-                progress("rollouts", 0, total)
-            loaded = None
-            for label, checkpoint, steps in todo:
-                if loaded is None or loaded.source != str(checkpoint):
-                    loaded = None  # free the previous model first
-                    loaded = load_policy(
-                        checkpoint, device=cfg.device, fingerprint=hashes[label], tokenizer=cfg.tokenizer
-                    )
-                cell = run_cell(
-                    envs, env_cfg, loaded, label, steps, cfg, on_episodes, quiet=progress is not None
+                progress("rollouts", done[0], total)
+
+        if progress is not None and todo:
+            progress("rollouts", 0, total)
+        loaded = None
+        for label, checkpoint, steps in todo:
+            if loaded is None or loaded.source != str(checkpoint):
+                loaded = None  # free the previous model first
+                loaded = load_policy(
+                    checkpoint, device=cfg.device, fingerprint=hashes[label], tokenizer=cfg.tokenizer
                 )
-                path = cell_path(cfg.out, label, steps)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                settings = cell_settings(cfg, label, steps, fingerprints[label])
-                write_json_atomically(path, {"settings": settings, "cell": cell})
-                cells[(label, steps)] = cell
-        finally:
+            cell = run_cell(envs, env_cfg, loaded, label, steps, cfg, on_episodes, quiet=progress is not None)
+            path = cell_path(cfg.out, label, steps)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            settings = cell_settings(cfg, label, steps, models[label]["fingerprint"])
+            write_json_atomically(path, {"settings": settings, "cell": cell})
+            cells[(label, steps)] = cell
+    finally:
+        if envs:
             from lerobot.envs import close_envs
 
             close_envs(envs)
