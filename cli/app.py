@@ -50,7 +50,7 @@ app.command(cls=Command)(store_cmds.inspect)
 app.command(cls=Command, epilog=train_cmd.TRAIN_EPILOG)(train_cmd.train)
 app.command("eval", cls=eval_cmd.EnvCommand, epilog=eval_cmd.EVAL_EPILOG)(eval_cmd.eval_command)
 app.command(cls=Command, epilog=lerobot_names_text("merge"))(store_cmds.merge)
-app.command(cls=Command)(pipeline_cmd.pipeline)
+app.command(cls=pipeline_cmd.PipelineCommand)(pipeline_cmd.pipeline)
 
 
 def main() -> None:
