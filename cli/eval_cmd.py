@@ -9,6 +9,7 @@ import typer
 from rich import box
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from reflowpairs.cli.options import (
     Command,
@@ -532,8 +533,8 @@ def _closed_loop(ctx: typer.Context, cfg: ClosedLoopConfig, pairs: Path | None) 
     )
 
 
-def closed_loop_tables(report: dict[str, Any]) -> list[Table]:
-    """The closed-loop report as rich tables: every (model, steps) cell, then the verdict."""
+def closed_loop_tables(report: dict[str, Any]) -> list[Table | Text]:
+    """The closed-loop report as rich tables: every (model, steps) cell, then the verdict and what it means."""
     from reflowpairs.closedloop_report import (
         TABLE_HEADERS,
         table_rows,
@@ -558,14 +559,9 @@ def closed_loop_tables(report: dict[str, Any]) -> list[Table]:
     for i, cells in enumerate(rows):
         last = i + 1 == len(rows) or report["cells"][i + 1]["model"] != report["cells"][i]["model"]
         table.add_row(*cells, end_section=last)
-    verdict = Table(
-        title="fewest steps to match the teacher",
-        caption=verdict_text(report),
-        box=box.HORIZONTALS,
-        show_edge=False,
-    )
+    verdict = Table(title="fewest steps to match the teacher", box=box.HORIZONTALS, show_edge=False)
     verdict.add_column("model", no_wrap=True)
     verdict.add_column("fewest steps", justify="right")
     for cells in verdict_rows(report):
         verdict.add_row(*cells)
-    return [table, verdict]
+    return [table, verdict, Text(verdict_text(report))]

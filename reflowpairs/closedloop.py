@@ -180,6 +180,8 @@ def make_envs(env_cfg, batch_size: int, use_async_envs: bool) -> dict[str, dict[
     ``ReflowPairsError`` naming the pip extra (lerobot's for its own envs, the plugin for others)."""
     from lerobot.envs import make_env
 
+    if use_async_envs and batch_size > 1:
+        _preload_in_subprocesses(env_cfg)
     try:
         return make_env(env_cfg, n_envs=batch_size, use_async_envs=use_async_envs)
     except ImportError as err:  # ModuleNotFoundError included
@@ -193,6 +195,19 @@ def make_envs(env_cfg, batch_size: int, use_async_envs: bool) -> dict[str, dict[
         raise ReflowPairsError(
             f"The {env_cfg.type} env needs a package that is not installed ({err}).", fix
         ) from err
+
+
+def _preload_in_subprocesses(env_cfg) -> None:
+    """Async envs start in lerobot's ``forkserver`` subprocesses, which have not imported the env's ``gym_<type>``
+    package, so its gym id is unknown there (``lerobot-eval --eval.use_async_envs=true`` fails so on PushT with
+    lerobot 0.6.1). Have the forkserver import the package (and the plugins) first; its children then know the id.
+    Only before the forkserver starts; a package that is not installed is left to ``make_env`` to report."""
+    import importlib.util
+    import multiprocessing
+
+    modules = [env_cfg.package_name] if importlib.util.find_spec(env_cfg.package_name) else []
+    modules += ["lerobot.envs.configs"]
+    multiprocessing.get_context("forkserver").set_forkserver_preload(modules)
 
 
 def _preprocessor_rename_map(checkpoint: str) -> dict[str, str]:
