@@ -86,7 +86,7 @@ def verdict_text(report: dict[str, Any]) -> str:
     ref = report["reference"]
     return (
         f"fewest steps with success within the teacher's {ref['num_steps']}-step interval "
-        f"[{100 * ref['success_low']:.0f}-{100 * ref['success_high']:.0f}%] (or above)"
+        f"[{100 * ref['success_low']:.0f}-{100 * ref['success_high']:.0f}%] or above"
     )
 
 
