@@ -166,3 +166,14 @@ def test_missing_env_package_names_the_pip_extra(pusht, tmp_path):
     )  # the last type wins
     text = " ".join(result.output.split())
     assert "gym_aloha" in text and 'pip install "lerobot[aloha]"' in text
+
+
+def test_open_loop_still_needs_dataset_and_student(tmp_path):
+    text = " ".join(
+        cli("eval", "--teacher", "t", "--student", "s", "--out", str(tmp_path), exit_code=2).output.split()
+    )
+    assert "--dataset" in text and "--env.type" in text
+    text = " ".join(
+        cli("eval", "--teacher", "t", "--dataset", "d", "--out", str(tmp_path), exit_code=2).output.split()
+    )
+    assert "--student" in text
