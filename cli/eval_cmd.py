@@ -516,7 +516,10 @@ def _closed_loop(ctx: typer.Context, cfg: ClosedLoopConfig, pairs: Path | None) 
 
     if pairs is not None:
         raise typer.BadParameter("is for open-loop eval (not with --env.type)", param_hint="--pairs")
-    given = {"student": [f"{label}={_local(source)}" for label, source in cfg.students.items()]}
+    given = {
+        "student": [f"{label}={_local(source)}" for label, source in cfg.students.items()],
+        "seed": cfg.seed,
+    }
     options = resolved_options(ctx, values=given, local_paths=("student", "teacher"))
     with user_errors():
         with progress(prefix="eval") as bar:

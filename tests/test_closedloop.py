@@ -114,6 +114,8 @@ def test_rerun_skips_finished_cells_and_refuses_other_settings(pusht, tmp_path, 
     again = json.loads((out / "closed_loop.json").read_text())
     # seeded: the re-run cell gives the same episodes (its timings differ)
     assert [c["episodes"] for c in again["cells"]] == [c["episodes"] for c in first["cells"]]
+    repeated = cli("eval", "--config", str(out / "eval_options.yaml"))  # the options file repeats the run
+    assert "rollouts" not in repeated.output and (out / "closed_loop.json").is_file()
     changed = _eval(pusht, out, "--n-episodes", "2", students=students, exit_code=1)
     assert "was made with other settings" in changed.output and "n_episodes: 3 there, 2 now" in changed.output
 
