@@ -11,10 +11,11 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml plugins/lerobot_env_gapworld/pyproject.toml
 	@test -x $(PY) || "$$(scripts/find-python312.sh)" -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e plugins/lerobot_env_gapworld
 	@touch $(STAMP)
 
 # dataset -> teacher -> pairs -> validate -> student -> eval, all offline on 2 CPU cores.

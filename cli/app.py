@@ -48,9 +48,9 @@ app.command(cls=Command, epilog=generate_cmd.GENERATE_EPILOG)(generate_cmd.gener
 app.command(cls=Command, epilog=lerobot_names_text("validate"))(store_cmds.validate)
 app.command(cls=Command)(store_cmds.inspect)
 app.command(cls=Command, epilog=train_cmd.TRAIN_EPILOG)(train_cmd.train)
-app.command("eval", cls=Command, epilog=eval_cmd.EVAL_EPILOG)(eval_cmd.eval_command)
+app.command("eval", cls=eval_cmd.EnvCommand, epilog=eval_cmd.EVAL_EPILOG)(eval_cmd.eval_command)
 app.command(cls=Command, epilog=lerobot_names_text("merge"))(store_cmds.merge)
-app.command(cls=Command)(pipeline_cmd.pipeline)
+app.command(cls=pipeline_cmd.PipelineCommand)(pipeline_cmd.pipeline)
 
 
 def main() -> None:

@@ -9,8 +9,10 @@ import typer
 from rich import box
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from reflowpairs.cli.options import (
+    Command,
     config_defaults,
     config_option,
     lerobot_names_text,
@@ -30,13 +32,85 @@ from reflowpairs.cli.ui import (
     save_options,
     user_errors,
 )
+from reflowpairs.closedloop import ClosedLoopConfig
 from reflowpairs.dataset import episodes_text
 from reflowpairs.evaluate import EvalConfig
 
 _DEFAULTS = config_defaults(EvalConfig)  # the options' defaults are the library config's
+_CLOSED = config_defaults(ClosedLoopConfig)
 EVAL_OPTIONS = "eval_options.yaml"
-EVAL_EPILOG = lerobot_names_text("eval") + f" Each run writes its options to OUT/{EVAL_OPTIONS}."
+EVAL_EPILOG = (
+    lerobot_names_text("eval")
+    + " Closed loop: --env.type NAME (any env lerobot knows, plugins included) and lerobot's --env.FIELD VALUE, "
+    "--eval.n_episodes, --eval.batch_size and --eval.use_async_envs."
+    + f" Each run writes its options to OUT/{EVAL_OPTIONS}."
+)
 MEASURE = "Measurement"
+CLOSED_LOOP = "Closed loop (--env.type)"
+ENV_OPTION = "--env-option"
+
+
+class EnvCommand(Command):
+    """A command that also takes lerobot-eval's env and eval options: ``--env.FIELD VALUE`` / ``--env.FIELD=VALUE``
+    (``--env.type NAME`` included) become ``--env-option FIELD=VALUE``, and ``--eval.NAME`` the command's own option
+    (``EVAL_ALIASES``), before the usual lerobot-name translation (``options.translate_args``)."""
+
+    EVAL_ALIASES = {
+        "--eval.n_episodes": "--n-episodes",
+        "--eval.batch_size": "--eval-batch-size",
+        "--eval.use_async_envs": "--eval-use-async-envs",
+    }
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, env_args(list(args), self.EVAL_ALIASES))
+
+
+def env_args(args: list[str], aliases: dict[str, str]) -> list[str]:
+    """``args`` with ``--env.FIELD[=]VALUE`` as ``--env-option FIELD=VALUE`` and ``aliases`` applied (a bool alias
+    followed by a separate true/false word takes it as ``=word``)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            out += args[i - 1 :]
+            break
+        name, eq, value = arg.partition("=")
+        if name.startswith("--env.") and len(name) > len("--env."):
+            if not eq and i < len(args):
+                value, i = args[i], i + 1
+            out += [ENV_OPTION, f"{name.removeprefix('--env.')}={value}"]
+        elif name in aliases:
+            target = aliases[name]
+            if not eq and target.endswith("async-envs") and i < len(args) and args[i].lower() in _BOOL_WORDS:
+                value, eq, i = args[i], "=", i + 1
+            out.append(target + eq + value)
+        else:
+            out.append(arg)
+    return out
+
+
+_BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
+
+
+def parse_env_options(given: list[str] | None) -> tuple[str | None, dict[str, str]]:
+    """``--env-option`` values (``FIELD=VALUE``) -> ``(env type, {field: value})``."""
+    env_type, options = None, {}
+    for text in given or []:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{text!r} is not FIELD=VALUE", param_hint="--env.FIELD")
+        if key == "type":
+            env_type = value
+        else:
+            options[key] = value
+    if options and env_type is None:
+        raise typer.BadParameter(
+            f"--env.{next(iter(options))} needs --env.type NAME (the env it configures)",
+            param_hint="--env.type",
+        )
+    return env_type, options
 
 
 def report_table(report: dict[str, Any]) -> Table:
@@ -191,7 +265,7 @@ def eval_command(
     ctx: typer.Context,
     *,
     student: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             metavar="[LABEL=]CKPT",
             rich_help_panel=INPUTS,
@@ -199,7 +273,7 @@ def eval_command(
             "students (LABEL=CKPT names one): each gets its report in OUT/LABEL/, and OUT/comparison.json, .md and "
             ".png put them side by side.",
         ),
-    ],
+    ] = None,
     teacher: Annotated[
         str,
         typer.Option(
@@ -209,8 +283,13 @@ def eval_command(
         ),
     ],
     dataset: Annotated[
-        str, typer.Option(metavar="REPO_ID", rich_help_panel=INPUTS, help="LeRobotDataset repo id.")
-    ],
+        str | None,
+        typer.Option(
+            metavar="REPO_ID",
+            rich_help_panel=INPUTS,
+            help="LeRobotDataset repo id (open loop; not with --env.type).",
+        ),
+    ] = None,
     dataset_root: Annotated[
         Path | None,
         typer.Option(
@@ -293,12 +372,74 @@ def eval_command(
     batch_size: Annotated[
         int, typer.Option(metavar="N", rich_help_panel=PERFORMANCE, help="Frames per sampling call.")
     ] = _DEFAULTS.batch_size,
+    env_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            ENV_OPTION,
+            metavar="FIELD=VALUE",
+            rich_help_panel=CLOSED_LOOP,
+            help="lerobot's --env.FIELD VALUE, e.g. --env.type pusht --env.episode_length 100: evaluate in closed "
+            "loop, in that env (lerobot's rollout), instead of on dataset frames.",
+        ),
+    ] = None,
+    n_episodes: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            rich_help_panel=CLOSED_LOOP,
+            help="Episodes per model and step count (same seeds in all).",
+        ),
+    ] = _CLOSED.n_episodes,
+    eval_batch_size: Annotated[
+        int,
+        typer.Option(
+            metavar="N", rich_help_panel=CLOSED_LOOP, help="Envs run in parallel (--eval.batch_size)."
+        ),
+    ] = _CLOSED.batch_size,
+    eval_use_async_envs: Annotated[
+        bool,
+        typer.Option(
+            "--eval-use-async-envs/--no-eval-use-async-envs",
+            rich_help_panel=CLOSED_LOOP,
+            help="Run the envs in subprocesses (--eval.use_async_envs).",
+        ),
+    ] = _CLOSED.use_async_envs,
     config: Annotated[Path | None, config_option(RUN)] = None,
 ) -> None:
-    """Compare a student with its teacher at each step count: error, straightness, latency; write a report."""
+    """Compare a student with its teacher at each step count: error, straightness, latency; write a report.
+    With --env.type: success in closed loop, in that env, through lerobot's own rollout."""
     from reflowpairs.evaluate import EvalConfig, evaluate, parse_num_steps
     from reflowpairs.report import frames_text, headline_text, next_text, report_notes, write_report
 
+    env_type, env_options = parse_env_options(env_option)
+    if env_type is not None:
+        _closed_loop(
+            ctx,
+            ClosedLoopConfig(
+                env_type=env_type,
+                env_options=env_options,
+                teacher=teacher,
+                students=parse_students(student or []),
+                out=out,
+                num_steps=tuple(_steps(num_steps)),
+                n_episodes=n_episodes,
+                seed=seed if _given(ctx, "seed") else _CLOSED.seed,  # default: lerobot-eval's
+                batch_size=eval_batch_size,
+                use_async_envs=eval_use_async_envs,
+                device=device,
+                tokenizer=None if tokenizer is None else str(tokenizer),
+            ),
+            pairs,
+        )
+        return
+    if not student:
+        raise typer.BadParameter(
+            "is required (a student to compare with its teacher)", param_hint="--student"
+        )
+    if dataset is None:
+        raise typer.BadParameter(
+            "is required (or --env.type NAME to evaluate in closed loop)", param_hint="--dataset"
+        )
     episode_list = parse_episodes(episodes)
     students = parse_students(student)
     given = {"episodes": episodes_text(episode_list)}
@@ -353,3 +494,77 @@ def eval_command(
     if next_text(report):  # the command on one line (soft-wrapped by the terminal: copy-pasteable), then why
         out_console.print(next_text(report), style="bold green", markup=False, soft_wrap=True)
         out_console.print(f"      ({report['next']['why']})", markup=False)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was set (on the command line or by --config), not left at its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
+def _steps(text: str) -> list[int]:
+    from reflowpairs.evaluate import parse_num_steps
+
+    with user_errors():
+        return parse_num_steps(text)
+
+
+def _closed_loop(ctx: typer.Context, cfg: ClosedLoopConfig, pairs: Path | None) -> None:
+    """``eval --env.type NAME``: every (model, steps) cell in closed loop (``reflowpairs.closedloop``), one progress
+    bar for all rollouts, then the table and the report files."""
+    from reflowpairs.closedloop import evaluate_closed_loop, write_closed_loop_report
+
+    if pairs is not None:
+        raise typer.BadParameter("is for open-loop eval (not with --env.type)", param_hint="--pairs")
+    given = {
+        "student": [f"{label}={_local(source)}" for label, source in cfg.students.items()],
+        "seed": cfg.seed,
+    }
+    options = resolved_options(ctx, values=given, local_paths=("student", "teacher"))
+    with user_errors():
+        with progress(prefix="eval") as bar:
+            bar.live.transient = True  # the table replaces the bar
+            report = evaluate_closed_loop(cfg, progress=StageBar(bar))
+        files = write_closed_loop_report(report, cfg.out)
+    save_options(Path(cfg.out) / EVAL_OPTIONS, "eval", options)
+    for table in closed_loop_tables(report):
+        out_console.print(table)
+    out_console.print(
+        f"report: {files.json}\ntable:  {files.markdown}\nplot:   {files.plot}\ncells:  {Path(cfg.out) / 'cells'}",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+def closed_loop_tables(report: dict[str, Any]) -> list[Table | Text]:
+    """The closed-loop report as rich tables: every (model, steps) cell, then the verdict and what it means."""
+    from reflowpairs.closedloop_report import (
+        TABLE_HEADERS,
+        table_rows,
+        title_text,
+        verdict_rows,
+        verdict_text,
+    )
+
+    table = Table(
+        title=title_text(report),
+        caption="success: 95% Wilson interval; chunk ms: median per action-chunk call; "
+        "vs teacher: episodes only this cell / only the full-step teacher succeeds in",
+        box=box.HORIZONTALS,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+        padding=(0, 1),
+    )
+    for i, header in enumerate(TABLE_HEADERS):
+        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=True)
+    rows = table_rows(report)
+    for i, cells in enumerate(rows):
+        last = i + 1 == len(rows) or report["cells"][i + 1]["model"] != report["cells"][i]["model"]
+        table.add_row(*cells, end_section=last)
+    verdict = Table(title="fewest steps to match the teacher", box=box.HORIZONTALS, show_edge=False)
+    verdict.add_column("model", no_wrap=True)
+    verdict.add_column("fewest steps", justify="right")
+    for cells in verdict_rows(report):
+        verdict.add_row(*cells)
+    return [table, verdict, Text(verdict_text(report))]

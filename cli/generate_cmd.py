@@ -331,18 +331,44 @@ def tiny_world(
     out: Annotated[
         Path, typer.Argument(metavar="DIR", help="Directory to build the tiny VLM, dataset and teacher in.")
     ],
-    train_steps: Annotated[int, typer.Option(metavar="N", help="Teacher training steps.")] = 200,
+    train_steps: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Teacher training steps [default: 200 for reach, 600 for gap]."),
+    ] = None,
+    world_name: Annotated[
+        str,
+        typer.Option(
+            "--world",
+            metavar="NAME",
+            help="reach: the open-loop tiny world (no environment; fast, used by the tests). gap: the closed-loop "
+            "gap world (dataset of scripted-expert rollouts, a teacher for lerobot-eval --env.type=gapworld).",
+        ),
+    ] = "reach",
 ) -> None:
     """Build the bundled tiny world offline: a SmolVLM dir, a LeRobotDataset and a trained SmolVLA teacher."""
+    from dataclasses import replace
+
     from reflowpairs.tinyworld import TinyTeacherSpec, build_tiny_world
 
     with user_errors():
+        if world_name not in ("reach", "gap"):
+            raise ReflowPairsError(
+                f"--world {world_name!r} is not a bundled world.",
+                "Use --world reach (open loop, the default) or --world gap (closed loop, --env.type=gapworld).",
+            )
         if (out / "teacher" / "config.json").exists():
             raise ReflowPairsError(
                 f"{out} already holds a tiny world.", "Remove it or choose another directory."
             )
-        with console.status("building the tiny world (VLM dir, dataset, teacher training)..."):
-            world = build_tiny_world(out, teacher_spec=TinyTeacherSpec(train_steps=train_steps))
+        with console.status(f"building the {world_name} world (VLM dir, dataset, teacher training)..."):
+            if world_name == "gap":
+                from reflowpairs.gapworld.teacher import GAP_TEACHER, build_gap_world
+
+                spec = GAP_TEACHER if train_steps is None else replace(GAP_TEACHER, train_steps=train_steps)
+                world = build_gap_world(out, teacher_spec=spec)
+            else:
+                steps = 200 if train_steps is None else train_steps
+                world = build_tiny_world(out, teacher_spec=TinyTeacherSpec(train_steps=steps))
     table = Table(title="tiny world", show_header=False)
     table.add_row("VLM dir", str(world.vlm_dir))
     table.add_row("dataset", f"{world.repo_id} at {world.dataset_root}")

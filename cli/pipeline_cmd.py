@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from reflowpairs.cli.eval_cmd import StageBar, comparison_tables
+from reflowpairs.cli.eval_cmd import (
+    ENV_OPTION,
+    EnvCommand,
+    StageBar,
+    closed_loop_tables,
+    comparison_tables,
+    parse_env_options,
+)
 from reflowpairs.cli.options import config_defaults
 from reflowpairs.cli.ui import (
     INPUTS,
@@ -24,6 +31,17 @@ from reflowpairs.pipeline import PIPELINE_STATE, PipelineConfig
 _DEFAULTS = config_defaults(PipelineConfig)  # the options' defaults are the library config's
 RECIPE = "Recipe"
 EVAL = "Evaluation"
+CLOSED_LOOP = "Closed loop (--env.type)"
+
+
+class PipelineCommand(EnvCommand):
+    """``pipeline`` takes lerobot-eval's ``--env.FIELD VALUE`` and ``--eval.*`` names for its closed-loop options."""
+
+    EVAL_ALIASES = {
+        "--eval.n_episodes": "--env-episodes",
+        "--eval.batch_size": "--env-batch-size",
+        "--eval.use_async_envs": "--env-use-async-envs",
+    }
 
 
 def pipeline(
@@ -117,11 +135,39 @@ def pipeline(
     num_workers: Annotated[
         int, typer.Option(metavar="N", rich_help_panel=PERFORMANCE, help="Training data loader workers.")
     ] = _DEFAULTS.num_workers,
+    env_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            ENV_OPTION,
+            metavar="FIELD=VALUE",
+            rich_help_panel=CLOSED_LOOP,
+            help="lerobot's --env.FIELD VALUE, e.g. --env.type pusht: also evaluate every student (at the eval step "
+            "counts) and the teacher (at 1 step and its full count) in closed loop in that env, into OUT/closed_loop.",
+        ),
+    ] = None,
+    env_episodes: Annotated[
+        int, typer.Option(metavar="N", rich_help_panel=CLOSED_LOOP, help="Episodes per model and step count.")
+    ] = _DEFAULTS.env_episodes,
+    env_batch_size: Annotated[
+        int,
+        typer.Option(
+            metavar="N", rich_help_panel=CLOSED_LOOP, help="Envs run in parallel (--eval.batch_size)."
+        ),
+    ] = _DEFAULTS.env_batch_size,
+    env_use_async_envs: Annotated[
+        bool,
+        typer.Option(
+            "--env-use-async-envs/--no-env-use-async-envs",
+            rich_help_panel=CLOSED_LOOP,
+            help="Run the envs in subprocesses (--eval.use_async_envs).",
+        ),
+    ] = _DEFAULTS.env_use_async_envs,
 ) -> None:
     """Run rectified flow's recipe in one command: R reflow rounds (+ distillation), resumable, one summary."""
     from reflowpairs.evaluate import parse_num_steps
     from reflowpairs.pipeline import run_pipeline
 
+    env_type, env_options = parse_env_options(env_option)
     with user_errors():
         cfg = PipelineConfig(
             teacher=teacher,
@@ -145,6 +191,11 @@ def pipeline(
             seed=seed,
             device=device,
             num_workers=num_workers,
+            env_type=env_type,
+            env_options=env_options,
+            env_episodes=env_episodes,
+            env_batch_size=env_batch_size,
+            env_use_async_envs=env_use_async_envs,
         )
 
         def on_stage(name: str, skipped: bool) -> None:
@@ -157,4 +208,10 @@ def pipeline(
     out_console.print(
         f"comparison: {result.out / 'comparison' / 'comparison.md'}", markup=False, soft_wrap=True
     )
+    if result.closed_loop is not None:
+        for table in closed_loop_tables(result.closed_loop):
+            out_console.print(table)
+        out_console.print(
+            f"closed loop: {result.out / 'closed_loop' / 'closed_loop.md'}", markup=False, soft_wrap=True
+        )
     out_console.print(f"state: {result.out / PIPELINE_STATE}", markup=False, soft_wrap=True)

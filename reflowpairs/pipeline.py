@@ -13,6 +13,8 @@ Every artefact lives under ``out``:
     out/round<r>/eval/                  the student against the ORIGINAL teacher (``eval``)
     out/distill/student/, out/distill/eval/
     out/comparison/                     every model side by side: comparison.json, .md, .png (``compare``)
+    out/closed_loop/                    with ``env_type``: every student and the teacher in closed loop
+                                        (``reflowpairs.closedloop``: closed_loop.json, .md, .png, cells/)
 
 A stage is recorded in ``pipeline_state.json`` only once it has finished, so a crash at any point loses at most the
 stage in progress, and that stage itself resumes where it stopped (``generate`` and ``train`` have their own resume):
@@ -64,6 +66,13 @@ class PipelineConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0  # train's data loader workers
+    # closed loop (None: none): every student at eval_num_steps and the teacher at 1 step and its full count, in
+    # this lerobot env type with these --env.FIELD options, env_episodes each (reflowpairs.closedloop)
+    env_type: str | None = None
+    env_options: dict[str, str] = field(default_factory=dict)
+    env_episodes: int = 50
+    env_batch_size: int = 10
+    env_use_async_envs: bool = False
 
 
 Progress = Callable[[str, int, int], None]
@@ -89,6 +98,7 @@ class PipelineResult:
     stages_run: list[str]  # stages this call ran (the others had finished before)
     stages_skipped: list[str]
     comparison: dict[str, Any]  # every model side by side (``reflowpairs.compare``), out/comparison/
+    closed_loop: dict[str, Any] | None = None  # with ``env_type``: the closed-loop report, out/closed_loop/
 
 
 # Settings that decide what the finished stages made: a rerun must keep them.
@@ -298,6 +308,36 @@ def _compare(state: dict[str, Any], out: Path) -> dict[str, Any]:
     return {"comparison": str(files["json"]), "verdict": comparison["verdict"]}
 
 
+def _closed_loop(cfg: PipelineConfig, state: dict[str, Any], out: Path, progress: Progress | None) -> dict:
+    """Every student of ``state`` and the teacher in closed loop (``reflowpairs.closedloop``) in ``out/closed_loop``;
+    finished cells are kept there, so a rerun (or one with more rounds) runs only the new ones."""
+    from reflowpairs.closedloop import ClosedLoopConfig, evaluate_closed_loop, write_closed_loop_report
+
+    students = {
+        name.split("/")[0]: done["student"]
+        for name, done in state["stages"].items()
+        if name.endswith("/train")
+    }
+    report = evaluate_closed_loop(
+        ClosedLoopConfig(
+            env_type=cfg.env_type,
+            env_options=cfg.env_options,
+            teacher=cfg.teacher,
+            students=students,
+            out=out / "closed_loop",
+            num_steps=tuple(cfg.eval_num_steps),
+            teacher_num_steps=(1,),  # and its full step count, always added
+            n_episodes=cfg.env_episodes,
+            batch_size=cfg.env_batch_size,
+            use_async_envs=cfg.env_use_async_envs,
+            device=cfg.device,
+        ),
+        progress=partial(_prefixed, progress, "closed_loop"),
+    )
+    files = write_closed_loop_report(report, out / "closed_loop")
+    return {"report": str(files.json), "verdict": report["verdict"], "reference": report["reference"]}
+
+
 def run_pipeline(
     cfg: PipelineConfig,
     progress: Progress | None = None,
@@ -332,4 +372,11 @@ def run_pipeline(
     from reflowpairs.compare import read_report
 
     comparison = read_report(state["comparison"]["comparison"])
-    return PipelineResult(out=out, stages_run=ran, stages_skipped=skipped, comparison=comparison)
+    closed_loop = None
+    if cfg.env_type is not None:
+        state["closed_loop"] = _closed_loop(cfg, state, out, progress)
+        write_json_atomically(out / PIPELINE_STATE, state)
+        closed_loop = read_report(state["closed_loop"]["report"])
+    return PipelineResult(
+        out=out, stages_run=ran, stages_skipped=skipped, comparison=comparison, closed_loop=closed_loop
+    )

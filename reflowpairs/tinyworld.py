@@ -139,10 +139,11 @@ class VLMSpec:
         )
 
 
-def build_tiny_vlm(out_dir: str | Path, spec: VLMSpec = VLMSpec()) -> Path:
+def build_tiny_vlm(out_dir: str | Path, spec: VLMSpec = VLMSpec(), tasks: tuple[str, ...] = TASKS) -> Path:
     """Write a tiny SmolVLM ``config.json`` plus processor (word-level tokenizer, image and video
     processors) to ``out_dir``; ``SmolVLAConfig(vlm_model_name=out_dir, load_vlm_weights=False)``
-    then builds a real, random-weight SmolVLA from it without the hub."""
+    then builds a real, random-weight SmolVLA from it without the hub. The tokenizer knows the words of
+    ``tasks`` (the tiny world's by default) plus a few common ones."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
         PreTrainedTokenizerFast,
@@ -154,7 +155,7 @@ def build_tiny_vlm(out_dir: str | Path, spec: VLMSpec = VLMSpec()) -> Path:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    words = sorted({w for task in TASKS for w in task.split()} | {"\n", "a", "the", "task", "robot"})
+    words = sorted({w for task in tasks for w in task.split()} | {"\n", "a", "the", "task", "robot"})
     specials = ["<pad>", "<unk>", "<s>", "</s>", *SPECIAL_TOKENS.values()]
     vocab = {tok: i for i, tok in enumerate(specials + words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

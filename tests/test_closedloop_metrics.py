@@ -1,0 +1,85 @@
+"""The closed-loop statistics (reflowpairs.closedloop_metrics) against known values, and the CLI's translation of
+lerobot-eval's --env.* / --eval.* options. Fast: no env, no model."""
+
+from __future__ import annotations
+
+import pytest
+
+from reflowpairs.cli.eval_cmd import EnvCommand, env_args, parse_env_options
+from reflowpairs.closedloop import ClosedLoopConfig
+from reflowpairs.closedloop_metrics import fewest_matching_steps, mcnemar_p, paired_counts, wilson_interval
+from reflowpairs.errors import ReflowPairsError
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "low", "high"),
+    [
+        (5, 10, 0.2366, 0.7634),  # Wilson (1927); e.g. statsmodels proportion_confint(5, 10, method="wilson")
+        (0, 20, 0.0, 0.1611),
+        (10, 10, 0.7225, 1.0),
+        (50, 100, 0.4038, 0.5962),
+        (81, 100, 0.7222, 0.8749),
+    ],
+)
+def test_wilson_interval_matches_known_values(k, n, low, high):
+    got = wilson_interval(k, n)
+    assert got == pytest.approx((low, high), abs=5e-5)
+
+
+def test_wilson_interval_edges():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert wilson_interval(0, 7)[0] == 0.0 and wilson_interval(7, 7)[1] == 1.0
+    narrow, wide = wilson_interval(80, 100), wilson_interval(8, 10)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]  # more episodes, tighter interval
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_paired_counts_and_mcnemar():
+    a = [True, True, False, False, True, False]
+    b = [True, False, True, False, False, False]
+    assert paired_counts(a, b) == {"both": 1, "only_a": 2, "only_b": 1, "neither": 2}
+    with pytest.raises(ValueError, match="same ones"):
+        paired_counts(a, b[:-1])
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(3, 3) == 1.0
+    assert mcnemar_p(0, 5) == pytest.approx(2 / 32)  # all 5 discordant episodes one way: 2 * 0.5**5
+    assert mcnemar_p(1, 9) == pytest.approx(2 * 11 / 1024)
+
+
+def test_verdict_is_the_fewest_steps_within_or_above_the_reference_interval():
+    assert fewest_matching_steps({1: 0.30, 2: 0.80, 10: 0.90}, reference_low=0.75) == 2
+    assert fewest_matching_steps({1: 0.99, 2: 0.80}, reference_low=0.75) == 1  # above the interval passes
+    assert fewest_matching_steps({1: 0.10, 2: 0.20}, reference_low=0.75) is None
+    assert fewest_matching_steps({4: 0.75}, reference_low=0.75) == 4  # the interval's end counts
+
+
+def test_env_and_eval_options_are_translated():
+    args = ["--env.type", "pusht", "--env.episode_length=20", "--eval.batch_size", "4"]
+    args += ["--eval.use_async_envs", "true", "--eval.n_episodes=3", "--out", "x"]
+    assert env_args(args, EnvCommand.EVAL_ALIASES) == [
+        "--env-option",
+        "type=pusht",
+        "--env-option",
+        "episode_length=20",
+        "--eval-batch-size",
+        "4",
+        "--eval-use-async-envs=true",
+        "--n-episodes=3",
+        "--out",
+        "x",
+    ]
+    assert parse_env_options(["type=pusht", "episode_length=20"]) == ("pusht", {"episode_length": "20"})
+    assert parse_env_options(None) == (None, {})
+
+
+def test_closed_loop_config_refuses_bad_settings(tmp_path):
+    base = {"env_type": "pusht", "teacher": "t", "out": tmp_path}
+    with pytest.raises(ReflowPairsError, match="n_episodes"):
+        ClosedLoopConfig(**base, n_episodes=0)
+    with pytest.raises(ReflowPairsError, match="eval.batch_size"):
+        ClosedLoopConfig(**base, batch_size=0)
+    with pytest.raises(ReflowPairsError, match="cannot label"):
+        ClosedLoopConfig(**base, students={"teacher": "x"})
+    with pytest.raises(ReflowPairsError, match="positive"):
+        ClosedLoopConfig(**base, num_steps=(0, 1))

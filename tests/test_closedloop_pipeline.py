@@ -1,0 +1,52 @@
+"""``reflowpairs pipeline --env.type pusht``: the round's student and the teacher are also evaluated in closed loop
+(teacher at 1 step and its full count, the student at the eval step counts), and the summary shows success."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .helpers import cli
+
+pytest.importorskip("gym_pusht")
+
+
+@pytest.mark.slow
+def test_pipeline_evaluates_every_student_in_closed_loop(tmp_path, monkeypatch):
+    from reflowpairs.tinyworld import (
+        PUSHT_REPO_ID,
+        TinyTeacherSpec,
+        build_pusht_dataset,
+        build_tiny_teacher,
+        build_tiny_vlm,
+    )
+
+    monkeypatch.setenv("REFLOWPAIRS_PROGRESS", "lines")
+    dataset = build_pusht_dataset(tmp_path / "dataset", num_episodes=2, episode_length=12)
+    teacher = build_tiny_teacher(
+        build_tiny_vlm(tmp_path / "vlm"),
+        dataset,
+        tmp_path / "teacher",
+        TinyTeacherSpec(train_steps=2, batch_size=4),
+    )
+    out = tmp_path / "recipe"
+    args = ["pipeline", "--teacher", str(teacher), "--dataset", PUSHT_REPO_ID, "--out", str(out)]
+    args += ["--dataset-root", str(tmp_path / "dataset"), "--episodes", "0", "--eval-episodes", "1"]
+    args += ["--rounds", "1", "--samples-per-frame", "1", "--num-steps", "2", "--train-steps", "2"]
+    args += ["--batch-size", "4", "--spot-check", "1", "--eval-num-steps", "1,2", "--eval-max-frames", "2"]
+    args += ["--device", "cpu", "--env.type", "pusht", "--env.episode_length=5", "--eval.n_episodes", "2"]
+    result = cli(*args)
+    report = json.loads((out / "closed_loop" / "closed_loop.json").read_text())
+    assert [(c["model"], c["num_steps"]) for c in report["cells"]] == [
+        ("teacher", 1),
+        ("teacher", 10),
+        ("round1", 1),
+        ("round1", 2),
+    ]
+    assert all(c["n_episodes"] == 2 for c in report["cells"])
+    state = json.loads((out / "pipeline_state.json").read_text())
+    assert state["closed_loop"]["verdict"].keys() == {"teacher", "round1"}
+    assert "success [95% CI]" in result.stdout and "closed_loop.md" in result.stdout
+    again = cli(*args)  # a rerun: every stage and every closed-loop cell is kept
+    assert "rollouts" not in again.output
