@@ -243,3 +243,53 @@ def _dataset(world):
     from reflowpairs.dataset import open_dataset
 
     return open_dataset(world.repo_id, world.dataset_root)
+
+
+def test_damaged_feature_shard_stops_training_before_a_step_uses_it(tiny_world, tiny_store, tmp_path):
+    """A feature shard damaged after ``validate`` passed is checked (sha256, shape, dtype, frames, store id) when a
+    loader worker first reads it, and refused like a damaged pair shard: the run stops with the error naming the
+    shard, before any step (no log record, no checkpoint)."""
+    from reflowpairs.train import LOG_FILE
+    from reflowpairs.validate import ValidateConfig, validate
+
+    store = tmp_path / "pairs"
+    shutil.copytree(tiny_store, store)
+    same = ("--episodes", "0-5", "--samples-per-frame", "2", "--batch-size", "8", "--shard-size", "64")
+    cli(*generate_args(tiny_world, store, *same, "--device", "cpu", "--resume", "--cache-features"))
+    report = validate(ValidateConfig(store=store))
+    assert report.ok and report.checks[-1].name == "features" and report.checks[-1].result == "pass"
+    index = featurecache.read_index(store)
+    shard = index["shards"][0]["path"]
+    chunk = next(
+        p for p in sorted((store / shard / "features").rglob("*")) if p.is_file() and p.name != "zarr.json"
+    )
+    sound = chunk.read_bytes()
+    data = bytearray(sound)
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    out = tmp_path / "student"
+    args = ("train", "--pairs", str(store), "--out", str(out), "--device", "cpu", "--num-workers", "1")
+    result = cli(*args, "--steps", "3", "--batch-size", "4", "--save-every", "1", exit_code=1)
+    said = " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert f"feature cache of store {store} is corrupt: feature shard {shard}" in said, said
+    assert "features does not match its checksum" in said or "cannot be read" in said
+    assert "--cache-features" in said
+    log = out / LOG_FILE
+    assert not log.exists() or log.read_text().strip() == ""  # no step trained
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    assert validate(ValidateConfig(store=store)).checks[-1].result == "fail"
+
+    # the reader's other checks: a shard copied in from another store, and a damaged obs_index column
+    chunk.write_bytes(sound)
+    assert featurecache.FeatureReader(store, index).shard(0).shape[0] == index["shards"][0]["num_frames"]
+    reader = featurecache.FeatureReader(store, {**index, "store_id": "another"})
+    with pytest.raises(ReflowPairsError, match="not this cache's"):
+        reader.shard(0)
+    import zarr
+
+    zarr.open_group(str(store / shard), mode="r+")["obs_index"][0] = 10**6
+    with pytest.raises(
+        ReflowPairsError, match=f"feature shard {shard}: obs_index does not match its checksum"
+    ):
+        featurecache.FeatureReader(store, index).has(np.array([0]))
