@@ -628,7 +628,7 @@ def plan_training(store: str | Path, policy, manifest, disabled: bool) -> Traini
             f"{getattr(policy, 'module', policy).config.type} policies.",
             off,
         )
-    problems = cache_family(policy).feature_cache_problems(policy)
+    problems = student_cache_problems(policy)
     if problems:
         raise ReflowPairsError(
             f"Store {store} has a feature cache, but the student trains what it was computed with: "
@@ -649,6 +649,18 @@ def plan_training(store: str | Path, policy, manifest, disabled: bool) -> Traini
             "and dataset it was generated with), or set `no_feature_cache`.",
         )
     return TrainingCache(Path(store), index)
+
+
+def student_cache_problems(policy) -> list[str]:
+    """Why a student built as ``policy`` (its family, and its config: which weights lerobot leaves trainable) could not
+    train with a feature cache; [] when it could. The check ``plan_training`` applies, and the one by which
+    ``generate``'s ``cache_features_if_allowed`` (the pipeline's first round) decides to cache."""
+    fam = cache_family(policy)
+    if fam is None:
+        return [
+            f"the feature cache is not wired for {getattr(policy, 'module', policy).config.type} policies"
+        ]
+    return fam.feature_cache_problems(policy)
 
 
 def refuse_other_identity(store: str | Path, index: dict[str, Any], policy, whose: str, hint: str) -> None:
