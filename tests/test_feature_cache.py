@@ -293,3 +293,71 @@ def test_damaged_feature_shard_stops_training_before_a_step_uses_it(tiny_world, 
         ReflowPairsError, match=f"feature shard {shard}: obs_index does not match its checksum"
     ):
         featurecache.FeatureReader(store, index).has(np.array([0]))
+
+
+def test_pipeline_caches_in_round_one_and_later_rounds_read_it(tiny_world, tmp_path, monkeypatch):
+    """``reflowpairs pipeline``: round 1's generate caches the features (the tiny SmolVLA's ``train_expert_only``
+    lets its student use them), round 2's generate reads round 1's cache (its vision encoder patched to fail for that
+    stage), every train stage uses its store's cache, and the state JSON and the CLI summary say so."""
+    from lerobot.policies.smolvla.smolvlm_with_expert import SmolVLMWithExpertModel
+
+    from reflowpairs.pipeline import PIPELINE_STATE, PipelineConfig, run_pipeline
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("round 2's generate ran the vision encoder")
+
+    settings = {"teacher": str(tiny_world.teacher_dir), "dataset": tiny_world.repo_id}
+    settings |= {
+        "dataset_root": tiny_world.dataset_root,
+        "out": tmp_path / "recipe",
+        "episodes": [0],
+        "rounds": 2,
+    }
+    settings |= {"samples_per_frame": 2, "num_steps": 2, "train_steps": 2, "batch_size": 4, "spot_check": 2}
+    settings |= {"eval_num_steps": [1], "eval_episodes": [9], "eval_max_frames": 2, "device": "cpu"}
+    patched = []
+
+    def on_stage(name: str, skipped: bool) -> None:  # the vision encoder fails during round 2's generate only
+        if name == "round2/generate":
+            patched.append(monkeypatch.context())
+            patched[-1].__enter__().setattr(SmolVLMWithExpertModel, "embed_image", not_again)
+        elif patched:
+            patched.pop().__exit__(None, None, None)
+
+    result = run_pipeline(PipelineConfig(**settings), on_stage=on_stage)
+    first = tmp_path / "recipe" / "round1" / "pairs"
+    assert result.feature_cache == {
+        "round1/generate": "computed and cached",
+        "round1/train": f"used ({first / 'features'})",
+        "round2/generate": f"read from {first}",
+        "round2/train": f"used ({tmp_path / 'recipe' / 'round2' / 'pairs' / 'features'})",
+    }
+    state = json.loads((tmp_path / "recipe" / PIPELINE_STATE).read_text())
+    assert state["feature_cache"] == result.feature_cache
+    second = featurecache.read_index(tmp_path / "recipe" / "round2" / "pairs")
+    assert second["complete"] and second["fingerprint"] == featurecache.read_index(first)["fingerprint"]
+    # the CLI's summary (a rerun: every stage finished, skipped) shows the same
+    args = ["pipeline", "--teacher", settings["teacher"], "--dataset", tiny_world.repo_id, "--out"]
+    args += [str(tmp_path / "recipe"), "--dataset-root", str(tiny_world.dataset_root), "--episodes", "0"]
+    args += ["--samples-per-frame", "2", "--num-steps", "2", "--train-steps", "2", "--batch-size", "4"]
+    args += ["--spot-check", "2", "--eval-num-steps", "1", "--eval-episodes", "9", "--eval-max-frames", "2"]
+    shown = " ".join(cli(*args, "--device", "cpu").stdout.split())
+    assert "feature cache" in shown and "round2/generate" in shown and "read from" in shown
+
+    # a teacher whose student would train its vision encoder: round 1 does not cache (the check train applies)
+    teacher = tmp_path / "trainable"
+    shutil.copytree(tiny_world.teacher_dir, teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "train_expert_only": False}))
+    from tests.helpers import generate_store
+
+    store = generate_store(
+        tiny_world,
+        tmp_path / "plain",
+        teacher=str(teacher),
+        episodes=[0],
+        samples_per_frame=1,
+        num_steps=2,
+        cache_features_if_allowed=True,
+    )
+    assert featurecache.read_index(store) is None
