@@ -9,6 +9,13 @@ through ``FeatureReader``, cold shards) against what the cached side consumes (f
 
     python benchmarks/bench_train.py --size small --batch-size 16 --device cpu
     python benchmarks/bench_train.py --size smolvla-shaped --batch-size 8 --steps 2 --repeats 2 --sides ordinary,cached
+    python benchmarks/bench_train.py --size pi0-small --batch-size 8 --steps 3 --repeats 3 --sides ordinary,cached
+
+A pi size (``pi0-small``, ``pi05-small``; ``-tiny`` for smoke runs) is ``bench_generate``'s untrained tiny pi teacher
+of that size (``pi_specs``). Its student config sets ``train_expert_only: true`` (the cache applies: PaliGemma frozen),
+and the store is generated with that config; ``ordinary`` is lerobot's fine-tuning of the checkpoint as built
+(lerobot's pi defaults: everything trains), ``ordinary-frozen`` the same with ``train_expert_only: true``
+(goal for the cache: cached / ordinary at most 0.5 on pi0-small).
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _sides import SIDES, Side, build_world  # noqa: E402
+from _sides import SIDES, Side, World, build_world  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=["tiny", "small", "large", "smolvla-shaped"], default="small")
+    parser.add_argument(
+        "--size", choices=["tiny", "small", "large", "smolvla-shaped", *PI_SIZES], default="small"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side per repeat")
@@ -45,11 +54,23 @@ def main() -> None:
         chosen.insert(0, "ordinary")
 
     episodes = [int(e) for e in args.episodes.split(",")]
-    world = build_world(Path(tempfile.mkdtemp(prefix="bench-train-")), args.size, episodes=episodes)
-    sides = {name: Side(name, world, args.batch_size, args.device) for name in chosen}
+    if args.size in PI_SIZES:  # the pi student with PaliGemma frozen; ordinary lerobot fine-tuning both ways
+        world, frozen = build_pi_world(Path(tempfile.mkdtemp(prefix="bench-train-")), args.size, episodes)
+        sides = {
+            name: Side(name, frozen if name != "ordinary" else world, args.batch_size, args.device)
+            for name in chosen
+        }
+        sides = {
+            "ordinary": sides.pop("ordinary"),
+            "ordinary-frozen": Side("ordinary", frozen, args.batch_size, args.device),
+            **sides,
+        }
+    else:
+        world = build_world(Path(tempfile.mkdtemp(prefix="bench-train-")), args.size, episodes=episodes)
+        sides = {name: Side(name, world, args.batch_size, args.device) for name in chosen}
     n_params = sum(p.numel() for p in sides["ordinary"].policy.parameters())
     print(
-        f"student: SmolVLA {args.size}, {n_params / 1e6:.2f} M parameters ({sum(p.numel() for p in sides['ordinary'].params) / 1e6:.2f} M trainable); "
+        f"student: {sides['ordinary'].policy.config.type} {args.size}, {n_params / 1e6:.2f} M parameters ({sum(p.numel() for p in sides['ordinary'].params) / 1e6:.2f} M trainable); "
         f"device {args.device}; {args.threads} torch thread(s); batch {args.batch_size}; "
         f"{args.repeats} repeats x {args.steps} steps per side, interleaved"
     )
@@ -70,13 +91,55 @@ def main() -> None:
         print(f"  ratio reflowpairs / ordinary: {med['reflowpairs'] / med['ordinary']:.3f}x  (goal <= 1.1)")
     if "cached" in med:
         print(
-            f"  ratio cached / ordinary:      {med['cached'] / med['ordinary']:.3f}x  (feature cache; goal <= 0.4 on smolvla-shaped)"
+            f"  ratio cached / ordinary:      {med['cached'] / med['ordinary']:.3f}x  (feature cache; goal <= 0.4 on smolvla-shaped, <= 0.5 on pi0-small)"
         )
+        if "ordinary-frozen" in med:
+            print(
+                f"  ratio cached / ordinary-frozen: {med['cached'] / med['ordinary-frozen']:.3f}x  (lerobot's fine-tuning with train_expert_only, as the student)"
+            )
         _cache_figures(sides["cached"], args.batch_size / med["cached"])
     if "online" in med and "reflowpairs" in med:
         print(
             f"  ratio online / reflowpairs:   {med['online'] / med['reflowpairs']:.2f}x  (online reflow's extra cost)"
         )
+
+
+PI_SIZES = ("pi0-small", "pi05-small", "pi0-tiny", "pi05-tiny")
+
+
+def build_pi_world(root: Path, size: str, episodes: list[int]) -> tuple[World, World]:
+    """``(as built, frozen)``: ``bench_generate``'s tiny pi teacher of ``size`` over the tiny world's dataset, and a
+    copy whose config sets ``train_expert_only: true``, whose pair store (``cache_features``) both worlds share."""
+    import json
+    import shutil
+
+    from bench_generate import build_world as build_pi_teacher
+
+    from reflowpairs.generate import GenerateConfig, generate
+    from reflowpairs.tinyworld import TINY_REPO_ID
+
+    _, teacher = build_pi_teacher(root, size)
+    frozen = root / "teacher-frozen"
+    shutil.copytree(teacher, frozen)
+    config = json.loads((frozen / "config.json").read_text())
+    (frozen / "config.json").write_text(json.dumps({**config, "train_expert_only": True}, indent=2))
+    store = root / "pairs"
+    generate(
+        GenerateConfig(
+            teacher=str(frozen),
+            dataset=TINY_REPO_ID,
+            dataset_root=root / "dataset",
+            out=store,
+            episodes=episodes,
+            samples_per_frame=2,
+            num_steps=2,
+            device="cpu",
+            cache_features=True,
+        )
+    )
+    return World(root / "dataset", TINY_REPO_ID, teacher, store), World(
+        root / "dataset", TINY_REPO_ID, frozen, store
+    )
 
 
 def _cache_figures(side, consumed: float) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from reflowpairs.cli.eval_cmd import (
     ENV_OPTION,
@@ -205,6 +206,13 @@ def pipeline(
             result = run_pipeline(cfg, progress=StageBar(bar), on_stage=on_stage)
     for table in comparison_tables(result.comparison):
         out_console.print(table)
+    if result.feature_cache:  # what each generate/train stage did with the feature cache
+        cache = Table(title="feature cache", title_justify="left")
+        cache.add_column("stage")
+        cache.add_column("feature cache")
+        for stage, how in result.feature_cache.items():
+            cache.add_row(stage, how)
+        out_console.print(cache)
     out_console.print(
         f"comparison: {result.out / 'comparison' / 'comparison.md'}", markup=False, soft_wrap=True
     )

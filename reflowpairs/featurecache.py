@@ -1,14 +1,16 @@
 """The feature cache: per-frame features that no trainable weight changes, computed once and stored beside the pairs,
 so stage 2 skips decoding video and running the frozen vision encoder (docs/feature-cache.md).
 
-What is cached is the family's choice (``feature_kind``); for SmolVLA (the only family wired so far) it is each camera's
+What is cached is the family's choice (``feature_kind``); for SmolVLA it is each camera's
 image embedding after the connector, ``SmolVLMWithExpertModel.embed_image``'s output, *before* ``embed_prefix`` scales
 it by ``sqrt(hidden)``: ``(S, N, D)`` per frame for S camera slots of N tokens of width D. It depends only on the
 frame's images, on how ``prepare_images`` resizes them and on the vision model + connector weights; the cache applies
 to a student whose vision model and connector are frozen (lerobot's ``train_expert_only``) and whose weights there
 have the cache's sha256 ``fingerprint``. Stage 2 then reads the observation's other columns (state, task) straight
 from the dataset's parquet and runs lerobot's own training forward with ``embed_image`` substituted by the cached
-tensor (``substituted_features``): the language model still runs over the whole prefix.
+tensor (``substituted_features``): the language model still runs over the whole prefix. For pi0/pi05 it is
+``PaliGemmaWithExpertModel.embed_image`` (SigLIP vision tower + multi-modal projector) of each camera slot, on the image
+``_preprocess_images`` prepares, under the same contract (``policies._pi_common``).
 
 Layout (its own index, beside the pair store's manifest, which it does not touch)::
 
@@ -61,7 +63,7 @@ FRAMES_PER_SHARD = 256
 
 
 def cache_family(policy):
-    """The policy's family if it has a feature cache (``compute_features``), else None (pi0/pi05 are not wired)."""
+    """The policy's family if it has a feature cache (``compute_features``: SmolVLA, pi0, pi05), else None."""
     from reflowpairs.policies import family
 
     fam = family(getattr(policy, "module", policy).config.type)
@@ -93,6 +95,7 @@ def cache_identity(policy) -> dict[str, Any]:
         "fingerprint": weights_fingerprint(modules),
         "fingerprint_of": sorted(modules),
         "inputs": fam.feature_inputs(config),
+        "what": fam.feature_what,
     }
 
 
@@ -207,8 +210,6 @@ def new_index(store_id: str, identity: dict[str, Any], slots: list[str], shape, 
         "version": VERSION,
         "store_id": store_id,
         **identity,
-        "what": "per camera slot, SmolVLMWithExpertModel.embed_image (vision model + connector) of the "
-        "preprocessed image, before embed_prefix's sqrt(hidden) scaling",
         "slots": list(slots),
         "shape": [int(s) for s in shape],
         "dtype": dtype,
@@ -233,7 +234,7 @@ def refuse_uncacheable(policy) -> None:
     """``ReflowPairsError`` unless the policy's family has a feature cache."""
     if cache_family(policy) is None:
         raise ReflowPairsError(
-            f"The feature cache is not wired for {policy.config.type} policies yet (SmolVLA only).",
+            f"The feature cache is not wired for {policy.config.type} policies (SmolVLA, pi0 and pi05 only).",
             "Unset `cache_features`.",
         )
 
@@ -397,7 +398,9 @@ def merge_caches(out: Path, slices: list[Path], manifest, place: Callable[[Path,
         for entry in index["shards"]:
             rel = f"{FEATURES_DIR}/s{n:03d}-{Path(entry['path']).name}"
             place(Path(store) / entry["path"], Path(out) / rel)
-            merged["shards"].append({**entry, "path": rel})
+            origin = {"store_id": entry.get("store_id", index.get("store_id"))}
+            origin["written_as"] = entry.get("written_as", entry["path"])  # what its attributes say
+            merged["shards"].append({**entry, **origin, "path": rel})
     merged["num_frames"] = cached_frames(merged)
     # complete when every slice's cache covered its slice (checked from the manifests, as train does)
     covered = all(
@@ -413,10 +416,84 @@ def merge_caches(out: Path, slices: list[Path], manifest, place: Callable[[Path,
 # --- reading it in training ------------------------------------------------------------------------------------
 
 
+def shard_problems(
+    store: str | Path,
+    index: dict[str, Any],
+    i: int,
+    data: dict[str, np.ndarray],
+    attrs: dict[str, Any] | None,
+) -> list[str]:
+    """What is wrong with feature shard ``i`` of the index, given its arrays ``data`` (``obs_index`` and, when read,
+    ``features``) and the attributes it carries (``attrs``; None: not checked); [] when it is sound. Sound means, as
+    for a pair shard (``pairdata.shard_refusal``): each array has the entry's frame count, the index's shape and
+    dtype, and the sha256 recorded when it was written; and the shard carries the store id and name it was written
+    with (the entry's ``store_id`` and ``written_as``, which a merged cache keeps for each shard, else the index's
+    store id and the entry's path)."""
+    entry = index["shards"][i]
+    n = int(entry["num_frames"])
+    expected = {
+        "obs_index": ((n,), np.dtype(np.int64)),
+        "features": ((n, *index["shape"]), np.dtype(_NUMPY[index["dtype"]])),
+    }
+    problems = []
+    for name, array in data.items():
+        shape, dtype = expected[name]
+        if array.shape != shape or array.dtype != dtype:
+            problems.append(
+                f"{name} is {array.dtype}{list(array.shape)}, the index says {dtype}{list(shape)}"
+            )
+        elif array_sha256(array) != entry["checksums"].get(name):
+            problems.append(f"{name} does not match its checksum")
+    if attrs is not None and not problems:
+        origin = entry.get("store_id", index.get("store_id"))
+        if attrs.get("store_id") != origin:
+            problems.append(f"it belongs to store {attrs.get('store_id')!r}, not this cache's ({origin})")
+        elif attrs.get("shard") != entry.get("written_as", entry["path"]):
+            problems.append(f"it was written as {attrs.get('shard')} (a copy or a renamed shard)")
+    return problems
+
+
+def corrupt_feature_shard(store: str | Path, entry: dict[str, Any], problems: list[str]) -> ReflowPairsError:
+    """The refusal of a damaged feature shard, naming it, what is wrong and the fix (as ``pairdata.corrupt_shard``)."""
+    return ReflowPairsError(
+        f"The feature cache of store {store} is corrupt: feature shard {entry['path']}: "
+        + "; ".join(p.rstrip(".") for p in problems)
+        + ".",
+        f"Do not train on it: delete {features_dir(store)} and add the features again (`reflowpairs generate "
+        "--resume --cache-features` with the teacher and dataset of the store), or set `no_feature_cache`. "
+        "`reflowpairs validate` checks the whole cache.",
+    )
+
+
+def read_checked_shard(store: str | Path, index: dict[str, Any], i: int, columns=("obs_index", "features")):
+    """``columns`` of feature shard ``i``, read once and checked (``shard_problems``; the attributes too when
+    ``features`` is read); a missing, unreadable or unsound shard raises the ``ReflowPairsError`` naming it."""
+    import zarr
+
+    entry = index["shards"][i]
+    path = Path(store) / entry["path"]
+    try:
+        data = read_shard(path, "zarr", (), (), tuple(columns))
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs) if "features" in columns else None
+    except Exception as err:  # noqa: BLE001 - zarr raises many kinds
+        raise corrupt_feature_shard(
+            store, entry, [f"it cannot be read ({type(err).__name__}: {err})"]
+        ) from None
+    problems = shard_problems(store, index, i, data, attrs)
+    if problems:
+        raise corrupt_feature_shard(store, entry, problems)
+    return data
+
+
 class FeatureReader:
     """``reader[obs_index] -> (S, N, D) float32``: whole shards read on first use, the last ``cache_shards`` kept
     (per process, so per DataLoader worker). Where each frame is (``where``) is read on first use too (each shard's
-    obs_index column), so building a reader reads nothing."""
+    obs_index column), so building a reader reads nothing.
+
+    Every shard is checked when it is first read (``read_checked_shard``: frame count, shape, dtype, sha256, store
+    id and name; each shard's ``obs_index`` column when ``where`` is built), as pair shards are: a damaged one raises
+    the ``ReflowPairsError`` naming it, which ``PairDataset`` turns into a refused batch (``pairdata.collate_pairs``)
+    that the training loop raises before a step uses it."""
 
     def __init__(self, store: str | Path, index: dict[str, Any], cache_shards: int = 8):
         self.store, self.index, self.cache_shards = Path(store), index, max(1, int(cache_shards))
@@ -427,11 +504,15 @@ class FeatureReader:
     def where(self) -> np.ndarray:
         """``(max obs_index + 1, 2)`` int64: (shard, row) of each cached frame, -1 where not cached."""
         if self._where is None:
-            obs = [cached_obs_index(self.store, {"shards": [s]}) for s in self.index["shards"]]
+            obs = [
+                read_checked_shard(self.store, self.index, i, ("obs_index",))["obs_index"]
+                for i in range(len(self.index["shards"]))
+            ]
             size = int(max((o.max(initial=-1) for o in obs), default=-1)) + 1
-            self._where = np.full((size, 2), -1, dtype=np.int64)
+            where = np.full((size, 2), -1, dtype=np.int64)
             for i, o in enumerate(obs):
-                self._where[o, 0], self._where[o, 1] = i, np.arange(len(o))
+                where[o, 0], where[o, 1] = i, np.arange(len(o))
+            self._where = where
         return self._where
 
     def has(self, obs_index: np.ndarray) -> np.ndarray:
@@ -442,24 +523,20 @@ class FeatureReader:
         return out
 
     def shard(self, i: int) -> np.ndarray:
+        """The features of shard ``i``, from the cache or read once and checked (a damaged shard raises the
+        ``ReflowPairsError`` naming it and is not cached)."""
         if i in self._cache:
             self._cache.move_to_end(i)
             return self._cache[i]
-        entry = self.index["shards"][i]
-        try:
-            data = read_shard(self.store / entry["path"], "zarr", (), (), ("features",))["features"]
-        except Exception as err:  # noqa: BLE001 - zarr raises many kinds
-            raise ReflowPairsError(
-                f"Feature shard {entry['path']} of store {self.store} cannot be read ({type(err).__name__}: {err}).",
-                "Check the store with `reflowpairs validate`, or set `no_feature_cache`.",
-            ) from err
+        data = read_checked_shard(self.store, self.index, i)["features"]
         self._cache[i] = data
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)
         return data
 
     def __getitem__(self, obs_index: int) -> Tensor:
-        """The frame's features; ``ReflowPairsError`` naming the frame and the fix when the cache lacks it."""
+        """The frame's features; ``ReflowPairsError`` naming the frame and the fix when the cache lacks it, or
+        naming the shard when it is damaged."""
         if not self.has(np.array([int(obs_index)]))[0]:
             raise missing_frames_error(self.store, np.array([int(obs_index)]))
         shard, row = self.where[int(obs_index)]
@@ -551,12 +628,12 @@ def plan_training(store: str | Path, policy, manifest, disabled: bool) -> Traini
             f"{getattr(policy, 'module', policy).config.type} policies.",
             off,
         )
-    problems = cache_family(policy).feature_cache_problems(policy)
+    problems = student_cache_problems(policy)
     if problems:
         raise ReflowPairsError(
             f"Store {store} has a feature cache, but the student trains what it was computed with: "
             + "; ".join(problems)
-            + " (train_expert_only freezes both; freeze_vision_encoder alone leaves the connector trainable).",
+            + f" ({cache_family(policy).feature_cache_how}).",
             off,
         )
     refuse_other_identity(store, index, policy, "student", off)
@@ -572,6 +649,18 @@ def plan_training(store: str | Path, policy, manifest, disabled: bool) -> Traini
             "and dataset it was generated with), or set `no_feature_cache`.",
         )
     return TrainingCache(Path(store), index)
+
+
+def student_cache_problems(policy) -> list[str]:
+    """Why a student built as ``policy`` (its family, and its config: which weights lerobot leaves trainable) could not
+    train with a feature cache; [] when it could. The check ``plan_training`` applies, and the one by which
+    ``generate``'s ``cache_features_if_allowed`` (the pipeline's first round) decides to cache."""
+    fam = cache_family(policy)
+    if fam is None:
+        return [
+            f"the feature cache is not wired for {getattr(policy, 'module', policy).config.type} policies"
+        ]
+    return fam.feature_cache_problems(policy)
 
 
 def refuse_other_identity(store: str | Path, index: dict[str, Any], policy, whose: str, hint: str) -> None:
@@ -642,27 +731,19 @@ def check(
     index = read_index(store)
     if index is None:
         return [], "no feature cache"
+    import zarr
+
     problems: list[str] = []
     seen = []
-    shape = tuple(index["shape"])
-    for entry in index["shards"]:
+    for i, entry in enumerate(index["shards"]):
+        path = Path(store) / entry["path"]
         try:
-            data = read_shard(Path(store) / entry["path"], "zarr", (), (), ("obs_index", "features"))
+            data = read_shard(path, "zarr", (), (), ("obs_index", "features"))
+            attrs = dict(zarr.open_group(str(path), mode="r").attrs)
         except Exception as err:  # noqa: BLE001
             problems.append(f"{entry['path']} cannot be read ({type(err).__name__})")
             continue
-        feats = data["features"]
-        if feats.shape[1:] != shape or feats.dtype != np.dtype(_NUMPY[index["dtype"]]):
-            problems.append(
-                f"{entry['path']} holds {feats.dtype} {list(feats.shape[1:])}, index says {index['dtype']} {list(shape)}"
-            )
-        if len(data["obs_index"]) != entry["num_frames"]:
-            problems.append(
-                f"{entry['path']} holds {len(data['obs_index'])} frames, index says {entry['num_frames']}"
-            )
-        for name in ("obs_index", "features"):
-            if array_sha256(data[name]) != entry["checksums"][name]:
-                problems.append(f"{entry['path']}: {name} does not match its checksum")
+        problems += [f"{entry['path']}: {p}" for p in shard_problems(store, index, i, data, attrs)]
         seen.append(data["obs_index"])
     have = np.concatenate(seen) if seen else np.zeros(0, np.int64)
     missing = np.setdiff1d(np.unique(obs_index), have)

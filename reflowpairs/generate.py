@@ -111,6 +111,9 @@ class GenerateConfig:
     # a store whose feature cache the teacher's prefix fills read instead of running its frozen vision encoder (a
     # later reflow round whose teacher shares those weights); the new store gets the same features (cache_features)
     features_from: str | None = None
+    # cache_features when a student of the teacher's checkpoint could train with the cache (its vision encoder and
+    # projector frozen by its config: featurecache.student_cache_problems), else not (reflowpairs pipeline's round 1)
+    cache_features_if_allowed: bool = False
 
 
 @dataclass
@@ -525,6 +528,10 @@ def _generate(
         job.features = source_cache(cfg.features_from, job.teacher.policy)
         job.engine.feature_slots = list(job.features.index["slots"])
         cfg = replace(cfg, cache_features=True, feature_dtype=job.features.index["dtype"])
+    if cfg.cache_features_if_allowed and not cfg.cache_features:
+        from reflowpairs.featurecache import student_cache_problems
+
+        cfg = replace(cfg, cache_features=not student_cache_problems(job.teacher.policy))
     if cfg.cache_features:
         refuse_uncacheable(job.teacher.policy)
     failure = None

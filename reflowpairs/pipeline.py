@@ -16,6 +16,14 @@ Every artefact lives under ``out``:
     out/closed_loop/                    with ``env_type``: every student and the teacher in closed loop
                                         (``reflowpairs.closedloop``: closed_loop.json, .md, .png, cells/)
 
+The feature cache (docs/feature-cache.md): round 1's generate caches each frame's frozen image embeddings whenever
+the student's config allows it (``featurecache.student_cache_problems``, the check ``train`` applies: vision encoder
+and projector frozen, ``train_expert_only``); every later round generates with ``features_from`` round 1's store (its
+teacher, the previous student, shares those frozen weights), so no vision encoder runs in a later generate, and each
+round's store carries the features on; every train stage then uses its store's cache. Each generate and train stage
+records what it did (``feature_cache``), and ``pipeline_state.json``'s ``feature_cache`` sums it up
+(``feature_cache_summary``).
+
 A stage is recorded in ``pipeline_state.json`` only once it has finished, so a crash at any point loses at most the
 stage in progress, and that stage itself resumes where it stopped (``generate`` and ``train`` have their own resume):
 running the same pipeline again skips every finished stage. Settings that would change what finished stages made
@@ -98,6 +106,7 @@ class PipelineResult:
     stages_run: list[str]  # stages this call ran (the others had finished before)
     stages_skipped: list[str]
     comparison: dict[str, Any]  # every model side by side (``reflowpairs.compare``), out/comparison/
+    feature_cache: dict[str, str] = field(default_factory=dict)  # stage -> what it did with the cache
     closed_loop: dict[str, Any] | None = None  # with ``env_type``: the closed-loop report, out/closed_loop/
 
 
@@ -160,10 +169,21 @@ def teacher_of_round(cfg: PipelineConfig, r: int) -> str:
     return cfg.teacher if r == 1 else str(Path(cfg.out) / f"round{r - 1}" / "student" / STUDENT)
 
 
+def features_source(cfg: PipelineConfig, r: int) -> str | None:
+    """The store round ``r`` reads its image embeddings from (``features_from``): round 1's, when r > 1 and round 1
+    cached them; else None (round 1 computes them itself, caching them when the student allows)."""
+    from reflowpairs.featurecache import read_index
+
+    first = Path(cfg.out) / "round1" / "pairs"
+    return str(first) if r > 1 and read_index(first) is not None else None
+
+
 def _generate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]:
+    from reflowpairs.featurecache import read_index
     from reflowpairs.generate import GenerateConfig, generate
 
     pairs = Path(cfg.out) / f"round{r}" / "pairs"
+    source = features_source(cfg, r)
     gen = GenerateConfig(
         teacher=teacher_of_round(cfg, r),
         dataset=cfg.dataset,
@@ -175,6 +195,9 @@ def _generate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]
         seed=cfg.seed + r - 1,  # fresh noises each round
         device=cfg.device,
         resume=(pairs / "manifest.json").exists(),  # a crash mid-store: finish it
+        # the feature cache: computed once, in round 1, when train can use it; later rounds run no vision encoder
+        cache_features_if_allowed=r == 1,
+        features_from=source,
     )
     total = [0]
 
@@ -184,7 +207,14 @@ def _generate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]
     result = generate(
         gen, progress=lambda frames, _pairs, _s: progress("frames", frames, total[0]), on_plan=on_plan
     )
-    return {"pairs": str(pairs), "num_pairs": result.num_pairs, "seconds": round(result.seconds, 3)}
+    cached = read_index(pairs) is not None
+    how = f"read from {source}" if source else ("computed and cached" if cached else "not cached")
+    return {
+        "pairs": str(pairs),
+        "num_pairs": result.num_pairs,
+        "seconds": round(result.seconds, 3),
+        "feature_cache": how,
+    }
 
 
 def _validate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]:
@@ -215,6 +245,7 @@ def _train(
 ) -> dict:
     from reflowpairs.train import TrainConfig, train
 
+    plans: list[dict[str, Any]] = []  # train's plan says whether it uses the store's feature cache
     result = train(
         TrainConfig(
             pairs=pairs,
@@ -232,11 +263,14 @@ def _train(
             **extra,
         ),
         progress=lambda step, total, _loss: progress("steps", step, total),
+        on_plan=lambda plan: plans.append(plan),
     )
+    cache = plans[0].get("feature_cache") if plans else None
     return {
         "student": str(run_dir / STUDENT),
         "final_loss": result.final_loss,
         "seconds": round(result.seconds, 3),
+        "feature_cache": f"used ({cache['path']})" if cache else "not used",
     }
 
 
@@ -294,6 +328,12 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
             Stage("distill/eval", lambda p: _eval(cfg, run_dir / STUDENT, out / "distill" / "eval", p)),
         ]
     return todo
+
+
+def feature_cache_summary(state: dict[str, Any]) -> dict[str, str]:
+    """What each generate and train stage did with the feature cache (stage -> "computed and cached", "read from
+    ...", "used (...)", "not used", ...), in stage order; stages recorded before the cache was wired are left out."""
+    return {name: done["feature_cache"] for name, done in state["stages"].items() if "feature_cache" in done}
 
 
 def _compare(state: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -368,6 +408,7 @@ def run_pipeline(
         write_json_atomically(out / PIPELINE_STATE, state)
         ran.append(stage.name)
     state["comparison"] = _compare(state, out)  # always anew: a rerun with more rounds adds models
+    state["feature_cache"] = feature_cache_summary(state)
     write_json_atomically(out / PIPELINE_STATE, state)
     from reflowpairs.compare import read_report
 
@@ -378,5 +419,10 @@ def run_pipeline(
         write_json_atomically(out / PIPELINE_STATE, state)
         closed_loop = read_report(state["closed_loop"]["report"])
     return PipelineResult(
-        out=out, stages_run=ran, stages_skipped=skipped, comparison=comparison, closed_loop=closed_loop
+        out=out,
+        stages_run=ran,
+        stages_skipped=skipped,
+        comparison=comparison,
+        feature_cache=state["feature_cache"],
+        closed_loop=closed_loop,
     )

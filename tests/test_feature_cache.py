@@ -243,3 +243,121 @@ def _dataset(world):
     from reflowpairs.dataset import open_dataset
 
     return open_dataset(world.repo_id, world.dataset_root)
+
+
+def test_damaged_feature_shard_stops_training_before_a_step_uses_it(tiny_world, tiny_store, tmp_path):
+    """A feature shard damaged after ``validate`` passed is checked (sha256, shape, dtype, frames, store id) when a
+    loader worker first reads it, and refused like a damaged pair shard: the run stops with the error naming the
+    shard, before any step (no log record, no checkpoint)."""
+    from reflowpairs.train import LOG_FILE
+    from reflowpairs.validate import ValidateConfig, validate
+
+    store = tmp_path / "pairs"
+    shutil.copytree(tiny_store, store)
+    same = ("--episodes", "0-5", "--samples-per-frame", "2", "--batch-size", "8", "--shard-size", "64")
+    cli(*generate_args(tiny_world, store, *same, "--device", "cpu", "--resume", "--cache-features"))
+    report = validate(ValidateConfig(store=store))
+    assert report.ok and report.checks[-1].name == "features" and report.checks[-1].result == "pass"
+    index = featurecache.read_index(store)
+    shard = index["shards"][0]["path"]
+    chunk = next(
+        p for p in sorted((store / shard / "features").rglob("*")) if p.is_file() and p.name != "zarr.json"
+    )
+    sound = chunk.read_bytes()
+    data = bytearray(sound)
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    out = tmp_path / "student"
+    args = ("train", "--pairs", str(store), "--out", str(out), "--device", "cpu", "--num-workers", "1")
+    result = cli(*args, "--steps", "3", "--batch-size", "4", "--save-every", "1", exit_code=1)
+    said = " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert f"feature cache of store {store} is corrupt: feature shard {shard}" in said, said
+    assert "features does not match its checksum" in said or "cannot be read" in said
+    assert "--cache-features" in said
+    log = out / LOG_FILE
+    assert not log.exists() or log.read_text().strip() == ""  # no step trained
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    assert validate(ValidateConfig(store=store)).checks[-1].result == "fail"
+
+    # the reader's other checks: a shard copied in from another store, and a damaged obs_index column
+    chunk.write_bytes(sound)
+    assert featurecache.FeatureReader(store, index).shard(0).shape[0] == index["shards"][0]["num_frames"]
+    reader = featurecache.FeatureReader(store, {**index, "store_id": "another"})
+    with pytest.raises(ReflowPairsError, match="not this cache's"):
+        reader.shard(0)
+    import zarr
+
+    zarr.open_group(str(store / shard), mode="r+")["obs_index"][0] = 10**6
+    with pytest.raises(
+        ReflowPairsError, match=f"feature shard {shard}: obs_index does not match its checksum"
+    ):
+        featurecache.FeatureReader(store, index).has(np.array([0]))
+
+
+def test_pipeline_caches_in_round_one_and_later_rounds_read_it(tiny_world, tmp_path, monkeypatch):
+    """``reflowpairs pipeline``: round 1's generate caches the features (the tiny SmolVLA's ``train_expert_only``
+    lets its student use them), round 2's generate reads round 1's cache (its vision encoder patched to fail for that
+    stage), every train stage uses its store's cache, and the state JSON and the CLI summary say so."""
+    from lerobot.policies.smolvla.smolvlm_with_expert import SmolVLMWithExpertModel
+
+    from reflowpairs.pipeline import PIPELINE_STATE, PipelineConfig, run_pipeline
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("round 2's generate ran the vision encoder")
+
+    settings = {"teacher": str(tiny_world.teacher_dir), "dataset": tiny_world.repo_id}
+    settings |= {
+        "dataset_root": tiny_world.dataset_root,
+        "out": tmp_path / "recipe",
+        "episodes": [0],
+        "rounds": 2,
+    }
+    settings |= {"samples_per_frame": 2, "num_steps": 2, "train_steps": 2, "batch_size": 4, "spot_check": 2}
+    settings |= {"eval_num_steps": [1], "eval_episodes": [9], "eval_max_frames": 2, "device": "cpu"}
+    patched = []
+
+    def on_stage(name: str, skipped: bool) -> None:  # the vision encoder fails during round 2's generate only
+        if name == "round2/generate":
+            patched.append(monkeypatch.context())
+            patched[-1].__enter__().setattr(SmolVLMWithExpertModel, "embed_image", not_again)
+        elif patched:
+            patched.pop().__exit__(None, None, None)
+
+    result = run_pipeline(PipelineConfig(**settings), on_stage=on_stage)
+    first = tmp_path / "recipe" / "round1" / "pairs"
+    assert result.feature_cache == {
+        "round1/generate": "computed and cached",
+        "round1/train": f"used ({first / 'features'})",
+        "round2/generate": f"read from {first}",
+        "round2/train": f"used ({tmp_path / 'recipe' / 'round2' / 'pairs' / 'features'})",
+    }
+    state = json.loads((tmp_path / "recipe" / PIPELINE_STATE).read_text())
+    assert state["feature_cache"] == result.feature_cache
+    second = featurecache.read_index(tmp_path / "recipe" / "round2" / "pairs")
+    assert second["complete"] and second["fingerprint"] == featurecache.read_index(first)["fingerprint"]
+    # the CLI's summary (a rerun: every stage finished, skipped) shows the same
+    args = ["pipeline", "--teacher", settings["teacher"], "--dataset", tiny_world.repo_id, "--out"]
+    args += [str(tmp_path / "recipe"), "--dataset-root", str(tiny_world.dataset_root), "--episodes", "0"]
+    args += ["--samples-per-frame", "2", "--num-steps", "2", "--train-steps", "2", "--batch-size", "4"]
+    args += ["--spot-check", "2", "--eval-num-steps", "1", "--eval-episodes", "9", "--eval-max-frames", "2"]
+    shown = " ".join(cli(*args, "--device", "cpu").stdout.split())
+    assert "feature cache" in shown and "round2/generate" in shown and "read from" in shown
+
+    # a teacher whose student would train its vision encoder: round 1 does not cache (the check train applies)
+    teacher = tmp_path / "trainable"
+    shutil.copytree(tiny_world.teacher_dir, teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "train_expert_only": False}))
+    from tests.helpers import generate_store
+
+    store = generate_store(
+        tiny_world,
+        tmp_path / "plain",
+        teacher=str(teacher),
+        episodes=[0],
+        samples_per_frame=1,
+        num_steps=2,
+        cache_features_if_allowed=True,
+    )
+    assert featurecache.read_index(store) is None

@@ -19,7 +19,7 @@ rounding of the batched matmuls.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,10 +29,21 @@ from torch import Tensor
 
 from reflowpairs.engine import PrefixCachedEngine, pad_language
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.featurecache import FEATURE_KEY
 from reflowpairs.solvers import Velocity
 
 STEP_FIELD = "num_inference_steps"
 """The pi0/pi05 config field holding the sampler's Euler step count (SmolVLA's is ``num_steps``)."""
+
+FEATURE_WHAT = (
+    "per camera slot, PaliGemmaWithExpertModel.embed_image (SigLIP vision tower + multi-modal projector) of the "
+    "image as _preprocess_images prepares it"
+)
+FEATURE_CACHE_HOW = (
+    "lerobot's pi0/pi05 `train_expert_only: true` freezes both (the whole PaliGemma); `freeze_vision_encoder` "
+    "alone leaves the multi_modal_projector trainable. Set `train_expert_only: true` in the student's config.json "
+    "to use the cache"
+)
 
 
 def action_dim(config) -> int:
@@ -70,7 +81,14 @@ class PiEngine(PrefixCachedEngine):
     ``frames_per_call``: every call samples exactly this many frames (a short call is padded with copies of its
     last frame, the language with pad tokens to ``tokenizer_max_length``), so a frame's X_1 does not depend on its
     batch-mates; None: the whole batch in one call, unpadded. Real-time chunking (``rtc_config``) is not applied:
-    the engine samples the plain ODE, as ``predict_action_chunk`` does without RTC arguments."""
+    the engine samples the plain ODE, as ``predict_action_chunk`` does without RTC arguments.
+
+    A batch carrying cached image embeddings (``FEATURE_KEY``, ``(B, S, N, D)`` in the camera slots
+    ``feature_slots``: ``generate --features-from``) fills its prefix from them, with no vision tower run."""
+
+    feature_slots: list[str] | None = (
+        None  # the camera slots of cached features a batch carries (FEATURE_KEY)
+    )
 
     def __init__(self, policy, frames_per_call: int | None = None, *, uses_state: bool):
         _check_supported(policy.config)
@@ -100,12 +118,24 @@ class PiEngine(PrefixCachedEngine):
 
         policy, model = self.policy, self.model
         policy.eval()
-        images, img_masks = policy._preprocess_images(batch)
-        tokens, masks = pad_language(
-            batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK], policy.config.tokenizer_max_length
+        batch = dict(batch)
+        features = batch.pop(FEATURE_KEY, None)  # cached image embeddings (B, S, N, D): no vision tower pass
+        substituted = (
+            substituted_image_features(policy, features, self.feature_slots)
+            if features is not None
+            else nullcontext()
         )
-        state = policy.prepare_state(batch) if self.uses_state else None
-        prefix_embs, prefix_pad_masks, prefix_att_masks = model.embed_prefix(images, img_masks, tokens, masks)
+        with substituted:
+            images, img_masks = policy._preprocess_images(batch)
+            tokens, masks = pad_language(
+                batch[OBS_LANGUAGE_TOKENS],
+                batch[OBS_LANGUAGE_ATTENTION_MASK],
+                policy.config.tokenizer_max_length,
+            )
+            state = policy.prepare_state(batch) if self.uses_state else None
+            prefix_embs, prefix_pad_masks, prefix_att_masks = model.embed_prefix(
+                images, img_masks, tokens, masks
+            )
         att_4d = prepare_attention_masks_4d(make_att_2d_masks(prefix_pad_masks, prefix_att_masks))
         with_expert = model.paligemma_with_expert
         with_expert.paligemma.model.language_model.config._attn_implementation = "eager"  # as sample_actions
@@ -259,6 +289,146 @@ class PiFamily:
         self, policy, batch: dict[str, Tensor], x0: Tensor, x1: Tensor, t: Tensor, reduction: str = "mean"
     ) -> Tensor:
         return reflow_loss(policy, batch, x0, x1, t, uses_state=self.uses_state, reduction=reduction)
+
+    # the feature cache (see reflowpairs.featurecache): as SmolVLA's, on PaliGemma's vision tower + projector
+    @property
+    def feature_kind(self) -> str:
+        return f"{self.policy_type}.image_embeddings"
+
+    feature_what: str = FEATURE_WHAT
+    feature_cache_how: str = FEATURE_CACHE_HOW
+
+    def frozen_feature_modules(self, policy) -> dict[str, torch.nn.Module]:
+        return frozen_feature_modules(policy)
+
+    def feature_cache_problems(self, policy) -> list[str]:
+        return feature_cache_problems(policy)
+
+    def feature_inputs(self, config) -> dict:
+        return feature_inputs(config)
+
+    def compute_features(self, policy, batch: dict[str, Tensor]) -> tuple[Tensor, list[str]]:
+        return compute_image_features(policy, batch)
+
+    def substituted_features(self, policy, features: Tensor, slots: list[str]):
+        return substituted_image_features(policy, features, slots)
+
+    def captured_features(self, policy):
+        return captured_image_features(policy)
+
+    def feature_slots(self, config, batch_keys) -> list[str]:
+        return feature_slots(config, batch_keys)
+
+
+# --- the feature cache (reflowpairs.featurecache): PaliGemma's image embeddings -------------------------------
+
+EMPTY_CAMERA = ""
+"""The slot name of a camera the batch lacks (``_preprocess_images`` adds a -1 image with a zero mask for each
+configured image key missing from the batch, ``empty_cameras`` included)."""
+
+
+def _inner(policy):
+    """The policy itself, or the module a DDP wrapper holds."""
+    return getattr(policy, "module", policy)
+
+
+def frozen_feature_modules(policy) -> dict[str, torch.nn.Module]:
+    """The modules the cached features depend on: PaliGemma's ``vision_tower`` (SigLIP) and ``multi_modal_projector``,
+    which together are ``PaliGemmaWithExpertModel.embed_image`` (``get_image_features``)."""
+    paligemma = _inner(policy).model.paligemma_with_expert.paligemma.model
+    return {"vision_tower": paligemma.vision_tower, "multi_modal_projector": paligemma.multi_modal_projector}
+
+
+def feature_cache_problems(policy) -> list[str]:
+    """Why the image-embedding cache cannot stand in for this policy's ``embed_image`` in training (empty: it can):
+    a trainable parameter in the vision tower or the projector.
+
+    lerobot 0.6's pi0/pi05 ``_set_requires_grad``: ``freeze_vision_encoder`` freezes ``vision_tower`` only,
+    ``train_expert_only`` the whole PaliGemma (``vision_tower``, ``multi_modal_projector`` and the language model);
+    the action expert, the action/state/time projections stay trainable under both. The cache needs the vision tower
+    and the projector frozen: ``train_expert_only: true``."""
+    problems = []
+    for name, module in frozen_feature_modules(policy).items():
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        if trainable:
+            problems.append(f"its {name} has {trainable} trainable parameters")
+    return problems
+
+
+def feature_slots(config, batch_keys) -> list[str]:
+    """The camera slots ``_preprocess_images`` builds for a batch holding ``batch_keys``, in its order: the configured
+    image keys present in the batch, then ``EMPTY_CAMERA`` for each missing one."""
+    present = [key for key in config.image_features if key in batch_keys]
+    return present + [EMPTY_CAMERA] * (len(config.image_features) - len(present))
+
+
+def feature_inputs(config) -> dict:
+    """The settings besides the frozen weights that decide the cached features: the image keys and the resolution
+    ``_preprocess_images`` resizes (with padding) to."""
+    return {
+        "image_keys": list(config.image_features),
+        "empty_cameras": int(config.empty_cameras),
+        "image_resolution": list(config.image_resolution),
+    }
+
+
+@torch.no_grad()
+def compute_image_features(policy, batch: dict[str, Tensor]) -> tuple[Tensor, list[str]]:
+    """The cacheable features of a *preprocessed* batch of B frames: ``embed_image`` of every camera slot (SigLIP +
+    projector on the image ``_preprocess_images`` prepares, float32 as lerobot keeps that path). Returns
+    ``(features (B, S, N, D), slots)`` with S camera slots (``feature_slots``) of N tokens of width D."""
+    inner = _inner(policy)
+    images, _ = inner._preprocess_images(batch)
+    embed = inner.model.paligemma_with_expert.embed_image
+    features = torch.stack([embed(img) for img in images], dim=1)
+    return features, feature_slots(inner.config, batch.keys())
+
+
+@contextmanager
+def substituted_image_features(policy, features: Tensor, slots: list[str]) -> Iterator[None]:
+    """Within the block, the policy's training forward (and the engine's prefix fill) takes its image embeddings from
+    ``features`` ``(B, S, N, D)`` (``compute_image_features``' output for the same frames) instead of decoding and
+    encoding images: ``_preprocess_images`` returns the cached slots (mask True for a camera, False for a missing
+    one, as it would) and ``embed_image`` passes them through. Everything after ``embed_image`` is lerobot's code."""
+    inner = _inner(policy)
+    with_expert = inner.model.paligemma_with_expert
+    device = next(inner.parameters()).device
+    features = features.to(
+        device=device, dtype=torch.float32
+    )  # embed_image's output dtype: the image's, float32
+    size = features.shape[0]
+
+    def preprocess_images(batch):
+        masks = [torch.full((size,), slot != EMPTY_CAMERA, dtype=torch.bool, device=device) for slot in slots]
+        return [features[:, s] for s in range(len(slots))], masks
+
+    inner._preprocess_images = preprocess_images
+    with_expert.embed_image = lambda image: image
+    try:
+        yield
+    finally:
+        del inner._preprocess_images
+        del with_expert.embed_image
+
+
+@contextmanager
+def captured_image_features(policy) -> Iterator[list[Tensor]]:
+    """Within the block, every ``embed_image`` output of the policy (one per camera slot per prefix fill, in call
+    order) is appended to the yielded list: stage 1 keeps the features its prefix fills compute anyway."""
+    with_expert = _inner(policy).model.paligemma_with_expert
+    original = with_expert.embed_image
+    outputs: list[Tensor] = []
+
+    def embed_image(image: Tensor) -> Tensor:
+        out = original(image)
+        outputs.append(out)
+        return out
+
+    with_expert.embed_image = embed_image
+    try:
+        yield outputs
+    finally:
+        del with_expert.embed_image
 
 
 # --- did the weights load? --------------------------------------------------------------------------

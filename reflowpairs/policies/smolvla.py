@@ -355,6 +355,13 @@ class SmolVLAFamily:
 
     # the feature cache (see reflowpairs.featurecache)
     feature_kind: str = "smolvla.image_embeddings"
+    feature_what: str = (
+        "per camera slot, SmolVLMWithExpertModel.embed_image (vision model + connector) of the "
+        "preprocessed image, before embed_prefix's sqrt(hidden) scaling"
+    )
+    feature_cache_how: str = (
+        "train_expert_only freezes both; freeze_vision_encoder alone leaves the connector trainable"
+    )
 
     def frozen_feature_modules(self, policy) -> dict[str, torch.nn.Module]:
         return frozen_feature_modules(policy)
