@@ -145,6 +145,7 @@ def pipeline(
             seed=seed,
             device=device,
             num_workers=num_workers,
+            threads="auto",  # as `generate` and `train` on the command line
         )
 
         def on_stage(name: str, skipped: bool) -> None:

@@ -66,7 +66,7 @@ from reflowpairs.policies import config_num_steps
 from reflowpairs.solvers import SolverConfig
 from reflowpairs.storelock import StoreLock
 from reflowpairs.teacher import compute_dtype, load_policy, parameter_dtypes, read_policy_config, rename_map
-from reflowpairs.threads import ThreadPlan, configure_threads
+from reflowpairs.threads import ThreadPlan, apply_threads
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -111,6 +111,9 @@ class GenerateConfig:
     # a store whose feature cache the teacher's prefix fills read instead of running its frozen vision encoder (a
     # later reflow round whose teacher shares those weights); the new store gets the same features (cache_features)
     features_from: str | None = None
+    # torch intra-op threads of this process: None keeps the caller's torch.set_num_threads, a number sets it,
+    # "auto" plans them around the DataLoader workers (what the command line uses; reflowpairs.threads)
+    threads: int | str | None = None
 
 
 @dataclass
@@ -489,7 +492,7 @@ def generate(
     Launched with torchrun / accelerate (WORLD_SIZE > 1), each process samples its own share of the remaining frames
     into ``OUT/parts/<rank>``, and the main process moves those shards into the store at the end."""
     _check_args(cfg)
-    threads = configure_threads(cfg.num_workers)
+    threads = apply_threads(cfg.threads, cfg.num_workers)
     dist = DistContext.from_env()
     if dist.world > 1 and cfg.partition is not None:
         raise ReflowPairsError(

@@ -64,6 +64,9 @@ class PipelineConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0  # train's data loader workers
+    threads: int | str | None = (
+        None  # generate's and train's `threads` (None: keep the caller's torch setting)
+    )
 
 
 Progress = Callable[[str, int, int], None]
@@ -165,6 +168,7 @@ def _generate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]
         seed=cfg.seed + r - 1,  # fresh noises each round
         device=cfg.device,
         resume=(pairs / "manifest.json").exists(),  # a crash mid-store: finish it
+        threads=cfg.threads,
     )
     total = [0]
 
@@ -217,6 +221,7 @@ def _train(
             seed=cfg.seed,
             device=cfg.device,
             num_workers=cfg.num_workers,
+            threads=cfg.threads,
             save_every=steps,
             resume=(run_dir / "checkpoints" / "last").exists(),  # a crash mid-run: continue it
             **extra,
