@@ -37,6 +37,7 @@ low-precision parameters, our own autocast): accelerate's ``mixed_precision`` is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -1344,7 +1345,9 @@ def _loop(
         except KeyboardInterrupt:
             log.flush()
             if step > saver.saved_at and not stop.aborted and is_main:  # at a step boundary only
-                saver.save(step)
+                # a second Ctrl-C inside this save stops it at once; the last complete checkpoint is kept
+                with contextlib.suppress(KeyboardInterrupt):
+                    saver.save(step)
             raise TrainingInterrupted(step, saver.checkpoint, saver.saved_at) from None
         finally:
             del batches
