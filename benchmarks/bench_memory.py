@@ -71,6 +71,13 @@ def child(side_name: str, world: World, batch_size: int, device: str, steps: int
         for _ in range(steps):
             side.step()
     result = {"side": side_name, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if side_name == "cached":  # what the cached side still holds though its forward never runs them
+        from reflowpairs.featurecache import cache_family
+
+        frozen = cache_family(side.policy).frozen_feature_modules(side.policy)
+        result["frozen_feature_weights_mb"] = (
+            sum(p.numel() * p.element_size() for m in frozen.values() for p in m.parameters()) / 2**20
+        )
     if cuda:
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -141,6 +148,12 @@ def main() -> None:
             f"  {side:12s} "
             + "   ".join(f"{key} {r[key]:9.1f}" for key in keys)
             + f"   peak RSS {r['peak_rss_mb']:8.1f} MB"
+        )
+    if "cached" in results and "frozen_feature_weights_mb" in results["cached"]:
+        held = results["cached"]["frozen_feature_weights_mb"]
+        print(
+            f"  the cached side still holds the frozen vision model + connector it never runs: {held:.1f} MB of "
+            f"weights ({held / results['ordinary'][keys[0]]:.1%} of the ordinary {keys[0]})"
         )
     for what in (*keys, "peak_rss_mb"):
         peak = what in ("cuda_peak_mb", "peak_tensors_mb")

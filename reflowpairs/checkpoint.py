@@ -173,10 +173,7 @@ def save_checkpoint(
         fsync_tree(tmp)
     except BaseException as err:  # a full disk, Ctrl-C: drop the half-written copy; `last` was not touched
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, RuntimeError) or type(err).__name__ == "SafetensorError":
-            # a full disk reaches us from safetensors as SafetensorError ("I/O error: No space left on device") and
-            # from torch.save as RuntimeError ("unexpected pos ..."): word them as the OSError they are, so the
-            # caller's write-failure message (which checkpoint, `last` kept, free space and resume) covers them
+        if _is_write_failure(err):
             raise OSError(f"{type(err).__name__}: {err}") from err
         raise
     old = root / (OLD_PREFIX + name)
@@ -188,6 +185,23 @@ def save_checkpoint(
         shutil.rmtree(old)
     point_last(out, final)
     return final
+
+
+WRITE_FAILURE_MARKERS = ("I/O error", "os error", "No space left", "unexpected pos", "failed writing")
+"""How a failed write reads in the errors that are not ``OSError``: safetensors' ``SafetensorError`` ("I/O error: No
+space left on device (os error 28)") and ``torch.save``'s ``RuntimeError`` ("[enforce fail at inline_container.cc]
+. unexpected pos ...", "PytorchStreamWriter failed writing file ...") on a full disk."""
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    """Whether ``err``, not an ``OSError``, is a failed write (a full disk) that safetensors or torch.save reported in
+    its own type: the caller words it as the OSError it is (which checkpoint, ``last`` kept, free space and resume).
+    Any other error (a bug) propagates as it is."""
+    if isinstance(err, OSError) or not isinstance(err, Exception):
+        return False
+    if not (isinstance(err, RuntimeError) or type(err).__name__ == "SafetensorError"):
+        return False
+    return any(marker in str(err) for marker in WRITE_FAILURE_MARKERS)
 
 
 def _write_checkpoint(

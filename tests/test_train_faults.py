@@ -162,6 +162,37 @@ def test_a_second_ctrl_c_inside_a_save_stops_at_once_and_keeps_the_last_checkpoi
     _resume_matches(tiny_store, out, reference)
 
 
+def test_a_second_ctrl_c_inside_the_save_that_the_first_one_asked_for(tiny_store, tmp_path):
+    """Ctrl-C between steps asks for a save; a second one while that save runs abandons it: the run still ends as an
+    interrupted *training* run (its own message, exit 130, no traceback), with no half-written checkpoint left."""
+    out, gate = tmp_path / "run", tmp_path / "gate"
+    gate.mkdir()
+    cmd = _train_cmd(tiny_store, out)
+    cmd[cmd.index("--save-every") + 1] = "1000"  # no periodic save: the only save is the one Ctrl-C asks for
+    with Child(cmd, env=child_env(**{TEST_SAVE_GATE: str(gate)}), preexec_fn=terminal_sigint) as child:
+        log = out / "train_log.jsonl"
+        child.wait_until(
+            lambda: log.exists() and log.read_text().count("\n") >= 1, "the first step's log line"
+        )
+        child.send_signal(signal.SIGINT)
+        child.wait_until(lambda: any(gate.glob("inside-*")), "the save Ctrl-C asked for to start")
+        (step,) = [int(p.name.split("-")[1]) for p in gate.glob("inside-*")]
+        half = out / "checkpoints" / f".tmp-{step:06d}"
+        for _ in range(20):  # as above: until the save gives up, and no more
+            child.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 2.0
+            while half.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if not half.exists():
+                break
+        done = child.finish()
+    text = " ".join(done.stdout.split() + done.stderr.split())
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"Interrupted at step {step}; no checkpoint had been written yet" in text, text[-2000:]
+    assert not (out / "checkpoints" / "last").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == []
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A fresh 64 MiB tmpfs mounted for the test (skipped where this process cannot mount one)."""
@@ -218,3 +249,27 @@ def test_a_full_disk_inside_a_save_keeps_the_last_checkpoint(tiny_store, referen
     filler.unlink()  # the user frees space
     assert _last_is_sound(out) == 2
     _resume_matches(tiny_store, out, reference)
+
+
+def test_full_disk_errors_that_are_not_oserrors_are_told_apart_from_bugs(small_disk):
+    """On a full disk safetensors raises SafetensorError and torch.save a RuntimeError: both count as a failed write
+    (the save words them as one); a RuntimeError that is a bug (tensors sharing memory) does not."""
+    from safetensors.torch import save_file
+
+    from reflowpairs.checkpoint import _is_write_failure
+
+    _fill(small_disk)
+    errors = []
+    for write in (
+        lambda: save_file({"w": torch.zeros(1 << 16)}, str(small_disk / "w.safetensors")),
+        lambda: torch.save({"w": torch.zeros(1 << 16)}, small_disk / "w.pt"),
+    ):
+        with pytest.raises(Exception) as caught:  # noqa: PT011 - the types are what this test looks at
+            write()
+        errors.append(caught.value)
+    assert [type(e).__name__ for e in errors] == ["SafetensorError", "RuntimeError"]
+    assert all(_is_write_failure(e) for e in errors), [str(e) for e in errors]
+    shared = torch.ones(4)
+    with pytest.raises(RuntimeError) as bug:
+        save_file({"a": shared, "b": shared}, str(small_disk.parent / "shared.safetensors"))
+    assert not _is_write_failure(bug.value) and not _is_write_failure(KeyboardInterrupt())
