@@ -93,7 +93,7 @@ def child(side_name: str, world: World, batch_size: int, device: str, steps: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=["tiny", "small", "large"], default="large")
+    parser.add_argument("--size", choices=["tiny", "small", "large", "smolvla-shaped"], default="large")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
