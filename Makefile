@@ -7,7 +7,7 @@ RP := $(VENV)/bin/reflowpairs
 DEMO ?= demo_out
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo lint test clean bench bench-generate bench-train bench-memory bench-store bench-exact bench-x0 bench-scale
+.PHONY: venv demo lint test clean gpu-check bench bench-generate bench-train bench-memory bench-store bench-exact bench-x0 bench-scale
 
 venv: $(STAMP)
 
@@ -67,6 +67,12 @@ bench-x0: $(STAMP)
 # pair-store costs as the store grows (issue #15); ARGS="--sizes 10000,100000,1000000" for the full curve
 bench-scale: $(STAMP)
 	$(PY) benchmarks/bench_scale.py $(or $(ARGS),$(BENCH_SCALE_ARGS))
+
+# One prepared run for a machine with one CUDA GPU (about 8 minutes): the CUDA tests, bench-generate/train/exact on CUDA
+# at the small and SmolVLA-shaped sizes in float32 and bfloat16, and the tiny world through the CLI on CUDA. Logs and a
+# summary.md for RESULTS.md in gpu_check_out/. Without a GPU it says so and exits 0. ARGS="--dry-run" prints the plan.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

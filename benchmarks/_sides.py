@@ -41,10 +41,15 @@ class World:
 
 
 def build_world(
-    root: Path, size: str, samples_per_frame: int = 2, episodes: list[int] | None = None
+    root: Path,
+    size: str,
+    samples_per_frame: int = 2,
+    episodes: list[int] | None = None,
+    videos: bool = False,
 ) -> World:
-    """Tiny-world dataset, an untrained SmolVLA of ``size`` (tiny | small | large | smolvla-shaped: real token and
-    layer counts, chunk 50, max_action_dim 32), and a pair store from it with its feature cache (``cache_features``)."""
+    """Tiny-world dataset (its camera as PNG frames, or MP4 video with ``videos``, as real datasets are), an untrained
+    SmolVLA of ``size`` (tiny | small | large | smolvla-shaped: real token and layer counts, chunk 50, max_action_dim
+    32), and a pair store from it with its feature cache (``cache_features``)."""
     from reflowpairs.dataset import open_dataset
     from reflowpairs.generate import GenerateConfig, generate
     from reflowpairs.tinyworld import (
@@ -68,7 +73,7 @@ def build_world(
         else TinyTeacherSpec()
     )
     vlm = build_tiny_vlm(root / "vlm", specs[size])
-    build_tiny_dataset(root / "dataset")
+    build_tiny_dataset(root / "dataset", use_videos=videos)
     dataset = open_dataset(TINY_REPO_ID, root / "dataset")
     teacher = save_untrained_policy(vlm, dataset, root / "teacher", teacher_spec)
     store = root / "pairs"

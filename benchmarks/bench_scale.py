@@ -238,6 +238,9 @@ def main() -> None:
         summarize(store)
         inspect_s = time.perf_counter() - start
         start = time.perf_counter()
+        summarize(store, statistics=True)
+        stats_s = time.perf_counter() - start
+        start = time.perf_counter()
         report = validate(ValidateConfig(store))
         validate_s = time.perf_counter() - start
         bad = [f"{c.name}: {c.detail}" for c in report.checks if c.result not in ("pass", "skip")]
@@ -252,6 +255,7 @@ def main() -> None:
                 "folders": folders,
                 "widest": widest,
                 "inspect": inspect_s,
+                "stats": stats_s,
                 "validate": validate_s,
                 "status": report.status,
                 "problems": bad,
@@ -268,7 +272,7 @@ def main() -> None:
             f"fold {r['fold'] * 1e3:.1f} ms\n"
             f"  files {files:,} ({files * 1e6 / r['pairs']:,.0f}/M pairs), folders {folders:,} "
             f"({folders * 1e6 / r['pairs']:,.0f}/M pairs), most entries in one folder {widest}\n"
-            f"  inspect {inspect_s:.2f} s, validate {validate_s:.2f} s ({report.status}"
+            f"  inspect {inspect_s:.3f} s (--stats {stats_s:.2f} s), validate {validate_s:.2f} s ({report.status}"
             + (f": {'; '.join(bad)}" if bad else "")
             + f"), train start-up {plan_s:.2f} s to plan, {step_s:.2f} s to first step; "
             f"shuffled read (2 workers) {rate:,.0f} pairs/s",
@@ -276,13 +280,13 @@ def main() -> None:
         )
 
     print(
-        "\npairs       shards  write/shard(start,end) ms  list/shard ms  fold ms  inspect s  validate s  "
+        "\npairs       shards  write/shard(start,end) ms  list/shard ms  fold ms  inspect s  --stats s  validate s  "
         "us/pair(val)  train plan s  first step s  read pairs/s  files/M"
     )
     for r in rows:
         print(
             f"{r['pairs']:>10,}  {r['shards']:>6}  {edge(r['shard']) * 1e3:>9.1f} {edge(r['shard'], last=True) * 1e3:>9.1f}"
-            f"       {edge(r['listing'], last=True) * 1e3:>9.2f}  {r['fold'] * 1e3:>7.1f}  {r['inspect']:>9.2f}"
+            f"       {edge(r['listing'], last=True) * 1e3:>9.2f}  {r['fold'] * 1e3:>7.1f}  {r['inspect']:>9.3f}  {r['stats']:>9.2f}"
             f"  {r['validate']:>10.2f}  {r['validate'] / r['pairs'] * 1e6:>12.2f}  {r['plan']:>12.2f}"
             f"  {r['step']:>12.2f}  {r['read']:>12,.0f}  {r['files'] * 1e6 / r['pairs']:>7,.0f}"
         )

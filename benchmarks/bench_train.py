@@ -7,7 +7,7 @@ cached / ordinary (the feature cache, #14: goal at most 0.4 on --size smolvla-sh
 much the predecessor's online reflow costs more); then the cache's bytes per frame and its read throughput (frames/s
 through ``FeatureReader``, cold shards) against what the cached side consumes (frames/s).
 
-    python benchmarks/bench_train.py --size small --batch-size 16 --device cpu
+    python benchmarks/bench_train.py --size small --batch-size 16 --device cpu   # camera from MP4 video (--frames)
     python benchmarks/bench_train.py --size smolvla-shaped --batch-size 8 --steps 2 --repeats 2 --sides ordinary,cached
     python benchmarks/bench_train.py --size pi0-small --batch-size 8 --steps 3 --repeats 3 --sides ordinary,cached
 
@@ -47,6 +47,20 @@ def main() -> None:
         "--sides", default=",".join(SIDES), help="comma-separated subset of " + ",".join(SIDES)
     )
     parser.add_argument("--episodes", default="0,1,2,3", help="episodes the store is generated from")
+    parser.add_argument(
+        "--frames",
+        choices=["video", "png"],
+        default="video",
+        help="how the dataset stores its camera: MP4 video (as real datasets; the sides that read images decode it) "
+        "or PNG frames",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: every side's step runs under torch.autocast (as lerobot's use_amp and reflowpairs train's "
+        "default precision on CUDA)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     chosen = [name for name in SIDES if name in args.sides.split(",")]
@@ -66,22 +80,33 @@ def main() -> None:
             **sides,
         }
     else:
-        world = build_world(Path(tempfile.mkdtemp(prefix="bench-train-")), args.size, episodes=episodes)
+        world = build_world(
+            Path(tempfile.mkdtemp(prefix="bench-train-")),
+            args.size,
+            episodes=episodes,
+            videos=args.frames == "video",
+        )
         sides = {name: Side(name, world, args.batch_size, args.device) for name in chosen}
     n_params = sum(p.numel() for p in sides["ordinary"].policy.parameters())
+    frames = "MP4 video" if args.frames == "video" and args.size not in PI_SIZES else "PNG files"
     print(
         f"student: {sides['ordinary'].policy.config.type} {args.size}, {n_params / 1e6:.2f} M parameters ({sum(p.numel() for p in sides['ordinary'].params) / 1e6:.2f} M trainable); "
-        f"device {args.device}; {args.threads} torch thread(s); batch {args.batch_size}; "
+        f"device {args.device}, {args.dtype}; {args.threads} torch thread(s); batch {args.batch_size}; "
+        f"camera frames from {frames}; "
         f"{args.repeats} repeats x {args.steps} steps per side, interleaved"
     )
     times: dict[str, list[float]] = {name: [] for name in sides}
+    autocast = torch.autocast(
+        torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"
+    )
     for _ in range(args.repeats):
         for name, side in sides.items():
-            side.step()  # warm-up: first batch of the block, caches
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                side.step()
-            times[name].append((time.perf_counter() - start) / args.steps)
+            with autocast:
+                side.step()  # warm-up: first batch of the block, caches
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    side.step()
+                times[name].append((time.perf_counter() - start) / args.steps)
     med = {name: statistics.median(v) for name, v in times.items()}
     for name, values in times.items():
         print(

@@ -256,6 +256,7 @@ def generate(
         cache_features=cache_features,
         feature_dtype=feature_dtype,
         features_from=features_from,
+        threads="auto",  # the command line plans CPU threads around the workers (reflowpairs.threads)
     )
     options = resolved_options(
         ctx,

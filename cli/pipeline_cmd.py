@@ -197,6 +197,7 @@ def pipeline(
             env_episodes=env_episodes,
             env_batch_size=env_batch_size,
             env_use_async_envs=env_use_async_envs,
+            threads="auto",  # as `generate` and `train` on the command line
         )
 
         def on_stage(name: str, skipped: bool) -> None:

@@ -65,7 +65,11 @@ def feature_cache_table(cache: dict[str, Any]) -> Table:
 def summary_tables(summary: dict[str, Any]) -> list[Table]:
     """The rich tables of ``inspect``: store, provenance, and statistics (when computed)."""
     spf = summary["samples_per_frame"]
-    observed = f"{spf['min']}" if spf["min"] == spf["max"] else f"{spf['min']}..{spf['max']}"
+    if spf["min"] is None:
+        observed = "? (see --stats)"
+    else:
+        observed = f"{spf['min']}" if spf["min"] == spf["max"] else f"{spf['min']}..{spf['max']}"
+    frames = "? (see --stats)" if summary["frames"] is None else f"{summary['frames']:,}"
     tables = [
         _kv_table(
             f"pair store {summary['path']}",
@@ -75,7 +79,7 @@ def summary_tables(summary: dict[str, Any]) -> list[Table]:
                 "complete": summary["complete"],
                 "shards": summary["shards"],
                 "pairs": f"{summary['pairs']:,}",
-                "frames covered": f"{summary['frames']:,}",
+                "frames covered": frames,
                 "samples per frame": f"{observed} (recorded K={spf['recorded']})",
                 "X_0": f"{summary['x0']['dtype']} {tuple(summary['x0']['shape'])}"
                 + (
@@ -161,10 +165,15 @@ def inspect(
         int, typer.Option(metavar="N", help="Rows (chunk steps) of X_0 and X_1 shown with --pair.")
     ] = 3,
     stats: Annotated[
-        bool, typer.Option("--stats/--no-stats", help="Compute X_0/X_1 statistics (reads every shard once).")
-    ] = True,
+        bool,
+        typer.Option(
+            "--stats/--no-stats",
+            help="Also compute X_0/X_1 statistics and count frames from the shards (reads every shard once).",
+        ),
+    ] = False,
 ) -> None:
-    """Show what a pair store holds: layout, sizes, provenance and X_0/X_1 statistics (streamed shard by shard)."""
+    """Show what a pair store holds: layout, sizes and provenance from its manifest at once; with --stats, X_0/X_1
+    statistics too (streamed shard by shard)."""
     from reflowpairs.inspect_store import pair as read_pair
     from reflowpairs.inspect_store import summarize
 
@@ -176,13 +185,16 @@ def inspect(
             else:
                 out_console.print(pair_table(result))
             return
-        with progress(prefix="inspect") as bar:
-            task = bar.add_task("shards", total=None, rate="")
-            summary = summarize(
-                store,
-                statistics=stats,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
-            )
+        if not stats:
+            summary = summarize(store)
+        else:
+            with progress(prefix="inspect") as bar:
+                task = bar.add_task("shards", total=None, rate="")
+                summary = summarize(
+                    store,
+                    statistics=True,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )
     if json_out:
         typer.echo(json.dumps(summary))
         return

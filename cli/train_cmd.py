@@ -379,6 +379,7 @@ def train(
             allow_mismatch=allow_mismatch,
             no_feature_cache=no_feature_cache,
             allow_schedule_change=allow_schedule_change,
+            threads="auto",  # the command line plans CPU threads around the workers (reflowpairs.threads)
         )
         task = bar.add_task("loading", total=None, rate="", unit=None, every=None)
         first: dict[str, int] = {}

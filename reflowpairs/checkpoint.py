@@ -12,7 +12,8 @@
 ``<step>`` is lerobot's ``get_step_identifier`` (zero-padded to 6 digits). Each checkpoint is written
 into ``checkpoints/.tmp-<step>``, fsynced, and renamed into place; ``last`` is then repointed by
 renaming a fresh symlink over it. A crash at any moment leaves ``last`` on a complete checkpoint (or
-absent, before the first one), and at worst a ``.tmp-*`` leftover that the next run removes.
+absent, before the first one), and at worst a ``.tmp-*`` leftover that the next run removes. A save that fails
+(a full disk) or is stopped (a second Ctrl-C) removes its ``.tmp-*`` copy itself, freeing the space it took.
 
 ``pretrained_model/config.json`` is the init checkpoint's own config.json, key for key and value for
 value, except ``pretrained_path`` (the init checkpoint, as lerobot-train records ``--policy.path``) and
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,11 @@ STATE_FORMAT = "reflowpairs.train"
 STATE_VERSION = 1
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
+
+TEST_SAVE_GATE = "REFLOWPAIRS_TEST_SAVE_GATE"
+"""Test hook: a directory. Inside each save, once ``.tmp-<step>`` exists and before the weights go in, the saver creates
+``<dir>/inside-<step>`` and waits until ``<dir>/go-<step>`` exists, so a test can signal a ``train`` process or fill
+its disk while it is inside a save, at a known point (``tests/test_train_faults.py``). Unset in normal use."""
 
 
 def checkpoints_dir(out: str | Path) -> Path:
@@ -139,8 +146,7 @@ def save_checkpoint(
     float32 tensor, ``MasterWeights.state_dict()``) as ``training_state/master_params.safetensors``.
     ``extra_files``: name -> text written into ``pretrained_model/`` too (a tiny test teacher's size marker,
     ``LoadedPolicy.extra_files``, so the student loads as the teacher does)."""
-    from lerobot.common.train_utils import get_step_identifier, save_training_state
-    from safetensors.torch import save_file
+    from lerobot.common.train_utils import get_step_identifier
 
     root = checkpoints_dir(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -149,7 +155,76 @@ def save_checkpoint(
     tmp = root / (TMP_PREFIX + name)
     if tmp.exists():
         shutil.rmtree(tmp)
+    try:
+        _write_checkpoint(
+            tmp,
+            step,
+            policy,
+            preprocessor,
+            postprocessor,
+            config_json,
+            optimizer,
+            scheduler,
+            state,
+            batch_size,
+            master_params,
+            extra_files,
+        )
+        fsync_tree(tmp)
+    except BaseException as err:  # a full disk, Ctrl-C: drop the half-written copy; `last` was not touched
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_write_failure(err):
+            raise OSError(f"{type(err).__name__}: {err}") from err
+        raise
+    old = root / (OLD_PREFIX + name)
+    if final.exists():  # the same step saved by an earlier, resumed-from-before-it run
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    if old.exists():
+        shutil.rmtree(old)
+    point_last(out, final)
+    return final
+
+
+WRITE_FAILURE_MARKERS = ("I/O error", "os error", "No space left", "unexpected pos", "failed writing")
+"""How a failed write reads in the errors that are not ``OSError``: safetensors' ``SafetensorError`` ("I/O error: No
+space left on device (os error 28)") and ``torch.save``'s ``RuntimeError`` ("[enforce fail at inline_container.cc]
+. unexpected pos ...", "PytorchStreamWriter failed writing file ...") on a full disk."""
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    """Whether ``err``, not an ``OSError``, is a failed write (a full disk) that safetensors or torch.save reported in
+    its own type: the caller words it as the OSError it is (which checkpoint, ``last`` kept, free space and resume).
+    Any other error (a bug) propagates as it is."""
+    if isinstance(err, OSError) or not isinstance(err, Exception):
+        return False
+    if not (isinstance(err, RuntimeError) or type(err).__name__ == "SafetensorError"):
+        return False
+    return any(marker in str(err) for marker in WRITE_FAILURE_MARKERS)
+
+
+def _write_checkpoint(
+    tmp: Path,
+    step: int,
+    policy,
+    preprocessor,
+    postprocessor,
+    config_json: dict[str, Any],
+    optimizer,
+    scheduler,
+    state: dict[str, Any],
+    batch_size: int | None,
+    master_params: dict[str, Any] | None,
+    extra_files: dict[str, str] | None,
+) -> None:
+    """Every file of checkpoint ``step`` into ``tmp`` (``save_checkpoint`` documents them)."""
+    from lerobot.common.train_utils import save_training_state
+    from safetensors.torch import save_file
+
     model_dir = pretrained_dir(tmp)
+    model_dir.mkdir(parents=True)
+    _test_gate(step)
     policy.save_pretrained(model_dir)
     with open(model_dir / "config.json", "w") as handle:
         json.dump(config_json, handle, indent=4)
@@ -164,16 +239,17 @@ def save_checkpoint(
         save_file(
             {k: v.contiguous() for k, v in master_params.items()}, str(training_state_dir(tmp) / MASTER_FILE)
         )
-    fsync_tree(tmp)
-    old = root / (OLD_PREFIX + name)
-    if final.exists():  # the same step saved by an earlier, resumed-from-before-it run
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    if old.exists():
-        shutil.rmtree(old)
-    point_last(out, final)
-    return final
+
+
+def _test_gate(step: int) -> None:
+    """The ``TEST_SAVE_GATE`` hook (nothing when the variable is unset)."""
+    gate = os.environ.get(TEST_SAVE_GATE)
+    if not gate:
+        return
+    (Path(gate) / f"inside-{step}").touch()
+    go = Path(gate) / f"go-{step}"
+    while not go.exists():
+        time.sleep(0.01)
 
 
 def point_last(out: str | Path, checkpoint: Path) -> None:

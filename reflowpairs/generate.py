@@ -66,7 +66,7 @@ from reflowpairs.policies import config_num_steps
 from reflowpairs.solvers import SolverConfig
 from reflowpairs.storelock import StoreLock
 from reflowpairs.teacher import compute_dtype, load_policy, parameter_dtypes, read_policy_config, rename_map
-from reflowpairs.threads import ThreadPlan, configure_threads
+from reflowpairs.threads import ThreadPlan, apply_threads
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,6 +114,9 @@ class GenerateConfig:
     # cache_features when a student of the teacher's checkpoint could train with the cache (its vision encoder and
     # projector frozen by its config: featurecache.student_cache_problems), else not (reflowpairs pipeline's round 1)
     cache_features_if_allowed: bool = False
+    # torch intra-op threads of this process: None keeps the caller's torch.set_num_threads, a number sets it,
+    # "auto" plans them around the DataLoader workers (what the command line uses; reflowpairs.threads)
+    threads: int | str | None = None
 
 
 @dataclass
@@ -492,7 +495,7 @@ def generate(
     Launched with torchrun / accelerate (WORLD_SIZE > 1), each process samples its own share of the remaining frames
     into ``OUT/parts/<rank>``, and the main process moves those shards into the store at the end."""
     _check_args(cfg)
-    threads = configure_threads(cfg.num_workers)
+    threads = apply_threads(cfg.threads, cfg.num_workers)
     dist = DistContext.from_env()
     if dist.world > 1 and cfg.partition is not None:
         raise ReflowPairsError(

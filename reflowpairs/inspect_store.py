@@ -1,9 +1,11 @@
 """What a pair store holds: layout, provenance and statistics, as plain JSON-ready dicts.
 
-Everything is computed shard by shard with running sums (Chan et al.'s pairwise merge of means and
-sums of squared deviations, in float64), so inspecting a store of millions of pairs holds one shard
-in memory at a time. Non-finite values are counted and left out of the statistics. A store that does
-not keep X_0 (``x0.stored: false``) has it regenerated for the statistics and for ``pair``.
+The summary comes from the manifest (and its journal) alone, without opening a shard, so it costs the same for a
+store of any size. Statistics (``summarize(statistics=True)``, ``inspect --stats``) are computed shard by shard with
+running sums (Chan et al.'s pairwise merge of means and sums of squared deviations, in float64), so inspecting a
+store of millions of pairs holds one shard in memory at a time. Non-finite values are counted and left out of the
+statistics. A store that does not keep X_0 (``x0.stored: false``) has it regenerated for the statistics and for
+``pair``.
 """
 
 from __future__ import annotations
@@ -96,38 +98,33 @@ def bytes_on_disk(path: Path) -> int:
 
 
 def summarize(
-    path: str | Path, statistics: bool = True, progress: ShardProgress | None = None
+    path: str | Path, statistics: bool = False, progress: ShardProgress | None = None
 ) -> dict[str, Any]:
     """Everything ``reflowpairs inspect`` shows, as one JSON-ready dict.
 
-    Keys: ``path``, ``backend``, ``store_id``, ``complete``, ``shards``, ``pairs``, ``frames``
-    (distinct obs_index values in the listed shards), ``samples_per_frame`` (``{"recorded": K,
-    "min": .., "max": ..}`` pairs per frame observed), ``x0``/``x1`` (``{"shape", "dtype"}``),
+    Keys: ``path``, ``backend``, ``store_id``, ``complete``, ``shards``, ``pairs``, ``frames``, ``samples_per_frame``
+    (``{"recorded": K, "min": .., "max": ..}`` pairs per frame), ``x0``/``x1`` (``{"shape", "dtype"}``),
     ``bytes_on_disk``, ``bytes_per_pair``, ``x0_storage`` (``{"mode": "explicit"|"implicit", "stored": bool,
     "generator": name of the recipe X_0 is (re)generated with}``), ``teacher``, ``dataset``, ``generation``,
-    ``software``, ``skipped_frames``, and with ``statistics`` also ``statistics``: ``x0`` (overall ``mean``,
-    ``std``, ``nonfinite``, and ``source``: ``"stored"`` or ``"regenerated"``) and ``x1`` (per action dimension
-    ``min``/``max``/``mean``/``std`` lists of length D1, plus ``nonfinite``). Reads the listed shards one at a
-    time; a missing or unreadable shard raises ``ReflowPairsError`` naming it.
+    ``software``, ``skipped_frames``, ``feature_cache``.
+
+    Without ``statistics`` it reads the manifest (and journal) only, never a shard: its cost does not grow with the
+    pairs. ``pairs`` and ``frames`` are then the manifest's counts of the listed shards, and ``samples_per_frame``'s
+    ``min``/``max`` follow from each shard entry's ``num_pairs / num_frames`` (a shard holds whole frames, every frame
+    of a store written by this package its K samples; ``None`` when an entry lacks ``num_frames`` or its pairs are
+    not a whole multiple of its frames). ``bytes_on_disk`` stats the shard files (their sizes, not their contents).
+
+    With ``statistics`` it also streams every shard once (``progress`` after each): ``frames`` and
+    ``samples_per_frame`` are then counted from the shards' obs_index (distinct values, pairs per value), and
+    ``statistics`` is added: ``x0`` (overall ``mean``, ``std``, ``nonfinite``, and ``source``: ``"stored"`` or
+    ``"regenerated"``) and ``x1`` (per action dimension ``min``/``max``/``mean``/``std`` lists of length D1, plus
+    ``nonfinite``). A missing or unreadable shard raises ``ReflowPairsError`` naming it.
     """
     store = PairStore(path)
     manifest = store.manifest
-    x0_stats = RunningStats(1)
-    x1_stats = RunningStats(store.x1_shape[-1])
-    obs_parts: list[tuple[np.ndarray, np.ndarray]] = []
-    columns = ("obs_index", "x0", "x1") if statistics else ("obs_index",)
-    pairs = 0
-    for i in range(len(store.shards)):
-        data = store.read(i, columns)
-        obs_parts.append(np.unique(data["obs_index"], return_counts=True))
-        pairs += len(data["obs_index"])
-        if statistics:
-            x0_stats.update(data["x0"].reshape(-1, 1))
-            x1_stats.update(data["x1"].reshape(-1, store.x1_shape[-1]))
-        if progress is not None:
-            progress(i + 1, len(store.shards))
-    frames, per_frame = _frame_counts(obs_parts)
     shard_bytes = sum(bytes_on_disk(store.shard_path(i)) for i in range(len(store.shards)))
+    pairs = store.meta.listed_pairs()
+    frames, per_frame = _manifest_frame_counts(store.shards)
     summary: dict[str, Any] = {
         "path": str(store.path),
         "backend": store.backend,
@@ -161,9 +158,37 @@ def summarize(
     features = read_index(store.path)
     summary["feature_cache"] = describe(features) if features is not None else None
     if statistics:
-        x0 = x0_stats.summary()
-        x1 = x1_stats.summary()
-        summary["statistics"] = {
+        summary.update(stream_statistics(store, progress))
+    return summary
+
+
+def stream_statistics(store: PairStore, progress: ShardProgress | None = None) -> dict[str, Any]:
+    """Read every listed shard once (one in memory at a time): ``{"pairs", "frames", "samples_per_frame"
+    (min/max observed; "recorded" from the manifest), "statistics"}`` as ``summarize`` documents them."""
+    x0_stats = RunningStats(1)
+    x1_stats = RunningStats(store.x1_shape[-1])
+    obs_parts: list[tuple[np.ndarray, np.ndarray]] = []
+    pairs = 0
+    for i in range(len(store.shards)):
+        data = store.read(i, ("obs_index", "x0", "x1"))
+        obs_parts.append(np.unique(data["obs_index"], return_counts=True))
+        pairs += len(data["obs_index"])
+        x0_stats.update(data["x0"].reshape(-1, 1))
+        x1_stats.update(data["x1"].reshape(-1, store.x1_shape[-1]))
+        if progress is not None:
+            progress(i + 1, len(store.shards))
+    frames, per_frame = _frame_counts(obs_parts)
+    x0 = x0_stats.summary()
+    x1 = x1_stats.summary()
+    return {
+        "pairs": pairs,
+        "frames": frames,
+        "samples_per_frame": {
+            "recorded": store.manifest.get("generation", {}).get("samples_per_frame"),
+            "min": per_frame[0],
+            "max": per_frame[1],
+        },
+        "statistics": {
             "x0": {
                 "mean": x0["mean"][0],
                 "std": x0["std"][0],
@@ -171,8 +196,30 @@ def summarize(
                 "source": "stored" if store.x0_stored else "regenerated",
             },
             "x1": {k: x1[k] for k in ("min", "max", "mean", "std")} | {"nonfinite": x1_stats.nonfinite},
-        }
-    return summary
+        },
+    }
+
+
+def _manifest_frame_counts(
+    shards: list[dict[str, Any]],
+) -> tuple[int | None, tuple[int | None, int | None]]:
+    """Frames, and (min, max) pairs per frame, from the shard entries alone (no shard read).
+
+    A shard holds whole frames (docs/pair-store.md), so the frames of the store are the sum of the entries'
+    ``num_frames``; pairs per frame are each entry's ``num_pairs / num_frames``, known when it is a whole number.
+    ``None`` where an entry lacks ``num_frames`` (or, for the pairs per frame, is not a whole multiple)."""
+    if not shards:
+        return 0, (None, None)
+    if any("num_frames" not in entry for entry in shards):
+        return None, (None, None)
+    frames = sum(int(entry["num_frames"]) for entry in shards)
+    ratios = set()
+    for entry in shards:
+        n, f = int(entry["num_pairs"]), int(entry["num_frames"])
+        if f == 0 or n % f:
+            return frames, (None, None)
+        ratios.add(n // f)
+    return frames, (min(ratios), max(ratios))
 
 
 def _frame_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[int, tuple[int | None, int | None]]:

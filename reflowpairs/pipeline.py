@@ -81,6 +81,9 @@ class PipelineConfig:
     env_episodes: int = 50
     env_batch_size: int = 10
     env_use_async_envs: bool = False
+    threads: int | str | None = (
+        None  # generate's and train's `threads` (None: keep the caller's torch setting)
+    )
 
 
 Progress = Callable[[str, int, int], None]
@@ -198,6 +201,7 @@ def _generate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]
         # the feature cache: computed once, in round 1, when train can use it; later rounds run no vision encoder
         cache_features_if_allowed=r == 1,
         features_from=source,
+        threads=cfg.threads,
     )
     total = [0]
 
@@ -258,6 +262,7 @@ def _train(
             seed=cfg.seed,
             device=cfg.device,
             num_workers=cfg.num_workers,
+            threads=cfg.threads,
             save_every=steps,
             resume=(run_dir / "checkpoints" / "last").exists(),  # a crash mid-run: continue it
             **extra,

@@ -255,15 +255,22 @@ def tiny_episode(episode: int, spec: TinyDatasetSpec) -> tuple[str, np.ndarray, 
 
 
 def build_tiny_dataset(
-    root: str | Path, repo_id: str = TINY_REPO_ID, spec: TinyDatasetSpec = TinyDatasetSpec()
+    root: str | Path,
+    repo_id: str = TINY_REPO_ID,
+    spec: TinyDatasetSpec = TinyDatasetSpec(),
+    use_videos: bool = False,
 ):
-    """Write the tiny LeRobotDataset (v3, images as PNG frames, no video) to ``root`` and return it."""
+    """Write the tiny LeRobotDataset (v3) to ``root`` and return it: the camera as PNG frames, or with
+    ``use_videos`` as MP4 video (lerobot's own encoder, as real datasets store cameras; reads then decode video)."""
     import datasets
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     datasets.disable_progress_bars()  # one "Map" bar per episode is noise here
+    features = tiny_features(spec.state_dim)
+    if use_videos:
+        features["observation.images.cam"]["dtype"] = "video"
     dataset = LeRobotDataset.create(
-        repo_id=repo_id, fps=spec.fps, root=root, features=tiny_features(spec.state_dim), use_videos=False
+        repo_id=repo_id, fps=spec.fps, root=root, features=features, use_videos=use_videos
     )
     for episode in range(spec.num_episodes):
         task, states, actions = tiny_episode(episode, spec)

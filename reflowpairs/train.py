@@ -37,6 +37,7 @@ low-precision parameters, our own autocast): accelerate's ``mixed_precision`` is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -81,7 +82,7 @@ from reflowpairs.pairdata import (
 )
 from reflowpairs.pairstore import PairStore
 from reflowpairs.policies import family, json_step_field
-from reflowpairs.threads import configure_threads
+from reflowpairs.threads import apply_threads
 from reflowpairs.timesampling import TIME_SAMPLINGS, check_time_sampling, sample_time, step_generator
 
 LOG_FILE = "train_log.jsonl"
@@ -151,6 +152,9 @@ class TrainConfig:
     no_feature_cache: bool = (
         False  # decode images even when the store has a feature cache (reflowpairs.featurecache)
     )
+    # torch intra-op threads of this process: None keeps the caller's torch.set_num_threads, a number sets it,
+    # "auto" plans them around the DataLoader workers (what the command line uses; reflowpairs.threads)
+    threads: int | str | None = None
 
 
 @dataclass
@@ -1087,7 +1091,7 @@ def _plan_run(cfg: TrainConfig) -> _Run:
     """Every check (settings, ``out``, the store's manifest, fingerprints, shapes) and the loaded student; nothing
     is written. Shards are checked as they are read."""
     _check_args(cfg)
-    threads = configure_threads(cfg.num_workers)
+    threads = apply_threads(cfg.threads, cfg.num_workers)
     out = Path(cfg.out)
     resume_from = _check_out(out, cfg.resume)
     state = read_state(resume_from) if resume_from is not None else None
@@ -1341,7 +1345,9 @@ def _loop(
         except KeyboardInterrupt:
             log.flush()
             if step > saver.saved_at and not stop.aborted and is_main:  # at a step boundary only
-                saver.save(step)
+                # a second Ctrl-C inside this save stops it at once; the last complete checkpoint is kept
+                with contextlib.suppress(KeyboardInterrupt):
+                    saver.save(step)
             raise TrainingInterrupted(step, saver.checkpoint, saver.saved_at) from None
         finally:
             del batches

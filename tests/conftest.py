@@ -16,8 +16,9 @@ from .helpers import generate_store, tiny_store_settings
 
 logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
 torch.set_num_threads(1)  # tiny models; and subprocess tests share the 2 cores
-# ... and the same for the library's own thread planning: generate() and train() call configure_threads, which gives
-# the main process every core unless OMP_NUM_THREADS is set, undoing the line above for the rest of the session. On a
+# ... and the same for the command line's thread planning (`threads="auto"`, which the CLI passes to generate() and
+# train()): it gives the main process every core unless OMP_NUM_THREADS is set, undoing the line above for the rest of
+# the session (called from Python with the default `threads=None`, they leave the count alone). On a
 # shared 2-core machine two OpenMP threads on these tiny tensors make a generate run up to 20x slower (busy-waiting).
 # Tests of the default thread plan clear the variable themselves (monkeypatch.delenv); a user's setting is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -695,7 +695,8 @@ def test_wandb_settings_are_checked(tmp_path):
 
 
 def test_train_sets_and_reports_its_threads(tiny_store, tmp_path, monkeypatch):
-    """Like generate, train gives the main process the cores its DataLoader workers leave (reflowpairs/threads.py)."""
+    """With `threads="auto"` (the command line's setting), train gives the main process the cores its DataLoader
+    workers leave (reflowpairs/threads.py); tests/test_threads.py checks the library default keeps the caller's."""
     import torch
 
     from reflowpairs.threads import plan_threads
@@ -709,7 +710,13 @@ def test_train_sets_and_reports_its_threads(tiny_store, tmp_path, monkeypatch):
     try:
         train(
             TrainConfig(
-                pairs=tiny_store, out=tmp_path / "o", steps=1, batch_size=2, num_workers=0, device="cpu"
+                pairs=tiny_store,
+                out=tmp_path / "o",
+                steps=1,
+                batch_size=2,
+                num_workers=0,
+                device="cpu",
+                threads="auto",
             ),
             on_plan=plans.append,
         )

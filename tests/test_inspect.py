@@ -72,7 +72,7 @@ def plain_read(store: Path) -> dict:
 @pytest.mark.parametrize("which", ["zarr", "parquet"])
 def test_inspect_json_agrees_with_plain_reads(tiny_store, parquet_store, which):
     store = tiny_store if which == "zarr" else parquet_store
-    got = inspect_json(store)
+    got = inspect_json(store, "--stats")
     plain = plain_read(store)
     manifest, data = plain["manifest"], plain["data"]
     x0, x1 = data["x0"].astype(np.float64), data["x1"].astype(np.float64)
@@ -111,7 +111,7 @@ def test_inspect_json_agrees_with_plain_reads(tiny_store, parquet_store, which):
 
 
 def test_inspect_tables_name_what_they_show(tiny_world, tiny_store):
-    result = cli("inspect", str(tiny_store))
+    result = cli("inspect", str(tiny_store), "--stats")
     for words in (
         "backend",
         "zarr",
@@ -167,7 +167,7 @@ def test_not_a_store(tmp_path):
 def test_missing_shard_is_named(tiny_store, tmp_path):
     store = Path(shutil.copytree(tiny_store, tmp_path / "store"))
     shutil.rmtree(store / "shards/w0-000/w0-000002.zarr")
-    result = cli("inspect", str(store), exit_code=1)
+    result = cli("inspect", str(store), "--stats", exit_code=1)
     assert "shards/w0-000/w0-000002.zarr" in result.output and "missing" in result.output
     assert "Traceback" not in result.output
 
@@ -177,7 +177,7 @@ def test_nonfinite_values_are_counted_and_left_out_of_the_statistics(tiny_store,
     group = zarr.open_group(str(store / "shards/w0-000/w0-000001.zarr"), mode="r+")
     group["x1"][4, 0, 1] = np.nan
     group["x1"][9, 3, 0] = np.inf
-    got = inspect_json(store)
+    got = inspect_json(store, "--stats")
     x1 = plain_read(store)["data"]["x1"].astype(np.float64).reshape(-1, 2)
     assert got["statistics"]["x1"]["nonfinite"] == 2 and got["statistics"]["x0"]["nonfinite"] == 0
     finite = np.where(np.isfinite(x1), x1, np.nan)
@@ -189,6 +189,59 @@ def test_nonfinite_values_are_counted_and_left_out_of_the_statistics(tiny_store,
 def test_no_stats_reads_only_the_index(tiny_store):
     got = inspect_json(tiny_store, "--no-stats")
     assert "statistics" not in got and got["pairs"] == 288 and got["frames"] == 144
+
+
+def _no_shard_reads(monkeypatch) -> list[str]:
+    """Make every way of opening a shard's data fail (and record the attempt)."""
+    import reflowpairs.pairstore as pairstore
+
+    opened: list[str] = []
+
+    def refuse(path, *args, **kwargs):
+        opened.append(str(path))
+        raise AssertionError(f"inspect opened shard {path} without --stats")
+
+    monkeypatch.setattr(pairstore, "read_shard", refuse)
+    monkeypatch.setattr(pairstore, "shard_attrs", refuse)
+    monkeypatch.setattr(zarr, "open_group", refuse)
+    monkeypatch.setattr(pq, "read_table", refuse)
+    return opened
+
+
+@pytest.mark.parametrize("which", ["zarr", "parquet"])
+def test_inspect_without_stats_opens_no_shard_and_agrees_with_stats(
+    tiny_store, parquet_store, which, monkeypatch
+):
+    """The default `inspect` answers from the manifest alone: every field it keeps equals what `--stats` (which
+    reads every shard) reports, and no shard is opened, in JSON and in the tables."""
+    store = tiny_store if which == "zarr" else parquet_store
+    full = inspect_json(store, "--stats")
+    opened = _no_shard_reads(monkeypatch)
+    quick = inspect_json(store)
+    tables = cli("inspect", str(store))
+    assert opened == []
+    assert "statistics" not in quick and "X_1 per action dimension" not in tables.output
+    assert quick == {k: v for k, v in full.items() if k != "statistics"}
+    assert "frames covered" in tables.output and "bytes per pair" in tables.output
+    with pytest.raises(AssertionError, match="without --stats"):  # the patch does bite: --stats reads shards
+        inspect_json(store, "--stats")
+
+
+def test_inspect_an_old_store_without_frame_counts(tiny_store, tmp_path, monkeypatch):
+    """A store whose shard entries lack `num_frames` (optional in the format) still inspects at once: frames and
+    pairs per frame are unknown (`?` in the tables) until `--stats` counts them."""
+    store = Path(shutil.copytree(tiny_store, tmp_path / "store"))
+    manifest = json.loads((store / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        del entry["num_frames"]
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    full = inspect_json(store, "--stats")
+    assert full["frames"] == 144 and full["samples_per_frame"]["min"] == 2
+    _no_shard_reads(monkeypatch)
+    quick = inspect_json(store)
+    assert quick["pairs"] == 288 and quick["frames"] is None
+    assert quick["samples_per_frame"] == {"recorded": 2, "min": None, "max": None}
+    assert "? (see --stats)" in cli("inspect", str(store)).output
 
 
 def test_running_stats_merge_blocks_like_numpy():

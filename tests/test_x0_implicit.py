@@ -344,7 +344,7 @@ def _inspect_json(store: Path, *args: str) -> dict:
 
 @pytest.mark.parametrize("backend", ["zarr", "parquet"])
 def test_inspect_shows_the_x0_storage_and_bytes_per_pair(stores, backend):
-    got, explicit = _inspect_json(stores[backend]), _inspect_json(stores["explicit"])
+    got, explicit = _inspect_json(stores[backend], "--stats"), _inspect_json(stores["explicit"], "--stats")
     assert got["x0_storage"] == {"mode": "implicit", "stored": False, "generator": "reflowpairs.noise/v1"}
     assert explicit["x0_storage"] == {"mode": "explicit", "stored": True, "generator": "reflowpairs.noise/v1"}
     assert got["x0"] == {"shape": [8, 6], "dtype": "float32"}
