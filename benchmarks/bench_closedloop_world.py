@@ -114,6 +114,14 @@ def main() -> int:
     parser.add_argument("--student-steps", type=int, default=400)
     parser.add_argument("--student-batch", type=int, default=64)
     parser.add_argument("--student-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--distill-steps",
+        type=int,
+        default=0,
+        help="then a distill stage as `pipeline --distill` runs it: train --init <student> --time-sampling "
+        "noise-end --allow-mismatch on the same pairs, this many steps (0: none)",
+    )
+    parser.add_argument("--distill-lr", type=float, default=3e-4)
     parser.add_argument("--student", type=Path, help="evaluate this student instead of training one")
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1000)
@@ -149,12 +157,29 @@ def main() -> int:
             + ["--device", "cpu"]
         )
         student = out / "checkpoints" / "last" / "pretrained_model"
+        if args.distill_steps:
+            distilled = args.out / "distilled"
+            times["train (distill)"] = run(
+                [*RP, "train", "--pairs", str(pairs), "--out", str(distilled), "--init", str(student)]
+                + ["--allow-mismatch", "--time-sampling", "noise-end", "--steps", str(args.distill_steps)]
+                + [
+                    "--batch-size",
+                    str(args.student_batch),
+                    "--lr",
+                    str(args.distill_lr),
+                    "--num-workers",
+                    "1",
+                ]
+                + ["--device", "cpu"]
+            )
+            student = distilled / "checkpoints" / "last" / "pretrained_model"
     cells = {
         "teacher@10": eval_cell(teacher, 10, args.episodes, args.seed, args.batch),
         "teacher@1": eval_cell(teacher, 1, args.episodes, args.seed, args.batch),
         "student@1": eval_cell(student, 1, args.episodes, args.seed, args.batch),
         "student@2": eval_cell(student, 2, args.episodes, args.seed, args.batch),
     }
+    times["total"] = sum(times.values())
     print("\nstage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     print(
         f"\n{'cell':<12} {'success %':>9} {'95% Wilson':>14} {'return':>7}  ({args.episodes} episodes, seeds {args.seed}+)"
