@@ -13,7 +13,8 @@ Prints each stage's wall time, a table and one JSON line per cell (success %, 95
 mean episode length), and the three goals: teacher >= 80%; teacher at 1 step >= 25 points lower; student at 1 step
 within 5 points of the teacher at 10.
 
-    python benchmarks/bench_closedloop_world.py --out /tmp/closedloop
+    python benchmarks/bench_closedloop_world.py --out /tmp/closedloop  # the demo recipe (gapworld.teacher.GAP_REFLOW)
+    python benchmarks/bench_closedloop_world.py --out /tmp/plain --distill-steps 0  # reflow alone
     python benchmarks/bench_closedloop_world.py --out /tmp/closedloop --world /tmp/closedloop/world  # reuse a world
 """
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from reflowpairs.dataset import quiet_dataset_logs
+from reflowpairs.gapworld.teacher import GAP_REFLOW
 
 quiet_dataset_logs()
 RP = [sys.executable, "-m", "reflowpairs"]
@@ -110,18 +112,20 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--world", type=Path, help="an already built gap world (tiny-world --world gap)")
     parser.add_argument("--teacher-steps", type=int, default=None, help="tiny-world --train-steps")
-    parser.add_argument("--k", type=int, default=8, help="generate --samples-per-frame")
-    parser.add_argument("--student-steps", type=int, default=400)
-    parser.add_argument("--student-batch", type=int, default=64)
-    parser.add_argument("--student-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--k", type=int, default=GAP_REFLOW.samples_per_frame, help="generate --samples-per-frame"
+    )
+    parser.add_argument("--student-steps", type=int, default=GAP_REFLOW.train_steps)
+    parser.add_argument("--student-batch", type=int, default=GAP_REFLOW.batch_size)
+    parser.add_argument("--student-lr", type=float, default=GAP_REFLOW.lr)
     parser.add_argument(
         "--distill-steps",
         type=int,
-        default=0,
+        default=GAP_REFLOW.distill_steps,
         help="then a distill stage as `pipeline --distill` runs it: train --init <student> --time-sampling "
         "noise-end --allow-mismatch on the same pairs, this many steps (0: none)",
     )
-    parser.add_argument("--distill-lr", type=float, default=3e-4)
+    parser.add_argument("--distill-lr", type=float, default=GAP_REFLOW.distill_lr)
     parser.add_argument("--student", type=Path, help="evaluate this student instead of training one")
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1000)
