@@ -375,17 +375,21 @@ def tiny_world(
     table.add_row("dataset", f"{world.repo_id} at {world.dataset_root}")
     table.add_row("teacher", str(world.teacher_dir))
     out_console.print(table)
-    print_next(
-        [
-            "reflowpairs",
-            "generate",
-            "--teacher",
-            str(world.teacher_dir),
-            "--dataset",
-            world.repo_id,
-            "--dataset-root",
-            str(world.dataset_root),
-            "--out",
-            str(out / "pairs"),
-        ]
-    )
+    generate_next = [
+        "reflowpairs",
+        "generate",
+        "--teacher",
+        str(world.teacher_dir),
+        "--dataset",
+        world.repo_id,
+        "--dataset-root",
+        str(world.dataset_root),
+        "--out",
+        str(out / "pairs"),
+    ]
+    if world_name == "gap":  # the teacher in closed loop, through lerobot's own rollout
+        lerobot_eval = ["lerobot-eval", f"--policy.path={world.teacher_dir}", "--env.type=gapworld"]
+        lerobot_eval += ["--eval.n_episodes=50", "--eval.batch_size=50", "--policy.device=cpu"]
+        print_next(generate_next, lerobot_eval)
+    else:
+        print_next(generate_next)

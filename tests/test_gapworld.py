@@ -95,8 +95,9 @@ def test_lerobot_knows_the_env_type_through_the_plugin_distribution():
     register_third_party_plugins()
     cfg = EnvConfig.get_choice_class("gapworld")()
     assert isinstance(cfg, GapWorldEnvConfig) and cfg.gym_id == GYM_ID
-    envs = cfg.create_envs(n_envs=2)
+    envs = cfg.create_envs(n_envs=2, use_async_envs=True)  # lerobot-eval's default: forkserver workers
     vec = envs["gapworld"][0]
+    assert isinstance(vec, gym.vector.AsyncVectorEnv)
     obs, _ = vec.reset(seed=[0, 1])
     assert obs["pixels"].shape == (2, *cfg.features["pixels"].shape)
     assert obs["agent_pos"].shape == (2, 2)

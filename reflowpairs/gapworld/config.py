@@ -62,3 +62,8 @@ def register_gym_env() -> None:
             entry_point="reflowpairs.gapworld.env:GapWorldEnv",
             max_episode_steps=EPISODE_LENGTH,
         )
+
+
+# Registered on import too: lerobot's AsyncVectorEnv workers (forkserver) unpickle ``GapWorldEnvConfig`` (so import
+# this module) and then ``gym.make`` the id, without importing ``gym_gapworld``.
+register_gym_env()

@@ -32,7 +32,7 @@ GAP_CENTER = 0.55  # the gaps are centred at x = -GAP_CENTER and x = +GAP_CENTER
 GAP_HALF = 0.22  # half width of each gap: the solid middle is |x| < GAP_CENTER - GAP_HALF = 0.33
 START_Y = (-0.6, -0.5)  # the start height is drawn uniformly from this range; the start x is always 0
 SUCCESS_Y = 0.3  # above the wall by this much: success
-MAX_STEP = 0.2  # largest move per step along each axis
+MAX_STEP = 0.6  # largest move per step along each axis (a side-step from the start reaches either gap)
 EPISODE_LENGTH = 24  # default step limit (three chunks of 8)
 CHUNK = 8  # actions per chunk the world is built for: one chunk from the start reaches past the wall
 
@@ -42,7 +42,7 @@ def in_gap(x: np.ndarray | float) -> np.ndarray:
     return np.abs(np.abs(np.asarray(x)) - GAP_CENTER) <= GAP_HALF
 
 
-def hits_wall(start: np.ndarray, end: np.ndarray, samples: int = 9) -> bool:
+def hits_wall(start: np.ndarray, end: np.ndarray, samples: int = 25) -> bool:
     """Whether the straight move from ``start`` to ``end`` (each ``(2,)``) touches the wall outside the gaps."""
     t = np.linspace(0.0, 1.0, samples)[:, None]
     points = start[None, :] + t * (end - start)[None, :]
