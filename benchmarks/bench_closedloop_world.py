@@ -2,7 +2,7 @@
 
 Builds the gap world (``reflowpairs tiny-world --world gap``: dataset + SmolVLA teacher trained with lerobot's
 flow-matching loss), generates reflow pairs and trains a 1-step student with reflowpairs' own commands, then runs
-every cell through ``lerobot.scripts.lerobot_eval.eval_policy`` (the rollout ``lerobot-eval`` runs), each cell on
+every cell with ``reflowpairs eval --env.type gapworld`` (lerobot's own ``eval_policy`` rollout), each cell on
 the same ``--episodes`` episodes (env seeds ``--seed`` ...) with the same torch seed for the noise:
 
 - teacher at its full step count (10) and at 1 step (``num_steps`` set on the loaded config, as
@@ -22,15 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from reflowpairs.dataset import quiet_dataset_logs
 from reflowpairs.gapworld.teacher import GAP_REFLOW
@@ -47,62 +43,6 @@ def run(cmd: list[str]) -> float:
         cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     )
     return time.perf_counter() - start
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a success rate, in percent."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return 100 * (centre - half), 100 * (centre + half)
-
-
-def eval_cell(checkpoint: Path, num_steps: int, episodes: int, seed: int, batch: int) -> dict:
-    """One (checkpoint, step count) cell through lerobot's ``eval_policy`` on the gap world."""
-    from lerobot.configs.policies import PreTrainedConfig
-    from lerobot.envs.factory import make_env, make_env_pre_post_processors
-    from lerobot.policies.factory import make_policy, make_pre_post_processors
-    from lerobot.scripts.lerobot_eval import eval_policy
-
-    from reflowpairs.gapworld.config import GapWorldEnvConfig, register_gym_env
-
-    register_gym_env()
-    env_cfg = GapWorldEnvConfig()
-    cfg = PreTrainedConfig.from_pretrained(checkpoint)
-    cfg.pretrained_path = checkpoint
-    cfg.num_steps = num_steps
-    cfg.device = "cpu"
-    envs = make_env(env_cfg, n_envs=min(batch, episodes))
-    policy = make_policy(cfg, env_cfg=env_cfg)
-    policy.eval()
-    pre, post = make_pre_post_processors(
-        cfg, pretrained_path=checkpoint, preprocessor_overrides={"device_processor": {"device": "cpu"}}
-    )
-    env_pre, env_post = make_env_pre_post_processors(env_cfg, cfg)
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    with torch.no_grad():
-        info = eval_policy(
-            envs[env_cfg.type][0], policy, env_pre, env_post, pre, post, n_episodes=episodes, start_seed=seed
-        )
-    seconds = time.perf_counter() - start
-    for vec in envs[env_cfg.type].values():
-        vec.close()
-    per_episode = info["per_episode"][:episodes]
-    wins = sum(bool(e["success"]) for e in per_episode)
-    low, high = wilson(wins, episodes)
-    return {
-        "checkpoint": str(checkpoint),
-        "num_steps": num_steps,
-        "episodes": episodes,
-        "start_seed": seed,
-        "success_pct": 100 * wins / episodes,
-        "wilson95": [round(low, 1), round(high, 1)],
-        "mean_return": float(np.mean([e["sum_reward"] for e in per_episode])),
-        "seconds": round(seconds, 1),
-    }
 
 
 def main() -> int:
@@ -177,21 +117,33 @@ def main() -> int:
                 + ["--device", "cpu"]
             )
             student = distilled / "checkpoints" / "last" / "pretrained_model"
+    closed = args.out / "closed_loop"
+    times["eval --env.type gapworld"] = run(
+        [*RP, "eval", "--env.type", "gapworld", "--teacher", str(teacher), "--student", f"student={student}"]
+        + ["--num-steps", "1,2", "--n-episodes", str(args.episodes), "--seed", str(args.seed)]
+        + ["--eval.batch_size", str(args.batch), "--out", str(closed), "--device", "cpu"]
+    )
+    report = json.loads((closed / "closed_loop.json").read_text())
     cells = {
-        "teacher@10": eval_cell(teacher, 10, args.episodes, args.seed, args.batch),
-        "teacher@1": eval_cell(teacher, 1, args.episodes, args.seed, args.batch),
-        "student@1": eval_cell(student, 1, args.episodes, args.seed, args.batch),
-        "student@2": eval_cell(student, 2, args.episodes, args.seed, args.batch),
+        f"{c['model']}@{c['num_steps']}": {
+            "success_pct": 100 * c["success_rate"],
+            "wilson95": [round(100 * c["success_low"], 1), round(100 * c["success_high"], 1)],
+            "mean_return": c["mean_return"],
+            "mean_length": c["mean_length"],
+        }
+        for c in report["cells"]
+        if c["num_steps"] in (1, 2, 10)
     }
     times["total"] = sum(times.values())
     print("\nstage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     print(
-        f"\n{'cell':<12} {'success %':>9} {'95% Wilson':>14} {'return':>7}  ({args.episodes} episodes, seeds {args.seed}+)"
+        f"\n{'cell':<12} {'success %':>9} {'95% Wilson':>14} {'return':>7} {'length':>7}  ({args.episodes} episodes, seeds {args.seed}+)"
     )
     for name, cell in cells.items():
         low, high = cell["wilson95"]
         print(
             f"{name:<12} {cell['success_pct']:>9.1f} {f'[{low:.1f}, {high:.1f}]':>14} {cell['mean_return']:>7.2f}"
+            f" {cell['mean_length']:>7.2f}"
         )
     t10, t1, s1 = (cells[k]["success_pct"] for k in ("teacher@10", "teacher@1", "student@1"))
     goals = {
