@@ -25,6 +25,7 @@ Shards are written as pair shards are (``pairstore.write_shard``: temp name, fsy
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -444,13 +445,20 @@ def shard_problems(
             )
         elif array_sha256(array) != entry["checksums"].get(name):
             problems.append(f"{name} does not match its checksum")
-    if attrs is not None and not problems:
+    if attrs is not None and not problems and not _merged_before_origins(entry):
         origin = entry.get("store_id", index.get("store_id"))
         if attrs.get("store_id") != origin:
             problems.append(f"it belongs to store {attrs.get('store_id')!r}, not this cache's ({origin})")
         elif attrs.get("shard") != entry.get("written_as", entry["path"]):
             problems.append(f"it was written as {attrs.get('shard')} (a copy or a renamed shard)")
     return problems
+
+
+def _merged_before_origins(entry: dict[str, Any]) -> bool:
+    """True for a shard entry of a cache merged before entries kept their origin (``store_id``/``written_as``):
+    its shard carries its slice's store id and name, which that index does not record, so only its counts, shapes,
+    dtypes and checksums can be checked."""
+    return "store_id" not in entry and re.fullmatch(rf"{FEATURES_DIR}/s\d{{3}}-.+", entry["path"]) is not None
 
 
 def corrupt_feature_shard(store: str | Path, entry: dict[str, Any], problems: list[str]) -> ReflowPairsError:

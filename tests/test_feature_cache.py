@@ -223,6 +223,20 @@ def test_generate_keeps_the_features_its_prefix_fills_compute(tiny_world, tmp_pa
     assert "feature cache not merged" not in out and merged["complete"] and merged["num_frames"] == 24
     assert featurecache.check(tmp_path / "merged", frames)[0] == []
     assert featurecache.coverage_problem(merged, PairStore(tmp_path / "merged").meta) is None
+    # a cache merged before entries kept their origin (no store_id/written_as per entry) is still accepted, and a
+    # damaged shard of it is still caught by its checksum
+    legacy = {
+        **merged,
+        "shards": [
+            {k: v for k, v in e.items() if k not in ("store_id", "written_as")} for e in merged["shards"]
+        ],
+    }
+    (tmp_path / "merged" / "features" / "index.json").write_text(json.dumps(legacy))
+    assert featurecache.check(tmp_path / "merged", frames)[0] == []
+    assert all(
+        featurecache.read_checked_shard(tmp_path / "merged", legacy, i) is not None
+        for i in range(len(legacy["shards"]))
+    )
     shutil.rmtree(slices[1] / "features")  # a slice without one: said, and the merged store has none
     out = cli("merge", *map(str, slices), "--out", str(tmp_path / "merged2")).stdout
     assert "feature cache not merged" in " ".join(out.split()) and "--cache-features" in out
