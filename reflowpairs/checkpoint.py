@@ -241,14 +241,19 @@ def _write_checkpoint(
         )
 
 
+TEST_SAVE_GATE_WAIT_S = 120.0
+
+
 def _test_gate(step: int) -> None:
-    """The ``TEST_SAVE_GATE`` hook (nothing when the variable is unset)."""
+    """The ``TEST_SAVE_GATE`` hook (nothing when the variable is unset): announce the save of ``step`` and wait for the
+    test's go, at most ``TEST_SAVE_GATE_WAIT_S`` (a test that died never leaves a run hanging)."""
     gate = os.environ.get(TEST_SAVE_GATE)
     if not gate:
         return
     (Path(gate) / f"inside-{step}").touch()
     go = Path(gate) / f"go-{step}"
-    while not go.exists():
+    deadline = time.monotonic() + TEST_SAVE_GATE_WAIT_S
+    while not go.exists() and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
