@@ -17,15 +17,16 @@ import zarr
 from reflowpairs.validate import ValidateConfig, validate
 
 from .helpers import (
+    assert_identical_pairs,
     assert_sound_but_incomplete,
     cli,
     generate_args,
+    read_plain,
     reflowpairs_cmd,
     run_child,
     signal_after_shards,
     torchrun_cmd,
 )
-from .test_generate import read_plain
 
 SETTINGS = [
     "--episodes",
@@ -43,11 +44,6 @@ SETTINGS = [
 
 def _args(world, out: Path, *extra: str) -> list[str]:
     return generate_args(world, out, *SETTINGS, *extra)
-
-
-def assert_identical_pairs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    for key in ("obs_index", "sample", "x0", "x1"):
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ from reflowpairs.cli.options import translate_args
 from reflowpairs.cli.progress import LineProgress, line_interval, make_progress, progress_mode
 from reflowpairs.cli.ui import parse_episodes
 from reflowpairs.errors import ReflowPairsError
-from tests.test_bf16 import assert_identical_pairs
-from tests.test_generate import read_plain
+
+from .helpers import assert_identical_pairs, read_plain
 
 runner = CliRunner()
 ENV = {"COLUMNS": "200", "OMP_NUM_THREADS": "1"}  # wide tables; OMP_NUM_THREADS keeps the suite's one thread

@@ -9,11 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-import zarr
 from typer.testing import CliRunner
 
 from reflowpairs.cli import app
@@ -22,6 +19,8 @@ from reflowpairs.errors import ReflowPairsError
 from reflowpairs.generate import GenerateConfig, generate
 from reflowpairs.noise import initial_noise
 from reflowpairs.teacher import load_policy
+
+from .helpers import assert_same_pairs, read_plain
 
 runner = CliRunner()
 
@@ -41,51 +40,6 @@ def _generate(world, out: Path, **overrides) -> Path:
     settings.update(overrides)
     generate(GenerateConfig(**settings))
     return out
-
-
-def read_plain(store: Path) -> dict[str, np.ndarray]:
-    """Read a store with plain zarr / pyarrow, following docs/pair-store.md, not this package."""
-    manifest = json.loads((store / "manifest.json").read_text())
-    t0, d0 = manifest["x0"]["shape"]
-    t1, d1 = manifest["x1"]["shape"]
-    parts = []
-    for shard in manifest["shards"]:
-        path = store / shard["path"]
-        if manifest["backend"] == "zarr":
-            group = zarr.open_group(str(path), mode="r")
-            assert group["x0"].dtype == np.float32 and group["obs_index"].dtype == np.int64
-            assert group["sample"].dtype == np.int32 and group["x1"].dtype == np.float32
-            part = {name: np.asarray(group[name][...]) for name in ("x0", "x1", "obs_index", "sample")}
-        else:
-            table = pq.read_table(path)
-            assert str(table.schema.field("obs_index").type) == "int64"
-            assert str(table.schema.field("sample").type) == "int32"
-            for name, width in (("x0", t0 * d0), ("x1", t1 * d1)):
-                kind = table.schema.field(name).type
-                assert (
-                    pa.types.is_fixed_size_list(kind)
-                    and kind.list_size == width
-                    and kind.value_type == pa.float32()
-                )
-            n = table.num_rows
-            part = {
-                "x0": np.stack(table.column("x0").to_numpy(zero_copy_only=False)).reshape(n, t0, d0),
-                "x1": np.stack(table.column("x1").to_numpy(zero_copy_only=False)).reshape(n, t1, d1),
-                "obs_index": table.column("obs_index").to_numpy(),
-                "sample": table.column("sample").to_numpy(),
-            }
-        assert len(part["obs_index"]) == shard["num_pairs"]
-        parts.append(part)
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.lexsort((out["sample"], out["obs_index"]))
-    return {k: v[order] for k, v in out.items()}
-
-
-def assert_same_pairs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    """Two stores read with ``read_plain`` hold the same pairs (X_1 up to float rounding of batching)."""
-    for key in ("obs_index", "sample", "x0"):
-        np.testing.assert_array_equal(a[key], b[key])
-    np.testing.assert_allclose(a["x1"], b["x1"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("backend", ["zarr", "parquet"])

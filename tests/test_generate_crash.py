@@ -17,15 +17,16 @@ import pytest
 
 from .helpers import (
     INTERRUPTIBLE_RUN,
+    assert_same_pairs,
     assert_sound_but_incomplete,
     child_env,
     generate_args,
     generate_store,
+    read_plain,
     reflowpairs_cmd,
     run_child,
     signal_after_shards,
 )
-from .test_generate import assert_same_pairs, read_plain
 
 
 def _cmd(world, out: Path, *extra: str) -> list[str]:

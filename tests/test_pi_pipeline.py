@@ -25,7 +25,7 @@ from reflowpairs.pairstore import Pairs, PairStore
 from reflowpairs.policies._pi_common import check_weights_loaded
 from reflowpairs.teacher import TOKENIZER_ENV, load_policy
 
-from .helpers import cli, reflowpairs_cmd, run_child
+from .helpers import assert_same_pairs, cli, read_plain, reflowpairs_cmd, run_child
 
 VARIANTS = ("pi0", "pi05")
 GENERATE = ("--episodes", "0", "--samples-per-frame", "2", "--num-steps", "3", "--batch-size", "8")
@@ -250,8 +250,6 @@ def test_resume_partitions_parquet_and_midpoint(pi_teachers, tiny_world, tmp_pat
     from reflowpairs.generate import GenerateConfig, generate
     from reflowpairs.merge import merge_stores
     from reflowpairs.solvers import SolverConfig, integrate
-
-    from .test_generate import assert_same_pairs, read_plain
 
     teacher = pi_teachers[variant]
     settings = {

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from reflowpairs.cli import app
 
-from .test_generate import assert_same_pairs, read_plain
+from .helpers import assert_same_pairs, read_plain
 
 EPISODES = [0, 1, 2]
 runner = CliRunner()
