@@ -156,6 +156,16 @@ def generate_store(world, out: Path, **settings: Any) -> Path:
     return out
 
 
+SMALL_STORE = {"episodes": [0, 1], "samples_per_frame": 2, "batch_size": 8, "shard_size": 16}
+"""The settings of ``small_store``: the tiny world's episodes 0 and 1 (48 frames), K=2, batches of 8 frames, shards
+of 16 pairs."""
+
+
+def small_store(world, out: Path, **overrides: Any) -> Path:
+    """Generate a store of ``SMALL_STORE`` (with ``overrides``) into ``out``; returns ``out``."""
+    return generate_store(world, out, **(SMALL_STORE | overrides))
+
+
 def listed_shards(store: Path) -> int:
     """How many shards ``store``'s manifest lists (with its journal's, as ``StoreManifest.read`` folds them): 0 while
     there is no manifest (or when it is caught between the write and the rename of its temporary file)."""

@@ -15,7 +15,6 @@ import pytest
 import typer
 import yaml
 from rich.console import Console
-from typer.testing import CliRunner
 
 from reflowpairs.cli import app
 from reflowpairs.cli.options import translate_args
@@ -23,9 +22,8 @@ from reflowpairs.cli.progress import LineProgress, line_interval, make_progress,
 from reflowpairs.cli.ui import parse_episodes
 from reflowpairs.errors import ReflowPairsError
 
-from .helpers import assert_identical_pairs, read_plain
+from .helpers import assert_identical_pairs, read_plain, runner
 
-runner = CliRunner()
 ENV = {"COLUMNS": "200", "OMP_NUM_THREADS": "1"}  # wide tables; OMP_NUM_THREADS keeps the suite's one thread
 COMMANDS = ("tiny-world", "generate", "validate", "inspect", "train", "eval", "merge", "pipeline")
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from reflowpairs.cli.app import app
 from reflowpairs.errors import ReflowPairsError
@@ -22,6 +21,8 @@ from reflowpairs.evaluate import (
     training_frames,
 )
 from reflowpairs.report import frames_text, markdown, report_notes
+
+from .helpers import runner
 
 TRAINED = [0, 1, 2, 3, 4, 5]  # the episodes of tiny_store
 HELD_OUT = [6, 7, 8, 9]
@@ -133,7 +134,7 @@ def test_allow_mismatch_runs_and_labels_the_report_cli(tiny_world, trained_stude
         "cpu",
         "--allow-mismatch",
     ]
-    result = CliRunner().invoke(app, args, env={"REFLOWPAIRS_PROGRESS": "1"})
+    result = runner.invoke(app, args, env={"REFLOWPAIRS_PROGRESS": "1"})
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["checks"]["teacher"]["matches"] is False and report["checks"]["allow_mismatch"] is True

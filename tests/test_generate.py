@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from reflowpairs.cli import app
 from reflowpairs.dataset import open_dataset
@@ -20,26 +20,10 @@ from reflowpairs.generate import GenerateConfig, generate
 from reflowpairs.noise import initial_noise
 from reflowpairs.teacher import load_policy
 
-from .helpers import assert_same_pairs, read_plain
+from .helpers import assert_same_pairs, read_plain, runner, small_store
 
-runner = CliRunner()
-
-
-def _generate(world, out: Path, **overrides) -> Path:
-    settings = {
-        "teacher": str(world.teacher_dir),
-        "dataset": world.repo_id,
-        "dataset_root": world.dataset_root,
-        "out": out,
-        "episodes": [0, 1],
-        "samples_per_frame": 3,
-        "batch_size": 4,
-        "shard_size": 20,
-        "device": "cpu",
-    }
-    settings.update(overrides)
-    generate(GenerateConfig(**settings))
-    return out
+_generate = partial(small_store, samples_per_frame=3, batch_size=4, shard_size=20)
+"""This file's stores: episodes 0 and 1, K=3, batches of 4 frames, shards of 20 pairs (each setting overridable)."""
 
 
 @pytest.mark.parametrize("backend", ["zarr", "parquet"])

@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from typer.testing import CliRunner
 
 from reflowpairs.cli import app
 
-from .helpers import assert_same_pairs, read_plain
+from .helpers import assert_same_pairs, read_plain, runner
 
 EPISODES = [0, 1, 2]
-runner = CliRunner()
 
 
 def _args(world, out: Path, *extra: str) -> list[str]:

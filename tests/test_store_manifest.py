@@ -12,14 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from reflowpairs.cli import app
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.generate import GenerateConfig, generate
 from reflowpairs.pairstore import PairStore
 
-runner = CliRunner()
+from .helpers import runner
 
 
 def _edit(**fields):

@@ -22,7 +22,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from reflowpairs.checkpoint import MASTER_FILE, STATE_FILE
 from reflowpairs.cli.app import app
@@ -31,7 +30,8 @@ from reflowpairs.pairdata import PairSampler, drop_action_keys, epoch_order
 from reflowpairs.timesampling import TIME_SAMPLINGS, sample_time, step_generator
 from reflowpairs.train import TEST_SAVED_FD, TrainConfig, TrainingInterrupted, plan_optimizer, train
 
-runner = CliRunner()
+from .helpers import runner
+
 BATCH = 4
 
 
