@@ -1,5 +1,6 @@
 """Shared offline fixtures: the tiny world (VLM dir, dataset, trained teacher) built once per session,
-a second, differently shaped world the main code paths never special-case, and a generated store.
+a second, differently shaped world the main code paths never special-case, a generated store, and tiny pi0/pi05
+teachers.
 
 And the fast tier's guard. ``make test-fast`` runs ``pytest -m "not slow"``: the tests marked
 ``@pytest.mark.slow`` (end-to-end runs, child processes, training, lerobot's own commands) are left out. While a
@@ -24,9 +25,10 @@ from typing import Any
 import pytest
 import torch
 
+from reflowpairs import tinypi
 from reflowpairs.tinyworld import TinyDatasetSpec, TinyTeacherSpec, TinyWorld, VLMSpec, build_tiny_world
 
-from .helpers import generate_store, tiny_store_settings
+from .helpers import generate_store, no_network, tiny_store_settings
 
 logging.getLogger("lerobot.utils.import_utils").setLevel(logging.CRITICAL)
 torch.set_num_threads(1)  # tiny models; and subprocess tests share the 2 cores
@@ -83,6 +85,25 @@ def bf16_world(tmp_path_factory) -> TinyWorld:
 def tiny_store(tiny_world, tmp_path_factory) -> Path:
     """A complete zarr pair store over episodes 0-5 of the tiny world, K=2, small shards."""
     return generate_store(tiny_world, tmp_path_factory.mktemp("store") / "pairs", **tiny_store_settings())
+
+
+@pytest.fixture(scope="session")
+def pi_teachers(tiny_world, tmp_path_factory) -> dict[str, Path]:
+    """Tiny pi0 and pi05 teachers (``reflowpairs.tinypi``, ~41 M parameters, 2 training steps) for the tiny world's
+    dataset, each with its own ``tokenizer/``, built with every socket connection refused: ``{variant: checkpoint}``.
+    Tests copy a checkpoint before changing it."""
+    root = tmp_path_factory.mktemp("pi_teachers")
+    with no_network():
+        return {
+            variant: tinypi.build_tiny_pi_teacher(
+                root / variant,
+                variant,
+                tiny_world.repo_id,
+                tiny_world.dataset_root,
+                spec=tinypi.TinyPiSpec(train_steps=2),
+            )
+            for variant in ("pi0", "pi05")
+        }
 
 
 # --- the fast tier's guard ----------------------------------------------------------------------------------------

@@ -10,11 +10,13 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +270,24 @@ def synthetic_pairs(obs: list[int], seed: int = 0) -> Pairs:
         obs_index=np.repeat(obs, K),
         sample=np.tile(np.arange(K), len(obs)),
     )
+
+
+# --- the network ---------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def no_network() -> Iterator[None]:
+    """Every socket connection attempt inside the block raises (what runs in it must not need the hub)."""
+    real = socket.socket.connect
+
+    def refuse(self, address):
+        raise OSError(f"network access attempted in an offline test: {address}")
+
+    socket.socket.connect = refuse
+    try:
+        yield
+    finally:
+        socket.socket.connect = real
 
 
 # --- running children ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """pi0 and pi05 teachers through the command line: generate -> validate --spot-check -> train -> eval, on tiny
-teachers (``reflowpairs.tinypi``) built over the session's tiny world dataset.
+teachers (``reflowpairs.tinypi``) built over the session's tiny world dataset (conftest's ``pi_teachers``).
 
 A tiny checkpoint carries ``tinypi.TINY_MARKER``; ``load_policy`` applies its size patch for that checkpoint's
 ``from_pretrained`` only (the documented test-fixture route), so the CLI loads it in this process and in a fresh one
@@ -30,24 +30,6 @@ from .helpers import assert_same_pairs, cli, read_plain, reflowpairs_cmd, run_ch
 VARIANTS = ("pi0", "pi05")
 GENERATE = ("--episodes", "0", "--samples-per-frame", "2", "--num-steps", "3", "--batch-size", "8")
 GENERATE += ("--shard-size", "16", "--device", "cpu")
-
-
-@pytest.fixture(scope="module")
-def pi_teachers(tiny_world, tmp_path_factory) -> dict[str, Path]:
-    """Tiny pi0 and pi05 teachers (2 training steps) for the tiny world's dataset: ``{variant: checkpoint dir}``."""
-    root = tmp_path_factory.mktemp("pi_teachers")
-    tokenizer = tinypi.build_pi_tokenizer(root / "tokenizer")
-    return {
-        variant: tinypi.build_tiny_pi_teacher(
-            root / variant,
-            variant,
-            tiny_world.repo_id,
-            tiny_world.dataset_root,
-            tokenizer_dir=tokenizer,
-            spec=tinypi.TinyPiSpec(train_steps=2),
-        )
-        for variant in VARIANTS
-    }
 
 
 def _policy_class(variant: str):
