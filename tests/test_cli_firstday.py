@@ -562,6 +562,7 @@ def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_train_takes_lerobot_names(trained):
     out, _, _ = trained
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
@@ -576,6 +577,7 @@ def test_train_takes_lerobot_names(trained):
     )
 
 
+@pytest.mark.slow
 def test_train_prints_progress_lines_and_threads(trained):
     _, _, result = trained
     lines = [line for line in result.output.splitlines() if line.startswith("train: step ")]
@@ -588,6 +590,7 @@ def test_train_prints_progress_lines_and_threads(trained):
     ), result.output
 
 
+@pytest.mark.slow
 def test_train_logs_to_wandb(trained):
     out, wandb_dir, result = trained
     history = _wandb_history(wandb_dir)
@@ -605,6 +608,7 @@ def test_train_logs_to_wandb(trained):
     assert "W&B run: " in result.output and str(wandb_dir) in _flat(result.output)
 
 
+@pytest.mark.slow
 def test_train_writes_its_options_and_config_repeats_the_run(trained, tiny_store, tmp_path):
     out, _, _ = trained
     written = out / "train_options.yaml"
@@ -692,6 +696,7 @@ def test_wandb_settings_are_checked(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_train_sets_and_reports_its_threads(tiny_store, tmp_path, monkeypatch):
     """Like generate, train gives the main process the cores its DataLoader workers leave (reflowpairs/threads.py)."""
     import torch
@@ -720,6 +725,7 @@ def test_train_sets_and_reports_its_threads(tiny_store, tmp_path, monkeypatch):
 # --- eval through the CLI --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_writes_its_options_and_config_repeats_the_run(trained, tiny_world, tmp_path):
     out, _, _ = trained
     student = out / "checkpoints/last/pretrained_model"

@@ -57,6 +57,7 @@ def test_store_contract_read_with_plain_libraries(tiny_world, tmp_path, backend)
         np.testing.assert_array_equal(pairs["x0"][row], want)
 
 
+@pytest.mark.slow
 def test_backends_and_batch_sizes_store_identical_pairs(tiny_world, tmp_path):
     a = read_plain(_generate(tiny_world, tmp_path / "a", batch_size=1, shard_size=7, backend="zarr"))
     b = read_plain(_generate(tiny_world, tmp_path / "b", batch_size=5, shard_size=1000, backend="parquet"))
@@ -66,6 +67,7 @@ def test_backends_and_batch_sizes_store_identical_pairs(tiny_world, tmp_path):
     assert_same_pairs(a, c)
 
 
+@pytest.mark.slow
 def test_dopri5_pairs_do_not_depend_on_the_batching(tiny_world, tmp_path):
     """An adaptive solver's steps depend on everything integrated together; the engine solves one frame per call.
     Every 4th frame of episode 1 (``partition`` 0/4: 6 frames): dopri5 solves each frame on its own, so more frames
@@ -158,6 +160,7 @@ def test_episodes_select_frames(tiny_world, tmp_path):
     assert len(pairs["obs_index"]) == 24
 
 
+@pytest.mark.slow
 def test_resume_finishes_an_interrupted_store_identically(tiny_world, tmp_path):
     full = read_plain(_generate(tiny_world, tmp_path / "full"))
     partial = _generate(tiny_world, tmp_path / "partial")
@@ -410,6 +413,7 @@ def test_usage_error_exit_code_2(tiny_world, tmp_path):
     assert result.exit_code == 2
 
 
+@pytest.mark.slow
 def test_hub_ids_while_offline_get_a_clear_error(tiny_world, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     text = _cli_error(
@@ -450,6 +454,7 @@ def test_hub_ids_while_offline_get_a_clear_error(tiny_world, tmp_path, monkeypat
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_higher_order_solvers_buy_accuracy_per_step(tiny_world, tmp_path):
     """midpoint/rk4 at 4 steps land closer to a tight dopri5 solution than Euler at 4 steps; all share one engine.
     On every 4th frame of episode 1 (``partition`` 0/4: 6 frames, which dopri5 solves one by one)."""

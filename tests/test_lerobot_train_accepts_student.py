@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from reflowpairs.cli import app
 
 from .helpers import runner
 
 
+@pytest.mark.slow
 def test_lerobot_train_fine_tunes_the_student(tiny_world, tiny_store, tmp_path):
     run = tmp_path / "student"
     result = runner.invoke(

@@ -180,6 +180,7 @@ def test_damaged_weights_are_refused_naming_the_file(pi_teachers, tiny_world, tm
     assert str(incomplete / "model.safetensors") in err.value.what
 
 
+@pytest.mark.slow
 def test_the_tokenizer_override(pi_teachers, tiny_world, tmp_path, monkeypatch):
     """A saved preprocessor that names a tokenizer this machine cannot load (the gated hub one, offline) loads with
     ``tokenizer`` / REFLOWPAIRS_TOKENIZER / ``--tokenizer DIR`` pointing at a local copy."""
@@ -220,6 +221,7 @@ def test_the_tokenizer_override(pi_teachers, tiny_world, tmp_path, monkeypatch):
     assert (store / "manifest.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_resume_partitions_parquet_and_midpoint(pi_teachers, tiny_world, tmp_path, variant):
     """One midpoint store (a non-Euler solver) of episode 0, K=2, in the parquet backend, and what must equal it: the

@@ -152,6 +152,7 @@ def _to_version_1(store: Path) -> None:
     (store / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
+@pytest.mark.slow
 def test_a_version_1_store_reads_validates_and_trains(tiny_store, tmp_path):
     from reflowpairs.train import TrainConfig, train
     from reflowpairs.validate import ValidateConfig, validate

@@ -87,6 +87,7 @@ def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**(base | {"save_every": 100} | kw))
 
 
+@pytest.mark.slow
 def test_a_run_keeps_its_objective_on_resume(tiny_store, tmp_path):
     out = tmp_path / "distil"
     first = train(_cfg(tiny_store, out, loss="pseudo-huber", time_sampling="noise-end"))

@@ -429,6 +429,7 @@ def test_spot_check_tolerance_follows_the_stores_compute_dtype(tiny_world, tmp_p
     assert tight.result == "pass" and "max |X_1 difference| 0 <=" in tight.detail
 
 
+@pytest.mark.slow
 def test_spot_check_of_a_dopri5_store_resamples_whole_frames(tiny_world, tmp_path):
     """dopri5 solves each frame's K samples together: the spot check re-samples a chosen pair with its frame's other
     samples, in batches unlike generate's, and gets the stored X_1 within the float32 default."""

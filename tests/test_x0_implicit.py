@@ -431,6 +431,7 @@ def test_resume_finishes_an_implicit_store_and_an_explicit_store_recorded_before
     }
 
 
+@pytest.mark.slow
 def test_training_on_an_implicit_store_is_training_on_the_explicit_one(stores, tmp_path):
     """`reflowpairs train` end to end (a DataLoader worker regenerates X_0): the same losses, step for step."""
     from reflowpairs.train import LOG_FILE, TrainConfig, train
