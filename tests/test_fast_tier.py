@@ -6,6 +6,7 @@ this process."""
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.process
 import os
 import subprocess
 import sys
@@ -37,22 +38,35 @@ def _refused(start) -> str:
     return str(failure.value)
 
 
+POPEN = (subprocess.Popen, "__init__")
+PROCESS = (multiprocessing.process.BaseProcess, "start")
+
+
 @pytest.mark.parametrize(
-    ("start", "what"),
+    ("start", "entry", "what"),
     [
-        (lambda: subprocess.run([sys.executable, "-c", "pass"]), "subprocess"),
-        (lambda: subprocess.Popen(["true"]), "subprocess"),
-        (lambda: os.fork(), "os.fork"),
-        (lambda: os.system("true"), "os.system"),
-        (lambda: os.popen("true"), "subprocess"),
-        (lambda: multiprocessing.Process(target=print).start(), "multiprocessing"),
-        (lambda: multiprocessing.get_context("spawn").Process(target=print).start(), "multiprocessing"),
-        (lambda: reflowpairs.train._loop(*[None] * 7), "step loop"),
-        (lambda: tinypi.run_lerobot("lerobot-eval", ["--help"]), "lerobot command"),
+        (lambda: subprocess.run([sys.executable, "-c", "pass"]), POPEN, "subprocess"),
+        (lambda: subprocess.Popen(["true"]), POPEN, "subprocess"),
+        (lambda: os.popen("true"), POPEN, "subprocess"),
+        (lambda: os.fork(), (os, "fork"), "os.fork"),
+        (lambda: os.system("true"), (os, "system"), "os.system"),
+        (lambda: multiprocessing.Process(target=print).start(), PROCESS, "multiprocessing"),
+        (
+            lambda: multiprocessing.get_context("spawn").Process(target=print).start(),
+            PROCESS,
+            "multiprocessing",
+        ),
+        (lambda: reflowpairs.train._loop(*[None] * 7), (reflowpairs.train, "_loop"), "step loop"),
+        (lambda: tinypi.run_lerobot("lerobot-eval", ["--help"]), (tinypi, "run_lerobot"), "lerobot command"),
     ],
 )
-def test_the_guard_refuses_before_the_start(start, what):
-    message = _refused(start)
+def test_the_guard_refuses_before_the_start(start, entry, what):
+    def checked_start():
+        # a broken guard must not start a real process (a forked copy of this test run): check the entry first
+        assert getattr(getattr(*entry), "fast_tier_guard", None) == "t.py::test_x", f"{entry} is not guarded"
+        start()
+
+    message = _refused(checked_start)
     assert message.startswith("t.py::test_x ") and what in message
     assert "mark it @pytest.mark.slow" in message and SLOW_HINT in message
 
