@@ -7,7 +7,7 @@ RP := $(VENV)/bin/reflowpairs
 DEMO ?= demo_out
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo lint test clean gpu-check bench bench-generate bench-train bench-memory bench-store bench-exact bench-x0 bench-scale
+.PHONY: venv demo lint test test-fast clean gpu-check bench bench-generate bench-train bench-memory bench-store bench-exact bench-x0 bench-scale
 
 venv: $(STAMP)
 
@@ -29,6 +29,12 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q tests
+
+# The fast tier, for use while working (at most 4 minutes on 2 cores): the tests not marked slow, no lint. Each is
+# guarded (tests/conftest.py): one that starts a process, trains a student or runs lerobot-train/lerobot-eval fails
+# with "mark it @pytest.mark.slow". `make test` still runs every test.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 # Benchmarks (not tests): each prints its side-by-side ratios; figures in benchmarks/RESULTS.md.
 # Pass other settings with ARGS, e.g. `make bench-generate ARGS="--device cuda --ks 1,4,16"`.

@@ -1,6 +1,7 @@
-"""Helpers the test files share: the command line and the settings of a ``generate`` run on a tiny world, child
-processes (run to their end, under torchrun, or watched while they run: a test waits for a state of the child, with
-a deadline, before it acts on it, e.g. sends it a signal), and checks of a store on disk."""
+"""Helpers the test files share (no test file imports another): the command line and the settings of a ``generate``
+run on a tiny world, child processes (run to their end, under torchrun, or watched while they run: a test waits for a
+state of the child, with a deadline, before it acts on it, e.g. sends it a signal), checks of a store on disk, and
+synthetic pairs."""
 
 from __future__ import annotations
 
@@ -9,21 +10,27 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import zarr
 from typer.testing import CliRunner, Result
 
 from reflowpairs.cli import app
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.generate import GenerateConfig, generate
-from reflowpairs.pairstore import PairStore, StoreManifest
+from reflowpairs.pairstore import Pairs, PairStore, StoreManifest
 
 CHILD_TIMEOUT = 600  # seconds a child process may run to its end (the suite shares 2 cores)
 READY_TIMEOUT = 180  # seconds a test waits for a state of a running child
@@ -151,6 +158,16 @@ def generate_store(world, out: Path, **settings: Any) -> Path:
     return out
 
 
+SMALL_STORE = {"episodes": [0, 1], "samples_per_frame": 2, "batch_size": 8, "shard_size": 16}
+"""The settings of ``small_store``: the tiny world's episodes 0 and 1 (48 frames), K=2, batches of 8 frames, shards
+of 16 pairs."""
+
+
+def small_store(world, out: Path, **overrides: Any) -> Path:
+    """Generate a store of ``SMALL_STORE`` (with ``overrides``) into ``out``; returns ``out``."""
+    return generate_store(world, out, **(SMALL_STORE | overrides))
+
+
 def listed_shards(store: Path) -> int:
     """How many shards ``store``'s manifest lists (with its journal's, as ``StoreManifest.read`` folds them): 0 while
     there is no manifest (or when it is caught between the write and the rename of its temporary file)."""
@@ -183,6 +200,94 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, bytes | None]]:
         )
         for p in sorted(root.rglob("*"))
     }
+
+
+def read_plain(store: Path) -> dict[str, np.ndarray]:
+    """Read a store with plain zarr / pyarrow, following docs/pair-store.md, not this package: ``x0``, ``x1``,
+    ``obs_index`` and ``sample`` of every listed shard, sorted by (obs_index, sample)."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    t0, d0 = manifest["x0"]["shape"]
+    t1, d1 = manifest["x1"]["shape"]
+    parts = []
+    for shard in manifest["shards"]:
+        path = store / shard["path"]
+        if manifest["backend"] == "zarr":
+            group = zarr.open_group(str(path), mode="r")
+            assert group["x0"].dtype == np.float32 and group["obs_index"].dtype == np.int64
+            assert group["sample"].dtype == np.int32 and group["x1"].dtype == np.float32
+            part = {name: np.asarray(group[name][...]) for name in ("x0", "x1", "obs_index", "sample")}
+        else:
+            table = pq.read_table(path)
+            assert str(table.schema.field("obs_index").type) == "int64"
+            assert str(table.schema.field("sample").type) == "int32"
+            for name, width in (("x0", t0 * d0), ("x1", t1 * d1)):
+                kind = table.schema.field(name).type
+                assert (
+                    pa.types.is_fixed_size_list(kind)
+                    and kind.list_size == width
+                    and kind.value_type == pa.float32()
+                )
+            n = table.num_rows
+            part = {
+                "x0": np.stack(table.column("x0").to_numpy(zero_copy_only=False)).reshape(n, t0, d0),
+                "x1": np.stack(table.column("x1").to_numpy(zero_copy_only=False)).reshape(n, t1, d1),
+                "obs_index": table.column("obs_index").to_numpy(),
+                "sample": table.column("sample").to_numpy(),
+            }
+        assert len(part["obs_index"]) == shard["num_pairs"]
+        parts.append(part)
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.lexsort((out["sample"], out["obs_index"]))
+    return {k: v[order] for k, v in out.items()}
+
+
+def assert_same_pairs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    """Two stores read with ``read_plain`` hold the same pairs (X_1 up to float rounding of batching)."""
+    for key in ("obs_index", "sample", "x0"):
+        np.testing.assert_array_equal(a[key], b[key])
+    np.testing.assert_allclose(a["x1"], b["x1"], atol=1e-5, rtol=0)
+
+
+def assert_identical_pairs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    """Two stores read with ``read_plain`` hold the same pairs, bit for bit."""
+    for key in ("obs_index", "sample", "x0", "x1"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# --- synthetic pairs (no teacher) ---------------------------------------------------------------------------------
+
+T, D0, D1, K = 3, 4, 2, 2
+"""The shapes of ``synthetic_pairs``: chunks of T steps, X_0 D0 wide, X_1 D1 wide, K samples a frame."""
+
+
+def synthetic_pairs(obs: list[int], seed: int = 0) -> Pairs:
+    """K random pairs for each frame in ``obs`` (x0 (n, T, D0), x1 (n, T, D1), n = K * len(obs))."""
+    rng = np.random.default_rng(seed)
+    n = len(obs) * K
+    return Pairs(
+        x0=rng.standard_normal((n, T, D0)),
+        x1=rng.standard_normal((n, T, D1)),
+        obs_index=np.repeat(obs, K),
+        sample=np.tile(np.arange(K), len(obs)),
+    )
+
+
+# --- the network ---------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def no_network() -> Iterator[None]:
+    """Every socket connection attempt inside the block raises (what runs in it must not need the hub)."""
+    real = socket.socket.connect
+
+    def refuse(self, address):
+        raise OSError(f"network access attempted in an offline test: {address}")
+
+    socket.socket.connect = refuse
+    try:
+        yield
+    finally:
+        socket.socket.connect = real
 
 
 # --- running children ---------------------------------------------------------------------------------------------

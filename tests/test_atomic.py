@@ -153,6 +153,7 @@ _READ_ONLY_CHECK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sub", ["", "pairs"], ids=["out-itself", "new-out-inside"])
 def test_check_writable_on_a_read_only_directory_is_a_clear_error(tmp_path, sub):
     readonly = tmp_path / "readonly"

@@ -17,15 +17,16 @@ import zarr
 from reflowpairs.validate import ValidateConfig, validate
 
 from .helpers import (
+    assert_identical_pairs,
     assert_sound_but_incomplete,
     cli,
     generate_args,
+    read_plain,
     reflowpairs_cmd,
     run_child,
     signal_after_shards,
     torchrun_cmd,
 )
-from .test_generate import read_plain
 
 SETTINGS = [
     "--episodes",
@@ -43,11 +44,6 @@ SETTINGS = [
 
 def _args(world, out: Path, *extra: str) -> list[str]:
     return generate_args(world, out, *SETTINGS, *extra)
-
-
-def assert_identical_pairs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    for key in ("obs_index", "sample", "x0", "x1"):
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +84,7 @@ def test_validate_spot_check_passes_a_sound_bf16_store_and_catches_a_changed_x1(
     assert "checksums" in failed and "1 of" in failed["spot check"] and shard in failed["spot check"]
 
 
+@pytest.mark.slow
 def test_another_batching_gives_identical_pairs(bf16_world, reference, tmp_path):
     """Batches of 8 frames, cut into calls of 4 by --tokens-per-call (4 frames x K=2 x chunk 8 = 64 tokens)."""
     out = tmp_path / "pairs"
@@ -102,6 +99,7 @@ def test_resume_with_another_call_size_is_refused(bf16_world, reference, tmp_pat
     assert "generation.frames_per_call: store has 4, this run has 2" in " ".join(result.output.split())
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_identical_pairs(bf16_world, reference, tmp_path):
     out = tmp_path / "pairs"
     cmd = reflowpairs_cmd(*_args(bf16_world, out, "--batch-size", "4"))
@@ -113,6 +111,7 @@ def test_kill_and_resume_gives_identical_pairs(bf16_world, reference, tmp_path):
     assert_identical_pairs(read_plain(reference), read_plain(out))
 
 
+@pytest.mark.slow
 def test_two_processes_and_partitions_give_identical_pairs(bf16_world, reference, tmp_path):
     out = tmp_path / "two"
     proc = run_child(torchrun_cmd(*_args(bf16_world, out, "--batch-size", "4")), timeout=600)
@@ -128,6 +127,7 @@ def test_two_processes_and_partitions_give_identical_pairs(bf16_world, reference
     assert_identical_pairs(read_plain(reference), read_plain(tmp_path / "merged"))
 
 
+@pytest.mark.slow
 def test_exact_store_is_predict_action_chunk_and_passes_validate(bf16_world, reference, tmp_path):
     out = tmp_path / "exact"
     cli(*_args(bf16_world, out, "--episodes", "0", "--exact"))
@@ -140,6 +140,7 @@ def test_exact_store_is_predict_action_chunk_and_passes_validate(bf16_world, ref
     assert 0 < gap < 2e-2  # the prefix-cached engine is lerobot's sampler up to bfloat16 rounding
 
 
+@pytest.mark.slow
 def test_train_and_eval_a_bf16_student(bf16_world, reference, tmp_path):
     """Stage 2 on the bf16 store: the student keeps the teacher's dtypes, moves at lerobot's fine-tuning lr, is saved
     to sample in 1 step, and eval runs it against its teacher on the episodes it never trained on (4-9)."""

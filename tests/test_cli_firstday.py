@@ -15,17 +15,15 @@ import pytest
 import typer
 import yaml
 from rich.console import Console
-from typer.testing import CliRunner
 
 from reflowpairs.cli import app
 from reflowpairs.cli.options import translate_args
 from reflowpairs.cli.progress import LineProgress, line_interval, make_progress, progress_mode
 from reflowpairs.cli.ui import parse_episodes
 from reflowpairs.errors import ReflowPairsError
-from tests.test_bf16 import assert_identical_pairs
-from tests.test_generate import read_plain
 
-runner = CliRunner()
+from .helpers import assert_identical_pairs, read_plain, runner
+
 ENV = {"COLUMNS": "200", "OMP_NUM_THREADS": "1"}  # wide tables; OMP_NUM_THREADS keeps the suite's one thread
 COMMANDS = ("tiny-world", "generate", "validate", "inspect", "train", "eval", "merge", "pipeline")
 
@@ -564,6 +562,7 @@ def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_train_takes_lerobot_names(trained):
     out, _, _ = trained
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
@@ -578,6 +577,7 @@ def test_train_takes_lerobot_names(trained):
     )
 
 
+@pytest.mark.slow
 def test_train_prints_progress_lines_and_threads(trained):
     _, _, result = trained
     lines = [line for line in result.output.splitlines() if line.startswith("train: step ")]
@@ -590,6 +590,7 @@ def test_train_prints_progress_lines_and_threads(trained):
     ), result.output
 
 
+@pytest.mark.slow
 def test_train_logs_to_wandb(trained):
     out, wandb_dir, result = trained
     history = _wandb_history(wandb_dir)
@@ -607,6 +608,7 @@ def test_train_logs_to_wandb(trained):
     assert "W&B run: " in result.output and str(wandb_dir) in _flat(result.output)
 
 
+@pytest.mark.slow
 def test_train_writes_its_options_and_config_repeats_the_run(trained, tiny_store, tmp_path):
     out, _, _ = trained
     written = out / "train_options.yaml"
@@ -694,6 +696,7 @@ def test_wandb_settings_are_checked(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_train_sets_and_reports_its_threads(tiny_store, tmp_path, monkeypatch):
     """With `threads="auto"` (the command line's setting), train gives the main process the cores its DataLoader
     workers leave (reflowpairs/threads.py); tests/test_threads.py checks the library default keeps the caller's."""
@@ -729,6 +732,7 @@ def test_train_sets_and_reports_its_threads(tiny_store, tmp_path, monkeypatch):
 # --- eval through the CLI --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_writes_its_options_and_config_repeats_the_run(trained, tiny_world, tmp_path):
     out, _, _ = trained
     student = out / "checkpoints/last/pretrained_model"

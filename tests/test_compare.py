@@ -8,11 +8,12 @@ import json
 import re
 
 import pytest
-from typer.testing import CliRunner
 
 from reflowpairs.cli import app
 from reflowpairs.compare import compare_reports, verdict
 from reflowpairs.errors import ReflowPairsError
+
+from .helpers import runner
 
 
 def _rows(model: str, ref: dict[int, float], data: dict[int, float]) -> list[dict]:
@@ -101,7 +102,7 @@ def test_eval_with_two_students_writes_one_comparison(tiny_world, tmp_path):
         "--device",
         "cpu",
     ]
-    result = CliRunner().invoke(app, args)
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     comparison = json.loads((out / "comparison.json").read_text())
     assert comparison["models"] == ["teacher", "a", "b"]
@@ -119,7 +120,5 @@ def test_eval_with_two_students_writes_one_comparison(tiny_world, tmp_path):
         out / "comparison.md"
     ).read_text()
 
-    bad = CliRunner().invoke(
-        app, ["eval", "--student", f"a={teacher}", "--student", f"a={teacher}", *args[5:]]
-    )
+    bad = runner.invoke(app, ["eval", "--student", f"a={teacher}", "--student", f"a={teacher}", *args[5:]])
     assert bad.exit_code == 2 and "the label 'a' is given twice" in " ".join(bad.output.split())

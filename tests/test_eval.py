@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from reflowpairs.cli.app import app
 from reflowpairs.errors import ReflowPairsError
@@ -40,6 +39,8 @@ from reflowpairs.report import (
     table_rows,
     write_report,
 )
+
+from .helpers import runner
 
 STEPS = [1, 2, 5, 10]  # the tiny teacher samples with 10 steps
 
@@ -520,7 +521,7 @@ def test_cli_on_other_world_teacher_as_student(other_world, other_store, tmp_pat
         "--device",
         "cpu",
     ]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["reference_num_steps"] == 6
@@ -664,7 +665,7 @@ def test_cli_reports_bad_input_as_one_paragraph(tiny_world, tmp_path):
         "--num-steps",
         "0,a",
     ]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 1
     # the library names the setting (`num_steps`), the CLI prints its flag
     assert "--num-steps '0,a' has entries that are not positive whole numbers" in result.output

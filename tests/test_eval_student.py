@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from reflowpairs.cli.app import app
 from reflowpairs.errors import ReflowPairsError
@@ -22,6 +21,8 @@ from reflowpairs.evaluate import (
     training_frames,
 )
 from reflowpairs.report import frames_text, markdown, report_notes
+
+from .helpers import runner
 
 TRAINED = [0, 1, 2, 3, 4, 5]  # the episodes of tiny_store
 HELD_OUT = [6, 7, 8, 9]
@@ -85,6 +86,7 @@ def _meta(world):
 # --- the teacher ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_student_of_another_teacher_is_refused(tiny_world, trained_student, other_teacher, tmp_path):
     from reflowpairs.teacher import fingerprint_checkpoint
 
@@ -103,6 +105,7 @@ def test_student_of_another_teacher_is_refused(tiny_world, trained_student, othe
     assert not cfg.out.exists()
 
 
+@pytest.mark.slow
 def test_allow_mismatch_runs_and_labels_the_report_cli(tiny_world, trained_student, other_teacher, tmp_path):
     """Through the CLI, with progress bars forced on: the run is labelled, the bar does not stay on screen,
     and a "next:" line follows the summary."""
@@ -133,7 +136,7 @@ def test_allow_mismatch_runs_and_labels_the_report_cli(tiny_world, trained_stude
         "cpu",
         "--allow-mismatch",
     ]
-    result = CliRunner().invoke(app, args, env={"REFLOWPAIRS_PROGRESS": "1"})
+    result = runner.invoke(app, args, env={"REFLOWPAIRS_PROGRESS": "1"})
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["checks"]["teacher"]["matches"] is False and report["checks"]["allow_mismatch"] is True
@@ -171,6 +174,7 @@ def test_plain_checkpoint_student_is_evaluated_with_a_note(tiny_world, tmp_path)
     assert choose_episodes(cfg, meta.total_episodes, training) == list(range(10))  # all: nothing is known
 
 
+@pytest.mark.slow
 def test_damaged_training_state_is_named(tiny_world, trained_student, tmp_path):
     copy_dir = tmp_path / "ckpt"
     shutil.copytree(trained_student.parent, copy_dir)
@@ -186,6 +190,7 @@ def test_damaged_training_state_is_named(tiny_world, trained_student, tmp_path):
 # --- the frames -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_held_out_episodes_by_default(tiny_world, trained_student, tmp_path):
     """No --episodes: every episode the student's store does not cover (the store holds episodes 0-5)."""
     report = evaluate(_cfg(tiny_world, trained_student, tmp_path, max_frames=3))
@@ -205,6 +210,7 @@ def test_held_out_episodes_by_default(tiny_world, trained_student, tmp_path):
     assert text in markdown(report)
 
 
+@pytest.mark.slow
 def test_episodes_the_student_trained_on_are_refused(tiny_world, trained_student, tmp_path):
     cfg = _cfg(tiny_world, trained_student, tmp_path, episodes=[4, 5, 8])
     with pytest.raises(ReflowPairsError) as err:
@@ -217,6 +223,7 @@ def test_episodes_the_student_trained_on_are_refused(tiny_world, trained_student
     assert not cfg.out.exists()
 
 
+@pytest.mark.slow
 def test_include_training_frames_labels_the_report(tiny_world, trained_student, tmp_path):
     report = evaluate(
         _cfg(tiny_world, trained_student, tmp_path, episodes=[4, 8], include_training_frames=True)
@@ -232,6 +239,7 @@ def test_include_training_frames_labels_the_report(tiny_world, trained_student, 
     assert "**TRAINING FRAMES INCLUDED (--include-training-frames)**" in markdown(report)
 
 
+@pytest.mark.slow
 def test_a_student_that_trained_on_every_episode(tiny_world, trained_student, tmp_path):
     meta, _ = _meta(tiny_world)
     training = {"status": "known", "episodes": list(range(10)), "store": "/s", "reason": ""}
@@ -243,6 +251,7 @@ def test_a_student_that_trained_on_every_episode(tiny_world, trained_student, tm
     assert choose_episodes(allowed, meta.total_episodes, training) == list(range(10))
 
 
+@pytest.mark.slow
 def test_training_store_gone_or_moved(tiny_world, trained_student, tiny_store, tmp_path):
     """The store the state records is gone: refused without --episodes (message names the fix); --episodes are used
     as given, with a note; --pairs at the store's new location (same store id) finds the training episodes again."""
@@ -282,6 +291,7 @@ def test_training_store_gone_or_moved(tiny_world, trained_student, tiny_store, t
     assert "now holds another pair store" in training_frames(replaced, None, meta, fp)["reason"]
 
 
+@pytest.mark.slow
 def test_student_trained_on_another_dataset(tiny_world, trained_student, tmp_path):
     meta, _ = _meta(tiny_world)
     state = read_student_state(str(trained_student))

@@ -87,6 +87,7 @@ def test_bf16_and_fp16_storage_round_trip_within_their_rounding():
         assert (back - features).abs().max() <= tol * features.abs().max(), dtype
 
 
+@pytest.mark.slow
 def test_cache_added_to_a_store_trains_like_decoding(tiny_world, tiny_store, tmp_path):
     from safetensors.torch import load_file
 
@@ -177,6 +178,7 @@ def test_cache_added_to_a_store_trains_like_decoding(tiny_world, tiny_store, tmp
     assert validate(ValidateConfig(store=store)).checks[-1].result == "fail"
 
 
+@pytest.mark.slow
 def test_generate_keeps_the_features_its_prefix_fills_compute(tiny_world, tmp_path, monkeypatch):
     from tests.helpers import generate_store
 

@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-import zarr
-from typer.testing import CliRunner
 
 from reflowpairs.cli import app
 from reflowpairs.dataset import open_dataset
@@ -23,69 +20,10 @@ from reflowpairs.generate import GenerateConfig, generate
 from reflowpairs.noise import initial_noise
 from reflowpairs.teacher import load_policy
 
-runner = CliRunner()
+from .helpers import assert_same_pairs, read_plain, runner, small_store
 
-
-def _generate(world, out: Path, **overrides) -> Path:
-    settings = {
-        "teacher": str(world.teacher_dir),
-        "dataset": world.repo_id,
-        "dataset_root": world.dataset_root,
-        "out": out,
-        "episodes": [0, 1],
-        "samples_per_frame": 3,
-        "batch_size": 4,
-        "shard_size": 20,
-        "device": "cpu",
-    }
-    settings.update(overrides)
-    generate(GenerateConfig(**settings))
-    return out
-
-
-def read_plain(store: Path) -> dict[str, np.ndarray]:
-    """Read a store with plain zarr / pyarrow, following docs/pair-store.md, not this package."""
-    manifest = json.loads((store / "manifest.json").read_text())
-    t0, d0 = manifest["x0"]["shape"]
-    t1, d1 = manifest["x1"]["shape"]
-    parts = []
-    for shard in manifest["shards"]:
-        path = store / shard["path"]
-        if manifest["backend"] == "zarr":
-            group = zarr.open_group(str(path), mode="r")
-            assert group["x0"].dtype == np.float32 and group["obs_index"].dtype == np.int64
-            assert group["sample"].dtype == np.int32 and group["x1"].dtype == np.float32
-            part = {name: np.asarray(group[name][...]) for name in ("x0", "x1", "obs_index", "sample")}
-        else:
-            table = pq.read_table(path)
-            assert str(table.schema.field("obs_index").type) == "int64"
-            assert str(table.schema.field("sample").type) == "int32"
-            for name, width in (("x0", t0 * d0), ("x1", t1 * d1)):
-                kind = table.schema.field(name).type
-                assert (
-                    pa.types.is_fixed_size_list(kind)
-                    and kind.list_size == width
-                    and kind.value_type == pa.float32()
-                )
-            n = table.num_rows
-            part = {
-                "x0": np.stack(table.column("x0").to_numpy(zero_copy_only=False)).reshape(n, t0, d0),
-                "x1": np.stack(table.column("x1").to_numpy(zero_copy_only=False)).reshape(n, t1, d1),
-                "obs_index": table.column("obs_index").to_numpy(),
-                "sample": table.column("sample").to_numpy(),
-            }
-        assert len(part["obs_index"]) == shard["num_pairs"]
-        parts.append(part)
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.lexsort((out["sample"], out["obs_index"]))
-    return {k: v[order] for k, v in out.items()}
-
-
-def assert_same_pairs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    """Two stores read with ``read_plain`` hold the same pairs (X_1 up to float rounding of batching)."""
-    for key in ("obs_index", "sample", "x0"):
-        np.testing.assert_array_equal(a[key], b[key])
-    np.testing.assert_allclose(a["x1"], b["x1"], atol=1e-5, rtol=0)
+_generate = partial(small_store, samples_per_frame=3, batch_size=4, shard_size=20)
+"""This file's stores: episodes 0 and 1, K=3, batches of 4 frames, shards of 20 pairs (each setting overridable)."""
 
 
 @pytest.mark.parametrize("backend", ["zarr", "parquet"])
@@ -119,6 +57,7 @@ def test_store_contract_read_with_plain_libraries(tiny_world, tmp_path, backend)
         np.testing.assert_array_equal(pairs["x0"][row], want)
 
 
+@pytest.mark.slow
 def test_backends_and_batch_sizes_store_identical_pairs(tiny_world, tmp_path):
     a = read_plain(_generate(tiny_world, tmp_path / "a", batch_size=1, shard_size=7, backend="zarr"))
     b = read_plain(_generate(tiny_world, tmp_path / "b", batch_size=5, shard_size=1000, backend="parquet"))
@@ -128,6 +67,7 @@ def test_backends_and_batch_sizes_store_identical_pairs(tiny_world, tmp_path):
     assert_same_pairs(a, c)
 
 
+@pytest.mark.slow
 def test_dopri5_pairs_do_not_depend_on_the_batching(tiny_world, tmp_path):
     """An adaptive solver's steps depend on everything integrated together; the engine solves one frame per call.
     Every 4th frame of episode 1 (``partition`` 0/4: 6 frames): dopri5 solves each frame on its own, so more frames
@@ -220,6 +160,7 @@ def test_episodes_select_frames(tiny_world, tmp_path):
     assert len(pairs["obs_index"]) == 24
 
 
+@pytest.mark.slow
 def test_resume_finishes_an_interrupted_store_identically(tiny_world, tmp_path):
     full = read_plain(_generate(tiny_world, tmp_path / "full"))
     partial = _generate(tiny_world, tmp_path / "partial")
@@ -473,6 +414,7 @@ def test_usage_error_exit_code_2(tiny_world, tmp_path):
     assert result.exit_code == 2
 
 
+@pytest.mark.slow
 def test_hub_ids_while_offline_get_a_clear_error(tiny_world, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     text = _cli_error(
@@ -513,6 +455,7 @@ def test_hub_ids_while_offline_get_a_clear_error(tiny_world, tmp_path, monkeypat
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_higher_order_solvers_buy_accuracy_per_step(tiny_world, tmp_path):
     """midpoint/rk4 at 4 steps land closer to a tight dopri5 solution than Euler at 4 steps; all share one engine.
     On every 4th frame of episode 1 (``partition`` 0/4: 6 frames, which dopri5 solves one by one)."""

@@ -17,15 +17,16 @@ import pytest
 
 from .helpers import (
     INTERRUPTIBLE_RUN,
+    assert_same_pairs,
     assert_sound_but_incomplete,
     child_env,
     generate_args,
     generate_store,
+    read_plain,
     reflowpairs_cmd,
     run_child,
     signal_after_shards,
 )
-from .test_generate import assert_same_pairs, read_plain
 
 
 def _cmd(world, out: Path, *extra: str) -> list[str]:
@@ -46,6 +47,7 @@ def uninterrupted(tiny_world, tmp_path_factory) -> dict[str, np.ndarray]:
     return read_plain(out)
 
 
+@pytest.mark.slow
 def test_sigkill_at_several_points_then_resume_gives_identical_pairs(tiny_world, tmp_path, uninterrupted):
     out = tmp_path / "pairs"
     for after_shards, resume in ((2, ()), (12, ("--resume",)), (30, ("--resume",))):
@@ -60,6 +62,7 @@ def test_sigkill_at_several_points_then_resume_gives_identical_pairs(tiny_world,
     assert_same_pairs(uninterrupted, read_plain(out))
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_says_how_to_resume(tiny_world, tmp_path, uninterrupted):
     out = tmp_path / "pairs"
     result = signal_after_shards(_cmd(tiny_world, out), out, 3, signal.SIGINT)
@@ -80,6 +83,7 @@ def _limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_full_disk_fails_cleanly_and_keeps_listed_shards(tiny_world, tmp_path, uninterrupted):
     out = tmp_path / "pairs"
     # The manifest grows with every shard; a 6 kB file-size limit makes its rewrite fail part-way through the run.
@@ -94,6 +98,7 @@ def test_full_disk_fails_cleanly_and_keeps_listed_shards(tiny_world, tmp_path, u
     assert_same_pairs(uninterrupted, read_plain(out))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_read_only_out_is_refused_before_any_work(tiny_world):
     # As root, chmod does not stop writes; a user namespace maps us to 'nobody', for whom it does.

@@ -7,14 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from typer.testing import CliRunner
+import pytest
 
 from reflowpairs.cli import app
 
+from .helpers import runner
 
+
+@pytest.mark.slow
 def test_lerobot_train_fine_tunes_the_student(tiny_world, tiny_store, tmp_path):
     run = tmp_path / "student"
-    result = CliRunner().invoke(
+    result = runner.invoke(
         app,
         [
             "train",

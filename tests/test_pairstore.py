@@ -17,14 +17,13 @@ from reflowpairs.pairstore import (
     LAYOUT,
     MANIFEST,
     JobDifference,
-    Pairs,
     PairStore,
     PairStoreWriter,
     StoreManifest,
     shard_attrs,
 )
 
-T, D0, D1, K = 3, 4, 2, 2
+from .helpers import D0, D1, K, T, synthetic_pairs
 
 
 def _provenance(seed: int = 7, num_frames: int = 5, **generation) -> dict:
@@ -35,18 +34,6 @@ def _provenance(seed: int = 7, num_frames: int = 5, **generation) -> dict:
         | generation,
         "software": {"reflowpairs": "test"},
     }
-
-
-def _frames(obs: list[int], seed: int = 0) -> Pairs:
-    """K pairs for each frame in ``obs``."""
-    rng = np.random.default_rng(seed)
-    n = len(obs) * K
-    return Pairs(
-        x0=rng.standard_normal((n, T, D0)),
-        x1=rng.standard_normal((n, T, D1)),
-        obs_index=np.repeat(obs, K),
-        sample=np.tile(np.arange(K), len(obs)),
-    )
 
 
 def _new(out: Path, backend: str = "zarr", x0: str = "explicit", **provenance) -> StoreManifest:
@@ -60,7 +47,7 @@ def _store(out: Path, frames: list[list[int]], backend: str = "zarr", x0: str = 
     manifest = _new(out, backend, x0)
     writer = PairStoreWriter(manifest, shard_size=len(frames[0]) * K, samples_per_frame=K)
     for i, obs in enumerate(frames):
-        writer.add(_frames(obs, seed=i))
+        writer.add(synthetic_pairs(obs, seed=i))
     writer.close(complete=True)
     return manifest
 

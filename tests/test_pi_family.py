@@ -2,15 +2,15 @@
 training loss, a teacher whose weights did not load is caught, and tiny teachers build without a network.
 
 Tiny pi0 and pi05 teachers (``reflowpairs.tinypi``, ~41 M parameters, mostly PaliGemma's vocabulary) are built once
-for the module, with every socket connection refused, and loaded back through lerobot's own ``from_pretrained`` and
-``make_pre_post_processors``. Everything runs in float32."""
+for the session (conftest's ``pi_teachers``, over the tiny world's dataset) with every socket connection refused,
+and loaded back through lerobot's own ``from_pretrained`` and ``make_pre_post_processors``. Everything runs in
+float32."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import socket
-from contextlib import contextmanager, redirect_stdout
+from contextlib import redirect_stdout
 from io import StringIO
 from pathlib import Path
 
@@ -22,25 +22,12 @@ from reflowpairs.errors import ReflowPairsError
 from reflowpairs.policies import FAMILIES, family, lerobot_version_ok, require_lerobot_version
 from reflowpairs.policies._pi_common import check_weights_loaded
 from reflowpairs.solvers import SolverConfig
-from reflowpairs.tinyworld import TINY_REPO_ID, TinyDatasetSpec, build_tiny_dataset
+from reflowpairs.tinyworld import TINY_REPO_ID
+
+from .helpers import no_network
 
 VARIANTS = ("pi0", "pi05")
-FRAMES = (0, 12, 13)  # episode 0 ("reach up") and episode 1 ("reach sideways"): two prompts in one batch
-
-
-@contextmanager
-def no_network():
-    """Every socket connection attempt inside the block raises (the build must not need the hub)."""
-    real = socket.socket.connect
-
-    def refuse(self, address):
-        raise OSError(f"network access attempted in an offline test: {address}")
-
-    socket.socket.connect = refuse
-    try:
-        yield
-    finally:
-        socket.socket.connect = real
+FRAMES = (0, 24, 25)  # episode 0 ("reach up") and episode 1 ("reach sideways"): two prompts in one batch
 
 
 def load_teacher(checkpoint: Path, strict: bool = True):
@@ -67,24 +54,15 @@ def _raw_frames(dataset_root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pi_world(tmp_path_factory):
-    """``{variant: (checkpoint_dir, policy, preprocessed batch of FRAMES)}`` for tiny pi0 and pi05 teachers (2
-    training steps each), built and loaded with the network refused."""
-    root = tmp_path_factory.mktemp("pi")
+def pi_world(pi_teachers, tiny_world):
+    """``{variant: (checkpoint_dir, policy, preprocessed batch of FRAMES)}`` for the session's tiny pi0 and pi05
+    teachers, loaded with the network refused."""
     world = {}
     with no_network():
-        build_tiny_dataset(root / "dataset", TINY_REPO_ID, TinyDatasetSpec(num_episodes=2, episode_length=12))
-        raw = _raw_frames(root / "dataset")
+        raw = _raw_frames(tiny_world.dataset_root)
         for variant in VARIANTS:
-            checkpoint = tinypi.build_tiny_pi_teacher(
-                root / variant,
-                variant,
-                TINY_REPO_ID,
-                root / "dataset",
-                spec=tinypi.TinyPiSpec(train_steps=2),
-            )
-            policy, preprocessor = load_teacher(checkpoint)
-            world[variant] = (checkpoint, policy, preprocessor(dict(raw)))
+            policy, preprocessor = load_teacher(pi_teachers[variant])
+            world[variant] = (pi_teachers[variant], policy, preprocessor(dict(raw)))
     return world
 
 
@@ -326,11 +304,11 @@ def test_other_solvers_reuse_the_cache(pi_world, variant):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_engine_matches_in_bfloat16(pi_world, variant, tmp_path):
+def test_engine_matches_in_bfloat16(pi_world, tiny_world, variant, tmp_path):
     """A teacher built with ``dtype: bfloat16`` (Gemma layers in bfloat16, as real pi checkpoints run): the engine's
     X_1 still equals ``predict_action_chunk``'s (bit for bit on the CPU)."""
     checkpoint = pi_world[variant][0]
-    dataset_root = checkpoint.parent / "dataset"
+    dataset_root = tiny_world.dataset_root
     bf16 = tinypi.build_tiny_pi_teacher(
         tmp_path / variant,
         variant,

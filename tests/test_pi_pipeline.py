@@ -1,5 +1,5 @@
 """pi0 and pi05 teachers through the command line: generate -> validate --spot-check -> train -> eval, on tiny
-teachers (``reflowpairs.tinypi``) built over the session's tiny world dataset.
+teachers (``reflowpairs.tinypi``) built over the session's tiny world dataset (conftest's ``pi_teachers``).
 
 A tiny checkpoint carries ``tinypi.TINY_MARKER``; ``load_policy`` applies its size patch for that checkpoint's
 ``from_pretrained`` only (the documented test-fixture route), so the CLI loads it in this process and in a fresh one
@@ -25,29 +25,11 @@ from reflowpairs.pairstore import Pairs, PairStore
 from reflowpairs.policies._pi_common import check_weights_loaded
 from reflowpairs.teacher import TOKENIZER_ENV, load_policy
 
-from .helpers import cli, reflowpairs_cmd, run_child
+from .helpers import assert_same_pairs, cli, read_plain, reflowpairs_cmd, run_child
 
 VARIANTS = ("pi0", "pi05")
 GENERATE = ("--episodes", "0", "--samples-per-frame", "2", "--num-steps", "3", "--batch-size", "8")
 GENERATE += ("--shard-size", "16", "--device", "cpu")
-
-
-@pytest.fixture(scope="module")
-def pi_teachers(tiny_world, tmp_path_factory) -> dict[str, Path]:
-    """Tiny pi0 and pi05 teachers (2 training steps) for the tiny world's dataset: ``{variant: checkpoint dir}``."""
-    root = tmp_path_factory.mktemp("pi_teachers")
-    tokenizer = tinypi.build_pi_tokenizer(root / "tokenizer")
-    return {
-        variant: tinypi.build_tiny_pi_teacher(
-            root / variant,
-            variant,
-            tiny_world.repo_id,
-            tiny_world.dataset_root,
-            tokenizer_dir=tokenizer,
-            spec=tinypi.TinyPiSpec(train_steps=2),
-        )
-        for variant in VARIANTS
-    }
 
 
 def _policy_class(variant: str):
@@ -198,6 +180,7 @@ def test_damaged_weights_are_refused_naming_the_file(pi_teachers, tiny_world, tm
     assert str(incomplete / "model.safetensors") in err.value.what
 
 
+@pytest.mark.slow
 def test_the_tokenizer_override(pi_teachers, tiny_world, tmp_path, monkeypatch):
     """A saved preprocessor that names a tokenizer this machine cannot load (the gated hub one, offline) loads with
     ``tokenizer`` / REFLOWPAIRS_TOKENIZER / ``--tokenizer DIR`` pointing at a local copy."""
@@ -238,6 +221,7 @@ def test_the_tokenizer_override(pi_teachers, tiny_world, tmp_path, monkeypatch):
     assert (store / "manifest.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_resume_partitions_parquet_and_midpoint(pi_teachers, tiny_world, tmp_path, variant):
     """One midpoint store (a non-Euler solver) of episode 0, K=2, in the parquet backend, and what must equal it: the
@@ -250,8 +234,6 @@ def test_resume_partitions_parquet_and_midpoint(pi_teachers, tiny_world, tmp_pat
     from reflowpairs.generate import GenerateConfig, generate
     from reflowpairs.merge import merge_stores
     from reflowpairs.solvers import SolverConfig, integrate
-
-    from .test_generate import assert_same_pairs, read_plain
 
     teacher = pi_teachers[variant]
     settings = {

@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from reflowpairs.cli import app
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pipeline import PIPELINE_STATE, STUDENT, PipelineConfig, run_pipeline
+
+from .helpers import runner
 
 pytestmark = pytest.mark.slow
 
@@ -148,14 +149,14 @@ def test_the_cli_prints_one_summary(tiny_world, tmp_path):
     args += ["--rounds", "1", "--samples-per-frame", "2", "--num-steps", "4", "--train-steps", "2"]
     args += ["--batch-size", "4", "--spot-check", "2", "--eval-num-steps", "1,4", "--eval-episodes", "9"]
     args += ["--eval-max-frames", "2", "--device", "cpu"]
-    result = CliRunner().invoke(app, args)
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     state = json.loads((out / PIPELINE_STATE).read_text())
     assert list(state["stages"]) == ["round1/generate", "round1/validate", "round1/train", "round1/eval"]
     assert json.loads((out / "comparison" / "comparison.json").read_text())["models"] == ["teacher", "round1"]
     assert "round1" in result.output and "teacher" in result.output
 
-    bad = CliRunner().invoke(app, [*args[:-2], "--device", "cpu", "--samples-per-frame", "3"])
+    bad = runner.invoke(app, [*args[:-2], "--device", "cpu", "--samples-per-frame", "3"])
     assert bad.exit_code == 1
     assert "--samples-per-frame 2 -> 3" in bad.output  # the library's setting, worded as the flag
 
@@ -164,7 +165,7 @@ def test_a_bad_eval_steps_list_is_named_by_its_own_flag(tmp_path):
     """`--eval-num-steps` is parsed before anything loads; its error names that flag, not eval's `--num-steps`."""
     out = tmp_path / "recipe"
     args = ["pipeline", "--teacher", "t", "--dataset", "d", "--out", str(out), "--eval-num-steps", "1,a"]
-    result = CliRunner().invoke(app, args)
+    result = runner.invoke(app, args)
     text = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
     assert "--eval-num-steps '1,a' has entries that are not positive whole numbers: 'a'." in text

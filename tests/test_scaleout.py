@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from typer.testing import CliRunner
 
 from reflowpairs.cli import app
 
-from .test_generate import assert_same_pairs, read_plain
+from .helpers import assert_same_pairs, read_plain, runner
 
 EPISODES = [0, 1, 2]
-runner = CliRunner()
 
 
 def _args(world, out: Path, *extra: str) -> list[str]:
@@ -66,6 +64,7 @@ def single(tiny_world, tmp_path_factory) -> dict[str, np.ndarray]:
     return read_plain(out)
 
 
+@pytest.mark.slow
 def test_two_processes_store_the_same_pairs_each_on_its_own_frames(tiny_world, tmp_path, single):
     out = tmp_path / "pairs"
     proc = _torchrun(_args(tiny_world, out))
@@ -111,6 +110,7 @@ def test_merge_refuses_slices_of_another_job_and_overlaps(tiny_world, tmp_path):
     assert result.exit_code == 1 and "both hold frame obs_index" in " ".join(result.output.split())
 
 
+@pytest.mark.slow
 def test_single_process_run_resumed_by_two_processes(tiny_world, tmp_path, single):
     out = tmp_path / "pairs"
     assert runner.invoke(app, _args(tiny_world, out)).exit_code == 0
@@ -134,6 +134,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tiny_world, tmp_path, single):
     out = tmp_path / "pairs"
     accelerate = Path(sys.executable).with_name("accelerate")
@@ -228,6 +229,7 @@ def test_each_process_reads_its_own_shards_and_every_epoch_covers_the_store():
     assert not np.array_equal(epoch_order(counts, 3, 0, 2, 0, 2), epoch_order(counts, 3, 1, 2, 0, 2))
 
 
+@pytest.mark.slow
 def test_two_process_training_saves_a_loadable_student(tiny_world, tiny_store, tmp_path):
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
     from safetensors.torch import load_file

@@ -68,6 +68,7 @@ def _assert_names(err: ReflowPairsError, store: Path, holder: Child, command: st
     assert "stopped before changing anything" in text and f"kill {holder.pid}" in text and "`resume`" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["resume", "overwrite"])
 def test_second_generate_is_refused_naming_the_writer_and_changes_nothing(
     tiny_world, tiny_store, tmp_path, mode
@@ -81,6 +82,7 @@ def test_second_generate_is_refused_naming_the_writer_and_changes_nothing(
         assert snapshot(store) == before
 
 
+@pytest.mark.slow
 def test_lock_is_taken_before_the_teacher_is_loaded(tiny_world, tmp_path):
     """A refused writer does no work: with a teacher path that does not exist, the lock is what it reports."""
     out = tmp_path / "pairs"
@@ -91,6 +93,7 @@ def test_lock_is_taken_before_the_teacher_is_loaded(tiny_world, tmp_path):
         assert [p.name for p in out.iterdir()] == [".lock"]
 
 
+@pytest.mark.slow
 def test_two_generate_runs_into_one_store(tiny_world, tmp_path):
     """The issue as a user met it: a second `generate --resume` while the first runs. It is refused with the first
     run's pid (no `Directory not empty ... free disk space`), and the first run finishes a sound store."""
@@ -113,6 +116,7 @@ def test_two_generate_runs_into_one_store(tiny_world, tmp_path):
     assert not (out / ".lock").exists() and not list((out / "shards").rglob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_lock_of_a_killed_process_is_taken_over(tiny_world, tmp_path):
     """A writer killed with SIGKILL leaves OUT/.lock behind (its record names it); the next run is not blocked."""
     out = tmp_path / "pairs"
@@ -138,6 +142,7 @@ def test_generate_releases_the_lock_when_it_fails(tiny_world, tmp_path):
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_merge_into_a_store_being_written_is_refused(tiny_store, tmp_path):
     out = tmp_path / "merged"
     with held_by_other_process(out, "merge") as holder:
@@ -147,6 +152,7 @@ def test_merge_into_a_store_being_written_is_refused(tiny_store, tmp_path):
         assert [p.name for p in out.iterdir()] == [".lock"]
 
 
+@pytest.mark.slow
 def test_merge_of_a_slice_still_being_written_is_refused(tiny_store, tmp_path):
     store = Path(shutil.copytree(tiny_store, tmp_path / "slice"))
     with held_by_other_process(store) as holder:
@@ -161,6 +167,7 @@ def test_merge_of_a_slice_still_being_written_is_refused(tiny_store, tmp_path):
     assert not (tmp_path / "merged" / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_multi_process_generate_refused_on_every_rank(tiny_world, tiny_store, tmp_path):
     """Under torchrun only rank 0 takes the lock; when it is held, every rank stops with the message (no hang)."""
     store = Path(shutil.copytree(tiny_store, tmp_path / "store"))

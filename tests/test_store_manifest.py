@@ -12,14 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from reflowpairs.cli import app
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.generate import GenerateConfig, generate
 from reflowpairs.pairstore import PairStore
 
-runner = CliRunner()
+from .helpers import runner
 
 
 def _edit(**fields):
@@ -97,6 +96,7 @@ def test_inspect_command(tiny_store, tmp_path, kind):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_inspect_process_on_a_manifest_that_is_not_utf8(tiny_store, tmp_path):
     """As a user runs it: ``python -m reflowpairs inspect DIR`` exits 1 with one paragraph, no traceback."""
     store, words = _damaged(tiny_store, tmp_path, "not-utf8")

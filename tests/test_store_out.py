@@ -9,14 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from reflowpairs.cli import app
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.generate import GenerateConfig, generate
 from reflowpairs.pairstore import PairStore
 
-runner = CliRunner()
+from .helpers import runner
 
 
 def _cfg(world, out: Path, **overrides) -> GenerateConfig:

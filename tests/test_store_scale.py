@@ -22,7 +22,8 @@ from reflowpairs.pairstore import (
     StoreManifest,
     shard_rel_path,
 )
-from tests.test_pairstore import D0, D1, K, T, _frames
+
+from .helpers import D0, D1, K, T, synthetic_pairs
 
 
 def _manifest(out: Path, backend: str = "zarr", num_frames: int = 10_000) -> StoreManifest:
@@ -77,7 +78,9 @@ def test_a_torn_journal_line_is_ignored_and_its_shard_is_a_leftover(tmp_path):
     manifest = _manifest(tmp_path)
     writer = PairStoreWriter(manifest, shard_size=2 * K, samples_per_frame=K)
     for first in (0, 2, 4):
-        writer.add(_frames([first, first + 1]))  # three shards journaled; the run is "killed" before close
+        writer.add(
+            synthetic_pairs([first, first + 1])
+        )  # three shards journaled; the run is "killed" before close
     journal = tmp_path / manifest.data["journal"]
     lines = journal.read_bytes().splitlines(keepends=True)
     assert len(lines) == 3
@@ -102,7 +105,7 @@ def test_a_torn_journal_line_is_ignored_and_its_shard_is_a_leftover(tmp_path):
 def test_zarr_shards_are_one_file_per_array_in_bounded_group_folders(tmp_path):
     manifest = _manifest(tmp_path)
     writer = PairStoreWriter(manifest, shard_size=300 * K, samples_per_frame=K)  # 600 pairs: 3 chunks of 256
-    writer.add(_frames(list(range(300))))
+    writer.add(synthetic_pairs(list(range(300))))
     writer.close(complete=False)
     shard = tmp_path / manifest.shards[0]["path"]
     files = sorted(p.relative_to(shard).as_posix() for p in shard.rglob("*") if p.is_file())
@@ -149,6 +152,7 @@ def _to_version_1(store: Path) -> None:
     (store / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
+@pytest.mark.slow
 def test_a_version_1_store_reads_validates_and_trains(tiny_store, tmp_path):
     from reflowpairs.train import TrainConfig, train
     from reflowpairs.validate import ValidateConfig, validate

@@ -22,7 +22,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from reflowpairs.checkpoint import MASTER_FILE, STATE_FILE
 from reflowpairs.cli.app import app
@@ -31,7 +30,8 @@ from reflowpairs.pairdata import PairSampler, drop_action_keys, epoch_order
 from reflowpairs.timesampling import TIME_SAMPLINGS, sample_time, step_generator
 from reflowpairs.train import TEST_SAVED_FD, TrainConfig, TrainingInterrupted, plan_optimizer, train
 
-runner = CliRunner()
+from .helpers import runner
+
 BATCH = 4
 
 
@@ -89,10 +89,12 @@ def run(tiny_store, tmp_path_factory):
 # --- the student is an ordinary lerobot checkpoint ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_exactly_one_policy_is_built(run):
     assert run["built"] == ["SmolVLAPolicy"]
 
 
+@pytest.mark.slow
 def test_layout_like_lerobot_train(run):
     ckpts = run["out"] / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["000002", "000004", "last"]
@@ -122,6 +124,7 @@ def test_layout_like_lerobot_train(run):
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in log)
 
 
+@pytest.mark.slow
 def test_config_json_is_the_teachers_with_a_one_step_default(run, tiny_world):
     """Only pretrained_path and num_steps differ: the student samples in 1 step by default (lerobot-eval uses it)."""
     teacher = json.loads((tiny_world.teacher_dir / "config.json").read_text())
@@ -137,6 +140,7 @@ def test_config_json_is_the_teachers_with_a_one_step_default(run, tiny_world):
     assert state["settings"]["student_num_steps"] == 1
 
 
+@pytest.mark.slow
 def test_student_num_steps_teacher_keeps_the_teachers_and_resume_keeps_the_setting(
     tiny_world, tiny_store, tmp_path
 ):
@@ -182,6 +186,7 @@ def test_student_num_steps_teacher_keeps_the_teachers_and_resume_keeps_the_setti
     )
 
 
+@pytest.mark.slow
 def test_weights_have_the_teachers_names_shapes_dtypes_and_frozen_values(run, tiny_world):
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
@@ -202,6 +207,7 @@ def test_weights_have_the_teachers_names_shapes_dtypes_and_frozen_values(run, ti
     assert any(not torch.equal(teacher[k], student[k]) for k in trainable if k in teacher)
 
 
+@pytest.mark.slow
 def test_student_loads_back_with_lerobot(run, tiny_world):
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     from lerobot.policies.factory import make_pre_post_processors
@@ -219,6 +225,7 @@ def test_student_loads_back_with_lerobot(run, tiny_world):
     assert chunk.shape == (1, policy.config.chunk_size, 2) and torch.isfinite(chunk).all()
 
 
+@pytest.mark.slow
 def test_a_step_loss_is_the_policys_own_forward(run, tiny_world, tiny_store):
     """Step 1's logged loss, recomputed independently: plain zarr reads, a plain LeRobotDataset, the teacher
     loaded by lerobot, and SmolVLAPolicy.forward with noise=X_0, action=X_1, time=t."""
@@ -257,6 +264,7 @@ def test_a_step_loss_is_the_policys_own_forward(run, tiny_world, tiny_store):
     assert abs(_log(run["out"])[0]["loss"] - loss.item()) < 1e-5
 
 
+@pytest.mark.slow
 def test_no_gradient_lives_through_a_forward(tiny_store, tmp_path, monkeypatch):
     """lerobot's order (update_policy): backward, clip, step, zero_grad; so each forward starts with no gradients
     held (the previous step's would add their size to the forward's peak memory)."""
@@ -277,6 +285,7 @@ def test_no_gradient_lives_through_a_forward(tiny_store, tmp_path, monkeypatch):
 # --- resume and interruption -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_continues_as_if_uninterrupted(tiny_store, tmp_path):
     straight = tmp_path / "straight"
     train(_cfg(tiny_store, straight, steps=6, save_every=100))
@@ -309,6 +318,7 @@ def test_resume_continues_as_if_uninterrupted(tiny_store, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0) for k in wa)
 
 
+@pytest.mark.slow
 def test_resume_with_more_steps_follows_the_new_schedule(tiny_store, tmp_path):
     """--steps 3, then --steps 6 --resume: refused (the lr schedule would change mid-run) unless
     --allow-schedule-change; then the plan states the change and steps 4-6 use the 6-step schedule's lr, the first
@@ -391,6 +401,7 @@ def test_a_schedule_is_changed_only_below_lerobots_decay_horizon(tiny_world):
     assert change.lr_after > change.lr_before  # halfway down a schedule twice as long: a higher lr
 
 
+@pytest.mark.slow
 def test_a_run_recorded_before_the_one_step_default_keeps_the_teachers_num_steps(
     run, tiny_world, tiny_store, tmp_path
 ):
@@ -420,6 +431,7 @@ def test_a_run_recorded_before_the_one_step_default_keeps_the_teachers_num_steps
     )
 
 
+@pytest.mark.slow
 def test_relative_init_is_recorded_as_an_absolute_pretrained_path(
     tiny_world, tiny_store, tmp_path, monkeypatch
 ):
@@ -429,6 +441,7 @@ def test_relative_init_is_recorded_as_an_absolute_pretrained_path(
     assert student["pretrained_path"] == str(tiny_world.teacher_dir.resolve())
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings(run, tiny_store):
     before = _tree(run["out"])
     with pytest.raises(ReflowPairsError, match=r"batch_size: the checkpoint has 4, this run asks for 8"):
@@ -436,6 +449,7 @@ def test_resume_refuses_other_settings(run, tiny_store):
     assert _tree(run["out"]) == before
 
 
+@pytest.mark.slow
 def test_resume_past_the_end_and_without_a_run(run, tiny_store, tmp_path):
     before = _tree(run["out"])
     with pytest.raises(ReflowPairsError, match=r"already at step 4, and `steps` is 4.*larger `steps`"):
@@ -446,6 +460,7 @@ def test_resume_past_the_end_and_without_a_run(run, tiny_store, tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+@pytest.mark.slow
 def test_existing_run_is_refused_without_resume(run, tiny_store):
     before = _tree(run["out"])
     with pytest.raises(ReflowPairsError, match=r"already holds a training run.*`resume`"):
@@ -453,6 +468,7 @@ def test_existing_run_is_refused_without_resume(run, tiny_store):
     assert _tree(run["out"]) == before
 
 
+@pytest.mark.slow
 def test_failed_save_leaves_last_on_a_complete_checkpoint(tiny_store, tmp_path, monkeypatch):
     """A crash while writing checkpoint 4 leaves `last` on checkpoint 2, complete and loadable; the next
     run removes the half-written leftover and resumes from 2."""
@@ -504,6 +520,7 @@ def test_incomplete_store_is_refused(tiny_store, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_corrupt_shard_stops_training_before_its_pairs_are_used(tiny_store, tmp_path, monkeypatch, damage):
     """Start-up reads no shard; the damaged one is refused (naming it) when the loader first reads it, before the
@@ -575,6 +592,7 @@ def test_corrupt_shard_stops_training_before_its_pairs_are_used(tiny_store, tmp_
     assert _tree(store) == before
 
 
+@pytest.mark.slow
 def test_parquet_store_trains(tiny_world, tmp_path):
     from reflowpairs.generate import GenerateConfig, generate
 
@@ -608,6 +626,7 @@ def test_unwritable_out_is_refused_before_training(tiny_store, tmp_path):
     assert blocker.read_text() == "not a directory"
 
 
+@pytest.mark.slow
 def test_other_init_checkpoint_is_refused_unless_allowed(tiny_world, tiny_store, tmp_path):
     other = tmp_path / "other_teacher"
     shutil.copytree(tiny_world.teacher_dir, other)
@@ -752,6 +771,7 @@ def _run_until_checkpoint(cmd: list[str], sig: int) -> tuple[subprocess.Complete
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), int(line)
 
 
+@pytest.mark.slow
 def test_cli_ctrl_c_saves_and_resumes(tiny_store, tmp_path):
     out = tmp_path / "run"
     done, first = _run_until_checkpoint(
@@ -783,6 +803,7 @@ def test_cli_ctrl_c_saves_and_resumes(tiny_store, tmp_path):
     assert os.readlink(out / "checkpoints" / "last") == f"{step + 2:06d}"
 
 
+@pytest.mark.slow
 def test_cli_sigkill_leaves_a_sound_checkpoint(tiny_store, tmp_path):
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 

@@ -92,6 +92,7 @@ def small_lr_run(bf16_store, tmp_path_factory):
     return {"out": out, "result": result, "records": records, "plan": plans[0]}
 
 
+@pytest.mark.slow
 def test_masters_take_every_update_at_a_small_lr(small_lr_run, bf16_world):
     """At --lr 2e-5 the float32 masters keep every update: at the first step (fresh AdamW state, an update of
     lr * g / (|g| + eps) for every gradient g) every element with a nonzero gradient changes, and after the run
@@ -121,6 +122,7 @@ def test_masters_take_every_update_at_a_small_lr(small_lr_run, bf16_world):
     assert rounded_moved < master_moved
 
 
+@pytest.mark.slow
 def test_saved_weights_are_the_masters_rounded_in_the_teachers_dtypes(small_lr_run, bf16_world):
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
@@ -140,6 +142,7 @@ def test_saved_weights_are_the_masters_rounded_in_the_teachers_dtypes(small_lr_r
     assert frozen and all(torch.equal(teacher[k], student[k]) for k in frozen)  # bit-identical
 
 
+@pytest.mark.slow
 def test_plan_states_trainable_dtypes_and_master_copies(small_lr_run):
     plan = small_lr_run["plan"]
     assert plan["master_copies"] is True
@@ -150,6 +153,7 @@ def test_plan_states_trainable_dtypes_and_master_copies(small_lr_run):
     assert sum(plan["trainable_dtypes"].values()) == plan["trainable_params"]
 
 
+@pytest.mark.slow
 def test_resume_with_masters_is_bit_identical(bf16_store, tmp_path):
     straight = tmp_path / "straight"
     train(_cfg(bf16_store, straight, steps=4, lr=1e-4))
@@ -182,6 +186,7 @@ def test_resume_with_masters_is_bit_identical(bf16_store, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.slow
 def test_plan_and_summary(bf16_world, bf16_store, tmp_path):
     """What the CLI's plan table and summary show, from the structured results: ``on_plan``'s plan (trainable
     dtypes, master copies, saved num_steps) and ``next_commands`` of the result."""
@@ -244,6 +249,7 @@ def test_master_weights_keep_updates_below_the_dtypes_resolution(dtype):
     )  # what the weight alone would have kept of one update
 
 
+@pytest.mark.slow
 def test_resume_without_or_with_damaged_masters(bf16_store, small_lr_run, tmp_path):
     """A checkpoint written before master copies existed resumes from its bfloat16 weights, with a warning; a master
     file that does not fit the trainable parameters, or cannot be read, is refused naming it, and nothing is written."""

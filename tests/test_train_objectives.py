@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from reflowpairs.cli import app
 from reflowpairs.engine import lerobot_sampling_steps
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.timesampling import sample_time, step_generator
 from reflowpairs.train import PSEUDO_HUBER_C, TrainConfig, pseudo_huber, reflow_loss, train
+
+from .helpers import runner
 
 
 def test_noise_end_times_are_all_one():
@@ -86,6 +87,7 @@ def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**(base | {"save_every": 100} | kw))
 
 
+@pytest.mark.slow
 def test_a_run_keeps_its_objective_on_resume(tiny_store, tmp_path):
     out = tmp_path / "distil"
     first = train(_cfg(tiny_store, out, loss="pseudo-huber", time_sampling="noise-end"))
@@ -102,7 +104,7 @@ def test_a_run_keeps_its_objective_on_resume(tiny_store, tmp_path):
 
 
 def test_an_unknown_loss_is_refused_as_a_flag(tmp_path):
-    result = CliRunner().invoke(
+    result = runner.invoke(
         app, ["train", "--pairs", str(tmp_path), "--out", str(tmp_path / "o"), "--loss", "l1"]
     )
     assert result.exit_code == 1

@@ -13,31 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from typer.testing import CliRunner
 
 from reflowpairs.cli import app
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.generate import GenerateConfig, generate
 from reflowpairs.validate import CHECKS, ValidateConfig, validate
 
-runner = CliRunner()
-
-
-def _generate(world, out: Path, **overrides) -> Path:
-    settings = {
-        "teacher": str(world.teacher_dir),
-        "dataset": world.repo_id,
-        "dataset_root": world.dataset_root,
-        "out": out,
-        "episodes": [0, 1],
-        "samples_per_frame": 2,
-        "batch_size": 8,
-        "shard_size": 16,
-        "device": "cpu",
-    }
-    settings.update(overrides)
-    generate(GenerateConfig(**settings))
-    return out
+from .helpers import runner, small_store
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +27,9 @@ def stores(tiny_world, tmp_path_factory) -> dict[str, Path]:
     second zarr store ("other", episode 0) whose first shard holds the same pairs under another store id."""
     root = tmp_path_factory.mktemp("validate")
     return {
-        "zarr": _generate(tiny_world, root / "zarr"),
-        "parquet": _generate(tiny_world, root / "parquet", backend="parquet"),
-        "other": _generate(tiny_world, root / "other", episodes=[0]),
+        "zarr": small_store(tiny_world, root / "zarr"),
+        "parquet": small_store(tiny_world, root / "parquet", backend="parquet"),
+        "other": small_store(tiny_world, root / "other", episodes=[0]),
     }
 
 
@@ -436,7 +417,7 @@ def test_spot_check_names_the_features_a_dataset_lacks(stores, other_world):
 def test_spot_check_tolerance_follows_the_stores_compute_dtype(tiny_world, tmp_path):
     """A sound bfloat16-autocast store, re-sampled in other batches, passes at the bfloat16 default; on the device that
     made it the re-sampled X_1 is even bit for bit the stored one (every call has the recorded shapes)."""
-    store = _generate(tiny_world, tmp_path / "bf16", episodes=[0], dtype="bfloat16", batch_size=24)
+    store = small_store(tiny_world, tmp_path / "bf16", episodes=[0], dtype="bfloat16", batch_size=24)
     report = validate(ValidateConfig(store, spot_check=6, seed=1, device="cpu", batch_size=1))
     spot = _check(report, "spot check")
     assert spot.result == "pass", spot.detail
@@ -448,10 +429,11 @@ def test_spot_check_tolerance_follows_the_stores_compute_dtype(tiny_world, tmp_p
     assert tight.result == "pass" and "max |X_1 difference| 0 <=" in tight.detail
 
 
+@pytest.mark.slow
 def test_spot_check_of_a_dopri5_store_resamples_whole_frames(tiny_world, tmp_path):
     """dopri5 solves each frame's K samples together: the spot check re-samples a chosen pair with its frame's other
     samples, in batches unlike generate's, and gets the stored X_1 within the float32 default."""
-    store = _generate(
+    store = small_store(
         tiny_world, tmp_path / "dopri5", episodes=[0], solver="dopri5", batch_size=24, rtol=1e-3, atol=1e-3
     )
     report = validate(ValidateConfig(store, spot_check=5, seed=2, device="cpu", batch_size=1))

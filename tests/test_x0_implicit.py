@@ -16,37 +16,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import zarr
-from typer.testing import CliRunner
 
 from reflowpairs.cli import app
 from reflowpairs.dataset import frame_indices, open_dataset
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.generate import GenerateConfig, generate
 from reflowpairs.merge import merge_stores
 from reflowpairs.noise import initial_noise, pair_noise
 from reflowpairs.pairdata import PairDataset, PairSampler, position_lookup
 from reflowpairs.pairstore import PairStore, read_manifest
 from reflowpairs.validate import ValidateConfig, validate
 
-runner = CliRunner()
+from .helpers import runner, small_store
+
 ARRAYS = ("x0", "x1", "obs_index", "sample")
-
-
-def _generate(world, out: Path, **overrides) -> Path:
-    settings = {
-        "teacher": str(world.teacher_dir),
-        "dataset": world.repo_id,
-        "dataset_root": world.dataset_root,
-        "out": out,
-        "episodes": [0, 1],
-        "samples_per_frame": 2,
-        "batch_size": 8,
-        "shard_size": 16,
-        "device": "cpu",
-    }
-    settings.update(overrides)
-    generate(GenerateConfig(**settings))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +36,9 @@ def stores(tiny_world, tmp_path_factory) -> dict[str, Path]:
     """One run's settings written three ways: explicit zarr, implicit zarr, implicit parquet (same shard layout)."""
     root = tmp_path_factory.mktemp("x0")
     return {
-        "explicit": _generate(tiny_world, root / "explicit"),
-        "zarr": _generate(tiny_world, root / "zarr", x0="implicit"),
-        "parquet": _generate(tiny_world, root / "parquet", x0="implicit", backend="parquet"),
+        "explicit": small_store(tiny_world, root / "explicit"),
+        "zarr": small_store(tiny_world, root / "zarr", x0="implicit"),
+        "parquet": small_store(tiny_world, root / "parquet", x0="implicit", backend="parquet"),
     }
 
 
@@ -371,7 +353,7 @@ def test_inspect_shows_the_x0_storage_and_bytes_per_pair(stores, backend):
 def test_merge_of_implicit_partitions(tiny_world, tmp_path):
     settings = {"episodes": [0], "shard_size": 8}
     slices = [
-        _generate(tiny_world, tmp_path / f"p{i}", x0="implicit", partition=(i, 2), **settings)
+        small_store(tiny_world, tmp_path / f"p{i}", x0="implicit", partition=(i, 2), **settings)
         for i in range(2)
     ]
     merged = tmp_path / "merged"
@@ -386,7 +368,7 @@ def test_merge_of_implicit_partitions(tiny_world, tmp_path):
             initial_noise(0, int(data["obs_index"][row]), int(data["sample"][row]), (8, 6)).numpy(),
         )
 
-    explicit = _generate(tiny_world, tmp_path / "e1", partition=(1, 2), **settings)
+    explicit = small_store(tiny_world, tmp_path / "e1", partition=(1, 2), **settings)
     with pytest.raises(ReflowPairsError, match="X_0 storage: implicit vs explicit") as err:
         merge_stores([slices[0], explicit], tmp_path / "mixed")
     assert "generation.x0" not in err.value.what and not (tmp_path / "mixed").exists()
@@ -397,7 +379,7 @@ def test_merge_of_implicit_partitions(tiny_world, tmp_path):
 
 def test_an_unknown_x0_mode_is_refused_before_anything_loads(tiny_world, tmp_path):
     with pytest.raises(ReflowPairsError, match="`x0` must be one of explicit, implicit, got 'none'"):
-        _generate(tiny_world, tmp_path / "out", x0="none", teacher=str(tmp_path / "no-such-teacher"))
+        small_store(tiny_world, tmp_path / "out", x0="none", teacher=str(tmp_path / "no-such-teacher"))
     assert not (tmp_path / "out").exists()
 
 
@@ -421,7 +403,7 @@ def test_resume_refuses_the_other_x0_mode(tiny_world, stores, tmp_path, store_mo
     )
     before = _drop_last_shard(store)
     with pytest.raises(ReflowPairsError) as err:
-        _generate(tiny_world, store, x0=run_mode, resume=True)
+        small_store(tiny_world, store, x0=run_mode, resume=True)
     assert f"its X_0 is {store_mode}" in err.value.what and f"asks for `x0` {run_mode}" in err.value.what
     assert f"Resume with `x0` {store_mode}" in err.value.hint
     assert _manifest(store) == before  # nothing changed
@@ -432,7 +414,7 @@ def test_resume_finishes_an_implicit_store_and_an_explicit_store_recorded_before
 ):
     implicit = Path(shutil.copytree(stores["zarr"], tmp_path / "implicit"))
     _drop_last_shard(implicit)
-    _generate(tiny_world, implicit, x0="implicit", resume=True)
+    small_store(tiny_world, implicit, x0="implicit", resume=True)
     assert validate(ValidateConfig(implicit)).status == "sound"
     np.testing.assert_array_equal(_read_all(implicit)["x0"], _read_all(stores["zarr"])["x0"])
     assert "x0" not in zarr.open_group(str(implicit / _manifest(implicit)["shards"][-1]["path"]), mode="r")
@@ -441,7 +423,7 @@ def test_resume_finishes_an_implicit_store_and_an_explicit_store_recorded_before
     manifest = _drop_last_shard(old)
     del manifest["generation"]["x0"]  # as every store written before --x0 existed
     _write_manifest(old, manifest)
-    _generate(tiny_world, old, resume=True)  # x0 explicit, the default
+    small_store(tiny_world, old, resume=True)  # x0 explicit, the default
     assert validate(ValidateConfig(old)).status == "sound"
     assert "x0" not in _manifest(old)["generation"] and _manifest(old)["x0"] == {
         "shape": [8, 6],
@@ -449,6 +431,7 @@ def test_resume_finishes_an_implicit_store_and_an_explicit_store_recorded_before
     }
 
 
+@pytest.mark.slow
 def test_training_on_an_implicit_store_is_training_on_the_explicit_one(stores, tmp_path):
     """`reflowpairs train` end to end (a DataLoader worker regenerates X_0): the same losses, step for step."""
     from reflowpairs.train import LOG_FILE, TrainConfig, train
