@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from reflowpairs import featurecache, tinypi
+from reflowpairs import featurecache
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pairstore import PairStore
 from reflowpairs.policies import FAMILIES
@@ -38,23 +38,14 @@ def configured(checkpoint: Path, out: Path, **config) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pi_teachers(tiny_world, tmp_path_factory) -> dict[str, Path]:
-    """``{variant: checkpoint}``: tiny pi0/pi05 teachers (2 training steps) whose config sets
-    ``train_expert_only: true`` (the whole PaliGemma frozen, the cache applies)."""
+def pi_teachers(pi_teachers, tmp_path_factory) -> dict[str, Path]:
+    """``{variant: checkpoint}``: the session's tiny pi0/pi05 teachers (conftest) copied with ``train_expert_only:
+    true`` (the whole PaliGemma frozen, the cache applies)."""
     root = tmp_path_factory.mktemp("pi_cache")
-    tokenizer = tinypi.build_pi_tokenizer(root / "tokenizer")
-    teachers = {}
-    for variant in VARIANTS:
-        built = tinypi.build_tiny_pi_teacher(
-            root / f"{variant}-built",
-            variant,
-            tiny_world.repo_id,
-            tiny_world.dataset_root,
-            tokenizer_dir=tokenizer,
-            spec=tinypi.TinyPiSpec(train_steps=2),
-        )
-        teachers[variant] = configured(built, root / variant, train_expert_only=True)
-    return teachers
+    return {
+        variant: configured(pi_teachers[variant], root / variant, train_expert_only=True)
+        for variant in VARIANTS
+    }
 
 
 def _load(checkpoint: Path):
