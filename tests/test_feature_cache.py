@@ -261,6 +261,7 @@ def _dataset(world):
     return open_dataset(world.repo_id, world.dataset_root)
 
 
+@pytest.mark.slow
 def test_damaged_feature_shard_stops_training_before_a_step_uses_it(tiny_world, tiny_store, tmp_path):
     """A feature shard damaged after ``validate`` passed is checked (sha256, shape, dtype, frames, store id) when a
     loader worker first reads it, and refused like a damaged pair shard: the run stops with the error naming the
@@ -311,6 +312,7 @@ def test_damaged_feature_shard_stops_training_before_a_step_uses_it(tiny_world, 
         featurecache.FeatureReader(store, index).has(np.array([0]))
 
 
+@pytest.mark.slow
 def test_pipeline_caches_in_round_one_and_later_rounds_read_it(tiny_world, tmp_path, monkeypatch):
     """``reflowpairs pipeline``: round 1's generate caches the features (the tiny SmolVLA's ``train_expert_only``
     lets its student use them), round 2's generate reads round 1's cache (its vision encoder patched to fail for that

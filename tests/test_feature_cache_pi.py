@@ -130,6 +130,7 @@ def test_a_trainable_vision_tower_or_projector_is_refused_naming_the_flag(pi_tea
         assert [p.split()[1] for p in problems] == trainable, problems
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_generate_caches_reads_and_train_uses_the_cache(
     pi_teachers, tiny_world, tmp_path, monkeypatch, variant

@@ -87,6 +87,7 @@ def test_start_does_not_settle_the_gap_and_the_average_of_the_two_modes_crashes(
     assert crashed
 
 
+@pytest.mark.slow
 def test_lerobot_knows_the_env_type_through_the_plugin_distribution():
     from lerobot.envs.configs import EnvConfig
     from lerobot.utils.import_utils import register_third_party_plugins

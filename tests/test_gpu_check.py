@@ -25,6 +25,7 @@ def _module():
     return module
 
 
+@pytest.mark.slow
 def test_without_a_gpu_it_says_so_and_exits_0_at_once(tmp_path):
     out = tmp_path / "out"
     start = time.monotonic()
@@ -40,11 +41,13 @@ def test_without_a_gpu_it_says_so_and_exits_0_at_once(tmp_path):
     assert time.monotonic() - start < 30 and not out.exists()
 
 
+@pytest.mark.slow
 def test_the_make_target_runs_the_script():
     done = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0 and "benchmarks/gpu_check.py" in done.stdout
 
 
+@pytest.mark.slow
 def test_the_plan_covers_the_issue(tmp_path):
     gpu_check = _module()
     steps = gpu_check.plan(tmp_path)
@@ -74,6 +77,7 @@ def test_the_plan_covers_the_issue(tmp_path):
     assert dry.returncode == 0 and all(name in dry.stdout for name in names)
 
 
+@pytest.mark.slow
 def test_every_planned_command_accepts_its_flags():
     """Each benchmark's argparse and each CLI command's options take the flags and values the plan passes."""
     done = subprocess.run(
@@ -84,6 +88,7 @@ def test_every_planned_command_accepts_its_flags():
     assert done.stdout.count(": ok") == planned and "BAD" not in done.stdout
 
 
+@pytest.mark.slow
 def test_a_failing_or_hanging_step_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     gpu_check = _module()
     steps = [

@@ -94,6 +94,7 @@ def test_generate_leaves_the_callers_threads_alone(tiny_world, tmp_path, no_thre
     assert (during, after) == (CORES, CORES) and plan == "3 main threads on 3 cores"
 
 
+@pytest.mark.slow
 def test_train_leaves_the_callers_threads_alone(tiny_store, tmp_path, no_thread_env):
     torch.set_num_threads(2)
     plan, during, after = _train_threads(tiny_store, tmp_path / "kept")
