@@ -30,6 +30,9 @@ from .helpers import Child, child_env, terminal_sigint
 STEPS, SAVE_EVERY = 6, 2
 
 
+pytestmark = pytest.mark.slow  # every test here runs `reflowpairs train` in a real process
+
+
 def _train_cmd(store: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -162,7 +165,6 @@ def test_a_second_ctrl_c_inside_a_save_stops_at_once_and_keeps_the_last_checkpoi
     _resume_matches(tiny_store, out, reference)
 
 
-@pytest.mark.slow
 def test_a_second_ctrl_c_inside_the_save_that_the_first_one_asked_for(tiny_store, tmp_path):
     """Ctrl-C between steps asks for a save; a second one while that save runs abandons it: the run still ends as an
     interrupted *training* run (its own message, exit 130, no traceback), with no half-written checkpoint left."""
@@ -229,7 +231,6 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
-@pytest.mark.slow
 def test_a_full_disk_inside_a_save_keeps_the_last_checkpoint(tiny_store, reference, small_disk):
     """`out` on a tmpfs that fills up while checkpoint 4 is written: the run stops with one clear error (no
     traceback) naming `out`, the failed write and the checkpoint kept; its half-written copy is removed. Once space is
@@ -253,7 +254,6 @@ def test_a_full_disk_inside_a_save_keeps_the_last_checkpoint(tiny_store, referen
     _resume_matches(tiny_store, out, reference)
 
 
-@pytest.mark.slow
 def test_full_disk_errors_that_are_not_oserrors_are_told_apart_from_bugs(small_disk):
     """On a full disk safetensors raises SafetensorError and torch.save a RuntimeError: both count as a failed write
     (the save words them as one); a RuntimeError that is a bug (tensors sharing memory) does not."""
