@@ -83,3 +83,28 @@ def test_closed_loop_config_refuses_bad_settings(tmp_path):
         ClosedLoopConfig(**base, students={"teacher": "x"})
     with pytest.raises(ReflowPairsError, match="positive"):
         ClosedLoopConfig(**base, num_steps=(0, 1))
+
+
+def test_every_lerobot_env_type_names_what_installs_it():
+    import importlib.metadata
+
+    from lerobot.envs.configs import EnvConfig
+
+    from reflowpairs.closedloop_env import ENV_EXTRAS, ENV_PACKAGES, install_fix, known_env_types
+
+    known_env_types()  # plugins registered too
+    lerobot_types = {
+        name
+        for name in EnvConfig.get_known_choices()
+        if EnvConfig.get_choice_class(name).__module__.startswith("lerobot.")
+    }
+    assert {"pusht", "aloha", "libero", "metaworld"} <= lerobot_types
+    assert lerobot_types <= set(ENV_EXTRAS) | set(ENV_PACKAGES)
+    extras = set(importlib.metadata.metadata("lerobot").get_all("Provides-Extra"))
+    assert set(ENV_EXTRAS.values()) <= extras  # each a real lerobot extra
+    assert install_fix("aloha", "gym_aloha") == 'Install it: pip install "lerobot[aloha]".'
+    fallback = install_fix("someplugin", "gym_someplugin")
+    assert (
+        "lerobot extra or package that provides `gym_someplugin`" in fallback
+        and "lerobot_env_" not in fallback
+    )
