@@ -50,3 +50,28 @@ def test_pipeline_evaluates_every_student_in_closed_loop(tmp_path, monkeypatch):
     assert "success [95% CI]" in result.stdout and "closed_loop.md" in result.stdout
     again = cli(*args)  # a rerun: every stage and every closed-loop cell is kept
     assert "rollouts" not in again.output
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (("--env.type", "nosuch"), "no env type 'nosuch'"),
+        (("--env.type", "pusht", "--env.no_such_field", "3"), "no field no_such_field"),
+        (("--env.type", "pusht", "--eval.n_episodes", "0"), "is 0"),
+    ],
+)
+def test_pipeline_checks_the_env_before_any_round(tmp_path, env, expected):
+    out = tmp_path / "recipe"
+    args = [
+        "pipeline",
+        "--teacher",
+        str(tmp_path / "teacher"),
+        "--dataset",
+        "lerobot/pusht",
+        "--out",
+        str(out),
+    ]
+    result = cli(*args, "--device", "cpu", *env, exit_code=1)
+    text = " ".join(result.output.split())
+    assert expected in text and "Traceback" not in result.output
+    assert not (out / "round1").exists() and "round1/generate" not in result.output  # no generate ran
