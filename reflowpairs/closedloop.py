@@ -67,9 +67,20 @@ Progress = Callable[[str, int, int], None]
 TEACHER = "teacher"
 CELLS_DIR = "cells"
 
-MATCHED_SETTINGS = ("env_type", "env_options", "n_episodes", "seed", "batch_size", "checkpoint_fingerprint")
-"""The settings a finished cell must share with the current run to be reused (device and async envs are recorded
-but do not change which episodes run)."""
+MATCHED_SETTINGS = (
+    "env_type",
+    "env_options",
+    "n_episodes",
+    "seed",
+    "batch_size",
+    "checkpoint_fingerprint",
+    "device",
+    "tokenizer",
+)
+"""The settings a finished cell must share with the current run to be reused: what decides its episodes, the model
+(``model_fingerprint``: config, weights and processors), the device it ran on (resolved: ``auto`` is the device it
+picked; another device draws other noises and rounds otherwise) and the tokenizer. Async envs are recorded but do
+not change which episodes run."""
 
 
 @dataclass
@@ -249,8 +260,42 @@ def cell_path(out: Path, label: str, num_steps: int) -> Path:
     return Path(out) / CELLS_DIR / f"{label}-{num_steps}.json"
 
 
+def processors_digest(checkpoint: str) -> str:
+    """sha256 over a checkpoint's ``policy_preprocessor.json`` and ``policy_postprocessor.json`` (as JSON, keys
+    sorted) and every ``.safetensors`` state file their steps reference (the normaliser stats), byte for byte."""
+    import hashlib
+    import json
+
+    from reflowpairs.teacher import POSTPROCESSOR_FILE, PREPROCESSOR_FILE, checkpoint_file
+
+    digest = hashlib.sha256()
+    for name in (PREPROCESSOR_FILE, POSTPROCESSOR_FILE):
+        saved = json.loads(checkpoint_file(checkpoint, name).read_text())
+        digest.update(json.dumps(saved, sort_keys=True).encode())
+        for step in saved.get("steps", []):
+            state_file = step.get("state_file")
+            if state_file:
+                digest.update(state_file.encode())
+                digest.update(checkpoint_file(checkpoint, state_file).read_bytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(checkpoint: str, checkpoint_hashes: dict[str, str] | None = None) -> str:
+    """What a cell's model is: sha256 of the checkpoint's ``fingerprint_checkpoint`` (config and weights) and its
+    ``processors_digest``, so a checkpoint whose weights or normaliser stats changed does not reuse stale cells."""
+    import hashlib
+
+    from reflowpairs.teacher import fingerprint_checkpoint
+
+    hashes = checkpoint_hashes or fingerprint_checkpoint(checkpoint)
+    return hashlib.sha256(f"{hashes['fingerprint']}:{processors_digest(checkpoint)}".encode()).hexdigest()
+
+
 def cell_settings(cfg: ClosedLoopConfig, label: str, num_steps: int, fingerprint: str) -> dict[str, Any]:
-    """The settings a cell file records (``MATCHED_SETTINGS`` must agree for the cell to be reused)."""
+    """The settings a cell file records (``MATCHED_SETTINGS`` must agree for the cell to be reused); ``device`` is
+    the resolved one (``auto``: the device it picks here)."""
+    from reflowpairs.teacher import resolve_device
+
     return {
         "env_type": cfg.env_type,
         "env_options": dict(sorted(cfg.env_options.items())),
@@ -261,7 +306,8 @@ def cell_settings(cfg: ClosedLoopConfig, label: str, num_steps: int, fingerprint
         "model": label,
         "num_steps": num_steps,
         "use_async_envs": cfg.use_async_envs,
-        "device": cfg.device,
+        "device": resolve_device(cfg.device),
+        "tokenizer": cfg.tokenizer,
     }
 
 
@@ -409,7 +455,7 @@ def evaluate_closed_loop(cfg: ClosedLoopConfig, progress: Progress | None = None
             "policy_type": configs[label].type,
             "step_field": step_field(configs[label].type),
             "full_num_steps": config_num_steps(configs[label]),
-            "fingerprint": hashes[label]["fingerprint"],
+            "fingerprint": model_fingerprint(checkpoint, hashes[label]),
         }
         for label, checkpoint in checkpoints.items()
     }

@@ -209,3 +209,22 @@ def test_open_loop_options_are_refused_with_env_type(tmp_path, option):
     )
     text = " ".join(result.output.replace("│", " ").split())
     assert option[0] in text and "not with --env.type" in text
+
+
+@pytest.mark.slow
+def test_rerun_with_a_changed_checkpoint_under_the_same_label_is_refused(pusht, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    student = tmp_path / "student"
+    shutil.copytree(pusht["student"], student)
+    out = tmp_path / "eval"
+    args = ("--num-steps", "1")
+    _eval(pusht, out, *args, students=(f"rf={student}",))
+    stats = next(student.glob("policy_postprocessor_step_*.safetensors"))
+    tensors = load_file(stats)
+    save_file({k: v * 2 + 1 for k, v in tensors.items()}, stats)  # other normaliser stats, same weights
+    result = _eval(pusht, out, *args, students=(f"rf={student}",), exit_code=1)
+    text = " ".join(result.output.split())
+    assert "was made with other settings" in text and "checkpoint_fingerprint" in text and "rf-" in text

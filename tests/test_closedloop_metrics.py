@@ -108,3 +108,48 @@ def test_every_lerobot_env_type_names_what_installs_it():
         "lerobot extra or package that provides `gym_someplugin`" in fallback
         and "lerobot_env_" not in fallback
     )
+
+
+def test_model_fingerprint_covers_weights_and_processor_stats(tmp_path):
+    import json
+    import shutil
+
+    from reflowpairs.closedloop import model_fingerprint
+
+    ckpt = tmp_path / "a"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"type": "smolvla", "num_steps": 10}))
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    for side in ("preprocessor", "postprocessor"):
+        step = {"registry_name": "normalizer", "state_file": f"policy_{side}_step_0.safetensors"}
+        (ckpt / f"policy_{side}.json").write_text(json.dumps({"name": side, "steps": [step, {"config": {}}]}))
+        (ckpt / step["state_file"]).write_bytes(b"stats")
+    first = model_fingerprint(str(ckpt))
+    same = tmp_path / "b"
+    shutil.copytree(ckpt, same)
+    assert model_fingerprint(str(same)) == first  # content, not place
+    (same / "policy_postprocessor_step_0.safetensors").write_bytes(b"other stats")
+    assert model_fingerprint(str(same)) != first
+    shutil.copy(ckpt / "policy_postprocessor_step_0.safetensors", same)
+    assert model_fingerprint(str(same)) == first
+    (same / "model.safetensors").write_bytes(b"other weights")
+    assert model_fingerprint(str(same)) != first
+
+
+def test_cells_match_on_device_and_tokenizer(tmp_path):
+    from reflowpairs.atomic import write_json_atomically
+    from reflowpairs.closedloop import MATCHED_SETTINGS, cell_settings, read_cell
+
+    assert {"device", "tokenizer", "checkpoint_fingerprint"} <= set(MATCHED_SETTINGS)
+    cfg = ClosedLoopConfig(env_type="pusht", teacher="t", out=tmp_path, device="cpu")
+    path = tmp_path / "cells" / "teacher-1.json"
+    path.parent.mkdir()
+    write_json_atomically(path, {"settings": cell_settings(cfg, "teacher", 1, "f"), "cell": {"ok": 1}})
+    assert read_cell(path, cell_settings(cfg, "teacher", 1, "f")) == {"ok": 1}
+    other = ClosedLoopConfig(env_type="pusht", teacher="t", out=tmp_path, device="cpu", tokenizer="/tok")
+    with pytest.raises(ReflowPairsError, match="tokenizer: None there, '/tok' now"):
+        read_cell(path, cell_settings(other, "teacher", 1, "f"))
+    recorded = cell_settings(cfg, "teacher", 1, "f") | {"device": "cuda"}  # as a run on a GPU wrote it
+    write_json_atomically(path, {"settings": recorded, "cell": {"ok": 1}})
+    with pytest.raises(ReflowPairsError, match="device: 'cuda' there, 'cpu' now"):
+        read_cell(path, cell_settings(cfg, "teacher", 1, "f"))
