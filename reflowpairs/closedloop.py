@@ -47,6 +47,7 @@ from reflowpairs.closedloop_env import (  # noqa: F401 - part of this module's A
     make_envs,
 )
 from reflowpairs.closedloop_metrics import (
+    episode_successes,
     fewest_matching_steps,
     mcnemar_p,
     paired_counts,
@@ -526,7 +527,7 @@ def build_report(
         "success_low": ref["success_low"],
         "success_high": ref["success_high"],
     }
-    ref_success = [e["success"] for e in ref["episodes"]]
+    ref_success = episode_successes(ref["episodes"])
     paired = []
     verdict: dict[str, int | None] = {}
     for label, _, steps_list in plan:
@@ -536,7 +537,13 @@ def build_report(
         for steps in steps_list:
             if label == TEACHER and steps == full:
                 continue
-            counts = paired_counts([e["success"] for e in cells[(label, steps)]["episodes"]], ref_success)
+            try:  # paired by (task, seed): every cell ran the same episodes (the cells' settings match)
+                counts = paired_counts(episode_successes(cells[(label, steps)]["episodes"]), ref_success)
+            except ValueError as err:
+                raise ReflowPairsError(
+                    f"The {label} cell at {steps} steps cannot be paired with the teacher's at {full}: {err}.",
+                    f"Delete {cell_path(cfg.out, label, steps).parent} and run again.",
+                ) from err
             paired.append(
                 {
                     "model": label,

@@ -153,3 +153,22 @@ def test_cells_match_on_device_and_tokenizer(tmp_path):
     write_json_atomically(path, {"settings": recorded, "cell": {"ok": 1}})
     with pytest.raises(ReflowPairsError, match="device: 'cuda' there, 'cpu' now"):
         read_cell(path, cell_settings(cfg, "teacher", 1, "f"))
+
+
+def test_paired_counts_pair_episodes_by_task_and_seed():
+    from reflowpairs.closedloop_metrics import episode_successes
+
+    a = [{"task": "t/0", "seed": s, "success": ok} for s, ok in [(1, True), (2, False), (3, True)]]
+    b = [{"task": "t/0", "seed": s, "success": ok} for s, ok in [(3, True), (1, False), (2, True)]]
+    # by position: 2 both, 1 neither; by seed: seed 1 only a, seed 2 only b, seed 3 both
+    assert paired_counts(episode_successes(a), episode_successes(b)) == {
+        "both": 1,
+        "only_a": 1,
+        "only_b": 1,
+        "neither": 0,
+    }
+    c = [{**e, "seed": e["seed"] + 10} if e["seed"] == 3 else e for e in b]
+    with pytest.raises(ValueError, match="different episodes"):
+        paired_counts(episode_successes(a), episode_successes(c))
+    with pytest.raises(ValueError, match="twice"):
+        episode_successes(a + a[:1])
