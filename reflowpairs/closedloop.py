@@ -222,7 +222,9 @@ class _ChunkTimer:
 
     @contextmanager
     def installed(self) -> Iterator[_ChunkTimer]:
-        names = [n for n in self.METHODS if hasattr(self.policy, n)]
+        # only the methods this policy has (``_get_action_chunk`` is SmolVLA's private one: a policy or a lerobot
+        # without it is timed through ``predict_action_chunk`` alone, or not at all: latency None, no crash)
+        names = [n for n in self.METHODS if callable(getattr(self.policy, n, None))]
         for name in names:
             setattr(self.policy, name, self._wrap(getattr(self.policy, name)))
         try:
@@ -235,13 +237,16 @@ class _ChunkTimer:
 @contextmanager
 def quiet_lerobot_bars(quiet: bool = True) -> Iterator[None]:
     """Within the block, lerobot_eval's own tqdm bars (per batch and per rollout step) are off, so that the caller's
-    one progress display is the only one; what the rollout does is unchanged. A no-op when ``quiet`` is False."""
+    one progress display is the only one; what the rollout does is unchanged. It swaps lerobot_eval's module-global
+    ``trange`` (lerobot 0.6.1's), restored after; a no-op when ``quiet`` is False or lerobot_eval has no ``trange``."""
     import lerobot.scripts.lerobot_eval as lerobot_eval
 
-    if not quiet:
+    saved = getattr(lerobot_eval, "trange", None)
+    if not quiet or not callable(
+        saved
+    ):  # a lerobot without the module-level trange: its bars stay, nothing breaks
         yield
         return
-    saved = lerobot_eval.trange
 
     def silent(*args, **kwargs):
         return saved(*args, **{**kwargs, "disable": True})

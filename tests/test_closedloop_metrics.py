@@ -172,3 +172,30 @@ def test_paired_counts_pair_episodes_by_task_and_seed():
         paired_counts(episode_successes(a), episode_successes(c))
     with pytest.raises(ValueError, match="twice"):
         episode_successes(a + a[:1])
+
+
+def test_rollout_wrappers_fall_back_when_lerobot_lacks_what_they_wrap(monkeypatch):
+    import lerobot.scripts.lerobot_eval as lerobot_eval
+
+    from reflowpairs.closedloop import _ChunkTimer, quiet_lerobot_bars
+
+    class Policy:  # a policy without SmolVLA's private _get_action_chunk
+        def predict_action_chunk(self, x):
+            return x + 1
+
+    policy = Policy()
+    timer = _ChunkTimer(policy, "cpu")
+    with timer.installed():
+        assert policy.predict_action_chunk(1) == 2
+    assert len(timer.times) == 1 and "predict_action_chunk" not in vars(policy)  # unwrapped after
+    bare = object()
+    with _ChunkTimer(bare, "cpu").installed() as nothing:  # nothing to time: no latency, no crash
+        pass
+    assert nothing.times == []
+    saved = lerobot_eval.trange
+    with quiet_lerobot_bars():
+        assert lerobot_eval.trange is not saved  # lerobot's bars silenced
+    assert lerobot_eval.trange is saved
+    monkeypatch.delattr(lerobot_eval, "trange")
+    with quiet_lerobot_bars():  # a lerobot without the module-global trange: left alone
+        assert not hasattr(lerobot_eval, "trange")
