@@ -210,7 +210,9 @@ def _compare_students(cfg, students: dict[str, str], options: dict[str, Any]) ->
 
 
 def comparison_tables(comparison: dict[str, Any]) -> list[Table]:
-    """Several students side by side (``reflowpairs.compare``): every model's rows, then the verdict."""
+    """Several students side by side (``reflowpairs.compare``): every model's rows (with closed-loop success where
+    the pipeline ran it), then the verdict."""
+    from reflowpairs.compare import closed_loop_note, success_cell
     from reflowpairs.report import COLUMNS, CONSOLE_HEADERS, format_value
 
     ref = comparison["settings"]["reference_num_steps"]
@@ -226,10 +228,15 @@ def comparison_tables(comparison: dict[str, Any]) -> list[Table]:
     )
     for i, (key, _) in enumerate(COLUMNS):
         table.add_column(CONSOLE_HEADERS[key], justify="left" if i == 0 else "right", no_wrap=True)
+    closed = bool(comparison.get("closed_loop"))  # pipeline --env.type: success beside the error
+    if closed:
+        table.add_column("success\n[95% CI]", justify="right", no_wrap=True)
+        table.caption = closed_loop_note(comparison)
     rows = comparison["rows"]
     for i, row in enumerate(rows):
         last = i + 1 == len(rows) or rows[i + 1]["model"] != row["model"]
-        table.add_row(*(format_value(row.get(key)) for key, _ in COLUMNS), end_section=last)
+        values = [format_value(row.get(key)) for key, _ in COLUMNS] + ([success_cell(row)] if closed else [])
+        table.add_row(*values, end_section=last)
     verdict = Table(title="fewest steps to match the teacher", box=box.HORIZONTALS, show_edge=False)
     verdict.add_column("model", no_wrap=True)
     verdict.add_column(f"as accurate on data\nas the teacher at {ref}", justify="right")

@@ -436,7 +436,7 @@ def run_pipeline(
     state["comparison"] = _compare(state, out)  # always anew: a rerun with more rounds adds models
     state["feature_cache"] = feature_cache_summary(state)
     write_json_atomically(out / PIPELINE_STATE, state)
-    from reflowpairs.compare import read_report
+    from reflowpairs.compare import add_closed_loop, read_report, write_comparison
 
     comparison = read_report(state["comparison"]["comparison"])
     closed_loop = None
@@ -444,6 +444,9 @@ def run_pipeline(
         state["closed_loop"] = _closed_loop(cfg, state, out, progress)
         write_json_atomically(out / PIPELINE_STATE, state)
         closed_loop = read_report(state["closed_loop"]["report"])
+        # the one comparison the pipeline prints and writes: closed-loop success beside the open-loop error
+        comparison = add_closed_loop(comparison, closed_loop, state["closed_loop"]["report"])
+        write_comparison(comparison, out / "comparison")
     return PipelineResult(
         out=out,
         stages_run=ran,
