@@ -210,7 +210,9 @@ def _compare_students(cfg, students: dict[str, str], options: dict[str, Any]) ->
 
 
 def comparison_tables(comparison: dict[str, Any]) -> list[Table]:
-    """Several students side by side (``reflowpairs.compare``): every model's rows, then the verdict."""
+    """Several students side by side (``reflowpairs.compare``): every model's rows (with closed-loop success where
+    the pipeline ran it), then the verdict."""
+    from reflowpairs.compare import closed_loop_note, success_cell
     from reflowpairs.report import COLUMNS, CONSOLE_HEADERS, format_value
 
     ref = comparison["settings"]["reference_num_steps"]
@@ -226,10 +228,15 @@ def comparison_tables(comparison: dict[str, Any]) -> list[Table]:
     )
     for i, (key, _) in enumerate(COLUMNS):
         table.add_column(CONSOLE_HEADERS[key], justify="left" if i == 0 else "right", no_wrap=True)
+    closed = bool(comparison.get("closed_loop"))  # pipeline --env.type: success beside the error
+    if closed:
+        table.add_column("success\n[95% CI]", justify="right", no_wrap=True)
+        table.caption = closed_loop_note(comparison)
     rows = comparison["rows"]
     for i, row in enumerate(rows):
         last = i + 1 == len(rows) or rows[i + 1]["model"] != row["model"]
-        table.add_row(*(format_value(row.get(key)) for key, _ in COLUMNS), end_section=last)
+        values = [format_value(row.get(key)) for key, _ in COLUMNS] + ([success_cell(row)] if closed else [])
+        table.add_row(*values, end_section=last)
     verdict = Table(title="fewest steps to match the teacher", box=box.HORIZONTALS, show_edge=False)
     verdict.add_column("model", no_wrap=True)
     verdict.add_column(f"as accurate on data\nas the teacher at {ref}", justify="right")
@@ -413,9 +420,9 @@ def eval_command(
 
     env_type, env_options = parse_env_options(env_option)
     if env_type is not None:
-        _closed_loop(
-            ctx,
-            ClosedLoopConfig(
+        _refuse_open_loop_options(ctx, pairs)
+        with user_errors():
+            cfg = ClosedLoopConfig(
                 env_type=env_type,
                 env_options=env_options,
                 teacher=teacher,
@@ -428,9 +435,8 @@ def eval_command(
                 use_async_envs=eval_use_async_envs,
                 device=device,
                 tokenizer=None if tokenizer is None else str(tokenizer),
-            ),
-            pairs,
-        )
+            )
+        _closed_loop(ctx, cfg)
         return
     if not student:
         raise typer.BadParameter(
@@ -509,13 +515,44 @@ def _steps(text: str) -> list[int]:
         return parse_num_steps(text)
 
 
-def _closed_loop(ctx: typer.Context, cfg: ClosedLoopConfig, pairs: Path | None) -> None:
+OPEN_LOOP_ONLY = (
+    "dataset",
+    "dataset_root",
+    "episodes",
+    "max_frames",
+    "samples_per_frame",
+    "include_training_frames",
+    "allow_mismatch",
+    "latency_repeats",
+    "batch_size",
+)
+"""Options of open-loop eval (dataset frames) that closed-loop eval has no use for: refused with --env.type rather
+than silently ignored (``--eval.batch_size`` is the closed loop's batch)."""
+
+
+def _refuse_open_loop_options(ctx: typer.Context, pairs: Path | None) -> None:
+    """``typer.BadParameter`` naming the first open-loop-only option given together with --env.type."""
+    if pairs is not None:
+        raise typer.BadParameter("is for open-loop eval (not with --env.type)", param_hint="--pairs")
+    defaults = {param.name: param.default for param in ctx.command.params}
+    for name in OPEN_LOOP_ONLY:
+        source = ctx.get_parameter_source(name)
+        # an options file (--config) lists every option, at its default where unused: only a value set counts
+        from_file = source is not None and source.name == "DEFAULT_MAP"
+        if _given(ctx, name) and not (from_file and ctx.params.get(name) == defaults.get(name)):
+            flag = "--" + name.replace("_", "-")
+            raise typer.BadParameter(
+                "is for open-loop eval on dataset frames, not with --env.type (closed loop runs episodes in the "
+                "env: --n-episodes, --eval.batch_size)",
+                param_hint=flag,
+            )
+
+
+def _closed_loop(ctx: typer.Context, cfg: ClosedLoopConfig) -> None:
     """``eval --env.type NAME``: every (model, steps) cell in closed loop (``reflowpairs.closedloop``), one progress
     bar for all rollouts, then the table and the report files."""
     from reflowpairs.closedloop import evaluate_closed_loop, write_closed_loop_report
 
-    if pairs is not None:
-        raise typer.BadParameter("is for open-loop eval (not with --env.type)", param_hint="--pairs")
     given = {
         "student": [f"{label}={_local(source)}" for label, source in cfg.students.items()],
         "seed": cfg.seed,

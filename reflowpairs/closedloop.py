@@ -47,6 +47,7 @@ from reflowpairs.closedloop_env import (  # noqa: F401 - part of this module's A
     make_envs,
 )
 from reflowpairs.closedloop_metrics import (
+    episode_successes,
     fewest_matching_steps,
     mcnemar_p,
     paired_counts,
@@ -67,9 +68,20 @@ Progress = Callable[[str, int, int], None]
 TEACHER = "teacher"
 CELLS_DIR = "cells"
 
-MATCHED_SETTINGS = ("env_type", "env_options", "n_episodes", "seed", "batch_size", "checkpoint_fingerprint")
-"""The settings a finished cell must share with the current run to be reused (device and async envs are recorded
-but do not change which episodes run)."""
+MATCHED_SETTINGS = (
+    "env_type",
+    "env_options",
+    "n_episodes",
+    "seed",
+    "batch_size",
+    "checkpoint_fingerprint",
+    "device",
+    "tokenizer",
+)
+"""The settings a finished cell must share with the current run to be reused: what decides its episodes, the model
+(``model_fingerprint``: config, weights and processors), the device it ran on (resolved: ``auto`` is the device it
+picked; another device draws other noises and rounds otherwise) and the tokenizer. Async envs are recorded but do
+not change which episodes run."""
 
 
 @dataclass
@@ -210,7 +222,9 @@ class _ChunkTimer:
 
     @contextmanager
     def installed(self) -> Iterator[_ChunkTimer]:
-        names = [n for n in self.METHODS if hasattr(self.policy, n)]
+        # only the methods this policy has (``_get_action_chunk`` is SmolVLA's private one: a policy or a lerobot
+        # without it is timed through ``predict_action_chunk`` alone, or not at all: latency None, no crash)
+        names = [n for n in self.METHODS if callable(getattr(self.policy, n, None))]
         for name in names:
             setattr(self.policy, name, self._wrap(getattr(self.policy, name)))
         try:
@@ -223,13 +237,16 @@ class _ChunkTimer:
 @contextmanager
 def quiet_lerobot_bars(quiet: bool = True) -> Iterator[None]:
     """Within the block, lerobot_eval's own tqdm bars (per batch and per rollout step) are off, so that the caller's
-    one progress display is the only one; what the rollout does is unchanged. A no-op when ``quiet`` is False."""
+    one progress display is the only one; what the rollout does is unchanged. It swaps lerobot_eval's module-global
+    ``trange`` (lerobot 0.6.1's), restored after; a no-op when ``quiet`` is False or lerobot_eval has no ``trange``."""
     import lerobot.scripts.lerobot_eval as lerobot_eval
 
-    if not quiet:
+    saved = getattr(lerobot_eval, "trange", None)
+    if not quiet or not callable(
+        saved
+    ):  # a lerobot without the module-level trange: its bars stay, nothing breaks
         yield
         return
-    saved = lerobot_eval.trange
 
     def silent(*args, **kwargs):
         return saved(*args, **{**kwargs, "disable": True})
@@ -249,8 +266,42 @@ def cell_path(out: Path, label: str, num_steps: int) -> Path:
     return Path(out) / CELLS_DIR / f"{label}-{num_steps}.json"
 
 
+def processors_digest(checkpoint: str) -> str:
+    """sha256 over a checkpoint's ``policy_preprocessor.json`` and ``policy_postprocessor.json`` (as JSON, keys
+    sorted) and every ``.safetensors`` state file their steps reference (the normaliser stats), byte for byte."""
+    import hashlib
+    import json
+
+    from reflowpairs.teacher import POSTPROCESSOR_FILE, PREPROCESSOR_FILE, checkpoint_file
+
+    digest = hashlib.sha256()
+    for name in (PREPROCESSOR_FILE, POSTPROCESSOR_FILE):
+        saved = json.loads(checkpoint_file(checkpoint, name).read_text())
+        digest.update(json.dumps(saved, sort_keys=True).encode())
+        for step in saved.get("steps", []):
+            state_file = step.get("state_file")
+            if state_file:
+                digest.update(state_file.encode())
+                digest.update(checkpoint_file(checkpoint, state_file).read_bytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(checkpoint: str, checkpoint_hashes: dict[str, str] | None = None) -> str:
+    """What a cell's model is: sha256 of the checkpoint's ``fingerprint_checkpoint`` (config and weights) and its
+    ``processors_digest``, so a checkpoint whose weights or normaliser stats changed does not reuse stale cells."""
+    import hashlib
+
+    from reflowpairs.teacher import fingerprint_checkpoint
+
+    hashes = checkpoint_hashes or fingerprint_checkpoint(checkpoint)
+    return hashlib.sha256(f"{hashes['fingerprint']}:{processors_digest(checkpoint)}".encode()).hexdigest()
+
+
 def cell_settings(cfg: ClosedLoopConfig, label: str, num_steps: int, fingerprint: str) -> dict[str, Any]:
-    """The settings a cell file records (``MATCHED_SETTINGS`` must agree for the cell to be reused)."""
+    """The settings a cell file records (``MATCHED_SETTINGS`` must agree for the cell to be reused); ``device`` is
+    the resolved one (``auto``: the device it picks here)."""
+    from reflowpairs.teacher import resolve_device
+
     return {
         "env_type": cfg.env_type,
         "env_options": dict(sorted(cfg.env_options.items())),
@@ -261,7 +312,8 @@ def cell_settings(cfg: ClosedLoopConfig, label: str, num_steps: int, fingerprint
         "model": label,
         "num_steps": num_steps,
         "use_async_envs": cfg.use_async_envs,
-        "device": cfg.device,
+        "device": resolve_device(cfg.device),
+        "tokenizer": cfg.tokenizer,
     }
 
 
@@ -409,7 +461,7 @@ def evaluate_closed_loop(cfg: ClosedLoopConfig, progress: Progress | None = None
             "policy_type": configs[label].type,
             "step_field": step_field(configs[label].type),
             "full_num_steps": config_num_steps(configs[label]),
-            "fingerprint": hashes[label]["fingerprint"],
+            "fingerprint": model_fingerprint(checkpoint, hashes[label]),
         }
         for label, checkpoint in checkpoints.items()
     }
@@ -480,7 +532,7 @@ def build_report(
         "success_low": ref["success_low"],
         "success_high": ref["success_high"],
     }
-    ref_success = [e["success"] for e in ref["episodes"]]
+    ref_success = episode_successes(ref["episodes"])
     paired = []
     verdict: dict[str, int | None] = {}
     for label, _, steps_list in plan:
@@ -490,7 +542,13 @@ def build_report(
         for steps in steps_list:
             if label == TEACHER and steps == full:
                 continue
-            counts = paired_counts([e["success"] for e in cells[(label, steps)]["episodes"]], ref_success)
+            try:  # paired by (task, seed): every cell ran the same episodes (the cells' settings match)
+                counts = paired_counts(episode_successes(cells[(label, steps)]["episodes"]), ref_success)
+            except ValueError as err:
+                raise ReflowPairsError(
+                    f"The {label} cell at {steps} steps cannot be paired with the teacher's at {full}: {err}.",
+                    f"Delete {cell_path(cfg.out, label, steps).parent} and run again.",
+                ) from err
             paired.append(
                 {
                     "model": label,

@@ -19,8 +19,81 @@ ENV_EXTRAS = {
     "aloha": "aloha",
     "libero": "libero",
     "metaworld": "metaworld",
+    "gym_manipulator": "hilserl",
 }
-"""lerobot env type -> the lerobot pip extra that installs its simulator (``pip install "lerobot[EXTRA]"``)."""
+"""lerobot env type -> the lerobot pip extra that installs its simulator (``pip install "lerobot[EXTRA]"``), from
+lerobot 0.6.1's optional dependencies (``importlib.metadata.metadata("lerobot")``: ``pusht`` gym-pusht, ``aloha``
+gym-aloha, ``libero`` hf-libero, ``metaworld`` metaworld, ``hilserl`` gym-hil)."""
+
+ENV_PACKAGES = {
+    "libero_plus": "LIBERO-plus (github.com/sylvestf/LIBERO-plus: cloned and put on PYTHONPATH; no lerobot extra)",
+    "robocasa": "robocasa (github.com/robocasa/robocasa; no lerobot extra)",
+    "vlabench": "VLABench and dm_control (github.com/OpenMOSS/VLABench; no lerobot extra)",
+    "robotwin": "RoboTwin 2.0 (github.com/RoboTwin-Platform/RoboTwin: cloned and put on PYTHONPATH; no lerobot extra)",
+    "robomme": "robomme (no lerobot extra)",
+    "isaaclab_arena": "Isaac Lab Arena (its env comes from the Hub, nvidia/isaaclab-arena-envs; no lerobot extra)",
+}
+"""lerobot 0.6.1 env types whose simulator no lerobot pip extra installs -> what to install (lerobot's docs)."""
+
+ENV_MODULES = {
+    "pusht": "gym_pusht",
+    "aloha": "gym_aloha",
+    "libero": "libero",
+    "libero_plus": "libero",
+    "metaworld": "metaworld",
+    "robocasa": "robocasa",
+    "vlabench": "VLABench",
+    "robomme": "robomme",
+}
+"""lerobot env type -> the simulator module its ``create_envs`` imports (types not listed: the config's
+``package_name``, ``gym_<type>``, when its gym id is not registered and it uses lerobot's default ``create_envs``)."""
+
+
+def install_fix(env_type: str, module: str) -> str:
+    """What to install for ``env_type`` whose simulator module ``module`` is missing."""
+    if env_type in ENV_EXTRAS:
+        return f'Install it: pip install "lerobot[{ENV_EXTRAS[env_type]}]".'
+    if env_type in ENV_PACKAGES:
+        return f"Install {ENV_PACKAGES[env_type]}."
+    return f"Install the lerobot extra or package that provides `{module}`."
+
+
+def simulator_module(env_cfg) -> str | None:
+    """The module the env's simulator lives in (``ENV_MODULES``, else the config's ``package_name`` where lerobot's
+    default ``create_envs`` would import it), or None when nothing is known to be imported."""
+    from lerobot.envs.configs import EnvConfig
+
+    if env_cfg.type in ENV_MODULES:
+        return ENV_MODULES[env_cfg.type]
+    if type(env_cfg).create_envs is not EnvConfig.create_envs:
+        return None
+    import gymnasium as gym
+
+    try:
+        if env_cfg.gym_id in gym.registry:
+            return None
+    except (TypeError, AttributeError):  # a config without a task
+        return None
+    return env_cfg.package_name
+
+
+def check_env_package(env_cfg) -> None:
+    """``ReflowPairsError`` naming the pip extra (or package) when the env's simulator module is not installed;
+    nothing is imported (``importlib.util.find_spec`` on its top-level package)."""
+    import importlib.util
+
+    module = simulator_module(env_cfg)
+    if module is None:
+        return
+    try:
+        found = importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ReflowPairsError(
+            f"The {env_cfg.type} env needs the package `{module}`, which is not installed.",
+            install_fix(env_cfg.type, module),
+        )
 
 
 def known_env_types() -> list[str]:
@@ -79,15 +152,10 @@ def make_envs(env_cfg, batch_size: int, use_async_envs: bool) -> dict[str, dict[
     try:
         return make_env(env_cfg, n_envs=batch_size, use_async_envs=use_async_envs)
     except ImportError as err:  # ModuleNotFoundError included
-        extra = ENV_EXTRAS.get(env_cfg.type)
-        fix = (
-            f'Install it: pip install "lerobot[{extra}]".'
-            if extra
-            else f"Install the package that provides it (for a plugin env, the `{PLUGIN_PREFIX}{env_cfg.type}` "
-            "distribution and its dependencies)."
-        )
+        module = getattr(err, "name", None) or simulator_module(env_cfg) or env_cfg.package_name
         raise ReflowPairsError(
-            f"The {env_cfg.type} env needs a package that is not installed ({err}).", fix
+            f"The {env_cfg.type} env needs a package that is not installed ({err}).",
+            install_fix(env_cfg.type, module),
         ) from err
 
 

@@ -8,7 +8,8 @@ same episodes (the same start seeds), so two models can be compared episode by e
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 Z_95 = 1.959963984540054
 """The two-sided 95% normal quantile."""
@@ -33,11 +34,39 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     return low, high
 
 
-def paired_counts(a: Sequence[bool], b: Sequence[bool]) -> dict[str, int]:
-    """Episode-by-episode comparison of two models on the same episodes (``a[i]`` and ``b[i]``: the same seed).
+def episode_successes(episodes: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], bool]:
+    """``{(task, seed): success}`` of a cell's episodes (``{task, seed, success, ...}`` each); ``ValueError`` when an
+    episode (task, seed) appears twice."""
+    out: dict[tuple[str, int], bool] = {}
+    for e in episodes:
+        key = (str(e["task"]), int(e["seed"]))
+        if key in out:
+            raise ValueError(f"episode {key} appears twice")
+        out[key] = bool(e["success"])
+    return out
 
-    Returns ``{"both", "only_a", "only_b", "neither"}``: episodes both succeed in, only ``a`` does, only ``b`` does,
-    neither does."""
+
+def paired_counts(
+    a: Mapping[Hashable, bool] | Sequence[bool], b: Mapping[Hashable, bool] | Sequence[bool]
+) -> dict[str, int]:
+    """Episode-by-episode comparison of two models on the same episodes.
+
+    ``a`` and ``b``: ``{episode: success}`` keyed by the episode (``(task, seed)``, ``episode_successes``), paired by
+    key; ``ValueError`` when the two do not hold the same episodes. (Plain sequences pair by position: ``a[i]`` and
+    ``b[i]`` must be the same episode.) Returns ``{"both", "only_a", "only_b", "neither"}``: episodes both succeed
+    in, only ``a`` does, only ``b`` does, neither does."""
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        if not (isinstance(a, Mapping) and isinstance(b, Mapping)):
+            raise TypeError("paired_counts takes two mappings or two sequences")
+        if set(a) != set(b):
+            only_a = sorted(set(a) - set(b), key=repr)[:5]
+            only_b = sorted(set(b) - set(a), key=repr)[:5]
+            raise ValueError(
+                f"the two models ran different episodes (only the first: {only_a}; only the second: {only_b}); "
+                "paired counts need the same ones"
+            )
+        keys = list(a)
+        a, b = [a[k] for k in keys], [b[k] for k in keys]
     if len(a) != len(b):
         raise ValueError(
             f"the two models ran {len(a)} and {len(b)} episodes; paired counts need the same ones"

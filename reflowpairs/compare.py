@@ -108,13 +108,76 @@ def compare_reports(
     }
 
 
+SUCCESS_COLUMN = ("success", "success [95% CI], closed loop")
+"""The column ``add_closed_loop`` puts beside the open-loop error (``success_text`` of the row's closed-loop cell)."""
+
+
+def add_closed_loop(
+    comparison: dict[str, Any], report: dict[str, Any], source: str | None = None
+) -> dict[str, Any]:
+    """``comparison`` with closed-loop success beside the open-loop error: each row whose (model, steps) has a cell
+    in the closed-loop ``report`` (``reflowpairs.closedloop``) gets its ``success_rate``, ``success_low`` and
+    ``success_high`` (95% Wilson); ``closed_loop`` records the env, the episodes per cell, every cell's success (the
+    cells with no open-loop row too, such as the teacher at its full step count), the verdict and ``source``."""
+    cells = {(c["model"], c["num_steps"]): c for c in report["cells"]}
+    keys = ("success_rate", "success_low", "success_high")
+    rows = []
+    for row in comparison["rows"]:
+        cell = cells.get((row["model"], row["num_steps"]))
+        rows.append({**row, **({k: cell[k] for k in keys} if cell is not None else {})})
+    return {
+        **comparison,
+        "rows": rows,
+        "closed_loop": {
+            "env": report["env"],
+            "n_episodes": report["settings"]["n_episodes"],
+            "report": source,
+            "reference": report["reference"],
+            "cells": [
+                {"model": c["model"], "num_steps": c["num_steps"], **{k: c[k] for k in keys}}
+                for c in cells.values()
+            ],
+            "verdict": report["verdict"],
+        },
+    }
+
+
+def success_cell(row: dict[str, Any]) -> str:
+    """A row's closed-loop success as ``"80% [49-94%]"``, ``n/a`` when it has none."""
+    from reflowpairs.closedloop_report import success_text
+
+    return success_text(row) if "success_rate" in row else "n/a"
+
+
+def closed_loop_note(comparison: dict[str, Any]) -> str:
+    """One line on the closed-loop column: the env and episodes, and the cells with no open-loop row (the
+    teacher at its full step count, typically); empty without closed loop."""
+    closed = comparison.get("closed_loop")
+    if not closed:
+        return ""
+    shown = {(r["model"], r["num_steps"]) for r in comparison["rows"] if "success_rate" in r}
+    others = [
+        f"{c['model']} at {c['num_steps']} steps {success_cell(c)}"
+        for c in closed["cells"]
+        if (c["model"], c["num_steps"]) not in shown
+    ]
+    text = f"success: closed loop in {closed['env']['type']}, {closed['n_episodes']} episodes per cell"
+    return text + (f"; also {', '.join(others)}" if others else "") + "."
+
+
 def markdown(comparison: dict[str, Any]) -> str:
     """The comparison as Markdown: every model's rows (``report.COLUMNS``) and the verdict table."""
     ref = comparison["settings"]["reference_num_steps"]
+    closed = bool(comparison.get("closed_loop"))
     table = markdown_table(
-        [title for _, title in COLUMNS],
-        [[format_value(row.get(key)) for key, _ in COLUMNS] for row in comparison["rows"]],
+        [title for _, title in COLUMNS] + ([SUCCESS_COLUMN[1]] if closed else []),
+        [
+            [format_value(row.get(key)) for key, _ in COLUMNS] + ([success_cell(row)] if closed else [])
+            for row in comparison["rows"]
+        ],
     )
+    if closed:
+        table += f"\n\n{closed_loop_note(comparison)}"
     verdict_rows = [
         [model, format_value(goals["vs_teacher_best"]), format_value(goals["vs_teacher_4"])]
         for model, goals in comparison["verdict"].items()

@@ -143,6 +143,40 @@ def check_config(cfg: PipelineConfig) -> None:
             raise ReflowPairsError(f"`{name}` must be at least 1, got {getattr(cfg, name)}.")
     if cfg.distill_steps is not None and cfg.distill_steps < 1:
         raise ReflowPairsError(f"`distill_steps` must be at least 1, got {cfg.distill_steps}.")
+    if cfg.env_type is not None:
+        check_closed_loop(cfg)
+
+
+def closed_loop_config(cfg: PipelineConfig, students: dict[str, str]):
+    """The ``ClosedLoopConfig`` of the pipeline's closed-loop stage (its own checks run as it is built): every
+    student at ``eval_num_steps``, the teacher at 1 step and its full count, in ``out/closed_loop``."""
+    from reflowpairs.closedloop import ClosedLoopConfig
+
+    return ClosedLoopConfig(
+        env_type=cfg.env_type,
+        env_options=cfg.env_options,
+        teacher=cfg.teacher,
+        students=students,
+        out=Path(cfg.out) / "closed_loop",
+        num_steps=tuple(cfg.eval_num_steps),
+        teacher_num_steps=(1,),  # and its full step count, always added
+        n_episodes=cfg.env_episodes,
+        batch_size=cfg.env_batch_size,
+        use_async_envs=cfg.env_use_async_envs,
+        device=cfg.device,
+    )
+
+
+def check_closed_loop(cfg: PipelineConfig) -> None:
+    """With ``env_type``: what the closed-loop stage needs, checked before any round runs (``ReflowPairsError``):
+    its config, the env type and its ``--env.FIELD`` options, the simulator package (its pip extra named), and the
+    teacher's inputs against the env's observations (the students share them)."""
+    from reflowpairs.closedloop_env import check_env_package, check_features, make_env_config
+
+    closed_loop_config(cfg, {})
+    env_cfg = make_env_config(cfg.env_type, cfg.env_options)
+    check_env_package(env_cfg)
+    check_features(env_cfg, "teacher", cfg.teacher)
 
 
 def read_state(out: Path) -> dict[str, Any] | None:
@@ -356,7 +390,7 @@ def _compare(state: dict[str, Any], out: Path) -> dict[str, Any]:
 def _closed_loop(cfg: PipelineConfig, state: dict[str, Any], out: Path, progress: Progress | None) -> dict:
     """Every student of ``state`` and the teacher in closed loop (``reflowpairs.closedloop``) in ``out/closed_loop``;
     finished cells are kept there, so a rerun (or one with more rounds) runs only the new ones."""
-    from reflowpairs.closedloop import ClosedLoopConfig, evaluate_closed_loop, write_closed_loop_report
+    from reflowpairs.closedloop import evaluate_closed_loop, write_closed_loop_report
 
     students = {
         name.split("/")[0]: done["student"]
@@ -364,20 +398,7 @@ def _closed_loop(cfg: PipelineConfig, state: dict[str, Any], out: Path, progress
         if name.endswith("/train")
     }
     report = evaluate_closed_loop(
-        ClosedLoopConfig(
-            env_type=cfg.env_type,
-            env_options=cfg.env_options,
-            teacher=cfg.teacher,
-            students=students,
-            out=out / "closed_loop",
-            num_steps=tuple(cfg.eval_num_steps),
-            teacher_num_steps=(1,),  # and its full step count, always added
-            n_episodes=cfg.env_episodes,
-            batch_size=cfg.env_batch_size,
-            use_async_envs=cfg.env_use_async_envs,
-            device=cfg.device,
-        ),
-        progress=partial(_prefixed, progress, "closed_loop"),
+        closed_loop_config(cfg, students), progress=partial(_prefixed, progress, "closed_loop")
     )
     files = write_closed_loop_report(report, out / "closed_loop")
     return {"report": str(files.json), "verdict": report["verdict"], "reference": report["reference"]}
@@ -415,7 +436,7 @@ def run_pipeline(
     state["comparison"] = _compare(state, out)  # always anew: a rerun with more rounds adds models
     state["feature_cache"] = feature_cache_summary(state)
     write_json_atomically(out / PIPELINE_STATE, state)
-    from reflowpairs.compare import read_report
+    from reflowpairs.compare import add_closed_loop, read_report, write_comparison
 
     comparison = read_report(state["comparison"]["comparison"])
     closed_loop = None
@@ -423,6 +444,9 @@ def run_pipeline(
         state["closed_loop"] = _closed_loop(cfg, state, out, progress)
         write_json_atomically(out / PIPELINE_STATE, state)
         closed_loop = read_report(state["closed_loop"]["report"])
+        # the one comparison the pipeline prints and writes: closed-loop success beside the open-loop error
+        comparison = add_closed_loop(comparison, closed_loop, state["closed_loop"]["report"])
+        write_comparison(comparison, out / "comparison")
     return PipelineResult(
         out=out,
         stages_run=ran,

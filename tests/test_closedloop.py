@@ -179,3 +179,52 @@ def test_open_loop_still_needs_dataset_and_student(tmp_path):
         cli("eval", "--teacher", "t", "--dataset", "d", "--out", str(tmp_path), exit_code=2).output.split()
     )
     assert "--student" in text
+
+
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [(("--n-episodes", "0"), "n-episodes"), (("--eval.batch_size", "0"), "--eval.batch_size")],
+)
+def test_bad_episode_count_or_env_batch_is_a_clear_error(tmp_path, option, named):
+    result = cli(
+        "eval", "--teacher", "x", "--env.type", "pusht", *option, "--out", str(tmp_path / "x"), exit_code=1
+    )
+    text = " ".join(result.output.split())
+    assert named in text and "is 0" in text
+    assert "Traceback" not in result.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("--dataset", "lerobot/pusht"),
+        ("--max-frames", "5"),
+        ("--samples-per-frame", "2"),
+        ("--allow-mismatch",),
+    ],
+)
+def test_open_loop_options_are_refused_with_env_type(tmp_path, option):
+    result = cli(
+        "eval", "--teacher", "x", "--env.type", "pusht", *option, "--out", str(tmp_path), exit_code=2
+    )
+    text = " ".join(result.output.replace("│", " ").split())
+    assert option[0] in text and "not with --env.type" in text
+
+
+@pytest.mark.slow
+def test_rerun_with_a_changed_checkpoint_under_the_same_label_is_refused(pusht, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    student = tmp_path / "student"
+    shutil.copytree(pusht["student"], student)
+    out = tmp_path / "eval"
+    args = ("--num-steps", "1")
+    _eval(pusht, out, *args, students=(f"rf={student}",))
+    stats = next(student.glob("policy_postprocessor_step_*.safetensors"))
+    tensors = load_file(stats)
+    save_file({k: v * 2 + 1 for k, v in tensors.items()}, stats)  # other normaliser stats, same weights
+    result = _eval(pusht, out, *args, students=(f"rf={student}",), exit_code=1)
+    text = " ".join(result.output.split())
+    assert "was made with other settings" in text and "checkpoint_fingerprint" in text and "rf-" in text

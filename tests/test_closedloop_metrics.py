@@ -83,3 +83,119 @@ def test_closed_loop_config_refuses_bad_settings(tmp_path):
         ClosedLoopConfig(**base, students={"teacher": "x"})
     with pytest.raises(ReflowPairsError, match="positive"):
         ClosedLoopConfig(**base, num_steps=(0, 1))
+
+
+def test_every_lerobot_env_type_names_what_installs_it():
+    import importlib.metadata
+
+    from lerobot.envs.configs import EnvConfig
+
+    from reflowpairs.closedloop_env import ENV_EXTRAS, ENV_PACKAGES, install_fix, known_env_types
+
+    known_env_types()  # plugins registered too
+    lerobot_types = {
+        name
+        for name in EnvConfig.get_known_choices()
+        if EnvConfig.get_choice_class(name).__module__.startswith("lerobot.")
+    }
+    assert {"pusht", "aloha", "libero", "metaworld"} <= lerobot_types
+    assert lerobot_types <= set(ENV_EXTRAS) | set(ENV_PACKAGES)
+    extras = set(importlib.metadata.metadata("lerobot").get_all("Provides-Extra"))
+    assert set(ENV_EXTRAS.values()) <= extras  # each a real lerobot extra
+    assert install_fix("aloha", "gym_aloha") == 'Install it: pip install "lerobot[aloha]".'
+    fallback = install_fix("someplugin", "gym_someplugin")
+    assert (
+        "lerobot extra or package that provides `gym_someplugin`" in fallback
+        and "lerobot_env_" not in fallback
+    )
+
+
+def test_model_fingerprint_covers_weights_and_processor_stats(tmp_path):
+    import json
+    import shutil
+
+    from reflowpairs.closedloop import model_fingerprint
+
+    ckpt = tmp_path / "a"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"type": "smolvla", "num_steps": 10}))
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    for side in ("preprocessor", "postprocessor"):
+        step = {"registry_name": "normalizer", "state_file": f"policy_{side}_step_0.safetensors"}
+        (ckpt / f"policy_{side}.json").write_text(json.dumps({"name": side, "steps": [step, {"config": {}}]}))
+        (ckpt / step["state_file"]).write_bytes(b"stats")
+    first = model_fingerprint(str(ckpt))
+    same = tmp_path / "b"
+    shutil.copytree(ckpt, same)
+    assert model_fingerprint(str(same)) == first  # content, not place
+    (same / "policy_postprocessor_step_0.safetensors").write_bytes(b"other stats")
+    assert model_fingerprint(str(same)) != first
+    shutil.copy(ckpt / "policy_postprocessor_step_0.safetensors", same)
+    assert model_fingerprint(str(same)) == first
+    (same / "model.safetensors").write_bytes(b"other weights")
+    assert model_fingerprint(str(same)) != first
+
+
+def test_cells_match_on_device_and_tokenizer(tmp_path):
+    from reflowpairs.atomic import write_json_atomically
+    from reflowpairs.closedloop import MATCHED_SETTINGS, cell_settings, read_cell
+
+    assert {"device", "tokenizer", "checkpoint_fingerprint"} <= set(MATCHED_SETTINGS)
+    cfg = ClosedLoopConfig(env_type="pusht", teacher="t", out=tmp_path, device="cpu")
+    path = tmp_path / "cells" / "teacher-1.json"
+    path.parent.mkdir()
+    write_json_atomically(path, {"settings": cell_settings(cfg, "teacher", 1, "f"), "cell": {"ok": 1}})
+    assert read_cell(path, cell_settings(cfg, "teacher", 1, "f")) == {"ok": 1}
+    other = ClosedLoopConfig(env_type="pusht", teacher="t", out=tmp_path, device="cpu", tokenizer="/tok")
+    with pytest.raises(ReflowPairsError, match="tokenizer: None there, '/tok' now"):
+        read_cell(path, cell_settings(other, "teacher", 1, "f"))
+    recorded = cell_settings(cfg, "teacher", 1, "f") | {"device": "cuda"}  # as a run on a GPU wrote it
+    write_json_atomically(path, {"settings": recorded, "cell": {"ok": 1}})
+    with pytest.raises(ReflowPairsError, match="device: 'cuda' there, 'cpu' now"):
+        read_cell(path, cell_settings(cfg, "teacher", 1, "f"))
+
+
+def test_paired_counts_pair_episodes_by_task_and_seed():
+    from reflowpairs.closedloop_metrics import episode_successes
+
+    a = [{"task": "t/0", "seed": s, "success": ok} for s, ok in [(1, True), (2, False), (3, True)]]
+    b = [{"task": "t/0", "seed": s, "success": ok} for s, ok in [(3, True), (1, False), (2, True)]]
+    # by position: 2 both, 1 neither; by seed: seed 1 only a, seed 2 only b, seed 3 both
+    assert paired_counts(episode_successes(a), episode_successes(b)) == {
+        "both": 1,
+        "only_a": 1,
+        "only_b": 1,
+        "neither": 0,
+    }
+    c = [{**e, "seed": e["seed"] + 10} if e["seed"] == 3 else e for e in b]
+    with pytest.raises(ValueError, match="different episodes"):
+        paired_counts(episode_successes(a), episode_successes(c))
+    with pytest.raises(ValueError, match="twice"):
+        episode_successes(a + a[:1])
+
+
+def test_rollout_wrappers_fall_back_when_lerobot_lacks_what_they_wrap(monkeypatch):
+    import lerobot.scripts.lerobot_eval as lerobot_eval
+
+    from reflowpairs.closedloop import _ChunkTimer, quiet_lerobot_bars
+
+    class Policy:  # a policy without SmolVLA's private _get_action_chunk
+        def predict_action_chunk(self, x):
+            return x + 1
+
+    policy = Policy()
+    timer = _ChunkTimer(policy, "cpu")
+    with timer.installed():
+        assert policy.predict_action_chunk(1) == 2
+    assert len(timer.times) == 1 and "predict_action_chunk" not in vars(policy)  # unwrapped after
+    bare = object()
+    with _ChunkTimer(bare, "cpu").installed() as nothing:  # nothing to time: no latency, no crash
+        pass
+    assert nothing.times == []
+    saved = lerobot_eval.trange
+    with quiet_lerobot_bars():
+        assert lerobot_eval.trange is not saved  # lerobot's bars silenced
+    assert lerobot_eval.trange is saved
+    monkeypatch.delattr(lerobot_eval, "trange")
+    with quiet_lerobot_bars():  # a lerobot without the module-global trange: left alone
+        assert not hasattr(lerobot_eval, "trange")
