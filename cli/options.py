@@ -289,6 +289,10 @@ class _LoadedCommands(dict):
         except KeyError:
             return default
 
+    def keys(self) -> list[str]:  # type: ignore[override]
+        """Every command's name, loaded or not (Typer's "Did you mean ...?" for a mistyped command reads these)."""
+        return list(dict.fromkeys([*self._group.LAZY, *super().keys()]))
+
 
 class Group(_TidyHelp, TyperGroup):
     """The root group: commands listed in workflow order (``COMMAND_ORDER``), no type placeholders in its help, and
