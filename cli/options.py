@@ -15,14 +15,16 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import typer
+import typer.main
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 try:  # Typer 0.2x+ carries its own copy of click
@@ -247,11 +249,89 @@ class Command(_TidyHelp, TyperCommand):
         return super().parse_args(ctx, translate_args(self, ctx, list(args)))
 
 
+@dataclasses.dataclass(frozen=True)
+class LazyCommand:
+    """A command the root group imports only when it is run or its own help is asked for: ``function`` of
+    ``module`` (``reflowpairs.cli.store_cmds``), registered with ``settings(module)`` (``cls``, ``epilog``, ...: the
+    keywords of ``typer.Typer.command``; default ``cls=Command``). ``help`` is what ``reflowpairs --help`` lists for it
+    without importing the module: the first paragraph of the function's docstring (a test holds them equal)."""
+
+    module: str
+    function: str
+    help: str
+    settings: Callable[[ModuleType], dict[str, Any]] | None = None
+
+    def load(self, name: str) -> Any:
+        """The click command, built by Typer from the function as ``app.command(name, ...)`` would."""
+        module = importlib.import_module(self.module)
+        settings = {"cls": Command} | (self.settings(module) if self.settings else {})
+        one = typer.Typer(add_completion=False)
+        one.command(name, **settings)(getattr(module, self.function))
+        return typer.main.get_command(one)
+
+
+class _LoadedCommands(dict):
+    """The group's ``commands``: a lazy command is loaded on first ``commands[name]`` / ``commands.get(name)``."""
+
+    def __init__(self, group: Group, loaded: dict[str, Any]):
+        super().__init__(loaded)
+        self._group = group
+
+    def __missing__(self, name: str) -> Any:
+        command = self._group.load(name)
+        if command is None:
+            raise KeyError(name)
+        return command
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        """Every command's name, loaded or not (Typer's "Did you mean ...?" for a mistyped command reads these)."""
+        return list(dict.fromkeys([*self._group.LAZY, *super().keys()]))
+
+
 class Group(_TidyHelp, TyperGroup):
-    """The root group: commands listed in workflow order (``COMMAND_ORDER``), no type placeholders in its help."""
+    """The root group: commands listed in workflow order (``COMMAND_ORDER``), no type placeholders in its help, and
+    the ``LAZY`` commands imported only when one is run or asked for: ``reflowpairs --help`` lists them from their
+    static help, so neither it nor a command that needs no torch (``inspect``) pays for importing torch."""
+
+    LAZY: dict[str, LazyCommand] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.commands = _LoadedCommands(self, self.commands)
+        self._listing = False
+
+    def load(self, name: str) -> Any:
+        """The command ``name`` (imported and built on first use), or None if there is none."""
+        if dict.__contains__(self.commands, name):
+            return dict.__getitem__(self.commands, name)
+        lazy = self.LAZY.get(name)
+        if lazy is None:
+            return None
+        command = lazy.load(name)
+        self.commands[name] = command
+        return command
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        lazy = self.LAZY.get(cmd_name)
+        if self._listing and lazy is not None and not dict.__contains__(self.commands, cmd_name):
+            return TyperCommand(cmd_name, help=lazy.help)  # the root help's listing: name and help only
+        return self.load(cmd_name)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
 
     def list_commands(self, ctx: Any) -> list[str]:
-        names = list(super().list_commands(ctx))
+        names = list(dict.fromkeys([*self.LAZY, *super().list_commands(ctx)]))
         rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
         return sorted(names, key=lambda name: (rank.get(name, len(rank)), names.index(name)))
 

@@ -32,11 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from reflowpairs.atomic import load_json_object, write_json_atomically
 from reflowpairs.errors import ReflowPairsError
@@ -49,13 +47,21 @@ from reflowpairs.pairstore import (
     write_shard,
 )
 
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+# torch is heavy; `reflowpairs inspect` reads the feature index (read_index, describe) and needs none of it: each
+# function below that computes on tensors imports it.
+
 FEATURES_DIR = "features"
 INDEX = "index.json"
 FORMAT = "reflowpairs.features"
 VERSION = 1
 FEATURE_KEY = "reflowpairs.features"
 """The key under which a cached observation carries its features ``(S, N, D)`` (removed before the preprocessor)."""
-FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FEATURE_DTYPES = ("float32", "float16", "bfloat16")
+"""The storage dtypes of features, by torch's name (``getattr(torch, name)``)."""
 _NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 FRAMES_PER_SHARD = 256
 
@@ -73,6 +79,8 @@ def cache_family(policy):
 
 def weights_fingerprint(modules: dict[str, torch.nn.Module]) -> str:
     """sha256 over the named parameters and buffers of ``modules`` (name, dtype, shape, bytes), in name order."""
+    import torch
+
     digest = hashlib.sha256()
     for prefix, module in sorted(modules.items()):
         tensors = dict(module.named_parameters())
@@ -102,12 +110,16 @@ def cache_identity(policy) -> dict[str, Any]:
 
 def to_storage(features: Tensor, dtype: str) -> np.ndarray:
     """``features`` in storage ``dtype`` as a numpy array (bfloat16: its raw uint16 bit patterns)."""
-    cast = features.detach().to("cpu", FEATURE_DTYPES[dtype]).contiguous()
+    import torch
+
+    cast = features.detach().to("cpu", getattr(torch, dtype)).contiguous()
     return (cast.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else cast.numpy()).copy()
 
 
 def from_storage(array: np.ndarray, dtype: str) -> Tensor:
     """The tensor a stored array holds (bfloat16 from its bit patterns), float32."""
+    import torch
+
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16).float()
     return torch.from_numpy(np.asarray(array, dtype=np.float32))
@@ -243,6 +255,8 @@ def refuse_uncacheable(policy) -> None:
 def assemble_captured(outputs: list[Tensor], slots: int, frames: int) -> Tensor | None:
     """``(frames, S, N, D)`` from ``embed_image`` outputs captured over an engine's calls (``slots`` per call, each
     ``(rows, N, D)``; a call's rows past the frames left are padding copies), or None when they do not add up."""
+    import torch
+
     if not outputs or len(outputs) % slots:
         return None
     parts, left = [], frames
@@ -282,6 +296,8 @@ class FeatureSink:
         self.have = set(cached_obs_index(store, index).tolist()) if index is not None else set()
 
     def put(self, obs_index: np.ndarray, features: Tensor, slots: list[str]) -> None:
+        import torch
+
         new = np.array([o not in self.have for o in obs_index.tolist()], dtype=bool)
         if not new.any():
             return
@@ -310,6 +326,8 @@ def add_features(
     a store without one), with the policy that generated it (``policy`` + ``preprocessor``) over ``dataset`` (the
     LeRobotDataset the store's obs_index refer to). An existing cache made with other weights, inputs or ``dtype`` is
     refused. Resumable: shards already listed are kept. Returns the index (``complete`` once every frame is in)."""
+    import torch
+
     from reflowpairs.dataset import frame_indices
     from reflowpairs.pairdata import missing_frames, position_lookup
     from reflowpairs.pairstore import PairStore
@@ -736,6 +754,8 @@ def check(
     index's shape, dtype, frame count and checksums; every frame of the store covered (``obs_index``: the store's);
     and, given ``recompute(obs_index) -> (n, S, N, D)``, ``spot`` random frames recomputed and compared (exact in
     float32 up to batch rounding; within the storage dtype's rounding otherwise)."""
+    import torch
+
     index = read_index(store)
     if index is None:
         return [], "no feature cache"

@@ -14,11 +14,16 @@ the recipe must get a new name, never reuse this one.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from reflowpairs.errors import ReflowPairsError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is heavy; inspect and the CLI's start-up need none of it: each function below that draws noise imports it.
 
 GENERATOR = "reflowpairs.noise/v1"
 """The recipe of ``initial_noise``: ``SeedSequence([seed, obs_index, sample]).generate_state(2, uint32)`` ->
@@ -35,6 +40,8 @@ def pair_seed(seed: int, obs_index: int, sample: int) -> int:
 
 def initial_noise(seed: int, obs_index: int, sample: int, shape: Sequence[int]) -> torch.Tensor:
     """Standard-normal float32 noise of ``shape`` (for SmolVLA ``(chunk_size, max_action_dim)``) on CPU."""
+    import torch
+
     generator = torch.Generator().manual_seed(pair_seed(seed, obs_index, sample))
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
 
@@ -43,6 +50,8 @@ def batch_noise(
     seed: int, obs_indices: Sequence[int], num_samples: int, shape: Sequence[int]
 ) -> torch.Tensor:
     """Noise for every sample of every frame: ``(len(obs_indices), num_samples, *shape)`` float32 on CPU."""
+    import torch
+
     return torch.stack(
         [
             torch.stack([initial_noise(seed, int(i), k, shape) for k in range(num_samples)])
@@ -70,6 +79,8 @@ def pair_noise(
 
     One CPU generator is reseeded per pair and each row drawn in place (about 30 us a pair at ``(50, 32)`` on one
     core). ``generator`` is the recipe's name (``GENERATOR``); an unknown one raises ``ReflowPairsError``."""
+    import torch
+
     check_generator(generator)
     obs_index, sample = np.asarray(obs_index).reshape(-1), np.asarray(sample).reshape(-1)
     if len(obs_index) != len(sample):
