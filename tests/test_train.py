@@ -470,8 +470,8 @@ def test_existing_run_is_refused_without_resume(run, tiny_store):
 
 @pytest.mark.slow
 def test_failed_save_leaves_last_on_a_complete_checkpoint(tiny_store, tmp_path, monkeypatch):
-    """A crash while writing checkpoint 4 leaves `last` on checkpoint 2, complete and loadable; the next
-    run removes the half-written leftover and resumes from 2."""
+    """A crash while writing checkpoint 4 leaves `last` on checkpoint 2, complete and loadable; the failed save
+    removes its half-written copy, and the next run resumes from 2."""
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
     from lerobot.processor.pipeline import DataProcessorPipeline
 
@@ -494,7 +494,7 @@ def test_failed_save_leaves_last_on_a_complete_checkpoint(tiny_store, tmp_path, 
     monkeypatch.setattr(DataProcessorPipeline, "save_pretrained", original)
     ckpts = out / "checkpoints"
     assert os.readlink(ckpts / "last") == "000002"
-    assert not (ckpts / "000004").exists() and (ckpts / ".tmp-000004").exists()
+    assert not (ckpts / "000004").exists() and not (ckpts / ".tmp-000004").exists()
     SmolVLAPolicy.from_pretrained(ckpts / "last" / "pretrained_model")
     result = train(TrainConfig(pairs=tiny_store, out=out, steps=4, resume=True, device="cpu", num_workers=0))
     assert (result.start_step, result.step) == (2, 4)
