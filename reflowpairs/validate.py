@@ -20,6 +20,7 @@ check proves the recorded generator is known and regenerates X_0 of the manifest
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -257,7 +258,8 @@ def manifest_problems(meta: StoreManifest) -> list[str]:
 
 
 def resume_command(store: Path, meta: StoreManifest) -> str:
-    """The ``reflowpairs generate ... --resume`` command that finishes ``store`` with its recorded settings."""
+    """The ``reflowpairs generate ... --resume`` command that finishes ``store`` with its recorded settings (paths and
+    ids shell-quoted, so a path with a space pastes as one argument)."""
     manifest = meta.data
     g, teacher, dataset = (
         manifest.get("generation", {}),
@@ -266,12 +268,12 @@ def resume_command(store: Path, meta: StoreManifest) -> str:
     )
     args = [
         "reflowpairs generate",
-        f"--teacher {teacher.get('source')}",
-        f"--dataset {dataset.get('repo_id')}",
+        f"--teacher {shlex.quote(str(teacher.get('source')))}",
+        f"--dataset {shlex.quote(str(dataset.get('repo_id')))}",
     ]
     if dataset.get("root"):
-        args.append(f"--dataset-root {dataset['root']}")
-    args.append(f"--out {store}")
+        args.append(f"--dataset-root {shlex.quote(str(dataset['root']))}")
+    args.append(f"--out {shlex.quote(str(store))}")
     if g.get("episodes"):
         args.append("--episodes " + ",".join(map(str, g["episodes"])))
     args += [

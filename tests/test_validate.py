@@ -335,6 +335,15 @@ def test_missing_frames_are_incomplete_not_corrupt(tiny_world, stores, tmp_path)
     assert validate(ValidateConfig(store)).status == "sound"
 
 
+def test_resume_command_quotes_a_path_with_a_space(stores, tmp_path):
+    store = _copy(stores, "zarr", tmp_path / "my runs")
+    _drop_last_shard(store)
+    report = validate(ValidateConfig(store))
+    args = shlex.split(report.resume_command)
+    assert report.status == "incomplete" and args[args.index("--out") + 1] == str(store)
+    assert " " in str(store)
+
+
 def test_interrupted_store_says_complete_false(stores, tmp_path):
     store = _copy(stores, "parquet", tmp_path)
     _drop_last_shard(store)
