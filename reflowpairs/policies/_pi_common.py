@@ -30,6 +30,13 @@ from torch import Tensor
 from reflowpairs.engine import PrefixCachedEngine, pad_language
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.featurecache import FEATURE_KEY
+from reflowpairs.policies._image_features import (
+    EMPTY_CAMERA,
+    captured_embeddings,
+    substituted_embeddings,
+    trainable_problems,
+)
+from reflowpairs.policies._image_features import unwrapped as _inner
 from reflowpairs.solvers import Velocity
 
 STEP_FIELD = "num_inference_steps"
@@ -322,15 +329,6 @@ class PiFamily:
 
 # --- the feature cache (reflowpairs.featurecache): PaliGemma's image embeddings -------------------------------
 
-EMPTY_CAMERA = ""
-"""The slot name of a camera the batch lacks (``_preprocess_images`` adds a -1 image with a zero mask for each
-configured image key missing from the batch, ``empty_cameras`` included)."""
-
-
-def _inner(policy):
-    """The policy itself, or the module a DDP wrapper holds."""
-    return getattr(policy, "module", policy)
-
 
 def frozen_feature_modules(policy) -> dict[str, torch.nn.Module]:
     """The modules the cached features depend on: PaliGemma's ``vision_tower`` (SigLIP) and ``multi_modal_projector``,
@@ -347,12 +345,7 @@ def feature_cache_problems(policy) -> list[str]:
     ``train_expert_only`` the whole PaliGemma (``vision_tower``, ``multi_modal_projector`` and the language model);
     the action expert, the action/state/time projections stay trainable under both. The cache needs the vision tower
     and the projector frozen: ``train_expert_only: true``."""
-    problems = []
-    for name, module in frozen_feature_modules(policy).items():
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        if trainable:
-            problems.append(f"its {name} has {trainable} trainable parameters")
-    return problems
+    return trainable_problems(frozen_feature_modules(policy))
 
 
 def feature_slots(config, batch_keys) -> list[str]:
@@ -391,44 +384,18 @@ def substituted_image_features(policy, features: Tensor, slots: list[str]) -> It
     encoding images: ``_preprocess_images`` returns the cached slots (mask True for a camera, False for a missing
     one, as it would) and ``embed_image`` passes them through. Everything after ``embed_image`` is lerobot's code."""
     inner = _inner(policy)
-    with_expert = inner.model.paligemma_with_expert
-    device = next(inner.parameters()).device
-    features = features.to(
-        device=device, dtype=torch.float32
-    )  # embed_image's output dtype: the image's, float32
-    size = features.shape[0]
-
-    def preprocess_images(batch):
-        masks = [torch.full((size,), slot != EMPTY_CAMERA, dtype=torch.bool, device=device) for slot in slots]
-        return [features[:, s] for s in range(len(slots))], masks
-
-    inner._preprocess_images = preprocess_images
-    with_expert.embed_image = lambda image: image
-    try:
+    # embed_image's output dtype: the image's, float32
+    features = features.to(device=next(inner.parameters()).device, dtype=torch.float32)
+    with substituted_embeddings(
+        inner, "_preprocess_images", inner.model.paligemma_with_expert, features, slots
+    ):
         yield
-    finally:
-        del inner._preprocess_images
-        del with_expert.embed_image
 
 
-@contextmanager
-def captured_image_features(policy) -> Iterator[list[Tensor]]:
-    """Within the block, every ``embed_image`` output of the policy (one per camera slot per prefix fill, in call
-    order) is appended to the yielded list: stage 1 keeps the features its prefix fills compute anyway."""
-    with_expert = _inner(policy).model.paligemma_with_expert
-    original = with_expert.embed_image
-    outputs: list[Tensor] = []
-
-    def embed_image(image: Tensor) -> Tensor:
-        out = original(image)
-        outputs.append(out)
-        return out
-
-    with_expert.embed_image = embed_image
-    try:
-        yield outputs
-    finally:
-        del with_expert.embed_image
+def captured_image_features(policy):
+    """A context yielding the list every ``embed_image`` output of the policy (one per camera slot per prefix fill, in
+    call order) is appended to: stage 1 keeps the features its prefix fills compute anyway."""
+    return captured_embeddings(_inner(policy).model.paligemma_with_expert)
 
 
 # --- did the weights load? --------------------------------------------------------------------------

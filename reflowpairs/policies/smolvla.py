@@ -36,6 +36,13 @@ from torch.nn import functional as F
 from reflowpairs.engine import PrefixCachedEngine, pad_language
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.featurecache import FEATURE_KEY
+from reflowpairs.policies._image_features import (
+    EMPTY_CAMERA,
+    captured_embeddings,
+    substituted_embeddings,
+    trainable_problems,
+)
+from reflowpairs.policies._image_features import unwrapped as _inner
 from reflowpairs.solvers import Velocity
 
 STEP_FIELD = "num_steps"
@@ -229,15 +236,6 @@ def reflow_loss(
 
 # --- the feature cache (reflowpairs.featurecache): image embeddings after the connector -------------------------
 
-EMPTY_CAMERA = ""
-"""The slot name of an empty camera (``config.empty_cameras``: a -1 image with a zero mask, added by
-``prepare_images`` for a configured camera missing from the batch)."""
-
-
-def _inner(policy):
-    """The policy itself, or the module a DDP wrapper holds."""
-    return getattr(policy, "module", policy)
-
 
 def frozen_feature_modules(policy) -> dict[str, torch.nn.Module]:
     """The modules the cached features depend on: SmolVLM's ``vision_model`` (SigLIP) and ``connector`` (pixel
@@ -251,12 +249,7 @@ def feature_cache_problems(policy) -> list[str]:
 
     lerobot's ``set_requires_grad``: ``freeze_vision_encoder`` freezes the vision model only, ``train_expert_only``
     the whole VLM (the connector included); the cache needs both the vision model and the connector frozen."""
-    problems = []
-    for name, module in frozen_feature_modules(policy).items():
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        if trainable:
-            problems.append(f"its {name} has {trainable} trainable parameters")
-    return problems
+    return trainable_problems(frozen_feature_modules(policy))
 
 
 def feature_slots(config, batch_keys) -> list[str]:
@@ -298,41 +291,15 @@ def substituted_image_features(policy, features: Tensor, slots: list[str]) -> It
     inner = _inner(policy)
     vlm_with_expert = inner.model.vlm_with_expert
     dtype = next(vlm_with_expert.get_vlm_model().connector.parameters()).dtype
-    device = next(inner.parameters()).device
-    features = features.to(device=device, dtype=dtype)
-    size = features.shape[0]
-
-    def prepare_images(batch):
-        masks = [torch.full((size,), slot != EMPTY_CAMERA, dtype=torch.bool, device=device) for slot in slots]
-        return [features[:, s] for s in range(len(slots))], masks
-
-    inner.prepare_images = prepare_images
-    vlm_with_expert.embed_image = lambda image: image
-    try:
+    features = features.to(device=next(inner.parameters()).device, dtype=dtype)
+    with substituted_embeddings(inner, "prepare_images", vlm_with_expert, features, slots):
         yield
-    finally:
-        del inner.prepare_images
-        del vlm_with_expert.embed_image
 
 
-@contextmanager
-def captured_image_features(policy) -> Iterator[list[Tensor]]:
-    """Within the block, every ``embed_image`` output of the policy (one per camera slot per prefix fill, in call
-    order) is appended to the yielded list: stage 1 keeps the features its prefix fills compute anyway."""
-    vlm_with_expert = _inner(policy).model.vlm_with_expert
-    original = vlm_with_expert.embed_image
-    outputs: list[Tensor] = []
-
-    def embed_image(image: Tensor) -> Tensor:
-        out = original(image)
-        outputs.append(out)
-        return out
-
-    vlm_with_expert.embed_image = embed_image
-    try:
-        yield outputs
-    finally:
-        del vlm_with_expert.embed_image
+def captured_image_features(policy):
+    """A context yielding the list every ``embed_image`` output of the policy (one per camera slot per prefix fill, in
+    call order) is appended to: stage 1 keeps the features its prefix fills compute anyway."""
+    return captured_embeddings(_inner(policy).model.vlm_with_expert)
 
 
 @dataclass(frozen=True)
