@@ -57,7 +57,6 @@ from reflowpairs.closedloop_report import (  # noqa: F401 - the report's writer 
     PLOT_PNG,
     REPORT_JSON,
     REPORT_MD,
-    ClosedLoopFiles,
     write_closed_loop_report,
 )
 from reflowpairs.errors import ReflowPairsError

@@ -7,11 +7,11 @@ and the teacher's full-step interval as a band. Each file is written atomically.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from reflowpairs.atomic import replace_atomically, write_json_atomically
+from reflowpairs.report import ReportFiles, format_value, markdown_table
 
 REPORT_JSON = "closed_loop.json"
 REPORT_MD = "closed_loop.md"
@@ -19,15 +19,6 @@ PLOT_PNG = "success_vs_steps.png"
 
 
 # --- report files ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClosedLoopFiles:
-    """Where ``write_closed_loop_report`` wrote the report."""
-
-    json: Path
-    markdown: Path
-    plot: Path
 
 
 def percent(rate: float) -> str:
@@ -48,8 +39,6 @@ only the teacher at its full step count does (paired, on the shared seeds)."""
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
     """The table's cells, one list per report cell, in ``TABLE_HEADERS`` order."""
-    from reflowpairs.report import format_value
-
     paired = {(p["model"], p["num_steps"]): p for p in report["paired"]}
     rows = []
     for cell in report["cells"]:
@@ -92,8 +81,6 @@ def verdict_text(report: dict[str, Any]) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: the settings line, the table, the verdict, and what the columns mean."""
-    from reflowpairs.report import markdown_table
-
     lines = [
         "# Closed-loop evaluation",
         "",
@@ -159,12 +146,12 @@ def success_figure(report: dict[str, Any]):
     return fig
 
 
-def write_closed_loop_report(report: dict[str, Any], out: str | Path) -> ClosedLoopFiles:
+def write_closed_loop_report(report: dict[str, Any], out: str | Path) -> ReportFiles:
     """Write ``closed_loop.json``, ``closed_loop.md`` and ``success_vs_steps.png`` into ``out`` (created if needed),
     each atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = ClosedLoopFiles(out / REPORT_JSON, out / REPORT_MD, out / PLOT_PNG)
+    files = ReportFiles(out / REPORT_JSON, out / REPORT_MD, out / PLOT_PNG)
     write_json_atomically(files.json, report)
     replace_atomically(files.markdown, lambda p: Path(p).write_text(markdown(report)))
     replace_atomically(files.plot, lambda p: success_figure(report).savefig(p, dpi=120, format="png"))
