@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,7 +24,7 @@ from safetensors.torch import load_file
 
 from reflowpairs.checkpoint import TEST_SAVE_GATE
 
-from .helpers import Child, child_env, terminal_sigint
+from .helpers import Child, child_env, reflowpairs_cmd, terminal_sigint
 
 STEPS, SAVE_EVERY = 6, 2
 
@@ -34,10 +33,7 @@ pytestmark = pytest.mark.slow  # every test here runs `reflowpairs train` in a r
 
 
 def _train_cmd(store: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "reflowpairs",
+    return reflowpairs_cmd(
         "train",
         "--pairs",
         str(store),
@@ -56,7 +52,19 @@ def _train_cmd(store: Path, out: Path, *extra: str) -> list[str]:
         "--lr",
         "1e-3",
         *extra,
-    ]
+    )
+
+
+def _ctrl_c_until_gone(child: Child, half: Path) -> None:
+    """Press Ctrl-C until ``half`` (a save's half-written copy) is gone, waiting up to 2 s after each, at most 20
+    times: two signals sent back to back may arrive as one, and no more are sent once the save has given up."""
+    for _ in range(20):
+        child.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 2.0
+        while half.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not half.exists():
+            return
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -149,13 +157,7 @@ def test_a_second_ctrl_c_inside_a_save_stops_at_once_and_keeps_the_last_checkpoi
         assert half.is_dir()
         # Two signals sent back to back may arrive as one, so press Ctrl-C until the save gives up (its half-written
         # copy is removed: only a second Ctrl-C does that, the gate holds the save otherwise), and no more after.
-        for _ in range(20):
-            child.send_signal(signal.SIGINT)
-            deadline = time.monotonic() + 2.0
-            while half.exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if not half.exists():
-                break
+        _ctrl_c_until_gone(child, half)
         done = child.finish()
     assert done.returncode == 130, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
@@ -181,13 +183,7 @@ def test_a_second_ctrl_c_inside_the_save_that_the_first_one_asked_for(tiny_store
         child.wait_until(lambda: any(gate.glob("inside-*")), "the save Ctrl-C asked for to start")
         (step,) = [int(p.name.split("-")[1]) for p in gate.glob("inside-*")]
         half = out / "checkpoints" / f".tmp-{step:06d}"
-        for _ in range(20):  # as above: until the save gives up, and no more
-            child.send_signal(signal.SIGINT)
-            deadline = time.monotonic() + 2.0
-            while half.exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if not half.exists():
-                break
+        _ctrl_c_until_gone(child, half)  # as above: until the save gives up, and no more
         done = child.finish()
     text = " ".join(done.stdout.split() + done.stderr.split())
     assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr[-3000:]
