@@ -1,6 +1,7 @@
-"""The stage-1 sampling engine, the generic part: the ``Engine`` protocol, call sizing and padding, lerobot's own
-sampler as an engine (``ExactSampler``), and ``make_engine``, which dispatches to a policy family
-(``reflowpairs.policies``: ``smolvla.py``, ``pi0.py``, ``pi05.py``) for the prefix-cached sampler.
+"""The stage-1 sampling engine, the generic part: the ``Engine`` protocol, call sizing and padding, the shared
+``PrefixCachedEngine`` the families' samplers build on, and lerobot's own sampler as an engine (``ExactSampler``).
+This module knows no policy family: ``reflowpairs.policies.make_engine`` picks a policy's family (``smolvla.py``,
+``pi0.py``, ``pi05.py`` in ``reflowpairs/policies/``) and builds its prefix-cached engine or an ``ExactSampler``.
 
 A family's engine fills the prefix's KV cache once per frame (images, language and, per family, the state), then
 runs the ODE for all K noise samples of the frame against that one cache; the result equals
@@ -16,9 +17,9 @@ teacher, the frame, its noises and ``frames_per_call`` only: matmul and attentio
 so batch-mates cannot change it, and in bfloat16, where the rounding of a matmul depends on its
 shapes, this is what keeps resumed and multi-process stores equal to an uninterrupted one.
 
-``ExactSampler`` is the reference instead: ``policy.predict_action_chunk`` on each frame repeated K
-times, lerobot's own code bit for bit, at the price of the prefix K times per frame and no batching
-across frames (``--exact``).
+``ExactSampler`` is the reference instead: the family's ``sample_chunk`` (``policy.predict_action_chunk`` with the
+given noise) on each frame repeated K times, lerobot's own code bit for bit, at the price of the prefix K times per
+frame and no batching across frames (``--exact``).
 """
 
 from __future__ import annotations
@@ -33,15 +34,6 @@ from torch.nn import functional as F
 
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.solvers import SolverConfig, Velocity, integrate
-
-
-def pair_shapes(policy_config) -> tuple[tuple[int, int], tuple[int, int]]:
-    """``(x0_shape, x1_shape)`` of the pairs a policy makes and trains on: noise ``(chunk_size, max_action_dim)``,
-    actions ``(chunk_size, action_dim)`` (the pair-store contract's T, D0 and D1), by its family."""
-    from reflowpairs.policies import family
-
-    return family(policy_config.type).pair_shapes(policy_config)
-
 
 CPU_TOKENS_PER_CALL = 1024
 
@@ -188,36 +180,49 @@ class PrefixCachedEngine:
 
 
 @contextmanager
-def lerobot_sampling_steps(policy, num_steps: int) -> Iterator[None]:
-    """The one place reflowpairs changes a built policy's config: within the block, lerobot's own sampler
-    (``predict_action_chunk`` -> ``sample_actions``) integrates with ``num_steps`` Euler steps.
+def sampler_steps(policy, step_field: str, num_steps: int) -> Iterator[None]:
+    """The one place reflowpairs changes a built policy's config for lerobot's own sampler: within the block,
+    ``predict_action_chunk`` -> ``sample_actions`` integrates with ``num_steps`` Euler steps.
 
-    lerobot 0.6's ``sample_actions`` reads the step count from the config (the family's ``step_field``: SmolVLA's
+    lerobot 0.6's ``sample_actions`` reads the step count from the config field ``step_field`` (the family's: SmolVLA's
     ``num_steps``, pi0/pi05's ``num_inference_steps``), so calling lerobot's sampler at another count means setting
     the config. Only the callers that must run lerobot's own code use this (``ExactSampler``, eval's latency of
-    lerobot's call path); the engines' own sampling (``velocity_field`` + ``solvers.integrate``) takes the count as
-    an argument (``SolverConfig.num_steps``) and never touches the config. The config's value is restored and the
-    policy's action queue reset (``policy.reset()``) on leaving the block, also on error."""
-    from reflowpairs.policies import configured_num_steps
-
+    lerobot's call path, through ``reflowpairs.policies.lerobot_sampling_steps``); the engines' own sampling
+    (``velocity_field`` + ``solvers.integrate``) takes the count as an argument (``SolverConfig.num_steps``) and never
+    touches the config. The config's value is restored and the policy's action queue reset (``policy.reset()``) on
+    leaving the block, also on error."""
+    saved = getattr(policy.config, step_field)
+    setattr(policy.config, step_field, num_steps)
     try:
-        with configured_num_steps(policy, num_steps):
-            yield
+        yield
     finally:
+        setattr(policy.config, step_field, saved)
         policy.reset()
 
 
+class ChunkSampler(Protocol):
+    """What ``ExactSampler`` needs of a policy family (``reflowpairs.policies.interface.PolicyFamily`` has it)."""
+
+    step_field: str
+
+    def pair_shapes(self, config) -> tuple[tuple[int, int], tuple[int, int]]: ...
+
+    def sample_chunk(self, policy, batch: dict[str, Tensor], noise: Tensor) -> Tensor: ...
+
+
 class ExactSampler:
-    """lerobot's own sampler as the engine: for each frame, ``policy.predict_action_chunk`` on the frame repeated K
-    times with its K noises, so X_1 is that call's output bit for bit. Euler only (it is lerobot's sampler). Costs
-    the prefix K times per frame and gives up batching across frames."""
+    """lerobot's own sampler as the engine: for each frame, the family's ``sample_chunk`` (the policy's
+    ``predict_action_chunk`` with its noise draw replaced) on the frame repeated K times with its K noises, so X_1 is
+    that call's output bit for bit. Euler only (it is lerobot's sampler). Costs the prefix K times per frame and gives
+    up batching across frames."""
 
     exact = True
 
-    def __init__(self, policy, frames_per_call: int | None = None):
+    def __init__(self, policy, family: ChunkSampler, frames_per_call: int | None = None):
         self.policy = policy
+        self.family = family
         self.frames_per_call = 1
-        self.noise_shape, (_, self.action_dim) = pair_shapes(policy.config)
+        self.noise_shape, (_, self.action_dim) = family.pair_shapes(policy.config)
 
     @property
     def device(self) -> torch.device:
@@ -225,6 +230,7 @@ class ExactSampler:
 
     @torch.no_grad()
     def sample(self, batch: dict[str, Tensor], noise: Tensor, solver: SolverConfig) -> Tensor:
+        """X_1 ``(B, K, T, action_dim)`` from noise ``(B, K, T, D0)``, one ``sample_chunk`` call per frame."""
         if solver.name != "euler":
             raise ReflowPairsError(
                 f"The exact sampler is lerobot's own Euler sampler; it cannot run the {solver.name} solver.",
@@ -232,23 +238,24 @@ class ExactSampler:
             )
         frames, samples = noise.shape[:2]
         out = []
-        with lerobot_sampling_steps(self.policy, solver.num_steps):
+        with sampler_steps(self.policy, self.family.step_field, solver.num_steps):
             for f in range(frames):
                 frame = repeat_frames(slice_frames(batch, f, f + 1, frames), 1, samples)
                 self.policy.reset()
-                out.append(
-                    self.policy.predict_action_chunk(frame, noise=noise[f].to(self.device, torch.float32))
-                )
+                noise_f = noise[f].to(self.device, torch.float32)
+                out.append(self.family.sample_chunk(self.policy, frame, noise_f))
         return torch.stack(out)
 
 
-def make_engine(policy, frames_per_call: int | None = None, exact: bool = False) -> Engine:
-    """The sampling engine for ``policy`` (by its config ``type``, through ``reflowpairs.policies.FAMILIES``): its
-    family's prefix-cached one with ``frames_per_call`` frames per call, or with ``exact`` lerobot's own sampler
-    (``ExactSampler``)."""
-    from reflowpairs.policies import family
+# RENOVATION SHIM: removed at merge. ``pair_shapes``, ``make_engine`` and ``lerobot_sampling_steps`` moved to
+# ``reflowpairs.policies`` (they need the family registry, which imports this module); until the integrator rewrites
+# the imports of them from here, they resolve lazily.
+_MOVED_TO_POLICIES = ("pair_shapes", "make_engine", "lerobot_sampling_steps")
 
-    fam = family(policy.config.type)
-    if exact:
-        return ExactSampler(policy, frames_per_call)
-    return fam.make_engine(policy, frames_per_call)
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_POLICIES:
+        import reflowpairs.policies  # RENOVATION SHIM: removed at merge
+
+        return getattr(reflowpairs.policies, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 
 from reflowpairs.errors import ReflowPairsError
-
-SUPPORTED_POLICIES = ("smolvla", "pi0", "pi05")
-"""Flow-matching policies this version has a policy family for (``reflowpairs.policies.FAMILIES``)."""
+from reflowpairs.load_hooks import checkpoint_load_patch
+from reflowpairs.policies import SUPPORTED_POLICIES, family, require_lerobot_version
 
 UNSUPPORTED_POLICIES: dict[str, tuple[bool, str]] = {
     # type: (samples by a flow-matching / diffusion ODE?, why reflowpairs cannot straighten it).
@@ -90,10 +89,6 @@ def unsupported_policy_problem(policy_type: str) -> tuple[str, str]:
     return f"a {policy_type!r} policy, {kind}: {why}.", f"{supported} (docs/families.md)."
 
 
-PI_POLICIES = ("pi0", "pi05")
-"""Policy types whose support calls lerobot 0.6 internals directly (checked against the installed version) and
-whose ``from_pretrained`` silently falls back to random weights (checked after loading)."""
-
 TOKENIZER_ENV = "REFLOWPAIRS_TOKENIZER"
 """Environment variable naming a local tokenizer directory that every loaded checkpoint's preprocessor uses in place
 of the one its ``policy_preprocessor.json`` names (``load_policy``'s ``tokenizer`` wins over it)."""
@@ -113,9 +108,8 @@ class LoadedPolicy:
     preprocessor: Any  # PolicyProcessorPipeline (observation dict -> model batch)
     postprocessor: Any  # PolicyProcessorPipeline (normalised action -> dataset units)
     fingerprint: dict[str, str]
-    extra_files: dict[str, str] = field(
-        default_factory=dict
-    )  # files a student checkpoint carries over (tiny marker)
+    # files a student checkpoint carries over (a checkpoint-load hook's, e.g. the tiny size marker)
+    extra_files: dict[str, str] = field(default_factory=dict)
 
     @property
     def config(self):
@@ -173,7 +167,7 @@ def checkpoint_file(source: str, filename: str) -> Path:
                 "policy_preprocessor/postprocessor files, as lerobot-train saves them).",
             )
         return path
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # lazy: only hub ids need it (and it is slow to import)
 
     try:
         return Path(hf_hub_download(repo_id=source, filename=filename))
@@ -210,7 +204,8 @@ def _unreachable(source: str, err: Exception | None = None) -> ReflowPairsError:
 
 def read_policy_config(source: str):
     """The checkpoint's lerobot ``PreTrainedConfig`` (its ``type`` says which policy it is)."""
-    import lerobot.policies.factory  # noqa: F401 - registers every policy config type with draccus
+    # lazy (heavy): lerobot's policy factory imports every policy's config; it registers them with draccus
+    import lerobot.policies.factory  # noqa: F401
     from lerobot.configs.policies import PreTrainedConfig
 
     config_path = checkpoint_file(source, "config.json")
@@ -234,10 +229,7 @@ def read_policy_config(source: str):
     if policy_type not in SUPPORTED_POLICIES:
         problem, fix = unsupported_policy_problem(policy_type)
         raise ReflowPairsError(f"Checkpoint {source} is {problem}", fix)
-    if policy_type in PI_POLICIES:
-        from reflowpairs.policies import require_lerobot_version
-
-        require_lerobot_version()
+    require_lerobot_version()  # every family calls lerobot internals
     source_dir = config_path.parent
     try:
         return PreTrainedConfig.from_pretrained(source_dir)
@@ -286,14 +278,17 @@ def load_policy(
     ``policy_preprocessor.json`` names (pi0/pi05 name the gated hub ``google/paligemma-3b-pt-224``; offline, point
     this at a downloaded copy); None: the ``REFLOWPAIRS_TOKENIZER`` environment variable, else the saved name.
 
-    pi0/pi05: the installed lerobot must be 0.6.x, and the weights are checked after loading
-    (``check_weights_loaded``: lerobot returns a random-weight model when ``model.safetensors`` cannot be loaded;
-    here that is an error naming the file). Tiny test checkpoints (``reflowpairs.tinypi``) carry a marker file
-    with their sizes: this is the documented test-fixture route, ``tinypi.tiny_gemma_patch`` is applied for that
-    checkpoint's ``from_pretrained`` only, so a tiny checkpoint loads in any process (a CLI subprocess included)
-    and ordinary checkpoints are never affected.
+    The installed lerobot must be 0.6.x, and the policy's family checks the weights after loading
+    (``check_loaded``; pi0/pi05: lerobot returns a random-weight model when ``model.safetensors`` cannot be loaded,
+    here that is an error naming the file).
+
+    Checkpoints lerobot cannot build unaided go through the checkpoint-load hooks (``reflowpairs.load_hooks``):
+    each hook may hold a context around this checkpoint's ``from_pretrained`` and name files to carry into students.
+    The tiny pi0/pi05 test checkpoints (``reflowpairs.tiny``) use one, registered as an entry point, so they load in
+    any process (a CLI subprocess included) while this loader imports no test code and ordinary checkpoints are
+    never affected.
     """
-    from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+    from lerobot.policies.factory import get_policy_class, make_pre_post_processors  # lazy: heavy
 
     source = str(source)
     device = resolve_device(device)
@@ -310,11 +305,11 @@ def load_policy(
     if vlm_from_checkpoint:
         config.load_vlm_weights = False
     policy_cls = get_policy_class(config.type)
-    sizes, extra_files = _tiny_sizes(source)
+    patch = checkpoint_load_patch(source) if is_local(source) else None
     # lerobot prints progress notes ("Loading weights ...") to stdout: keep stdout for our own output (--json).
     with redirect_stdout(sys.stderr):
         try:
-            with sizes:
+            with patch.context if patch is not None else nullcontext():
                 policy = policy_cls.from_pretrained(source, config=config, strict=vlm_from_checkpoint)
         except Exception as err:  # noqa: BLE001
             if vlm_from_checkpoint and "Missing key" in str(err):
@@ -328,10 +323,7 @@ def load_policy(
                 f"lerobot could not load the {config.type} policy in {source} "
                 f"({checkpoint_file(source, 'model.safetensors')}): {err}."
             ) from err
-        if config.type in PI_POLICIES:
-            from reflowpairs.policies._pi_common import check_weights_loaded
-
-            check_weights_loaded(policy, checkpoint_file(source, "model.safetensors").parent)
+        family(config.type).check_loaded(policy, checkpoint_file(source, "model.safetensors").parent)
         policy.eval()
         overrides: dict[str, dict] = {"device_processor": {"device": device}}
         tokenizer = tokenizer or os.environ.get(TOKENIZER_ENV) or None
@@ -343,19 +335,8 @@ def load_policy(
             )
         except Exception as err:  # noqa: BLE001
             raise ReflowPairsError(f"lerobot could not load the processors in {source}: {err}.") from err
+    extra_files = dict(patch.carried_files) if patch is not None else {}
     return LoadedPolicy(source, policy, preprocessor, postprocessor, fingerprint, extra_files)
-
-
-def _tiny_sizes(source: str):
-    """``(context, files)``: ``tinypi.tiny_gemma_patch`` for a tiny test checkpoint (its marker file) and the
-    marker to carry into student checkpoints; a no-op context and no files for any other checkpoint."""
-    from reflowpairs import tinypi
-
-    spec = tinypi.read_marker(source) if is_local(source) else None
-    if spec is None:
-        return nullcontext(), {}
-    marker = (Path(source).expanduser() / tinypi.TINY_MARKER).read_text()
-    return tinypi.tiny_gemma_patch(spec), {tinypi.TINY_MARKER: marker}
 
 
 def _tokenizer_dir(tokenizer: str | Path) -> str:

@@ -1,30 +1,17 @@
-"""Policy families: what reflowpairs needs to know about each lerobot flow-matching policy type.
+"""Policy families: what reflowpairs needs to know about each lerobot flow-matching policy type, and the registry.
 
-``FAMILIES`` maps a lerobot config ``type`` to its family object, which provides:
+``FAMILIES`` maps a lerobot config ``type`` to its family object, one module per family (``smolvla.py``, ``pi0.py``,
+``pi05.py``), each satisfying ``PolicyFamily`` (``reflowpairs.policies.interface``: ``policy_type``, ``step_field``,
+``time_direction``, ``chunk_methods``, ``pair_shapes``, ``make_engine``, ``sample_chunk``, ``reflow_loss``,
+``check_loaded``). A family may also offer the image-feature cache (``FeatureCacheFamily``; SmolVLA, pi0 and pi05
+do): ``feature_cache_family(policy_type)`` returns it, or None. docs/adding-a-family.md says how to add one.
 
-- ``step_field: str``: the config field holding the sampler's Euler step count (``"num_steps"`` for SmolVLA,
-  ``"num_inference_steps"`` for pi0/pi05); everything that reads or writes a policy's step count goes through it;
-- ``pair_shapes(config) -> ((T, D0), (T, D1))``: noise ``(chunk_size, max_action_dim)`` and actions
-  ``(chunk_size, action_dim)``, the pair-store contract's shapes;
-- ``make_engine(policy, frames_per_call=None) -> Engine``: the prefix-cached sampler (``reflowpairs.engine.Engine``
-  protocol: ``noise_shape``, ``action_dim``, ``frames_per_call``, ``exact``, ``device``, ``velocity_field(batch,
-  repeats)``, ``sample(batch, noise, solver)``), whose X_1 equals ``policy.predict_action_chunk(batch, noise=x0)``
-  up to float rounding;
-- ``reflow_loss(policy, batch, x0, x1, t, reduction="mean") -> Tensor``: lerobot's own training loss of the policy
-  for noise ``x0`` ``(B, T, D0)``, normalised actions ``x1`` ``(B, T, D1)`` and time ``t`` ``(B,)``, on a
-  *preprocessed* observation batch (normalised, tokenised).
+The registry's helpers are what generic code calls: ``family(policy_type)`` (an error naming the supported types),
+``pair_shapes(config)``, ``make_engine(policy, frames_per_call, exact)``, the step count (``step_field``,
+``config_num_steps``, ``json_step_field``, ``configured_num_steps``, ``lerobot_sampling_steps``).
 
-A family may also offer the feature cache (``reflowpairs.featurecache``, docs/feature-cache.md); SmolVLA does, pi0/pi05
-do not yet (``featurecache.cache_family`` is None for them). Its members: ``feature_kind`` (what is cached),
-``frozen_feature_modules(policy)`` (the modules the features depend on, fingerprinted), ``feature_cache_problems(policy)``
-(why a student cannot use the cache: trainable parameters there), ``feature_inputs(config)`` (settings that change the
-features), ``feature_slots(config, batch_keys)``, ``compute_features(policy, batch) -> ((B, S, N, D), slots)``,
-``captured_features(policy)`` (a context yielding the features a sampling call computes) and
-``substituted_features(policy, features, slots)`` (a context in which the training forward takes cached features).
-
-Only lerobot 0.6.x is tested (``lerobot_version_ok``; ``require_lerobot_version`` raises outside it): the families
-call lerobot's model internals (``embed_prefix``, ``embed_suffix``, the model-level ``forward``), which are not a
-stable API.
+Only lerobot 0.6.x is tested (``lerobot_version_ok``; ``require_lerobot_version`` raises outside it,
+``reflowpairs.policies.version``): the families call lerobot's model internals, which are not a stable API.
 """
 
 from __future__ import annotations
@@ -32,45 +19,56 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from reflowpairs.engine import Engine, ExactSampler, sampler_steps
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.policies import pi0, pi05, smolvla
+from reflowpairs.policies.interface import FeatureCacheFamily, PolicyFamily
+from reflowpairs.policies.version import (  # noqa: F401 - the version gate, re-exported for callers
+    TESTED_LEROBOT,
+    lerobot_version,
+    lerobot_version_ok,
+    require_lerobot_version,
+)
 
-TESTED_LEROBOT = "0.6"
-"""The lerobot minor series the families were written and tested against."""
+FAMILIES: dict[str, PolicyFamily] = {
+    family.policy_type: family for family in (smolvla.FAMILY, pi0.FAMILY, pi05.FAMILY)
+}
+"""Every policy family, by lerobot config ``type``."""
 
-FAMILIES = {"smolvla": smolvla.FAMILY, "pi0": pi0.FAMILY, "pi05": pi05.FAMILY}
-
-
-def lerobot_version() -> str:
-    import lerobot
-
-    return getattr(lerobot, "__version__", "unknown")
-
-
-def lerobot_version_ok(version: str | None = None) -> bool:
-    """True when ``version`` (default: the installed lerobot's) is in the tested series, 0.6.x."""
-    version = lerobot_version() if version is None else version
-    return version == TESTED_LEROBOT or version.startswith(f"{TESTED_LEROBOT}.")
+SUPPORTED_POLICIES: tuple[str, ...] = tuple(FAMILIES)
+"""The lerobot policy types reflowpairs straightens (the ones with a family)."""
 
 
-def require_lerobot_version(version: str | None = None) -> None:
-    """Raise ``ReflowPairsError`` unless the installed lerobot (or ``version``) is 0.6.x."""
-    version = lerobot_version() if version is None else version
-    if not lerobot_version_ok(version):
-        raise ReflowPairsError(
-            f"lerobot {version} is installed; reflowpairs' pi0/pi05 support is written against lerobot "
-            f"{TESTED_LEROBOT}.x internals and is not tested with other versions.",
-            f"Install lerobot {TESTED_LEROBOT}.x (pip install 'lerobot=={TESTED_LEROBOT}.*').",
-        )
-
-
-def family(policy_type: str):
+def family(policy_type: str) -> PolicyFamily:
     """The family of a lerobot policy type, or a ``ReflowPairsError`` naming the supported ones."""
     if policy_type not in FAMILIES:
         raise ReflowPairsError(
             f"No policy family for {policy_type} policies.", f"Supported: {', '.join(FAMILIES)}."
         )
     return FAMILIES[policy_type]
+
+
+def feature_cache_family(policy_type: str) -> FeatureCacheFamily | None:
+    """The family of ``policy_type`` when it offers the image-feature cache (``FeatureCacheFamily``), else None
+    (also for a type without a family)."""
+    fam = FAMILIES.get(policy_type)
+    return fam if isinstance(fam, FeatureCacheFamily) else None
+
+
+def pair_shapes(policy_config) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(x0_shape, x1_shape)`` of the pairs a policy makes and trains on: noise ``(chunk_size, max_action_dim)``,
+    actions ``(chunk_size, action_dim)`` (the pair-store contract's T, D0 and D1), by its family."""
+    return family(policy_config.type).pair_shapes(policy_config)
+
+
+def make_engine(policy, frames_per_call: int | None = None, exact: bool = False) -> Engine:
+    """The sampling engine for ``policy`` (by its config ``type``): its family's prefix-cached one with
+    ``frames_per_call`` frames per call, or with ``exact`` lerobot's own sampler (``reflowpairs.engine.ExactSampler``
+    on the family's ``sample_chunk``)."""
+    fam = family(policy.config.type)
+    if exact:
+        return ExactSampler(policy, fam, frames_per_call)
+    return fam.make_engine(policy, frames_per_call)
 
 
 @contextmanager
@@ -84,6 +82,13 @@ def configured_num_steps(policy, num_steps: int) -> Iterator[None]:
         yield
     finally:
         setattr(policy.config, field, saved)
+
+
+def lerobot_sampling_steps(policy, num_steps: int):
+    """A context within which lerobot's own sampler (``predict_action_chunk``) integrates with ``num_steps`` Euler
+    steps; the config is restored and the action queue reset after (``reflowpairs.engine.sampler_steps`` on the
+    policy's family's ``step_field``)."""
+    return sampler_steps(policy, family(policy.config.type).step_field, num_steps)
 
 
 def step_field(policy_type: str) -> str:

@@ -14,10 +14,14 @@ values to it in place; the engine crops them off after the step instead (``Dynam
 the cache as it was without a copy. The maths of ``denoise_step`` is untouched (eager attention, lerobot's 4-D
 additive masks and positions), so X_1 equals ``policy.predict_action_chunk(batch, noise=x0)`` up to float
 rounding of the batched matmuls.
+
+Private lerobot methods used here (``_preprocess_images``, ``_fix_pytorch_state_dict_keys``) and the model-level
+internals are called only after ``require_lerobot_version()`` (in ``PiFamily``'s members).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -25,11 +29,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from reflowpairs.engine import PrefixCachedEngine, pad_language
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.featurecache import FEATURE_KEY
 from reflowpairs.policies._image_features import (
     EMPTY_CAMERA,
     captured_embeddings,
@@ -37,6 +42,8 @@ from reflowpairs.policies._image_features import (
     trainable_problems,
 )
 from reflowpairs.policies._image_features import unwrapped as _inner
+from reflowpairs.policies.interface import FEATURE_KEY, NOISE_AT_1
+from reflowpairs.policies.version import require_lerobot_version
 from reflowpairs.solvers import Velocity
 
 STEP_FIELD = "num_inference_steps"
@@ -55,7 +62,6 @@ FEATURE_CACHE_HOW = (
 
 def action_dim(config) -> int:
     """The policy's real action dimension (its actions are padded to ``max_action_dim`` inside the model)."""
-    from lerobot.utils.constants import ACTION
 
     return config.output_features[ACTION].shape[0]
 
@@ -120,8 +126,8 @@ class PiEngine(PrefixCachedEngine):
     def _fill_prefix(self, batch: dict[str, Tensor]) -> tuple[Tensor, object, Tensor | None]:
         """Embed the prefix of a preprocessed batch of B frames and fill its KV cache as ``sample_actions`` does;
         returns ``prefix_pad_masks`` ``(B, P)``, the ``DynamicCache`` and the padded state (None for pi05)."""
+        # lazy: lerobot's model utilities import transformers (loaded by then: the policy calling this uses them)
         from lerobot.policies.common.vla_utils import make_att_2d_masks, prepare_attention_masks_4d
-        from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 
         policy, model = self.policy, self.model
         policy.eval()
@@ -161,6 +167,7 @@ class PiEngine(PrefixCachedEngine):
     ) -> Tensor:
         """lerobot's ``denoise_step`` against the shared cache, which is cropped back to the prefix after the step
         instead of being copied before it. Returns ``v_t`` ``(N, T, max_action_dim)`` float32."""
+        # lazy: lerobot's model utilities import transformers (loaded by then: the policy calling this uses them)
         from lerobot.policies.common.vla_utils import make_att_2d_masks, prepare_attention_masks_4d
 
         model = self.model
@@ -219,8 +226,8 @@ def reflow_loss(
     ``policy`` may be a ``DistributedDataParallel`` wrapper (``.module`` the policy): the loss must then run through
     the wrapper's ``forward``, or DDP would not average the gradients, so the policy-level ``forward`` is called
     through it with the model's noise and time draws pinned to ``x0`` and ``t`` (``pinned_draws``)."""
+    # lazy: lerobot's model utilities import transformers (loaded by then: the policy calling this uses them)
     from lerobot.policies.common.vla_utils import pad_vector
-    from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
@@ -276,26 +283,39 @@ def pinned_draws(model, noise: Tensor, time: Tensor) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class PiFamily:
-    """The family interface (``reflowpairs.policies``) for a pi0-style policy type."""
+    """The family interface (``reflowpairs.policies.interface.PolicyFamily`` and ``FeatureCacheFamily``) for a
+    pi0-style policy type."""
 
     policy_type: str
     uses_state: bool
     step_field: str = STEP_FIELD
+    time_direction: str = NOISE_AT_1
+    chunk_methods: tuple[str, ...] = ("predict_action_chunk",)
 
     def pair_shapes(self, config) -> tuple[tuple[int, int], tuple[int, int]]:
         return pair_shapes(config)
 
     def make_engine(self, policy, frames_per_call: int | None = None) -> PiEngine:
         """The prefix-cached engine for the policy, ``frames_per_call`` frames per call."""
-        from reflowpairs.policies import require_lerobot_version
-
-        require_lerobot_version()
+        require_lerobot_version()  # the engine calls the model's internals and _preprocess_images
         return PiEngine(policy, frames_per_call, uses_state=self.uses_state)
+
+    def sample_chunk(self, policy, batch: dict[str, Tensor], noise: Tensor) -> Tensor:
+        """lerobot's own ``predict_action_chunk(batch, noise=noise)``: noise ``(B, T, max_action_dim)`` ->
+        normalised actions ``(B, T, action_dim)``."""
+        return policy.predict_action_chunk(batch, noise=noise)
 
     def reflow_loss(
         self, policy, batch: dict[str, Tensor], x0: Tensor, x1: Tensor, t: Tensor, reduction: str = "mean"
     ) -> Tensor:
+        require_lerobot_version()  # calls _preprocess_images and the model-level forward
         return reflow_loss(policy, batch, x0, x1, t, uses_state=self.uses_state, reduction=reduction)
+
+    def check_loaded(self, policy, checkpoint_dir: str | Path) -> None:
+        """lerobot's pi ``from_pretrained`` returns random weights when it cannot load them: ``check_weights_loaded``
+        makes that an error naming the file."""
+        require_lerobot_version()  # maps the file's keys with lerobot's private _fix_pytorch_state_dict_keys
+        check_weights_loaded(policy, checkpoint_dir)
 
     # the feature cache (see reflowpairs.featurecache): as SmolVLA's, on PaliGemma's vision tower + projector
     @property
@@ -315,9 +335,11 @@ class PiFamily:
         return feature_inputs(config)
 
     def compute_features(self, policy, batch: dict[str, Tensor]) -> tuple[Tensor, list[str]]:
+        require_lerobot_version()  # calls _preprocess_images
         return compute_image_features(policy, batch)
 
     def substituted_features(self, policy, features: Tensor, slots: list[str]):
+        require_lerobot_version()  # replaces _preprocess_images
         return substituted_image_features(policy, features, slots)
 
     def captured_features(self, policy):
@@ -404,8 +426,6 @@ def captured_image_features(policy):
 def _file_keys_to_policy(policy, keys) -> dict[str, str]:
     """Map safetensors keys to the policy's ``state_dict`` keys as lerobot's pi ``from_pretrained`` does
     (``_fix_pytorch_state_dict_keys`` renames, then a ``model.`` prefix)."""
-    import logging
-
     fix = getattr(policy, "_fix_pytorch_state_dict_keys", None)
     mapping = {}
     logging.disable(logging.WARNING)  # the renamer warns per vision key; only the names matter here
@@ -430,8 +450,6 @@ def check_weights_loaded(policy, checkpoint_dir: str | Path, max_tensors: int | 
     which the file stores once, count as present), and the compared tensors must be equal. ``max_tensors``: how
     many tensors, spread evenly over the file's keys, are compared (a random init differs in all of them);
     None compares every one."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(checkpoint_dir) / "model.safetensors"
     if not path.is_file():
         raise ReflowPairsError(
@@ -455,7 +473,7 @@ def check_weights_loaded(policy, checkpoint_dir: str | Path, max_tensors: int | 
                     f"{path} lacks {len(missing)} of the {policy.config.type} policy's tensors (e.g. "
                     f"{', '.join(missing[:3])}): lerobot leaves those randomly initialised.",
                     "Use the complete model.safetensors that lerobot-train saved; a tiny test checkpoint needs "
-                    "reflowpairs.tinypi's patch installed before loading.",
+                    "its size patch, which reflowpairs' checkpoint-load hook applies (docs/adding-a-family.md).",
                 )
             file_keys = sorted(stored)
             if max_tensors is not None and len(file_keys) > max_tensors:
@@ -479,5 +497,5 @@ def check_weights_loaded(policy, checkpoint_dir: str | Path, max_tensors: int | 
             f"{len(file_keys)} compared tensors differ, e.g. {differ[0]}): lerobot most likely failed to load them "
             "and returned a randomly initialised model.",
             "Check that the file is complete and matches config.json; a tiny test checkpoint needs "
-            "reflowpairs.tinypi's patch installed before loading.",
+            "its size patch, which reflowpairs' checkpoint-load hook applies (docs/adding-a-family.md).",
         )

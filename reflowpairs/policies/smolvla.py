@@ -1,6 +1,9 @@
 """The SmolVLA family (lerobot 0.6 ``SmolVLAPolicy``): pair shapes, the prefix-cached engine, the reflow loss,
 the step-count field (``num_steps``) and its quirk ``adapt_to_pi_aloha``.
 
+The engine calls SmolVLA's private ``_prepare_batch`` and ``_pi_aloha_encode_actions``, which only lerobot 0.6.x is
+known to have as used here: ``make_engine`` checks the installed version first (``require_lerobot_version``).
+
 The prefix (images, language, state) does not depend on the noise. ``SmolVLAEngine`` embeds it and fills its KV
 cache once per *frame*, then runs the ODE for all K noise samples of the frame against that one cache; the result
 equals ``policy.predict_action_chunk(batch, noise=x0)`` for every sample (up to float rounding), at a fraction of
@@ -30,12 +33,12 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
 from torch import Tensor
 from torch.nn import functional as F
 
 from reflowpairs.engine import PrefixCachedEngine, pad_language
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.featurecache import FEATURE_KEY
 from reflowpairs.policies._image_features import (
     EMPTY_CAMERA,
     captured_embeddings,
@@ -43,6 +46,8 @@ from reflowpairs.policies._image_features import (
     trainable_problems,
 )
 from reflowpairs.policies._image_features import unwrapped as _inner
+from reflowpairs.policies.interface import FEATURE_KEY, NOISE_AT_1
+from reflowpairs.policies.version import require_lerobot_version
 from reflowpairs.solvers import Velocity
 
 STEP_FIELD = "num_steps"
@@ -144,8 +149,8 @@ class SmolVLAEngine(PrefixCachedEngine):
     def _fill_prefix(self, batch: dict[str, Tensor]) -> tuple[Tensor, object]:
         """Embed the prefix of a preprocessed batch of B frames and fill its KV cache, as
         ``sample_actions`` does: returns ``prefix_pad_masks`` ``(B, P)`` and the ``DynamicCache``."""
+        # lazy: lerobot's model utilities import transformers (loaded by then: the policy calling this uses them)
         from lerobot.policies.common.vla_utils import make_att_2d_masks
-        from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
 
         policy, model = self.policy, self.model
         policy.eval()
@@ -188,6 +193,7 @@ class SmolVLAEngine(PrefixCachedEngine):
         ``prefix_pad_masks`` ``(R, P)`` and ``cache`` hold R rows; ``x_t`` ``(R * fold, T, D0)`` and ``t``
         ``(R * fold,)`` are sample-minor. Returns ``v_t`` ``(R * fold, T, D0)`` float32.
         """
+        # lazy: lerobot's model utilities import transformers (loaded by then: the policy calling this uses them)
         from lerobot.policies.common.vla_utils import make_att_2d_masks
 
         model = self.model
@@ -227,7 +233,6 @@ def reflow_loss(
     """lerobot's own SmolVLA training loss for given noise and time: ``policy.forward(batch, noise=x0, time=t)``
     with ``batch["action"] = x1`` on a preprocessed observation batch (``x0`` ``(B, T, max_action_dim)``, ``x1``
     ``(B, T, action_dim)`` normalised, ``t`` ``(B,)`` on the policy's device). ``reduction``: "mean" or "none"."""
-    from lerobot.utils.constants import ACTION
 
     batch = dict(batch)
     batch[ACTION] = x1.to(t.device, torch.float32)
@@ -302,23 +307,41 @@ def captured_image_features(policy):
     return captured_embeddings(_inner(policy).model.vlm_with_expert)
 
 
+def sample_chunk(policy, batch: dict[str, Tensor], noise: Tensor) -> Tensor:
+    """lerobot's own ``predict_action_chunk`` on a preprocessed batch of B frames with the noise ``(B, T,
+    max_action_dim)`` it would draw given: the normalised action chunk ``(B, T, action_dim)``."""
+    return policy.predict_action_chunk(batch, noise=noise)
+
+
 @dataclass(frozen=True)
 class SmolVLAFamily:
-    """The family interface (``reflowpairs.policies``) for ``smolvla`` policies."""
+    """The family interface (``reflowpairs.policies.interface.PolicyFamily`` and ``FeatureCacheFamily``) for
+    ``smolvla`` policies."""
 
     policy_type: str = "smolvla"
     step_field: str = STEP_FIELD
+    time_direction: str = NOISE_AT_1
+    # select_action -> _get_action_chunk -> predict_action_chunk's model call: both make a chunk in lerobot 0.6
+    chunk_methods: tuple[str, ...] = ("predict_action_chunk", "_get_action_chunk")
 
     def pair_shapes(self, config) -> tuple[tuple[int, int], tuple[int, int]]:
         return pair_shapes(config)
 
     def make_engine(self, policy, frames_per_call: int | None = None) -> SmolVLAEngine:
+        require_lerobot_version()  # the engine calls SmolVLA's private methods
         return SmolVLAEngine(policy, frames_per_call)
+
+    def sample_chunk(self, policy, batch: dict[str, Tensor], noise: Tensor) -> Tensor:
+        return sample_chunk(policy, batch, noise)
 
     def reflow_loss(
         self, policy, batch: dict[str, Tensor], x0: Tensor, x1: Tensor, t: Tensor, reduction: str = "mean"
     ) -> Tensor:
         return reflow_loss(policy, batch, x0, x1, t, reduction)
+
+    def check_loaded(self, policy, checkpoint_dir) -> None:
+        """A no-op: SmolVLA uses lerobot's generic ``from_pretrained``, which raises when ``model.safetensors`` is
+        missing or unreadable instead of returning random weights as pi0/pi05's own loader does."""
 
     # the feature cache (see reflowpairs.featurecache)
     feature_kind: str = "smolvla.image_embeddings"
