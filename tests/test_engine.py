@@ -158,7 +158,7 @@ def test_engine_equals_predict_action_chunk_for_other_smolvla_layouts(other_worl
     from lerobot.policies.factory import make_pre_post_processors
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
-    from reflowpairs.tinyworld import TinyTeacherSpec, tiny_smolvla_config
+    from reflowpairs.tiny.world import TinyTeacherSpec, tiny_smolvla_config
 
     dataset = open_dataset(other_world.repo_id, other_world.dataset_root)
     config = tiny_smolvla_config(

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from reflowpairs.gapworld.config import GYM_ID, GapWorldEnvConfig, register_gym_env
-from reflowpairs.gapworld.env import CHUNK, EPISODE_LENGTH, GapWorldEnv, hits_wall
-from reflowpairs.gapworld.expert import expert_action
-from reflowpairs.gapworld.record import expert_episode
+from reflowpairs.tiny.gapworld.config import GYM_ID, GapWorldEnvConfig, register_gym_env
+from reflowpairs.tiny.gapworld.env import CHUNK, EPISODE_LENGTH, GapWorldEnv, hits_wall
+from reflowpairs.tiny.gapworld.expert import expert_action
+from reflowpairs.tiny.gapworld.record import expert_episode
 
 from .helpers import cli, run_child
 

@@ -1,7 +1,7 @@
 """pi0/pi05 families: the prefix-cached engine reproduces lerobot's sampler, reflow_loss reproduces lerobot's
 training loss, a teacher whose weights did not load is caught, and tiny teachers build without a network.
 
-Tiny pi0 and pi05 teachers (``reflowpairs.tinypi``, ~41 M parameters, mostly PaliGemma's vocabulary) are built once
+Tiny pi0 and pi05 teachers (``reflowpairs.tiny.pi``, ~41 M parameters, mostly PaliGemma's vocabulary) are built once
 for the session (conftest's ``pi_teachers``, over the tiny world's dataset) with every socket connection refused,
 and loaded back through lerobot's own ``from_pretrained`` and ``make_pre_post_processors``. Everything runs in
 float32."""
@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from reflowpairs import tinypi
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.policies import FAMILIES, family, lerobot_version_ok, require_lerobot_version
 from reflowpairs.policies._pi_common import check_weights_loaded
 from reflowpairs.solvers import SolverConfig
-from reflowpairs.tinyworld import TINY_REPO_ID
+from reflowpairs.tiny import pi as tiny_pi
+from reflowpairs.tiny import pi_patch
+from reflowpairs.tiny.world import TINY_REPO_ID
 
 from .helpers import no_network
 
@@ -35,7 +36,7 @@ def load_teacher(checkpoint: Path, strict: bool = True):
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.factory import get_policy_class, make_pre_post_processors
 
-    with tinypi.tiny_gemma_patch(tinypi.read_marker(checkpoint) or tinypi.TinyGemmaSpec()):
+    with pi_patch.tiny_gemma_patch(pi_patch.read_marker(checkpoint) or pi_patch.TinyGemmaSpec()):
         config = PreTrainedConfig.from_pretrained(checkpoint)
         with redirect_stdout(StringIO()):  # lerobot prints its loading notes
             policy = get_policy_class(config.type).from_pretrained(checkpoint, config=config, strict=strict)
@@ -268,13 +269,13 @@ def test_tiny_build_is_offline_and_self_describing(pi_world):
             s["config"].get("tokenizer_name") for s in steps if s["registry_name"] == "tokenizer_processor"
         ]
         assert names == [str(checkpoint / "tokenizer")]
-        assert tinypi.read_marker(checkpoint) == tinypi.TinyGemmaSpec()
+        assert pi_patch.read_marker(checkpoint) == pi_patch.TinyGemmaSpec()
         assert sum(p.numel() for p in policy.parameters()) < 60_000_000
         tokens = batch[OBS_LANGUAGE_TOKENS][batch[OBS_LANGUAGE_ATTENTION_MASK]]
-        assert tokens.max() < tinypi.PALIGEMMA_VOCAB
+        assert tokens.max() < pi_patch.PALIGEMMA_VOCAB
         assert (tokens == 1).float().mean() < 0.2  # id 1 is build_pi_tokenizer's <unk>
         assert batch[OBS_LANGUAGE_TOKENS].shape[1] == policy.config.tokenizer_max_length
-    assert tinypi.active_spec() is None
+    assert pi_patch.active_spec() is None
     assert modeling_pi0.get_gemma_config("gemma_2b").width == 2048
     assert modeling_pi05.get_gemma_config("gemma_300m").width == 1024
 
@@ -309,13 +310,13 @@ def test_engine_matches_in_bfloat16(pi_world, tiny_world, variant, tmp_path):
     X_1 still equals ``predict_action_chunk``'s (bit for bit on the CPU)."""
     checkpoint = pi_world[variant][0]
     dataset_root = tiny_world.dataset_root
-    bf16 = tinypi.build_tiny_pi_teacher(
+    bf16 = tiny_pi.build_tiny_pi_teacher(
         tmp_path / variant,
         variant,
         TINY_REPO_ID,
         dataset_root,
         tokenizer_dir=checkpoint / "tokenizer",
-        spec=tinypi.TinyPiSpec(train_steps=0, dtype="bfloat16"),
+        spec=tiny_pi.TinyPiSpec(train_steps=0, dtype="bfloat16"),
     )
     policy, preprocessor = load_teacher(bf16)
     check_weights_loaded(policy, bf16)
@@ -331,14 +332,14 @@ def test_install_for_checkpoint(pi_world):
     """A fresh process (a CLI subprocess) installs the patch a tiny checkpoint names before loading it; an ordinary
     checkpoint installs nothing."""
     checkpoint = pi_world["pi0"][0]
-    assert tinypi.active_spec() is None
+    assert pi_patch.active_spec() is None
     try:
-        assert tinypi.install_for_checkpoint(checkpoint)
-        assert tinypi.active_spec() == tinypi.read_marker(checkpoint)
+        assert pi_patch.install_for_checkpoint(checkpoint)
+        assert pi_patch.active_spec() == pi_patch.read_marker(checkpoint)
         policy, _ = load_teacher(checkpoint)  # the context manager inside restores the installed spec after
-        assert tinypi.active_spec() == tinypi.read_marker(checkpoint)
+        assert pi_patch.active_spec() == pi_patch.read_marker(checkpoint)
         check_weights_loaded(policy, checkpoint)
     finally:
-        tinypi.uninstall()
-    assert not tinypi.install_for_checkpoint(checkpoint / "tokenizer")
-    assert tinypi.active_spec() is None
+        pi_patch.uninstall()
+    assert not pi_patch.install_for_checkpoint(checkpoint / "tokenizer")
+    assert pi_patch.active_spec() is None

@@ -1,7 +1,7 @@
 """pi0 and pi05 teachers through the command line: generate -> validate --spot-check -> train -> eval, on tiny
-teachers (``reflowpairs.tinypi``) built over the session's tiny world dataset (conftest's ``pi_teachers``).
+teachers (``reflowpairs.tiny.pi``) built over the session's tiny world dataset (conftest's ``pi_teachers``).
 
-A tiny checkpoint carries ``tinypi.TINY_MARKER``; ``load_policy`` applies its size patch for that checkpoint's
+A tiny checkpoint carries ``pi_patch.TINY_MARKER``; ``load_policy`` applies its size patch for that checkpoint's
 ``from_pretrained`` only (the documented test-fixture route), so the CLI loads it in this process and in a fresh one
 (``test_generate_in_a_fresh_process``). Everything runs in float32 on the CPU."""
 
@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from reflowpairs import tinypi
 from reflowpairs.dataset import open_dataset
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.evaluate import next_step
 from reflowpairs.pairstore import Pairs, PairStore
 from reflowpairs.policies._pi_common import check_weights_loaded
 from reflowpairs.teacher import TOKENIZER_ENV, load_policy
+from reflowpairs.tiny import pi_patch
 
 from .helpers import assert_same_pairs, cli, read_plain, reflowpairs_cmd, run_child
 
@@ -89,7 +89,7 @@ def test_generate_validate_train_eval_from_the_cli(pi_teachers, tiny_world, tmp_
         Path(student_json.pop("pretrained_path")) == teacher and teacher_json.pop("pretrained_path") is None
     )
     assert student_json == teacher_json
-    with tinypi.tiny_gemma_patch(tinypi.read_marker(student)), redirect_stdout(StringIO()):
+    with pi_patch.tiny_gemma_patch(pi_patch.read_marker(student)), redirect_stdout(StringIO()):
         reloaded = _policy_class(variant).from_pretrained(student)
     check_weights_loaded(reloaded, student)  # lerobot's own loader holds the student's weights
     assert reloaded.config.num_inference_steps == 2

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from lerobot.configs.policies import PreTrainedConfig
 
-from reflowpairs.teacher import SUPPORTED_POLICIES, UNSUPPORTED_POLICIES, unsupported_policy_problem
+from reflowpairs.policies import SUPPORTED_POLICIES
+from reflowpairs.teacher import UNSUPPORTED_POLICIES, unsupported_policy_problem
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "families.md"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from reflowpairs.tinyworld import TINY_REPO_ID, TinyDatasetSpec, build_tiny_dataset
+from reflowpairs.tiny.world import TINY_REPO_ID, TinyDatasetSpec, build_tiny_dataset
 
 SPEC = TinyDatasetSpec(num_episodes=2, episode_length=6)
 

@@ -6,6 +6,6 @@ name; importing this module registers the ``gapworld`` ``EnvConfig`` (``--env.ty
 
 import gym_gapworld  # noqa: F401 - registers gym_gapworld/GapWorld-v0
 
-from reflowpairs.gapworld.config import GapWorldEnvConfig
+from reflowpairs.tiny.gapworld.config import GapWorldEnvConfig
 
 __all__ = ["GapWorldEnvConfig"]

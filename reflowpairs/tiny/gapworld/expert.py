@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reflowpairs.gapworld.env import GAP_CENTER, MAX_STEP, WALL_HALF, WALL_Y
+from reflowpairs.tiny.gapworld.env import GAP_CENTER, MAX_STEP, WALL_HALF, WALL_Y
 
 SIDESTEP_RISE = 0.05  # upward part of the side-step
 CLIMB_SPEED = 0.13  # move per step straight up through the gap

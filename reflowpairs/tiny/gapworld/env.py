@@ -5,7 +5,7 @@ holds no hint of a side) at a seeded height below a horizontal wall at ``y = 0``
 ``x = -GAP_CENTER`` and ``x = +GAP_CENTER``. An episode succeeds when the agent is above the wall
 (``y >= SUCCESS_Y``) and fails if the agent touches the wall (the episode then ends) or runs out of steps.
 
-Both gaps are equally good: the scripted expert (``reflowpairs.gapworld.expert``) picks one at random per episode, so
+Both gaps are equally good: the scripted expert (``reflowpairs.tiny.gapworld.expert``) picks one at random per episode, so
 at the start the action chunk given the observation is bimodal, and the average of the two modes (straight up)
 hits the solid middle of the wall. A whole chunk of ``CHUNK`` actions reaches past the wall, so the first chunk
 commits to a side: a flow-matching policy sampled in 1 step (which gives about the mean of the modes) crashes.

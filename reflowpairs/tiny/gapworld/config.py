@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import gymnasium as gym
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.envs.configs import EnvConfig
 from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_STATE
 
-from reflowpairs.gapworld.env import EPISODE_LENGTH, IMAGE
+from reflowpairs.tiny.gapworld.env import EPISODE_LENGTH, IMAGE
 
 ENV_TYPE = "gapworld"
 GYM_TASK = "GapWorld-v0"
@@ -54,12 +55,10 @@ class GapWorldEnvConfig(EnvConfig):
 
 def register_gym_env() -> None:
     """Register ``gym_gapworld/GapWorld-v0`` with gymnasium (once)."""
-    import gymnasium as gym
-
     if GYM_ID not in gym.registry:
         gym.register(
             id=GYM_ID,
-            entry_point="reflowpairs.gapworld.env:GapWorldEnv",
+            entry_point="reflowpairs.tiny.gapworld.env:GapWorldEnv",
             max_episode_steps=EPISODE_LENGTH,
         )
 
