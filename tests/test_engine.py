@@ -10,7 +10,6 @@ from reflowpairs.engine import (
     CPU_TOKENS_PER_CALL,
     default_tokens_per_call,
     frames_per_call,
-    make_engine,
     pad_frames,
     pad_language,
     resolve_frames_per_call,
@@ -18,6 +17,7 @@ from reflowpairs.engine import (
 )
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.noise import batch_noise
+from reflowpairs.policies import make_engine
 from reflowpairs.policies.smolvla import samples_per_row, sdpa_attention
 from reflowpairs.solvers import SolverConfig
 from reflowpairs.teacher import load_policy
