@@ -43,7 +43,7 @@ def check_dataset_root(root: str | Path | None) -> Path | None:
 
 def open_metadata(repo_id: str, root: str | Path | None):
     """``LeRobotDatasetMetadata`` of the dataset, with errors that name the input."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata  # lazy: the datasets stack is heavy
 
     root = check_dataset_root(root)
     try:
@@ -86,7 +86,7 @@ def episodes_text(episodes: list[int] | None) -> str | None:
 def open_dataset(repo_id: str, root: str | Path | None = None, episodes: list[int] | None = None, **kwargs):
     """``LeRobotDataset(repo_id, root=root, episodes=episodes)`` with errors that name the input; ``episodes`` are
     checked against the dataset's metadata first."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset  # lazy: the datasets stack is heavy
 
     root = check_dataset_root(root)
     if episodes is not None:
@@ -145,6 +145,7 @@ def check_features(policy_config, dataset_meta, renames: dict[str, str] | None =
     The policy's feature names are after the preprocessor's renames; extra dataset keys are fine
     (the policy ignores them) but are listed when something is wrong, to help spot a renamed key.
     """
+    # lazy: lerobot's configs import its policy stack
     from lerobot.configs.types import FeatureType
     from lerobot.utils.feature_utils import dataset_to_policy_features
 

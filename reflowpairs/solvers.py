@@ -54,10 +54,11 @@ class SolverConfig:
 def integrate(velocity: Velocity, noise: Tensor, solver: SolverConfig) -> Tensor:
     """Integrate from ``noise`` (the x at t=1, shape (B, T, D)) to t=0 and return x_0, the action."""
     if solver.name == "euler":
+        # lazy: lerobot's policy utilities are heavy (transformers); loaded by then with the teacher
         from lerobot.policies.common.flow_matching import euler_integrate
 
         return euler_integrate(velocity, noise, solver.num_steps)
-    from torchdiffeq import odeint
+    from torchdiffeq import odeint  # lazy: only the adaptive/RK solvers need it
 
     batch = noise.shape[0]
 

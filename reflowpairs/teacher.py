@@ -13,7 +13,7 @@ import json
 import os
 import re
 import sys
-from contextlib import nullcontext, redirect_stdout
+from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.load_hooks import checkpoint_load_patch
+from reflowpairs.load_hooks import LoadPatch, checkpoint_load_patch
 from reflowpairs.policies import SUPPORTED_POLICIES, family, require_lerobot_version
 
 UNSUPPORTED_POLICIES: dict[str, tuple[bool, str]] = {
@@ -305,11 +305,11 @@ def load_policy(
     if vlm_from_checkpoint:
         config.load_vlm_weights = False
     policy_cls = get_policy_class(config.type)
-    patch = checkpoint_load_patch(source) if is_local(source) else None
+    patch = checkpoint_load_patch(source) if is_local(source) else LoadPatch()  # hub checkpoints: no hooks
     # lerobot prints progress notes ("Loading weights ...") to stdout: keep stdout for our own output (--json).
     with redirect_stdout(sys.stderr):
         try:
-            with patch.context if patch is not None else nullcontext():
+            with patch.context:
                 policy = policy_cls.from_pretrained(source, config=config, strict=vlm_from_checkpoint)
         except Exception as err:  # noqa: BLE001
             if vlm_from_checkpoint and "Missing key" in str(err):
@@ -335,8 +335,7 @@ def load_policy(
             )
         except Exception as err:  # noqa: BLE001
             raise ReflowPairsError(f"lerobot could not load the processors in {source}: {err}.") from err
-    extra_files = dict(patch.carried_files) if patch is not None else {}
-    return LoadedPolicy(source, policy, preprocessor, postprocessor, fingerprint, extra_files)
+    return LoadedPolicy(source, policy, preprocessor, postprocessor, fingerprint, dict(patch.carried_files))
 
 
 def _tokenizer_dir(tokenizer: str | Path) -> str:
