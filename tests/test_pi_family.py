@@ -239,6 +239,9 @@ def test_check_weights_loaded(pi_world, variant, tmp_path):
         check_weights_loaded(random_policy, broken)
     with pytest.raises(ReflowPairsError, match="differ"):  # and against the real file: not its weights
         check_weights_loaded(random_policy, checkpoint)
+    FAMILIES[variant].check_loaded(policy, checkpoint)  # the family member load_policy calls is this check
+    with pytest.raises(ReflowPairsError, match="differ"):
+        FAMILIES[variant].check_loaded(random_policy, checkpoint)
 
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
     random_policy, _ = load_teacher(broken)
