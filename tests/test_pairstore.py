@@ -10,18 +10,11 @@ import numpy as np
 import pytest
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairstore import (
-    ARRAYS,
-    CHECKSUM,
-    IMPLICIT_ARRAYS,
-    LAYOUT,
-    MANIFEST,
-    JobDifference,
-    PairStore,
-    PairStoreWriter,
-    StoreManifest,
-    shard_attrs,
-)
+from reflowpairs.store import PairStore, PairStoreWriter, StoreManifest
+from reflowpairs.store.jobs import JobDifference
+from reflowpairs.store.layout import ARRAYS, IMPLICIT_ARRAYS, MANIFEST
+from reflowpairs.store.shards import shard_attrs
+from reflowpairs.store.soundness import CHECKSUM, LAYOUT
 
 from .helpers import D0, D1, K, T, synthetic_pairs
 

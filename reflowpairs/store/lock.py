@@ -30,7 +30,7 @@ from typing import Any
 
 from reflowpairs.atomic import cannot_write
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairstore import LOCK
+from reflowpairs.store.layout import LOCK
 
 log = logging.getLogger(__name__)
 

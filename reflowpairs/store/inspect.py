@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairstore import MANIFEST, PairStore
+from reflowpairs.featurecache import describe, read_index
+from reflowpairs.store.layout import MANIFEST
+from reflowpairs.store.reader import PairStore
 
 ShardProgress = Callable[[int, int], None]
 """``progress(shards_done, shards_total)``, called after each shard."""
@@ -153,8 +155,6 @@ def summarize(
         "software": manifest.get("software", {}),
         "skipped_frames": list(manifest.get("skipped_frames", [])),
     }
-    from reflowpairs.featurecache import describe, read_index  # the feature cache, when the store has one
-
     features = read_index(store.path)
     summary["feature_cache"] = describe(features) if features is not None else None
     if statistics:

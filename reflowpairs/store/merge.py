@@ -25,20 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from reflowpairs.atomic import fsync_dir, fsync_tree
+from reflowpairs.atomic import fsync_dir, replace_atomically
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairstore import (
-    LOCK,
-    MANIFEST,
-    PARTS_DIR,
-    TMP_PREFIX,
-    JobDifference,
-    PairStore,
-    StoreManifest,
-    remove_path,
-    shard_rel_path,
-)
-from reflowpairs.storelock import StoreLock, busy_error
+from reflowpairs.featurecache import merge_caches
+from reflowpairs.store.jobs import JobDifference
+from reflowpairs.store.layout import LOCK, MANIFEST, PARTS_DIR, remove_path, shard_rel_path
+from reflowpairs.store.lock import StoreLock, busy_error
+from reflowpairs.store.manifest import StoreManifest
+from reflowpairs.store.reader import PairStore
 
 
 def _short(fingerprint: Any) -> str:
@@ -64,17 +58,18 @@ def _place(src: Path, dst: Path, move: bool) -> None:
     if not dst.parent.is_dir():  # a new group folder: its entry must survive a crash too
         dst.parent.mkdir(parents=True)
         fsync_dir(dst.parent.parent)
-    if move:
+    if move:  # a rename of a whole shard (same filesystem): nothing half-written to see
         os.replace(src, dst)
         return
-    tmp = dst.with_name(TMP_PREFIX + dst.name)
-    remove_path(tmp)
-    if src.is_dir():
-        shutil.copytree(src, tmp)
-    else:
-        shutil.copy2(src, tmp)
-    fsync_tree(tmp)
-    os.replace(tmp, dst)
+
+    def copy(tmp: Path) -> None:
+        remove_path(tmp)  # a leftover of an interrupted merge
+        if src.is_dir():
+            shutil.copytree(src, tmp)
+        else:
+            shutil.copy2(src, tmp)
+
+    replace_atomically(dst, copy)
 
 
 def _absorb(manifest: StoreManifest, part: StoreManifest, prefix: str, move: bool) -> None:
@@ -164,7 +159,5 @@ def _merge_into(out: Path, slices: list[Path], manifests: list[StoreManifest]) -
     for i, part in enumerate(manifests):
         _absorb(manifest, part, f"s{i:03d}-", move=False)
     manifest.set_complete()
-    from reflowpairs.featurecache import merge_caches  # the slices' feature caches, when they have them
-
     note = merge_caches(out, slices, manifest, lambda src, dst: _place(src, dst, move=False))
     return {**manifest.data, "feature_cache_note": note}
