@@ -1,0 +1,3 @@
+# RENOVATION SHIM: removed at merge
+
+from reflowpairs.store.inspect import pair, summarize  # noqa: F401

@@ -1,0 +1,3 @@
+# RENOVATION SHIM: removed at merge
+
+from reflowpairs.store.lock import StoreLock  # noqa: F401
