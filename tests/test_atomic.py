@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from reflowpairs.atomic import check_writable, fsync_dir, fsync_tree
+from reflowpairs.atomic import TMP_PREFIX, check_writable, fsync_dir, fsync_tree, replace_atomically
 from reflowpairs.errors import ReflowPairsError
 
 
@@ -179,3 +179,31 @@ def test_check_writable_on_a_read_only_directory_is_a_clear_error(tmp_path, sub)
         assert list(readonly.iterdir()) == [], "a refused check must leave nothing behind"
     finally:
         os.chmod(readonly, 0o755)
+
+
+def test_replace_atomically_fsyncs_the_file_then_its_directory(tmp_path, fsynced):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    seen: list[Path] = []
+
+    def write(tmp: Path) -> None:
+        seen.append(tmp)
+        tmp.write_text("new")
+
+    replace_atomically(target, write)
+    assert seen == [tmp_path / f"{TMP_PREFIX}out.json"]
+    assert target.read_text() == "new" and not seen[0].exists()
+    assert fsynced == [seen[0].resolve(), tmp_path.resolve()]  # the temp file's data, then the rename
+
+
+def test_replace_atomically_leaves_the_old_file_when_the_write_fails(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+
+    def fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        replace_atomically(target, fail)
+    assert target.read_text() == "old"

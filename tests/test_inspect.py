@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from reflowpairs.inspect_store import RunningStats
+from reflowpairs.store.inspect import RunningStats
 
 from .helpers import cli, generate_store, inspect_json
 
@@ -193,7 +193,7 @@ def test_no_stats_reads_only_the_index(tiny_store):
 
 def _no_shard_reads(monkeypatch) -> list[str]:
     """Make every way of opening a shard's data fail (and record the attempt)."""
-    import reflowpairs.pairstore as pairstore
+    import reflowpairs.store.reader as reader  # PairStore's shard readers, as its module names them
 
     opened: list[str] = []
 
@@ -201,8 +201,8 @@ def _no_shard_reads(monkeypatch) -> list[str]:
         opened.append(str(path))
         raise AssertionError(f"inspect opened shard {path} without --stats")
 
-    monkeypatch.setattr(pairstore, "read_shard", refuse)
-    monkeypatch.setattr(pairstore, "shard_attrs", refuse)
+    monkeypatch.setattr(reader, "read_shard", refuse)
+    monkeypatch.setattr(reader, "shard_attrs", refuse)
     monkeypatch.setattr(zarr, "open_group", refuse)
     monkeypatch.setattr(pq, "read_table", refuse)
     return opened

@@ -10,18 +10,11 @@ import numpy as np
 import pytest
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairstore import (
-    ARRAYS,
-    CHECKSUM,
-    IMPLICIT_ARRAYS,
-    LAYOUT,
-    MANIFEST,
-    JobDifference,
-    PairStore,
-    PairStoreWriter,
-    StoreManifest,
-    shard_attrs,
-)
+from reflowpairs.store import PairStore, PairStoreWriter, StoreManifest
+from reflowpairs.store.jobs import JobDifference
+from reflowpairs.store.layout import ARRAYS, IMPLICIT_ARRAYS, MANIFEST
+from reflowpairs.store.shards import shard_attrs
+from reflowpairs.store.soundness import CHECKSUM, LAYOUT
 
 from .helpers import D0, D1, K, T, synthetic_pairs
 
@@ -123,6 +116,52 @@ def test_a_record_without_x0_mode_counts_as_explicit(tmp_path):
     manifest = _new(tmp_path)
     del manifest.data["generation"]["x0"]
     assert manifest.generation["x0"] == "explicit" and "x0" not in manifest.data["generation"]
+
+
+# --- time direction -----------------------------------------------------------------------------------
+
+
+def test_time_direction_is_written_after_x1_only_when_given(tmp_path):
+    without = _new(tmp_path / "a")
+    assert "time_direction" not in without.data and without.time_direction == "noise_at_1"
+    given = StoreManifest.new(
+        tmp_path / "b", "zarr", (T, D0), (T, D1), _provenance(), time_direction="noise_at_0"
+    )
+    keys = list(given.data)
+    assert keys[keys.index("x1") + 1] == "time_direction"
+    assert [k for k in keys if k != "time_direction"] == list(without.data)
+    (tmp_path / "b").mkdir()
+    given.write()
+    assert _on_disk(tmp_path / "b")["time_direction"] == "noise_at_0"
+    assert StoreManifest.read(tmp_path / "b").time_direction == "noise_at_0"
+    assert PairStore(tmp_path / "b").time_direction == "noise_at_0"
+    (tmp_path / "a").mkdir()
+    without.write()
+    assert PairStore(tmp_path / "a").time_direction == "noise_at_1"  # a store written without the key
+
+
+def test_an_unknown_time_direction_is_refused_by_name(tmp_path):
+    with pytest.raises(ReflowPairsError, match="Unknown `time_direction` 'backwards'") as err:
+        StoreManifest.new(tmp_path, "zarr", (T, D0), (T, D1), _provenance(), time_direction="backwards")
+    assert "noise_at_1, noise_at_0" in err.value.hint
+    (tmp_path / MANIFEST).write_text(json.dumps(_new(tmp_path).data | {"time_direction": "backwards"}))
+    with pytest.raises(
+        ReflowPairsError, match="time_direction is 'backwards', not one of noise_at_1, noise_at_0"
+    ):
+        StoreManifest.read(tmp_path)
+
+
+def test_time_direction_is_part_of_the_job(tmp_path):
+    old = _new(tmp_path / "a")  # no key: noise_at_1
+    same = StoreManifest.new(
+        tmp_path / "b", "zarr", (T, D0), (T, D1), _provenance(), time_direction="noise_at_1"
+    )
+    other = StoreManifest.new(
+        tmp_path / "c", "zarr", (T, D0), (T, D1), _provenance(), time_direction="noise_at_0"
+    )
+    assert old.job_differences(same) == [] and same.job_differences(old) == []
+    assert old.job_differences(other) == [JobDifference("time_direction", "noise_at_1", "noise_at_0")]
+    assert other.emptied(tmp_path / "d").time_direction == "noise_at_0"  # a rank's sub-store keeps it
 
 
 # --- edits --------------------------------------------------------------------------------------------

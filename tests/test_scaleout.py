@@ -182,7 +182,7 @@ def test_partition_slices_and_merged_stores_validate(tiny_world, tmp_path):
     # train's own checks accept it too (the start-up one, then each shard's as a loader reads it): each merged shard
     # carries the id of the slice that wrote it
     from reflowpairs.pairdata import read_checked
-    from reflowpairs.pairstore import PairStore
+    from reflowpairs.store import PairStore
     from reflowpairs.train import check_store
 
     merged = check_store(tmp_path / "merged")

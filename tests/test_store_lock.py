@@ -17,9 +17,9 @@ import pytest
 
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.generate import GenerateConfig, generate
-from reflowpairs.merge import merge_stores
-from reflowpairs.pairstore import PairStore
-from reflowpairs.storelock import StoreLock
+from reflowpairs.store import PairStore
+from reflowpairs.store.lock import StoreLock
+from reflowpairs.store.merge import merge_stores
 
 from .helpers import (
     INTERRUPTIBLE_RUN,
@@ -37,7 +37,7 @@ from .helpers import (
 
 _HOLD = """
 import sys, time
-from reflowpairs.storelock import StoreLock
+from reflowpairs.store.lock import StoreLock
 lock = StoreLock.acquire(sys.argv[1], sys.argv[2])
 print("locked", flush=True)
 time.sleep(600)

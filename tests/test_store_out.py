@@ -13,7 +13,7 @@ import pytest
 from reflowpairs.cli import app
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.generate import GenerateConfig, generate
-from reflowpairs.pairstore import PairStore
+from reflowpairs.store import PairStore
 
 from .helpers import runner
 

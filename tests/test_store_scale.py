@@ -13,15 +13,8 @@ import pytest
 import zarr
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairstore import (
-    JOURNAL_DIR,
-    MANIFEST,
-    SHARDS_PER_FOLDER,
-    PairStore,
-    PairStoreWriter,
-    StoreManifest,
-    shard_rel_path,
-)
+from reflowpairs.store import PairStore, PairStoreWriter, StoreManifest
+from reflowpairs.store.layout import JOURNAL_DIR, MANIFEST, SHARDS_PER_FOLDER, shard_rel_path
 
 from .helpers import D0, D1, K, T, synthetic_pairs
 

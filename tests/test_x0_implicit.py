@@ -20,10 +20,10 @@ import zarr
 from reflowpairs.cli import app
 from reflowpairs.dataset import frame_indices, open_dataset
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.merge import merge_stores
 from reflowpairs.noise import initial_noise, pair_noise
 from reflowpairs.pairdata import PairDataset, PairSampler, position_lookup
-from reflowpairs.pairstore import PairStore, read_manifest
+from reflowpairs.store import PairStore, read_manifest
+from reflowpairs.store.merge import merge_stores
 from reflowpairs.validate import ValidateConfig, validate
 
 from .helpers import runner, small_store
