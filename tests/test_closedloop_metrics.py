@@ -6,9 +6,14 @@ from __future__ import annotations
 import pytest
 
 from reflowpairs.cli.eval_cmd import EnvCommand, env_args, parse_env_options
-from reflowpairs.closedloop import ClosedLoopConfig
-from reflowpairs.closedloop_metrics import fewest_matching_steps, mcnemar_p, paired_counts, wilson_interval
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.eval.closed_loop import ClosedLoopConfig
+from reflowpairs.eval.closed_loop_metrics import (
+    fewest_matching_steps,
+    mcnemar_p,
+    paired_counts,
+    wilson_interval,
+)
 
 
 @pytest.mark.parametrize(
@@ -90,7 +95,7 @@ def test_every_lerobot_env_type_names_what_installs_it():
 
     from lerobot.envs.configs import EnvConfig
 
-    from reflowpairs.closedloop_env import ENV_EXTRAS, ENV_PACKAGES, install_fix, known_env_types
+    from reflowpairs.eval.closed_loop_env import ENV_EXTRAS, ENV_PACKAGES, install_fix, known_env_types
 
     known_env_types()  # plugins registered too
     lerobot_types = {
@@ -114,7 +119,7 @@ def test_model_fingerprint_covers_weights_and_processor_stats(tmp_path):
     import json
     import shutil
 
-    from reflowpairs.closedloop import model_fingerprint
+    from reflowpairs.eval.closed_loop import model_fingerprint
 
     ckpt = tmp_path / "a"
     ckpt.mkdir()
@@ -138,7 +143,7 @@ def test_model_fingerprint_covers_weights_and_processor_stats(tmp_path):
 
 def test_cells_match_on_device_and_tokenizer(tmp_path):
     from reflowpairs.atomic import write_json_atomically
-    from reflowpairs.closedloop import MATCHED_SETTINGS, cell_settings, read_cell
+    from reflowpairs.eval.closed_loop import MATCHED_SETTINGS, cell_settings, read_cell
 
     assert {"device", "tokenizer", "checkpoint_fingerprint"} <= set(MATCHED_SETTINGS)
     cfg = ClosedLoopConfig(env_type="pusht", teacher="t", out=tmp_path, device="cpu")
@@ -156,7 +161,7 @@ def test_cells_match_on_device_and_tokenizer(tmp_path):
 
 
 def test_paired_counts_pair_episodes_by_task_and_seed():
-    from reflowpairs.closedloop_metrics import episode_successes
+    from reflowpairs.eval.closed_loop_metrics import episode_successes
 
     a = [{"task": "t/0", "seed": s, "success": ok} for s, ok in [(1, True), (2, False), (3, True)]]
     b = [{"task": "t/0", "seed": s, "success": ok} for s, ok in [(3, True), (1, False), (2, True)]]
@@ -177,7 +182,7 @@ def test_paired_counts_pair_episodes_by_task_and_seed():
 def test_rollout_wrappers_fall_back_when_lerobot_lacks_what_they_wrap(monkeypatch):
     import lerobot.scripts.lerobot_eval as lerobot_eval
 
-    from reflowpairs.closedloop import _ChunkTimer, quiet_lerobot_bars
+    from reflowpairs.eval.closed_loop import _ChunkTimer, quiet_lerobot_bars
 
     class Policy:  # a policy without SmolVLA's private _get_action_chunk
         def predict_action_chunk(self, x):

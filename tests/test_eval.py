@@ -18,7 +18,7 @@ import torch
 
 from reflowpairs.cli.app import app
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.evaluate import (
+from reflowpairs.eval.open_loop import (
     ErrorSums,
     EvalConfig,
     evaluate,
@@ -28,7 +28,7 @@ from reflowpairs.evaluate import (
     recommend_steps,
     straightness,
 )
-from reflowpairs.report import (
+from reflowpairs.eval.report import (
     COLUMNS,
     format_value,
     log_ticks,
@@ -357,7 +357,7 @@ def test_table_fits_in_80_columns(main_run):
     from rich.console import Console
 
     from reflowpairs.cli.eval_cmd import pairs_table, report_table
-    from reflowpairs.report import pairs_rows
+    from reflowpairs.eval.report import pairs_rows
 
     _, report, _, _ = main_run
     for make in (report_table, pairs_table):

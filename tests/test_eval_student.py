@@ -13,14 +13,14 @@ import torch
 
 from reflowpairs.cli.app import app
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.evaluate import (
+from reflowpairs.eval.open_loop import (
     EvalConfig,
     choose_episodes,
     evaluate,
     read_student_state,
     training_frames,
 )
-from reflowpairs.report import frames_text, markdown, report_notes
+from reflowpairs.eval.report import frames_text, markdown, report_notes
 
 from .helpers import runner
 
