@@ -7,13 +7,13 @@ import pytest
 
 from reflowpairs.cli.eval_cmd import EnvCommand, env_args, parse_env_options
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.eval.closed_loop import ClosedLoopConfig
 from reflowpairs.eval.closed_loop_metrics import (
     fewest_matching_steps,
     mcnemar_p,
     paired_counts,
     wilson_interval,
 )
+from reflowpairs.eval.config import ClosedLoopConfig
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,7 @@ def test_model_fingerprint_covers_weights_and_processor_stats(tmp_path):
     import json
     import shutil
 
-    from reflowpairs.eval.closed_loop import model_fingerprint
+    from reflowpairs.eval.closed_loop_cells import model_fingerprint
 
     ckpt = tmp_path / "a"
     ckpt.mkdir()
@@ -143,7 +143,7 @@ def test_model_fingerprint_covers_weights_and_processor_stats(tmp_path):
 
 def test_cells_match_on_device_and_tokenizer(tmp_path):
     from reflowpairs.atomic import write_json_atomically
-    from reflowpairs.eval.closed_loop import MATCHED_SETTINGS, cell_settings, read_cell
+    from reflowpairs.eval.closed_loop_cells import MATCHED_SETTINGS, cell_settings, read_cell
 
     assert {"device", "tokenizer", "checkpoint_fingerprint"} <= set(MATCHED_SETTINGS)
     cfg = ClosedLoopConfig(env_type="pusht", teacher="t", out=tmp_path, device="cpu")
@@ -182,19 +182,23 @@ def test_paired_counts_pair_episodes_by_task_and_seed():
 def test_rollout_wrappers_fall_back_when_lerobot_lacks_what_they_wrap(monkeypatch):
     import lerobot.scripts.lerobot_eval as lerobot_eval
 
-    from reflowpairs.eval.closed_loop import _ChunkTimer, quiet_lerobot_bars
+    from reflowpairs.eval.rollout import ChunkTimer, quiet_lerobot_bars
 
     class Policy:  # a policy without SmolVLA's private _get_action_chunk
         def predict_action_chunk(self, x):
             return x + 1
 
     policy = Policy()
-    timer = _ChunkTimer(policy, "cpu")
+    timer = ChunkTimer(
+        policy, "cpu", ("predict_action_chunk", "_get_action_chunk")
+    )  # SmolVLA's chunk methods
     with timer.installed():
         assert policy.predict_action_chunk(1) == 2
     assert len(timer.times) == 1 and "predict_action_chunk" not in vars(policy)  # unwrapped after
     bare = object()
-    with _ChunkTimer(bare, "cpu").installed() as nothing:  # nothing to time: no latency, no crash
+    with ChunkTimer(
+        bare, "cpu", ("predict_action_chunk",)
+    ).installed() as nothing:  # nothing to time: no latency, no crash
         pass
     assert nothing.times == []
     saved = lerobot_eval.trange
@@ -204,3 +208,16 @@ def test_rollout_wrappers_fall_back_when_lerobot_lacks_what_they_wrap(monkeypatc
     monkeypatch.delattr(lerobot_eval, "trange")
     with quiet_lerobot_bars():  # a lerobot without the module-global trange: left alone
         assert not hasattr(lerobot_eval, "trange")
+
+
+def test_chunk_latency_times_the_methods_each_family_makes_chunks_with():
+    from reflowpairs.eval._family_compat import (
+        family,  # RENOVATION SHIM: reflowpairs.policies.family at merge
+    )
+
+    # SmolVLA's select_action calls its private _get_action_chunk directly: both are timed; pi0/pi05 make chunks
+    # through predict_action_chunk alone
+    assert family("smolvla").chunk_methods == ("predict_action_chunk", "_get_action_chunk")
+    assert family("pi0").chunk_methods == family("pi05").chunk_methods == ("predict_action_chunk",)
+    with pytest.raises(ReflowPairsError, match="Supported"):
+        family("act")

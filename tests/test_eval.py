@@ -18,16 +18,9 @@ import torch
 
 from reflowpairs.cli.app import app
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.eval.open_loop import (
-    ErrorSums,
-    EvalConfig,
-    evaluate,
-    next_step,
-    parse_num_steps,
-    pick_positions,
-    recommend_steps,
-    straightness,
-)
+from reflowpairs.eval.config import EvalConfig, parse_num_steps
+from reflowpairs.eval.metrics import ErrorSums, pick_positions, straightness
+from reflowpairs.eval.open_loop import evaluate
 from reflowpairs.eval.report import (
     COLUMNS,
     format_value,
@@ -39,6 +32,7 @@ from reflowpairs.eval.report import (
     table_rows,
     write_report,
 )
+from reflowpairs.eval.summary import next_step, recommend_steps
 
 from .helpers import runner
 

@@ -6,11 +6,14 @@ extra), a policy the env cannot feed."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import multiprocessing
 from dataclasses import fields, make_dataclass
 from typing import Any
 
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.teacher import checkpoint_file, read_policy_config
 
 PLUGIN_PREFIX = "lerobot_env_"
 
@@ -61,13 +64,13 @@ def install_fix(env_type: str, module: str) -> str:
 def simulator_module(env_cfg) -> str | None:
     """The module the env's simulator lives in (``ENV_MODULES``, else the config's ``package_name`` where lerobot's
     default ``create_envs`` would import it), or None when nothing is known to be imported."""
-    from lerobot.envs.configs import EnvConfig
+    from lerobot.envs.configs import EnvConfig  # lerobot lazily: importing it takes seconds
 
     if env_cfg.type in ENV_MODULES:
         return ENV_MODULES[env_cfg.type]
     if type(env_cfg).create_envs is not EnvConfig.create_envs:
         return None
-    import gymnasium as gym
+    import gymnasium as gym  # lazily, as lerobot: only envs without a known module need its registry
 
     try:
         if env_cfg.gym_id in gym.registry:
@@ -80,8 +83,6 @@ def simulator_module(env_cfg) -> str | None:
 def check_env_package(env_cfg) -> None:
     """``ReflowPairsError`` naming the pip extra (or package) when the env's simulator module is not installed;
     nothing is imported (``importlib.util.find_spec`` on its top-level package)."""
-    import importlib.util
-
     module = simulator_module(env_cfg)
     if module is None:
         return
@@ -99,6 +100,7 @@ def check_env_package(env_cfg) -> None:
 def known_env_types() -> list[str]:
     """Every env type lerobot's ``EnvConfig`` registry knows, installed ``lerobot_env_*`` plugins included (their
     registration runs first, through lerobot's ``register_third_party_plugins``, as lerobot-eval does)."""
+    # lerobot lazily: importing it takes seconds
     from lerobot.envs.configs import EnvConfig
     from lerobot.utils.import_utils import register_third_party_plugins
 
@@ -110,6 +112,7 @@ def make_env_config(env_type: str, options: dict[str, str] | None = None):
     """lerobot's ``EnvConfig`` subclass for ``env_type`` with ``options`` (field -> value text) set, parsed by draccus
     as lerobot-eval parses ``--env.type=TYPE --env.FIELD=VALUE``. Unknown types and fields, and values draccus cannot
     parse, are ``ReflowPairsError``s naming them."""
+    # draccus and lerobot lazily: importing lerobot takes seconds
     import draccus
     from lerobot.envs.configs import EnvConfig
 
@@ -145,7 +148,7 @@ def make_env_config(env_type: str, options: dict[str, str] | None = None):
 def make_envs(env_cfg, batch_size: int, use_async_envs: bool) -> dict[str, dict[int, Any]]:
     """lerobot's ``make_env``: ``{suite: {task_id: VectorEnv}}``. A missing simulator package is a
     ``ReflowPairsError`` naming the pip extra (lerobot's for its own envs, the plugin for others)."""
-    from lerobot.envs import make_env
+    from lerobot.envs import make_env  # lerobot lazily: importing it takes seconds
 
     if use_async_envs and batch_size > 1:
         _preload_in_subprocesses(env_cfg)
@@ -164,9 +167,6 @@ def _preload_in_subprocesses(env_cfg) -> None:
     package, so its gym id is unknown there (``lerobot-eval --eval.use_async_envs=true`` fails so on PushT with
     lerobot 0.6.1). Have the forkserver import the package (and the plugins) first; its children then know the id.
     Only before the forkserver starts; a package that is not installed is left to ``make_env`` to report."""
-    import importlib.util
-    import multiprocessing
-
     modules = [env_cfg.package_name] if importlib.util.find_spec(env_cfg.package_name) else []
     modules += ["lerobot.envs.configs"]
     multiprocessing.get_context("forkserver").set_forkserver_preload(modules)
@@ -174,8 +174,6 @@ def _preload_in_subprocesses(env_cfg) -> None:
 
 def _preprocessor_rename_map(checkpoint: str) -> dict[str, str]:
     """The observation renames a checkpoint's saved preprocessor applies (``{}`` when none or unreadable)."""
-    from reflowpairs.teacher import checkpoint_file
-
     try:
         saved = json.loads(checkpoint_file(checkpoint, "policy_preprocessor.json").read_text())
     except (OSError, ValueError, ReflowPairsError):
@@ -192,6 +190,7 @@ def feature_problems(env_cfg, policy_config, rename_map: dict[str, str] | None =
     preprocessor's renames), each state/env-state input whose shape differs, and an action size that differs.
     Images may differ in size (policies resize them); the env's image keys are lerobot's ``preprocess_observation``
     keys (``observation.image`` or ``observation.images.<camera>``)."""
+    # lerobot lazily: importing it takes seconds
     from lerobot.configs import FeatureType
     from lerobot.envs.utils import env_to_policy_features
     from lerobot.utils.constants import ACTION
@@ -220,9 +219,7 @@ def feature_problems(env_cfg, policy_config, rename_map: dict[str, str] | None =
 
 def check_features(env_cfg, label: str, checkpoint: str) -> None:
     """``ReflowPairsError`` when the policy in ``checkpoint`` cannot run in the env (``feature_problems``)."""
-    from lerobot.envs.utils import env_to_policy_features
-
-    from reflowpairs.teacher import read_policy_config
+    from lerobot.envs.utils import env_to_policy_features  # lerobot lazily: importing it takes seconds
 
     config = read_policy_config(checkpoint)
     problems = feature_problems(env_cfg, config, _preprocessor_rename_map(checkpoint))

@@ -1,4 +1,4 @@
-"""Writing a closed-loop report (``reflowpairs.closedloop.evaluate_closed_loop``'s dict) to disk, and its table.
+"""Writing a closed-loop report (``reflowpairs.eval.closed_loop.evaluate_closed_loop``'s dict) to disk, and its table.
 
 ``OUT/closed_loop.json`` holds every number (per-episode results included), ``OUT/closed_loop.md`` the table and the
 verdict, ``OUT/success_vs_steps.png`` success against steps, a line per model with 95% Wilson intervals as error bars
@@ -104,6 +104,7 @@ def markdown(report: dict[str, Any]) -> str:
 def success_figure(report: dict[str, Any]):
     """Success rate against steps, a line per model with its 95% intervals as error bars, the teacher's full-step
     interval as a band (a matplotlib ``Figure`` on the Agg canvas, global state untouched)."""
+    # matplotlib lazily: only the report files need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullLocator

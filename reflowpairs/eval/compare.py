@@ -16,14 +16,20 @@ None where no evaluated step count gets there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from reflowpairs.atomic import replace_atomically, write_json_atomically
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.eval.report import COLUMNS, format_value, markdown_table, steps_vs_error_axes
+from reflowpairs.eval.closed_loop_report import success_text
+from reflowpairs.eval.config import EvalConfig
+from reflowpairs.eval.open_loop import evaluate
+from reflowpairs.eval.progress import PhaseProgress
+from reflowpairs.eval.report import COLUMNS, format_value, markdown_table, steps_vs_error_axes, write_report
 
 COMPARISON_FORMAT = "reflowpairs.compare"
 COMPARISON_VERSION = 1
@@ -84,7 +90,7 @@ def verdict(rows: list[dict[str, Any]], reference_steps: int) -> dict[str, dict[
 def compare_reports(
     reports: dict[str, dict[str, Any]], sources: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """One comparison of ``reports`` (label -> an ``evaluate`` report): the teacher's rows once, each student's rows
+    """One comparison of ``reports`` (label -> an ``open_loop.evaluate`` report): the teacher's rows once, each student's rows
     labelled, and the verdict. ``sources``: label -> where each report lies (recorded)."""
     if not reports:
         raise ReflowPairsError("Nothing to compare: no reports were given.")
@@ -116,7 +122,7 @@ def add_closed_loop(
     comparison: dict[str, Any], report: dict[str, Any], source: str | None = None
 ) -> dict[str, Any]:
     """``comparison`` with closed-loop success beside the open-loop error: each row whose (model, steps) has a cell
-    in the closed-loop ``report`` (``reflowpairs.closedloop``) gets its ``success_rate``, ``success_low`` and
+    in the closed-loop ``report`` (``reflowpairs.eval.closed_loop``) gets its ``success_rate``, ``success_low`` and
     ``success_high`` (95% Wilson); ``closed_loop`` records the env, the episodes per cell, every cell's success (the
     cells with no open-loop row too, such as the teacher at its full step count), the verdict and ``source``."""
     cells = {(c["model"], c["num_steps"]): c for c in report["cells"]}
@@ -144,8 +150,6 @@ def add_closed_loop(
 
 def success_cell(row: dict[str, Any]) -> str:
     """A row's closed-loop success as ``"80% [49-94%]"``, ``n/a`` when it has none."""
-    from reflowpairs.eval.closed_loop_report import success_text
-
     return success_text(row) if "success_rate" in row else "n/a"
 
 
@@ -200,6 +204,7 @@ def markdown(comparison: dict[str, Any]) -> str:
 
 def figure(comparison: dict[str, Any]):
     """Error to the teacher's reference against steps, a line per model, log-log (matplotlib Agg figure)."""
+    # matplotlib lazily: only the report files need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -225,8 +230,6 @@ def figure(comparison: dict[str, Any]):
 
 def write_comparison(comparison: dict[str, Any], out: str | Path) -> dict[str, Path]:
     """Write comparison.json, comparison.md and comparison.png into ``out``, each atomically."""
-    from reflowpairs.atomic import replace_atomically, write_json_atomically
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {
@@ -246,17 +249,15 @@ def read_report(path: str | Path) -> dict[str, Any]:
 
 
 def evaluate_students(
-    cfg, students: dict[str, str], progress: Callable | None = None, on_student: Callable | None = None
+    cfg: EvalConfig,
+    students: dict[str, str],
+    progress: PhaseProgress | None = None,
+    on_student: Callable[[str, str], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """``evaluate`` each student (label -> checkpoint) with ``cfg``'s other settings into ``cfg.out/<label>/``, then
     compare them: returns the comparison and its files (``cfg.out/comparison.*``). ``cfg.episodes`` must be given
     (or ``include_training_frames``) when the students trained on different stores, so that every student is
     scored on the same frames; ``check_comparable`` refuses otherwise."""
-    import dataclasses
-
-    from reflowpairs.eval.open_loop import evaluate
-    from reflowpairs.eval.report import write_report
-
     reports, sources = {}, {}
     for label, student in students.items():
         if on_student is not None:

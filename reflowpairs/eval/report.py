@@ -1,4 +1,4 @@
-"""Writing an evaluation report (``reflowpairs.evaluate.evaluate``'s dict) to disk.
+"""Writing an evaluation report (``reflowpairs.eval.open_loop.evaluate``'s dict) to disk.
 
 ``OUT/report.json`` holds every number, the settings and the provenance; ``OUT/report.md`` the table
 (the same cells the CLI prints, from ``table_rows``) and the headline ratio; ``OUT/steps_vs_error.png``
@@ -8,12 +8,13 @@ to a temporary name beside it and renamed into place, so a crash never leaves ha
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from reflowpairs.atomic import replace_atomically, write_json_atomically
+from reflowpairs.dataset import episodes_text
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -67,8 +68,6 @@ def format_value(value: Any) -> str:
 
 def episode_span(episodes) -> str:
     """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"`` (``"none"`` when empty)."""
-    from reflowpairs.dataset import episodes_text
-
     return episodes_text(sorted({int(e) for e in episodes})).replace(",", ", ") or "none"
 
 
@@ -156,7 +155,7 @@ def report_notes(report: dict[str, Any]) -> list[str]:
 
 
 def next_text(report: dict[str, Any]) -> str:
-    """The "next:" line: the command to run after this evaluation (``reflowpairs.evaluate.next_step``);
+    """The "next:" line: the command to run after this evaluation (``reflowpairs.eval.summary.next_step``);
     ``report["next"]["why"]`` says why."""
     nxt = report.get("next") or {}
     return f"next: {nxt['command']}" if nxt.get("command") else ""
@@ -288,7 +287,7 @@ def log_ticks(lo: float, hi: float, max_ticks: int = 8) -> list[float]:
 def steps_vs_error_axes(ax, steps: list[int], values: list[float], ylabel: str) -> None:
     """Log-log axes of error against ODE steps: the evaluated step counts as x ticks, several labelled y ticks
     over ``values`` (``log_ticks``), no minor ticks."""
-    from matplotlib.ticker import NullLocator
+    from matplotlib.ticker import NullLocator  # matplotlib lazily: only the report files need it
 
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -306,6 +305,7 @@ def steps_vs_error_axes(ax, steps: list[int], values: list[float], ylabel: str) 
 
 def steps_vs_error_figure(report: dict[str, Any]):
     """The figure of ``plot_steps_vs_error`` (a matplotlib ``Figure`` on the Agg canvas, global state untouched)."""
+    # matplotlib lazily: only the report files need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -359,19 +359,13 @@ def plot_steps_vs_error(report: dict[str, Any], path: Path) -> None:
     steps_vs_error_figure(report).savefig(path, dpi=120, format="png")
 
 
-def _replace(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_report(report: dict[str, Any], out: str | Path) -> ReportFiles:
-    """Write report.json, report.md and steps_vs_error.png into ``out`` (created if needed)."""
+    """Write report.json, report.md and steps_vs_error.png into ``out`` (created if needed), each atomically
+    (``reflowpairs.atomic.replace_atomically``: written beside it, fsynced, renamed into place)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = ReportFiles(out / REPORT_JSON, out / REPORT_MD, out / PLOT_PNG)
-    _replace(files.json, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
-    _replace(files.markdown, lambda p: p.write_text(markdown(report)))
-    _replace(files.plot, lambda p: plot_steps_vs_error(report, p))
+    write_json_atomically(files.json, report)
+    replace_atomically(files.markdown, lambda p: Path(p).write_text(markdown(report)))
+    replace_atomically(files.plot, lambda p: plot_steps_vs_error(report, p))
     return files
