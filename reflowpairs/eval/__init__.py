@@ -11,7 +11,8 @@ Modules (``docs/eval.md`` describes what each measures):
 - ``closed_loop``: ``evaluate_closed_loop(cfg)``; ``closed_loop_cells`` (finished cells on disk),
   ``rollout`` (one cell through lerobot's ``eval_policy``), ``closed_loop_env``, ``closed_loop_metrics``
   (Wilson intervals, paired counts, McNemar) and ``closed_loop_report``;
-- ``report``: the open-loop report files and table; ``compare``: several students side by side.
+- ``report``: the open-loop report files and table; ``compare``: several students side by side;
+- ``progress``: the ``PhaseProgress`` callback both evaluations report to.
 
 This package imports nothing at load time, so ``reflowpairs.eval.config`` stays free of torch and lerobot.
 """
