@@ -6,9 +6,14 @@ from __future__ import annotations
 import pytest
 
 from reflowpairs.cli.eval_cmd import EnvCommand, env_args, parse_env_options
-from reflowpairs.closedloop import ClosedLoopConfig
-from reflowpairs.closedloop_metrics import fewest_matching_steps, mcnemar_p, paired_counts, wilson_interval
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.eval.closed_loop_metrics import (
+    fewest_matching_steps,
+    mcnemar_p,
+    paired_counts,
+    wilson_interval,
+)
+from reflowpairs.eval.config import ClosedLoopConfig
 
 
 @pytest.mark.parametrize(
@@ -90,7 +95,7 @@ def test_every_lerobot_env_type_names_what_installs_it():
 
     from lerobot.envs.configs import EnvConfig
 
-    from reflowpairs.closedloop_env import ENV_EXTRAS, ENV_PACKAGES, install_fix, known_env_types
+    from reflowpairs.eval.closed_loop_env import ENV_EXTRAS, ENV_PACKAGES, install_fix, known_env_types
 
     known_env_types()  # plugins registered too
     lerobot_types = {
@@ -114,7 +119,7 @@ def test_model_fingerprint_covers_weights_and_processor_stats(tmp_path):
     import json
     import shutil
 
-    from reflowpairs.closedloop import model_fingerprint
+    from reflowpairs.eval.closed_loop_cells import model_fingerprint
 
     ckpt = tmp_path / "a"
     ckpt.mkdir()
@@ -138,7 +143,7 @@ def test_model_fingerprint_covers_weights_and_processor_stats(tmp_path):
 
 def test_cells_match_on_device_and_tokenizer(tmp_path):
     from reflowpairs.atomic import write_json_atomically
-    from reflowpairs.closedloop import MATCHED_SETTINGS, cell_settings, read_cell
+    from reflowpairs.eval.closed_loop_cells import MATCHED_SETTINGS, cell_settings, read_cell
 
     assert {"device", "tokenizer", "checkpoint_fingerprint"} <= set(MATCHED_SETTINGS)
     cfg = ClosedLoopConfig(env_type="pusht", teacher="t", out=tmp_path, device="cpu")
@@ -156,7 +161,7 @@ def test_cells_match_on_device_and_tokenizer(tmp_path):
 
 
 def test_paired_counts_pair_episodes_by_task_and_seed():
-    from reflowpairs.closedloop_metrics import episode_successes
+    from reflowpairs.eval.closed_loop_metrics import episode_successes
 
     a = [{"task": "t/0", "seed": s, "success": ok} for s, ok in [(1, True), (2, False), (3, True)]]
     b = [{"task": "t/0", "seed": s, "success": ok} for s, ok in [(3, True), (1, False), (2, True)]]
@@ -177,19 +182,23 @@ def test_paired_counts_pair_episodes_by_task_and_seed():
 def test_rollout_wrappers_fall_back_when_lerobot_lacks_what_they_wrap(monkeypatch):
     import lerobot.scripts.lerobot_eval as lerobot_eval
 
-    from reflowpairs.closedloop import _ChunkTimer, quiet_lerobot_bars
+    from reflowpairs.eval.rollout import ChunkTimer, quiet_lerobot_bars
 
     class Policy:  # a policy without SmolVLA's private _get_action_chunk
         def predict_action_chunk(self, x):
             return x + 1
 
     policy = Policy()
-    timer = _ChunkTimer(policy, "cpu")
+    timer = ChunkTimer(
+        policy, "cpu", ("predict_action_chunk", "_get_action_chunk")
+    )  # SmolVLA's chunk methods
     with timer.installed():
         assert policy.predict_action_chunk(1) == 2
     assert len(timer.times) == 1 and "predict_action_chunk" not in vars(policy)  # unwrapped after
     bare = object()
-    with _ChunkTimer(bare, "cpu").installed() as nothing:  # nothing to time: no latency, no crash
+    with ChunkTimer(
+        bare, "cpu", ("predict_action_chunk",)
+    ).installed() as nothing:  # nothing to time: no latency, no crash
         pass
     assert nothing.times == []
     saved = lerobot_eval.trange
@@ -199,3 +208,16 @@ def test_rollout_wrappers_fall_back_when_lerobot_lacks_what_they_wrap(monkeypatc
     monkeypatch.delattr(lerobot_eval, "trange")
     with quiet_lerobot_bars():  # a lerobot without the module-global trange: left alone
         assert not hasattr(lerobot_eval, "trange")
+
+
+def test_chunk_latency_times_the_methods_each_family_makes_chunks_with():
+    from reflowpairs.eval._family_compat import (
+        family,  # RENOVATION SHIM: reflowpairs.policies.family at merge
+    )
+
+    # SmolVLA's select_action calls its private _get_action_chunk directly: both are timed; pi0/pi05 make chunks
+    # through predict_action_chunk alone
+    assert family("smolvla").chunk_methods == ("predict_action_chunk", "_get_action_chunk")
+    assert family("pi0").chunk_methods == family("pi05").chunk_methods == ("predict_action_chunk",)
+    with pytest.raises(ReflowPairsError, match="Supported"):
+        family("act")

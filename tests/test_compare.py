@@ -10,8 +10,8 @@ import re
 import pytest
 
 from reflowpairs.cli import app
-from reflowpairs.compare import compare_reports, verdict
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.eval.compare import compare_reports, verdict
 
 from .helpers import runner
 

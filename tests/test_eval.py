@@ -9,6 +9,7 @@ import math
 import shutil
 import statistics
 import struct
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,17 +19,10 @@ import torch
 
 from reflowpairs.cli.app import app
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.evaluate import (
-    ErrorSums,
-    EvalConfig,
-    evaluate,
-    next_step,
-    parse_num_steps,
-    pick_positions,
-    recommend_steps,
-    straightness,
-)
-from reflowpairs.report import (
+from reflowpairs.eval.config import EvalConfig, parse_num_steps
+from reflowpairs.eval.metrics import ErrorSums, pick_positions, straightness
+from reflowpairs.eval.open_loop import evaluate
+from reflowpairs.eval.report import (
     COLUMNS,
     format_value,
     log_ticks,
@@ -39,8 +33,9 @@ from reflowpairs.report import (
     table_rows,
     write_report,
 )
+from reflowpairs.eval.summary import next_step, recommend_steps
 
-from .helpers import runner
+from .helpers import run_child, runner
 
 STEPS = [1, 2, 5, 10]  # the tiny teacher samples with 10 steps
 
@@ -350,6 +345,21 @@ def test_report_files_agree_with_the_table(main_run):
         in markdown
     )
     assert "Fitting vs generalising" in markdown
+    assert (
+        sorted(p.name for p in files.json.parent.iterdir() if p.name.startswith(".tmp-")) == []
+    )  # all renamed
+
+
+def test_report_is_written_through_the_fsyncing_atomic_helper(main_run, tmp_path, monkeypatch):
+    from reflowpairs import atomic
+
+    synced = []
+    real_fsync_tree = atomic.fsync_tree
+    monkeypatch.setattr(atomic, "fsync_tree", lambda path: synced.append(path.name) or real_fsync_tree(path))
+    _, report, _, _ = main_run
+    files = write_report(report, tmp_path / "again")
+    assert synced == [f".tmp-{files.json.name}", f".tmp-{files.markdown.name}", f".tmp-{files.plot.name}"]
+    assert json.loads(files.json.read_text()) == json.loads(json.dumps(report))
 
 
 def test_table_fits_in_80_columns(main_run):
@@ -357,7 +367,7 @@ def test_table_fits_in_80_columns(main_run):
     from rich.console import Console
 
     from reflowpairs.cli.eval_cmd import pairs_table, report_table
-    from reflowpairs.report import pairs_rows
+    from reflowpairs.eval.report import pairs_rows
 
     _, report, _, _ = main_run
     for make in (report_table, pairs_table):
@@ -560,6 +570,19 @@ def test_bad_num_steps(text, message):
     with pytest.raises(ReflowPairsError) as err:
         parse_num_steps(text)
     assert message in str(err.value)
+
+
+@pytest.mark.slow
+def test_eval_settings_import_without_torch_or_lerobot():
+    """The CLI builds EvalConfig and ClosedLoopConfig at start-up: reflowpairs.eval.config must not pull torch or
+    lerobot in (a fresh interpreter, since this one has both)."""
+    code = (
+        "import sys, reflowpairs.eval, reflowpairs.eval.config, reflowpairs.eval.progress; "
+        "print(sorted(m for m in ('torch', 'lerobot') if m in sys.modules))"
+    )
+    result = run_child([sys.executable, "-c", code])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_num_steps_are_sorted_and_unique():

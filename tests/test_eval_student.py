@@ -13,14 +13,10 @@ import torch
 
 from reflowpairs.cli.app import app
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.evaluate import (
-    EvalConfig,
-    choose_episodes,
-    evaluate,
-    read_student_state,
-    training_frames,
-)
-from reflowpairs.report import frames_text, markdown, report_notes
+from reflowpairs.eval.config import EvalConfig
+from reflowpairs.eval.open_loop import evaluate
+from reflowpairs.eval.report import frames_text, markdown, report_notes
+from reflowpairs.eval.student_training import choose_episodes, read_student_state, training_frames
 
 from .helpers import runner
 
