@@ -22,7 +22,7 @@ import torch
 
 from reflowpairs.errors import ReflowPairsError
 
-SUPPORTED_POLICIES = ("smolvla", "pi0", "pi05")
+SUPPORTED_POLICIES = ("smolvla", "pi0", "pi05", "eo1")
 """Flow-matching policies this version has a policy family for (``reflowpairs.policies.FAMILIES``)."""
 
 UNSUPPORTED_POLICIES: dict[str, tuple[bool, str]] = {
@@ -48,11 +48,6 @@ UNSUPPORTED_POLICIES: dict[str, tuple[bool, str]] = {
         True,
         "it predicts clean actions and re-noises them (not a velocity ODE), classifies its gripper channels, and "
         "ignores the noise it is given",
-    ),
-    "eo1": (
-        True,
-        "its sampler draws the noise inside the model (no entry point takes a given noise); a family for it is "
-        "planned, not yet written",
     ),
     "multi_task_dit": (
         True,

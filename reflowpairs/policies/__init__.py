@@ -33,12 +33,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.policies import pi0, pi05, smolvla
+from reflowpairs.policies import eo1, pi0, pi05, smolvla
 
 TESTED_LEROBOT = "0.6"
 """The lerobot minor series the families were written and tested against."""
 
-FAMILIES = {"smolvla": smolvla.FAMILY, "pi0": pi0.FAMILY, "pi05": pi05.FAMILY}
+FAMILIES = {"smolvla": smolvla.FAMILY, "pi0": pi0.FAMILY, "pi05": pi05.FAMILY, "eo1": eo1.FAMILY}
 
 
 def lerobot_version() -> str:
