@@ -93,6 +93,23 @@ def test_tiny_teacher_is_an_ordinary_offline_checkpoint(eo1_world, loaded):
     assert json.loads((eo1_world.teacher_dir / "tiny_training.json").read_text())["steps"] == 40
 
 
+def test_tokenizer_overrides_load_a_local_processor(eo1_world, tmp_path):
+    """The family's ``tokenizer_overrides`` point the saved pipeline's Qwen processor step at another local
+    directory (``load_policy``'s ``tokenizer_processor`` override does not exist for EO-1)."""
+    from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.policies.factory import make_pre_post_processors
+
+    moved = tmp_path / "qwen"
+    shutil.copytree(eo1_world.teacher_dir / "vlm", moved)
+    config = PreTrainedConfig.from_pretrained(eo1_world.teacher_dir)
+    overrides = family("eo1").tokenizer_overrides(moved)
+    preprocessor, _ = make_pre_post_processors(
+        config, pretrained_path=str(eo1_world.teacher_dir), preprocessor_overrides=overrides
+    )
+    step = next(s for s in preprocessor.steps if hasattr(s, "processor_name"))
+    assert step.processor_name == str(moved)
+
+
 def reference(loaded, world: EO1World, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
     """lerobot's own sampler per frame: ``sample_chunk`` on the frame repeated K times (preprocessed as one batch)
     with its K noises ``noise[f]``; ``(B, K, T, A)``."""

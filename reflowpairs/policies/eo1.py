@@ -392,6 +392,12 @@ class EO1Family:
         Raise ``ReflowPairsError`` unless every tensor of the policy came from the file."""
         check_weights_loaded(policy, checkpoint_dir)
 
+    def tokenizer_overrides(self, directory: str | Path) -> dict[str, dict]:
+        """``make_pre_post_processors``' ``preprocessor_overrides`` that point a saved EO-1 pipeline at a local
+        Qwen2.5-VL processor directory (``--tokenizer DIR``): EO-1 has no ``tokenizer_processor`` step, its
+        ``eo1_qwen_processor`` step loads ``Qwen2_5_VLProcessor.from_pretrained(processor_name)``."""
+        return {"eo1_qwen_processor": {"processor_name": str(Path(directory).expanduser().resolve())}}
+
     def frame_batch(self, batch: dict) -> dict:
         """A preprocessed batch with every per-frame tensor frame-first (``frame_batch``): what generic per-frame
         slicing and repeating (``reflowpairs.engine.slice_frames``/``repeat_frames``) need."""
