@@ -143,6 +143,24 @@ def test_engine_matches_lerobots_sampler(eo1_world, loaded, samples, num_steps, 
     assert not torch.allclose(drawn, expected[:, 0], atol=1e-3)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="generic ExactSampler slices and repeats the preprocessed batch with engine.slice_frames/repeat_frames, "
+    "which leave EO-1's flattened pixel_values whole, and passes noise= to predict_action_chunk, which EO-1 ignores; "
+    "it runs once it applies family.frame_batch first and calls family.sample_chunk (remove this mark then)",
+)
+def test_exact_sampler_matches_the_engine(eo1_world, loaded):
+    """``--exact`` (lerobot's own sampler per frame) and the prefix-cached engine give the same X_1."""
+    from reflowpairs.engine import make_engine
+
+    noise = torch.randn(len(FRAMES), 2, 8, 6)
+    batch = loaded.preprocessor(raw_frames(eo1_world))
+    solver = SolverConfig("euler", 10)
+    exact = make_engine(loaded.policy, exact=True).sample(batch, noise, solver)
+    cached = make_engine(loaded.policy).sample(batch, noise, solver)
+    torch.testing.assert_close(exact, cached, rtol=0, atol=1e-5)
+
+
 def test_engine_leaves_the_cache_reusable_and_runs_every_solver(eo1_world, loaded):
     """Each step crops the chunk's keys and values off the shared cache again: the same velocity twice is equal;
     midpoint and rk4 reuse the cache and land near the 10-step Euler reference."""
