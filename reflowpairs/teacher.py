@@ -48,11 +48,6 @@ UNSUPPORTED_POLICIES: dict[str, tuple[bool, str]] = {
         "it predicts clean actions and re-noises them (not a velocity ODE), classifies its gripper channels, and "
         "ignores the noise it is given",
     ),
-    "eo1": (
-        True,
-        "its sampler draws the noise inside the model (no entry point takes a given noise); a family for it is "
-        "planned, not yet written",
-    ),
     "multi_task_dit": (
         True,
         "its sampler draws the noise inside conditional_sample and integrates t=0 -> 1; a family for it is planned, "

@@ -8,6 +8,7 @@ checkpoint-load hook, ``reflowpairs.load_hooks``).
   ``python -m reflowpairs.tiny.pi_patch lerobot-eval ...``;
 - ``pi``: tiny pi0/pi05 teachers (tokenizer, config, processors);
 - ``training``: the one training loop the tiny teachers share;
+- ``eo1``: a tiny EO-1 teacher (an offline tiny Qwen2.5-VL directory, trained on the reach world);
 - ``gapworld``: the closed-loop world (env, lerobot ``EnvConfig``, scripted expert, recording, teacher).
 
 Modules are imported on demand; this package's ``__init__`` imports nothing (the load hook must stay light).
