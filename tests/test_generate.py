@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import reflowpairs.generate.job as generate_job  # where generate loads the teacher
 from reflowpairs.cli import app
 from reflowpairs.dataset import open_dataset
 from reflowpairs.errors import ReflowPairsError
@@ -493,12 +494,10 @@ def test_higher_order_solvers_buy_accuracy_per_step(tiny_world, tmp_path):
 def test_bad_dataset_inputs_are_reported_before_the_teacher_loads(
     tiny_world, tmp_path, monkeypatch, bad, message
 ):
-    import reflowpairs.generate as generate_module
-
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded before the dataset inputs were checked")
 
-    monkeypatch.setattr(generate_module, "load_policy", no_teacher)
+    monkeypatch.setattr(generate_job, "load_policy", no_teacher)
     args = [
         "--teacher",
         str(tiny_world.teacher_dir),

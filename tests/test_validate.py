@@ -16,9 +16,17 @@ import zarr
 
 from reflowpairs.cli import app
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.validate import CHECKS, ValidateConfig, validate
+from reflowpairs.validate import CHECK_TABLE, CHECKS, ValidateConfig, validate
 
 from .helpers import runner, small_store
+
+
+def test_the_check_table_runs_every_reported_check_once_and_the_features_check():
+    """validate's table names each check of CHECKS exactly once, plus the feature-cache check, so no check is run
+    outside it; the dataset check runs before the two that use the dataset it opens."""
+    names = [name for name, _ in CHECK_TABLE]
+    assert sorted(names) == sorted([*CHECKS, "features"])
+    assert names.index("dataset") < min(names.index("obs_index"), names.index("frames"))
 
 
 @pytest.fixture(scope="module")
