@@ -209,6 +209,8 @@ class ChunkSampler(Protocol):
 
     def sample_chunk(self, policy, batch: dict[str, Tensor], noise: Tensor) -> Tensor: ...
 
+    def frame_batch(self, batch: dict) -> dict: ...
+
 
 class ExactSampler:
     """lerobot's own sampler as the engine: for each frame, the family's ``sample_chunk`` (the policy's
@@ -237,6 +239,7 @@ class ExactSampler:
                 "Unset `exact`, or set `solver` to euler.",
             )
         frames, samples = noise.shape[:2]
+        batch = self.family.frame_batch(batch)
         out = []
         with sampler_steps(self.policy, self.family.step_field, solver.num_steps):
             for f in range(frames):

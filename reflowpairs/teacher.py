@@ -292,6 +292,10 @@ def load_policy(
         checkpoint_file(source, name)
     fingerprint = fingerprint or fingerprint_checkpoint(source)
     config.device = device
+    # As lerobot's make_policy does for --policy.path: a policy whose constructor builds its backbone from the hub
+    # unless it knows it is being loaded from a checkpoint (EO-1: ``pretrained_path is None`` -> Qwen2.5-VL from
+    # ``vlm_base``) builds it from the config alone. In-memory only; students' config.json is written from the file.
+    config.pretrained_path = source
     # A fine-tuned checkpoint keeps ``load_vlm_weights: true`` from its training start; honoured, lerobot would load
     # (online: download) the whole base VLM only to overwrite it with model.safetensors. The checkpoint holds every
     # weight, so build the VLM from its config alone and load strictly: a weight missing from the file is an error,
@@ -323,7 +327,7 @@ def load_policy(
         overrides: dict[str, dict] = {"device_processor": {"device": device}}
         tokenizer = tokenizer or os.environ.get(TOKENIZER_ENV) or None
         if tokenizer is not None:
-            overrides["tokenizer_processor"] = {"tokenizer_name": _tokenizer_dir(tokenizer)}
+            overrides |= family(config.type).tokenizer_overrides(_tokenizer_dir(tokenizer))
         try:
             preprocessor, postprocessor = make_pre_post_processors(
                 config, pretrained_path=source, preprocessor_overrides=overrides

@@ -19,10 +19,10 @@ from reflowpairs.dataset import (
     open_dataset,
     open_metadata,
 )
-from reflowpairs.engine import make_engine, resolve_frames_per_call
+from reflowpairs.engine import resolve_frames_per_call
 from reflowpairs.generate.config import GenerateConfig, GeneratePlan
 from reflowpairs.pairstore import PairStore, StoreManifest
-from reflowpairs.policies import config_num_steps
+from reflowpairs.policies import config_num_steps, family, make_engine
 from reflowpairs.solvers import SolverConfig
 from reflowpairs.teacher import compute_dtype, load_policy, parameter_dtypes, read_policy_config, rename_map
 from reflowpairs.threads import ThreadPlan
@@ -93,7 +93,6 @@ def prepare_job(cfg: GenerateConfig, device: str, out: Path) -> Job:
             "count": count,
             "num_frames": int((frame_index % count == index).sum()),
         }
-    # FAMILY: pass time_direction to the writer
     fresh = StoreManifest.new(
         out,
         cfg.backend,
@@ -101,6 +100,7 @@ def prepare_job(cfg: GenerateConfig, device: str, out: Path) -> Job:
         (engine.noise_shape[0], engine.action_dim),
         provenance,
         x0=cfg.x0,
+        time_direction=family(teacher.policy_type).time_direction,
     )
     return Job(teacher, dataset, engine, solver, frame_index, fresh)
 

@@ -317,6 +317,14 @@ class PiFamily:
         require_lerobot_version()  # maps the file's keys with lerobot's private _fix_pytorch_state_dict_keys
         check_weights_loaded(policy, checkpoint_dir)
 
+    def tokenizer_overrides(self, directory: str | Path) -> dict[str, dict]:
+        """Point the saved ``tokenizer_processor`` step at a local tokenizer directory."""
+        return {"tokenizer_processor": {"tokenizer_name": str(Path(directory).expanduser().resolve())}}
+
+    def frame_batch(self, batch: dict) -> dict:
+        """The identity: this family's preprocessed batch is already frame-first."""
+        return batch
+
     # the feature cache (see reflowpairs.featurecache): as SmolVLA's, on PaliGemma's vision tower + projector
     @property
     def feature_kind(self) -> str:

@@ -86,6 +86,17 @@ class PolicyFamily(Protocol):
         initialisation (a no-op for a family whose loader cannot do that)."""
         ...
 
+    def tokenizer_overrides(self, directory: str | Path) -> dict[str, dict]:
+        """``make_pre_post_processors``' ``preprocessor_overrides`` that point a saved preprocessor at a local
+        tokenizer (or processor) directory (``--tokenizer DIR``), by the family's own processor step."""
+        ...
+
+    def frame_batch(self, batch: dict) -> dict:
+        """A preprocessed batch with every per-frame tensor frame-first (B, ...), what generic per-frame slicing
+        and repeating (``reflowpairs.engine.slice_frames``/``repeat_frames``) need; the identity for a family whose
+        preprocessor already keeps the frame first."""
+        ...
+
 
 @runtime_checkable
 class FeatureCacheFamily(Protocol):

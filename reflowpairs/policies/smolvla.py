@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
@@ -342,6 +343,14 @@ class SmolVLAFamily:
     def check_loaded(self, policy, checkpoint_dir) -> None:
         """A no-op: SmolVLA uses lerobot's generic ``from_pretrained``, which raises when ``model.safetensors`` is
         missing or unreadable instead of returning random weights as pi0/pi05's own loader does."""
+
+    def tokenizer_overrides(self, directory: str | Path) -> dict[str, dict]:
+        """Point the saved ``tokenizer_processor`` step at a local tokenizer directory."""
+        return {"tokenizer_processor": {"tokenizer_name": str(Path(directory).expanduser().resolve())}}
+
+    def frame_batch(self, batch: dict) -> dict:
+        """The identity: this family's preprocessed batch is already frame-first."""
+        return batch
 
     # the feature cache (see reflowpairs.featurecache)
     feature_kind: str = "smolvla.image_embeddings"
