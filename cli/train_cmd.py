@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,18 +9,28 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from reflowpairs.checkpoint import read_state
+from reflowpairs.cli.lerobot_names import lerobot_names_text
 from reflowpairs.cli.options import (
-    config_defaults,
-    config_option,
-    lerobot_names_text,
-    resolved_options,
-    tokenizer_option,
-)
-from reflowpairs.cli.ui import (
     INPUTS,
     OUTPUT,
     PERFORMANCE,
     RUN,
+    TRAINING,
+    allow_mismatch_option,
+    batch_size_option,
+    config_defaults,
+    config_option,
+    dataset_root_option,
+    device_option,
+    num_workers_option,
+    out_option,
+    resolved_options,
+    resume_option,
+    seed_option,
+    tokenizer_option,
+)
+from reflowpairs.cli.ui import (
     check_at_least_one,
     console,
     out_console,
@@ -31,11 +40,13 @@ from reflowpairs.cli.ui import (
     user_errors,
 )
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.train import TrainConfig
+from reflowpairs.launcher import is_main_process
+from reflowpairs.options_file import TRAIN_OPTIONS
+from reflowpairs.train import TrainConfig, TrainingInterrupted, next_commands, parse_student_num_steps
+from reflowpairs.train import train as run_train
+from reflowpairs.wandb_log import DEFAULT_PROJECT, WandbRun, check_mode, require_wandb
 
 _DEFAULTS = config_defaults(TrainConfig)  # the options' defaults are the library config's
-TRAINING = "Training"
-TRAIN_OPTIONS = "train_options.yaml"
 TRAIN_EPILOG = lerobot_names_text("train") + f" Each run writes its options to OUT/{TRAIN_OPTIONS}."
 PROGRESS_EVERY = (
     100  # steps between progress lines by default (--log-every's own default, 1, would flood a log)
@@ -122,8 +133,6 @@ def _plan_table(plan: dict[str, Any]) -> Table:
 def _resolved_settings(plan: dict[str, Any]) -> dict[str, Any]:
     """The data/optimiser settings the run uses (``reflowpairs.train.INHERITED``), for its options file: on resume
     the checkpoint's, else the plan's (defaults filled in; lr, warmup and grad clip stay None for the preset's)."""
-    from reflowpairs.checkpoint import read_state
-
     if plan["resumed_from"]:
         return dict(read_state(Path(plan["resumed_from"]))["settings"])
     return {
@@ -150,19 +159,12 @@ def train(
         ),
     ] = _DEFAULTS.init,
     dataset_root: Annotated[
-        Path | None,
-        typer.Option(
-            metavar="DIR",
-            rich_help_panel=INPUTS,
-            help="Where the dataset is (default: the root the manifest records).",
-        ),
+        Path | None, dataset_root_option("Where the dataset is (default: the root the manifest records).")
     ] = _DEFAULTS.dataset_root,
     allow_mismatch: Annotated[
         bool,
-        typer.Option(
-            "--allow-mismatch/--no-allow-mismatch",
-            rich_help_panel=INPUTS,
-            help="Train even if the init checkpoint or dataset differ from the store's fingerprints.",
+        allow_mismatch_option(
+            "Train even if the init checkpoint or dataset differ from the store's fingerprints."
         ),
     ] = _DEFAULTS.allow_mismatch,
     no_feature_cache: Annotated[
@@ -182,12 +184,7 @@ def train(
         ),
     ] = _DEFAULTS.steps,
     batch_size: Annotated[
-        int | None,
-        typer.Option(
-            metavar="N",
-            rich_help_panel=TRAINING,
-            help="Pairs per step (default: 32; on --resume: the run's).",
-        ),
+        int | None, batch_size_option("Pairs per step (default: 32; on --resume: the run's).", TRAINING)
     ] = _DEFAULTS.batch_size,
     lr: Annotated[
         float | None,
@@ -214,10 +211,7 @@ def train(
         ),
     ] = _DEFAULTS.grad_clip,
     seed: Annotated[
-        int | None,
-        typer.Option(
-            metavar="N", rich_help_panel=TRAINING, help="Seed of data order, times and init RNG (default: 0)."
-        ),
+        int | None, seed_option("Seed of data order, times and init RNG (default: 0).", TRAINING)
     ] = _DEFAULTS.seed,
     time_sampling: Annotated[
         str | None,
@@ -246,10 +240,8 @@ def train(
     ] = _DEFAULTS.shuffle_window,
     out: Annotated[
         Path,
-        typer.Option(
-            metavar="DIR",
-            rich_help_panel=OUTPUT,
-            help=f"Run directory: checkpoints/<step>/pretrained_model, checkpoints/last, train_log.jsonl, {TRAIN_OPTIONS}.",
+        out_option(
+            f"Run directory: checkpoints/<step>/pretrained_model, checkpoints/last, train_log.jsonl, {TRAIN_OPTIONS}."
         ),
     ],
     save_every: Annotated[
@@ -269,12 +261,7 @@ def train(
         ),
     ] = _DEFAULTS.student_num_steps,
     resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume/--no-resume",
-            rich_help_panel=OUTPUT,
-            help="Continue the run in --out from checkpoints/last.",
-        ),
+        bool, resume_option("Continue the run in --out from checkpoints/last.")
     ] = _DEFAULTS.resume,
     allow_schedule_change: Annotated[
         bool,
@@ -285,9 +272,7 @@ def train(
         ),
     ] = _DEFAULTS.allow_schedule_change,
     tokenizer: Annotated[Path | None, tokenizer_option(PERFORMANCE)] = None,
-    device: Annotated[
-        str, typer.Option(metavar="DEVICE", rich_help_panel=PERFORMANCE, help="auto, cpu, cuda[:N] or mps.")
-    ] = _DEFAULTS.device,
+    device: Annotated[str, device_option()] = _DEFAULTS.device,
     precision: Annotated[
         str,
         typer.Option(
@@ -297,12 +282,7 @@ def train(
         ),
     ] = _DEFAULTS.precision,
     num_workers: Annotated[
-        int,
-        typer.Option(
-            metavar="N",
-            rich_help_panel=PERFORMANCE,
-            help="DataLoader workers loading pairs and observations.",
-        ),
+        int, num_workers_option("DataLoader workers loading pairs and observations.")
     ] = _DEFAULTS.num_workers,
     log_every: Annotated[
         int | None,
@@ -342,10 +322,7 @@ def train(
     config: Annotated[Path | None, config_option(RUN)] = None,
 ) -> None:
     """Train a 1-2 step student on stored pairs (no teacher in memory); saves ordinary lerobot checkpoints."""
-    from reflowpairs.train import TrainConfig, TrainingInterrupted, next_commands, parse_student_num_steps
-    from reflowpairs.train import train as run_train
-
-    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun/accelerate only rank 0 reports
+    main_process = is_main_process()  # under torchrun/accelerate only rank 0 reports
     check_at_least_one(log_every, "--log-every")
     options = resolved_options(ctx, skip=("resume",), local_paths=("init",))
     wandb_cfg = (
@@ -396,8 +373,6 @@ def train(
                         run_options[key] = str(value) if name == "student_num_steps" else value
                 save_options(out / TRAIN_OPTIONS, "train", run_options)
                 if wandb_cfg is not None:
-                    from reflowpairs.wandb_log import WandbRun
-
                     logger["run"] = WandbRun.start(
                         wandb_cfg,
                         out,
@@ -485,9 +460,7 @@ def _wandb_config(
     """lerobot's ``WandBConfig`` for ``--wandb ...`` (None without --wandb); refuses a missing wandb package or a bad
     mode before any work, and --wandb-* options on the command line without --wandb (an options file may hold them
     with ``wandb: false``)."""
-    from lerobot.configs.default import WandBConfig
-
-    from reflowpairs.wandb_log import DEFAULT_PROJECT, check_mode, require_wandb
+    from lerobot.configs.default import WandBConfig  # lerobot imports torch: only for a run with --wandb
 
     given = [
         name
