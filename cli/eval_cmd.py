@@ -24,6 +24,7 @@ from reflowpairs.cli.options import (
     async_envs_option,
     batch_size_option,
     config_defaults,
+    config_from_params,
     config_option,
     dataset_option,
     dataset_root_option,
@@ -244,23 +245,12 @@ def eval_command(
     if len(students) > 1 and pairs is not None:
         raise typer.BadParameter("is for one student (the store it trained on)", param_hint="--pairs")
     with user_errors():
-        cfg = EvalConfig(
+        cfg = config_from_params(
+            EvalConfig,
+            ctx,
             student=next(iter(students.values())),
-            teacher=teacher,
-            dataset=dataset,
-            out=out,
             num_steps=parse_num_steps(num_steps),
-            dataset_root=dataset_root,
             episodes=episode_list,
-            pairs=pairs,
-            max_frames=max_frames,
-            samples_per_frame=samples_per_frame,
-            seed=seed,
-            device=device,
-            latency_repeats=latency_repeats,
-            batch_size=batch_size,
-            allow_mismatch=allow_mismatch,
-            include_training_frames=include_training_frames,
         )
         if len(students) > 1:
             _compare_students(cfg, students, options)

@@ -17,6 +17,7 @@ from reflowpairs.cli.options import (
     SAMPLING,
     batch_size_option,
     config_defaults,
+    config_from_params,
     config_option,
     dataset_option,
     dataset_root_option,
@@ -202,34 +203,12 @@ def generate(
     main = is_main_process()  # under torchrun only rank 0 reports
     check_at_least_one(log_every, "--log-every")
     episode_list = parse_episodes(episodes)
-    cfg = GenerateConfig(
-        teacher=teacher,
-        dataset=dataset,
-        out=out,
-        dataset_root=dataset_root,
-        episodes=episode_list,
-        samples_per_frame=samples_per_frame,
-        num_steps=num_steps,
-        solver=solver,
-        rtol=rtol,
-        atol=atol,
-        batch_size=batch_size,
-        tokens_per_call=tokens_per_call,
-        shard_size=shard_size,
-        seed=seed,
-        device=device,
+    cfg = config_from_params(
+        GenerateConfig,
+        ctx,
         backend=format,
-        num_workers=num_workers,
-        resume=resume,
-        overwrite=overwrite,
-        on_nonfinite=on_nonfinite,
-        dtype=dtype,
+        episodes=episode_list,
         partition=parse_partition(partition),
-        exact=exact,
-        x0=x0,
-        cache_features=cache_features,
-        feature_dtype=feature_dtype,
-        features_from=features_from,
         threads="auto",  # the command line plans CPU threads around the workers (reflowpairs.threads)
     )
     options = resolved_options(

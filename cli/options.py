@@ -58,6 +58,14 @@ def config_defaults(config_class: type) -> SimpleNamespace:
     return SimpleNamespace(**defaults)
 
 
+def config_from_params(config_class: type, ctx: typer.Context, **values: Any) -> Any:
+    """``config_class`` (a library config dataclass) filled from the command's parameters of the same names
+    (``ctx.params``), ``values`` replacing or adding some (the parsed ones: ``episodes``, ``partition`` ...)."""
+    names = {field.name for field in dataclasses.fields(config_class)}
+    given = {name: value for name, value in ctx.params.items() if name in names}
+    return config_class(**(given | values))
+
+
 # --- the shared options ----------------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from reflowpairs.cli.options import (
     async_envs_option,
     batch_size_option,
     config_defaults,
+    config_from_params,
     dataset_option,
     dataset_root_option,
     device_option,
@@ -36,6 +37,7 @@ _DEFAULTS = config_defaults(PipelineConfig)  # the options' defaults are the lib
 
 
 def pipeline(
+    ctx: typer.Context,
     *,
     teacher: Annotated[str, teacher_option("The round-1 teacher checkpoint.")],
     dataset: Annotated[str, dataset_option()],
@@ -127,33 +129,14 @@ def pipeline(
 
     env_type, env_options = parse_env_options(env_option)
     with user_errors():
-        cfg = PipelineConfig(
-            teacher=teacher,
-            dataset=dataset,
-            out=out,
-            dataset_root=dataset_root,
+        cfg = config_from_params(
+            PipelineConfig,
+            ctx,
             episodes=parse_episodes(episodes),
-            rounds=rounds,
-            distill=distill,
-            samples_per_frame=samples_per_frame,
-            num_steps=num_steps,
-            train_steps=train_steps,
-            distill_steps=distill_steps,
-            batch_size=batch_size,
-            lr=lr,
-            loss=loss,
-            spot_check=spot_check,
             eval_num_steps=parse_num_steps(eval_num_steps, "eval_num_steps"),
             eval_episodes=parse_episodes(eval_episodes),
-            eval_max_frames=eval_max_frames,
-            seed=seed,
-            device=device,
-            num_workers=num_workers,
             env_type=env_type,
             env_options=env_options,
-            env_episodes=env_episodes,
-            env_batch_size=env_batch_size,
-            env_use_async_envs=env_use_async_envs,
             threads="auto",  # as `generate` and `train` on the command line
         )
 

@@ -13,6 +13,7 @@ from rich.table import Table
 from reflowpairs.cli.options import (
     batch_size_option,
     config_defaults,
+    config_from_params,
     dataset_option,
     dataset_root_option,
     device_option,
@@ -223,6 +224,7 @@ def report_table(report) -> Table:
 
 
 def validate(
+    ctx: typer.Context,
     store: Annotated[Path, store_argument()],
     dataset: Annotated[
         str | None,
@@ -261,17 +263,7 @@ def validate(
     json_out: Annotated[bool, json_option("Print one JSON object instead of the table.")] = False,
 ) -> None:
     """Run every check on a pair store; exit 0 only if it is sound (1 if it is corrupt or incomplete)."""
-    cfg = ValidateConfig(
-        store=store,
-        dataset=dataset,
-        dataset_root=dataset_root,
-        teacher=teacher,
-        spot_check=spot_check,
-        atol=atol,
-        seed=seed,
-        device=device,
-        batch_size=batch_size,
-    )
+    cfg = config_from_params(ValidateConfig, ctx)
     with user_errors(), progress(prefix="validate") as bar:
         tasks: dict[str, int] = {}
 

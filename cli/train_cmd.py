@@ -20,6 +20,7 @@ from reflowpairs.cli.options import (
     allow_mismatch_option,
     batch_size_option,
     config_defaults,
+    config_from_params,
     config_option,
     dataset_root_option,
     device_option,
@@ -330,84 +331,43 @@ def train(
         if main_process
         else None
     )
-    logger: dict[str, Any] = {}
     with user_errors(), progress(main=main_process, prefix="train", cap=PROGRESS_EVERY) as bar:
-        cfg = TrainConfig(
-            pairs=pairs,
-            out=out,
-            steps=steps,
-            batch_size=batch_size,
-            init=init,
-            dataset_root=dataset_root,
-            lr=lr,
-            warmup_steps=warmup_steps,
-            grad_clip=grad_clip,
-            seed=seed,
-            num_workers=num_workers,
-            device=device,
-            save_every=save_every,
+        cfg = config_from_params(
+            TrainConfig,
+            ctx,
             log_every=log_every or 1,
-            time_sampling=time_sampling,
-            loss=loss,
             student_num_steps=parse_student_num_steps(student_num_steps),
-            precision=precision,
-            shuffle_window=shuffle_window,
-            resume=resume,
-            allow_mismatch=allow_mismatch,
-            no_feature_cache=no_feature_cache,
-            allow_schedule_change=allow_schedule_change,
             threads="auto",  # the command line plans CPU threads around the workers (reflowpairs.threads)
         )
-        task = bar.add_task("loading", total=None, rate="", unit=None, every=None)
-        first: dict[str, int] = {}
+        run = _TrainDisplay(bar, main_process, options, wandb_cfg, log_every, cfg)
+        result = run.train(cfg)
+    if main_process:
+        _print_result(result, run.wandb_run)
 
-        def on_plan(plan: dict[str, Any]) -> None:
-            first["step"] = plan["start_step"]
-            if main_process:
-                bar.console.print(_plan_table(plan))
-                settings = _resolved_settings(plan)
-                run_options = dict(options)
-                for name, value in settings.items():
-                    key = name.replace("_", "-")
-                    if key in run_options and run_options[key] is None:
-                        run_options[key] = str(value) if name == "student_num_steps" else value
-                save_options(out / TRAIN_OPTIONS, "train", run_options)
-                if wandb_cfg is not None:
-                    logger["run"] = WandbRun.start(
-                        wandb_cfg,
-                        out,
-                        out.resolve().name,
-                        {"options": run_options, "plan": plan},
-                        resume=plan["resumed_from"] is not None,
-                    )
-                    bar.console.print(f"W&B run: {escape(logger['run'].where())}", soft_wrap=True)
-            bar.reset(
-                task,
-                total=steps,
-                completed=plan["start_step"],
-                rate="",
-                description="steps",
-                unit="step",
-                every=log_every,
-            )
 
-        def on_step(step: int, total: int, loss: float) -> None:
-            elapsed = bar.tasks[task].elapsed or 1e-9
-            rate = (step - first.get("step", 0)) / elapsed
-            bar.update(
-                task, completed=step, rate=f"loss {loss:.4f}  {rate:.2f} steps/s", info=f"loss {loss:.4f}"
-            )
+class _TrainDisplay:
+    """What ``train`` shows while the library trains: the plan table and options file once the plan is known (and
+    the W&B run, with --wandb), a bar (or progress lines) over the steps, and a short note on Ctrl-C."""
 
-        def on_log(record: dict[str, Any]) -> None:
-            if "run" in logger:
-                logger["run"].log(record)
+    def __init__(
+        self, bar, main_process: bool, options: dict[str, Any], wandb_cfg, log_every, cfg: TrainConfig
+    ):
+        self.bar, self.main_process, self.options = bar, main_process, options
+        self.wandb_cfg, self.log_every = wandb_cfg, log_every
+        self.out, self.steps = Path(cfg.out), cfg.steps
+        self.task = bar.add_task("loading", total=None, rate="", unit=None, every=None)
+        self.first_step = 0
+        self.wandb_run = None
 
+    def train(self, cfg: TrainConfig):
+        """``reflowpairs.train.train(cfg)`` with this display; exit 130 on Ctrl-C (the last checkpoint named)."""
         exit_code = 1
         try:
-            result = run_train(cfg, progress=on_step, on_plan=on_plan, on_log=on_log)
+            result = run_train(cfg, progress=self.on_step, on_plan=self.on_plan, on_log=self.on_log)
             exit_code = 0
+            return result
         except TrainingInterrupted as stop:
-            bar.stop()
+            self.bar.stop()
             if stop.checkpoint is None:
                 where = "; no checkpoint had been written yet"
             else:
@@ -419,10 +379,53 @@ def train(
             )
             raise typer.Exit(130) from None
         finally:
-            if "run" in logger:
-                logger["run"].finish(exit_code)
-    if not main_process:
-        return
+            if self.wandb_run is not None:
+                self.wandb_run.finish(exit_code)
+
+    def on_plan(self, plan: dict[str, Any]) -> None:
+        self.first_step = plan["start_step"]
+        if self.main_process:
+            self.bar.console.print(_plan_table(plan))
+            run_options = dict(self.options)
+            for name, value in _resolved_settings(plan).items():
+                key = name.replace("_", "-")
+                if key in run_options and run_options[key] is None:
+                    run_options[key] = str(value) if name == "student_num_steps" else value
+            out = self.out
+            save_options(out / TRAIN_OPTIONS, "train", run_options)
+            if self.wandb_cfg is not None:
+                self.wandb_run = WandbRun.start(
+                    self.wandb_cfg,
+                    out,
+                    out.resolve().name,
+                    {"options": run_options, "plan": plan},
+                    resume=plan["resumed_from"] is not None,
+                )
+                self.bar.console.print(f"W&B run: {escape(self.wandb_run.where())}", soft_wrap=True)
+        self.bar.reset(
+            self.task,
+            total=self.steps,
+            completed=plan["start_step"],
+            rate="",
+            description="steps",
+            unit="step",
+            every=self.log_every,
+        )
+
+    def on_step(self, step: int, total: int, loss: float) -> None:
+        elapsed = self.bar.tasks[self.task].elapsed or 1e-9
+        rate = (step - self.first_step) / elapsed
+        self.bar.update(
+            self.task, completed=step, rate=f"loss {loss:.4f}  {rate:.2f} steps/s", info=f"loss {loss:.4f}"
+        )
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.log(record)
+
+
+def _print_result(result, wandb_run) -> None:
+    """The finished run's table, then the commands that use its student."""
     table = Table(title=f"student {result.out}", show_header=False)
     table.add_row(
         "steps", f"{result.start_step:,} -> {result.step:,} ({result.steps_per_second:.2f} steps/s)"
@@ -436,8 +439,8 @@ def train(
     )
     table.add_row("log", str(result.out / "train_log.jsonl"))
     table.add_row("options", str(result.out / TRAIN_OPTIONS))
-    if "run" in logger:
-        table.add_row("W&B run", escape(logger["run"].where()))
+    if wandb_run is not None:
+        table.add_row("W&B run", escape(wandb_run.where()))
     out_console.print(table)
     commands = next_commands(result)
     out_console.print(f"use it: {escape(commands['lerobot_eval'])}", soft_wrap=True)

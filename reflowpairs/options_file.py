@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ EVAL_OPTIONS = "eval_options.yaml"  # in an eval's OUT
 # A library config's fields that are not options of its command (the run's own mechanics), and the fields whose
 # option has another name; ``config_options`` leaves out the former and renames the latter.
 NOT_OPTIONS = {
-    "generate": ("resume", "overwrite", "threads", "cache_features_if_allowed"),
+    "generate": ("resume", "overwrite", "threads", "cache_features_if_allowed", "writer_id"),
     "train": ("resume", "threads"),
     "eval": (),
 }
@@ -121,10 +121,7 @@ def config_options(command: str, config: Any, values: dict[str, Any] | None = No
         if field.name in skipped:
             continue
         value = values.get(field.name, getattr(config, field.name))
+        if field.name == "partition" and value is not None:  # (i, P) -> "i/P", as --partition takes it
+            value = f"{value[0]}/{value[1]}"
         options[names.get(field.name, field.name).replace("_", "-")] = plain_value(value)
     return options
-
-
-def options_with(options: dict[str, Any], extra: Iterable[tuple[str, Any]]) -> dict[str, Any]:
-    """``options`` with the ``(long name, value)`` pairs of ``extra`` added (values made plain)."""
-    return {**options, **{name: plain_value(value) for name, value in extra}}
