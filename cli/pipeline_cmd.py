@@ -30,7 +30,7 @@ from reflowpairs.cli.options import (
     seed_option,
     teacher_option,
 )
-from reflowpairs.cli.ui import console, out_console, parse_episodes, progress, user_errors
+from reflowpairs.cli.ui import console, out_console, parse_episodes, print_next, progress, user_errors
 from reflowpairs.pipeline import PIPELINE_STATE, PipelineConfig, run_pipeline
 
 _DEFAULTS = config_defaults(PipelineConfig)  # the options' defaults are the library config's
@@ -164,3 +164,4 @@ def pipeline(
             f"closed loop: {result.out / 'closed_loop' / 'closed_loop.md'}", markup=False, soft_wrap=True
         )
     out_console.print(f"state: {result.out / PIPELINE_STATE}", markup=False, soft_wrap=True)
+    print_next(result.next_command)

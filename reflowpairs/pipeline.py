@@ -45,6 +45,7 @@ from typing import Any
 
 from reflowpairs.atomic import write_json_atomically
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.next_steps import lerobot_command
 from reflowpairs.options_file import EVAL_OPTIONS, TRAIN_OPTIONS, config_options, plain_value, write_options
 from reflowpairs.pairstore import GENERATE_OPTIONS
 
@@ -121,6 +122,7 @@ class PipelineResult:
     comparison: dict[str, Any]  # every model side by side (``reflowpairs.compare``), out/comparison/
     feature_cache: dict[str, str] = field(default_factory=dict)  # stage -> what it did with the cache
     closed_loop: dict[str, Any] | None = None  # with ``env_type``: the closed-loop report, out/closed_loop/
+    next_command: str = ""  # lerobot-eval on the recipe's student (``use_student_command``), shell-quoted
 
 
 # Settings that decide what the finished stages made: a rerun must keep them.
@@ -369,6 +371,20 @@ def _eval(cfg: PipelineConfig, student: Path, out: Path, progress: Progress) -> 
     return {"report": str(files.json)}
 
 
+def final_student(cfg: PipelineConfig) -> Path:
+    """The recipe's student: the distilled one with ``distill``, else the last round's."""
+    last = Path(cfg.out) / ("distill" if cfg.distill else f"round{cfg.rounds}")
+    return last / "student" / STUDENT
+
+
+def use_student_command(cfg: PipelineConfig) -> str:
+    """``lerobot-eval --policy.path=STUDENT --env.type=ENV``: lerobot's own evaluation of the recipe's student at its
+    saved step count (``ENV``: ``env_type``, or ``...`` for the user to fill in)."""
+    return lerobot_command(
+        "lerobot-eval", **{"policy.path": final_student(cfg), "env.type": cfg.env_type or "..."}
+    )
+
+
 def stages(cfg: PipelineConfig) -> list[Stage]:
     """Every stage of the pipeline, in order."""
     out = Path(cfg.out)
@@ -488,4 +504,5 @@ def run_pipeline(
         comparison=comparison,
         feature_cache=state["feature_cache"],
         closed_loop=closed_loop,
+        next_command=use_student_command(cfg),
     )

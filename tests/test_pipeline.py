@@ -155,6 +155,10 @@ def test_the_cli_prints_one_summary(tiny_world, tmp_path):
     assert list(state["stages"]) == ["round1/generate", "round1/validate", "round1/train", "round1/eval"]
     assert json.loads((out / "comparison" / "comparison.json").read_text())["models"] == ["teacher", "round1"]
     assert "round1" in result.output and "teacher" in result.output
+    student = out / "round1" / "student" / STUDENT
+    assert (
+        f"next: lerobot-eval --policy.path={student} --env.type=..." in result.output
+    )  # the recipe's student
 
     # every generate, train and eval stage left its command's options file, and the file reruns that stage alone
     files = {
