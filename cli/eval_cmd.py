@@ -52,7 +52,7 @@ from reflowpairs.cli.ui import (
 from reflowpairs.closedloop import ClosedLoopConfig, evaluate_closed_loop, write_closed_loop_report
 from reflowpairs.compare import evaluate_students
 from reflowpairs.dataset import episodes_text
-from reflowpairs.evaluate import EvalConfig, evaluate, parse_num_steps
+from reflowpairs.evaluate import EvalConfig
 from reflowpairs.options_file import EVAL_OPTIONS
 from reflowpairs.report import frames_text, headline_text, next_text, report_notes, write_report
 
@@ -206,6 +206,8 @@ def eval_command(
 ) -> None:
     """Compare a student with its teacher at each step count: error, straightness, latency; write a report.
     With --env.type: success in closed loop, in that env, through lerobot's own rollout."""
+    from reflowpairs.evaluate import evaluate, parse_num_steps  # imports torch: not for --help
+
     env_type, env_settings = parse_env_options(env_option)
     if env_type is not None:
         _refuse_open_loop_options(ctx, pairs)
@@ -286,6 +288,8 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 
 def _steps(text: str) -> list[int]:
+    from reflowpairs.evaluate import parse_num_steps  # imports torch: not for --help
+
     with user_errors():
         return parse_num_steps(text)
 

@@ -46,7 +46,6 @@ from reflowpairs.cli.ui import (
 )
 from reflowpairs.dataset import episodes_text
 from reflowpairs.generate import GenerateConfig
-from reflowpairs.generate import generate as run_generate
 from reflowpairs.launcher import is_main_process
 from reflowpairs.next_steps import merge_args, train_args, validate_args
 from reflowpairs.pairstore import GENERATE_OPTIONS
@@ -200,6 +199,8 @@ def generate(
     config: Annotated[Path | None, config_option(RUN)] = None,
 ) -> None:
     """Run the teacher's sampler over every frame and store (X_0, X_1, obs_index) pairs."""
+    from reflowpairs.generate import generate as run_generate  # imports torch: not for --help
+
     main = is_main_process()  # under torchrun only rank 0 reports
     check_at_least_one(log_every, "--log-every")
     episode_list = parse_episodes(episodes)

@@ -43,8 +43,7 @@ from reflowpairs.cli.ui import (
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.launcher import is_main_process
 from reflowpairs.options_file import TRAIN_OPTIONS
-from reflowpairs.train import TrainConfig, TrainingInterrupted, next_commands, parse_student_num_steps
-from reflowpairs.train import train as run_train
+from reflowpairs.train import TrainConfig
 from reflowpairs.wandb_log import DEFAULT_PROJECT, WandbRun, check_mode, require_wandb
 
 _DEFAULTS = config_defaults(TrainConfig)  # the options' defaults are the library config's
@@ -323,6 +322,8 @@ def train(
     config: Annotated[Path | None, config_option(RUN)] = None,
 ) -> None:
     """Train a 1-2 step student on stored pairs (no teacher in memory); saves ordinary lerobot checkpoints."""
+    from reflowpairs.train import parse_student_num_steps  # reflowpairs.train imports torch: not for --help
+
     main_process = is_main_process()  # under torchrun/accelerate only rank 0 reports
     check_at_least_one(log_every, "--log-every")
     options = resolved_options(ctx, skip=("resume",), local_paths=("init",))
@@ -361,6 +362,9 @@ class _TrainDisplay:
 
     def train(self, cfg: TrainConfig):
         """``reflowpairs.train.train(cfg)`` with this display; exit 130 on Ctrl-C (the last checkpoint named)."""
+        from reflowpairs.train import TrainingInterrupted  # imports torch: not for --help
+        from reflowpairs.train import train as run_train
+
         exit_code = 1
         try:
             result = run_train(cfg, progress=self.on_step, on_plan=self.on_plan, on_log=self.on_log)
@@ -442,6 +446,8 @@ def _print_result(result, wandb_run) -> None:
     if wandb_run is not None:
         table.add_row("W&B run", escape(wandb_run.where()))
     out_console.print(table)
+    from reflowpairs.train import next_commands  # imports torch: not for --help
+
     commands = next_commands(result)
     out_console.print(f"use it: {escape(commands['lerobot_eval'])}", soft_wrap=True)
     out_console.print(f"next: {escape(commands['reflowpairs_eval'])}", soft_wrap=True)
