@@ -1,7 +1,8 @@
 """The Typer app: the root group and its options, and every command registered in one place.
 
-Each command lives in its own module (``generate_cmd``, ``store_cmds``, ``train_cmd``, ``eval_cmd``) as a plain
-function over the library; what they share is in ``ui``. Nothing here or there holds logic of its own.
+Each command lives in its own module (``tiny_world_cmd``, ``generate_cmd``, ``store_cmds``, ``train_cmd``,
+``eval_cmd``, ``pipeline_cmd``) as a plain function over the library; the options they share are declared once in
+``options``, and what else they share is in ``ui``. Nothing here or there holds logic of its own.
 
 Commands are registered lazily (``LazyCommand``): a command's module, and the library and torch behind it, is imported
 only when that command runs or shows its help, so ``reflowpairs --help`` and ``reflowpairs inspect`` start in a
@@ -14,7 +15,8 @@ from typing import Annotated
 
 import typer
 
-from reflowpairs.cli.options import Group, LazyCommand, lerobot_names_text
+from reflowpairs.cli.command import Group, LazyCommand
+from reflowpairs.cli.lerobot_names import lerobot_names_text
 from reflowpairs.cli.progress import PROGRESS_ENV
 from reflowpairs.cli.ui import _state, command_flags
 from reflowpairs.dataset import quiet_dataset_logs
@@ -33,7 +35,7 @@ class RootGroup(Group):
 
     LAZY = {
         "tiny-world": LazyCommand(
-            _CLI + "generate_cmd",
+            _CLI + "tiny_world_cmd",
             "tiny_world",
             "Build the bundled tiny world offline: a SmolVLM dir, a LeRobotDataset and a trained SmolVLA teacher.",
         ),
@@ -66,7 +68,7 @@ class RootGroup(Group):
             "eval_command",
             "Compare a student with its teacher at each step count: error, straightness, latency; write a report.\n"
             "With --env.type: success in closed loop, in that env, through lerobot's own rollout.",
-            lambda m: {"cls": m.EnvCommand, "epilog": m.EVAL_EPILOG},
+            lambda m: {"epilog": m.EVAL_EPILOG},
         ),
         "merge": LazyCommand(
             _CLI + "store_cmds",
@@ -78,7 +80,6 @@ class RootGroup(Group):
             _CLI + "pipeline_cmd",
             "pipeline",
             "Run rectified flow's recipe in one command: R reflow rounds (+ distillation), resumable, one summary.",
-            lambda m: {"cls": m.PipelineCommand},
         ),
     }
 

@@ -6,157 +6,64 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich import box
-from rich.progress import Progress
-from rich.table import Table
-from rich.text import Text
 
+from reflowpairs.cli.eval_tables import (
+    StageBar,
+    closed_loop_tables,
+    comparison_tables,
+    pairs_table,
+    report_table,
+)
+from reflowpairs.cli.lerobot_names import lerobot_names_text
 from reflowpairs.cli.options import (
-    Command,
+    INPUTS,
+    MEASURE,
+    PERFORMANCE,
+    RUN,
+    allow_mismatch_option,
+    async_envs_option,
+    batch_size_option,
     config_defaults,
+    config_from_params,
     config_option,
-    lerobot_names_text,
+    dataset_option,
+    dataset_root_option,
+    device_option,
+    env_batch_size_option,
+    env_episodes_option,
+    env_fields_option,
+    episodes_option,
+    out_option,
+    parse_env_options,
     resolved_options,
+    samples_per_frame_option,
+    seed_option,
+    teacher_option,
     tokenizer_option,
 )
 from reflowpairs.cli.ui import (
-    INPUTS,
-    OUTPUT,
-    PERFORMANCE,
-    RUN,
     console,
     out_console,
     parse_episodes,
-    plural,
     progress,
     save_options,
     user_errors,
 )
-from reflowpairs.closedloop import ClosedLoopConfig
+from reflowpairs.closedloop import ClosedLoopConfig, evaluate_closed_loop, write_closed_loop_report
+from reflowpairs.compare import evaluate_students
 from reflowpairs.dataset import episodes_text
 from reflowpairs.evaluate import EvalConfig
+from reflowpairs.options_file import EVAL_OPTIONS
+from reflowpairs.report import frames_text, headline_text, next_text, report_notes, write_report
 
 _DEFAULTS = config_defaults(EvalConfig)  # the options' defaults are the library config's
 _CLOSED = config_defaults(ClosedLoopConfig)
-EVAL_OPTIONS = "eval_options.yaml"
 EVAL_EPILOG = (
     lerobot_names_text("eval")
     + " Closed loop: --env.type NAME (any env lerobot knows, plugins included) and lerobot's --env.FIELD VALUE, "
     "--eval.n_episodes, --eval.batch_size and --eval.use_async_envs."
     + f" Each run writes its options to OUT/{EVAL_OPTIONS}."
 )
-MEASURE = "Measurement"
-CLOSED_LOOP = "Closed loop (--env.type)"
-ENV_OPTION = "--env-option"
-
-
-class EnvCommand(Command):
-    """A command that also takes lerobot-eval's env and eval options: ``--env.FIELD VALUE`` / ``--env.FIELD=VALUE``
-    (``--env.type NAME`` included) become ``--env-option FIELD=VALUE``, and ``--eval.NAME`` the command's own option
-    (``EVAL_ALIASES``), before the usual lerobot-name translation (``options.translate_args``)."""
-
-    EVAL_ALIASES = {
-        "--eval.n_episodes": "--n-episodes",
-        "--eval.batch_size": "--eval-batch-size",
-        "--eval.use_async_envs": "--eval-use-async-envs",
-    }
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, env_args(list(args), self.EVAL_ALIASES))
-
-
-def env_args(args: list[str], aliases: dict[str, str]) -> list[str]:
-    """``args`` with ``--env.FIELD[=]VALUE`` as ``--env-option FIELD=VALUE`` and ``aliases`` applied (a bool alias
-    followed by a separate true/false word takes it as ``=word``)."""
-    out: list[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg == "--":
-            out += args[i - 1 :]
-            break
-        name, eq, value = arg.partition("=")
-        if name.startswith("--env.") and len(name) > len("--env."):
-            if not eq and i < len(args):
-                value, i = args[i], i + 1
-            out += [ENV_OPTION, f"{name.removeprefix('--env.')}={value}"]
-        elif name in aliases:
-            target = aliases[name]
-            if not eq and target.endswith("async-envs") and i < len(args) and args[i].lower() in _BOOL_WORDS:
-                value, eq, i = args[i], "=", i + 1
-            out.append(target + eq + value)
-        else:
-            out.append(arg)
-    return out
-
-
-_BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
-
-
-def parse_env_options(given: list[str] | None) -> tuple[str | None, dict[str, str]]:
-    """``--env-option`` values (``FIELD=VALUE``) -> ``(env type, {field: value})``."""
-    env_type, options = None, {}
-    for text in given or []:
-        key, sep, value = text.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"{text!r} is not FIELD=VALUE", param_hint="--env.FIELD")
-        if key == "type":
-            env_type = value
-        else:
-            options[key] = value
-    if options and env_type is None:
-        raise typer.BadParameter(
-            f"--env.{next(iter(options))} needs --env.type NAME (the env it configures)",
-            param_hint="--env.type",
-        )
-    return env_type, options
-
-
-def report_table(report: dict[str, Any]) -> Table:
-    """The report's rows as a rich table (the same cells as report.md, from ``report.table_rows``), with
-    two-line headers and no vertical rules, so that it fits in 80 columns."""
-    from reflowpairs.report import COLUMNS, CONSOLE_HEADERS, table_rows
-
-    settings = report["settings"]
-    table = Table(
-        title=f"teacher vs student: {plural(report['frames']['count'], 'frame')} x "
-        f"{plural(report['frames']['samples_per_frame'], 'noise')}; reference = teacher, "
-        f"{plural(settings['reference_num_steps'], 'step')}",
-        caption=f"latency: median of {settings['latency_repeats']} calls; norm: teacher's normalised actions",
-        box=box.HORIZONTALS,
-        show_edge=False,
-        pad_edge=False,
-        collapse_padding=True,
-        padding=(0, 1),
-    )
-    rows = table_rows(report)
-    for i, (key, _) in enumerate(COLUMNS):
-        table.add_column(CONSOLE_HEADERS[key], justify="left" if i == 0 else "right", no_wrap=True)
-    for i, cells in enumerate(rows):
-        table.add_row(
-            *cells,
-            end_section=i + 1 < len(rows) and report["rows"][i + 1]["model"] != report["rows"][i]["model"],
-        )
-    return table
-
-
-def pairs_table(report: dict[str, Any]) -> Table:
-    """The student's error on its training pairs next to its held-out error (``--pairs``)."""
-    from reflowpairs.report import PAIRS_CONSOLE_HEADERS, pairs_rows
-
-    table = Table(
-        title=f"student: training pairs ({plural(report['pairs']['num_frames'], 'frame')}) vs held-out frames",
-        box=box.HORIZONTALS,
-        show_edge=False,
-        pad_edge=False,
-        padding=(0, 1),
-    )
-    for header in PAIRS_CONSOLE_HEADERS:
-        table.add_column(header, justify="right")
-    for cells in pairs_rows(report):
-        table.add_row(*cells)
-    return table
 
 
 def parse_students(given: list[str]) -> dict[str, str]:
@@ -191,8 +98,6 @@ def _local(source: str) -> str:
 
 def _compare_students(cfg, students: dict[str, str], options: dict[str, Any]) -> None:
     """``eval`` with several students: each evaluated into OUT/LABEL/, then one comparison in OUT."""
-    from reflowpairs.compare import evaluate_students
-
     with progress(prefix="eval") as bar:
         bar.live.transient = True
         stage_bar = StageBar(bar)
@@ -209,65 +114,6 @@ def _compare_students(cfg, students: dict[str, str], options: dict[str, Any]) ->
     )
 
 
-def comparison_tables(comparison: dict[str, Any]) -> list[Table]:
-    """Several students side by side (``reflowpairs.compare``): every model's rows (with closed-loop success where
-    the pipeline ran it), then the verdict."""
-    from reflowpairs.compare import closed_loop_note, success_cell
-    from reflowpairs.report import COLUMNS, CONSOLE_HEADERS, format_value
-
-    ref = comparison["settings"]["reference_num_steps"]
-    frames = comparison["frames"]
-    table = Table(
-        title=f"students compared: {plural(frames['count'], 'frame')} x "
-        f"{plural(frames['samples_per_frame'], 'noise')}; reference = teacher, {plural(ref, 'step')}",
-        box=box.HORIZONTALS,
-        show_edge=False,
-        pad_edge=False,
-        collapse_padding=True,
-        padding=(0, 1),
-    )
-    for i, (key, _) in enumerate(COLUMNS):
-        table.add_column(CONSOLE_HEADERS[key], justify="left" if i == 0 else "right", no_wrap=True)
-    closed = bool(comparison.get("closed_loop"))  # pipeline --env.type: success beside the error
-    if closed:
-        table.add_column("success\n[95% CI]", justify="right", no_wrap=True)
-        table.caption = closed_loop_note(comparison)
-    rows = comparison["rows"]
-    for i, row in enumerate(rows):
-        last = i + 1 == len(rows) or rows[i + 1]["model"] != row["model"]
-        values = [format_value(row.get(key)) for key, _ in COLUMNS] + ([success_cell(row)] if closed else [])
-        table.add_row(*values, end_section=last)
-    verdict = Table(title="fewest steps to match the teacher", box=box.HORIZONTALS, show_edge=False)
-    verdict.add_column("model", no_wrap=True)
-    verdict.add_column(f"as accurate on data\nas the teacher at {ref}", justify="right")
-    verdict.add_column("as close to the reference\nas the teacher at 4", justify="right")
-    for model, goals in comparison["verdict"].items():
-        verdict.add_row(model, format_value(goals["vs_teacher_best"]), format_value(goals["vs_teacher_4"]))
-    return [table, verdict]
-
-
-class StageBar:
-    """One progress bar for all of eval's stages: each new stage renames it and restarts its count, so one
-    bar is on screen at a time (and, the bar being transient, none once the table is printed)."""
-
-    def __init__(self, bar: Progress):
-        self.bar = bar
-        self.task: int | None = None
-        self.phase: str | None = None
-        self.stage = 0
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if phase != self.phase:
-            self.stage += 1
-            self.phase = phase
-            description = f"{self.stage}. {phase}"
-            if self.task is None:
-                self.task = self.bar.add_task(description, total=total, rate="")
-            else:
-                self.bar.reset(self.task, total=total, completed=0, description=description)
-        self.bar.update(self.task, completed=done)
-
-
 def eval_command(
     ctx: typer.Context,
     *,
@@ -281,34 +127,15 @@ def eval_command(
             ".png put them side by side.",
         ),
     ] = None,
-    teacher: Annotated[
-        str,
-        typer.Option(
-            metavar="CKPT",
-            rich_help_panel=INPUTS,
-            help="Teacher checkpoint; its full-step sample is the reference.",
-        ),
-    ],
+    teacher: Annotated[str, teacher_option("Teacher checkpoint; its full-step sample is the reference.")],
     dataset: Annotated[
-        str | None,
-        typer.Option(
-            metavar="REPO_ID",
-            rich_help_panel=INPUTS,
-            help="LeRobotDataset repo id (open loop; not with --env.type).",
-        ),
+        str | None, dataset_option("LeRobotDataset repo id (open loop; not with --env.type).")
     ] = None,
-    dataset_root: Annotated[
-        Path | None,
-        typer.Option(
-            metavar="DIR", rich_help_panel=INPUTS, help="Local root of the dataset (lerobot's root=)."
-        ),
-    ] = _DEFAULTS.dataset_root,
+    dataset_root: Annotated[Path | None, dataset_root_option()] = _DEFAULTS.dataset_root,
     episodes: Annotated[
         str | None,
-        typer.Option(
-            metavar="LIST",
-            rich_help_panel=INPUTS,
-            help="Episodes to evaluate on, e.g. 8,9, 8-9 or [8,9] (default: every episode the student did not train on).",
+        episodes_option(
+            "Episodes to evaluate on, e.g. 8,9, 8-9 or [8,9] (default: every episode the student did not train on)."
         ),
     ] = _DEFAULTS.episodes,
     pairs: Annotated[
@@ -321,11 +148,7 @@ def eval_command(
     ] = _DEFAULTS.pairs,
     allow_mismatch: Annotated[
         bool,
-        typer.Option(
-            "--allow-mismatch/--no-allow-mismatch",
-            rich_help_panel=INPUTS,
-            help="Compare with a teacher the student was not trained from (report labelled).",
-        ),
+        allow_mismatch_option("Compare with a teacher the student was not trained from (report labelled)."),
     ] = _DEFAULTS.allow_mismatch,
     include_training_frames: Annotated[
         bool,
@@ -348,13 +171,10 @@ def eval_command(
         ),
     ] = _DEFAULTS.max_frames,
     samples_per_frame: Annotated[
-        int, typer.Option(metavar="K", rich_help_panel=MEASURE, help="K: noises per frame.")
+        int, samples_per_frame_option("K: noises per frame.", MEASURE)
     ] = _DEFAULTS.samples_per_frame,
     seed: Annotated[
-        int,
-        typer.Option(
-            metavar="N", rich_help_panel=MEASURE, help="Seed of the noises X_0 = f(seed, obs_index, sample)."
-        ),
+        int, seed_option("Seed of the noises X_0 = f(seed, obs_index, sample).", MEASURE)
     ] = _DEFAULTS.seed,
     latency_repeats: Annotated[
         int,
@@ -365,66 +185,36 @@ def eval_command(
         ),
     ] = _DEFAULTS.latency_repeats,
     out: Annotated[
-        Path,
-        typer.Option(
-            metavar="DIR",
-            rich_help_panel=OUTPUT,
-            help=f"Directory for report.json, report.md, steps_vs_error.png and {EVAL_OPTIONS}.",
-        ),
+        Path, out_option(f"Directory for report.json, report.md, steps_vs_error.png and {EVAL_OPTIONS}.")
     ],
     tokenizer: Annotated[Path | None, tokenizer_option(PERFORMANCE)] = None,
-    device: Annotated[
-        str, typer.Option(metavar="DEVICE", rich_help_panel=PERFORMANCE, help="auto, cpu, cuda[:N] or mps.")
-    ] = _DEFAULTS.device,
-    batch_size: Annotated[
-        int, typer.Option(metavar="N", rich_help_panel=PERFORMANCE, help="Frames per sampling call.")
-    ] = _DEFAULTS.batch_size,
+    device: Annotated[str, device_option()] = _DEFAULTS.device,
+    batch_size: Annotated[int, batch_size_option("Frames per sampling call.")] = _DEFAULTS.batch_size,
     env_option: Annotated[
         list[str] | None,
-        typer.Option(
-            ENV_OPTION,
-            metavar="FIELD=VALUE",
-            rich_help_panel=CLOSED_LOOP,
-            help="lerobot's --env.FIELD VALUE, e.g. --env.type pusht --env.episode_length 100: evaluate in closed "
-            "loop, in that env (lerobot's rollout), instead of on dataset frames.",
+        env_fields_option(
+            "lerobot's --env.FIELD VALUE, e.g. --env.type pusht --env.episode_length 100: evaluate in closed "
+            "loop, in that env (lerobot's rollout), instead of on dataset frames."
         ),
     ] = None,
     n_episodes: Annotated[
-        int,
-        typer.Option(
-            metavar="N",
-            rich_help_panel=CLOSED_LOOP,
-            help="Episodes per model and step count (same seeds in all).",
-        ),
+        int, env_episodes_option("--n-episodes", "Episodes per model and step count (same seeds in all).")
     ] = _CLOSED.n_episodes,
-    eval_batch_size: Annotated[
-        int,
-        typer.Option(
-            metavar="N", rich_help_panel=CLOSED_LOOP, help="Envs run in parallel (--eval.batch_size)."
-        ),
-    ] = _CLOSED.batch_size,
-    eval_use_async_envs: Annotated[
-        bool,
-        typer.Option(
-            "--eval-use-async-envs/--no-eval-use-async-envs",
-            rich_help_panel=CLOSED_LOOP,
-            help="Run the envs in subprocesses (--eval.use_async_envs).",
-        ),
-    ] = _CLOSED.use_async_envs,
+    eval_batch_size: Annotated[int, env_batch_size_option("--eval-batch-size")] = _CLOSED.batch_size,
+    eval_use_async_envs: Annotated[bool, async_envs_option("eval-use-async-envs")] = _CLOSED.use_async_envs,
     config: Annotated[Path | None, config_option(RUN)] = None,
 ) -> None:
     """Compare a student with its teacher at each step count: error, straightness, latency; write a report.
     With --env.type: success in closed loop, in that env, through lerobot's own rollout."""
-    from reflowpairs.evaluate import EvalConfig, evaluate, parse_num_steps
-    from reflowpairs.report import frames_text, headline_text, next_text, report_notes, write_report
+    from reflowpairs.evaluate import evaluate, parse_num_steps  # imports torch: not for --help
 
-    env_type, env_options = parse_env_options(env_option)
+    env_type, env_settings = parse_env_options(env_option)
     if env_type is not None:
         _refuse_open_loop_options(ctx, pairs)
         with user_errors():
             cfg = ClosedLoopConfig(
                 env_type=env_type,
-                env_options=env_options,
+                env_options=env_settings,
                 teacher=teacher,
                 students=parse_students(student or []),
                 out=out,
@@ -457,23 +247,12 @@ def eval_command(
     if len(students) > 1 and pairs is not None:
         raise typer.BadParameter("is for one student (the store it trained on)", param_hint="--pairs")
     with user_errors():
-        cfg = EvalConfig(
+        cfg = config_from_params(
+            EvalConfig,
+            ctx,
             student=next(iter(students.values())),
-            teacher=teacher,
-            dataset=dataset,
-            out=out,
             num_steps=parse_num_steps(num_steps),
-            dataset_root=dataset_root,
             episodes=episode_list,
-            pairs=pairs,
-            max_frames=max_frames,
-            samples_per_frame=samples_per_frame,
-            seed=seed,
-            device=device,
-            latency_repeats=latency_repeats,
-            batch_size=batch_size,
-            allow_mismatch=allow_mismatch,
-            include_training_frames=include_training_frames,
         )
         if len(students) > 1:
             _compare_students(cfg, students, options)
@@ -509,7 +288,7 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 
 def _steps(text: str) -> list[int]:
-    from reflowpairs.evaluate import parse_num_steps
+    from reflowpairs.evaluate import parse_num_steps  # imports torch: not for --help
 
     with user_errors():
         return parse_num_steps(text)
@@ -551,8 +330,6 @@ def _refuse_open_loop_options(ctx: typer.Context, pairs: Path | None) -> None:
 def _closed_loop(ctx: typer.Context, cfg: ClosedLoopConfig) -> None:
     """``eval --env.type NAME``: every (model, steps) cell in closed loop (``reflowpairs.closedloop``), one progress
     bar for all rollouts, then the table and the report files."""
-    from reflowpairs.closedloop import evaluate_closed_loop, write_closed_loop_report
-
     given = {
         "student": [f"{label}={_local(source)}" for label, source in cfg.students.items()],
         "seed": cfg.seed,
@@ -571,37 +348,3 @@ def _closed_loop(ctx: typer.Context, cfg: ClosedLoopConfig) -> None:
         markup=False,
         soft_wrap=True,
     )
-
-
-def closed_loop_tables(report: dict[str, Any]) -> list[Table | Text]:
-    """The closed-loop report as rich tables: every (model, steps) cell, then the verdict and what it means."""
-    from reflowpairs.closedloop_report import (
-        TABLE_HEADERS,
-        table_rows,
-        title_text,
-        verdict_rows,
-        verdict_text,
-    )
-
-    table = Table(
-        title=title_text(report),
-        caption="success: 95% Wilson interval; chunk ms: median per action-chunk call; "
-        "vs teacher: episodes only this cell / only the full-step teacher succeeds in",
-        box=box.HORIZONTALS,
-        show_edge=False,
-        pad_edge=False,
-        collapse_padding=True,
-        padding=(0, 1),
-    )
-    for i, header in enumerate(TABLE_HEADERS):
-        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=True)
-    rows = table_rows(report)
-    for i, cells in enumerate(rows):
-        last = i + 1 == len(rows) or report["cells"][i + 1]["model"] != report["cells"][i]["model"]
-        table.add_row(*cells, end_section=last)
-    verdict = Table(title="fewest steps to match the teacher", box=box.HORIZONTALS, show_edge=False)
-    verdict.add_column("model", no_wrap=True)
-    verdict.add_column("fewest steps", justify="right")
-    for cells in verdict_rows(report):
-        verdict.add_row(*cells)
-    return [table, verdict, Text(verdict_text(report))]

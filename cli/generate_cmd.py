@@ -1,29 +1,38 @@
-"""``reflowpairs generate`` (stage 1: teacher pairs into a store) and ``reflowpairs tiny-world`` (a world to try it on)."""
+"""``reflowpairs generate``: stage 1, the teacher's pairs into a store."""
 
 from __future__ import annotations
 
-import os
-import shlex
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from reflowpairs.cli.lerobot_names import lerobot_names_text
 from reflowpairs.cli.options import (
-    config_defaults,
-    config_option,
-    lerobot_names_text,
-    resolved_options,
-    tokenizer_option,
-)
-from reflowpairs.cli.ui import (
-    INPUTS,
     MULTI,
     OUTPUT,
     PERFORMANCE,
     RUN,
     SAMPLING,
+    batch_size_option,
+    config_defaults,
+    config_from_params,
+    config_option,
+    dataset_option,
+    dataset_root_option,
+    device_option,
+    episodes_option,
+    num_workers_option,
+    out_option,
+    resolved_options,
+    resume_option,
+    samples_per_frame_option,
+    seed_option,
+    teacher_option,
+    tokenizer_option,
+)
+from reflowpairs.cli.ui import (
     check_at_least_one,
     console,
     out_console,
@@ -33,12 +42,12 @@ from reflowpairs.cli.ui import (
     print_next,
     progress,
     save_options,
-    train_command,
     user_errors,
 )
 from reflowpairs.dataset import episodes_text
-from reflowpairs.errors import ReflowPairsError
 from reflowpairs.generate import GenerateConfig
+from reflowpairs.launcher import is_main_process
+from reflowpairs.next_steps import merge_args, train_args, validate_args
 from reflowpairs.pairstore import GENERATE_OPTIONS
 
 _DEFAULTS = config_defaults(GenerateConfig)  # the options' defaults are the library config's
@@ -49,32 +58,15 @@ def generate(
     ctx: typer.Context,
     *,
     teacher: Annotated[
-        str,
-        typer.Option(
-            metavar="CKPT",
-            rich_help_panel=INPUTS,
-            help="Teacher checkpoint: a pretrained_model/ directory or a hub repo id.",
-        ),
+        str, teacher_option("Teacher checkpoint: a pretrained_model/ directory or a hub repo id.")
     ],
-    dataset: Annotated[
-        str, typer.Option(metavar="REPO_ID", rich_help_panel=INPUTS, help="LeRobotDataset repo id.")
-    ],
-    dataset_root: Annotated[
-        Path | None,
-        typer.Option(
-            metavar="DIR", rich_help_panel=INPUTS, help="Local root of the dataset (lerobot's root=)."
-        ),
-    ] = _DEFAULTS.dataset_root,
+    dataset: Annotated[str, dataset_option()],
+    dataset_root: Annotated[Path | None, dataset_root_option()] = _DEFAULTS.dataset_root,
     episodes: Annotated[
-        str | None,
-        typer.Option(
-            metavar="LIST",
-            rich_help_panel=INPUTS,
-            help="Episodes to use, e.g. 0,2,5, 0-9 or [0,1] (default: all).",
-        ),
+        str | None, episodes_option("Episodes to use, e.g. 0,2,5, 0-9 or [0,1] (default: all).")
     ] = _DEFAULTS.episodes,
     samples_per_frame: Annotated[
-        int, typer.Option(metavar="K", rich_help_panel=SAMPLING, help="K: noise samples (pairs) per frame.")
+        int, samples_per_frame_option("K: noise samples (pairs) per frame.", SAMPLING)
     ] = _DEFAULTS.samples_per_frame,
     num_steps: Annotated[
         int | None,
@@ -96,10 +88,7 @@ def generate(
     atol: Annotated[
         float, typer.Option(metavar="X", rich_help_panel=SAMPLING, help="dopri5 absolute tolerance.")
     ] = _DEFAULTS.atol,
-    seed: Annotated[
-        int,
-        typer.Option(metavar="N", rich_help_panel=SAMPLING, help="Seed of X_0 = f(seed, obs_index, sample)."),
-    ] = _DEFAULTS.seed,
+    seed: Annotated[int, seed_option("Seed of X_0 = f(seed, obs_index, sample).", SAMPLING)] = _DEFAULTS.seed,
     exact: Annotated[
         bool,
         typer.Option(
@@ -147,10 +136,7 @@ def generate(
             metavar="WHAT", rich_help_panel=SAMPLING, help="error (stop) or skip (record and skip the frame)."
         ),
     ] = _DEFAULTS.on_nonfinite,
-    out: Annotated[
-        Path,
-        typer.Option(metavar="DIR", rich_help_panel=OUTPUT, help="Directory of the pair store to write."),
-    ],
+    out: Annotated[Path, out_option("Directory of the pair store to write.")],
     format: Annotated[
         str,
         typer.Option(
@@ -161,12 +147,7 @@ def generate(
         int,
         typer.Option(metavar="N", rich_help_panel=OUTPUT, help="Pairs per shard (rounded to whole frames)."),
     ] = _DEFAULTS.shard_size,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume/--no-resume", rich_help_panel=OUTPUT, help="Finish an interrupted store in --out."
-        ),
-    ] = _DEFAULTS.resume,
+    resume: Annotated[bool, resume_option("Finish an interrupted store in --out.")] = _DEFAULTS.resume,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -176,10 +157,7 @@ def generate(
         ),
     ] = _DEFAULTS.overwrite,
     batch_size: Annotated[
-        int,
-        typer.Option(
-            metavar="N", rich_help_panel=PERFORMANCE, help="Frames loaded per batch (each samples K pairs)."
-        ),
+        int, batch_size_option("Frames loaded per batch (each samples K pairs).")
     ] = _DEFAULTS.batch_size,
     tokens_per_call: Annotated[
         int | None,
@@ -190,9 +168,7 @@ def generate(
         ),
     ] = _DEFAULTS.tokens_per_call,
     tokenizer: Annotated[Path | None, tokenizer_option(PERFORMANCE)] = None,
-    device: Annotated[
-        str, typer.Option(metavar="DEVICE", rich_help_panel=PERFORMANCE, help="auto, cpu, cuda[:N] or mps.")
-    ] = _DEFAULTS.device,
+    device: Annotated[str, device_option()] = _DEFAULTS.device,
     dtype: Annotated[
         str,
         typer.Option(
@@ -202,7 +178,7 @@ def generate(
         ),
     ] = _DEFAULTS.dtype,
     num_workers: Annotated[
-        int, typer.Option(metavar="N", rich_help_panel=PERFORMANCE, help="DataLoader workers loading frames.")
+        int, num_workers_option("DataLoader workers loading frames.")
     ] = _DEFAULTS.num_workers,
     partition: Annotated[
         str | None,
@@ -223,39 +199,17 @@ def generate(
     config: Annotated[Path | None, config_option(RUN)] = None,
 ) -> None:
     """Run the teacher's sampler over every frame and store (X_0, X_1, obs_index) pairs."""
-    from reflowpairs.generate import generate as run_generate
+    from reflowpairs.generate import generate as run_generate  # imports torch: not for --help
 
-    main = os.environ.get("RANK", "0") == "0"
+    main = is_main_process()  # under torchrun only rank 0 reports
     check_at_least_one(log_every, "--log-every")
     episode_list = parse_episodes(episodes)
-    cfg = GenerateConfig(
-        teacher=teacher,
-        dataset=dataset,
-        out=out,
-        dataset_root=dataset_root,
-        episodes=episode_list,
-        samples_per_frame=samples_per_frame,
-        num_steps=num_steps,
-        solver=solver,
-        rtol=rtol,
-        atol=atol,
-        batch_size=batch_size,
-        tokens_per_call=tokens_per_call,
-        shard_size=shard_size,
-        seed=seed,
-        device=device,
+    cfg = config_from_params(
+        GenerateConfig,
+        ctx,
         backend=format,
-        num_workers=num_workers,
-        resume=resume,
-        overwrite=overwrite,
-        on_nonfinite=on_nonfinite,
-        dtype=dtype,
+        episodes=episode_list,
         partition=parse_partition(partition),
-        exact=exact,
-        x0=x0,
-        cache_features=cache_features,
-        feature_dtype=feature_dtype,
-        features_from=features_from,
         threads="auto",  # the command line plans CPU threads around the workers (reflowpairs.threads)
     )
     options = resolved_options(
@@ -310,14 +264,13 @@ def generate(
     out_console.print(table)
     if cfg.partition is not None:
         index, count = cfg.partition
-        others = " ..." if count > 1 else ""
         print_next(
-            f"reflowpairs merge {shlex.quote(str(out))}{others} --out MERGED_DIR",
+            merge_args(out, more_slices=count > 1),
             why=f"this is slice {index}/{count}: once all {plural(count, 'slice')} are done, merge their --out "
             "directories, then validate and train on the merged store",
         )
         return
-    print_next(["reflowpairs", "validate", str(out), "--spot-check", "64"], train_command(out))
+    print_next(validate_args(out, spot_check=64), train_args(out))
 
 
 def _speed(pairs: int, seconds: float) -> str:
@@ -326,70 +279,3 @@ def _speed(pairs: int, seconds: float) -> str:
         return f"{seconds / pairs:,.1f} s/pair over {seconds:,.1f} s"
     rate = pairs / seconds if seconds > 0 else 0.0
     return f"{rate:,.1f} pairs/s over {seconds:,.1f} s"
-
-
-def tiny_world(
-    out: Annotated[
-        Path, typer.Argument(metavar="DIR", help="Directory to build the tiny VLM, dataset and teacher in.")
-    ],
-    train_steps: Annotated[
-        int | None,
-        typer.Option(metavar="N", help="Teacher training steps [default: 200 for reach, 600 for gap]."),
-    ] = None,
-    world_name: Annotated[
-        str,
-        typer.Option(
-            "--world",
-            metavar="NAME",
-            help="reach: the open-loop tiny world (no environment; fast, used by the tests). gap: the closed-loop "
-            "gap world (dataset of scripted-expert rollouts, a teacher for lerobot-eval --env.type=gapworld).",
-        ),
-    ] = "reach",
-) -> None:
-    """Build the bundled tiny world offline: a SmolVLM dir, a LeRobotDataset and a trained SmolVLA teacher."""
-    from dataclasses import replace
-
-    from reflowpairs.tinyworld import TinyTeacherSpec, build_tiny_world
-
-    with user_errors():
-        if world_name not in ("reach", "gap"):
-            raise ReflowPairsError(
-                f"--world {world_name!r} is not a bundled world.",
-                "Use --world reach (open loop, the default) or --world gap (closed loop, --env.type=gapworld).",
-            )
-        if (out / "teacher" / "config.json").exists():
-            raise ReflowPairsError(
-                f"{out} already holds a tiny world.", "Remove it or choose another directory."
-            )
-        with console.status(f"building the {world_name} world (VLM dir, dataset, teacher training)..."):
-            if world_name == "gap":
-                from reflowpairs.gapworld.teacher import GAP_TEACHER, build_gap_world
-
-                spec = GAP_TEACHER if train_steps is None else replace(GAP_TEACHER, train_steps=train_steps)
-                world = build_gap_world(out, teacher_spec=spec)
-            else:
-                steps = 200 if train_steps is None else train_steps
-                world = build_tiny_world(out, teacher_spec=TinyTeacherSpec(train_steps=steps))
-    table = Table(title="tiny world", show_header=False)
-    table.add_row("VLM dir", str(world.vlm_dir))
-    table.add_row("dataset", f"{world.repo_id} at {world.dataset_root}")
-    table.add_row("teacher", str(world.teacher_dir))
-    out_console.print(table)
-    generate_next = [
-        "reflowpairs",
-        "generate",
-        "--teacher",
-        str(world.teacher_dir),
-        "--dataset",
-        world.repo_id,
-        "--dataset-root",
-        str(world.dataset_root),
-        "--out",
-        str(out / "pairs"),
-    ]
-    if world_name == "gap":  # the teacher in closed loop, through lerobot's own rollout
-        lerobot_eval = ["lerobot-eval", f"--policy.path={world.teacher_dir}", "--env.type=gapworld"]
-        lerobot_eval += ["--eval.n_episodes=50", "--eval.batch_size=50", "--policy.device=cpu"]
-        print_next(generate_next, lerobot_eval)
-    else:
-        print_next(generate_next)

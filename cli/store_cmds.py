@@ -10,9 +10,27 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from reflowpairs.cli.options import config_defaults, tokenizer_option
-from reflowpairs.cli.ui import out_console, plural, print_next, progress, train_command, user_errors
+from reflowpairs.cli.options import (
+    batch_size_option,
+    config_defaults,
+    config_from_params,
+    dataset_option,
+    dataset_root_option,
+    device_option,
+    json_option,
+    out_option,
+    seed_option,
+    store_argument,
+    teacher_option,
+    tokenizer_option,
+)
+from reflowpairs.cli.ui import out_console, plural, print_next, progress, user_errors
+from reflowpairs.inspect_store import pair as read_pair
+from reflowpairs.inspect_store import summarize
+from reflowpairs.merge import merge_stores
+from reflowpairs.next_steps import train_args, validate_args
 from reflowpairs.validate import ValidateConfig
+from reflowpairs.validate import validate as run_validate
 
 _DEFAULTS = config_defaults(ValidateConfig)  # the options' defaults are the library config's
 _STYLE = {"pass": "green", "warn": "yellow", "incomplete": "yellow", "fail": "bold red", "skip": "dim"}
@@ -146,15 +164,8 @@ def pair_table(pair: dict[str, Any]) -> Table:
 
 
 def inspect(
-    store: Annotated[
-        Path,
-        typer.Argument(
-            metavar="STORE", help="The pair store directory (the --out of `reflowpairs generate`)."
-        ),
-    ],
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of tables.")
-    ] = False,
+    store: Annotated[Path, store_argument()],
+    json_out: Annotated[bool, json_option("Print one JSON object instead of tables.")] = False,
     pair: Annotated[
         int | None,
         typer.Option(
@@ -174,9 +185,6 @@ def inspect(
 ) -> None:
     """Show what a pair store holds: layout, sizes and provenance from its manifest at once; with --stats, X_0/X_1
     statistics too (streamed shard by shard)."""
-    from reflowpairs.inspect_store import pair as read_pair
-    from reflowpairs.inspect_store import summarize
-
     with user_errors():
         if pair is not None:
             result = read_pair(store, pair, rows)
@@ -200,7 +208,7 @@ def inspect(
         return
     for table in summary_tables(summary):
         out_console.print(table)
-    print_next(["reflowpairs", "validate", str(store)])
+    print_next(validate_args(store))
 
 
 def report_table(report) -> Table:
@@ -216,25 +224,19 @@ def report_table(report) -> Table:
 
 
 def validate(
-    store: Annotated[
-        Path,
-        typer.Argument(
-            metavar="STORE", help="The pair store directory (the --out of `reflowpairs generate`)."
-        ),
-    ],
+    ctx: typer.Context,
+    store: Annotated[Path, store_argument()],
     dataset: Annotated[
         str | None,
-        typer.Option(
-            metavar="REPO_ID", help="Check against this LeRobotDataset repo id (default: the recorded one)."
-        ),
+        dataset_option("Check against this LeRobotDataset repo id (default: the recorded one).", panel=None),
     ] = _DEFAULTS.dataset,
     dataset_root: Annotated[
-        Path | None, typer.Option(metavar="DIR", help="Local root of the dataset to check against.")
+        Path | None, dataset_root_option("Local root of the dataset to check against.", panel=None)
     ] = _DEFAULTS.dataset_root,
     teacher: Annotated[
         str | None,
-        typer.Option(
-            metavar="CKPT", help="Check the store was made by this checkpoint (and use it for --spot-check)."
+        teacher_option(
+            "Check the store was made by this checkpoint (and use it for --spot-check).", panel=None
         ),
     ] = _DEFAULTS.teacher,
     spot_check: Annotated[
@@ -250,34 +252,18 @@ def validate(
             help="Largest |X_1 difference| the spot check accepts (default: 1e-4 for float32 stores, 5e-3 float16, 5e-2 bfloat16).",
         ),
     ] = _DEFAULTS.atol,
-    seed: Annotated[
-        int, typer.Option(metavar="N", help="Seed choosing the spot-checked pairs.")
-    ] = _DEFAULTS.seed,
+    seed: Annotated[int, seed_option("Seed choosing the spot-checked pairs.", panel=None)] = _DEFAULTS.seed,
     tokenizer: Annotated[Path | None, tokenizer_option()] = None,
     device: Annotated[
-        str, typer.Option(metavar="DEVICE", help="Device for the spot check: auto, cpu, cuda[:N] or mps.")
+        str, device_option("Device for the spot check: auto, cpu, cuda[:N] or mps.", panel=None)
     ] = _DEFAULTS.device,
     batch_size: Annotated[
-        int, typer.Option(metavar="N", help="Frames per teacher call in the spot check.")
+        int, batch_size_option("Frames per teacher call in the spot check.", panel=None)
     ] = _DEFAULTS.batch_size,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of the table.")
-    ] = False,
+    json_out: Annotated[bool, json_option("Print one JSON object instead of the table.")] = False,
 ) -> None:
     """Run every check on a pair store; exit 0 only if it is sound (1 if it is corrupt or incomplete)."""
-    from reflowpairs.validate import validate as run_validate
-
-    cfg = ValidateConfig(
-        store=store,
-        dataset=dataset,
-        dataset_root=dataset_root,
-        teacher=teacher,
-        spot_check=spot_check,
-        atol=atol,
-        seed=seed,
-        device=device,
-        batch_size=batch_size,
-    )
+    cfg = config_from_params(ValidateConfig, ctx)
     with user_errors(), progress(prefix="validate") as bar:
         tasks: dict[str, int] = {}
 
@@ -293,7 +279,7 @@ def validate(
         out_console.print(report_table(report))
         out_console.print(f"[{_STATUS_STYLE[report.status]}]{escape(report.summary())}[/]", soft_wrap=True)
         if report.status == "sound":
-            print_next(train_command(store, dataset_root))
+            print_next(train_args(store, dataset_root))
         elif report.status == "incomplete" and report.resume_command:
             print_next(report.resume_command)
     if not report.ok:
@@ -307,11 +293,9 @@ def merge(
             metavar="SLICE", help="Stores made with --partition i/P (same teacher, dataset and settings)."
         ),
     ],
-    out: Annotated[Path, typer.Option(metavar="DIR", help="New directory for the combined store.")],
+    out: Annotated[Path, out_option("New directory for the combined store.", panel=None)],
 ) -> None:
     """Combine partition slices into one pair store (shards are copied; slices are left as they are)."""
-    from reflowpairs.merge import merge_stores
-
     with user_errors():
         manifest = merge_stores(slices, out)
     state = (
@@ -328,4 +312,4 @@ def merge(
     )
     if manifest.get("feature_cache_note"):
         out_console.print(manifest["feature_cache_note"], markup=False, soft_wrap=True, highlight=False)
-    print_next(["reflowpairs", "validate", str(out)])
+    print_next(validate_args(out))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,18 +9,29 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from reflowpairs.checkpoint import read_state
+from reflowpairs.cli.lerobot_names import lerobot_names_text
 from reflowpairs.cli.options import (
-    config_defaults,
-    config_option,
-    lerobot_names_text,
-    resolved_options,
-    tokenizer_option,
-)
-from reflowpairs.cli.ui import (
     INPUTS,
     OUTPUT,
     PERFORMANCE,
     RUN,
+    TRAINING,
+    allow_mismatch_option,
+    batch_size_option,
+    config_defaults,
+    config_from_params,
+    config_option,
+    dataset_root_option,
+    device_option,
+    num_workers_option,
+    out_option,
+    resolved_options,
+    resume_option,
+    seed_option,
+    tokenizer_option,
+)
+from reflowpairs.cli.ui import (
     check_at_least_one,
     console,
     out_console,
@@ -31,11 +41,12 @@ from reflowpairs.cli.ui import (
     user_errors,
 )
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.launcher import is_main_process
+from reflowpairs.options_file import TRAIN_OPTIONS
 from reflowpairs.train import TrainConfig
+from reflowpairs.wandb_log import DEFAULT_PROJECT, WandbRun, check_mode, require_wandb
 
 _DEFAULTS = config_defaults(TrainConfig)  # the options' defaults are the library config's
-TRAINING = "Training"
-TRAIN_OPTIONS = "train_options.yaml"
 TRAIN_EPILOG = lerobot_names_text("train") + f" Each run writes its options to OUT/{TRAIN_OPTIONS}."
 PROGRESS_EVERY = (
     100  # steps between progress lines by default (--log-every's own default, 1, would flood a log)
@@ -122,8 +133,6 @@ def _plan_table(plan: dict[str, Any]) -> Table:
 def _resolved_settings(plan: dict[str, Any]) -> dict[str, Any]:
     """The data/optimiser settings the run uses (``reflowpairs.train.INHERITED``), for its options file: on resume
     the checkpoint's, else the plan's (defaults filled in; lr, warmup and grad clip stay None for the preset's)."""
-    from reflowpairs.checkpoint import read_state
-
     if plan["resumed_from"]:
         return dict(read_state(Path(plan["resumed_from"]))["settings"])
     return {
@@ -150,19 +159,12 @@ def train(
         ),
     ] = _DEFAULTS.init,
     dataset_root: Annotated[
-        Path | None,
-        typer.Option(
-            metavar="DIR",
-            rich_help_panel=INPUTS,
-            help="Where the dataset is (default: the root the manifest records).",
-        ),
+        Path | None, dataset_root_option("Where the dataset is (default: the root the manifest records).")
     ] = _DEFAULTS.dataset_root,
     allow_mismatch: Annotated[
         bool,
-        typer.Option(
-            "--allow-mismatch/--no-allow-mismatch",
-            rich_help_panel=INPUTS,
-            help="Train even if the init checkpoint or dataset differ from the store's fingerprints.",
+        allow_mismatch_option(
+            "Train even if the init checkpoint or dataset differ from the store's fingerprints."
         ),
     ] = _DEFAULTS.allow_mismatch,
     no_feature_cache: Annotated[
@@ -182,12 +184,7 @@ def train(
         ),
     ] = _DEFAULTS.steps,
     batch_size: Annotated[
-        int | None,
-        typer.Option(
-            metavar="N",
-            rich_help_panel=TRAINING,
-            help="Pairs per step (default: 32; on --resume: the run's).",
-        ),
+        int | None, batch_size_option("Pairs per step (default: 32; on --resume: the run's).", TRAINING)
     ] = _DEFAULTS.batch_size,
     lr: Annotated[
         float | None,
@@ -214,10 +211,7 @@ def train(
         ),
     ] = _DEFAULTS.grad_clip,
     seed: Annotated[
-        int | None,
-        typer.Option(
-            metavar="N", rich_help_panel=TRAINING, help="Seed of data order, times and init RNG (default: 0)."
-        ),
+        int | None, seed_option("Seed of data order, times and init RNG (default: 0).", TRAINING)
     ] = _DEFAULTS.seed,
     time_sampling: Annotated[
         str | None,
@@ -246,10 +240,8 @@ def train(
     ] = _DEFAULTS.shuffle_window,
     out: Annotated[
         Path,
-        typer.Option(
-            metavar="DIR",
-            rich_help_panel=OUTPUT,
-            help=f"Run directory: checkpoints/<step>/pretrained_model, checkpoints/last, train_log.jsonl, {TRAIN_OPTIONS}.",
+        out_option(
+            f"Run directory: checkpoints/<step>/pretrained_model, checkpoints/last, train_log.jsonl, {TRAIN_OPTIONS}."
         ),
     ],
     save_every: Annotated[
@@ -269,12 +261,7 @@ def train(
         ),
     ] = _DEFAULTS.student_num_steps,
     resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume/--no-resume",
-            rich_help_panel=OUTPUT,
-            help="Continue the run in --out from checkpoints/last.",
-        ),
+        bool, resume_option("Continue the run in --out from checkpoints/last.")
     ] = _DEFAULTS.resume,
     allow_schedule_change: Annotated[
         bool,
@@ -285,9 +272,7 @@ def train(
         ),
     ] = _DEFAULTS.allow_schedule_change,
     tokenizer: Annotated[Path | None, tokenizer_option(PERFORMANCE)] = None,
-    device: Annotated[
-        str, typer.Option(metavar="DEVICE", rich_help_panel=PERFORMANCE, help="auto, cpu, cuda[:N] or mps.")
-    ] = _DEFAULTS.device,
+    device: Annotated[str, device_option()] = _DEFAULTS.device,
     precision: Annotated[
         str,
         typer.Option(
@@ -297,12 +282,7 @@ def train(
         ),
     ] = _DEFAULTS.precision,
     num_workers: Annotated[
-        int,
-        typer.Option(
-            metavar="N",
-            rich_help_panel=PERFORMANCE,
-            help="DataLoader workers loading pairs and observations.",
-        ),
+        int, num_workers_option("DataLoader workers loading pairs and observations.")
     ] = _DEFAULTS.num_workers,
     log_every: Annotated[
         int | None,
@@ -342,10 +322,9 @@ def train(
     config: Annotated[Path | None, config_option(RUN)] = None,
 ) -> None:
     """Train a 1-2 step student on stored pairs (no teacher in memory); saves ordinary lerobot checkpoints."""
-    from reflowpairs.train import TrainConfig, TrainingInterrupted, next_commands, parse_student_num_steps
-    from reflowpairs.train import train as run_train
+    from reflowpairs.train import parse_student_num_steps  # reflowpairs.train imports torch: not for --help
 
-    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun/accelerate only rank 0 reports
+    main_process = is_main_process()  # under torchrun/accelerate only rank 0 reports
     check_at_least_one(log_every, "--log-every")
     options = resolved_options(ctx, skip=("resume",), local_paths=("init",))
     wandb_cfg = (
@@ -353,86 +332,46 @@ def train(
         if main_process
         else None
     )
-    logger: dict[str, Any] = {}
     with user_errors(), progress(main=main_process, prefix="train", cap=PROGRESS_EVERY) as bar:
-        cfg = TrainConfig(
-            pairs=pairs,
-            out=out,
-            steps=steps,
-            batch_size=batch_size,
-            init=init,
-            dataset_root=dataset_root,
-            lr=lr,
-            warmup_steps=warmup_steps,
-            grad_clip=grad_clip,
-            seed=seed,
-            num_workers=num_workers,
-            device=device,
-            save_every=save_every,
+        cfg = config_from_params(
+            TrainConfig,
+            ctx,
             log_every=log_every or 1,
-            time_sampling=time_sampling,
-            loss=loss,
             student_num_steps=parse_student_num_steps(student_num_steps),
-            precision=precision,
-            shuffle_window=shuffle_window,
-            resume=resume,
-            allow_mismatch=allow_mismatch,
-            no_feature_cache=no_feature_cache,
-            allow_schedule_change=allow_schedule_change,
             threads="auto",  # the command line plans CPU threads around the workers (reflowpairs.threads)
         )
-        task = bar.add_task("loading", total=None, rate="", unit=None, every=None)
-        first: dict[str, int] = {}
+        run = _TrainDisplay(bar, main_process, options, wandb_cfg, log_every, cfg)
+        result = run.train(cfg)
+    if main_process:
+        _print_result(result, run.wandb_run)
 
-        def on_plan(plan: dict[str, Any]) -> None:
-            first["step"] = plan["start_step"]
-            if main_process:
-                bar.console.print(_plan_table(plan))
-                settings = _resolved_settings(plan)
-                run_options = dict(options)
-                for name, value in settings.items():
-                    key = name.replace("_", "-")
-                    if key in run_options and run_options[key] is None:
-                        run_options[key] = str(value) if name == "student_num_steps" else value
-                save_options(out / TRAIN_OPTIONS, "train", run_options)
-                if wandb_cfg is not None:
-                    from reflowpairs.wandb_log import WandbRun
 
-                    logger["run"] = WandbRun.start(
-                        wandb_cfg,
-                        out,
-                        out.resolve().name,
-                        {"options": run_options, "plan": plan},
-                        resume=plan["resumed_from"] is not None,
-                    )
-                    bar.console.print(f"W&B run: {escape(logger['run'].where())}", soft_wrap=True)
-            bar.reset(
-                task,
-                total=steps,
-                completed=plan["start_step"],
-                rate="",
-                description="steps",
-                unit="step",
-                every=log_every,
-            )
+class _TrainDisplay:
+    """What ``train`` shows while the library trains: the plan table and options file once the plan is known (and
+    the W&B run, with --wandb), a bar (or progress lines) over the steps, and a short note on Ctrl-C."""
 
-        def on_step(step: int, total: int, loss: float) -> None:
-            elapsed = bar.tasks[task].elapsed or 1e-9
-            rate = (step - first.get("step", 0)) / elapsed
-            bar.update(
-                task, completed=step, rate=f"loss {loss:.4f}  {rate:.2f} steps/s", info=f"loss {loss:.4f}"
-            )
+    def __init__(
+        self, bar, main_process: bool, options: dict[str, Any], wandb_cfg, log_every, cfg: TrainConfig
+    ):
+        self.bar, self.main_process, self.options = bar, main_process, options
+        self.wandb_cfg, self.log_every = wandb_cfg, log_every
+        self.out, self.steps = Path(cfg.out), cfg.steps
+        self.task = bar.add_task("loading", total=None, rate="", unit=None, every=None)
+        self.first_step = 0
+        self.wandb_run = None
 
-        def on_log(record: dict[str, Any]) -> None:
-            if "run" in logger:
-                logger["run"].log(record)
+    def train(self, cfg: TrainConfig):
+        """``reflowpairs.train.train(cfg)`` with this display; exit 130 on Ctrl-C (the last checkpoint named)."""
+        from reflowpairs.train import TrainingInterrupted  # imports torch: not for --help
+        from reflowpairs.train import train as run_train
 
         exit_code = 1
         try:
-            result = run_train(cfg, progress=on_step, on_plan=on_plan, on_log=on_log)
+            result = run_train(cfg, progress=self.on_step, on_plan=self.on_plan, on_log=self.on_log)
             exit_code = 0
+            return result
         except TrainingInterrupted as stop:
-            bar.stop()
+            self.bar.stop()
             if stop.checkpoint is None:
                 where = "; no checkpoint had been written yet"
             else:
@@ -444,10 +383,53 @@ def train(
             )
             raise typer.Exit(130) from None
         finally:
-            if "run" in logger:
-                logger["run"].finish(exit_code)
-    if not main_process:
-        return
+            if self.wandb_run is not None:
+                self.wandb_run.finish(exit_code)
+
+    def on_plan(self, plan: dict[str, Any]) -> None:
+        self.first_step = plan["start_step"]
+        if self.main_process:
+            self.bar.console.print(_plan_table(plan))
+            run_options = dict(self.options)
+            for name, value in _resolved_settings(plan).items():
+                key = name.replace("_", "-")
+                if key in run_options and run_options[key] is None:
+                    run_options[key] = str(value) if name == "student_num_steps" else value
+            out = self.out
+            save_options(out / TRAIN_OPTIONS, "train", run_options)
+            if self.wandb_cfg is not None:
+                self.wandb_run = WandbRun.start(
+                    self.wandb_cfg,
+                    out,
+                    out.resolve().name,
+                    {"options": run_options, "plan": plan},
+                    resume=plan["resumed_from"] is not None,
+                )
+                self.bar.console.print(f"W&B run: {escape(self.wandb_run.where())}", soft_wrap=True)
+        self.bar.reset(
+            self.task,
+            total=self.steps,
+            completed=plan["start_step"],
+            rate="",
+            description="steps",
+            unit="step",
+            every=self.log_every,
+        )
+
+    def on_step(self, step: int, total: int, loss: float) -> None:
+        elapsed = self.bar.tasks[self.task].elapsed or 1e-9
+        rate = (step - self.first_step) / elapsed
+        self.bar.update(
+            self.task, completed=step, rate=f"loss {loss:.4f}  {rate:.2f} steps/s", info=f"loss {loss:.4f}"
+        )
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.log(record)
+
+
+def _print_result(result, wandb_run) -> None:
+    """The finished run's table, then the commands that use its student."""
     table = Table(title=f"student {result.out}", show_header=False)
     table.add_row(
         "steps", f"{result.start_step:,} -> {result.step:,} ({result.steps_per_second:.2f} steps/s)"
@@ -461,9 +443,11 @@ def train(
     )
     table.add_row("log", str(result.out / "train_log.jsonl"))
     table.add_row("options", str(result.out / TRAIN_OPTIONS))
-    if "run" in logger:
-        table.add_row("W&B run", escape(logger["run"].where()))
+    if wandb_run is not None:
+        table.add_row("W&B run", escape(wandb_run.where()))
     out_console.print(table)
+    from reflowpairs.train import next_commands  # imports torch: not for --help
+
     commands = next_commands(result)
     out_console.print(f"use it: {escape(commands['lerobot_eval'])}", soft_wrap=True)
     out_console.print(f"next: {escape(commands['reflowpairs_eval'])}", soft_wrap=True)
@@ -485,9 +469,7 @@ def _wandb_config(
     """lerobot's ``WandBConfig`` for ``--wandb ...`` (None without --wandb); refuses a missing wandb package or a bad
     mode before any work, and --wandb-* options on the command line without --wandb (an options file may hold them
     with ``wandb: false``)."""
-    from lerobot.configs.default import WandBConfig
-
-    from reflowpairs.wandb_log import DEFAULT_PROJECT, check_mode, require_wandb
+    from lerobot.configs.default import WandBConfig  # lerobot imports torch: only for a run with --wandb
 
     given = [
         name

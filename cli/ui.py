@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -13,23 +12,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
-from reflowpairs.cli.options import write_options
 from reflowpairs.cli.progress import make_progress
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.next_steps import next_lines
+from reflowpairs.options_file import write_options
 
 console = Console(stderr=True)
 out_console = Console()
 _state: dict = {"debug": False, "flags": {}}  # set by the root callback: --debug, the command's flags
-
-# Help panels of the commands' options.
-INPUTS, SAMPLING, OUTPUT, PERFORMANCE, MULTI, RUN = (
-    "Inputs",
-    "Sampling",
-    "Output",
-    "Performance",
-    "Multi-process",
-    "Options file and logs",
-)
 
 
 def plural(count: int, word: str, many: str | None = None) -> str:
@@ -136,11 +126,11 @@ def progress(
 
 
 def print_next(*commands: list[str] | str, why: str | None = None) -> None:
-    """``next: COMMAND`` (and ``then: COMMAND`` for more), each on one line so that it copies and pastes whole."""
-    for i, command in enumerate(commands):
-        text = command if isinstance(command, str) else shlex.join(command)
+    """``next: COMMAND`` (and ``then: COMMAND`` for more), each on one line so that it copies and pastes whole
+    (``reflowpairs.next_steps.next_lines``), then ``why`` in brackets."""
+    for i, line in enumerate(next_lines(*commands)):
         out_console.print(
-            f"{'next' if i == 0 else 'then'}: {text}",
+            line,
             style="bold green" if i == 0 else None,
             markup=False,
             soft_wrap=True,
@@ -148,21 +138,6 @@ def print_next(*commands: list[str] | str, why: str | None = None) -> None:
         )
     if why:
         out_console.print(f"      ({why})", markup=False, soft_wrap=True, highlight=False)
-
-
-def train_command(store: Path, dataset_root: Path | None = None) -> list[str]:
-    """``reflowpairs train --pairs STORE --out outputs/reflow/<store name>`` (a run directory to change at will)."""
-    command = [
-        "reflowpairs",
-        "train",
-        "--pairs",
-        str(store),
-        "--out",
-        f"outputs/reflow/{Path(store).resolve().name}",
-    ]
-    if dataset_root is not None:
-        command += ["--dataset-root", str(dataset_root)]
-    return command
 
 
 def save_options(path: Path, command: str, options: dict) -> None:

@@ -7,7 +7,7 @@
 Every artefact lives under ``out``:
 
     out/pipeline_state.json            the settings and every finished stage (with its result)
-    out/round<r>/pairs/                 the round's pair store (``generate``)
+    out/round<r>/pairs/                 the round's pair store (``generate``) and its generate_config.yaml
     out/round<r>/validate.json          its validation report
     out/round<r>/student/               the round's training run (``train``; the student is checkpoints/last)
     out/round<r>/eval/                  the student against the ORIGINAL teacher (``eval``)
@@ -23,6 +23,10 @@ teacher, the previous student, shares those frozen weights), so no vision encode
 round's store carries the features on; every train stage then uses its store's cache. Each generate and train stage
 records what it did (``feature_cache``), and ``pipeline_state.json``'s ``feature_cache`` sums it up
 (``feature_cache_summary``).
+
+Each generate, train and eval stage leaves the options file its command writes (``reflowpairs.options_file``:
+``generate_config.yaml`` beside the store's manifest, ``train_options.yaml``, ``eval_options.yaml``), so that
+``reflowpairs COMMAND --config FILE`` reruns that one stage on its own.
 
 A stage is recorded in ``pipeline_state.json`` only once it has finished, so a crash at any point loses at most the
 stage in progress, and that stage itself resumes where it stopped (``generate`` and ``train`` have their own resume):
@@ -41,6 +45,9 @@ from typing import Any
 
 from reflowpairs.atomic import write_json_atomically
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.next_steps import lerobot_command
+from reflowpairs.options_file import EVAL_OPTIONS, TRAIN_OPTIONS, config_options, plain_value, write_options
+from reflowpairs.pairstore import GENERATE_OPTIONS
 
 PIPELINE_STATE = "pipeline_state.json"
 STATE_VERSION = 1
@@ -84,6 +91,10 @@ class PipelineConfig:
     threads: int | str | None = (
         None  # generate's and train's `threads` (None: keep the caller's torch setting)
     )
+    # a local tokenizer directory every checkpoint's preprocessor uses (``teacher.load_policy``'s ``tokenizer``):
+    # passed to the closed-loop stage and written into every stage's options file; the generate, validate, train
+    # and eval stages read it from REFLOWPAIRS_TOKENIZER until their configs take ``tokenizer`` too
+    tokenizer: str | None = None
 
 
 Progress = Callable[[str, int, int], None]
@@ -111,6 +122,7 @@ class PipelineResult:
     comparison: dict[str, Any]  # every model side by side (``reflowpairs.compare``), out/comparison/
     feature_cache: dict[str, str] = field(default_factory=dict)  # stage -> what it did with the cache
     closed_loop: dict[str, Any] | None = None  # with ``env_type``: the closed-loop report, out/closed_loop/
+    next_command: str = ""  # lerobot-eval on the recipe's student (``use_student_command``), shell-quoted
 
 
 # Settings that decide what the finished stages made: a rerun must keep them.
@@ -164,6 +176,7 @@ def closed_loop_config(cfg: PipelineConfig, students: dict[str, str]):
         batch_size=cfg.env_batch_size,
         use_async_envs=cfg.env_use_async_envs,
         device=cfg.device,
+        tokenizer=cfg.tokenizer,
     )
 
 
@@ -215,6 +228,26 @@ def features_source(cfg: PipelineConfig, r: int) -> str | None:
     return str(first) if r > 1 and read_index(first) is not None else None
 
 
+_CHECKPOINTS = ("teacher", "init", "student", "features_from")  # text settings that may name a local path
+
+
+def _local(source: str | None) -> str | Path | None:
+    """``source`` as a path when it names a local one (written absolute), else as it is (a hub repo id)."""
+    return Path(source) if source is not None and Path(source).expanduser().exists() else source
+
+
+def write_stage_options(cfg: PipelineConfig, command: str, config: Any, path: Path, **values: Any) -> None:
+    """The options file ``reflowpairs COMMAND`` writes, for a stage that ran ``config`` (``GenerateConfig``,
+    ``TrainConfig``, ``EvalConfig``) with ``values`` (field -> value) replacing some: ``--config path`` reruns the
+    stage on its own. Local checkpoint paths are written absolute; a file of the user's at ``path`` is left alone."""
+    fields = {field.name for field in dataclasses.fields(config)}
+    for name in fields.intersection(_CHECKPOINTS):
+        values.setdefault(name, _local(getattr(config, name)))
+    options = config_options(command, config, values)
+    options["tokenizer"] = plain_value(_local(cfg.tokenizer))
+    write_options(path, command, options)
+
+
 def _generate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]:
     from reflowpairs.featurecache import read_index
     from reflowpairs.generate import GenerateConfig, generate
@@ -246,6 +279,7 @@ def _generate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]
         gen, progress=lambda frames, _pairs, _s: progress("frames", frames, total[0]), on_plan=on_plan
     )
     cached = read_index(pairs) is not None
+    write_stage_options(cfg, "generate", gen, pairs / GENERATE_OPTIONS, cache_features=cached)
     how = f"read from {source}" if source else ("computed and cached" if cached else "not cached")
     return {
         "pairs": str(pairs),
@@ -284,26 +318,28 @@ def _train(
     from reflowpairs.train import TrainConfig, train
 
     plans: list[dict[str, Any]] = []  # train's plan says whether it uses the store's feature cache
+    train_cfg = TrainConfig(
+        pairs=pairs,
+        out=run_dir,
+        steps=steps,
+        init=init,
+        dataset_root=cfg.dataset_root,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        device=cfg.device,
+        num_workers=cfg.num_workers,
+        threads=cfg.threads,
+        save_every=steps,
+        resume=(run_dir / "checkpoints" / "last").exists(),  # a crash mid-run: continue it
+        **extra,
+    )
     result = train(
-        TrainConfig(
-            pairs=pairs,
-            out=run_dir,
-            steps=steps,
-            init=init,
-            dataset_root=cfg.dataset_root,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            seed=cfg.seed,
-            device=cfg.device,
-            num_workers=cfg.num_workers,
-            threads=cfg.threads,
-            save_every=steps,
-            resume=(run_dir / "checkpoints" / "last").exists(),  # a crash mid-run: continue it
-            **extra,
-        ),
+        train_cfg,
         progress=lambda step, total, _loss: progress("steps", step, total),
         on_plan=lambda plan: plans.append(plan),
     )
+    write_stage_options(cfg, "train", train_cfg, run_dir / TRAIN_OPTIONS)
     cache = plans[0].get("feature_cache") if plans else None
     return {
         "student": str(run_dir / STUDENT),
@@ -317,22 +353,36 @@ def _eval(cfg: PipelineConfig, student: Path, out: Path, progress: Progress) -> 
     from reflowpairs.evaluate import EvalConfig, evaluate
     from reflowpairs.report import write_report
 
-    report = evaluate(
-        EvalConfig(
-            student=str(student),
-            teacher=cfg.teacher,  # every model is scored against the ORIGINAL teacher's full-step sample
-            dataset=cfg.dataset,
-            out=out,
-            num_steps=cfg.eval_num_steps,
-            dataset_root=cfg.dataset_root,
-            episodes=cfg.eval_episodes,
-            max_frames=cfg.eval_max_frames,
-            device=cfg.device,
-            allow_mismatch=True,  # a later round's student was trained from the previous student, by design
-        ),
-        progress=progress,
+    eval_cfg = EvalConfig(
+        student=str(student),
+        teacher=cfg.teacher,  # every model is scored against the ORIGINAL teacher's full-step sample
+        dataset=cfg.dataset,
+        out=out,
+        num_steps=cfg.eval_num_steps,
+        dataset_root=cfg.dataset_root,
+        episodes=cfg.eval_episodes,
+        max_frames=cfg.eval_max_frames,
+        device=cfg.device,
+        allow_mismatch=True,  # a later round's student was trained from the previous student, by design
     )
-    return {"report": str(write_report(report, out).json)}
+    report = evaluate(eval_cfg, progress=progress)
+    files = write_report(report, out)
+    write_stage_options(cfg, "eval", eval_cfg, out / EVAL_OPTIONS)
+    return {"report": str(files.json)}
+
+
+def final_student(cfg: PipelineConfig) -> Path:
+    """The recipe's student: the distilled one with ``distill``, else the last round's."""
+    last = Path(cfg.out) / ("distill" if cfg.distill else f"round{cfg.rounds}")
+    return last / "student" / STUDENT
+
+
+def use_student_command(cfg: PipelineConfig) -> str:
+    """``lerobot-eval --policy.path=STUDENT --env.type=ENV``: lerobot's own evaluation of the recipe's student at its
+    saved step count (``ENV``: ``env_type``, or ``...`` for the user to fill in)."""
+    return lerobot_command(
+        "lerobot-eval", **{"policy.path": final_student(cfg), "env.type": cfg.env_type or "..."}
+    )
 
 
 def stages(cfg: PipelineConfig) -> list[Stage]:
@@ -454,4 +504,5 @@ def run_pipeline(
         comparison=comparison,
         feature_cache=state["feature_cache"],
         closed_loop=closed_loop,
+        next_command=use_student_command(cfg),
     )

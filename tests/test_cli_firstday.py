@@ -17,7 +17,7 @@ import yaml
 from rich.console import Console
 
 from reflowpairs.cli import app
-from reflowpairs.cli.options import translate_args
+from reflowpairs.cli.lerobot_names import translate_args
 from reflowpairs.cli.progress import LineProgress, line_interval, make_progress, progress_mode
 from reflowpairs.cli.ui import parse_episodes
 from reflowpairs.errors import ReflowPairsError

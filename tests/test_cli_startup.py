@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from reflowpairs.cli.app import RootGroup, app
-from reflowpairs.cli.options import COMMAND_ORDER
+from reflowpairs.cli.command import COMMAND_ORDER, Command
 
 from .helpers import child_env, cli
 
@@ -74,8 +74,8 @@ def test_a_loaded_command_is_the_one_typer_builds():
     inspect_cmd = group.commands["inspect"]
     assert inspect_cmd.name == "inspect" and [p.name for p in inspect_cmd.params][0] == "store"
     assert group.get_command(None, "inspect") is inspect_cmd  # built once
-    assert type(group.commands["eval"]).__name__ == "EnvCommand"
-    assert type(group.commands["pipeline"]).__name__ == "PipelineCommand"
+    assert type(group.commands["eval"]) is Command  # --env.FIELD is translated by the one translate_args
+    assert type(group.commands["pipeline"]) is Command
     assert group.commands.get("no-such-command") is None
 
 
@@ -100,9 +100,27 @@ def test_help_and_inspect_import_neither_torch_nor_lerobot(args, tiny_store, tmp
         assert "pair store" in done.stdout
 
 
+# The commands whose defaults come from a library config in a module that imports torch today: their --help imports
+# torch until that config moves to a module without it (GenerateConfig in reflowpairs.generate, TrainConfig in
+# reflowpairs.train, EvalConfig in reflowpairs.evaluate). strict: once one moves, its entry here must go.
+_CONFIG_IMPORTS_TORCH = {"generate", "train", "eval"}
+
+
 @pytest.mark.slow
-def test_a_command_that_needs_torch_still_loads_it(tmp_path):
-    """The lazy registration does not lose a command: `train --help` builds it (and imports what it needs)."""
-    report, done = _probe(tmp_path, "train", "--help")
+@pytest.mark.parametrize("command", [c for c in COMMAND_ORDER if c != "inspect"])
+def test_every_commands_help_imports_neither_torch_nor_lerobot(command, tmp_path, request):
+    if command in _CONFIG_IMPORTS_TORCH:
+        request.applymarker(pytest.mark.xfail(reason="its library config imports torch", strict=True))
+    report, done = _probe(tmp_path, command, "--help")
+    assert report["code"] == 0, done.stderr
+    assert "--help" in done.stdout  # the command was built: its own help, not the root's
+    assert report["imported"] == [], done.stderr
+
+
+@pytest.mark.slow
+def test_a_command_that_needs_torch_still_loads_it(tmp_path, tiny_store):
+    """The lazy registration does not lose a command: `validate STORE --spot-check 2` builds it and imports what it
+    runs (the teacher, through torch and lerobot)."""
+    report, done = _probe(tmp_path, "validate", str(tiny_store), "--spot-check", "2", "--json")
     assert report["code"] == 0 and "torch" in report["imported"], done.stderr
-    assert "--steps" in done.stdout
+    assert json.loads(done.stdout)["status"] == "sound"

@@ -4,8 +4,11 @@ lerobot-eval's --env.* / --eval.* options. Fast: no env, no model."""
 from __future__ import annotations
 
 import pytest
+import typer.main
 
-from reflowpairs.cli.eval_cmd import EnvCommand, env_args, parse_env_options
+from reflowpairs.cli.app import app
+from reflowpairs.cli.lerobot_names import translate_args
+from reflowpairs.cli.options import parse_env_options
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.eval.closed_loop_metrics import (
     fewest_matching_steps,
@@ -62,14 +65,16 @@ def test_verdict_is_the_fewest_steps_within_or_above_the_reference_interval():
 def test_env_and_eval_options_are_translated():
     args = ["--env.type", "pusht", "--env.episode_length=20", "--eval.batch_size", "4"]
     args += ["--eval.use_async_envs", "true", "--eval.n_episodes=3", "--out", "x"]
-    assert env_args(args, EnvCommand.EVAL_ALIASES) == [
+    command = typer.main.get_command(app).commands["eval"]
+    ctx = command.make_context("eval", [], resilient_parsing=True)
+    assert translate_args(command, ctx, args) == [
         "--env-option",
         "type=pusht",
         "--env-option",
         "episode_length=20",
         "--eval-batch-size",
         "4",
-        "--eval-use-async-envs=true",
+        "--eval-use-async-envs",
         "--n-episodes=3",
         "--out",
         "x",

@@ -155,6 +155,27 @@ def test_the_cli_prints_one_summary(tiny_world, tmp_path):
     assert list(state["stages"]) == ["round1/generate", "round1/validate", "round1/train", "round1/eval"]
     assert json.loads((out / "comparison" / "comparison.json").read_text())["models"] == ["teacher", "round1"]
     assert "round1" in result.output and "teacher" in result.output
+    student = out / "round1" / "student" / STUDENT
+    assert (
+        f"next: lerobot-eval --policy.path={student} --env.type=..." in result.output
+    )  # the recipe's student
+
+    # every generate, train and eval stage left its command's options file, and the file reruns that stage alone
+    files = {
+        "generate": out / "round1" / "pairs" / "generate_config.yaml",
+        "train": out / "round1" / "student" / "train_options.yaml",
+        "eval": out / "round1" / "eval" / "eval_options.yaml",
+    }
+    for command, path in files.items():
+        assert path.read_text().startswith(f"# reflowpairs {command} options"), command
+        assert runner.invoke(app, [command, "--config", str(path), "--help"]).exit_code == 0, command
+    rerun = runner.invoke(
+        app, ["eval", "--config", str(files["eval"]), "--out", str(tmp_path / "eval_again")]
+    )
+    assert rerun.exit_code == 0, rerun.output
+    again = json.loads((tmp_path / "eval_again" / "report.json").read_text())["rows"]
+    first = json.loads((out / "round1" / "eval" / "report.json").read_text())["rows"]
+    assert _same_errors(again, first)
 
     bad = runner.invoke(app, [*args[:-2], "--device", "cpu", "--samples-per-frame", "3"])
     assert bad.exit_code == 1
