@@ -17,6 +17,7 @@ from reflowpairs.eval.closed_loop_metrics import (
     wilson_interval,
 )
 from reflowpairs.eval.config import ClosedLoopConfig
+from reflowpairs.policies import family
 
 
 @pytest.mark.parametrize(
@@ -216,10 +217,6 @@ def test_rollout_wrappers_fall_back_when_lerobot_lacks_what_they_wrap(monkeypatc
 
 
 def test_chunk_latency_times_the_methods_each_family_makes_chunks_with():
-    from reflowpairs.eval._family_compat import (
-        family,  # RENOVATION SHIM: reflowpairs.policies.family at merge
-    )
-
     # SmolVLA's select_action calls its private _get_action_chunk directly: both are timed; pi0/pi05 make chunks
     # through predict_action_chunk alone
     assert family("smolvla").chunk_methods == ("predict_action_chunk", "_get_action_chunk")

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from reflowpairs.engine import lerobot_sampling_steps
-from reflowpairs.eval._family_compat import family  # RENOVATION SHIM: reflowpairs.policies.family at merge
 from reflowpairs.eval.progress import PhaseProgress
 from reflowpairs.eval.sampling import ModelUnderEval
+from reflowpairs.policies import family
 
 
 def _synchronize(device: torch.device) -> None:
@@ -56,7 +56,9 @@ def measure_latencies(
     batches = {}
     for name, model in models.items():
         batch = model.loaded.preprocessor(dict(raw_frame))
-        batches[name] = {k: v for k, v in batch.items() if k.startswith("observation.")}
+        # the whole model batch but the action: a family's inputs need not be named observation.* (EO-1's
+        # input_ids, pixel_values, ...)
+        batches[name] = {k: v for k, v in batch.items() if not k.startswith("action")}
     noise = {name: noise.to(model.engine.device) for name, model in models.items()}
     total, done = len(todo) * (repeats + 1), 0
     warm: dict[tuple[str, int], Tensor] = {}

@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 
-from reflowpairs.eval._family_compat import family  # RENOVATION SHIM: reflowpairs.policies.family at merge
 from reflowpairs.eval.closed_loop_cells import summarise_cell
 from reflowpairs.eval.config import ClosedLoopConfig
-from reflowpairs.policies import configured_num_steps
+from reflowpairs.policies import configured_num_steps, family
 
 
 class EpisodeLengths:

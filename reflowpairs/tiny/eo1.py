@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from reflowpairs.tinypi import _train
-from reflowpairs.tinyworld import TASKS
+from reflowpairs.tiny.training import TinyTraining, fit_tiny_teacher
+from reflowpairs.tiny.world import TASKS
 
 SYSTEM_WORDS = ("You", "are", "a", "helpful", "physical", "assistant", ".", "system", "user")
 """Words of EO-1's prompt (``processor_eo1.SYSTEM_MESSAGE`` and the chat roles) the tiny tokenizer knows."""
@@ -236,7 +236,7 @@ def build_tiny_eo1_teacher(
 ) -> Path:
     """Build a tiny EO-1 teacher for the LeRobotDataset at ``dataset_root`` offline, train it ``spec.train_steps``
     steps with lerobot's own EO-1 loss (``policy.forward``, lerobot drawing noise and times; the tiny teachers' one
-    loop, ``reflowpairs.tinypi._train``) and save it as ``lerobot-train`` saves ``pretrained_model/``: config.json,
+    loop, ``reflowpairs.tiny.training.fit_tiny_teacher``) and save it as ``lerobot-train`` saves ``pretrained_model/``: config.json,
     model.safetensors and the policy pre/post-processor files. ``vlm_dir``: a local tiny Qwen2.5-VL directory; None
     writes ``build_tiny_qwen_vl``'s to ``out_dir/vlm`` (the checkpoint refers to it by absolute path)."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
@@ -254,7 +254,8 @@ def build_tiny_eo1_teacher(
     preprocessor, postprocessor = make_pre_post_processors(cfg, dataset_stats=dataset.meta.stats)
     info = {"steps": 0, "final_loss": None}
     if spec.train_steps > 0:
-        info = _train(policy, preprocessor, dataset, cfg, spec)
+        training = TinyTraining(spec.train_steps, spec.batch_size, spec.lr, spec.seed, cosine=False)
+        info = fit_tiny_teacher(policy, preprocessor, dataset, cfg.chunk_size, training)
     policy.save_pretrained(out_dir)
     preprocessor.save_pretrained(out_dir)
     postprocessor.save_pretrained(out_dir)
