@@ -268,7 +268,7 @@ def test_a_step_loss_is_the_policys_own_forward(run, tiny_world, tiny_store):
 def test_no_gradient_lives_through_a_forward(tiny_store, tmp_path, monkeypatch):
     """lerobot's order (update_policy): backward, clip, step, zero_grad; so each forward starts with no gradients
     held (the previous step's would add their size to the forward's peak memory)."""
-    import reflowpairs.train as train_module
+    import reflowpairs.train.loss as train_module
 
     held = []
     original = train_module.reflow_loss
@@ -352,7 +352,7 @@ def test_resume_with_more_steps_follows_the_new_schedule(tiny_store, tmp_path):
     plans = []
     result = train(TrainConfig(**resume, allow_schedule_change=True), on_plan=plans.append)
     assert (result.start_step, result.step) == (3, 6)
-    change = plans[0]["schedule_change"]
+    change = plans[0].schedule_change
     assert (change["old_steps"], change["new_steps"], change["step"]) == (3, 6, 4)
     assert change["lr_before"] == pytest.approx(old_lr, rel=1e-12) and change["lr_after"] == pytest.approx(
         a[3]["lr"], rel=1e-12
@@ -793,9 +793,9 @@ def test_cli_ctrl_c_saves_and_resumes(tiny_store, tmp_path):
     plans = []
     result = train(dataclasses.replace(resume, allow_schedule_change=True), on_plan=plans.append)
     (plan,) = plans
-    assert plan["resumed_from"] is not None and plan["start_step"] == step
-    assert (plan["warmup_steps"], plan["preset_warmup_steps"], plan["preset_decay_steps"]) == (0, 1000, 30000)
-    change = plan["schedule_change"]
+    assert plan.resumed_from is not None and plan.start_step == step
+    assert (plan.warmup_steps, plan.preset_warmup_steps, plan.preset_decay_steps) == (0, 1000, 30000)
+    change = plan.schedule_change
     assert (change["old_steps"], change["new_steps"]) == (100_000, step + 2)
     assert (change["old"]["warmup_steps"], change["old"]["decay_steps"]) == (1000, 30000)
     assert (result.start_step, result.step) == (step, step + 2)
