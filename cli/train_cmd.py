@@ -353,7 +353,7 @@ def train(
         if main_process
         else None
     )
-    logger: dict[str, Any] = {}
+    wandb_options: dict[str, Any] = {}  # the W&B run's recorded options: filled in on_plan, read after it
     with user_errors(), progress(main=main_process, prefix="train", cap=PROGRESS_EVERY) as bar:
         cfg = TrainConfig(
             pairs=pairs,
@@ -380,6 +380,7 @@ def train(
             no_feature_cache=no_feature_cache,
             allow_schedule_change=allow_schedule_change,
             threads="auto",  # the command line plans CPU threads around the workers (reflowpairs.threads)
+            wandb=wandb_cfg,
         )
         task = bar.add_task("loading", total=None, rate="", unit=None, every=None)
         first: dict[str, int] = {}
@@ -395,17 +396,7 @@ def train(
                     if key in run_options and run_options[key] is None:
                         run_options[key] = str(value) if name == "student_num_steps" else value
                 save_options(out / TRAIN_OPTIONS, "train", run_options)
-                if wandb_cfg is not None:
-                    from reflowpairs.wandb_log import WandbRun
-
-                    logger["run"] = WandbRun.start(
-                        wandb_cfg,
-                        out,
-                        out.resolve().name,
-                        {"options": run_options, "plan": plan},
-                        resume=plan["resumed_from"] is not None,
-                    )
-                    bar.console.print(f"W&B run: {escape(logger['run'].where())}", soft_wrap=True)
+                wandb_options.update(run_options)
             bar.reset(
                 task,
                 total=steps,
@@ -423,14 +414,13 @@ def train(
                 task, completed=step, rate=f"loss {loss:.4f}  {rate:.2f} steps/s", info=f"loss {loss:.4f}"
             )
 
-        def on_log(record: dict[str, Any]) -> None:
-            if "run" in logger:
-                logger["run"].log(record)
+        def on_wandb_run(where: str) -> None:
+            bar.console.print(f"W&B run: {escape(where)}", soft_wrap=True)
 
-        exit_code = 1
         try:
-            result = run_train(cfg, progress=on_step, on_plan=on_plan, on_log=on_log)
-            exit_code = 0
+            result = run_train(
+                cfg, progress=on_step, on_plan=on_plan, wandb_options=wandb_options, on_wandb_run=on_wandb_run
+            )
         except TrainingInterrupted as stop:
             bar.stop()
             if stop.checkpoint is None:
@@ -443,9 +433,6 @@ def train(
                 soft_wrap=True,
             )
             raise typer.Exit(130) from None
-        finally:
-            if "run" in logger:
-                logger["run"].finish(exit_code)
     if not main_process:
         return
     table = Table(title=f"student {result.out}", show_header=False)
@@ -461,8 +448,8 @@ def train(
     )
     table.add_row("log", str(result.out / "train_log.jsonl"))
     table.add_row("options", str(result.out / TRAIN_OPTIONS))
-    if "run" in logger:
-        table.add_row("W&B run", escape(logger["run"].where()))
+    if result.wandb_run is not None:
+        table.add_row("W&B run", escape(result.wandb_run))
     out_console.print(table)
     commands = next_commands(result)
     out_console.print(f"use it: {escape(commands['lerobot_eval'])}", soft_wrap=True)
