@@ -939,3 +939,54 @@ def test_effective_schedule_matches_lerobots_rescaling(tiny_world):
         1e-3,
         2.0,
     )
+
+
+# --- processes, W&B and the launch rank --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_of_one_process_leaves_no_accelerate_state(tiny_store, tmp_path):
+    """One process runs without an ``accelerate.Accelerator`` (``train.processes.OneProcess``): nothing of
+    accelerate's process-wide state is left for a later run, or lerobot-train, in the same Python process."""
+    from accelerate.state import is_initialized
+
+    before = is_initialized()  # False unless another test in this session ran lerobot-train in process
+    result = train(_cfg(tiny_store, tmp_path / "o", steps=2))
+    assert result.step == 2 and is_initialized() == before
+
+
+@pytest.mark.slow
+def test_library_train_logs_to_wandb(tiny_store, tmp_path, monkeypatch):
+    """``TrainConfig.wandb`` (lerobot's WandBConfig) makes library ``train()`` log each ``train_log.jsonl`` record to
+    a W&B run (offline here), say where (``on_wandb_run``, ``TrainResult.wandb_run``) and finish it."""
+    from lerobot.configs.default import WandBConfig
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    settings = WandBConfig(enable=True, project="reflowpairs-tests", mode="offline")
+    told: list[str] = []
+    result = train(
+        _cfg(tiny_store, tmp_path / "o", steps=2, log_every=1, wandb=settings), on_wandb_run=told.append
+    )
+    assert told == [result.wandb_run] and str(tmp_path / "wandb") in result.wandb_run
+    (run_file,) = (tmp_path / "wandb").glob("wandb/offline-run-*/run-*.wandb")
+    assert run_file.stat().st_size > 0 and settings.run_id is not None
+    plain = train(_cfg(tiny_store, tmp_path / "plain", steps=1))
+    assert plain.wandb_run is None
+
+
+def test_process_rank_is_the_launchers(monkeypatch):
+    from reflowpairs.distributed import is_main_process, process_rank
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert process_rank() == 0 and is_main_process()
+    monkeypatch.setenv("RANK", "3")
+    assert process_rank() == 3 and not is_main_process()
+
+
+def test_the_train_plan_is_typed_and_json_ready():
+    from reflowpairs.train import TrainPlan
+
+    names = [f.name for f in dataclasses.fields(TrainPlan)]
+    assert names[:3] == ["init", "resumed_from", "start_step"] and "feature_cache" in names
+    plan = TrainPlan(**dict.fromkeys(names))
+    assert json.loads(json.dumps(plan.as_dict())) == dict.fromkeys(names)

@@ -39,6 +39,9 @@ copies), ``optim`` (optimiser and schedule), ``step`` (one optimiser step), ``in
 dataset and student, checked), ``resume``, ``processes`` (one, or several through accelerate), ``planning``
 (``TrainPlan``), ``signals`` (Ctrl-C), ``logfile`` (``train_log.jsonl``), ``checkpointing``, ``loop`` (``train``) and
 ``next_commands``.
+
+RENOVATION SHIM (removed at merge): ``check_store``, ``_trim_log`` and ``_teacher_env_type`` are the old names of
+``open_training_store``, ``logfile.trim_log`` and ``next_commands.teacher_env_type``, for the files that still import them.
 """
 
 from reflowpairs.timesampling import TIME_SAMPLINGS
@@ -53,11 +56,9 @@ from reflowpairs.train.config import (
     parse_student_num_steps,
 )
 from reflowpairs.train.inputs import open_training_store
-
-# RENOVATION SHIM: removed at merge (old names other files still import from reflowpairs.train)
-from reflowpairs.train.inputs import open_training_store as check_store  # noqa: E402, F401, I001
+from reflowpairs.train.inputs import open_training_store as check_store  # noqa: F401  RENOVATION SHIM: old name
 from reflowpairs.train.logfile import LOG_FILE
-from reflowpairs.train.logfile import trim_log as _trim_log  # noqa: E402, F401
+from reflowpairs.train.logfile import trim_log as _trim_log  # noqa: F401  RENOVATION SHIM: old name
 from reflowpairs.train.loop import train
 from reflowpairs.train.loss import (
     LOSSES,
@@ -70,7 +71,7 @@ from reflowpairs.train.loss import (
 )
 from reflowpairs.train.masters import MasterWeights, trainable_named_parameters, trainable_parameters
 from reflowpairs.train.next_commands import next_commands
-from reflowpairs.train.next_commands import teacher_env_type as _teacher_env_type  # noqa: E402, F401
+from reflowpairs.train.next_commands import teacher_env_type as _teacher_env_type  # noqa: F401  RENOVATION SHIM
 from reflowpairs.train.optim import (
     Optimisation,
     OptimPlan,
