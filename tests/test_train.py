@@ -974,6 +974,18 @@ def test_library_train_logs_to_wandb(tiny_store, tmp_path, monkeypatch):
     assert plain.wandb_run is None
 
 
+def test_a_bad_wandb_mode_is_refused_before_any_work(tmp_path):
+    from lerobot.configs.default import WandBConfig
+
+    with pytest.raises(ReflowPairsError, match="wandb-mode must be one of"):
+        train(
+            TrainConfig(
+                pairs=tmp_path / "none", out=tmp_path / "o", wandb=WandBConfig(enable=True, mode="sometimes")
+            )
+        )
+    assert not (tmp_path / "o").exists()
+
+
 def test_process_rank_is_the_launchers(monkeypatch):
     from reflowpairs.distributed import is_main_process, process_rank
 

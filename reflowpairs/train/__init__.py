@@ -28,11 +28,12 @@ checked when it is first read, in the DataLoader workers (``reflowpairs.pairdata
 shapes, dtypes, sha256, origin, every ``obs_index`` a frame of the dataset); a damaged shard stops training with
 an error naming it before any of its pairs reaches a step.
 
-Processes: one, or several launched by ``torchrun`` / ``accelerate launch``. An ``accelerate.Accelerator`` (as in
-``lerobot-train``) joins the process group, wraps the student in DDP, and says which process is the main one
-(the only one that saves and logs) and reduces the loss across processes. Each process reads only its own shards
-(``PairSampler`` with ``rank``/``world``). Precision stays this module's (``train_step``: float32 master copies of
-low-precision parameters, our own autocast): accelerate's ``mixed_precision`` is left at ``"no"``.
+Processes: one, or several launched by ``torchrun`` / ``accelerate launch`` (``processes``). Several run through an
+``accelerate.Accelerator`` (as in ``lerobot-train``): it wraps the student in DDP, says which process is the main one
+(the only one that saves and logs) and reduces the loss across processes; one process needs none of that. Each
+process reads only its own shards (``PairSampler`` with ``rank``/``world``). Precision stays this package's
+(``train_step``: float32 master copies of low-precision parameters, our own autocast): accelerate's
+``mixed_precision`` is left at ``"no"``.
 
 The package, by concept: ``config`` (settings, defaults, checks, results), ``loss``, ``masters`` (float32 master
 copies), ``optim`` (optimiser and schedule), ``step`` (one optimiser step), ``inputs`` (the store, init checkpoint,

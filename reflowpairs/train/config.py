@@ -16,6 +16,7 @@ from typing import Any
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.timesampling import check_time_sampling
 from reflowpairs.train.loss import LOSSES
+from reflowpairs.wandb_log import check_mode, require_wandb
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 
@@ -153,6 +154,9 @@ def check_settings(cfg: TrainConfig) -> None:
         check_time_sampling(cfg.time_sampling)
     if cfg.loss is not None and cfg.loss not in LOSSES:
         raise ReflowPairsError(f"Unknown `loss` {cfg.loss!r}.", f"Set `loss` to one of: {', '.join(LOSSES)}.")
+    if cfg.wandb is not None and getattr(cfg.wandb, "enable", True):
+        check_mode(cfg.wandb.mode)  # before any work, as the command line does
+        require_wandb()
     if cfg.precision not in PRECISIONS:
         raise ReflowPairsError(
             f"`precision` must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}.",
