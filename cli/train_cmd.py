@@ -380,7 +380,7 @@ def train(
             no_feature_cache=no_feature_cache,
             allow_schedule_change=allow_schedule_change,
             threads="auto",  # the command line plans CPU threads around the workers (reflowpairs.threads)
-            wandb=wandb_cfg,
+            wandb_config=wandb_cfg,
         )
         task = bar.add_task("loading", total=None, rate="", unit=None, every=None)
         first: dict[str, int] = {}

@@ -957,7 +957,7 @@ def test_a_run_of_one_process_leaves_no_accelerate_state(tiny_store, tmp_path):
 
 @pytest.mark.slow
 def test_library_train_logs_to_wandb(tiny_store, tmp_path, monkeypatch):
-    """``TrainConfig.wandb`` (lerobot's WandBConfig) makes library ``train()`` log each ``train_log.jsonl`` record to
+    """``TrainConfig.wandb_config`` (lerobot's WandBConfig) makes library ``train()`` log each ``train_log.jsonl`` record to
     a W&B run (offline here), say where (``on_wandb_run``, ``TrainResult.wandb_run``) and finish it."""
     from lerobot.configs.default import WandBConfig
 
@@ -965,7 +965,8 @@ def test_library_train_logs_to_wandb(tiny_store, tmp_path, monkeypatch):
     settings = WandBConfig(enable=True, project="reflowpairs-tests", mode="offline")
     told: list[str] = []
     result = train(
-        _cfg(tiny_store, tmp_path / "o", steps=2, log_every=1, wandb=settings), on_wandb_run=told.append
+        _cfg(tiny_store, tmp_path / "o", steps=2, log_every=1, wandb_config=settings),
+        on_wandb_run=told.append,
     )
     assert told == [result.wandb_run] and str(tmp_path / "wandb") in result.wandb_run
     (run_file,) = (tmp_path / "wandb").glob("wandb/offline-run-*/run-*.wandb")
@@ -980,7 +981,9 @@ def test_a_bad_wandb_mode_is_refused_before_any_work(tmp_path):
     with pytest.raises(ReflowPairsError, match="wandb-mode must be one of"):
         train(
             TrainConfig(
-                pairs=tmp_path / "none", out=tmp_path / "o", wandb=WandBConfig(enable=True, mode="sometimes")
+                pairs=tmp_path / "none",
+                out=tmp_path / "o",
+                wandb_config=WandBConfig(enable=True, mode="sometimes"),
             )
         )
     assert not (tmp_path / "o").exists()

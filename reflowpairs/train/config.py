@@ -82,7 +82,7 @@ class TrainConfig:
     # "auto" plans them around the DataLoader workers (what the command line uses; reflowpairs.threads)
     threads: int | str | None = None
     # lerobot's WandBConfig (lerobot.configs.default): log to Weights & Biases when set and enabled (reflowpairs.wandb_log)
-    wandb: Any = None
+    wandb_config: Any = None
 
 
 @dataclass
@@ -154,8 +154,8 @@ def check_settings(cfg: TrainConfig) -> None:
         check_time_sampling(cfg.time_sampling)
     if cfg.loss is not None and cfg.loss not in LOSSES:
         raise ReflowPairsError(f"Unknown `loss` {cfg.loss!r}.", f"Set `loss` to one of: {', '.join(LOSSES)}.")
-    if cfg.wandb is not None and getattr(cfg.wandb, "enable", True):
-        check_mode(cfg.wandb.mode)  # before any work, as the command line does
+    if cfg.wandb_config is not None and getattr(cfg.wandb_config, "enable", True):
+        check_mode(cfg.wandb_config.mode)  # before any work, as the command line does
         require_wandb()
     if cfg.precision not in PRECISIONS:
         raise ReflowPairsError(

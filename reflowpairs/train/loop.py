@@ -191,7 +191,7 @@ def _config_options(cfg: TrainConfig) -> dict[str, Any]:
     return {
         name: str(value) if isinstance(value, Path) else value
         for name, value in asdict(cfg).items()
-        if name != "wandb"
+        if name != "wandb_config"
     }
 
 
@@ -201,10 +201,10 @@ def start_wandb(
     options: dict[str, Any] | None,
     on_wandb_run: Callable[[str], None] | None,
 ) -> WandbRun | None:
-    """The run's W&B run in the main process when ``cfg.wandb`` (lerobot's ``WandBConfig``) is set and enabled (a
+    """The run's W&B run in the main process when ``cfg.wandb_config`` (lerobot's ``WandBConfig``) is set and enabled (a
     resumed run continues its W&B run), else None; its config records ``options`` (default: the run's
     ``TrainConfig``) and the plan. ``on_wandb_run(where)`` is told where it logs (its URL or offline directory)."""
-    settings = run.cfg.wandb
+    settings = run.cfg.wandb_config
     if settings is None or not getattr(settings, "enable", True) or not run.is_main:
         return None
     config = {"options": _config_options(run.cfg) if options is None else options, "plan": plan.as_dict()}
@@ -243,7 +243,7 @@ def train(
     the main process with each record written to ``train_log.jsonl`` (``step``, ``loss``, ``lr``, ``grad_norm``,
     ``seconds``).
 
-    W&B: with ``cfg.wandb`` (lerobot's ``WandBConfig``, enabled), the main process logs each record to a W&B run
+    W&B: with ``cfg.wandb_config`` (lerobot's ``WandBConfig``, enabled), the main process logs each record to a W&B run
     started after ``on_plan`` returns (so ``wandb_options``, the options its config records, may be filled there;
     default: ``cfg``'s fields) and finished when the run ends; ``on_wandb_run(where)`` is told where it logs, and
     ``TrainResult.wandb_run`` holds it.
