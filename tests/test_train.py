@@ -959,15 +959,19 @@ def test_a_run_of_one_process_leaves_no_accelerate_state(tiny_store, tmp_path):
 def test_library_train_logs_to_wandb(tiny_store, tmp_path, monkeypatch):
     """``TrainConfig.wandb_config`` (lerobot's WandBConfig) makes library ``train()`` log each ``train_log.jsonl`` record to
     a W&B run (offline here), say where (``on_wandb_run``, ``TrainResult.wandb_run``) and finish it."""
+    import wandb
     from lerobot.configs.default import WandBConfig
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     settings = WandBConfig(enable=True, project="reflowpairs-tests", mode="offline")
     told: list[str] = []
-    result = train(
-        _cfg(tiny_store, tmp_path / "o", steps=2, log_every=1, wandb_config=settings),
-        on_wandb_run=told.append,
-    )
+    try:
+        result = train(
+            _cfg(tiny_store, tmp_path / "o", steps=2, log_every=1, wandb_config=settings),
+            on_wandb_run=told.append,
+        )
+    finally:
+        wandb.teardown()  # wandb keeps process-wide settings read from the environment: a later test reads its own
     assert told == [result.wandb_run] and str(tmp_path / "wandb") in result.wandb_run
     (run_file,) = (tmp_path / "wandb").glob("wandb/offline-run-*/run-*.wandb")
     assert run_file.stat().st_size > 0 and settings.run_id is not None
