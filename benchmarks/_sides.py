@@ -135,10 +135,11 @@ class Side:
             frames = full
             if name == "cached":
                 from reflowpairs.featurecache import plan_training
+                from reflowpairs.train import cached_features_loss
 
                 self.cache = plan_training(world.store, self.policy, store.meta, disabled=False)
                 frames = self.cache.frames(full)
-                self.loss_fn = self.cache.loss_fn(self.preprocessor)
+                self.loss_fn = cached_features_loss(self.cache, self.preprocessor)
             pairs = PairDataset(store, frames, position_lookup(frame_indices(full)), cache_shards=5)
             loader = torch.utils.data.DataLoader(
                 pairs, batch_size=batch_size, sampler=PairSampler(pairs.counts, seed, 4)

@@ -44,7 +44,7 @@ from reflowpairs.errors import ReflowPairsError
 from reflowpairs.launcher import is_main_process
 from reflowpairs.options_file import TRAIN_OPTIONS
 from reflowpairs.train import TrainConfig
-from reflowpairs.wandb_log import DEFAULT_PROJECT, WandbRun, check_mode, require_wandb
+from reflowpairs.wandb_log import DEFAULT_PROJECT, check_mode, require_wandb
 
 _DEFAULTS = config_defaults(TrainConfig)  # the options' defaults are the library config's
 TRAIN_EPILOG = lerobot_names_text("train") + f" Each run writes its options to OUT/{TRAIN_OPTIONS}."
@@ -339,37 +339,37 @@ def train(
             log_every=log_every or 1,
             student_num_steps=parse_student_num_steps(student_num_steps),
             threads="auto",  # the command line plans CPU threads around the workers (reflowpairs.threads)
+            wandb_config=wandb_cfg,
         )
-        run = _TrainDisplay(bar, main_process, options, wandb_cfg, log_every, cfg)
-        result = run.train(cfg)
+        result = _TrainDisplay(bar, main_process, options, log_every, cfg).train(cfg)
     if main_process:
-        _print_result(result, run.wandb_run)
+        _print_result(result)
 
 
 class _TrainDisplay:
     """What ``train`` shows while the library trains: the plan table and options file once the plan is known (and
     the W&B run, with --wandb), a bar (or progress lines) over the steps, and a short note on Ctrl-C."""
 
-    def __init__(
-        self, bar, main_process: bool, options: dict[str, Any], wandb_cfg, log_every, cfg: TrainConfig
-    ):
-        self.bar, self.main_process, self.options = bar, main_process, options
-        self.wandb_cfg, self.log_every = wandb_cfg, log_every
+    def __init__(self, bar, main_process: bool, options: dict[str, Any], log_every, cfg: TrainConfig):
+        self.bar, self.main_process, self.options, self.log_every = bar, main_process, options, log_every
         self.out, self.steps = Path(cfg.out), cfg.steps
         self.task = bar.add_task("loading", total=None, rate="", unit=None, every=None)
         self.first_step = 0
-        self.wandb_run = None
+        self.wandb_options: dict[str, Any] = {}  # the W&B run's recorded options: filled in on_plan, read after it
 
     def train(self, cfg: TrainConfig):
         """``reflowpairs.train.train(cfg)`` with this display; exit 130 on Ctrl-C (the last checkpoint named)."""
         from reflowpairs.train import TrainingInterrupted  # imports torch: not for --help
         from reflowpairs.train import train as run_train
 
-        exit_code = 1
         try:
-            result = run_train(cfg, progress=self.on_step, on_plan=self.on_plan, on_log=self.on_log)
-            exit_code = 0
-            return result
+            return run_train(
+                cfg,
+                progress=self.on_step,
+                on_plan=self.on_plan,
+                wandb_options=self.wandb_options,
+                on_wandb_run=self.on_wandb_run,
+            )
         except TrainingInterrupted as stop:
             self.bar.stop()
             if stop.checkpoint is None:
@@ -382,9 +382,6 @@ class _TrainDisplay:
                 soft_wrap=True,
             )
             raise typer.Exit(130) from None
-        finally:
-            if self.wandb_run is not None:
-                self.wandb_run.finish(exit_code)
 
     def on_plan(self, plan: dict[str, Any]) -> None:
         self.first_step = plan["start_step"]
@@ -397,15 +394,7 @@ class _TrainDisplay:
                     run_options[key] = str(value) if name == "student_num_steps" else value
             out = self.out
             save_options(out / TRAIN_OPTIONS, "train", run_options)
-            if self.wandb_cfg is not None:
-                self.wandb_run = WandbRun.start(
-                    self.wandb_cfg,
-                    out,
-                    out.resolve().name,
-                    {"options": run_options, "plan": plan},
-                    resume=plan["resumed_from"] is not None,
-                )
-                self.bar.console.print(f"W&B run: {escape(self.wandb_run.where())}", soft_wrap=True)
+            self.wandb_options.update(run_options)
         self.bar.reset(
             self.task,
             total=self.steps,
@@ -423,12 +412,11 @@ class _TrainDisplay:
             self.task, completed=step, rate=f"loss {loss:.4f}  {rate:.2f} steps/s", info=f"loss {loss:.4f}"
         )
 
-    def on_log(self, record: dict[str, Any]) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.log(record)
+    def on_wandb_run(self, where: str) -> None:
+        self.bar.console.print(f"W&B run: {escape(where)}", soft_wrap=True)
 
 
-def _print_result(result, wandb_run) -> None:
+def _print_result(result) -> None:
     """The finished run's table, then the commands that use its student."""
     table = Table(title=f"student {result.out}", show_header=False)
     table.add_row(
@@ -443,8 +431,8 @@ def _print_result(result, wandb_run) -> None:
     )
     table.add_row("log", str(result.out / "train_log.jsonl"))
     table.add_row("options", str(result.out / TRAIN_OPTIONS))
-    if wandb_run is not None:
-        table.add_row("W&B run", escape(wandb_run.where()))
+    if result.wandb_run is not None:
+        table.add_row("W&B run", escape(result.wandb_run))
     out_console.print(table)
     from reflowpairs.train import next_commands  # imports torch: not for --help
 

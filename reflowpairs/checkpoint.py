@@ -33,6 +33,7 @@ from typing import Any
 
 from reflowpairs.atomic import NotAJSONObjectError, fsync_dir, fsync_tree, load_json_object
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.policies import json_step_field
 
 STATE_FILE = "reflow_state.json"
 MASTER_FILE = "master_params.safetensors"
@@ -48,25 +49,25 @@ its disk while it is inside a save, at a known point (``tests/test_train_faults.
 
 
 def checkpoints_dir(out: str | Path) -> Path:
-    from lerobot.utils.constants import CHECKPOINTS_DIR
+    from lerobot.utils.constants import CHECKPOINTS_DIR  # heavy: imported when used
 
     return Path(out) / CHECKPOINTS_DIR
 
 
 def last_link(out: str | Path) -> Path:
-    from lerobot.utils.constants import LAST_CHECKPOINT_LINK
+    from lerobot.utils.constants import LAST_CHECKPOINT_LINK  # heavy: imported when used
 
     return checkpoints_dir(out) / LAST_CHECKPOINT_LINK
 
 
 def pretrained_dir(checkpoint: Path) -> Path:
-    from lerobot.utils.constants import PRETRAINED_MODEL_DIR
+    from lerobot.utils.constants import PRETRAINED_MODEL_DIR  # heavy: imported when used
 
     return checkpoint / PRETRAINED_MODEL_DIR
 
 
 def training_state_dir(checkpoint: Path) -> Path:
-    from lerobot.utils.constants import TRAINING_STATE_DIR
+    from lerobot.utils.constants import TRAINING_STATE_DIR  # heavy: imported when used
 
     return checkpoint / TRAINING_STATE_DIR
 
@@ -91,8 +92,6 @@ def student_config_json(
     """The student's config.json: the init checkpoint's, with ``pretrained_path`` set to ``init_source``
     and the policy family's step-count field (SmolVLA's ``num_steps``, pi0/pi05's ``num_inference_steps``) set
     only when ``num_steps`` is given. Nothing else changes."""
-    from reflowpairs.policies import json_step_field
-
     config = dict(init_config)
     config["pretrained_path"] = str(init_source)
     if num_steps is not None:
@@ -146,7 +145,7 @@ def save_checkpoint(
     float32 tensor, ``MasterWeights.state_dict()``) as ``training_state/master_params.safetensors``.
     ``extra_files``: name -> text written into ``pretrained_model/`` too (a tiny test teacher's size marker,
     ``LoadedPolicy.extra_files``, so the student loads as the teacher does)."""
-    from lerobot.common.train_utils import get_step_identifier
+    from lerobot.common.train_utils import get_step_identifier  # heavy: imported when used
 
     root = checkpoints_dir(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -219,8 +218,8 @@ def _write_checkpoint(
     extra_files: dict[str, str] | None,
 ) -> None:
     """Every file of checkpoint ``step`` into ``tmp`` (``save_checkpoint`` documents them)."""
-    from lerobot.common.train_utils import save_training_state
-    from safetensors.torch import save_file
+    from lerobot.common.train_utils import save_training_state  # heavy: imported when used
+    from safetensors.torch import save_file  # heavy: imported when used
 
     model_dir = pretrained_dir(tmp)
     model_dir.mkdir(parents=True)
@@ -302,7 +301,7 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
 
 def load_training_state(checkpoint: Path, optimizer, scheduler) -> int:
     """Restore optimizer, scheduler and RNG state with lerobot's ``load_training_state``; returns the step."""
-    from lerobot.common.train_utils import load_training_state as lerobot_load
+    from lerobot.common.train_utils import load_training_state as lerobot_load  # heavy: imported when used
 
     try:
         step, _, _ = lerobot_load(checkpoint, optimizer, scheduler)
@@ -317,7 +316,7 @@ def load_training_state(checkpoint: Path, optimizer, scheduler) -> int:
 def load_master_params(checkpoint: Path) -> dict[str, Any] | None:
     """``training_state/master_params.safetensors`` (name -> float32 tensor), or None when the checkpoint has none
     (a run without low-precision trainable parameters, or one saved before master copies existed)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # heavy: imported when used
 
     path = training_state_dir(checkpoint) / MASTER_FILE
     if not path.is_file():

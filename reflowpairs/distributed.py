@@ -4,7 +4,8 @@ A single process needs none of this: ``DistContext.from_env()`` then has ``world
 collectives are no-ops, so the same code runs either way.
 
 ``generate`` uses this context (its processes share nothing but a few object collectives). ``train`` does not: it
-runs its processes through accelerate's ``Accelerator``, as lerobot-train does (``reflowpairs.train._accelerator``).
+runs its processes through accelerate's ``Accelerator``, as lerobot-train does (``reflowpairs.train.processes``).
+``process_rank``/``is_main_process`` say, before any group is joined, which process of a launch this is.
 """
 
 from __future__ import annotations
@@ -14,6 +15,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+
+def process_rank() -> int:
+    """This process's rank in a launch by ``torchrun`` / ``accelerate launch`` (their ``RANK`` variable); 0 for a
+    process started alone. Needs no process group (the command line reads it before any work)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """True in the process that reports (prints, logs, writes options files): rank 0, or a process started alone."""
+    return process_rank() == 0
 
 
 @dataclass(frozen=True)
@@ -29,8 +42,6 @@ class DistContext:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return DistContext()
-        import torch.distributed as dist
-
         owns_group = not dist.is_initialized()
         if owns_group:
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -50,16 +61,12 @@ class DistContext:
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def broadcast(self, value: Any) -> Any:
         """``value`` from rank 0, on every rank."""
         if self.world == 1:
             return value
-        import torch.distributed as dist
-
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -68,8 +75,6 @@ class DistContext:
         """Every rank's ``value``, in rank order."""
         if self.world == 1:
             return [value]
-        import torch.distributed as dist
-
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, value)
         return out
@@ -78,7 +83,5 @@ class DistContext:
         """After every rank's last collective: wait for all ranks, then end the process group this context created, so
         no rank exits with its peers' gloo/nccl connections still open (a rank can otherwise abort at exit)."""
         if self.world > 1 and self.owns_group:
-            import torch.distributed as dist
-
             dist.barrier()
             dist.destroy_process_group()

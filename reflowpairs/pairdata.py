@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pairstore import PairStore
@@ -50,7 +50,7 @@ from reflowpairs.pairstore import PairStore
 
 def is_action_key(key: str) -> bool:
     """True for the dataset's action and anything derived from it (``action``, ``action.*``, ``action_is_pad``)."""
-    from lerobot.utils.constants import ACTION
+    from lerobot.utils.constants import ACTION  # heavy: imported when used
 
     return key == ACTION or key.startswith(f"{ACTION}.") or key.startswith(f"{ACTION}_")
 
@@ -169,8 +169,6 @@ REFUSED = "refused"  # the key of an item or batch that must not be trained on: 
 def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
     """``default_collate`` of ``PairDataset`` items, or ``{"refused": (what, hint)}`` when any item was refused
     (a shard that failed its check): such a batch carries no pairs."""
-    from torch.utils.data import default_collate
-
     for item in items:
         if REFUSED in item:
             return {REFUSED: item[REFUSED]}

@@ -78,7 +78,7 @@ def _logit_normal(bsize: int, generator: torch.Generator) -> Tensor:
 
 
 def _beta(bsize: int, generator: torch.Generator) -> Tensor:
-    from lerobot.policies.common.flow_matching import sample_time_beta
+    from lerobot.policies.common.flow_matching import sample_time_beta  # heavy: imported when used
 
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     with torch.random.fork_rng(devices=[]):

@@ -6,7 +6,7 @@ And the fast tier's guard. ``make test-fast`` runs ``pytest -m "not slow"``: the
 ``@pytest.mark.slow`` (end-to-end runs, child processes, training, lerobot's own commands) are left out. While a
 run leaves them out, every test it runs is guarded through its setup (its fixtures) and its call: starting a process
 (``subprocess``, ``os.fork``/``os.system``/``os.posix_spawn``, ``multiprocessing``), training a student
-(``reflowpairs.train._loop``, the step loop of ``train()``) or running lerobot-train/lerobot-eval in this process
+(``reflowpairs.train.loop.run_steps``, the step loop of ``train()``) or running lerobot-train/lerobot-eval in this process
 fails the test with "mark it @pytest.mark.slow", so the marks stay honest. ``make test`` runs everything, unguarded.
 """
 
@@ -134,20 +134,17 @@ def _guarded_targets() -> list[tuple[Any, str, str]]:
     import lerobot.scripts.lerobot_train as lerobot_train
 
     import reflowpairs.tiny.pi_patch
-    import reflowpairs.tinypi  # RENOVATION SHIM: removed at merge (its re-export of run_lerobot is guarded too)
-    import reflowpairs.train
+    import reflowpairs.train.loop
 
     targets = [
         (subprocess.Popen, "__init__", "started a process (subprocess)"),
         (multiprocessing.process.BaseProcess, "start", "started a process (multiprocessing)"),
-        (reflowpairs.train, "_loop", "trained a student (reflowpairs.train.train's step loop)"),
+        (reflowpairs.train.loop, "run_steps", "trained a student (reflowpairs.train.train's step loop)"),
         (
             reflowpairs.tiny.pi_patch,
             "run_lerobot",
             "ran a lerobot command (reflowpairs.tiny.pi_patch.run_lerobot)",
         ),
-        # RENOVATION SHIM: removed at merge
-        (reflowpairs.tinypi, "run_lerobot", "ran a lerobot command (reflowpairs.tinypi.run_lerobot)"),
         (lerobot_train, "train", "ran lerobot-train"),
         (lerobot_train, "main", "ran lerobot-train"),
         (lerobot_eval, "eval_main", "ran lerobot-eval"),

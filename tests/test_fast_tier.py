@@ -56,7 +56,11 @@ PROCESS = (multiprocessing.process.BaseProcess, "start")
             PROCESS,
             "multiprocessing",
         ),
-        (lambda: reflowpairs.train._loop(*[None] * 7), (reflowpairs.train, "_loop"), "step loop"),
+        (
+            lambda: reflowpairs.train.loop.run_steps(*[None] * 7),
+            (reflowpairs.train.loop, "run_steps"),
+            "step loop",
+        ),
         (lambda: tinypi.run_lerobot("lerobot-eval", ["--help"]), (tinypi, "run_lerobot"), "lerobot command"),
     ],
 )
@@ -89,15 +93,22 @@ def test_the_guard_refuses_lerobots_commands_in_this_process(module, name):
 
 
 def test_the_guarded_loop_is_the_one_train_runs():
-    """``train()`` looks ``_loop`` up in its module when it runs, so replacing the module's ``_loop`` stops it."""
-    assert "_loop" in reflowpairs.train.train.__code__.co_names
+    """``train()`` looks ``run_steps`` up in its module when it runs, so replacing the module's ``run_steps`` stops it."""
+    assert "run_steps" in reflowpairs.train.train.__code__.co_names
 
 
 def test_the_guard_restores_what_it_replaced():
-    before = (subprocess.Popen.__init__, os.fork, reflowpairs.train._loop, tinypi.run_lerobot)
+    before = (subprocess.Popen.__init__, os.fork, reflowpairs.train.loop.run_steps, tinypi.run_lerobot)
     with refuse_slow_work("t.py::test_x"):
-        assert subprocess.Popen.__init__ is not before[0] and reflowpairs.train._loop is not before[2]
-    assert (subprocess.Popen.__init__, os.fork, reflowpairs.train._loop, tinypi.run_lerobot) == before
+        assert (
+            subprocess.Popen.__init__ is not before[0] and reflowpairs.train.loop.run_steps is not before[2]
+        )
+    assert (
+        subprocess.Popen.__init__,
+        os.fork,
+        reflowpairs.train.loop.run_steps,
+        tinypi.run_lerobot,
+    ) == before
 
 
 INNER_CONFTEST = "from tests.conftest import pytest_configure, pytest_runtest_call, pytest_runtest_setup\n"

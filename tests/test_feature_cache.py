@@ -124,7 +124,7 @@ def test_cache_added_to_a_store_trains_like_decoding(tiny_world, tiny_store, tmp
         with pytest.MonkeyPatch.context() as patch:  # start-up reads no pair shard's obs_index (issue #15)
             patch.setattr(PairStore, "index", lambda self: pytest.fail("train read every shard's obs_index"))
             train(TrainConfig(pairs=store, out=tmp_path / name, **settings), on_plan=plans.append)
-        assert (plans[0]["feature_cache"] is not None) is (not off)
+        assert (plans[0].feature_cache is not None) is (not off)
         students[name] = load_file(
             tmp_path / name / "checkpoints" / "last" / "pretrained_model" / "model.safetensors"
         )

@@ -176,7 +176,7 @@ def test_generate_caches_reads_and_train_uses_the_cache(
         plans = []
         settings = {"steps": 2, "batch_size": 4, "num_workers": 0, "device": "cpu", "no_feature_cache": off}
         train(TrainConfig(pairs=store, out=tmp_path / name, **settings), on_plan=plans.append)
-        assert (plans[0]["feature_cache"] is not None) is (not off)
+        assert (plans[0].feature_cache is not None) is (not off)
         students[name] = load_file(
             tmp_path / name / "checkpoints" / "last" / "pretrained_model" / "model.safetensors"
         )

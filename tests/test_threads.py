@@ -77,7 +77,7 @@ def _train_threads(store, out, **settings) -> tuple[str, int, int]:
     seen: dict = {}
 
     def on_plan(plan) -> None:
-        seen["plan"], seen["during"] = plan["threads"], torch.get_num_threads()
+        seen["plan"], seen["during"] = plan.threads, torch.get_num_threads()
 
     cfg = TrainConfig(pairs=store, out=out, steps=1, batch_size=4, num_workers=0, device="cpu", **settings)
     train(cfg, on_plan=on_plan)

@@ -268,7 +268,7 @@ def test_a_step_loss_is_the_policys_own_forward(run, tiny_world, tiny_store):
 def test_no_gradient_lives_through_a_forward(tiny_store, tmp_path, monkeypatch):
     """lerobot's order (update_policy): backward, clip, step, zero_grad; so each forward starts with no gradients
     held (the previous step's would add their size to the forward's peak memory)."""
-    import reflowpairs.train as train_module
+    import reflowpairs.train.loss as train_module
 
     held = []
     original = train_module.reflow_loss
@@ -352,7 +352,7 @@ def test_resume_with_more_steps_follows_the_new_schedule(tiny_store, tmp_path):
     plans = []
     result = train(TrainConfig(**resume, allow_schedule_change=True), on_plan=plans.append)
     assert (result.start_step, result.step) == (3, 6)
-    change = plans[0]["schedule_change"]
+    change = plans[0].schedule_change
     assert (change["old_steps"], change["new_steps"], change["step"]) == (3, 6, 4)
     assert change["lr_before"] == pytest.approx(old_lr, rel=1e-12) and change["lr_after"] == pytest.approx(
         a[3]["lr"], rel=1e-12
@@ -793,9 +793,9 @@ def test_cli_ctrl_c_saves_and_resumes(tiny_store, tmp_path):
     plans = []
     result = train(dataclasses.replace(resume, allow_schedule_change=True), on_plan=plans.append)
     (plan,) = plans
-    assert plan["resumed_from"] is not None and plan["start_step"] == step
-    assert (plan["warmup_steps"], plan["preset_warmup_steps"], plan["preset_decay_steps"]) == (0, 1000, 30000)
-    change = plan["schedule_change"]
+    assert plan.resumed_from is not None and plan.start_step == step
+    assert (plan.warmup_steps, plan.preset_warmup_steps, plan.preset_decay_steps) == (0, 1000, 30000)
+    change = plan.schedule_change
     assert (change["old_steps"], change["new_steps"]) == (100_000, step + 2)
     assert (change["old"]["warmup_steps"], change["old"]["decay_steps"]) == (1000, 30000)
     assert (result.start_step, result.step) == (step, step + 2)
@@ -939,3 +939,73 @@ def test_effective_schedule_matches_lerobots_rescaling(tiny_world):
         1e-3,
         2.0,
     )
+
+
+# --- processes, W&B and the launch rank --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_of_one_process_leaves_no_accelerate_state(tiny_store, tmp_path):
+    """One process runs without an ``accelerate.Accelerator`` (``train.processes.OneProcess``): nothing of
+    accelerate's process-wide state is left for a later run, or lerobot-train, in the same Python process."""
+    from accelerate.state import is_initialized
+
+    before = is_initialized()  # False unless another test in this session ran lerobot-train in process
+    result = train(_cfg(tiny_store, tmp_path / "o", steps=2))
+    assert result.step == 2 and is_initialized() == before
+
+
+@pytest.mark.slow
+def test_library_train_logs_to_wandb(tiny_store, tmp_path, monkeypatch):
+    """``TrainConfig.wandb_config`` (lerobot's WandBConfig) makes library ``train()`` log each ``train_log.jsonl`` record to
+    a W&B run (offline here), say where (``on_wandb_run``, ``TrainResult.wandb_run``) and finish it."""
+    import wandb
+    from lerobot.configs.default import WandBConfig
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    settings = WandBConfig(enable=True, project="reflowpairs-tests", mode="offline")
+    told: list[str] = []
+    try:
+        result = train(
+            _cfg(tiny_store, tmp_path / "o", steps=2, log_every=1, wandb_config=settings),
+            on_wandb_run=told.append,
+        )
+    finally:
+        wandb.teardown()  # wandb keeps process-wide settings read from the environment: a later test reads its own
+    assert told == [result.wandb_run] and str(tmp_path / "wandb") in result.wandb_run
+    (run_file,) = (tmp_path / "wandb").glob("wandb/offline-run-*/run-*.wandb")
+    assert run_file.stat().st_size > 0 and settings.run_id is not None
+    plain = train(_cfg(tiny_store, tmp_path / "plain", steps=1))
+    assert plain.wandb_run is None
+
+
+def test_a_bad_wandb_mode_is_refused_before_any_work(tmp_path):
+    from lerobot.configs.default import WandBConfig
+
+    with pytest.raises(ReflowPairsError, match="wandb-mode must be one of"):
+        train(
+            TrainConfig(
+                pairs=tmp_path / "none",
+                out=tmp_path / "o",
+                wandb_config=WandBConfig(enable=True, mode="sometimes"),
+            )
+        )
+    assert not (tmp_path / "o").exists()
+
+
+def test_process_rank_is_the_launchers(monkeypatch):
+    from reflowpairs.distributed import is_main_process, process_rank
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert process_rank() == 0 and is_main_process()
+    monkeypatch.setenv("RANK", "3")
+    assert process_rank() == 3 and not is_main_process()
+
+
+def test_the_train_plan_is_typed_and_json_ready():
+    from reflowpairs.train import TrainPlan
+
+    names = [f.name for f in dataclasses.fields(TrainPlan)]
+    assert names[:3] == ["init", "resumed_from", "start_step"] and "feature_cache" in names
+    plan = TrainPlan(**dict.fromkeys(names))
+    assert json.loads(json.dumps(plan.as_dict())) == dict.fromkeys(names)

@@ -145,12 +145,12 @@ def test_saved_weights_are_the_masters_rounded_in_the_teachers_dtypes(small_lr_r
 @pytest.mark.slow
 def test_plan_states_trainable_dtypes_and_master_copies(small_lr_run):
     plan = small_lr_run["plan"]
-    assert plan["master_copies"] is True
-    assert set(plan["trainable_dtypes"]) == {
+    assert plan.master_copies is True
+    assert set(plan.trainable_dtypes) == {
         "bfloat16",
         "float32",
     }  # the expert is bf16, the projections fp32
-    assert sum(plan["trainable_dtypes"].values()) == plan["trainable_params"]
+    assert sum(plan.trainable_dtypes.values()) == plan.trainable_params
 
 
 @pytest.mark.slow
@@ -193,10 +193,10 @@ def test_plan_and_summary(bf16_world, bf16_store, tmp_path):
     plans = []
     result = train(_cfg(bf16_store, tmp_path / "run", steps=1, lr=None), on_plan=plans.append)
     (plan,) = plans
-    assert plan["master_copies"] is True
-    assert set(plan["trainable_dtypes"]) == {"bfloat16", "float32"} and all(plan["trainable_dtypes"].values())
+    assert plan.master_copies is True
+    assert set(plan.trainable_dtypes) == {"bfloat16", "float32"} and all(plan.trainable_dtypes.values())
     teacher_steps = json.loads((bf16_world.teacher_dir / "config.json").read_text())["num_steps"]
-    assert (plan["saved_num_steps"], plan["teacher_num_steps"]) == (1, teacher_steps)
+    assert (plan.saved_num_steps, plan.teacher_num_steps) == (1, teacher_steps)
     assert (result.saved_num_steps, result.teacher_num_steps) == (1, teacher_steps)
     assert result.held_out_episodes == [4, 5, 6, 7, 8, 9]  # the episodes the store holds no pairs of
     student = tmp_path / "run" / "checkpoints" / "last" / "pretrained_model"
