@@ -51,8 +51,9 @@ def build_world(
     SmolVLA of ``size`` (tiny | small | large | smolvla-shaped: real token and layer counts, chunk 50, max_action_dim
     32), and a pair store from it with its feature cache (``cache_features``)."""
     from reflowpairs.dataset import open_dataset
-    from reflowpairs.generate import GenerateConfig, generate
-    from reflowpairs.tinyworld import (
+    from reflowpairs.generate.config import GenerateConfig
+    from reflowpairs.generate.run import generate
+    from reflowpairs.tiny.world import (
         TINY_REPO_ID,
         TinyTeacherSpec,
         VLMSpec,
@@ -101,9 +102,11 @@ class Side:
 
     def __init__(self, name: str, world: World, batch_size: int, device: str, seed: int = 0):
         from reflowpairs.dataset import frame_indices, open_dataset
-        from reflowpairs.engine import make_engine
+        from reflowpairs.policies import make_engine
         from reflowpairs.teacher import load_policy
-        from reflowpairs.train import build_optimisation, reflow_batch_loss, trainable_parameters
+        from reflowpairs.train.loss import reflow_batch_loss
+        from reflowpairs.train.masters import trainable_parameters
+        from reflowpairs.train.optim import build_optimisation
 
         torch.manual_seed(seed)
         self.name, self.device = name, device
@@ -128,14 +131,14 @@ class Side:
         chunk = self.policy.config.chunk_size
         if name in ("reflowpairs", "cached"):
             from reflowpairs.pairdata import PairDataset, PairSampler, position_lookup
-            from reflowpairs.pairstore import PairStore
+            from reflowpairs.store.reader import PairStore
 
             store = PairStore(world.store)
             full = open_dataset(world.repo_id, world.dataset_root)
             frames = full
             if name == "cached":
-                from reflowpairs.featurecache import plan_training
-                from reflowpairs.train import cached_features_loss
+                from reflowpairs.cached_features import cache_for_training as plan_training
+                from reflowpairs.train.loss import cached_features_loss
 
                 self.cache = plan_training(world.store, self.policy, store.meta, disabled=False)
                 frames = self.cache.frames(full)
@@ -169,7 +172,7 @@ class Side:
     def step(self) -> float:
         from reflowpairs.solvers import SolverConfig
         from reflowpairs.timesampling import sample_time
-        from reflowpairs.train import train_step
+        from reflowpairs.train.step import train_step
 
         batch = next(self.batches)
         self.steps_done += 1

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from reflowpairs.dataset import quiet_dataset_logs
-from reflowpairs.gapworld.teacher import GAP_REFLOW
+from reflowpairs.tiny.gapworld.teacher import GAP_REFLOW
 
 quiet_dataset_logs()
 RP = [sys.executable, "-m", "reflowpairs"]

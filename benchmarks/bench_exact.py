@@ -39,8 +39,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from reflowpairs.generate import GenerateConfig, generate
-    from reflowpairs.pairstore import PairStore
+    from reflowpairs.generate.config import GenerateConfig
+    from reflowpairs.generate.run import generate
+    from reflowpairs.store.reader import PairStore
 
     episodes = [int(e) for e in args.episodes.split(",")]
     print(

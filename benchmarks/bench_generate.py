@@ -53,7 +53,8 @@ def pi_specs(size: str):
     patches: 64 image tokens + 48 prompt tokens), chunk 32 and 32 action dimensions as real pi checkpoints pad
     to; the prefix is about half of a 10-step call. ``tiny``: the tests' sizes. Untrained, a 1,024-token
     vocabulary (the tiny tokenizer's ids fit)."""
-    from reflowpairs.tinypi import TinyGemmaSpec, TinyPiSpec
+    from reflowpairs.tiny.pi import TinyPiSpec
+    from reflowpairs.tiny.pi_patch import TinyGemmaSpec
 
     variant, scale = size.split("-")
     if scale == "tiny":
@@ -90,7 +91,7 @@ def build_world(root: Path, size: str, teacher_dtype: str | None = None):
     A pi size (``PI_SIZES``): a tiny pi0/pi05 teacher of ``pi_specs(size)``, built offline by ``reflowpairs.tinypi``
     (its checkpoint's marker makes every loader apply the size patch)."""
     from reflowpairs.dataset import open_dataset
-    from reflowpairs.tinyworld import (
+    from reflowpairs.tiny.world import (
         TINY_REPO_ID,
         TinyTeacherSpec,
         VLMSpec,
@@ -102,7 +103,7 @@ def build_world(root: Path, size: str, teacher_dtype: str | None = None):
     if size in PI_SIZES:
         from dataclasses import replace
 
-        from reflowpairs.tinypi import build_tiny_pi_teacher
+        from reflowpairs.tiny.pi import build_tiny_pi_teacher
 
         build_tiny_dataset(root / "dataset")
         dataset = open_dataset(TINY_REPO_ID, root / "dataset")
@@ -138,7 +139,7 @@ def plain_loop(
 ) -> int:
     """predict_action_chunk once per sample, frames batched ``batch_size`` at a time (1 = the naive loop), under
     the same autocast dtype as the reflowpairs side."""
-    from reflowpairs.generate import COMPUTE_DTYPES
+    from reflowpairs.generate.config import COMPUTE_DTYPES
 
     compute = COMPUTE_DTYPES[dtype]
     pairs = 0
@@ -228,10 +229,11 @@ def main() -> None:
 def run_size(args: argparse.Namespace, size: str) -> None:
     """The whole benchmark for one teacher size."""
     from reflowpairs.dataset import open_dataset
-    from reflowpairs.engine import make_engine, resolve_frames_per_call
-    from reflowpairs.generate import COMPUTE_DTYPES, GenerateConfig, generate
+    from reflowpairs.engine import resolve_frames_per_call
+    from reflowpairs.generate.config import COMPUTE_DTYPES, GenerateConfig
+    from reflowpairs.generate.run import generate
     from reflowpairs.noise import batch_noise
-    from reflowpairs.policies import step_field
+    from reflowpairs.policies import make_engine, step_field
     from reflowpairs.teacher import load_policy
 
     root = Path(tempfile.mkdtemp(prefix="bench-generate-"))
@@ -351,7 +353,7 @@ def run_size(args: argparse.Namespace, size: str) -> None:
             )
 
     if args.dtype != "float32":
-        from reflowpairs.pairstore import PairStore
+        from reflowpairs.store.reader import PairStore
 
         stores = sorted(root.glob("store*"))
         ref = GenerateConfig(

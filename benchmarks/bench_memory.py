@@ -72,7 +72,7 @@ def child(side_name: str, world: World, batch_size: int, device: str, steps: int
             side.step()
     result = {"side": side_name, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if side_name == "cached":  # what the cached side still holds though its forward never runs them
-        from reflowpairs.featurecache import cache_family
+        from reflowpairs.cached_features import cache_family
 
         frozen = cache_family(side.policy).frozen_feature_modules(side.policy)
         result["frozen_feature_weights_mb"] = (

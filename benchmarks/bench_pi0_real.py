@@ -75,7 +75,8 @@ def peak_gib() -> float:
 def main() -> None:
     from reflowpairs.policies import family
     from reflowpairs.solvers import SolverConfig
-    from reflowpairs.train import build_optimisation, train_step
+    from reflowpairs.train.optim import build_optimisation
+    from reflowpairs.train.step import train_step
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=2)

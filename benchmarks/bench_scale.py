@@ -40,8 +40,9 @@ def build_template(root: Path, backend: str) -> tuple[Path, Path, str]:
     """The tiny world's dataset, an untrained small SmolVLA, and a one-episode store of it whose manifest is the
     template of the synthetic stores (teacher, dataset, pair shapes). Returns (template store, dataset root, repo)."""
     from reflowpairs.dataset import open_dataset
-    from reflowpairs.generate import GenerateConfig, generate
-    from reflowpairs.tinyworld import (
+    from reflowpairs.generate.config import GenerateConfig
+    from reflowpairs.generate.run import generate
+    from reflowpairs.tiny.world import (
         TINY_REPO_ID,
         VLMSpec,
         build_tiny_dataset,
@@ -83,7 +84,9 @@ def count_entries(path: Path) -> tuple[int, int, int]:
 def write_store(template: Path, out: Path, pairs: int, shard_size: int, frames: np.ndarray) -> dict:
     """Write a store of about ``pairs`` pairs (every frame of ``frames``, K = ceil(pairs / frames) samples each)."""
     from reflowpairs.noise import pair_noise
-    from reflowpairs.pairstore import Pairs, PairStoreWriter, StoreManifest
+    from reflowpairs.store.manifest import StoreManifest
+    from reflowpairs.store.pairs import Pairs
+    from reflowpairs.store.writer import PairStoreWriter
 
     k = -(-pairs // len(frames))
     base = StoreManifest.read(template)
@@ -164,7 +167,7 @@ class ArraysOnly(torch.utils.data.Dataset):
 
 def shuffled_read(store_path: Path, dataset, lookup, pairs: int, workers: int) -> float:
     from reflowpairs.pairdata import PairDataset, PairSampler
-    from reflowpairs.pairstore import PairStore
+    from reflowpairs.store.reader import PairStore
 
     data = PairDataset(PairStore(store_path), dataset, lookup, cache_shards=4)
     loader = torch.utils.data.DataLoader(
@@ -184,7 +187,8 @@ def shuffled_read(store_path: Path, dataset, lookup, pairs: int, workers: int) -
 def train_startup(store: Path, out: Path) -> tuple[float, float]:
     """Seconds from calling ``train`` to its plan (everything before the loop: store check, model, optimiser) and to
     the end of its first step."""
-    from reflowpairs.train import TrainConfig, train
+    from reflowpairs.train.config import TrainConfig
+    from reflowpairs.train.loop import train
 
     marks: dict[str, float] = {}
     start = time.perf_counter()
@@ -213,16 +217,17 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
 
     from reflowpairs.dataset import frame_indices, open_dataset
-    from reflowpairs.inspect_store import summarize
     from reflowpairs.pairdata import position_lookup
-    from reflowpairs.validate import ValidateConfig, validate
+    from reflowpairs.store.inspect import summarize
+    from reflowpairs.validate.checks import validate
+    from reflowpairs.validate.config import ValidateConfig
 
     root = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     template, dataset_root, repo_id = build_template(root, args.backend)
     dataset = open_dataset(repo_id, dataset_root)
     frames = frame_indices(dataset)
     lookup = position_lookup(frames)
-    from reflowpairs.pairstore import StoreManifest
+    from reflowpairs.store.manifest import StoreManifest
 
     shapes = StoreManifest.read(template)
     print(

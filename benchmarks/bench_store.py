@@ -38,7 +38,7 @@ REAL_SMOLVLA_WIDTH = 960
 def report_feature_cache(store: Path, pairs: int, frames: int = 20_000, cameras: int = 2) -> None:
     """The feature cache (docs/feature-cache.md): bytes/frame of this store's cache, measured on disk, and the size of
     a cache for ``frames`` frames of ``cameras`` cameras at the real SmolVLA's shapes, computed from bytes/frame."""
-    from reflowpairs.featurecache import bytes_per_frame, cached_frames, features_dir, read_index
+    from reflowpairs.store_features import bytes_per_frame, cached_frames, features_dir, read_index
 
     index = read_index(store)
     if index is not None:
@@ -78,9 +78,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from reflowpairs.dataset import frame_indices, open_dataset
-    from reflowpairs.generate import GenerateConfig, generate
+    from reflowpairs.generate.config import GenerateConfig
+    from reflowpairs.generate.run import generate
     from reflowpairs.pairdata import PairDataset, PairSampler, position_lookup
-    from reflowpairs.pairstore import PairStore
+    from reflowpairs.store.reader import PairStore
 
     root = Path(tempfile.mkdtemp(prefix="bench-store-"))
     world = build_world(root, args.size, samples_per_frame=args.samples_per_frame)

@@ -140,8 +140,9 @@ def build_pi_world(root: Path, size: str, episodes: list[int]) -> tuple[World, W
 
     from bench_generate import build_world as build_pi_teacher
 
-    from reflowpairs.generate import GenerateConfig, generate
-    from reflowpairs.tinyworld import TINY_REPO_ID
+    from reflowpairs.generate.config import GenerateConfig
+    from reflowpairs.generate.run import generate
+    from reflowpairs.tiny.world import TINY_REPO_ID
 
     _, teacher = build_pi_teacher(root, size)
     frozen = root / "teacher-frozen"
@@ -170,7 +171,7 @@ def build_pi_world(root: Path, size: str, episodes: list[int]) -> tuple[World, W
 def _cache_figures(side, consumed: float) -> None:
     """Bytes per frame of the feature cache, and its read throughput (a fresh reader: shards read cold) against the
     frames per second the cached side consumes."""
-    from reflowpairs.featurecache import FeatureReader, cached_obs_index
+    from reflowpairs.store_features import FeatureReader, cached_obs_index
 
     index = side.cache.index
     obs = cached_obs_index(side.cache.store, index)

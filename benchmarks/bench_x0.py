@@ -46,8 +46,9 @@ def rate(fn, pairs: int, repeats: int) -> float:
 
 def store_sizes(world, out: Path, episodes: list[int], samples_per_frame: int) -> dict[str, float]:
     """Bytes per pair of the same run stored explicit/implicit in each backend."""
-    from reflowpairs.generate import GenerateConfig, generate
-    from reflowpairs.pairstore import PairStore
+    from reflowpairs.generate.config import GenerateConfig
+    from reflowpairs.generate.run import generate
+    from reflowpairs.store.reader import PairStore
 
     sizes = {}
     for backend in ("zarr", "parquet"):
@@ -96,8 +97,8 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
     from reflowpairs.noise import initial_noise, pair_noise
-    from reflowpairs.pairstore import PairStore
-    from reflowpairs.tinyworld import TinyDatasetSpec, TinyTeacherSpec, build_tiny_world
+    from reflowpairs.store.reader import PairStore
+    from reflowpairs.tiny.world import TinyDatasetSpec, TinyTeacherSpec, build_tiny_world
 
     # regeneration speed at SmolVLA's shape, one core
     shape, n = (50, 32), args.pairs

@@ -49,12 +49,13 @@ from reflowpairs.cli.ui import (
     save_options,
     user_errors,
 )
-from reflowpairs.closedloop import ClosedLoopConfig, evaluate_closed_loop, write_closed_loop_report
-from reflowpairs.compare import evaluate_students
 from reflowpairs.dataset import episodes_text
-from reflowpairs.evaluate import EvalConfig
+from reflowpairs.eval.closed_loop import evaluate_closed_loop
+from reflowpairs.eval.closed_loop_report import write_closed_loop_report
+from reflowpairs.eval.compare import evaluate_students
+from reflowpairs.eval.config import ClosedLoopConfig, EvalConfig
+from reflowpairs.eval.report import frames_text, headline_text, next_text, report_notes, write_report
 from reflowpairs.options_file import EVAL_OPTIONS
-from reflowpairs.report import frames_text, headline_text, next_text, report_notes, write_report
 
 _DEFAULTS = config_defaults(EvalConfig)  # the options' defaults are the library config's
 _CLOSED = config_defaults(ClosedLoopConfig)
@@ -206,7 +207,8 @@ def eval_command(
 ) -> None:
     """Compare a student with its teacher at each step count: error, straightness, latency; write a report.
     With --env.type: success in closed loop, in that env, through lerobot's own rollout."""
-    from reflowpairs.evaluate import evaluate, parse_num_steps  # imports torch: not for --help
+    from reflowpairs.eval.config import parse_num_steps
+    from reflowpairs.eval.open_loop import evaluate
 
     env_type, env_settings = parse_env_options(env_option)
     if env_type is not None:
@@ -288,7 +290,7 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 
 def _steps(text: str) -> list[int]:
-    from reflowpairs.evaluate import parse_num_steps  # imports torch: not for --help
+    from reflowpairs.eval.config import parse_num_steps
 
     with user_errors():
         return parse_num_steps(text)

@@ -11,10 +11,10 @@ from rich.table import Table
 from rich.text import Text
 
 from reflowpairs.cli.ui import plural
-from reflowpairs.closedloop_report import TABLE_HEADERS, title_text, verdict_rows, verdict_text
-from reflowpairs.closedloop_report import table_rows as closed_loop_rows
-from reflowpairs.compare import closed_loop_note, success_cell
-from reflowpairs.report import (
+from reflowpairs.eval.closed_loop_report import TABLE_HEADERS, title_text, verdict_rows, verdict_text
+from reflowpairs.eval.closed_loop_report import table_rows as closed_loop_rows
+from reflowpairs.eval.compare import closed_loop_note, success_cell
+from reflowpairs.eval.report import (
     COLUMNS,
     CONSOLE_HEADERS,
     PAIRS_CONSOLE_HEADERS,

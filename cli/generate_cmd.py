@@ -45,10 +45,10 @@ from reflowpairs.cli.ui import (
     user_errors,
 )
 from reflowpairs.dataset import episodes_text
-from reflowpairs.generate import GenerateConfig
+from reflowpairs.generate.config import GenerateConfig
 from reflowpairs.launcher import is_main_process
 from reflowpairs.next_steps import merge_args, train_args, validate_args
-from reflowpairs.pairstore import GENERATE_OPTIONS
+from reflowpairs.store.layout import GENERATE_OPTIONS
 
 _DEFAULTS = config_defaults(GenerateConfig)  # the options' defaults are the library config's
 GENERATE_EPILOG = lerobot_names_text("generate") + f" Each run writes its options to OUT/{GENERATE_OPTIONS}."
@@ -199,7 +199,7 @@ def generate(
     config: Annotated[Path | None, config_option(RUN)] = None,
 ) -> None:
     """Run the teacher's sampler over every frame and store (X_0, X_1, obs_index) pairs."""
-    from reflowpairs.generate import generate as run_generate  # imports torch: not for --help
+    from reflowpairs.generate.run import generate as run_generate
 
     main = is_main_process()  # under torchrun only rank 0 reports
     check_at_least_one(log_every, "--log-every")

@@ -25,12 +25,12 @@ from reflowpairs.cli.options import (
     tokenizer_option,
 )
 from reflowpairs.cli.ui import out_console, plural, print_next, progress, user_errors
-from reflowpairs.inspect_store import pair as read_pair
-from reflowpairs.inspect_store import summarize
-from reflowpairs.merge import merge_stores
 from reflowpairs.next_steps import train_args, validate_args
-from reflowpairs.validate import ValidateConfig
-from reflowpairs.validate import validate as run_validate
+from reflowpairs.store.inspect import pair as read_pair
+from reflowpairs.store.inspect import summarize
+from reflowpairs.store.merge import merge_stores
+from reflowpairs.validate.checks import validate as run_validate
+from reflowpairs.validate.config import ValidateConfig
 
 _DEFAULTS = config_defaults(ValidateConfig)  # the options' defaults are the library config's
 _STYLE = {"pass": "green", "warn": "yellow", "incomplete": "yellow", "fail": "bold red", "skip": "dim"}

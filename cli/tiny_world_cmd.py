@@ -34,8 +34,8 @@ def tiny_world(
 ) -> None:
     """Build the bundled tiny world offline: a SmolVLM dir, a LeRobotDataset and a trained SmolVLA teacher."""
     # the tiny worlds import torch and lerobot: here, not at the top, so that `tiny-world --help` starts without them
-    from reflowpairs.gapworld.teacher import GAP_TEACHER, build_gap_world
-    from reflowpairs.tinyworld import TinyTeacherSpec, build_tiny_world
+    from reflowpairs.tiny.gapworld.teacher import GAP_TEACHER, build_gap_world
+    from reflowpairs.tiny.world import TinyTeacherSpec, build_tiny_world
 
     with user_errors():
         if world_name not in ("reach", "gap"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -43,8 +43,11 @@ from reflowpairs.cli.ui import (
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.launcher import is_main_process
 from reflowpairs.options_file import TRAIN_OPTIONS
-from reflowpairs.train import TrainConfig
+from reflowpairs.train.config import TrainConfig
 from reflowpairs.wandb_log import DEFAULT_PROJECT, check_mode, require_wandb
+
+if TYPE_CHECKING:
+    from reflowpairs.train.planning import TrainPlan
 
 _DEFAULTS = config_defaults(TrainConfig)  # the options' defaults are the library config's
 TRAIN_EPILOG = lerobot_names_text("train") + f" Each run writes its options to OUT/{TRAIN_OPTIONS}."
@@ -56,16 +59,14 @@ PROGRESS_EVERY = (
 SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
 
 
-def trainable_text(plan: dict[str, Any]) -> str:
+def trainable_text(plan: TrainPlan) -> str:
     """``"1,200 of 5,000 parameters (24.0%): 1,000 bf16 (fp32 master copies), 200 fp32"``."""
-    share = plan["trainable_params"] / max(plan["total_params"], 1)
+    share = plan.trainable_params / max(plan.total_params, 1)
     parts = []
-    for dtype, count in sorted(plan["trainable_dtypes"].items(), key=lambda item: -item[1]):
+    for dtype, count in sorted(plan.trainable_dtypes.items(), key=lambda item: -item[1]):
         low = dtype in ("bfloat16", "float16")
         parts.append(f"{count:,} {SHORT_DTYPES.get(dtype, dtype)}" + (" (fp32 master copies)" if low else ""))
-    return f"{plan['trainable_params']:,} of {plan['total_params']:,} parameters ({share:.1%}): " + ", ".join(
-        parts
-    )
+    return f"{plan.trainable_params:,} of {plan.total_params:,} parameters ({share:.1%}): " + ", ".join(parts)
 
 
 def num_steps_text(saved: int | None, teacher: int | None) -> str:
@@ -75,66 +76,62 @@ def num_steps_text(saved: int | None, teacher: int | None) -> str:
     return f"{saved} (teacher: {teacher})"
 
 
-def _plan_table(plan: dict[str, Any]) -> Table:
+def _plan_table(plan: TrainPlan) -> Table:
     table = Table(title="reflowpairs train", show_header=False)
-    start = (
-        f"resuming {plan['resumed_from']} at step {plan['start_step']}" if plan["resumed_from"] else "new run"
-    )
-    table.add_row("student init", escape(str(plan["init"])))
-    processes = int(plan.get("processes", 1))
+    start = f"resuming {plan.resumed_from} at step {plan.start_step}" if plan.resumed_from else "new run"
+    table.add_row("student init", escape(str(plan.init)))
+    processes = plan.processes
     batch = (
-        f"batch {plan['batch_size']}"
+        f"batch {plan.batch_size}"
         if processes == 1
-        else f"batch {plan['batch_size']} x {processes} processes = {plan['batch_size'] * processes}"
+        else f"batch {plan.batch_size} x {processes} processes = {plan.batch_size * processes}"
     )
-    table.add_row("run", f"{start}; {plural(plan['steps'], 'step')}, {batch}, seed {plan['seed']}")
-    table.add_row("pairs", f"{plan['num_pairs']:,} (window of {plural(plan['shuffle_window'], 'shard')})")
-    table.add_row("device", f"{plan['device']} ({plan['precision']})")
-    table.add_row("threads", escape(str(plan["threads"])))
+    table.add_row("run", f"{start}; {plural(plan.steps, 'step')}, {batch}, seed {plan.seed}")
+    table.add_row("pairs", f"{plan.num_pairs:,} (window of {plural(plan.shuffle_window, 'shard')})")
+    table.add_row("device", f"{plan.device} ({plan.precision})")
+    table.add_row("threads", escape(str(plan.threads)))
     table.add_row("trainable", trainable_text(plan))
     table.add_row(
         "optimizer",
-        f"{plan['optimizer']} lr {plan['lr']:g}, weight decay {plan['weight_decay']:g}, grad clip {plan['grad_clip']:g}",
+        f"{plan.optimizer} lr {plan.lr:g}, weight decay {plan.weight_decay:g}, grad clip {plan.grad_clip:g}",
     )
-    if plan["scheduler"] is not None:
+    if plan.scheduler is not None:
         preset = ""
-        if plan["preset_decay_steps"] is not None and (plan["warmup_steps"], plan["decay_steps"]) != (
-            plan["preset_warmup_steps"],
-            plan["preset_decay_steps"],
+        if plan.preset_decay_steps is not None and (plan.warmup_steps, plan.decay_steps) != (
+            plan.preset_warmup_steps,
+            plan.preset_decay_steps,
         ):
-            preset = (
-                f" (preset: warmup {plan['preset_warmup_steps']:,}, decay {plan['preset_decay_steps']:,})"
-            )
+            preset = f" (preset: warmup {plan.preset_warmup_steps:,}, decay {plan.preset_decay_steps:,})"
         table.add_row(
             "schedule",
-            f"{plan['scheduler']}: warmup {plural(plan['warmup_steps'], 'step')}, decay over "
-            f"{plural(plan['decay_steps'], 'step')} to {plan['decay_lr']:g}{preset}",
+            f"{plan.scheduler}: warmup {plural(plan.warmup_steps, 'step')}, decay over "
+            f"{plural(plan.decay_steps, 'step')} to {plan.decay_lr:g}{preset}",
         )
-    if plan["schedule_change"] is not None:
+    if plan.schedule_change is not None:
         table.add_row(
             "[yellow]schedule change[/]",
-            escape(plan["schedule_change"]["text"]) + " (--allow-schedule-change)",
+            escape(plan.schedule_change["text"]) + " (--allow-schedule-change)",
         )
-    table.add_row("time sampling", str(plan["time_sampling"]))
-    table.add_row("loss", str(plan["loss"]))
-    table.add_row("saved num_steps", num_steps_text(plan["saved_num_steps"], plan["teacher_num_steps"]))
-    if plan.get(
-        "feature_cache"
+    table.add_row("time sampling", str(plan.time_sampling))
+    table.add_row("loss", str(plan.loss))
+    table.add_row("saved num_steps", num_steps_text(plan.saved_num_steps, plan.teacher_num_steps))
+    if (
+        plan.feature_cache
     ):  # the store's feature cache (docs/feature-cache.md); --no-feature-cache turns it off
-        cache = plan["feature_cache"]
+        cache = plan.feature_cache
         table.add_row(
             "feature cache", f"{cache['frames']:,} frames x {cache['bytes_per_frame']:,} B ({cache['dtype']})"
         )
-    for warning in plan["warnings"]:
+    for warning in plan.warnings:
         table.add_row("[yellow]warning[/]", escape(warning))
     return table
 
 
-def _resolved_settings(plan: dict[str, Any]) -> dict[str, Any]:
+def _resolved_settings(plan: TrainPlan) -> dict[str, Any]:
     """The data/optimiser settings the run uses (``reflowpairs.train.INHERITED``), for its options file: on resume
     the checkpoint's, else the plan's (defaults filled in; lr, warmup and grad clip stay None for the preset's)."""
-    if plan["resumed_from"]:
-        return dict(read_state(Path(plan["resumed_from"]))["settings"])
+    if plan.resumed_from:
+        return dict(read_state(Path(plan.resumed_from))["settings"])
     return {
         name: plan[name]
         for name in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps", "loss")
@@ -322,7 +319,7 @@ def train(
     config: Annotated[Path | None, config_option(RUN)] = None,
 ) -> None:
     """Train a 1-2 step student on stored pairs (no teacher in memory); saves ordinary lerobot checkpoints."""
-    from reflowpairs.train import parse_student_num_steps  # reflowpairs.train imports torch: not for --help
+    from reflowpairs.train.config import parse_student_num_steps
 
     main_process = is_main_process()  # under torchrun/accelerate only rank 0 reports
     check_at_least_one(log_every, "--log-every")
@@ -355,12 +352,14 @@ class _TrainDisplay:
         self.out, self.steps = Path(cfg.out), cfg.steps
         self.task = bar.add_task("loading", total=None, rate="", unit=None, every=None)
         self.first_step = 0
-        self.wandb_options: dict[str, Any] = {}  # the W&B run's recorded options: filled in on_plan, read after it
+        self.wandb_options: dict[
+            str, Any
+        ] = {}  # the W&B run's recorded options: filled in on_plan, read after it
 
     def train(self, cfg: TrainConfig):
         """``reflowpairs.train.train(cfg)`` with this display; exit 130 on Ctrl-C (the last checkpoint named)."""
-        from reflowpairs.train import TrainingInterrupted  # imports torch: not for --help
-        from reflowpairs.train import train as run_train
+        from reflowpairs.train.config import TrainingInterrupted
+        from reflowpairs.train.loop import train as run_train
 
         try:
             return run_train(
@@ -383,8 +382,8 @@ class _TrainDisplay:
             )
             raise typer.Exit(130) from None
 
-    def on_plan(self, plan: dict[str, Any]) -> None:
-        self.first_step = plan["start_step"]
+    def on_plan(self, plan: TrainPlan) -> None:
+        self.first_step = plan.start_step
         if self.main_process:
             self.bar.console.print(_plan_table(plan))
             run_options = dict(self.options)
@@ -398,7 +397,7 @@ class _TrainDisplay:
         self.bar.reset(
             self.task,
             total=self.steps,
-            completed=plan["start_step"],
+            completed=plan.start_step,
             rate="",
             description="steps",
             unit="step",
@@ -434,7 +433,7 @@ def _print_result(result) -> None:
     if result.wandb_run is not None:
         table.add_row("W&B run", escape(result.wandb_run))
     out_console.print(table)
-    from reflowpairs.train import next_commands  # imports torch: not for --help
+    from reflowpairs.train.next_commands import next_commands
 
     commands = next_commands(result)
     out_console.print(f"use it: {escape(commands['lerobot_eval'])}", soft_wrap=True)

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from reflowpairs.gapworld.teacher import GAP_REFLOW
+from reflowpairs.tiny.gapworld.teacher import GAP_REFLOW
 
 TRAIN_EPISODES = "0-89"  # the store covers these; open-loop eval uses the held-out ones
 HELD_OUT_EPISODES = "90-99"

@@ -28,7 +28,12 @@ def run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess
 
 def build_teacher(out: Path, train_steps: int = 40) -> tuple[Path, Path]:
     """The PushT dataset and a briefly trained SmolVLA teacher for it, under ``out``."""
-    from reflowpairs.tinyworld import TinyTeacherSpec, build_pusht_dataset, build_tiny_teacher, build_tiny_vlm
+    from reflowpairs.tiny.world import (
+        TinyTeacherSpec,
+        build_pusht_dataset,
+        build_tiny_teacher,
+        build_tiny_vlm,
+    )
 
     dataset = build_pusht_dataset(out / "dataset")
     vlm = build_tiny_vlm(out / "vlm")
@@ -40,7 +45,7 @@ def build_teacher(out: Path, train_steps: int = 40) -> tuple[Path, Path]:
 
 def reflow_student(out: Path, dataset_root: Path, teacher: Path, train_steps: int = 20) -> Path:
     """generate + train with the real CLI; returns the student's pretrained_model/ directory."""
-    from reflowpairs.tinyworld import PUSHT_REPO_ID
+    from reflowpairs.tiny.world import PUSHT_REPO_ID
 
     rp = str(BIN / "reflowpairs")
     run(

@@ -32,9 +32,11 @@ from torch.utils.data import default_collate
 from reflowpairs.dataset import frame_indices
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pairdata import missing_frames, position_lookup
-from reflowpairs.pairstore import PairStore, StoreManifest
+from reflowpairs.policies import feature_cache_family
+from reflowpairs.policies.interface import FEATURE_KEY
+from reflowpairs.store.manifest import StoreManifest
+from reflowpairs.store.reader import PairStore
 from reflowpairs.store_features import (
-    FEATURE_KEY,
     FEATURES_DIR,
     INDEX,
     FeatureReader,
@@ -57,12 +59,7 @@ from reflowpairs.teacher import load_policy
 
 def cache_family(policy):
     """The policy's family if it has a feature cache (``compute_features``: SmolVLA, pi0, pi05), else None."""
-    # RENOVATION: a top-level import once the families import FEATURE_KEY from store_features (at merge); until then
-    # policies -> smolvla -> the featurecache shim -> this module would be a cycle
-    from reflowpairs.policies import family
-
-    fam = family(getattr(policy, "module", policy).config.type)
-    return fam if hasattr(fam, "compute_features") else None
+    return feature_cache_family(getattr(policy, "module", policy).config.type)
 
 
 def weights_fingerprint(modules: dict[str, torch.nn.Module]) -> str:

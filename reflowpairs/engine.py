@@ -248,17 +248,3 @@ class ExactSampler:
                 noise_f = noise[f].to(self.device, torch.float32)
                 out.append(self.family.sample_chunk(self.policy, frame, noise_f))
         return torch.stack(out)
-
-
-# RENOVATION SHIM: removed at merge. ``pair_shapes``, ``make_engine`` and ``lerobot_sampling_steps`` moved to
-# ``reflowpairs.policies`` (they need the family registry, which imports this module); until the integrator rewrites
-# the imports of them from here, they resolve lazily.
-_MOVED_TO_POLICIES = ("pair_shapes", "make_engine", "lerobot_sampling_steps")
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_POLICIES:
-        import reflowpairs.policies  # RENOVATION SHIM: removed at merge
-
-        return getattr(reflowpairs.policies, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

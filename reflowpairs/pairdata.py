@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairstore import PairStore
+from reflowpairs.store.reader import PairStore
 
 
 def is_action_key(key: str) -> bool:

@@ -47,7 +47,7 @@ from reflowpairs.atomic import write_json_atomically
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.next_steps import lerobot_command
 from reflowpairs.options_file import EVAL_OPTIONS, TRAIN_OPTIONS, config_options, plain_value, write_options
-from reflowpairs.pairstore import GENERATE_OPTIONS
+from reflowpairs.store.layout import GENERATE_OPTIONS
 
 PIPELINE_STATE = "pipeline_state.json"
 STATE_VERSION = 1
@@ -162,7 +162,7 @@ def check_config(cfg: PipelineConfig) -> None:
 def closed_loop_config(cfg: PipelineConfig, students: dict[str, str]):
     """The ``ClosedLoopConfig`` of the pipeline's closed-loop stage (its own checks run as it is built): every
     student at ``eval_num_steps``, the teacher at 1 step and its full count, in ``out/closed_loop``."""
-    from reflowpairs.closedloop import ClosedLoopConfig
+    from reflowpairs.eval.config import ClosedLoopConfig
 
     return ClosedLoopConfig(
         env_type=cfg.env_type,
@@ -184,7 +184,7 @@ def check_closed_loop(cfg: PipelineConfig) -> None:
     """With ``env_type``: what the closed-loop stage needs, checked before any round runs (``ReflowPairsError``):
     its config, the env type and its ``--env.FIELD`` options, the simulator package (its pip extra named), and the
     teacher's inputs against the env's observations (the students share them)."""
-    from reflowpairs.closedloop_env import check_env_package, check_features, make_env_config
+    from reflowpairs.eval.closed_loop_env import check_env_package, check_features, make_env_config
 
     closed_loop_config(cfg, {})
     env_cfg = make_env_config(cfg.env_type, cfg.env_options)
@@ -222,7 +222,7 @@ def teacher_of_round(cfg: PipelineConfig, r: int) -> str:
 def features_source(cfg: PipelineConfig, r: int) -> str | None:
     """The store round ``r`` reads its image embeddings from (``features_from``): round 1's, when r > 1 and round 1
     cached them; else None (round 1 computes them itself, caching them when the student allows)."""
-    from reflowpairs.featurecache import read_index
+    from reflowpairs.store_features import read_index
 
     first = Path(cfg.out) / "round1" / "pairs"
     return str(first) if r > 1 and read_index(first) is not None else None
@@ -249,8 +249,9 @@ def write_stage_options(cfg: PipelineConfig, command: str, config: Any, path: Pa
 
 
 def _generate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]:
-    from reflowpairs.featurecache import read_index
-    from reflowpairs.generate import GenerateConfig, generate
+    from reflowpairs.generate.config import GenerateConfig
+    from reflowpairs.generate.run import generate
+    from reflowpairs.store_features import read_index
 
     pairs = Path(cfg.out) / f"round{r}" / "pairs"
     source = features_source(cfg, r)
@@ -290,7 +291,8 @@ def _generate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]
 
 
 def _validate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]:
-    from reflowpairs.validate import ValidateConfig, validate
+    from reflowpairs.validate.checks import validate
+    from reflowpairs.validate.config import ValidateConfig
 
     round_dir = Path(cfg.out) / f"round{r}"
     report = validate(
@@ -315,9 +317,10 @@ def _validate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]
 def _train(
     cfg: PipelineConfig, progress: Progress, run_dir: Path, pairs: Path, init: str | None, steps: int, **extra
 ) -> dict:
-    from reflowpairs.train import TrainConfig, train
+    from reflowpairs.train.config import TrainConfig
+    from reflowpairs.train.loop import train
 
-    plans: list[dict[str, Any]] = []  # train's plan says whether it uses the store's feature cache
+    plans: list = []  # train's plans (reflowpairs.train.planning.TrainPlan) says whether it uses the store's feature cache
     train_cfg = TrainConfig(
         pairs=pairs,
         out=run_dir,
@@ -340,7 +343,7 @@ def _train(
         on_plan=lambda plan: plans.append(plan),
     )
     write_stage_options(cfg, "train", train_cfg, run_dir / TRAIN_OPTIONS)
-    cache = plans[0].get("feature_cache") if plans else None
+    cache = plans[0].feature_cache if plans else None
     return {
         "student": str(run_dir / STUDENT),
         "final_loss": result.final_loss,
@@ -350,8 +353,9 @@ def _train(
 
 
 def _eval(cfg: PipelineConfig, student: Path, out: Path, progress: Progress) -> dict[str, Any]:
-    from reflowpairs.evaluate import EvalConfig, evaluate
-    from reflowpairs.report import write_report
+    from reflowpairs.eval.config import EvalConfig
+    from reflowpairs.eval.open_loop import evaluate
+    from reflowpairs.eval.report import write_report
 
     eval_cfg = EvalConfig(
         student=str(student),
@@ -427,7 +431,7 @@ def feature_cache_summary(state: dict[str, Any]) -> dict[str, str]:
 
 def _compare(state: dict[str, Any], out: Path) -> dict[str, Any]:
     """Every model's eval report side by side (``reflowpairs.compare``) in ``out/comparison``."""
-    from reflowpairs.compare import compare_reports, read_report, write_comparison
+    from reflowpairs.eval.compare import compare_reports, read_report, write_comparison
 
     sources = {
         name.split("/")[0]: done["report"] for name, done in state["stages"].items() if name.endswith("/eval")
@@ -440,7 +444,8 @@ def _compare(state: dict[str, Any], out: Path) -> dict[str, Any]:
 def _closed_loop(cfg: PipelineConfig, state: dict[str, Any], out: Path, progress: Progress | None) -> dict:
     """Every student of ``state`` and the teacher in closed loop (``reflowpairs.closedloop``) in ``out/closed_loop``;
     finished cells are kept there, so a rerun (or one with more rounds) runs only the new ones."""
-    from reflowpairs.closedloop import evaluate_closed_loop, write_closed_loop_report
+    from reflowpairs.eval.closed_loop import evaluate_closed_loop
+    from reflowpairs.eval.closed_loop_report import write_closed_loop_report
 
     students = {
         name.split("/")[0]: done["student"]
@@ -486,7 +491,7 @@ def run_pipeline(
     state["comparison"] = _compare(state, out)  # always anew: a rerun with more rounds adds models
     state["feature_cache"] = feature_cache_summary(state)
     write_json_atomically(out / PIPELINE_STATE, state)
-    from reflowpairs.compare import add_closed_loop, read_report, write_comparison
+    from reflowpairs.eval.compare import add_closed_loop, read_report, write_comparison
 
     comparison = read_report(state["comparison"]["comparison"])
     closed_loop = None

@@ -25,16 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reflowpairs.atomic import load_json_object, write_json_atomically
+from reflowpairs.atomic import TMP_PREFIX, load_json_object, write_json_atomically
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairstore import (
-    TMP_PREFIX,
-    StoreManifest,
-    array_sha256,
-    read_shard,
-    remove_path,
-    write_shard,
-)
+from reflowpairs.store.layout import remove_path
+from reflowpairs.store.manifest import StoreManifest
+from reflowpairs.store.pairs import array_sha256
+from reflowpairs.store.shards import read_shard, write_shard
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -46,8 +42,6 @@ FEATURES_DIR = "features"
 INDEX = "index.json"
 FORMAT = "reflowpairs.features"
 VERSION = 1
-FEATURE_KEY = "reflowpairs.features"
-"""The key under which a cached observation carries its features ``(S, N, D)`` (removed before the preprocessor)."""
 FEATURE_DTYPES = ("float32", "float16", "bfloat16")
 """The storage dtypes of features, by torch's name (``getattr(torch, name)``)."""
 _NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}

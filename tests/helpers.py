@@ -29,8 +29,11 @@ from typer.testing import CliRunner, Result
 
 from reflowpairs.cli import app
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.generate import GenerateConfig, generate
-from reflowpairs.pairstore import Pairs, PairStore, StoreManifest
+from reflowpairs.generate.config import GenerateConfig
+from reflowpairs.generate.run import generate
+from reflowpairs.store.manifest import StoreManifest
+from reflowpairs.store.pairs import Pairs
+from reflowpairs.store.reader import PairStore
 
 CHILD_TIMEOUT = 600  # seconds a child process may run to its end (the suite shares 2 cores)
 READY_TIMEOUT = 180  # seconds a test waits for a state of a running child

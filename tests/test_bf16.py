@@ -14,7 +14,8 @@ import pytest
 import torch
 import zarr
 
-from reflowpairs.validate import ValidateConfig, validate
+from reflowpairs.validate.checks import validate
+from reflowpairs.validate.config import ValidateConfig
 
 from .helpers import (
     assert_identical_pairs,
@@ -146,8 +147,10 @@ def test_train_and_eval_a_bf16_student(bf16_world, reference, tmp_path):
     to sample in 1 step, and eval runs it against its teacher on the episodes it never trained on (4-9)."""
     from safetensors.torch import load_file
 
-    from reflowpairs.evaluate import EvalConfig, evaluate
-    from reflowpairs.train import TrainConfig, train
+    from reflowpairs.eval.config import EvalConfig
+    from reflowpairs.eval.open_loop import evaluate
+    from reflowpairs.train.config import TrainConfig
+    from reflowpairs.train.loop import train
 
     out = tmp_path / "student"
     result = train(

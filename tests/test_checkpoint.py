@@ -44,7 +44,7 @@ class _Student:
         from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
         from transformers import AutoConfig
 
-        from reflowpairs.tinyworld import build_tiny_vlm
+        from reflowpairs.tiny.world import build_tiny_vlm
 
         vlm = build_tiny_vlm(root / "vlm")
         vlm_config = AutoConfig.from_pretrained(vlm)

@@ -490,9 +490,9 @@ def test_partition_and_merge_say_what_is_next(tiny_world, tmp_path):
 
 def test_tiny_world_says_what_is_next(tiny_world, tmp_path, monkeypatch):
     """The command's own rendering, with the (tested elsewhere) world build replaced by the session's world."""
-    import reflowpairs.tinyworld
+    import reflowpairs.tiny.world
 
-    monkeypatch.setattr(reflowpairs.tinyworld, "build_tiny_world", lambda out, teacher_spec: tiny_world)
+    monkeypatch.setattr(reflowpairs.tiny.world, "build_tiny_world", lambda out, teacher_spec: tiny_world)
     result = runner.invoke(app, ["tiny-world", str(tmp_path / "w")], env=ENV)
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-1] == (
@@ -703,7 +703,8 @@ def test_train_sets_and_reports_its_threads(tiny_store, tmp_path, monkeypatch):
     import torch
 
     from reflowpairs.threads import plan_threads
-    from reflowpairs.train import TrainConfig, train
+    from reflowpairs.train.config import TrainConfig
+    from reflowpairs.train.loop import train
 
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
@@ -808,19 +809,19 @@ def test_damaged_reflow_state_is_named(tmp_path, content, words):
 
 
 def test_train_log_with_damage_is_trimmed_or_refused(tmp_path):
-    from reflowpairs.train import _trim_log
+    from reflowpairs.train.logfile import trim_log
 
     log = tmp_path / "train_log.jsonl"
     good = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)]
     log.write_bytes(
         ("\n".join(good) + "\n").encode() + b'{"step": 4, "lo\xff'
     )  # a torn, undecodable last line
-    _trim_log(log, 2)
+    trim_log(log, 2)
     assert log.read_text().splitlines() == good[:2]
     for damage in (b"\xff\xfe\n", b"[1]\n", b'{"step": "two"}\n'):
         log.write_bytes(good[0].encode() + b"\n" + damage + good[1].encode() + b"\n")
         with pytest.raises(ReflowPairsError) as caught:
-            _trim_log(log, 2)
+            trim_log(log, 2)
         assert (
             f"{log} line 2 is not a train_log record" in caught.value.what
             and "Move train_log.jsonl aside" in caught.value.hint
@@ -857,11 +858,11 @@ def test_damaged_init_config_is_named(tiny_world, tiny_store, tmp_path, content,
 
 
 def test_damaged_train_config_of_the_teacher_is_ignored(tmp_path):
-    from reflowpairs.train import _teacher_env_type
+    from reflowpairs.train.next_commands import teacher_env_type
 
     (tmp_path / "train_config.json").write_bytes(b"\xff\xfe")
-    assert _teacher_env_type(str(tmp_path)) is None
+    assert teacher_env_type(str(tmp_path)) is None
     (tmp_path / "train_config.json").write_text("[1]")
-    assert _teacher_env_type(str(tmp_path)) is None
+    assert teacher_env_type(str(tmp_path)) is None
     (tmp_path / "train_config.json").write_text(json.dumps({"env": {"type": "pusht"}}))
-    assert _teacher_env_type(str(tmp_path)) == "pusht"
+    assert teacher_env_type(str(tmp_path)) == "pusht"

@@ -16,10 +16,10 @@ import reflowpairs.cli
 from reflowpairs.cli import eval_cmd, generate_cmd, store_cmds, train_cmd
 from reflowpairs.cli.app import app
 from reflowpairs.cli.ui import as_flags, command_flags
-from reflowpairs.evaluate import EvalConfig
-from reflowpairs.generate import GenerateConfig
-from reflowpairs.train import TrainConfig
-from reflowpairs.validate import ValidateConfig
+from reflowpairs.eval.config import EvalConfig
+from reflowpairs.generate.config import GenerateConfig
+from reflowpairs.train.config import TrainConfig
+from reflowpairs.validate.config import ValidateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

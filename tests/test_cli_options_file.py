@@ -13,8 +13,8 @@ import yaml
 from reflowpairs.cli.app import app
 from reflowpairs.cli.options import option_for_key
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.evaluate import EvalConfig
-from reflowpairs.generate import GenerateConfig
+from reflowpairs.eval.config import EvalConfig
+from reflowpairs.generate.config import GenerateConfig
 from reflowpairs.launcher import is_main_process, process_rank
 from reflowpairs.next_steps import (
     command_text,
@@ -31,7 +31,7 @@ from reflowpairs.options_file import (
     read_options_file,
     write_options,
 )
-from reflowpairs.train import TrainConfig
+from reflowpairs.train.config import TrainConfig
 
 from .helpers import cli
 

@@ -23,7 +23,7 @@ SHORT = ("--env.episode_length", "6", "--n-episodes", str(EPISODES), "--eval.bat
 @pytest.fixture(scope="module")
 def pusht(tmp_path_factory) -> dict[str, Path]:
     """A tiny PushT dataset, a SmolVLA teacher trained on it (2 steps) and a student (generate + train, 2 steps)."""
-    from reflowpairs.tinyworld import (
+    from reflowpairs.tiny.world import (
         PUSHT_REPO_ID,
         TinyTeacherSpec,
         build_pusht_dataset,

@@ -16,8 +16,8 @@ pytest.importorskip("lerobot_env_gapworld")
 
 @pytest.mark.slow
 def test_closed_loop_eval_on_the_gap_world(tmp_path, monkeypatch):
-    from reflowpairs.gapworld.record import GapDatasetSpec
-    from reflowpairs.gapworld.teacher import GAP_TEACHER, build_gap_world
+    from reflowpairs.tiny.gapworld.record import GapDatasetSpec
+    from reflowpairs.tiny.gapworld.teacher import GAP_TEACHER, build_gap_world
 
     monkeypatch.setenv("REFLOWPAIRS_PROGRESS", "lines")
     spec = GapDatasetSpec(num_episodes=4)

@@ -14,7 +14,7 @@ pytest.importorskip("gym_pusht")
 
 @pytest.mark.slow
 def test_pipeline_evaluates_every_student_in_closed_loop(tmp_path, monkeypatch):
-    from reflowpairs.tinyworld import (
+    from reflowpairs.tiny.world import (
         PUSHT_REPO_ID,
         TinyTeacherSpec,
         build_pusht_dataset,

@@ -123,7 +123,7 @@ def test_sdpa_attention_equals_lerobot_eager_attention(teacher_and_batch):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_engine_on_cuda_matches_the_cpu_plain_loop(other_world, teacher_and_batch, dtype):
     """On CUDA (fused SDPA kernels, pinned copies, optional bf16 autocast) X_1 stays the teacher's X_1."""
-    from reflowpairs.generate import COMPUTE_DTYPES
+    from reflowpairs.generate.config import COMPUTE_DTYPES
 
     cpu_teacher, cpu_batch, obs_index = teacher_and_batch
     teacher = load_policy(str(other_world.teacher_dir), "cuda")

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from reflowpairs.engine import lerobot_sampling_steps, repeat_frames, slice_frames
+from reflowpairs.engine import repeat_frames, slice_frames
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.policies import FAMILIES, family
+from reflowpairs.policies import FAMILIES, family, lerobot_sampling_steps
 from reflowpairs.policies.eo1 import FRAME_PIXELS, frame_batch, lerobot_batch
 from reflowpairs.solvers import SolverConfig
 from reflowpairs.teacher import SUPPORTED_POLICIES, load_policy
 from reflowpairs.tiny.eo1 import TinyEO1Spec, build_tiny_eo1_teacher
-from reflowpairs.tinyworld import TINY_REPO_ID, TinyDatasetSpec, build_tiny_dataset
+from reflowpairs.tiny.world import TINY_REPO_ID, TinyDatasetSpec, build_tiny_dataset
 
 from .helpers import cli, no_network
 
@@ -151,7 +151,7 @@ def test_engine_matches_lerobots_sampler(eo1_world, loaded, samples, num_steps, 
 )
 def test_exact_sampler_matches_the_engine(eo1_world, loaded):
     """``--exact`` (lerobot's own sampler per frame) and the prefix-cached engine give the same X_1."""
-    from reflowpairs.engine import make_engine
+    from reflowpairs.policies import make_engine
 
     noise = torch.randn(len(FRAMES), 2, 8, 6)
     batch = loaded.preprocessor(raw_frames(eo1_world))

@@ -197,7 +197,7 @@ def test_latency_is_the_median_of_repeated_calls(main_run):
 def test_lerobot_sampling_steps_restores_the_policy_config():
     """lerobot reads the step count from the config (the family's field): it is set for the block and restored, even
     on error."""
-    from reflowpairs.engine import lerobot_sampling_steps
+    from reflowpairs.policies import lerobot_sampling_steps
 
     resets = []
     policy = SimpleNamespace(
@@ -485,7 +485,8 @@ def test_student_with_other_action_statistics(tiny_world, tmp_path):
 
 @pytest.fixture(scope="module")
 def other_store(other_world, tmp_path_factory) -> Path:
-    from reflowpairs.generate import GenerateConfig, generate
+    from reflowpairs.generate.config import GenerateConfig
+    from reflowpairs.generate.run import generate
 
     out = tmp_path_factory.mktemp("other_store") / "pairs"
     generate(

@@ -27,7 +27,8 @@ HELD_OUT = [6, 7, 8, 9]
 @pytest.fixture(scope="module")
 def trained_student(tiny_store, tmp_path_factory) -> Path:
     """A student `reflowpairs train` wrote from the tiny teacher on tiny_store (2 steps: it only needs its state)."""
-    from reflowpairs.train import TrainConfig, train
+    from reflowpairs.train.config import TrainConfig
+    from reflowpairs.train.loop import train
 
     out = tmp_path_factory.mktemp("trained") / "run"
     result = train(

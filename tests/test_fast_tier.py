@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-import reflowpairs.train
-from reflowpairs import tinypi
+import reflowpairs.train.loop
+from reflowpairs.tiny import pi_patch
 
 from .conftest import SLOW_HINT, refuse_slow_work, slow_left_out
 
@@ -61,7 +61,11 @@ PROCESS = (multiprocessing.process.BaseProcess, "start")
             (reflowpairs.train.loop, "run_steps"),
             "step loop",
         ),
-        (lambda: tinypi.run_lerobot("lerobot-eval", ["--help"]), (tinypi, "run_lerobot"), "lerobot command"),
+        (
+            lambda: pi_patch.run_lerobot("lerobot-eval", ["--help"]),
+            (pi_patch, "run_lerobot"),
+            "lerobot command",
+        ),
     ],
 )
 def test_the_guard_refuses_before_the_start(start, entry, what):
@@ -94,11 +98,11 @@ def test_the_guard_refuses_lerobots_commands_in_this_process(module, name):
 
 def test_the_guarded_loop_is_the_one_train_runs():
     """``train()`` looks ``run_steps`` up in its module when it runs, so replacing the module's ``run_steps`` stops it."""
-    assert "run_steps" in reflowpairs.train.train.__code__.co_names
+    assert "run_steps" in reflowpairs.train.loop.train.__code__.co_names
 
 
 def test_the_guard_restores_what_it_replaced():
-    before = (subprocess.Popen.__init__, os.fork, reflowpairs.train.loop.run_steps, tinypi.run_lerobot)
+    before = (subprocess.Popen.__init__, os.fork, reflowpairs.train.loop.run_steps, pi_patch.run_lerobot)
     with refuse_slow_work("t.py::test_x"):
         assert (
             subprocess.Popen.__init__ is not before[0] and reflowpairs.train.loop.run_steps is not before[2]
@@ -107,7 +111,7 @@ def test_the_guard_restores_what_it_replaced():
         subprocess.Popen.__init__,
         os.fork,
         reflowpairs.train.loop.run_steps,
-        tinypi.run_lerobot,
+        pi_patch.run_lerobot,
     ) == before
 
 

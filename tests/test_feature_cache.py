@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from reflowpairs import featurecache
+from reflowpairs import atomic, cached_features, store_features
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairstore import PairStore
 from reflowpairs.policies import smolvla
+from reflowpairs.policies.interface import FEATURE_KEY
+from reflowpairs.store.reader import PairStore
 from tests.helpers import cli, generate_args
 
 
@@ -24,7 +25,7 @@ def _policy_and_batch(world, cameras: int, batch: int = 3):
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
     from reflowpairs.dataset import open_metadata
-    from reflowpairs.tinyworld import tiny_smolvla_config
+    from reflowpairs.tiny.world import tiny_smolvla_config
 
     cfg = tiny_smolvla_config(world.vlm_dir, open_metadata(world.repo_id, world.dataset_root))
     keys = ["observation.images.cam"] + [f"observation.images.cam{i}" for i in range(2, cameras + 1)]
@@ -83,7 +84,7 @@ def test_cached_embeddings_give_the_same_loss_and_gradients(tiny_world, cameras)
 def test_bf16_and_fp16_storage_round_trip_within_their_rounding():
     features = torch.randn(4, 2, 3, 8)
     for dtype, tol in (("float32", 0.0), ("float16", 1e-3), ("bfloat16", 8e-3)):
-        back = featurecache.from_storage(featurecache.to_storage(features, dtype), dtype)
+        back = store_features.from_storage(store_features.to_storage(features, dtype), dtype)
         assert (back - features).abs().max() <= tol * features.abs().max(), dtype
 
 
@@ -91,7 +92,8 @@ def test_bf16_and_fp16_storage_round_trip_within_their_rounding():
 def test_cache_added_to_a_store_trains_like_decoding(tiny_world, tiny_store, tmp_path):
     from safetensors.torch import load_file
 
-    from reflowpairs.train import TrainConfig, train
+    from reflowpairs.train.config import TrainConfig
+    from reflowpairs.train.loop import train
 
     store = tmp_path / "pairs"
     shutil.copytree(tiny_store, store)
@@ -99,13 +101,14 @@ def test_cache_added_to_a_store_trains_like_decoding(tiny_world, tiny_store, tmp
     before = json.loads((store / "manifest.json").read_text())["num_pairs"]
     same = ("--episodes", "0-5", "--samples-per-frame", "2", "--batch-size", "8", "--shard-size", "64")
     cli(*generate_args(tiny_world, store, *same, "--device", "cpu", "--resume", "--cache-features"))
-    index = featurecache.read_index(store)
+    index = store_features.read_index(store)
     frames = np.unique(PairStore(store).index()[0])
-    assert index["complete"] and featurecache.cached_frames(index) == len(frames)
+    assert index["complete"] and store_features.cached_frames(index) == len(frames)
     assert json.loads((store / "manifest.json").read_text())["num_pairs"] == before
     assert index["shape"] == [1, 4, 64] and index["bytes_per_frame"] == 4 * 64 * 4
-    from reflowpairs.inspect_store import summarize
-    from reflowpairs.validate import ValidateConfig, validate
+    from reflowpairs.store.inspect import summarize
+    from reflowpairs.validate.checks import validate
+    from reflowpairs.validate.config import ValidateConfig
 
     assert summarize(store, statistics=False)["feature_cache"]["frames"] == len(frames)
     shown = cli("inspect", str(store), "--no-stats").stdout  # the terminal table, not only --json
@@ -136,27 +139,27 @@ def test_cache_added_to_a_store_trains_like_decoding(tiny_world, tiny_store, tmp
 
     policy = load_policy(str(tiny_world.teacher_dir), "cpu").policy
     meta = PairStore(store).meta
-    assert featurecache.plan_training(store, policy, meta, disabled=False) is not None  # applies
+    assert cached_features.cache_for_training(store, policy, meta, disabled=False) is not None  # applies
     # frames missing: pairs added after the cache (known from the manifest), or a frame found missing when read
-    featurecache.write_json_atomically(
-        featurecache.features_dir(store) / "index.json", {**index, "store_pairs": 1}
+    atomic.write_json_atomically(
+        store_features.features_dir(store) / "index.json", {**index, "store_pairs": 1}
     )
     with pytest.raises(ReflowPairsError, match="had 1 pairs, the store has") as err:
-        featurecache.plan_training(store, policy, meta, disabled=False)
+        cached_features.cache_for_training(store, policy, meta, disabled=False)
     assert "generate --resume --cache-features" in err.value.hint
-    featurecache.write_json_atomically(featurecache.features_dir(store) / "index.json", index)
-    assert "incomplete" in featurecache.coverage_problem({**index, "complete": False}, meta)
+    atomic.write_json_atomically(store_features.features_dir(store) / "index.json", index)
+    assert "incomplete" in store_features.coverage_problem({**index, "complete": False}, meta)
     from reflowpairs.dataset import frame_indices
     from reflowpairs.pairdata import REFUSED, PairDataset, position_lookup
 
     dataset = _dataset(tiny_world)
     pairs = PairDataset(
         PairStore(store),
-        featurecache.TrainingCache(store, index).frames(dataset),
+        cached_features.AppliedFeatureCache(store, index).frames(dataset),
         position_lookup(frame_indices(dataset)),
     )
     first = pairs[0]
-    assert first["observation"][featurecache.FEATURE_KEY].shape == (1, 4, 64)
+    assert first["observation"][FEATURE_KEY].shape == (1, 4, 64)
     pairs.dataset.reader.where[first["obs_index"]] = -1
     what, hint = pairs[0][REFUSED]
     assert f"lacks 1 of its frames (obs_index {first['obs_index']})" in what
@@ -164,16 +167,16 @@ def test_cache_added_to_a_store_trains_like_decoding(tiny_world, tiny_store, tmp
     with torch.no_grad():
         next(smolvla.frozen_feature_modules(policy)["vision_model"].parameters()).add_(1.0)
     with pytest.raises(ReflowPairsError, match="frozen weights") as err:
-        featurecache.plan_training(store, policy, meta, disabled=False)
+        cached_features.cache_for_training(store, policy, meta, disabled=False)
     assert "`no_feature_cache`" in err.value.hint
-    assert featurecache.plan_training(store, policy, meta, disabled=True) is None
+    assert cached_features.cache_for_training(store, policy, meta, disabled=True) is None
     # a damaged feature shard is found by its checksum
     shard = store / index["shards"][0]["path"]
     import zarr
 
     group = zarr.open_group(str(shard), mode="r+")
     group["features"][0, 0, 0, 0] = 123.0
-    problems, _ = featurecache.check(store, frames)
+    problems, _ = store_features.check(store, frames)
     assert any("checksum" in p for p in problems)
     assert validate(ValidateConfig(store=store)).checks[-1].result == "fail"
 
@@ -189,12 +192,12 @@ def test_generate_keeps_the_features_its_prefix_fills_compute(tiny_world, tmp_pa
     with monkeypatch.context() as patch:
         patch.setattr(smolvla.SmolVLAFamily, "compute_features", not_again)
         store = generate_store(tiny_world, tmp_path / "pairs", cache_features=True, **job)
-    index = featurecache.read_index(store)
+    index = store_features.read_index(store)
     frames = np.unique(PairStore(store).index()[0])
-    assert index["complete"] and featurecache.cached_frames(index) == len(frames) == 24
+    assert index["complete"] and store_features.cached_frames(index) == len(frames) == 24
     # captured from the engine's (padded) calls, they are the features computed afresh, frame by frame
-    recompute = featurecache.recompute_features(str(tiny_world.teacher_dir), "cpu", _dataset(tiny_world))
-    problems, summary = featurecache.check(store, frames, recompute, spot=6)
+    recompute = cached_features.recompute_features(str(tiny_world.teacher_dir), "cpu", _dataset(tiny_world))
+    problems, summary = store_features.check(store, frames, recompute, spot=6)
     assert problems == [] and "6 frames recomputed match" in summary
 
     # a later round whose teacher shares the frozen weights reads the cache: no image decoded, no vision encoder
@@ -211,9 +214,11 @@ def test_generate_keeps_the_features_its_prefix_fills_compute(tiny_world, tmp_pa
         assert np.array_equal(a["obs_index"], b["obs_index"]) and np.array_equal(
             a["x1"], b["x1"]
         )  # bit-identical
-    copied = featurecache.read_index(again)
+    copied = store_features.read_index(again)
     assert copied["complete"] and copied["fingerprint"] == index["fingerprint"]
-    reader, copy_reader = (featurecache.FeatureReader(s, featurecache.read_index(s)) for s in (store, again))
+    reader, copy_reader = (
+        store_features.FeatureReader(s, store_features.read_index(s)) for s in (store, again)
+    )
     assert all(torch.equal(reader[int(o)], copy_reader[int(o)]) for o in frames)
     # partition slices made so carry their caches into the merged store, which training accepts
     slices = [
@@ -221,10 +226,10 @@ def test_generate_keeps_the_features_its_prefix_fills_compute(tiny_world, tmp_pa
         for i in range(2)
     ]
     out = cli("merge", *map(str, slices), "--out", str(tmp_path / "merged")).stdout
-    merged = featurecache.read_index(tmp_path / "merged")
+    merged = store_features.read_index(tmp_path / "merged")
     assert "feature cache not merged" not in out and merged["complete"] and merged["num_frames"] == 24
-    assert featurecache.check(tmp_path / "merged", frames)[0] == []
-    assert featurecache.coverage_problem(merged, PairStore(tmp_path / "merged").meta) is None
+    assert store_features.check(tmp_path / "merged", frames)[0] == []
+    assert store_features.coverage_problem(merged, PairStore(tmp_path / "merged").meta) is None
     # a cache merged before entries kept their origin (no store_id/written_as per entry) is still accepted, and a
     # damaged shard of it is still caught by its checksum
     legacy = {
@@ -234,15 +239,15 @@ def test_generate_keeps_the_features_its_prefix_fills_compute(tiny_world, tmp_pa
         ],
     }
     (tmp_path / "merged" / "features" / "index.json").write_text(json.dumps(legacy))
-    assert featurecache.check(tmp_path / "merged", frames)[0] == []
+    assert store_features.check(tmp_path / "merged", frames)[0] == []
     assert all(
-        featurecache.read_checked_shard(tmp_path / "merged", legacy, i) is not None
+        store_features.read_checked_shard(tmp_path / "merged", legacy, i) is not None
         for i in range(len(legacy["shards"]))
     )
     shutil.rmtree(slices[1] / "features")  # a slice without one: said, and the merged store has none
     out = cli("merge", *map(str, slices), "--out", str(tmp_path / "merged2")).stdout
     assert "feature cache not merged" in " ".join(out.split()) and "--cache-features" in out
-    assert featurecache.read_index(tmp_path / "merged2") is None
+    assert store_features.read_index(tmp_path / "merged2") is None
 
     # a teacher with other frozen weights is refused
     from reflowpairs.teacher import load_policy
@@ -251,7 +256,7 @@ def test_generate_keeps_the_features_its_prefix_fills_compute(tiny_world, tmp_pa
     with torch.no_grad():
         next(smolvla.frozen_feature_modules(policy)["connector"].parameters()).add_(1.0)
     with pytest.raises(ReflowPairsError, match="other frozen weights than the teacher's") as err:
-        featurecache.source_cache(store, policy)
+        cached_features.source_cache(store, policy)
     assert "`features_from`" in err.value.hint
 
 
@@ -266,8 +271,9 @@ def test_damaged_feature_shard_stops_training_before_a_step_uses_it(tiny_world, 
     """A feature shard damaged after ``validate`` passed is checked (sha256, shape, dtype, frames, store id) when a
     loader worker first reads it, and refused like a damaged pair shard: the run stops with the error naming the
     shard, before any step (no log record, no checkpoint)."""
-    from reflowpairs.train import LOG_FILE
-    from reflowpairs.validate import ValidateConfig, validate
+    from reflowpairs.train.logfile import LOG_FILE
+    from reflowpairs.validate.checks import validate
+    from reflowpairs.validate.config import ValidateConfig
 
     store = tmp_path / "pairs"
     shutil.copytree(tiny_store, store)
@@ -275,7 +281,7 @@ def test_damaged_feature_shard_stops_training_before_a_step_uses_it(tiny_world, 
     cli(*generate_args(tiny_world, store, *same, "--device", "cpu", "--resume", "--cache-features"))
     report = validate(ValidateConfig(store=store))
     assert report.ok and report.checks[-1].name == "features" and report.checks[-1].result == "pass"
-    index = featurecache.read_index(store)
+    index = store_features.read_index(store)
     shard = index["shards"][0]["path"]
     chunk = next(
         p for p in sorted((store / shard / "features").rglob("*")) if p.is_file() and p.name != "zarr.json"
@@ -299,8 +305,8 @@ def test_damaged_feature_shard_stops_training_before_a_step_uses_it(tiny_world, 
 
     # the reader's other checks: a shard copied in from another store, and a damaged obs_index column
     chunk.write_bytes(sound)
-    assert featurecache.FeatureReader(store, index).shard(0).shape[0] == index["shards"][0]["num_frames"]
-    reader = featurecache.FeatureReader(store, {**index, "store_id": "another"})
+    assert store_features.FeatureReader(store, index).shard(0).shape[0] == index["shards"][0]["num_frames"]
+    reader = store_features.FeatureReader(store, {**index, "store_id": "another"})
     with pytest.raises(ReflowPairsError, match="not this cache's"):
         reader.shard(0)
     import zarr
@@ -309,7 +315,7 @@ def test_damaged_feature_shard_stops_training_before_a_step_uses_it(tiny_world, 
     with pytest.raises(
         ReflowPairsError, match=f"feature shard {shard}: obs_index does not match its checksum"
     ):
-        featurecache.FeatureReader(store, index).has(np.array([0]))
+        store_features.FeatureReader(store, index).has(np.array([0]))
 
 
 @pytest.mark.slow
@@ -352,8 +358,8 @@ def test_pipeline_caches_in_round_one_and_later_rounds_read_it(tiny_world, tmp_p
     }
     state = json.loads((tmp_path / "recipe" / PIPELINE_STATE).read_text())
     assert state["feature_cache"] == result.feature_cache
-    second = featurecache.read_index(tmp_path / "recipe" / "round2" / "pairs")
-    assert second["complete"] and second["fingerprint"] == featurecache.read_index(first)["fingerprint"]
+    second = store_features.read_index(tmp_path / "recipe" / "round2" / "pairs")
+    assert second["complete"] and second["fingerprint"] == store_features.read_index(first)["fingerprint"]
     # the CLI's summary (a rerun: every stage finished, skipped) shows the same
     args = ["pipeline", "--teacher", settings["teacher"], "--dataset", tiny_world.repo_id, "--out"]
     args += [str(tmp_path / "recipe"), "--dataset-root", str(tiny_world.dataset_root), "--episodes", "0"]
@@ -378,4 +384,4 @@ def test_pipeline_caches_in_round_one_and_later_rounds_read_it(tiny_world, tmp_p
         num_steps=2,
         cache_features_if_allowed=True,
     )
-    assert featurecache.read_index(store) is None
+    assert store_features.read_index(store) is None

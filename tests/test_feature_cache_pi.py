@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from reflowpairs import featurecache
+from reflowpairs import cached_features, store_features
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairstore import PairStore
 from reflowpairs.policies import FAMILIES
 from reflowpairs.policies._pi_common import PiFamily
+from reflowpairs.store.reader import PairStore
 
 from .helpers import generate_store
 
@@ -137,7 +137,8 @@ def test_generate_caches_reads_and_train_uses_the_cache(
 ):
     from safetensors.torch import load_file
 
-    from reflowpairs.train import TrainConfig, train
+    from reflowpairs.train.config import TrainConfig
+    from reflowpairs.train.loop import train
 
     def not_again(*args, **kwargs):
         raise AssertionError("a vision pass ran that the cache should have saved")
@@ -147,12 +148,12 @@ def test_generate_caches_reads_and_train_uses_the_cache(
     with monkeypatch.context() as patch:  # captured from the engine's prefix fills, not computed again
         patch.setattr(PiFamily, "compute_features", not_again)
         store = generate_store(tiny_world, tmp_path / "pairs", cache_features=True, **job)
-    index = featurecache.read_index(store)
+    index = store_features.read_index(store)
     frames = np.unique(PairStore(store).index()[0])
     assert index["complete"] and index["kind"] == f"{variant}.image_embeddings"
-    assert featurecache.cached_frames(index) == len(frames) > 0 and index["slots"] == [CAMERA]
-    recompute = featurecache.recompute_features(str(teacher), "cpu", _dataset(tiny_world))
-    problems, summary = featurecache.check(store, frames, recompute, spot=6)
+    assert store_features.cached_frames(index) == len(frames) > 0 and index["slots"] == [CAMERA]
+    recompute = cached_features.recompute_features(str(teacher), "cpu", _dataset(tiny_world))
+    problems, summary = store_features.check(store, frames, recompute, spot=6)
     assert problems == [] and "6 frames recomputed match" in summary
 
     # a later round reads the cache: no image decoded, no vision tower run, X_1 bit-identical
@@ -168,7 +169,7 @@ def test_generate_caches_reads_and_train_uses_the_cache(
     for i in range(len(first.shards)):
         a, b = first.read_stored(i, ("obs_index", "x1")), second.read_stored(i, ("obs_index", "x1"))
         assert np.array_equal(a["obs_index"], b["obs_index"]) and np.array_equal(a["x1"], b["x1"])
-    assert featurecache.read_index(again)["fingerprint"] == index["fingerprint"]
+    assert store_features.read_index(again)["fingerprint"] == index["fingerprint"]
 
     # training with the cache is training without it (the student of train_expert_only)
     students = {}
@@ -186,5 +187,5 @@ def test_generate_caches_reads_and_train_uses_the_cache(
     # a student whose projector trains is refused, with the reason, the flag and the way out
     unfrozen = _load(configured(teacher, tmp_path / "unfrozen", train_expert_only=False)).policy
     with pytest.raises(ReflowPairsError, match="multi_modal_projector has .* trainable") as err:
-        featurecache.plan_training(store, unfrozen, PairStore(store).meta, disabled=False)
+        cached_features.cache_for_training(store, unfrozen, PairStore(store).meta, disabled=False)
     assert "train_expert_only: true" in err.value.what and "`no_feature_cache`" in err.value.hint

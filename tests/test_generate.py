@@ -17,7 +17,8 @@ import reflowpairs.generate.job as generate_job  # where generate loads the teac
 from reflowpairs.cli import app
 from reflowpairs.dataset import open_dataset
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.generate import GenerateConfig, generate
+from reflowpairs.generate.config import GenerateConfig
+from reflowpairs.generate.run import generate
 from reflowpairs.noise import initial_noise
 from reflowpairs.teacher import load_policy
 
@@ -571,17 +572,18 @@ def test_resume_does_not_sample_skipped_frames_again(tiny_world, tmp_path):
 def test_skipped_frames_are_in_the_manifest_before_the_next_shard(tiny_world, tmp_path, monkeypatch):
     """A skipped frame is recorded in the manifest when it is skipped (by the writer thread, the manifest's only
     writer during sampling), not only with the next shard: a kill in between loses no skip."""
-    from reflowpairs import pairstore
+    from reflowpairs.store.manifest import StoreManifest
+    from reflowpairs.store.writer import PairStoreWriter
 
     ckpt = _nan_teacher(tiny_world, tmp_path)
     seen = []
-    real = pairstore.PairStoreWriter.skip
+    real = PairStoreWriter.skip
 
     def spy(self, obs_index):
         real(self, obs_index)
-        seen.append(pairstore.StoreManifest.read(self.out).skipped_frames)  # manifest.json + its journal
+        seen.append(StoreManifest.read(self.out).skipped_frames)  # manifest.json + its journal
 
-    monkeypatch.setattr(pairstore.PairStoreWriter, "skip", spy)
+    monkeypatch.setattr(PairStoreWriter, "skip", spy)
     generate(
         GenerateConfig(
             teacher=str(ckpt),

@@ -182,7 +182,7 @@ def test_reflow_loss_through_a_ddp_wrapper(pi_world, tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from reflowpairs.train import reflow_loss
+    from reflowpairs.train.loss import reflow_loss
 
     class CountingDDP(DistributedDataParallel):
         calls = 0

@@ -19,9 +19,10 @@ import torch
 
 from reflowpairs.dataset import open_dataset
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.evaluate import next_step
-from reflowpairs.pairstore import Pairs, PairStore
+from reflowpairs.eval.summary import next_step
 from reflowpairs.policies._pi_common import check_weights_loaded
+from reflowpairs.store.pairs import Pairs
+from reflowpairs.store.reader import PairStore
 from reflowpairs.teacher import TOKENIZER_ENV, load_policy
 from reflowpairs.tiny import pi_patch
 
@@ -231,9 +232,10 @@ def test_resume_partitions_parquet_and_midpoint(pi_teachers, tiny_world, tmp_pat
     from lerobot.policies.pi0 import modeling_pi0
     from lerobot.policies.pi05 import modeling_pi05
 
-    from reflowpairs.generate import GenerateConfig, generate
-    from reflowpairs.merge import merge_stores
+    from reflowpairs.generate.config import GenerateConfig
+    from reflowpairs.generate.run import generate
     from reflowpairs.solvers import SolverConfig, integrate
+    from reflowpairs.store.merge import merge_stores
 
     teacher = pi_teachers[variant]
     settings = {

@@ -47,25 +47,26 @@ FAST_TRAIN = ("--steps", "2", "--batch-size", "4", "--device", "cpu")
 def test_lerobot_eval_runs_a_one_step_pi_student_on_pusht(tmp_path, variant):
     """A tiny pi0/pi05 teacher on PushT -> generate -> train -> ``lerobot-eval --policy.path=<student>
     --policy.num_inference_steps=1`` in lerobot's own evaluation loop. lerobot-eval is started through
-    ``python -m reflowpairs.tinypi lerobot-eval ...``, the documented fixture that installs the tiny size patch the
+    ``python -m reflowpairs.tiny.pi_patch lerobot-eval ...``, the documented fixture that installs the tiny size patch the
     student's marker names in that process (without it lerobot would build the 3 B model)."""
     import sys
 
-    from reflowpairs import tinypi
-    from reflowpairs.tinyworld import PUSHT_REPO_ID, build_pusht_dataset
+    from reflowpairs.tiny import pi_patch
+    from reflowpairs.tiny.pi import TinyPiSpec, build_tiny_pi_teacher
+    from reflowpairs.tiny.world import PUSHT_REPO_ID, build_pusht_dataset
 
     from .helpers import cli, run_child
 
     dataset_root = tmp_path / "dataset"
     build_pusht_dataset(dataset_root, num_episodes=2, episode_length=12)
-    teacher = tinypi.build_tiny_pi_teacher(
-        tmp_path / "teacher", variant, PUSHT_REPO_ID, dataset_root, spec=tinypi.TinyPiSpec(train_steps=2)
+    teacher = build_tiny_pi_teacher(
+        tmp_path / "teacher", variant, PUSHT_REPO_ID, dataset_root, spec=TinyPiSpec(train_steps=2)
     )
     data = ("--dataset", PUSHT_REPO_ID, "--dataset-root", str(dataset_root), "--device", "cpu")
     cli("generate", "--teacher", str(teacher), *data, "--out", str(tmp_path / "pairs"), *FAST_GENERATE)
     cli("train", "--pairs", str(tmp_path / "pairs"), "--out", str(tmp_path / "student"), *FAST_TRAIN)
     student = tmp_path / "student" / "checkpoints" / "last" / "pretrained_model"
-    assert tinypi.read_marker(student) == tinypi.read_marker(
+    assert pi_patch.read_marker(student) == pi_patch.read_marker(
         teacher
     )  # the student carries the patch it needs
     assert json.loads((student / "config.json").read_text())["type"] == variant
@@ -81,7 +82,7 @@ def test_lerobot_eval_runs_a_one_step_pi_student_on_pusht(tmp_path, variant):
         "--eval.use_async_envs=false",
         f"--output_dir={tmp_path / 'eval'}",
     ]
-    done = run_child([sys.executable, "-m", "reflowpairs.tinypi", "lerobot-eval", *args], cwd=tmp_path)
+    done = run_child([sys.executable, "-m", "reflowpairs.tiny.pi_patch", "lerobot-eval", *args], cwd=tmp_path)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
     assert "End of eval" in log and "'n_episodes': 1" in log

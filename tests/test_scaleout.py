@@ -165,7 +165,8 @@ def test_accelerate_launch_two_cpu_processes(tiny_world, tmp_path, single):
 
 
 def test_partition_slices_and_merged_stores_validate(tiny_world, tmp_path):
-    from reflowpairs.validate import ValidateConfig, validate
+    from reflowpairs.validate.checks import validate
+    from reflowpairs.validate.config import ValidateConfig
 
     slices = []
     for i in range(2):
@@ -183,9 +184,9 @@ def test_partition_slices_and_merged_stores_validate(tiny_world, tmp_path):
     # carries the id of the slice that wrote it
     from reflowpairs.pairdata import read_checked
     from reflowpairs.store import PairStore
-    from reflowpairs.train import check_store
+    from reflowpairs.train.inputs import open_training_store
 
-    merged = check_store(tmp_path / "merged")
+    merged = open_training_store(tmp_path / "merged")
     assert (
         sum(len(read_checked(merged, i)["obs_index"]) for i in range(len(merged.shards)))
         == sum(len(PairStore(s)) for s in slices)
@@ -270,7 +271,8 @@ def test_two_process_training_saves_a_loadable_student(tiny_world, tiny_store, t
     assert student.config.chunk_size == 8
     # one process cannot continue it: the global batch and each process's part of the store would change
     from reflowpairs.errors import ReflowPairsError
-    from reflowpairs.train import TrainConfig, train
+    from reflowpairs.train.config import TrainConfig
+    from reflowpairs.train.loop import train
 
     with pytest.raises(ReflowPairsError) as err:
         train(TrainConfig(pairs=tiny_store, out=out, steps=6, resume=True, device="cpu", num_workers=0))

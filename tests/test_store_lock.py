@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.generate import GenerateConfig, generate
+from reflowpairs.generate.config import GenerateConfig
+from reflowpairs.generate.run import generate
 from reflowpairs.store import PairStore
 from reflowpairs.store.lock import StoreLock
 from reflowpairs.store.merge import merge_stores

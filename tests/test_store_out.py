@@ -12,7 +12,8 @@ import pytest
 
 from reflowpairs.cli import app
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.generate import GenerateConfig, generate
+from reflowpairs.generate.config import GenerateConfig
+from reflowpairs.generate.run import generate
 from reflowpairs.store import PairStore
 
 from .helpers import runner

@@ -147,8 +147,10 @@ def _to_version_1(store: Path) -> None:
 
 @pytest.mark.slow
 def test_a_version_1_store_reads_validates_and_trains(tiny_store, tmp_path):
-    from reflowpairs.train import TrainConfig, train
-    from reflowpairs.validate import ValidateConfig, validate
+    from reflowpairs.train.config import TrainConfig
+    from reflowpairs.train.loop import train
+    from reflowpairs.validate.checks import validate
+    from reflowpairs.validate.config import ValidateConfig
 
     store = tmp_path / "v1"
     shutil.copytree(tiny_store, store)

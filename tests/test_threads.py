@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.generate import generate
+from reflowpairs.generate.run import generate
 from reflowpairs.threads import apply_threads, configure_threads, plan_threads
-from reflowpairs.train import TrainConfig, train
+from reflowpairs.train.config import TrainConfig
+from reflowpairs.train.loop import train
 
 from .helpers import cli, generate_args, generate_config
 

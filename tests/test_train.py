@@ -28,7 +28,10 @@ from reflowpairs.cli.app import app
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pairdata import PairSampler, drop_action_keys, epoch_order
 from reflowpairs.timesampling import TIME_SAMPLINGS, sample_time, step_generator
-from reflowpairs.train import TEST_SAVED_FD, TrainConfig, TrainingInterrupted, plan_optimizer, train
+from reflowpairs.train.checkpointing import TEST_SAVED_FD
+from reflowpairs.train.config import TrainConfig, TrainingInterrupted
+from reflowpairs.train.loop import train
+from reflowpairs.train.optim import plan_optimizer
 
 from .helpers import runner
 
@@ -388,7 +391,8 @@ def test_a_schedule_is_changed_only_below_lerobots_decay_horizon(tiny_world):
     SmolVLA): a longer --steps there changes nothing, and is not refused."""
     from lerobot.configs.policies import PreTrainedConfig
 
-    from reflowpairs.train import schedule_change, scheduled_lr
+    from reflowpairs.train.optim import scheduled_lr
+    from reflowpairs.train.resume import schedule_change
 
     config = PreTrainedConfig.from_pretrained(tiny_world.teacher_dir)
     settings = {"lr": 1e-3, "warmup_steps": None, "grad_clip": None}
@@ -526,7 +530,7 @@ def test_corrupt_shard_stops_training_before_its_pairs_are_used(tiny_store, tmp_
     """Start-up reads no shard; the damaged one is refused (naming it) when the loader first reads it, before the
     step whose batch holds its first pair, and no step or checkpoint used it. ``flip``: the library, loading in this
     process; ``truncate``: the CLI, loading in a DataLoader worker (the error crosses back without a traceback)."""
-    from reflowpairs.pairstore import PairStore
+    from reflowpairs.store.reader import PairStore
 
     store = _copy_store(tiny_store, tmp_path / "s")
     manifest = json.loads((store / "manifest.json").read_text())
@@ -594,7 +598,8 @@ def test_corrupt_shard_stops_training_before_its_pairs_are_used(tiny_store, tmp_
 
 @pytest.mark.slow
 def test_parquet_store_trains(tiny_world, tmp_path):
-    from reflowpairs.generate import GenerateConfig, generate
+    from reflowpairs.generate.config import GenerateConfig
+    from reflowpairs.generate.run import generate
 
     store = tmp_path / "pq"
     generate(
@@ -699,7 +704,7 @@ def test_bad_settings(tiny_store, tmp_path, change, message):
 
 
 def test_cli_student_num_steps_takes_a_number_or_teacher(tmp_path):
-    from reflowpairs.train import parse_student_num_steps
+    from reflowpairs.train.config import parse_student_num_steps
 
     assert (
         parse_student_num_steps("2"),
@@ -1003,7 +1008,7 @@ def test_process_rank_is_the_launchers(monkeypatch):
 
 
 def test_the_train_plan_is_typed_and_json_ready():
-    from reflowpairs.train import TrainPlan
+    from reflowpairs.train.planning import TrainPlan
 
     names = [f.name for f in dataclasses.fields(TrainPlan)]
     assert names[:3] == ["init", "resumed_from", "start_step"] and "feature_cache" in names

@@ -14,7 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from reflowpairs.checkpoint import MASTER_FILE
-from reflowpairs.train import MasterWeights, TrainConfig, TrainingInterrupted, next_commands, train
+from reflowpairs.train.config import TrainConfig, TrainingInterrupted
+from reflowpairs.train.loop import train
+from reflowpairs.train.masters import MasterWeights
+from reflowpairs.train.next_commands import next_commands
 
 BATCH = 4
 
@@ -22,7 +25,8 @@ BATCH = 4
 @pytest.fixture(scope="module")
 def bf16_store(bf16_world, tmp_path_factory) -> Path:
     """A small zarr pair store from the bfloat16 teacher (episodes 0-3, K=2)."""
-    from reflowpairs.generate import GenerateConfig, generate
+    from reflowpairs.generate.config import GenerateConfig
+    from reflowpairs.generate.run import generate
 
     out = tmp_path_factory.mktemp("bf16store") / "pairs"
     generate(
@@ -297,7 +301,8 @@ def test_train_step_with_any_loss_steps_the_masters_and_refuses_a_non_finite_los
     """``train_step`` takes the loss as a parameter (the tiny teacher's is lerobot's plain forward): one call is
     forward, backward, clip on the float32 masters, step, rounding into the bf16 model, schedule step; a non-finite
     loss is refused before anything changes."""
-    from reflowpairs.train import NonFiniteLossError, Optimisation, train_step
+    from reflowpairs.train.optim import Optimisation
+    from reflowpairs.train.step import NonFiniteLossError, train_step
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 1).to(torch.bfloat16)

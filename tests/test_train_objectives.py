@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from reflowpairs.cli import app
-from reflowpairs.engine import lerobot_sampling_steps
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.policies import lerobot_sampling_steps
 from reflowpairs.timesampling import sample_time, step_generator
-from reflowpairs.train import PSEUDO_HUBER_C, TrainConfig, pseudo_huber, reflow_loss, train
+from reflowpairs.train.config import TrainConfig
+from reflowpairs.train.loop import train
+from reflowpairs.train.loss import PSEUDO_HUBER_C, pseudo_huber, reflow_loss
 
 from .helpers import runner
 

@@ -16,7 +16,9 @@ import zarr
 
 from reflowpairs.cli import app
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.validate import CHECK_TABLE, CHECKS, ValidateConfig, validate
+from reflowpairs.validate.checks import CHECK_TABLE, validate
+from reflowpairs.validate.config import ValidateConfig
+from reflowpairs.validate.report import CHECKS
 
 from .helpers import runner, small_store
 

@@ -24,7 +24,8 @@ from reflowpairs.noise import initial_noise, pair_noise
 from reflowpairs.pairdata import PairDataset, PairSampler, position_lookup
 from reflowpairs.store import PairStore, read_manifest
 from reflowpairs.store.merge import merge_stores
-from reflowpairs.validate import ValidateConfig, validate
+from reflowpairs.validate.checks import validate
+from reflowpairs.validate.config import ValidateConfig
 
 from .helpers import runner, small_store
 
@@ -434,7 +435,9 @@ def test_resume_finishes_an_implicit_store_and_an_explicit_store_recorded_before
 @pytest.mark.slow
 def test_training_on_an_implicit_store_is_training_on_the_explicit_one(stores, tmp_path):
     """`reflowpairs train` end to end (a DataLoader worker regenerates X_0): the same losses, step for step."""
-    from reflowpairs.train import LOG_FILE, TrainConfig, train
+    from reflowpairs.train.config import TrainConfig
+    from reflowpairs.train.logfile import LOG_FILE
+    from reflowpairs.train.loop import train
 
     def losses(store: Path, out: Path) -> list[float]:
         result = train(

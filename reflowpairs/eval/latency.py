@@ -11,10 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reflowpairs.engine import lerobot_sampling_steps
 from reflowpairs.eval.progress import PhaseProgress
 from reflowpairs.eval.sampling import ModelUnderEval
-from reflowpairs.policies import family
+from reflowpairs.policies import family, lerobot_sampling_steps
 
 
 def _synchronize(device: torch.device) -> None:

@@ -71,9 +71,9 @@ from reflowpairs.eval.student_training import (
 )
 from reflowpairs.eval.summary import headline, labels, next_step
 from reflowpairs.eval.training_pairs import check_store_fits_student_and_dataset, measure_training_pairs
-from reflowpairs.generate import software_versions
-from reflowpairs.pairstore import PairStore
+from reflowpairs.generate.job import software_versions
 from reflowpairs.policies import config_num_steps, step_field
+from reflowpairs.store.reader import PairStore
 from reflowpairs.teacher import rename_map
 
 REPORT_FORMAT = "reflowpairs.eval"

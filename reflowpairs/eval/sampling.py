@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reflowpairs.engine import make_engine
 from reflowpairs.eval.config import MODELS, EvalConfig
 from reflowpairs.eval.metrics import ErrorSums, integrate_recording, straightness
 from reflowpairs.eval.progress import PhaseProgress
 from reflowpairs.noise import batch_noise
+from reflowpairs.policies import make_engine
 
 
 class ModelUnderEval:

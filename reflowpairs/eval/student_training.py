@@ -13,7 +13,7 @@ from reflowpairs.checkpoint import STATE_FILE, read_state, training_state_dir
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.eval.config import EvalConfig
 from reflowpairs.eval.report import episode_span
-from reflowpairs.pairstore import PairStore
+from reflowpairs.store.reader import PairStore
 from reflowpairs.teacher import is_local
 
 

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 from reflowpairs.dataset import frame_indices, open_dataset
-from reflowpairs.engine import pair_shapes
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.eval.config import EvalConfig
 from reflowpairs.eval.metrics import ErrorSums, pick_positions
 from reflowpairs.eval.progress import PhaseProgress
 from reflowpairs.eval.sampling import ModelUnderEval, sample_every_step_count
+from reflowpairs.policies import pair_shapes
 
 
 def store_frames(store, max_frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

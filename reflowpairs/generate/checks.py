@@ -4,21 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from reflowpairs.atomic import TMP_PREFIX
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.featurecache import check_feature_dtype
 from reflowpairs.generate.config import COMPUTE_DTYPES, GenerateConfig
-from reflowpairs.pairstore import (
-    FORMAT,
-    MANIFEST,
-    PARTS_DIR,
-    SHARDS_DIR,
-    STORE_ENTRIES,
-    TMP_PREFIX,
-    X0_MODES,
-    StoreManifest,
-    manifest_format,
-)
 from reflowpairs.solvers import SolverConfig
+from reflowpairs.store.contract import manifest_format
+from reflowpairs.store.layout import FORMAT, MANIFEST, PARTS_DIR, SHARDS_DIR, STORE_ENTRIES, X0_MODES
+from reflowpairs.store.manifest import StoreManifest
+from reflowpairs.store_features import check_feature_dtype
 
 
 def check_settings(cfg: GenerateConfig) -> None:

@@ -21,9 +21,10 @@ from reflowpairs.dataset import (
 )
 from reflowpairs.engine import resolve_frames_per_call
 from reflowpairs.generate.config import GenerateConfig, GeneratePlan
-from reflowpairs.pairstore import PairStore, StoreManifest
 from reflowpairs.policies import config_num_steps, family, make_engine
 from reflowpairs.solvers import SolverConfig
+from reflowpairs.store.manifest import StoreManifest
+from reflowpairs.store.reader import PairStore
 from reflowpairs.teacher import compute_dtype, load_policy, parameter_dtypes, read_policy_config, rename_map
 from reflowpairs.threads import ThreadPlan
 

@@ -7,12 +7,14 @@ from pathlib import Path
 
 from reflowpairs.atomic import check_writable
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.featurecache import FEATURES_DIR
 from reflowpairs.generate.checks import check_out
 from reflowpairs.generate.config import GenerateConfig
 from reflowpairs.generate.job import Job
-from reflowpairs.merge import absorb_parts
-from reflowpairs.pairstore import PARTS_DIR, SHARDS_DIR, JobDifference, StoreManifest, remove_path
+from reflowpairs.store.jobs import JobDifference
+from reflowpairs.store.layout import PARTS_DIR, SHARDS_DIR, remove_path
+from reflowpairs.store.manifest import StoreManifest
+from reflowpairs.store.merge import absorb_parts
+from reflowpairs.store_features import FEATURES_DIR
 
 X0_WORDS = {"explicit": "stored in every shard", "implicit": "not stored, regenerated from the seed"}
 

@@ -8,17 +8,18 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from reflowpairs.cached_features import refuse_uncacheable, source_cache, student_cache_problems
 from reflowpairs.distributed import DistContext
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.featurecache import refuse_uncacheable, source_cache, student_cache_problems
 from reflowpairs.generate.checks import check_settings
 from reflowpairs.generate.config import GenerateConfig, GeneratePlan, GenerateResult, GenerationProgress
 from reflowpairs.generate.job import Job, frames_to_do, plan_of, prepare_job
 from reflowpairs.generate.out import open_store
 from reflowpairs.generate.sampling import cache_features, sample_frames
-from reflowpairs.merge import absorb_parts
-from reflowpairs.pairstore import PARTS_DIR, StoreManifest
-from reflowpairs.storelock import StoreLock
+from reflowpairs.store.layout import PARTS_DIR
+from reflowpairs.store.lock import StoreLock
+from reflowpairs.store.manifest import StoreManifest
+from reflowpairs.store.merge import absorb_parts
 from reflowpairs.threads import ThreadPlan, apply_threads
 
 

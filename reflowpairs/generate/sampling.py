@@ -10,20 +10,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from reflowpairs.cached_features import FeatureSink, add_features, assemble_captured
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.featurecache import (
-    FEATURE_KEY,
-    FeatureSink,
-    add_features,
-    assemble_captured,
-    missing_frames_error,
-)
 from reflowpairs.generate.config import COMPUTE_DTYPES, GenerateConfig, GenerationProgress
 from reflowpairs.generate.job import Job
 from reflowpairs.generate.writer import BackgroundWriter, write_failed
 from reflowpairs.noise import batch_noise
-from reflowpairs.pairstore import Pairs, PairStoreWriter, StoreManifest
+from reflowpairs.policies.interface import FEATURE_KEY
 from reflowpairs.solvers import SolverConfig
+from reflowpairs.store.manifest import StoreManifest
+from reflowpairs.store.pairs import Pairs
+from reflowpairs.store.writer import PairStoreWriter
+from reflowpairs.store_features import missing_frames_error
 
 
 def sample_frames(

@@ -8,7 +8,8 @@ import threading
 from pathlib import Path
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.pairstore import Pairs, PairStoreWriter
+from reflowpairs.store.pairs import Pairs
+from reflowpairs.store.writer import PairStoreWriter
 
 
 class BackgroundWriter:

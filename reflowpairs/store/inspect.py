@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.featurecache import describe, read_index
 from reflowpairs.store.layout import MANIFEST
 from reflowpairs.store.reader import PairStore
+from reflowpairs.store_features import describe, read_index
 
 ShardProgress = Callable[[int, int], None]
 """``progress(shards_done, shards_total)``, called after each shard."""

@@ -27,12 +27,12 @@ import numpy as np
 
 from reflowpairs.atomic import fsync_dir, replace_atomically
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.featurecache import merge_caches
 from reflowpairs.store.jobs import JobDifference
 from reflowpairs.store.layout import LOCK, MANIFEST, PARTS_DIR, remove_path, shard_rel_path
 from reflowpairs.store.lock import StoreLock, busy_error
 from reflowpairs.store.manifest import StoreManifest
 from reflowpairs.store.reader import PairStore
+from reflowpairs.store_features import merge_caches
 
 
 def _short(fingerprint: Any) -> str:

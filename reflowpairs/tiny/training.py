@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from reflowpairs.train import MasterWeights, Optimisation, train_step
+from reflowpairs.train.masters import MasterWeights
+from reflowpairs.train.optim import Optimisation
+from reflowpairs.train.step import train_step
 
 
 @dataclass(frozen=True)

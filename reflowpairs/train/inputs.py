@@ -12,10 +12,10 @@ import numpy as np
 
 from reflowpairs.checkpoint import pretrained_dir, read_json_object
 from reflowpairs.dataset import check_features, dataset_fingerprint, frame_indices, open_dataset
-from reflowpairs.engine import pair_shapes
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pairdata import position_lookup
-from reflowpairs.pairstore import PairStore
+from reflowpairs.policies import pair_shapes
+from reflowpairs.store.reader import PairStore
 from reflowpairs.teacher import checkpoint_file, fingerprint_checkpoint, is_local, load_policy, rename_map
 from reflowpairs.train.config import TrainConfig
 

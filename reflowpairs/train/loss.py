@@ -13,7 +13,7 @@ from torch import Tensor
 from reflowpairs.cached_features import AppliedFeatureCache, cache_family
 from reflowpairs.pairdata import drop_action_keys
 from reflowpairs.policies import family
-from reflowpairs.store_features import FEATURE_KEY
+from reflowpairs.policies.interface import FEATURE_KEY
 
 LOSSES = ("mse", "pseudo-huber")
 PSEUDO_HUBER_C = 0.00054  # c = 0.00054 sqrt(d) (Song & Dhariwal 2023, used by rectified flow++)

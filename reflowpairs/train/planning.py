@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,16 +75,6 @@ class TrainPlan:
     def as_dict(self) -> dict[str, Any]:
         """The plan as a JSON-ready dict (the W&B run's config records it)."""
         return asdict(self)
-
-    # RENOVATION SHIM: removed at merge, once cli/train_cmd.py, pipeline.py and tests read attributes
-    def __getitem__(self, name: str) -> Any:
-        if name not in {f.name for f in fields(self)}:
-            raise KeyError(name)
-        return getattr(self, name)
-
-    # RENOVATION SHIM: removed at merge (as __getitem__)
-    def get(self, name: str, default: Any = None) -> Any:
-        return getattr(self, name, default)
 
 
 @dataclass

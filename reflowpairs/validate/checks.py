@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from reflowpairs.cached_features import validate_features
 from reflowpairs.dataset import frame_indices
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.featurecache import validate_features
-from reflowpairs.pairstore import MANIFEST, PairStore
+from reflowpairs.store.layout import MANIFEST
+from reflowpairs.store.reader import PairStore
 from reflowpairs.validate.config import PhaseProgress, ValidateConfig, check_settings
 from reflowpairs.validate.frames import check_frames
 from reflowpairs.validate.manifest import check_leftovers, manifest_problems, resume_command

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reflowpairs.pairstore import PairStore
+from reflowpairs.store.reader import PairStore
 from reflowpairs.validate.report import FAIL, INCOMPLETE, PASS, CheckResult, Problems, listed
 from reflowpairs.validate.shards import ShardPass
 

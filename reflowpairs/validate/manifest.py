@@ -7,15 +7,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from reflowpairs.pairstore import (
-    ARRAYS,
-    MANIFEST,
-    SHARD_SUFFIX,
-    SHARDS_DIR,
-    TMP_PREFIX,
-    StoreManifest,
-    unlisted_entries,
-)
+from reflowpairs.atomic import TMP_PREFIX
+from reflowpairs.store.layout import ARRAYS, MANIFEST, SHARD_SUFFIX, SHARDS_DIR, unlisted_entries
+from reflowpairs.store.manifest import StoreManifest
 from reflowpairs.validate.report import PASS, WARN, CheckResult, listed
 
 

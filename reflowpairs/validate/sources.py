@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from reflowpairs.dataset import dataset_fingerprint, open_dataset
-from reflowpairs.pairstore import PairStore
+from reflowpairs.store.reader import PairStore
 from reflowpairs.validate.config import ValidateConfig
 from reflowpairs.validate.report import FAIL, PASS, CheckResult
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from reflowpairs.dataset import check_features, frame_indices
 from reflowpairs.noise import batch_noise
-from reflowpairs.pairstore import PairStore
+from reflowpairs.store.reader import PairStore
 from reflowpairs.validate.config import PhaseProgress, ValidateConfig, spot_check_atol
 from reflowpairs.validate.report import FAIL, PASS, CheckResult, Problems, listed
 from reflowpairs.validate.shards import ShardPass, SpotPair
@@ -36,7 +36,7 @@ class _Sampler:
 def _load_sampler(store: PairStore, cfg: ValidateConfig, dataset) -> _Sampler:
     """The teacher (``cfg.teacher``, else the recorded one) with the recorded solver and sampler."""
     # heavy: the teacher stack (teacher, engine, solvers) imports torch; validate itself imports without it
-    from reflowpairs.engine import make_engine
+    from reflowpairs.policies import make_engine
     from reflowpairs.solvers import SolverConfig
     from reflowpairs.teacher import load_policy, rename_map
 
@@ -114,7 +114,7 @@ def _resample(
     import torch
     from torch.utils.data import default_collate
 
-    from reflowpairs.generate import COMPUTE_DTYPES
+    from reflowpairs.generate.config import COMPUTE_DTYPES
 
     whole_frames = generation.get("seed") is not None
     k_all = int(generation["samples_per_frame"])

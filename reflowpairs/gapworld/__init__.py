@@ -1,1 +1,0 @@
-# RENOVATION SHIM: removed at merge

@@ -1,3 +1,0 @@
-# RENOVATION SHIM: removed at merge
-
-from reflowpairs.store.inspect import pair, summarize  # noqa: F401

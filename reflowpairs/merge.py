@@ -1,3 +1,0 @@
-# RENOVATION SHIM: removed at merge
-
-from reflowpairs.store.merge import absorb_parts, merge_stores  # noqa: F401

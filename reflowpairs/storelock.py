@@ -1,3 +1,0 @@
-# RENOVATION SHIM: removed at merge
-
-from reflowpairs.store.lock import StoreLock  # noqa: F401
