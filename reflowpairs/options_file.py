@@ -30,7 +30,7 @@ EVAL_OPTIONS = "eval_options.yaml"  # in an eval's OUT
 # option has another name; ``config_options`` leaves out the former and renames the latter.
 NOT_OPTIONS = {
     "generate": ("resume", "overwrite", "threads", "cache_features_if_allowed", "writer_id"),
-    "train": ("resume", "threads"),
+    "train": ("resume", "threads", "wandb_config"),  # wandb_config: lerobot's WandBConfig, from the --wandb* options
     "eval": (),
 }
 OPTION_NAMES = {"generate": {"backend": "format"}, "train": {}, "eval": {}}

@@ -143,12 +143,6 @@ def test_engine_matches_lerobots_sampler(eo1_world, loaded, samples, num_steps, 
     assert not torch.allclose(drawn, expected[:, 0], atol=1e-3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="generic ExactSampler slices and repeats the preprocessed batch with engine.slice_frames/repeat_frames, "
-    "which leave EO-1's flattened pixel_values whole, and passes noise= to predict_action_chunk, which EO-1 ignores; "
-    "it runs once it applies family.frame_batch first and calls family.sample_chunk (remove this mark then)",
-)
 def test_exact_sampler_matches_the_engine(eo1_world, loaded):
     """``--exact`` (lerobot's own sampler per frame) and the prefix-cached engine give the same X_1."""
     from reflowpairs.policies import make_engine
@@ -320,12 +314,6 @@ def test_cli_generate_validate_train(eo1_world, cli_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="generic eval: evaluate.measure_latencies keeps only the observation.* keys of the preprocessed batch and "
-    "_plain_call passes noise= to predict_action_chunk, which EO-1 ignores; both must call family.sample_chunk on "
-    "the whole batch (the integrator's wiring; remove this mark then)",
-)
 def test_cli_eval(eo1_world, cli_run, tmp_path):
     """``reflowpairs eval`` scores the EO-1 student against its teacher and writes its report."""
     out = tmp_path / "eval"
