@@ -22,7 +22,7 @@ import torch
 
 from reflowpairs.errors import ReflowPairsError
 
-SUPPORTED_POLICIES = ("smolvla", "pi0", "pi05")
+SUPPORTED_POLICIES = ("smolvla", "pi0", "pi05", "multi_task_dit")
 """Flow-matching policies this version has a policy family for (``reflowpairs.policies.FAMILIES``)."""
 
 UNSUPPORTED_POLICIES: dict[str, tuple[bool, str]] = {
@@ -53,11 +53,6 @@ UNSUPPORTED_POLICIES: dict[str, tuple[bool, str]] = {
         True,
         "its sampler draws the noise inside the model (no entry point takes a given noise); a family for it is "
         "planned, not yet written",
-    ),
-    "multi_task_dit": (
-        True,
-        "its sampler draws the noise inside conditional_sample and integrates t=0 -> 1; a family for it is planned, "
-        "not yet written",
     ),
     "groot": (True, "it draws its noise inline and builds a hub-only backbone in its constructor"),
     "evo1": (True, "it draws its noise inline and builds a hub-only backbone in its constructor"),

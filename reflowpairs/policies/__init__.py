@@ -33,12 +33,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.policies import pi0, pi05, smolvla
+from reflowpairs.policies import multi_task_dit, pi0, pi05, smolvla
 
 TESTED_LEROBOT = "0.6"
 """The lerobot minor series the families were written and tested against."""
 
-FAMILIES = {"smolvla": smolvla.FAMILY, "pi0": pi0.FAMILY, "pi05": pi05.FAMILY}
+FAMILIES = {
+    "smolvla": smolvla.FAMILY,
+    "pi0": pi0.FAMILY,
+    "pi05": pi05.FAMILY,
+    "multi_task_dit": multi_task_dit.FAMILY,
+}
 
 
 def lerobot_version() -> str:
