@@ -217,14 +217,14 @@ def build_tiny_dit_teacher(
 
 def build_tiny_dit_world(
     root: str | Path,
-    dataset_spec: TinyDatasetSpec = TinyDatasetSpec(),
+    dataset_spec: TinyDatasetSpec | None = None,
     teacher_spec: TinyDitSpec = TinyDitSpec(),
     clip_spec: TinyClipSpec = TinyClipSpec(),
 ) -> TinyDitWorld:
     """Build the CLIP dir, the tiny-world dataset and a DiT teacher under ``root`` (``clip/``, ``dataset/``,
-    ``teacher/``)."""
+    ``teacher/``); ``dataset_spec`` None: the tiny world's default (``TinyDatasetSpec()``)."""
     root = Path(root).resolve()
     clip_dir = build_tiny_clip(root / "clip", clip_spec)
-    dataset = build_tiny_dataset(root / "dataset", TINY_REPO_ID, dataset_spec)
+    dataset = build_tiny_dataset(root / "dataset", TINY_REPO_ID, dataset_spec or TinyDatasetSpec())
     teacher_dir = build_tiny_dit_teacher(clip_dir, dataset, root / "teacher", teacher_spec)
     return TinyDitWorld(root, clip_dir, root / "dataset", TINY_REPO_ID, teacher_dir)
