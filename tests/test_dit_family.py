@@ -186,9 +186,17 @@ def test_reflow_loss_is_dits_own_loss_at_the_mapped_time(dit_teacher, dit_world)
     policy.zero_grad(set_to_none=True)
 
 
-def test_pinned_draws_refuse_another_shape():
-    with pytest.raises(ValueError, match="pinned noise"), PinnedDraws(torch.zeros(2, 3)):
+def test_pinned_draws_return_the_noise_once_and_refuse_another_shape():
+    noise = torch.arange(6.0).reshape(2, 3)
+    with PinnedDraws(noise):
+        assert torch.equal(torch.randn(2, 3, dtype=torch.float64), noise.double())
+        with pytest.raises(ValueError, match="used: True"):
+            torch.randn(size=(2, 3))
+    with PinnedDraws(noise):
+        assert torch.equal(torch.randn(size=(2, 3)), noise)
+    with pytest.raises(ValueError, match="pinned noise"), PinnedDraws(noise):
         torch.randn((2, 4))
+    assert torch.randn(2, 3).shape == (2, 3)  # outside the block, an ordinary draw
 
 
 def test_a_diffusion_objective_is_refused(dit_teacher):

@@ -160,7 +160,9 @@ class PinnedDraws(TorchFunctionMode):
         if func is torch.randn_like:
             shape, dtype, device = args[0].shape, args[0].dtype, args[0].device
         else:
-            shape = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
+            shape = kwargs.get(
+                "size", args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+            )
             dtype, device = kwargs.get("dtype") or torch.float32, kwargs.get("device")
         if self.used or tuple(shape) != tuple(self.noise.shape):
             raise ValueError(
