@@ -8,7 +8,7 @@
   ``train_step`` with ``reflow_batch_loss``: float32 master copies of low-precision trainables, lerobot's order):
   stored pairs (``PairDataset`` + ``PairSampler``) joined with their observations -> ``reflow_loss`` (the policy's
   own forward with noise := X_0, action := X_1).
-- ``cached``: ``reflowpairs train`` with the store's feature cache (``reflowpairs.featurecache``): the same step, but
+- ``cached``: ``reflowpairs train`` with the store's feature cache (``reflowpairs.cached_features``): the same step, but
   the observation's non-camera columns come straight from the parquet (no image decoded) and the frozen vision
   encoder + connector are replaced by the cached embeddings (``TrainingCache.frames`` / ``TrainingCache.loss_fn``).
 - ``online``: the predecessor's online reflow: a teacher in memory runs its 10-step ODE on every batch to make X_1,

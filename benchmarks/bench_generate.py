@@ -17,7 +17,7 @@ plain loop pays the prefix P once per sample, reflowpairs once per frame, and bo
 sample. P and S are measured in the same run on the teacher's own engine (``prefix_and_step_costs``): P is one
 prefix fill of a call's frames (``velocity_field``) per frame, S one ODE step of that call (frames x K samples) per
 sample, each the median of --repeats timings. --size takes a comma-separated list (one run per size): the SmolVLA
-sizes and the tiny pi0/pi05 architectures of ``reflowpairs.tinypi`` (``pi0-small``/``pi05-small``, where the prefix
+sizes and the tiny pi0/pi05 architectures of ``reflowpairs.tiny.pi`` (``pi0-small``/``pi05-small``, where the prefix
 is about half of a 10-step call; ``pi0-tiny``/``pi05-tiny`` for smoke runs).
 
     python benchmarks/bench_generate.py --size small --ks 1,4,16 --batch-size 32 --episodes 0,1,2,3 --device cpu
@@ -88,7 +88,7 @@ def build_world(root: Path, size: str, teacher_dtype: str | None = None):
     parameters, the prefix ~30% of a 10-step call, the issue's goals are for it); ``smolvla-shaped`` (SmolVLA's real
     token and layer counts at a quarter of its widths, chunk 50, max_action_dim 32: the prefix dominates).
     ``teacher_dtype="bfloat16"``: VLM text layers and expert in bfloat16, as real SmolVLA checkpoints are.
-    A pi size (``PI_SIZES``): a tiny pi0/pi05 teacher of ``pi_specs(size)``, built offline by ``reflowpairs.tinypi``
+    A pi size (``PI_SIZES``): a tiny pi0/pi05 teacher of ``pi_specs(size)``, built offline by ``reflowpairs.tiny.pi``
     (its checkpoint's marker makes every loader apply the size patch)."""
     from reflowpairs.dataset import open_dataset
     from reflowpairs.tiny.world import (

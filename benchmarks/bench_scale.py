@@ -5,7 +5,7 @@ shapes, written through the real ``PairStoreWriter`` (X_1 from a cheap random st
 - write per shard at the start vs the end of each run (the whole shard, and its listing alone), and the one
   ``manifest.json`` rewrite that folds the journal at the end (what every shard cost under format version 1);
 - files and folders per million pairs;
-- ``inspect`` (``inspect_store.summarize``), ``validate`` without spot check;
+- ``inspect`` (``store.inspect.summarize``), ``validate`` without spot check;
 - ``train`` start-up to the first step (the library's ``train``, 1 step, batch 8, no loader workers, CPU);
 - shuffled read throughput of the training reader (``PairDataset`` + ``PairSampler``, arrays only) with 2 DataLoader
   workers.

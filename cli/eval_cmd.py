@@ -330,7 +330,7 @@ def _refuse_open_loop_options(ctx: typer.Context, pairs: Path | None) -> None:
 
 
 def _closed_loop(ctx: typer.Context, cfg: ClosedLoopConfig) -> None:
-    """``eval --env.type NAME``: every (model, steps) cell in closed loop (``reflowpairs.closedloop``), one progress
+    """``eval --env.type NAME``: every (model, steps) cell in closed loop (``reflowpairs.eval.closed_loop``), one progress
     bar for all rollouts, then the table and the report files."""
     given = {
         "student": [f"{label}={_local(source)}" for label, source in cfg.students.items()],

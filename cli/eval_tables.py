@@ -25,7 +25,7 @@ from reflowpairs.eval.report import (
 
 
 def report_table(report: dict[str, Any]) -> Table:
-    """The report's rows as a rich table (the same cells as report.md, from ``report.table_rows``), with
+    """The report's rows as a rich table (the same cells as report.md, from ``eval.report.table_rows``), with
     two-line headers and no vertical rules, so that it fits in 80 columns."""
     settings = report["settings"]
     table = Table(
@@ -67,7 +67,7 @@ def pairs_table(report: dict[str, Any]) -> Table:
 
 
 def comparison_tables(comparison: dict[str, Any]) -> list[Table]:
-    """Several students side by side (``reflowpairs.compare``): every model's rows (with closed-loop success where
+    """Several students side by side (``reflowpairs.eval.compare``): every model's rows (with closed-loop success where
     the pipeline ran it), then the verdict."""
     ref = comparison["settings"]["reference_num_steps"]
     frames = comparison["frames"]

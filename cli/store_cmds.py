@@ -65,7 +65,7 @@ def _kv_table(title: str, rows: dict[str, Any]) -> Table:
 
 
 def feature_cache_table(cache: dict[str, Any]) -> Table:
-    """The store's feature cache (``featurecache.describe``): what, dtype, bytes per frame, frames, complete."""
+    """The store's feature cache (``store_features.describe``): what, dtype, bytes per frame, frames, complete."""
     return _kv_table(
         "feature cache (features/)",
         {

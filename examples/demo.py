@@ -5,7 +5,7 @@
 
 The gap world (docs/closed-loop-world.md) is built so that one-step sampling fails: the expert passes a wall through
 one of two gaps chosen at random, and the mean of the two (what a flow-matching teacher sampled in 1 step returns)
-hits the wall. The recipe is the calibrated one (``reflowpairs.gapworld.teacher.GAP_REFLOW``, benchmarks/RESULTS.md
+hits the wall. The recipe is the calibrated one (``reflowpairs.tiny.gapworld.teacher.GAP_REFLOW``, benchmarks/RESULTS.md
 "Closed loop (#24)"). generate stores the feature cache too (``--cache-features``, docs/feature-cache.md), so train
 reads the frames' image embeddings instead of decoding images and running the frozen vision encoder.
 

@@ -5,7 +5,7 @@ null: the option's default). Every such file starts with ``CONFIG_HEADER`` and t
 ``write_options`` overwrites only a file that starts so (never a file of the user's). Paths are written absolute.
 
 The command line writes one per run (``generate``: ``STORE/generate_config.yaml``, named by
-``reflowpairs.pairstore.GENERATE_OPTIONS`` as part of a store's layout; ``train``:
+``reflowpairs.store.layout.GENERATE_OPTIONS`` as part of a store's layout; ``train``:
 ``OUT/train_options.yaml``, ``eval``: ``OUT/eval_options.yaml``); ``reflowpairs.pipeline`` writes the same file for
 each of its generate, train and eval stages (``config_options``), so that any stage can be rerun on its own.
 """
@@ -30,7 +30,11 @@ EVAL_OPTIONS = "eval_options.yaml"  # in an eval's OUT
 # option has another name; ``config_options`` leaves out the former and renames the latter.
 NOT_OPTIONS = {
     "generate": ("resume", "overwrite", "threads", "cache_features_if_allowed", "writer_id"),
-    "train": ("resume", "threads", "wandb_config"),  # wandb_config: lerobot's WandBConfig, from the --wandb* options
+    "train": (
+        "resume",
+        "threads",
+        "wandb_config",
+    ),  # wandb_config: lerobot's WandBConfig, from the --wandb* options
     "eval": (),
 }
 OPTION_NAMES = {"generate": {"backend": "format"}, "train": {}, "eval": {}}

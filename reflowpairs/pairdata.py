@@ -296,7 +296,7 @@ class PairDataset(Dataset):
             x0 = self.store.regenerate_x0(np.array([obs_index]), np.array([sample]))[0]
         try:
             observation = drop_action_keys(self.dataset[position])
-        except ReflowPairsError as err:  # e.g. a frame the feature cache lacks (featurecache.FeatureReader)
+        except ReflowPairsError as err:  # e.g. a frame the feature cache lacks (store_features.FeatureReader)
             return {REFUSED: (err.what, err.hint)}
         return {
             "x0": torch.from_numpy(x0),

@@ -14,10 +14,10 @@ Every artefact lives under ``out``:
     out/distill/student/, out/distill/eval/
     out/comparison/                     every model side by side: comparison.json, .md, .png (``compare``)
     out/closed_loop/                    with ``env_type``: every student and the teacher in closed loop
-                                        (``reflowpairs.closedloop``: closed_loop.json, .md, .png, cells/)
+                                        (``reflowpairs.eval.closed_loop``: closed_loop.json, .md, .png, cells/)
 
 The feature cache (docs/feature-cache.md): round 1's generate caches each frame's frozen image embeddings whenever
-the student's config allows it (``featurecache.student_cache_problems``, the check ``train`` applies: vision encoder
+the student's config allows it (``cached_features.student_cache_problems``, the check ``train`` applies: vision encoder
 and projector frozen, ``train_expert_only``); every later round generates with ``features_from`` round 1's store (its
 teacher, the previous student, shares those frozen weights), so no vision encoder runs in a later generate, and each
 round's store carries the features on; every train stage then uses its store's cache. Each generate and train stage
@@ -82,7 +82,7 @@ class PipelineConfig:
     device: str = "auto"
     num_workers: int = 0  # train's data loader workers
     # closed loop (None: none): every student at eval_num_steps and the teacher at 1 step and its full count, in
-    # this lerobot env type with these --env.FIELD options, env_episodes each (reflowpairs.closedloop)
+    # this lerobot env type with these --env.FIELD options, env_episodes each (reflowpairs.eval.closed_loop)
     env_type: str | None = None
     env_options: dict[str, str] = field(default_factory=dict)
     env_episodes: int = 50
@@ -119,7 +119,7 @@ class PipelineResult:
     out: Path
     stages_run: list[str]  # stages this call ran (the others had finished before)
     stages_skipped: list[str]
-    comparison: dict[str, Any]  # every model side by side (``reflowpairs.compare``), out/comparison/
+    comparison: dict[str, Any]  # every model side by side (``reflowpairs.eval.compare``), out/comparison/
     feature_cache: dict[str, str] = field(default_factory=dict)  # stage -> what it did with the cache
     closed_loop: dict[str, Any] | None = None  # with ``env_type``: the closed-loop report, out/closed_loop/
     next_command: str = ""  # lerobot-eval on the recipe's student (``use_student_command``), shell-quoted
@@ -430,7 +430,7 @@ def feature_cache_summary(state: dict[str, Any]) -> dict[str, str]:
 
 
 def _compare(state: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Every model's eval report side by side (``reflowpairs.compare``) in ``out/comparison``."""
+    """Every model's eval report side by side (``reflowpairs.eval.compare``) in ``out/comparison``."""
     from reflowpairs.eval.compare import compare_reports, read_report, write_comparison
 
     sources = {
@@ -442,7 +442,7 @@ def _compare(state: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def _closed_loop(cfg: PipelineConfig, state: dict[str, Any], out: Path, progress: Progress | None) -> dict:
-    """Every student of ``state`` and the teacher in closed loop (``reflowpairs.closedloop``) in ``out/closed_loop``;
+    """Every student of ``state`` and the teacher in closed loop (``reflowpairs.eval.closed_loop``) in ``out/closed_loop``;
     finished cells are kept there, so a rerun (or one with more rounds) runs only the new ones."""
     from reflowpairs.eval.closed_loop import evaluate_closed_loop
     from reflowpairs.eval.closed_loop_report import write_closed_loop_report

@@ -7,9 +7,9 @@ Layout (its own index, beside the pair store's manifest, which it does not touch
     OUT/features/index.json            what was cached, from which weights, dtype, shape, bytes/frame, shards
     OUT/features/<name>.zarr           obs_index (n,) int64, features (n, S, N, D)
 
-Shards are written as pair shards are (``pairstore.write_shard``: temp name, fsync, rename) and listed in the index
+Shards are written as pair shards are (``store.shards.write_shard``: temp name, fsync, rename) and listed in the index
 (rewritten atomically, ``atomic.write_json_atomically``) only once complete, each with sha256 checksums of its arrays
-(``pairstore.array_sha256``). ``bfloat16`` features are stored as their raw 16-bit patterns (numpy has no bfloat16).
+(``store.pairs.array_sha256``). ``bfloat16`` features are stored as their raw 16-bit patterns (numpy has no bfloat16).
 Features are ``(S, N, D)`` per frame: S camera slots of N tokens of width D.
 """
 
@@ -206,7 +206,7 @@ def cached_obs_index(store: str | Path, index: dict[str, Any]) -> np.ndarray:
     return np.concatenate(cols) if cols else np.zeros(0, np.int64)
 
 
-# --- merging partition slices' caches (reflowpairs.merge) --------------------------------------------------------
+# --- merging partition slices' caches (reflowpairs.store.merge) --------------------------------------------------------
 
 _SAME_ACROSS_SLICES = ("kind", "policy_type", "fingerprint", "inputs", "slots", "shape", "dtype")
 

@@ -48,11 +48,6 @@ UNSUPPORTED_POLICIES: dict[str, tuple[bool, str]] = {
         "it predicts clean actions and re-noises them (not a velocity ODE), classifies its gripper channels, and "
         "ignores the noise it is given",
     ),
-    "multi_task_dit": (
-        True,
-        "its sampler draws the noise inside conditional_sample and integrates t=0 -> 1; a family for it is planned, "
-        "not yet written",
-    ),
     "groot": (True, "it draws its noise inline and builds a hub-only backbone in its constructor"),
     "evo1": (True, "it draws its noise inline and builds a hub-only backbone in its constructor"),
     "vla_jepa": (True, "it draws its noise inline and builds a hub-only backbone in its constructor"),

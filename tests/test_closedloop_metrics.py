@@ -1,4 +1,4 @@
-"""The closed-loop statistics (reflowpairs.closedloop_metrics) against known values, and the CLI's translation of
+"""The closed-loop statistics (reflowpairs.eval.closed_loop_metrics) against known values, and the CLI's translation of
 lerobot-eval's --env.* / --eval.* options. Fast: no env, no model."""
 
 from __future__ import annotations

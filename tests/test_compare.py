@@ -1,4 +1,4 @@
-"""Several students in one report: ``reflowpairs.compare`` (rows, verdict, refusals) and ``eval`` with repeated
+"""Several students in one report: ``reflowpairs.eval.compare`` (rows, verdict, refusals) and ``eval`` with repeated
 ``--student``."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The feature cache (reflowpairs.featurecache, docs/feature-cache.md): exact loss and gradients with cached image
+"""The feature cache (reflowpairs.cached_features, docs/feature-cache.md): exact loss and gradients with cached image
 embeddings, the store's cache written by ``generate --cache-features --resume``, training with and without it, the
 refusals, and validate's checks."""
 

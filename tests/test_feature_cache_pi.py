@@ -4,7 +4,7 @@ exact loss and gradients, the refusal otherwise (naming the flag), capture durin
 with no second vision pass, ``generate --features-from`` with no vision tower run (X_1 bit-identical), and
 training with the cache equal to training without it.
 
-Tiny pi0/pi05 teachers (``reflowpairs.tinypi``) over the session's tiny world, everything in float32 on the CPU."""
+Tiny pi0/pi05 teachers (``reflowpairs.tiny.pi``) over the session's tiny world, everything in float32 on the CPU."""
 
 from __future__ import annotations
 

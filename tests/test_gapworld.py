@@ -1,4 +1,4 @@
-"""The bundled closed-loop world (``reflowpairs.gapworld``, ``--env.type=gapworld``): a gymnasium env in lerobot's
+"""The bundled closed-loop world (``reflowpairs.tiny.gapworld``, ``--env.type=gapworld``): a gymnasium env in lerobot's
 conventions, registered as a lerobot env plugin, whose scripted expert is bimodal where the observation cannot
 settle the choice, and whose average of the two modes crashes."""
 

@@ -95,7 +95,7 @@ def loss_inputs(policy, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def test_registry_and_version():
-    assert set(FAMILIES) == {"smolvla", "pi0", "pi05"}
+    assert set(FAMILIES) == {"smolvla", "pi0", "pi05", "multi_task_dit"}
     assert all(FAMILIES[name].step_field == "num_inference_steps" for name in VARIANTS)
     assert FAMILIES["smolvla"].step_field == "num_steps"
     assert lerobot_version_ok()  # the installed lerobot is the tested 0.6.x

@@ -170,7 +170,7 @@ def closed_loop_note(comparison: dict[str, Any]) -> str:
 
 
 def markdown(comparison: dict[str, Any]) -> str:
-    """The comparison as Markdown: every model's rows (``report.COLUMNS``) and the verdict table."""
+    """The comparison as Markdown: every model's rows (``eval.report.COLUMNS``) and the verdict table."""
     ref = comparison["settings"]["reference_num_steps"]
     closed = bool(comparison.get("closed_loop"))
     table = markdown_table(

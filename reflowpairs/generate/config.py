@@ -48,13 +48,13 @@ class GenerateConfig:
     exact: bool = False  # lerobot's own sampler per frame (bit for bit), no prefix sharing
     x0: str = "explicit"  # "explicit": shards store X_0; "implicit": no X_0 array, readers regenerate it from the seed
     writer_id: str = "w0"
-    cache_features: bool = False  # also store each frame's frozen features (reflowpairs.featurecache)
+    cache_features: bool = False  # also store each frame's frozen features (reflowpairs.cached_features)
     feature_dtype: str = "float32"  # storage dtype of the cached features: float32, float16 or bfloat16
     # a store whose feature cache the teacher's prefix fills read instead of running its frozen vision encoder (a
     # later reflow round whose teacher shares those weights); the new store gets the same features (cache_features)
     features_from: str | None = None
     # cache_features when a student of the teacher's checkpoint could train with the cache (its vision encoder and
-    # projector frozen by its config: featurecache.student_cache_problems), else not (reflowpairs pipeline's round 1)
+    # projector frozen by its config: cached_features.student_cache_problems), else not (reflowpairs pipeline's round 1)
     cache_features_if_allowed: bool = False
     # torch intra-op threads of this process: None keeps the caller's torch.set_num_threads, a number sets it,
     # "auto" plans them around the DataLoader workers (what the command line uses; reflowpairs.threads)

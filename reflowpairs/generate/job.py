@@ -39,7 +39,9 @@ class Job:
     solver: SolverConfig
     frame_index: np.ndarray  # global obs_index of each dataset position (selected episodes)
     fresh: StoreManifest  # the manifest a new store at --out would start with (not written)
-    features: Any = None  # featurecache.TrainingCache of `features_from`, read instead of the vision encoder
+    features: Any = (
+        None  # cached_features.AppliedFeatureCache of `features_from`, read instead of the vision encoder
+    )
 
 
 def software_versions() -> dict[str, str]:

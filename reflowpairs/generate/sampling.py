@@ -142,7 +142,7 @@ def sample_batch(
 
 def cache_features(cfg: GenerateConfig, job: Job, out) -> None:
     """With ``cache_features``: the frozen features of every frame of the store not cached yet
-    (``featurecache.add_features``; on a complete store with ``resume``, this adds a cache without sampling)."""
+    (``cached_features.add_features``; on a complete store with ``resume``, this adds a cache without sampling)."""
     if cfg.cache_features:
         add_features(
             out,

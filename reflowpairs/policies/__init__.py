@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 from reflowpairs.engine import Engine, ExactSampler, sampler_steps
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.policies import eo1, pi0, pi05, smolvla
+from reflowpairs.policies import eo1, multi_task_dit, pi0, pi05, smolvla
 from reflowpairs.policies.interface import FeatureCacheFamily, PolicyFamily
 from reflowpairs.policies.version import (  # noqa: F401 - the version gate, re-exported for callers
     TESTED_LEROBOT,
@@ -31,7 +31,8 @@ from reflowpairs.policies.version import (  # noqa: F401 - the version gate, re-
 )
 
 FAMILIES: dict[str, PolicyFamily] = {
-    family.policy_type: family for family in (smolvla.FAMILY, pi0.FAMILY, pi05.FAMILY, eo1.FAMILY)
+    family.policy_type: family
+    for family in (smolvla.FAMILY, pi0.FAMILY, pi05.FAMILY, eo1.FAMILY, multi_task_dit.FAMILY)
 }
 """Every policy family, by lerobot config ``type``."""
 

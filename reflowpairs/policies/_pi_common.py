@@ -325,7 +325,7 @@ class PiFamily:
         """The identity: this family's preprocessed batch is already frame-first."""
         return batch
 
-    # the feature cache (see reflowpairs.featurecache): as SmolVLA's, on PaliGemma's vision tower + projector
+    # the feature cache (see reflowpairs.cached_features): as SmolVLA's, on PaliGemma's vision tower + projector
     @property
     def feature_kind(self) -> str:
         return f"{self.policy_type}.image_embeddings"
@@ -357,7 +357,7 @@ class PiFamily:
         return feature_slots(config, batch_keys)
 
 
-# --- the feature cache (reflowpairs.featurecache): PaliGemma's image embeddings -------------------------------
+# --- the feature cache (reflowpairs.cached_features): PaliGemma's image embeddings -------------------------------
 
 
 def frozen_feature_modules(policy) -> dict[str, torch.nn.Module]:

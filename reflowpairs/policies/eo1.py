@@ -40,6 +40,8 @@ from torch import Tensor
 from reflowpairs.engine import PrefixCachedEngine
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.policies._pi_common import check_weights_loaded
+from reflowpairs.policies.interface import NOISE_AT_1
+from reflowpairs.policies.version import require_lerobot_version
 from reflowpairs.solvers import SolverConfig, Velocity
 
 STEP_FIELD = "num_denoise_steps"
@@ -50,12 +52,6 @@ PIXELS, GRIDS = "pixel_values", "image_grid_thw"
 
 FRAME_PIXELS, FRAME_GRIDS = "pixel_values.per_frame", "image_grid_thw.per_frame"
 """``frame_batch``'s keys for them: ``(frames, patches_per_frame, patch_dim)`` and ``(frames, cameras, 3)``."""
-
-
-def _require_version() -> None:
-    from reflowpairs.policies import require_lerobot_version  # the registry imports this module
-
-    require_lerobot_version()
 
 
 def action_dim(config) -> int:
@@ -175,7 +171,7 @@ def sample_chunk(policy, batch: dict[str, Tensor], noise: Tensor) -> Tensor:
     """lerobot's own ``EO1Policy.predict_action_chunk(batch)`` with the model's noise draw replaced by ``noise``
     ``(B, chunk_size, max_action_dim)``: normalised actions ``(B, chunk_size, action_dim)``. ``batch``: a preprocessed
     batch of B frames (either layout, see ``frame_batch``)."""
-    _require_version()
+    require_lerobot_version()
     device = next(policy.parameters()).device
     policy.reset()
     with pinned_draws(policy.model, noise.to(device, torch.float32)):
@@ -201,7 +197,7 @@ def reflow_loss(
 
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    _require_version()
+    require_lerobot_version()
     inner = policy.module if _is_wrapper(policy) else policy
     device = t.device
     inputs = {**lerobot_batch(batch), ACTION: x1.to(device, torch.float32)}
@@ -368,7 +364,7 @@ class EO1Family:
 
     policy_type: str = "eo1"
     step_field: str = STEP_FIELD
-    time_direction: str = "noise_at_1"
+    time_direction: str = NOISE_AT_1
     chunk_methods: tuple[str, ...] = ("predict_action_chunk",)
 
     def pair_shapes(self, config) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -376,7 +372,7 @@ class EO1Family:
 
     def make_engine(self, policy, frames_per_call: int | None = None) -> EO1Engine:
         """The prefix-cached engine for the policy, ``frames_per_call`` frames per call."""
-        _require_version()
+        require_lerobot_version()
         return EO1Engine(policy, frames_per_call)
 
     def sample_chunk(self, policy, batch: dict[str, Tensor], noise: Tensor) -> Tensor:

@@ -100,7 +100,7 @@ class PolicyFamily(Protocol):
 
 @runtime_checkable
 class FeatureCacheFamily(Protocol):
-    """The optional image-feature cache of a family (``reflowpairs.featurecache``, docs/feature-cache.md)."""
+    """The optional image-feature cache of a family (``reflowpairs.cached_features``, docs/feature-cache.md)."""
 
     feature_kind: str
     """What is cached, e.g. ``"smolvla.image_embeddings"`` (recorded in the cache, checked on use)."""

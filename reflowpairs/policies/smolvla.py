@@ -240,7 +240,7 @@ def reflow_loss(
     return policy.forward(batch, noise=x0.to(t.device, torch.float32), time=t, reduction=reduction)[0]
 
 
-# --- the feature cache (reflowpairs.featurecache): image embeddings after the connector -------------------------
+# --- the feature cache (reflowpairs.cached_features): image embeddings after the connector -------------------------
 
 
 def frozen_feature_modules(policy) -> dict[str, torch.nn.Module]:
@@ -352,7 +352,7 @@ class SmolVLAFamily:
         """The identity: this family's preprocessed batch is already frame-first."""
         return batch
 
-    # the feature cache (see reflowpairs.featurecache)
+    # the feature cache (see reflowpairs.cached_features)
     feature_kind: str = "smolvla.image_embeddings"
     feature_what: str = (
         "per camera slot, SmolVLMWithExpertModel.embed_image (vision model + connector) of the "

@@ -12,7 +12,7 @@ from a local directory that ``build_tiny_qwen_vl`` writes, as a downloaded Qwen2
 
 The checkpoint ``build_tiny_eo1_teacher`` saves is an ordinary lerobot one: its config.json carries the tiny
 ``vlm_config`` (``from_pretrained`` builds the backbone from it) and its ``policy_preprocessor.json`` names the local
-directory by absolute path, so it loads in any process with no patch (unlike tiny pi0, ``reflowpairs.tinypi``).
+directory by absolute path, so it loads in any process with no patch (unlike tiny pi0, ``reflowpairs.tiny.pi``).
 """
 
 from __future__ import annotations

@@ -37,8 +37,16 @@ def flow_matching_loss(preprocessor):
     return loss
 
 
-def fit_tiny_teacher(policy, preprocessor, dataset, chunk_size: int, training: TinyTraining) -> dict:
-    """Train ``policy`` in place on ``dataset`` (a LeRobotDataset; batches of ``chunk_size``-step action chunks) as
+def fit_tiny_teacher(
+    policy,
+    preprocessor,
+    dataset,
+    chunk_size: int,
+    training: TinyTraining,
+    delta_timestamps: dict | None = None,
+) -> dict:
+    """Train ``policy`` in place on ``dataset`` (a LeRobotDataset; batches of ``chunk_size``-step action chunks, or
+    the frames ``delta_timestamps`` asks for when given, e.g. lerobot's ``resolve_delta_timestamps`` of the config) as
     ``training`` says; returns ``{"steps", "final_loss"}`` (the last step's loss, None when no step ran). The
     policy is left in eval mode."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset  # lazy: heavy (datasets, pyarrow)
@@ -47,7 +55,7 @@ def fit_tiny_teacher(policy, preprocessor, dataset, chunk_size: int, training: T
     train_set = LeRobotDataset(
         dataset.repo_id,
         root=dataset.root,
-        delta_timestamps={"action": [i / fps for i in range(chunk_size)]},
+        delta_timestamps=delta_timestamps or {"action": [i / fps for i in range(chunk_size)]},
     )
     loader = torch.utils.data.DataLoader(
         train_set,

@@ -76,7 +76,7 @@ class TrainConfig:
     allow_mismatch: bool = False
     allow_schedule_change: bool = False  # resume with a --steps that changes the lr schedule
     no_feature_cache: bool = (
-        False  # decode images even when the store has a feature cache (reflowpairs.featurecache)
+        False  # decode images even when the store has a feature cache (reflowpairs.cached_features)
     )
     # torch intra-op threads of this process: None keeps the caller's torch.set_num_threads, a number sets it,
     # "auto" plans them around the DataLoader workers (what the command line uses; reflowpairs.threads)

@@ -40,7 +40,7 @@ from reflowpairs.validate.shards import ShardPass, check_implicit_x0, read_shard
 from reflowpairs.validate.sources import check_dataset, check_teacher, open_checked_dataset
 from reflowpairs.validate.spot import spot_check
 
-NO_FEATURE_CACHE = "no feature cache"  # featurecache.validate_features' detail for a store without one
+NO_FEATURE_CACHE = "no feature cache"  # cached_features.validate_features' detail for a store without one
 
 
 @dataclass
@@ -184,7 +184,7 @@ def check_spot(ctx: ValidationContext) -> CheckResult:
 
 
 def check_features(ctx: ValidationContext) -> CheckResult | None:
-    """The store's feature cache (``featurecache.validate_features``); not reported when it has none."""
+    """The store's feature cache (``cached_features.validate_features``); not reported when it has none."""
     cfg = ctx.cfg
     result, detail = validate_features(
         ctx.store, cfg.teacher, cfg.device, ctx.teacher_dataset, cfg.spot_check, cfg.seed
