@@ -102,10 +102,13 @@ def _plan_table(plan: TrainPlan) -> Table:
             plan.preset_decay_steps,
         ):
             preset = f" (preset: warmup {plan.preset_warmup_steps:,}, decay {plan.preset_decay_steps:,})"
+        decay = (
+            f", decay over {plural(plan.decay_steps, 'step')} to {plan.decay_lr:g}"
+            if plan.decay_steps is not None and plan.decay_lr is not None
+            else ""  # a scheduler without a decay length (multi_task_dit's diffusers cosine: the run's steps)
+        )
         table.add_row(
-            "schedule",
-            f"{plan.scheduler}: warmup {plural(plan.warmup_steps, 'step')}, decay over "
-            f"{plural(plan.decay_steps, 'step')} to {plan.decay_lr:g}{preset}",
+            "schedule", f"{plan.scheduler}: warmup {plural(plan.warmup_steps or 0, 'step')}{decay}{preset}"
         )
     if plan.schedule_change is not None:
         table.add_row(

@@ -259,11 +259,6 @@ def _assert_x1_is_dits(store: Path, loaded, world, num_steps: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="generic code still assumes VLA configs (chunk_size, predict_action_chunk(noise=), flat "
-    "get_optim_params, a decay_steps scheduler): the fixes are listed in docs/multi-task-dit.md",
-    strict=False,
-)
 def test_generate_validate_train_eval_from_the_cli(dit_world, dit_teacher, tmp_path):
     data = ("--dataset", dit_world.repo_id, "--dataset-root", str(dit_world.dataset_root))
     teacher = dit_world.teacher_dir
@@ -325,10 +320,6 @@ def test_generate_validate_train_eval_from_the_cli(dit_world, dit_teacher, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="generate/train still assume VLA configs (see docs/multi-task-dit.md, 'Generic code ...')",
-    strict=False,
-)
 def test_lerobot_eval_runs_a_one_step_dit_student_on_pusht(tmp_path):
     """A tiny DiT teacher on PushT (its CLIP at the env's 96 px) -> generate -> train -> ``lerobot-eval
     --policy.path=<student>`` in lerobot's own evaluation loop, at the student's saved step count (1)."""

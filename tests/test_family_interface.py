@@ -39,10 +39,10 @@ LEROBOT_CLASSES = {
 
 
 def test_the_registry_is_the_supported_list():
-    assert SUPPORTED_POLICIES == tuple(FAMILIES) == ("smolvla", "pi0", "pi05")
+    assert SUPPORTED_POLICIES == tuple(FAMILIES) == ("smolvla", "pi0", "pi05", "eo1", "multi_task_dit")
     for policy_type, fam in FAMILIES.items():
         assert family(policy_type) is fam and fam.policy_type == policy_type
-    with pytest.raises(ReflowPairsError, match="No policy family for act.*smolvla, pi0, pi05"):
+    with pytest.raises(ReflowPairsError, match="No policy family for act.*smolvla, pi0, pi05, eo1, multi_task_dit"):
         family("act")
 
 

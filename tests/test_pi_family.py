@@ -95,14 +95,14 @@ def loss_inputs(policy, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def test_registry_and_version():
-    assert set(FAMILIES) == {"smolvla", "pi0", "pi05", "multi_task_dit"}
+    assert set(FAMILIES) == {"smolvla", "pi0", "pi05", "eo1", "multi_task_dit"}
     assert all(FAMILIES[name].step_field == "num_inference_steps" for name in VARIANTS)
     assert FAMILIES["smolvla"].step_field == "num_steps"
     assert lerobot_version_ok()  # the installed lerobot is the tested 0.6.x
     assert lerobot_version_ok("0.6.9") and not lerobot_version_ok("0.7.0") and not lerobot_version_ok("0.60")
     with pytest.raises(ReflowPairsError, match="0.6.x"):
         require_lerobot_version("0.7.0")
-    with pytest.raises(ReflowPairsError, match="Supported: smolvla, pi0, pi05"):
+    with pytest.raises(ReflowPairsError, match="Supported: smolvla, pi0, pi05, eo1, multi_task_dit"):
         family("act")
 
 

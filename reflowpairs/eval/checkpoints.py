@@ -4,6 +4,7 @@ naming the setting at fault (``student`` or ``teacher``), and whether the studen
 from __future__ import annotations
 
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.policies import pair_shapes
 from reflowpairs.teacher import (
     POSTPROCESSOR_FILE,
     PREPROCESSOR_FILE,
@@ -40,8 +41,9 @@ def compatibility_problems(teacher_config, student_config) -> list[str]:
                 problems.append(
                     f"{key} is {_feature_text(s)} in the student and {_feature_text(t)} in the teacher"
                 )
-    for name in ("chunk_size", "max_action_dim"):
-        t, s = getattr(teacher_config, name), getattr(student_config, name)
+    # the noise shape by the family (the VLAs: (chunk_size, max_action_dim); multi_task_dit: (horizon, action dim))
+    (t_noise, _), (s_noise, _) = pair_shapes(teacher_config), pair_shapes(student_config)
+    for name, t, s in (("chunk_size", t_noise[0], s_noise[0]), ("max_action_dim", t_noise[1], s_noise[1])):
         if t != s:
             problems.append(f"{name} is {s} in the student and {t} in the teacher")
     return problems

@@ -72,7 +72,7 @@ from reflowpairs.eval.student_training import (
 from reflowpairs.eval.summary import headline, labels, next_step
 from reflowpairs.eval.training_pairs import check_store_fits_student_and_dataset, measure_training_pairs
 from reflowpairs.generate.job import software_versions
-from reflowpairs.policies import config_num_steps, step_field
+from reflowpairs.policies import config_num_steps, pair_shapes, step_field
 from reflowpairs.store.reader import PairStore
 from reflowpairs.teacher import rename_map
 
@@ -153,7 +153,7 @@ def load_models(cfg: EvalConfig, checked: CheckedInputs) -> LoadedModels:
     student_loaded = load_checkpoint("`student`", cfg.student, cfg.device)
     check_features(teacher_loaded.config, checked.meta, rename_map(teacher_loaded.preprocessor))
     check_features(student_loaded.config, checked.meta, rename_map(student_loaded.preprocessor))
-    chunk_size = teacher_loaded.config.chunk_size
+    chunk_size = pair_shapes(teacher_loaded.config)[0][0]
     ref_steps = config_num_steps(teacher_loaded.config)
     dataset = open_dataset(
         cfg.dataset,

@@ -21,7 +21,7 @@ from reflowpairs.dataset import (
 )
 from reflowpairs.engine import resolve_frames_per_call
 from reflowpairs.generate.config import GenerateConfig, GeneratePlan
-from reflowpairs.policies import config_num_steps, family, make_engine
+from reflowpairs.policies import config_num_steps, family, make_engine, pair_shapes
 from reflowpairs.solvers import SolverConfig
 from reflowpairs.store.manifest import StoreManifest
 from reflowpairs.store.reader import PairStore
@@ -72,7 +72,7 @@ def prepare_job(cfg: GenerateConfig, device: str, out: Path) -> Job:
         cfg.tokens_per_call,
         cfg.batch_size,
         cfg.samples_per_frame,
-        teacher.config.chunk_size,
+        pair_shapes(teacher.config)[0][0],
         next(teacher.policy.parameters()).device,
     )
     engine = make_engine(teacher.policy, call_frames, exact=cfg.exact)
