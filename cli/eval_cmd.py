@@ -207,7 +207,7 @@ def eval_command(
 ) -> None:
     """Compare a student with its teacher at each step count: error, straightness, latency; write a report.
     With --env.type: success in closed loop, in that env, through lerobot's own rollout."""
-    from reflowpairs.eval.config import parse_num_steps
+    from reflowpairs.eval.config import parse_num_steps  # imports torch: not for --help
     from reflowpairs.eval.open_loop import evaluate
 
     env_type, env_settings = parse_env_options(env_option)
@@ -290,7 +290,7 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 
 def _steps(text: str) -> list[int]:
-    from reflowpairs.eval.config import parse_num_steps
+    from reflowpairs.eval.config import parse_num_steps  # imports torch: not for --help
 
     with user_errors():
         return parse_num_steps(text)

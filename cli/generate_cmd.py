@@ -199,7 +199,7 @@ def generate(
     config: Annotated[Path | None, config_option(RUN)] = None,
 ) -> None:
     """Run the teacher's sampler over every frame and store (X_0, X_1, obs_index) pairs."""
-    from reflowpairs.generate.run import generate as run_generate
+    from reflowpairs.generate.run import generate as run_generate  # imports torch: not for --help
 
     main = is_main_process()  # under torchrun only rank 0 reports
     check_at_least_one(log_every, "--log-every")

@@ -125,7 +125,7 @@ def pipeline(
     ] = _DEFAULTS.env_use_async_envs,
 ) -> None:
     """Run rectified flow's recipe in one command: R reflow rounds (+ distillation), resumable, one summary."""
-    from reflowpairs.eval.config import parse_num_steps
+    from reflowpairs.eval.config import parse_num_steps  # reflowpairs.evaluate imports torch: not for --help
 
     env_type, env_options = parse_env_options(env_option)
     with user_errors():

@@ -44,7 +44,7 @@ from reflowpairs.errors import ReflowPairsError
 from reflowpairs.launcher import is_main_process
 from reflowpairs.options_file import TRAIN_OPTIONS
 from reflowpairs.train.config import TrainConfig
-from reflowpairs.wandb_log import DEFAULT_PROJECT, check_mode, require_wandb
+from reflowpairs.wandb_log import wandb_settings
 
 if TYPE_CHECKING:
     from reflowpairs.train.planning import TrainPlan
@@ -322,7 +322,9 @@ def train(
     config: Annotated[Path | None, config_option(RUN)] = None,
 ) -> None:
     """Train a 1-2 step student on stored pairs (no teacher in memory); saves ordinary lerobot checkpoints."""
-    from reflowpairs.train.config import parse_student_num_steps
+    from reflowpairs.train.config import (
+        parse_student_num_steps,
+    )  # reflowpairs.train imports torch: not for --help
 
     main_process = is_main_process()  # under torchrun/accelerate only rank 0 reports
     check_at_least_one(log_every, "--log-every")
@@ -361,7 +363,7 @@ class _TrainDisplay:
 
     def train(self, cfg: TrainConfig):
         """``reflowpairs.train.train(cfg)`` with this display; exit 130 on Ctrl-C (the last checkpoint named)."""
-        from reflowpairs.train.config import TrainingInterrupted
+        from reflowpairs.train.config import TrainingInterrupted  # imports torch: not for --help
         from reflowpairs.train.loop import train as run_train
 
         try:
@@ -436,7 +438,7 @@ def _print_result(result) -> None:
     if result.wandb_run is not None:
         table.add_row("W&B run", escape(result.wandb_run))
     out_console.print(table)
-    from reflowpairs.train.next_commands import next_commands
+    from reflowpairs.train.next_commands import next_commands  # imports torch: not for --help
 
     commands = next_commands(result)
     out_console.print(f"use it: {escape(commands['lerobot_eval'])}", soft_wrap=True)
@@ -459,8 +461,6 @@ def _wandb_config(
     """lerobot's ``WandBConfig`` for ``--wandb ...`` (None without --wandb); refuses a missing wandb package or a bad
     mode before any work, and --wandb-* options on the command line without --wandb (an options file may hold them
     with ``wandb: false``)."""
-    from lerobot.configs.default import WandBConfig  # lerobot imports torch: only for a run with --wandb
-
     given = [
         name
         for name, value in (
@@ -479,6 +479,4 @@ def _wandb_config(
                     "Add --wandb (lerobot: --wandb.enable=true), or drop them.",
                 )
             return None
-        check_mode(mode)
-        require_wandb()
-    return WandBConfig(enable=True, project=project or DEFAULT_PROJECT, entity=entity, notes=notes, mode=mode)
+        return wandb_settings(project, entity, mode, notes)

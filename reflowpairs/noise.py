@@ -40,7 +40,7 @@ def pair_seed(seed: int, obs_index: int, sample: int) -> int:
 
 def initial_noise(seed: int, obs_index: int, sample: int, shape: Sequence[int]) -> torch.Tensor:
     """Standard-normal float32 noise of ``shape`` (for SmolVLA ``(chunk_size, max_action_dim)``) on CPU."""
-    import torch
+    import torch  # lazy: torch is heavy, and this module also serves work that does not need it
 
     generator = torch.Generator().manual_seed(pair_seed(seed, obs_index, sample))
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
@@ -50,7 +50,7 @@ def batch_noise(
     seed: int, obs_indices: Sequence[int], num_samples: int, shape: Sequence[int]
 ) -> torch.Tensor:
     """Noise for every sample of every frame: ``(len(obs_indices), num_samples, *shape)`` float32 on CPU."""
-    import torch
+    import torch  # lazy: torch is heavy, and this module also serves work that does not need it
 
     return torch.stack(
         [
@@ -79,7 +79,7 @@ def pair_noise(
 
     One CPU generator is reseeded per pair and each row drawn in place (about 30 us a pair at ``(50, 32)`` on one
     core). ``generator`` is the recipe's name (``GENERATOR``); an unknown one raises ``ReflowPairsError``."""
-    import torch
+    import torch  # lazy: torch is heavy, and this module also serves work that does not need it
 
     check_generator(generator)
     obs_index, sample = np.asarray(obs_index).reshape(-1), np.asarray(sample).reshape(-1)

@@ -53,7 +53,7 @@ FRAMES_PER_SHARD = 256
 
 def to_storage(features: Tensor, dtype: str) -> np.ndarray:
     """``features`` in storage ``dtype`` as a numpy array (bfloat16: its raw uint16 bit patterns)."""
-    import torch
+    import torch  # lazy: torch is heavy, and this module also serves work that does not need it
 
     cast = features.detach().to("cpu", getattr(torch, dtype)).contiguous()
     return (cast.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else cast.numpy()).copy()
@@ -61,7 +61,7 @@ def to_storage(features: Tensor, dtype: str) -> np.ndarray:
 
 def from_storage(array: np.ndarray, dtype: str) -> Tensor:
     """The tensor a stored array holds (bfloat16 from its bit patterns), float32."""
-    import torch
+    import torch  # lazy: torch is heavy, and this module also serves work that does not need it
 
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16).float()
@@ -312,7 +312,7 @@ def corrupt_feature_shard(store: str | Path, entry: dict[str, Any], problems: li
 def read_checked_shard(store: str | Path, index: dict[str, Any], i: int, columns=("obs_index", "features")):
     """``columns`` of feature shard ``i``, read once and checked (``shard_problems``; the attributes too when
     ``features`` is read); a missing, unreadable or unsound shard raises the ``ReflowPairsError`` naming it."""
-    import zarr
+    import zarr  # lazy: only the storage backend in use is imported
 
     entry = index["shards"][i]
     path = Path(store) / entry["path"]
@@ -434,12 +434,12 @@ def check(
     index's shape, dtype, frame count and checksums; every frame of the store covered (``obs_index``: the store's);
     and, given ``recompute(obs_index) -> (n, S, N, D)``, ``spot`` random frames recomputed and compared (exact in
     float32 up to batch rounding; within the storage dtype's rounding otherwise)."""
-    import torch
+    import torch  # lazy: torch is heavy, and this module also serves work that does not need it
 
     index = read_index(store)
     if index is None:
         return [], "no feature cache"
-    import zarr
+    import zarr  # lazy: only the storage backend in use is imported
 
     problems: list[str] = []
     seen = []

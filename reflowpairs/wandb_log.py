@@ -33,6 +33,16 @@ def require_wandb() -> None:
         raise ReflowPairsError("--wandb needs the wandb package, which is not installed.", INSTALL_HINT)
 
 
+def wandb_settings(project: str | None, entity: str | None, mode: str | None, notes: str | None):
+    """lerobot's ``WandBConfig`` for a run that logs (``TrainConfig.wandb_config``): ``project`` None is
+    ``DEFAULT_PROJECT``; refuses a bad mode or a missing wandb package before any work."""
+    from lerobot.configs.default import WandBConfig  # lerobot imports torch: only for a run that logs
+
+    check_mode(mode)
+    require_wandb()
+    return WandBConfig(enable=True, project=project or DEFAULT_PROJECT, entity=entity, notes=notes, mode=mode)
+
+
 def check_mode(mode: str | None) -> None:
     if mode is not None and mode not in MODES:
         raise ReflowPairsError(f"--wandb-mode must be one of {', '.join(MODES)}, got {mode!r}.")
@@ -58,7 +68,7 @@ class WandbRun:
         require_wandb()
         check_mode(cfg.mode)
         os.environ.setdefault("WANDB_SILENT", "True")  # as lerobot-train: the CLI prints where the run is
-        import wandb
+        import wandb  # optional dependency (reflowpairs[wandb]), imported when a run logs
 
         wandb_dir = Path(os.environ["WANDB_DIR"]) if os.environ.get("WANDB_DIR") else Path(out)
         run_id = cfg.run_id or (_previous_run_id(wandb_dir) if resume else None)

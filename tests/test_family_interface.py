@@ -42,7 +42,9 @@ def test_the_registry_is_the_supported_list():
     assert SUPPORTED_POLICIES == tuple(FAMILIES) == ("smolvla", "pi0", "pi05", "eo1", "multi_task_dit")
     for policy_type, fam in FAMILIES.items():
         assert family(policy_type) is fam and fam.policy_type == policy_type
-    with pytest.raises(ReflowPairsError, match="No policy family for act.*smolvla, pi0, pi05, eo1, multi_task_dit"):
+    with pytest.raises(
+        ReflowPairsError, match="No policy family for act.*smolvla, pi0, pi05, eo1, multi_task_dit"
+    ):
         family("act")
 
 
@@ -103,6 +105,9 @@ def test_exact_engine_runs_the_familys_sample_chunk(tiny_world):
         def sample_chunk(self, policy, frame, noise):
             calls.append(tuple(noise.shape))
             return self.inner.sample_chunk(policy, frame, noise)
+
+        def frame_batch(self, batch):
+            return self.inner.frame_batch(batch)
 
     engine = make_engine(teacher.policy, exact=True)
     assert isinstance(engine, ExactSampler) and engine.family is FAMILIES["smolvla"]

@@ -35,6 +35,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from lerobot.utils.constants import ACTION, OBS_STATE
 from torch import Tensor
 
 from reflowpairs.engine import PrefixCachedEngine
@@ -56,8 +57,6 @@ FRAME_PIXELS, FRAME_GRIDS = "pixel_values.per_frame", "image_grid_thw.per_frame"
 
 def action_dim(config) -> int:
     """The policy's real action dimension (actions are padded to ``max_action_dim`` inside the model)."""
-    from lerobot.utils.constants import ACTION
-
     return config.output_features[ACTION].shape[0]
 
 
@@ -142,7 +141,7 @@ def captured_elementwise_loss() -> Iterator[list[Tensor]]:
     """Within the block, every ``F.mse_loss`` lerobot's EO-1 module computes is appended to the yielded list: the
     training forward's per-element ``(u_t - v_t)**2`` ``(B, T, max_action_dim)`` before its reduction (the module's
     ``F`` is shadowed by a proxy that records ``mse_loss`` and forwards everything else)."""
-    from lerobot.policies.eo1 import modeling_eo1
+    from lerobot.policies.eo1 import modeling_eo1  # lazy: lerobot imports torch and its model stack
 
     functional = modeling_eo1.F
     seen: list[Tensor] = []
@@ -193,8 +192,6 @@ def reflow_loss(
     observation batch. ``reduction``: "mean" (lerobot's scalar) or "none" (per sample ``(B,)``, the mean of each
     sample's supervised ``(u_t - v_t)**2``). ``policy`` may be a ``DistributedDataParallel`` wrapper: the forward then
     runs through it, so the gradients are averaged."""
-    from lerobot.utils.constants import ACTION
-
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     require_lerobot_version()
@@ -283,8 +280,6 @@ class EO1Engine(PrefixCachedEngine):
     def _fill_prompt(self, batch: dict[str, Tensor]) -> _Prompt:
         """Embed a preprocessed batch's prompt (state projected into its placeholder) and run the backbone on the
         tokens before the action span with ``use_cache=True``, as ``sample_actions`` does."""
-        from lerobot.utils.constants import OBS_STATE
-
         policy, model = self.policy, self.model
         policy.eval()
         input_ids = batch["input_ids"]

@@ -43,7 +43,7 @@ def write_shard(
 
 
 def _write_zarr(path: Path, pairs: Pairs, attrs: dict[str, Any], arrays: tuple[str, ...]) -> None:
-    import zarr
+    import zarr  # lazy: only the storage backend in use is imported
 
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     group.attrs.update(attrs)
@@ -65,8 +65,8 @@ def _write_zarr(path: Path, pairs: Pairs, attrs: dict[str, Any], arrays: tuple[s
 
 
 def _write_parquet(path: Path, pairs: Pairs, attrs: dict[str, Any], arrays: tuple[str, ...]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # lazy: only the storage backend in use is imported
+    import pyarrow.parquet as pq  # lazy: only the storage backend in use is imported
 
     def fixed(x: np.ndarray) -> pa.FixedSizeListArray:
         width = int(np.prod(x.shape[1:]))
@@ -89,11 +89,11 @@ def read_shard(
 ) -> dict[str, np.ndarray]:
     """Read ``columns`` of a shard as numpy arrays (x0/x1 reshaped to ``(n, *shape)``)."""
     if backend == "zarr":
-        import zarr
+        import zarr  # lazy: only the storage backend in use is imported
 
         group = zarr.open_group(str(path), mode="r")
         return {name: np.asarray(group[name][...]) for name in columns}
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: only the storage backend in use is imported
 
     table = pq.read_table(path, columns=list(columns))
     out = {}
@@ -110,10 +110,10 @@ def read_shard(
 def shard_attrs(path: Path, backend: str) -> dict[str, Any]:
     """The metadata a shard carries about itself (store id, name)."""
     if backend == "zarr":
-        import zarr
+        import zarr  # lazy: only the storage backend in use is imported
 
         return dict(zarr.open_group(str(path), mode="r").attrs)
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: only the storage backend in use is imported
 
     meta = pq.read_schema(path).metadata or {}
     return json.loads(meta.get(b"reflowpairs", b"{}"))

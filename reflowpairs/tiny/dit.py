@@ -78,8 +78,13 @@ def build_tiny_clip(out_dir: str | Path, spec: TinyClipSpec = TinyClipSpec(), ta
     """Write a random-weight tiny ``CLIPModel`` (config.json + model.safetensors) and a word-level tokenizer that
     wraps each text in ``<|startoftext|> ... <|endoftext|>`` to ``out_dir``. The directory name must contain
     "clip" for ``MultiTaskDiTConfig``; pass e.g. ``root / "clip"``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+    from tokenizers import (  # lazy: only to build a tiny tokenizer
+        Tokenizer,
+        models,
+        pre_tokenizers,
+        processors,
+    )
+    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast  # lazy: transformers is heavy
 
     out_dir = Path(out_dir)
     if "clip" not in out_dir.name.lower():
@@ -124,9 +129,13 @@ def build_tiny_clip(out_dir: str | Path, spec: TinyClipSpec = TinyClipSpec(), ta
 def tiny_dit_config(clip_dir: str | Path, dataset_meta, spec: TinyDitSpec = TinyDitSpec()):
     """A flow-matching ``MultiTaskDiTConfig`` on the local CLIP in ``clip_dir``, features from ``dataset_meta``.
     Images are used at the dataset's size (no resize, no crop: the CLIP's ``image_size`` is the camera's)."""
-    from lerobot.configs.types import FeatureType
-    from lerobot.policies.multi_task_dit.configuration_multi_task_dit import MultiTaskDiTConfig
-    from lerobot.utils.feature_utils import dataset_to_policy_features
+    from lerobot.configs.types import FeatureType  # lazy: lerobot imports torch and its model stack
+    from lerobot.policies.multi_task_dit.configuration_multi_task_dit import (
+        MultiTaskDiTConfig,  # lazy: lerobot imports torch and its model stack
+    )
+    from lerobot.utils.feature_utils import (
+        dataset_to_policy_features,  # lazy: lerobot imports torch and its model stack
+    )
 
     features = dataset_to_policy_features(dataset_meta.features)
     clip = str(Path(clip_dir).resolve())
@@ -160,9 +169,15 @@ def build_tiny_dit_teacher(
     """Train a tiny flow-matching DiT on ``dataset`` (the tiny world's) and save it to ``out_dir`` as
     ``lerobot-train`` saves ``pretrained_model/``. The training frames come with lerobot's own delta timestamps for
     the config (``resolve_delta_timestamps``: observation ``[0]``, action ``0 .. horizon-1`` at the default spec)."""
-    from lerobot.datasets.factory import resolve_delta_timestamps
-    from lerobot.policies.factory import make_pre_post_processors
-    from lerobot.policies.multi_task_dit.modeling_multi_task_dit import MultiTaskDiTPolicy
+    from lerobot.datasets.factory import (
+        resolve_delta_timestamps,  # lazy: lerobot imports torch and its model stack
+    )
+    from lerobot.policies.factory import (
+        make_pre_post_processors,  # lazy: lerobot imports torch and its model stack
+    )
+    from lerobot.policies.multi_task_dit.modeling_multi_task_dit import (
+        MultiTaskDiTPolicy,  # lazy: lerobot imports torch and its model stack
+    )
 
     torch.manual_seed(spec.seed)
     cfg = tiny_dit_config(clip_dir, dataset.meta, spec)

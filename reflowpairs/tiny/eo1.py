@@ -102,7 +102,7 @@ def build_tiny_qwen_vl(
     """Write a tiny Qwen2.5-VL (config.json, random weights in model.safetensors) and its processor (tokenizer,
     image and video processors, chat template) to ``out_dir``: ``EO1Config(vlm_base=out_dir, vlm_config=...)``
     then builds and processes for a real EO-1 with no hub access."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers  # lazy: only to build a tiny tokenizer
     from transformers import (
         PreTrainedTokenizerFast,
         Qwen2_5_VLConfig,
@@ -110,7 +110,7 @@ def build_tiny_qwen_vl(
         Qwen2_5_VLProcessor,
         Qwen2VLImageProcessor,
         Qwen2VLVideoProcessor,
-    )
+    )  # lazy: transformers is heavy
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -199,10 +199,14 @@ class TinyEO1Spec:
 def tiny_eo1_config(vlm_dir: str | Path, dataset_meta, spec: TinyEO1Spec = TinyEO1Spec()):
     """An ``EO1Config`` for the local Qwen2.5-VL in ``vlm_dir`` (``build_tiny_qwen_vl``) with the features of
     ``dataset_meta``; float32 throughout, the processor's image area read from ``vlm_dir``."""
-    from lerobot.configs.types import FeatureType
-    from lerobot.policies.eo1.configuration_eo1 import EO1Config
-    from lerobot.utils.feature_utils import dataset_to_policy_features
-    from transformers import Qwen2_5_VLConfig
+    from lerobot.configs.types import FeatureType  # lazy: lerobot imports torch and its model stack
+    from lerobot.policies.eo1.configuration_eo1 import (
+        EO1Config,  # lazy: lerobot imports torch and its model stack
+    )
+    from lerobot.utils.feature_utils import (
+        dataset_to_policy_features,  # lazy: lerobot imports torch and its model stack
+    )
+    from transformers import Qwen2_5_VLConfig  # lazy: transformers is heavy
 
     vlm_dir = Path(vlm_dir).resolve()
     features = dataset_to_policy_features(dataset_meta.features)
@@ -239,9 +243,13 @@ def build_tiny_eo1_teacher(
     loop, ``reflowpairs.tiny.training.fit_tiny_teacher``) and save it as ``lerobot-train`` saves ``pretrained_model/``: config.json,
     model.safetensors and the policy pre/post-processor files. ``vlm_dir``: a local tiny Qwen2.5-VL directory; None
     writes ``build_tiny_qwen_vl``'s to ``out_dir/vlm`` (the checkpoint refers to it by absolute path)."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
-    from lerobot.policies.eo1.modeling_eo1 import EO1Policy
-    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.datasets.lerobot_dataset import (
+        LeRobotDataset,  # lazy: lerobot imports torch and its model stack
+    )
+    from lerobot.policies.eo1.modeling_eo1 import EO1Policy  # lazy: lerobot imports torch and its model stack
+    from lerobot.policies.factory import (
+        make_pre_post_processors,  # lazy: lerobot imports torch and its model stack
+    )
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -111,9 +111,13 @@ def make_pi_processors(config, dataset_stats, tokenizer_dir: str | Path):
     directory, saved by absolute path in ``policy_preprocessor.json``) instead of the hub's PaliGemma tokenizer."""
     # lazy: lerobot's processors are heavy
     if config.type == "pi0":
-        from lerobot.policies.pi0.processor_pi0 import make_pi0_pre_post_processors as make
+        from lerobot.policies.pi0.processor_pi0 import (
+            make_pi0_pre_post_processors as make,  # lazy: lerobot imports torch and its model stack
+        )
     else:
-        from lerobot.policies.pi05.processor_pi05 import make_pi05_pre_post_processors as make
+        from lerobot.policies.pi05.processor_pi05 import (
+            make_pi05_pre_post_processors as make,  # lazy: lerobot imports torch and its model stack
+        )
     # the factory looks TokenizerProcessorStep up in its module's namespace when called
     module = importlib.import_module(make.__module__)
     original = module.TokenizerProcessorStep
@@ -168,9 +172,13 @@ def build_tiny_pi_teacher(
 def _policy_class(variant: str):
     # lazy: lerobot's pi models import transformers
     if variant == "pi0":
-        from lerobot.policies.pi0.modeling_pi0 import PI0Policy
+        from lerobot.policies.pi0.modeling_pi0 import (
+            PI0Policy,  # lazy: lerobot imports torch and its model stack
+        )
 
         return PI0Policy
-    from lerobot.policies.pi05.modeling_pi05 import PI05Policy
+    from lerobot.policies.pi05.modeling_pi05 import (
+        PI05Policy,  # lazy: lerobot imports torch and its model stack
+    )
 
     return PI05Policy

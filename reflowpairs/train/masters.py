@@ -13,7 +13,9 @@ LOW_PRECISION = (
 
 def trainable_parameters(policy) -> list[torch.nn.Parameter]:
     """Parameters the checkpoint's config leaves trainable (``requires_grad``, as lerobot set it)."""
-    groups = policy.get_optim_params()  # parameters, or param-group dicts (multi_task_dit: vision lr multiplier)
+    groups = (
+        policy.get_optim_params()
+    )  # parameters, or param-group dicts (multi_task_dit: vision lr multiplier)
     params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     return [p for p in params if p.requires_grad]
 
