@@ -188,7 +188,7 @@ def eval_command(
     out: Annotated[
         Path, out_option(f"Directory for report.json, report.md, steps_vs_error.png and {EVAL_OPTIONS}.")
     ],
-    tokenizer: Annotated[Path | None, tokenizer_option(PERFORMANCE)] = None,
+    tokenizer: Annotated[str | None, tokenizer_option(PERFORMANCE)] = None,
     device: Annotated[str, device_option()] = _DEFAULTS.device,
     batch_size: Annotated[int, batch_size_option("Frames per sampling call.")] = _DEFAULTS.batch_size,
     env_option: Annotated[
@@ -226,7 +226,7 @@ def eval_command(
                 batch_size=eval_batch_size,
                 use_async_envs=eval_use_async_envs,
                 device=device,
-                tokenizer=None if tokenizer is None else str(tokenizer),
+                tokenizer=tokenizer,
             )
         _closed_loop(ctx, cfg)
         return

@@ -167,7 +167,7 @@ def generate(
             help="Most suffix tokens (frames x K x chunk_size) per teacher call; 0: the whole batch (default: 1024 on CPU, no limit on GPU).",
         ),
     ] = _DEFAULTS.tokens_per_call,
-    tokenizer: Annotated[Path | None, tokenizer_option(PERFORMANCE)] = None,
+    tokenizer: Annotated[str | None, tokenizer_option(PERFORMANCE)] = None,
     device: Annotated[str, device_option()] = _DEFAULTS.device,
     dtype: Annotated[
         str,

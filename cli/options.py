@@ -16,7 +16,6 @@ so that ``--config`` that file repeats the run.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -188,14 +187,10 @@ def parse_env_options(given: list[str] | None) -> tuple[str | None, dict[str, st
 # --- --tokenizer ----------------------------------------------------------------------------------------------
 
 
-def _use_tokenizer(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
-    """``--tokenizer DIR``: also set as ``TOKENIZER_ENV`` for what cannot take it as an argument yet (the library's
-    generate, validate, train and open-loop eval, and any worker process they start)."""
-    if value is not None:
-        from reflowpairs.teacher import TOKENIZER_ENV  # reflowpairs.teacher imports torch: not for --help
-
-        os.environ[TOKENIZER_ENV] = str(Path(value).expanduser().resolve())
-    return value
+def _absolute_tokenizer(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:
+    """``--tokenizer DIR`` as an absolute path (text): the commands pass it to their library config's ``tokenizer``
+    (``config_from_params``), which hands it to ``teacher.load_policy``; the environment is left alone."""
+    return None if value is None else str(Path(value).expanduser().resolve())
 
 
 def tokenizer_option(help_panel: str | None = None) -> Any:
@@ -203,7 +198,7 @@ def tokenizer_option(help_panel: str | None = None) -> Any:
     return typer.Option(
         "--tokenizer",
         metavar="DIR",
-        callback=_use_tokenizer,
+        callback=_absolute_tokenizer,
         rich_help_panel=help_panel,
         help="A local tokenizer directory the checkpoints' preprocessors use instead of the one they name (pi0/pi05 "
         "name the gated hub google/paligemma-3b-pt-224; point this at a downloaded copy to run offline). Same as "

@@ -253,7 +253,7 @@ def validate(
         ),
     ] = _DEFAULTS.atol,
     seed: Annotated[int, seed_option("Seed choosing the spot-checked pairs.", panel=None)] = _DEFAULTS.seed,
-    tokenizer: Annotated[Path | None, tokenizer_option()] = None,
+    tokenizer: Annotated[str | None, tokenizer_option()] = None,
     device: Annotated[
         str, device_option("Device for the spot check: auto, cpu, cuda[:N] or mps.", panel=None)
     ] = _DEFAULTS.device,

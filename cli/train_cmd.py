@@ -271,7 +271,7 @@ def train(
             help="On --resume, accept a --steps that changes the lr schedule mid-run.",
         ),
     ] = _DEFAULTS.allow_schedule_change,
-    tokenizer: Annotated[Path | None, tokenizer_option(PERFORMANCE)] = None,
+    tokenizer: Annotated[str | None, tokenizer_option(PERFORMANCE)] = None,
     device: Annotated[str, device_option()] = _DEFAULTS.device,
     precision: Annotated[
         str,

@@ -343,10 +343,12 @@ def source_cache(source: str | Path, policy) -> AppliedFeatureCache:
 # --- the recompute spot check (validate) ---------------------------------------------------------------------
 
 
-def recompute_features(source: str, device: str, dataset) -> Callable[[np.ndarray], Tensor]:
+def recompute_features(
+    source: str, device: str, dataset, tokenizer: str | None = None
+) -> Callable[[np.ndarray], Tensor]:
     """``recompute(obs_index) -> (n, S, N, D)``: the features of those frames of ``dataset`` computed afresh by the
-    checkpoint ``source`` (for ``check``'s spot check)."""
-    loaded = load_policy(source, device)
+    checkpoint ``source`` (for ``check``'s spot check; ``tokenizer``: ``load_policy``'s)."""
+    loaded = load_policy(source, device, tokenizer=tokenizer)
     loaded.policy.eval()
     lookup = position_lookup(frame_indices(dataset))
 
@@ -357,14 +359,17 @@ def recompute_features(source: str, device: str, dataset) -> Callable[[np.ndarra
     return recompute
 
 
-def validate_features(store, teacher: str | None, device: str, open_dataset, spot: int, seed: int):
+def validate_features(
+    store, teacher: str | None, device: str, open_dataset, spot: int, seed: int, tokenizer: str | None = None
+):
     """``validate``'s ``features`` check: ``(result, detail)`` ("pass"/"fail"; "skip", "no feature cache" for a store
-    without one). ``open_dataset()`` gives the store's dataset, only needed for a spot check (``spot`` > 0 frames)."""
+    without one). ``open_dataset()`` gives the store's dataset, only needed for a spot check (``spot`` > 0 frames);
+    ``tokenizer``: ``load_policy``'s."""
     if read_index(store.path) is None:
         return "skip", "no feature cache"
     recompute = None
     if spot:
         source = teacher or store.manifest.get("teacher", {}).get("source")
-        recompute = recompute_features(source, device, open_dataset())
+        recompute = recompute_features(source, device, open_dataset(), tokenizer)
     problems, summary = check(store.path, store.index()[0], recompute, spot, seed)
     return ("fail", "; ".join(problems)) if problems else ("pass", summary)

@@ -92,8 +92,7 @@ class PipelineConfig:
         None  # generate's and train's `threads` (None: keep the caller's torch setting)
     )
     # a local tokenizer directory every checkpoint's preprocessor uses (``teacher.load_policy``'s ``tokenizer``):
-    # passed to the closed-loop stage and written into every stage's options file; the generate, validate, train
-    # and eval stages read it from REFLOWPAIRS_TOKENIZER until their configs take ``tokenizer`` too
+    # passed to every stage and written into every stage's options file
     tokenizer: str | None = None
 
 
@@ -265,6 +264,7 @@ def _generate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]
         num_steps=cfg.num_steps,
         seed=cfg.seed + r - 1,  # fresh noises each round
         device=cfg.device,
+        tokenizer=cfg.tokenizer,
         resume=(pairs / "manifest.json").exists(),  # a crash mid-store: finish it
         # the feature cache: computed once, in round 1, when train can use it; later rounds run no vision encoder
         cache_features_if_allowed=r == 1,
@@ -302,6 +302,7 @@ def _validate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]
             spot_check=cfg.spot_check,
             seed=cfg.seed,
             device=cfg.device,
+            tokenizer=cfg.tokenizer,
         ),
         progress=progress,
     )
@@ -331,6 +332,7 @@ def _train(
         lr=cfg.lr,
         seed=cfg.seed,
         device=cfg.device,
+        tokenizer=cfg.tokenizer,
         num_workers=cfg.num_workers,
         threads=cfg.threads,
         save_every=steps,
@@ -367,6 +369,7 @@ def _eval(cfg: PipelineConfig, student: Path, out: Path, progress: Progress) -> 
         episodes=cfg.eval_episodes,
         max_frames=cfg.eval_max_frames,
         device=cfg.device,
+        tokenizer=cfg.tokenizer,
         allow_mismatch=True,  # a later round's student was trained from the previous student, by design
     )
     report = evaluate(eval_cfg, progress=progress)

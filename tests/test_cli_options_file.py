@@ -3,6 +3,7 @@ rank (reflowpairs.launcher): what the command line and the pipeline write is wha
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from reflowpairs.cli.app import app
 from reflowpairs.cli.options import option_for_key
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.eval.config import EvalConfig
+from reflowpairs.eval.open_loop import evaluate
 from reflowpairs.generate.config import GenerateConfig
 from reflowpairs.launcher import is_main_process, process_rank
 from reflowpairs.next_steps import (
@@ -31,9 +33,12 @@ from reflowpairs.options_file import (
     read_options_file,
     write_options,
 )
-from reflowpairs.train.config import TrainConfig
+from reflowpairs.teacher import TOKENIZER_ENV
+from reflowpairs.train.config import TrainConfig, TrainResult
+from reflowpairs.train.loop import train
+from reflowpairs.train.next_commands import next_commands
 
-from .helpers import cli
+from .helpers import cli, generate_args
 
 _CONFIGS = {
     "generate": GenerateConfig(teacher="t", dataset="d", out=Path("o"), partition=(1, 4), episodes=[0, 1]),
@@ -115,7 +120,107 @@ def test_next_commands_are_shell_quoted(tmp_path):
     assert next_lines(["a", "b c"], "d") == ["next: a 'b c'", "then: d"]
 
 
+def test_train_next_commands_are_shell_quoted(tmp_path):
+    """A finished run's next commands (``train.next_commands``) keep a path with a space as one argument."""
+    run = tmp_path / "my run"
+    result = TrainResult(
+        out=run,
+        checkpoint=run / "checkpoints" / "000010",
+        start_step=0,
+        step=10,
+        final_loss=0.1,
+        seconds=1.0,
+        init_source="/the teacher",
+        dataset_repo_id="user/data",
+        held_out_episodes=[8, 9],
+        pairs=tmp_path / "my pairs",
+    )
+    commands = next_commands(result)
+    student = str(run / "checkpoints" / "last" / "pretrained_model")
+    assert shlex.split(commands["lerobot_eval"]) == [
+        "lerobot-eval",
+        f"--policy.path={student}",
+        "--env.type=...",
+    ]
+    assert shlex.split(commands["reflowpairs_eval"]) == [
+        "reflowpairs",
+        "eval",
+        "--student",
+        student,
+        "--teacher",
+        "/the teacher",
+        "--dataset",
+        "user/data",
+        "--episodes",
+        "8-9",
+        "--pairs",
+        str(tmp_path / "my pairs"),
+        "--out",
+        str(run / "eval"),
+    ]
+
+
 def test_process_rank_reads_the_launchers_environment():
     assert process_rank({}) == 0 and is_main_process({})
     assert process_rank({"RANK": "3"}) == 3 and not is_main_process({"RANK": "3"})
     assert is_main_process({"RANK": "0"})
+
+
+class _StoppedAtLoadError(ReflowPairsError):
+    """Raised by the stand-in ``load_policy``: the command stops where the checkpoint would load."""
+
+
+@pytest.mark.parametrize("command", ["generate", "validate"])
+def test_tokenizer_reaches_load_policy_as_an_argument(command, tiny_world, tiny_store, tmp_path, monkeypatch):
+    """``--tokenizer DIR`` travels in the library config to ``load_policy(..., tokenizer=DIR)`` (absolute); the
+    command leaves REFLOWPAIRS_TOKENIZER alone."""
+    monkeypatch.delenv(TOKENIZER_ENV, raising=False)
+    calls = []
+
+    def stand_in(source, device="auto", fingerprint=None, tokenizer=None):
+        calls.append(tokenizer)
+        raise _StoppedAtLoadError("stopped at the load")
+
+    # validate's spot check imports load_policy when it runs (reflowpairs.teacher imports torch)
+    module = "reflowpairs.generate.job" if command == "generate" else "reflowpairs.teacher"
+    monkeypatch.setattr(f"{module}.load_policy", stand_in)
+    (tmp_path / "tok").mkdir()
+    monkeypatch.chdir(tmp_path)
+    if command == "generate":
+        args = generate_args(tiny_world, tmp_path / "pairs", "--tokenizer", "tok")
+    else:
+        args = ["validate", str(tiny_store), "--spot-check", "1", "--tokenizer", "tok"]
+    result = cli(*args, exit_code=1)
+    assert "stopped at the load" in result.output
+    assert calls == [str(tmp_path / "tok")]
+    assert TOKENIZER_ENV not in os.environ
+
+
+@pytest.mark.parametrize("stage", ["train", "eval"])
+def test_a_configs_tokenizer_reaches_load_policy(stage, tiny_world, tiny_store, tmp_path, monkeypatch):
+    """Train's and eval's ``tokenizer`` (what the pipeline and the CLI fill) is ``load_policy``'s argument."""
+    monkeypatch.delenv(TOKENIZER_ENV, raising=False)
+    calls = []
+
+    def stand_in(source, device="auto", fingerprint=None, tokenizer=None):
+        calls.append(tokenizer)
+        raise _StoppedAtLoadError("stopped at the load")
+
+    teacher = str(tiny_world.teacher_dir)
+    with pytest.raises(ReflowPairsError, match="stopped at the load"):
+        if stage == "train":
+            monkeypatch.setattr("reflowpairs.train.inputs.load_policy", stand_in)
+            train(TrainConfig(pairs=tiny_store, out=tmp_path / "run", device="cpu", tokenizer="/tok"))
+        else:
+            monkeypatch.setattr("reflowpairs.eval.checkpoints.load_policy", stand_in)
+            cfg = EvalConfig(
+                student=teacher,
+                teacher=teacher,
+                dataset=tiny_world.repo_id,
+                dataset_root=tiny_world.dataset_root,
+                out=tmp_path / "eval",
+                device="cpu",
+                tokenizer="/tok",
+            )
+            evaluate(cfg)
+    assert calls[0] == "/tok"

@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import math
+import shlex
 import shutil
 import statistics
 import struct
@@ -251,6 +252,38 @@ def test_next_step_recommends_few_steps_or_more_training(main_run):
         == "reflowpairs train --pairs /pairs/a --out /runs/a --resume --steps 1600"
     )
     assert "no better than the teacher at 1 step(s) (ratio 1.5)" in next_step(worse)["why"]
+
+
+def test_next_step_commands_quote_paths_with_a_space():
+    """The commands ``next_step`` gives paste as whole arguments when a path holds a space."""
+    report = {
+        "rows": [{"model": "student", "num_steps": n, "mse_ref_norm": e} for n, e in ((1, 0.02), (2, 0.01))],
+        "student": {"source": "/my runs/student", "num_steps": 1},
+        "headline": {"ratio": 0.5, "num_steps": 1},
+        "settings": {"device": "cpu"},
+    }
+    assert shlex.split(next_step(report)["command"]) == [
+        "lerobot-eval",
+        "--policy.path=/my runs/student",
+        "--policy.num_steps=2",
+        "--policy.device=cpu",
+        "--env.type=ENV",
+        "--eval.n_episodes=50",
+    ]
+    assert next_text({"next": next_step(report)}) == "next: " + next_step(report)["command"]
+    report["headline"]["ratio"] = 1.5
+    report["student"]["training"] = {"run": "/my runs/a", "store": "/my pairs/a", "steps": 800, "step": 800}
+    assert shlex.split(next_step(report)["command"]) == [
+        "reflowpairs",
+        "train",
+        "--pairs",
+        "/my pairs/a",
+        "--out",
+        "/my runs/a",
+        "--resume",
+        "--steps",
+        "1600",
+    ]
 
 
 def test_training_pairs_section(main_run, tiny_store):

@@ -79,10 +79,16 @@ def check_checkpoint_files(flag: str, source: str) -> None:
             raise ReflowPairsError(f"{flag}: {err.what}", err.hint) from err
 
 
-def load_checkpoint(flag: str, source: str, device: str, fingerprint: dict[str, str] | None = None):
-    """``load_policy(source, device)``, its errors naming ``flag``."""
+def load_checkpoint(
+    flag: str,
+    source: str,
+    device: str,
+    fingerprint: dict[str, str] | None = None,
+    tokenizer: str | None = None,
+):
+    """``load_policy(source, device, fingerprint=..., tokenizer=...)``, its errors naming ``flag``."""
     try:
-        return load_policy(source, device, fingerprint=fingerprint)
+        return load_policy(source, device, fingerprint=fingerprint, tokenizer=tokenizer)
     except ReflowPairsError as err:
         raise ReflowPairsError(f"{flag}: {err.what}", err.hint) from err
 

@@ -35,6 +35,9 @@ class EvalConfig:
     batch_size: int = 8  # frames per engine call
     allow_mismatch: bool = False  # evaluate against a teacher the student was not trained from (labelled)
     include_training_frames: bool = False  # evaluate on episodes the student trained on (labelled)
+    # a local tokenizer directory every checkpoint's preprocessor uses (``teacher.load_policy``'s ``tokenizer``);
+    # None: the REFLOWPAIRS_TOKENIZER environment variable, else the one each checkpoint names
+    tokenizer: str | None = None
 
 
 def parse_num_steps(text: str, setting: str = "num_steps") -> list[int]:

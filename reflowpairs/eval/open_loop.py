@@ -149,8 +149,8 @@ def load_models(cfg: EvalConfig, checked: CheckedInputs) -> LoadedModels:
     """Load both checkpoints, check they read this dataset's features, and open the evaluated episodes with
     ``chunk_size`` action chunks. The student's actions are mapped into the teacher's normalised space unless both
     unnormalise identically."""
-    teacher_loaded = load_checkpoint("`teacher`", cfg.teacher, cfg.device, checked.teacher_fp)
-    student_loaded = load_checkpoint("`student`", cfg.student, cfg.device)
+    teacher_loaded = load_checkpoint("`teacher`", cfg.teacher, cfg.device, checked.teacher_fp, cfg.tokenizer)
+    student_loaded = load_checkpoint("`student`", cfg.student, cfg.device, tokenizer=cfg.tokenizer)
     check_features(teacher_loaded.config, checked.meta, rename_map(teacher_loaded.preprocessor))
     check_features(student_loaded.config, checked.meta, rename_map(student_loaded.preprocessor))
     chunk_size = pair_shapes(teacher_loaded.config)[0][0]

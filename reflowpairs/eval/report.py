@@ -15,6 +15,7 @@ from typing import Any
 
 from reflowpairs.atomic import replace_atomically, write_json_atomically
 from reflowpairs.dataset import episodes_text
+from reflowpairs.next_steps import next_lines
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -158,7 +159,7 @@ def next_text(report: dict[str, Any]) -> str:
     """The "next:" line: the command to run after this evaluation (``reflowpairs.eval.summary.next_step``);
     ``report["next"]["why"]`` says why."""
     nxt = report.get("next") or {}
-    return f"next: {nxt['command']}" if nxt.get("command") else ""
+    return next_lines(nxt["command"])[0] if nxt.get("command") else ""
 
 
 def pairs_rows(report: dict[str, Any]) -> list[list[str]]:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from reflowpairs.eval.metrics import ratio
+from reflowpairs.next_steps import lerobot_command, reflowpairs_command
 
 NEXT_TOLERANCE = 1.1  # "next:" recommends the fewest steps within this factor of the student's lowest error
 
@@ -54,25 +55,35 @@ def next_step(report: dict[str, Any]) -> dict[str, Any]:
             "rule": rule,
             "why": f"the student is no better than the teacher at {head['num_steps']} step(s) (ratio "
             f"{head['ratio']:.3g}): train it longer",
-            "command": f"reflowpairs train --pairs {training['store']} --out {training['run']} --resume "
-            f"--steps {2 * int(training['steps'] or training['step'] or 1)}",
+            "command": reflowpairs_command(
+                "train",
+                pairs=training["store"],
+                out=training["run"],
+                resume=True,
+                steps=2 * int(training["steps"] or training["step"] or 1),
+            ),
         }
     saved = report["student"].get("num_steps")
     field = report["student"].get("step_field", "num_steps")  # the policy family's step-count field
     if n == saved:  # the checkpoint already samples in n steps: lerobot-eval needs no step-count flag
-        why, override = f"the student is saved to sample in {n} step{'s' if n != 1 else ''}, {rule}", ""
+        why, override = f"the student is saved to sample in {n} step{'s' if n != 1 else ''}, {rule}", None
     else:
-        why, override = (
-            f"--policy.{field}={n}: {rule} (the checkpoint is saved with {field} {saved})",
-            f" --policy.{field}={n}",
-        )
+        why, override = f"--policy.{field}={n}: {rule} (the checkpoint is saved with {field} {saved})", n
     return {
         "num_steps": n,
         "saved_num_steps": saved,
         "rule": rule,
         "why": f"{why}; set ENV to your lerobot env type",
-        "command": f"lerobot-eval --policy.path={student}{override} --policy.device="
-        f"{report['settings']['device']} --env.type=ENV --eval.n_episodes=50",
+        "command": lerobot_command(
+            "lerobot-eval",
+            **{
+                "policy.path": student,
+                f"policy.{field}": override,
+                "policy.device": report["settings"]["device"],
+                "env.type": "ENV",
+                "eval.n_episodes": 50,
+            },
+        ),
     }
 
 

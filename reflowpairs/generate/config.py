@@ -59,6 +59,9 @@ class GenerateConfig:
     # torch intra-op threads of this process: None keeps the caller's torch.set_num_threads, a number sets it,
     # "auto" plans them around the DataLoader workers (what the command line uses; reflowpairs.threads)
     threads: int | str | None = None
+    # a local tokenizer directory every checkpoint's preprocessor uses (``teacher.load_policy``'s ``tokenizer``);
+    # None: the REFLOWPAIRS_TOKENIZER environment variable, else the one each checkpoint names
+    tokenizer: str | None = None
 
 
 @dataclass

@@ -65,7 +65,7 @@ def prepare_job(cfg: GenerateConfig, device: str, out: Path) -> Job:
     # the cheap checks first: a wrong --teacher, --dataset-root or --episodes is reported before the teacher loads
     read_policy_config(cfg.teacher)
     check_episodes(cfg.episodes, open_metadata(cfg.dataset, cfg.dataset_root).total_episodes, cfg.dataset)
-    teacher = load_policy(cfg.teacher, device)
+    teacher = load_policy(cfg.teacher, device, tokenizer=cfg.tokenizer)
     dataset = open_dataset(cfg.dataset, cfg.dataset_root, cfg.episodes)
     check_features(teacher.config, dataset.meta, rename_map(teacher.preprocessor))
     call_frames = resolve_frames_per_call(

@@ -81,6 +81,9 @@ class TrainConfig:
     # torch intra-op threads of this process: None keeps the caller's torch.set_num_threads, a number sets it,
     # "auto" plans them around the DataLoader workers (what the command line uses; reflowpairs.threads)
     threads: int | str | None = None
+    # a local tokenizer directory every checkpoint's preprocessor uses (``teacher.load_policy``'s ``tokenizer``);
+    # None: the REFLOWPAIRS_TOKENIZER environment variable, else the one each checkpoint names
+    tokenizer: str | None = None
     # lerobot's WandBConfig (lerobot.configs.default): log to Weights & Biases when set and enabled (reflowpairs.wandb_log)
     wandb_config: Any = None
 

@@ -163,7 +163,9 @@ def prepare_inputs(
 
     # The one policy of this process: the student (the init checkpoint, or the checkpoint resumed from).
     source = str(pretrained_dir(resume_from)) if resume_from is not None else init_source
-    loaded = load_policy(source, device, fingerprint=init_fp if resume_from is None else None)
+    loaded = load_policy(
+        source, device, fingerprint=init_fp if resume_from is None else None, tokenizer=cfg.tokenizer
+    )
     check_features(loaded.config, dataset.meta, rename_map(loaded.preprocessor))
     x0_shape, x1_shape = pair_shapes(loaded.config)
     if tuple(store.x0_shape) != x0_shape or tuple(store.x1_shape) != x1_shape:

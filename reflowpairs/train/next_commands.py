@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 
 from reflowpairs.checkpoint import last_link, pretrained_dir
 from reflowpairs.dataset import episodes_text
+from reflowpairs.next_steps import lerobot_command, reflowpairs_command
 from reflowpairs.train.config import TrainResult
 
 
@@ -32,19 +32,17 @@ def next_commands(result: TrainResult) -> dict[str, str]:
     lerobot-train environment when its ``train_config.json`` names one, else ``...`` for the user to fill in) and
     ``reflowpairs_eval`` (teacher vs student at each step count, on the episodes the store holds no pairs of)."""
     student = pretrained_dir(last_link(result.out))
-    lerobot = [
-        "lerobot-eval",
-        f"--policy.path={student}",
-        f"--env.type={teacher_env_type(result.init_source) or '...'}",
-    ]
-    ours = ["reflowpairs", "eval", "--student", str(student), "--teacher", result.init_source]
-    if result.dataset_repo_id:
-        ours += ["--dataset", result.dataset_repo_id]
-    if result.dataset_root is not None:
-        ours += ["--dataset-root", str(result.dataset_root)]
-    if result.held_out_episodes:
-        ours += ["--episodes", episodes_text(result.held_out_episodes)]
-    if result.pairs is not None:
-        ours += ["--pairs", str(result.pairs)]
-    ours += ["--out", str(Path(result.out) / "eval")]
-    return {"lerobot_eval": shlex.join(lerobot), "reflowpairs_eval": shlex.join(ours)}
+    env_type = teacher_env_type(result.init_source) or "..."
+    held_out = episodes_text(result.held_out_episodes) if result.held_out_episodes else None
+    ours = reflowpairs_command(
+        "eval",
+        student=student,
+        teacher=result.init_source,
+        dataset=result.dataset_repo_id or None,
+        dataset_root=result.dataset_root,
+        episodes=held_out,
+        pairs=result.pairs,
+        out=Path(result.out) / "eval",
+    )
+    lerobot = lerobot_command("lerobot-eval", **{"policy.path": student, "env.type": env_type})
+    return {"lerobot_eval": lerobot, "reflowpairs_eval": ours}

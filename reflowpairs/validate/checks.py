@@ -187,7 +187,7 @@ def check_features(ctx: ValidationContext) -> CheckResult | None:
     """The store's feature cache (``cached_features.validate_features``); not reported when it has none."""
     cfg = ctx.cfg
     result, detail = validate_features(
-        ctx.store, cfg.teacher, cfg.device, ctx.teacher_dataset, cfg.spot_check, cfg.seed
+        ctx.store, cfg.teacher, cfg.device, ctx.teacher_dataset, cfg.spot_check, cfg.seed, cfg.tokenizer
     )
     return None if detail == NO_FEATURE_CACHE else CheckResult("features", result, detail)
 

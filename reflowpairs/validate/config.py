@@ -32,6 +32,9 @@ class ValidateConfig:
     seed: int = 0
     device: str = "auto"
     batch_size: int = 16  # frames per teacher call in the spot check
+    # a local tokenizer directory every checkpoint's preprocessor uses (``teacher.load_policy``'s ``tokenizer``);
+    # None: the REFLOWPAIRS_TOKENIZER environment variable, else the one each checkpoint names
+    tokenizer: str | None = None
 
 
 SPOT_CHECK_ATOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 5e-2}

@@ -3,11 +3,11 @@ does not list (``leftovers``) and the ``generate --resume`` command that finishe
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Any
 
 from reflowpairs.atomic import TMP_PREFIX
+from reflowpairs.next_steps import reflowpairs_command
 from reflowpairs.store.layout import ARRAYS, MANIFEST, SHARD_SUFFIX, SHARDS_DIR, unlisted_entries
 from reflowpairs.store.manifest import StoreManifest
 from reflowpairs.validate.report import PASS, WARN, CheckResult, listed
@@ -105,30 +105,32 @@ def resume_command(store: Path, meta: StoreManifest) -> str:
         manifest.get("teacher", {}),
         manifest.get("dataset", {}),
     )
-    args = ["reflowpairs", "generate", "--teacher", str(teacher.get("source"))]
-    args += ["--dataset", str(dataset.get("repo_id"))]
-    if dataset.get("root"):
-        args += ["--dataset-root", str(dataset["root"])]
-    args += ["--out", str(store)]
-    if g.get("episodes"):
-        args += ["--episodes", ",".join(map(str, g["episodes"]))]
-    args += ["--samples-per-frame", str(g.get("samples_per_frame")), "--num-steps", str(g.get("num_steps"))]
-    args += ["--solver", str(g.get("solver"))]
-    if g.get("solver") == "dopri5":
-        args += ["--rtol", str(g.get("rtol")), "--atol", str(g.get("atol"))]
-    args += ["--seed", str(g.get("seed")), "--format", str(manifest.get("backend"))]
-    if not meta.x0_stored:
-        args += ["--x0", "implicit"]
-    if g.get("dtype", "float32") != "float32":
-        args += ["--dtype", str(g["dtype"])]
-    if g.get("sampler") == "exact":
-        args.append("--exact")
-    elif g.get("frames_per_call"):
-        # the call size X_1 was computed in: --batch-size G with no token limit gives G
-        args += ["--batch-size", str(g["frames_per_call"]), "--tokens-per-call", "0"]
-    if manifest.get("partition"):
-        args += ["--partition", f"{manifest['partition']['index']}/{manifest['partition']['count']}"]
-    return shlex.join([*args, "--resume"])
+    exact = g.get("sampler") == "exact"
+    # the call size X_1 was computed in: --batch-size G with no token limit gives G
+    frames_per_call = None if exact else g.get("frames_per_call") or None
+    partition = manifest.get("partition")
+    return reflowpairs_command(
+        "generate",
+        teacher=str(teacher.get("source")),
+        dataset=str(dataset.get("repo_id")),
+        dataset_root=dataset.get("root") or None,
+        out=store,
+        episodes=g.get("episodes") or None,
+        samples_per_frame=str(g.get("samples_per_frame")),
+        num_steps=str(g.get("num_steps")),
+        solver=str(g.get("solver")),
+        rtol=str(g.get("rtol")) if g.get("solver") == "dopri5" else None,
+        atol=str(g.get("atol")) if g.get("solver") == "dopri5" else None,
+        seed=str(g.get("seed")),
+        format=str(manifest.get("backend")),
+        x0=None if meta.x0_stored else "implicit",
+        dtype=g["dtype"] if g.get("dtype", "float32") != "float32" else None,
+        exact=exact,
+        batch_size=frames_per_call,
+        tokens_per_call=0 if frames_per_call else None,
+        partition=f"{partition['index']}/{partition['count']}" if partition else None,
+        resume=True,
+    )
 
 
 def check_leftovers(store_path: Path, listed_paths: set[str]) -> CheckResult:

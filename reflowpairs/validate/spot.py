@@ -48,7 +48,7 @@ def _load_sampler(store: PairStore, cfg: ValidateConfig, dataset) -> _Sampler:
         generation.get("atol") or SolverConfig.atol,
     )
     source = cfg.teacher or store.manifest.get("teacher", {}).get("source")
-    teacher = load_policy(source, cfg.device)
+    teacher = load_policy(source, cfg.device, tokenizer=cfg.tokenizer)
     check_features(teacher.config, dataset.meta, rename_map(teacher.preprocessor))
     engine = make_engine(
         teacher.policy, generation.get("frames_per_call"), exact=generation.get("sampler") == "exact"
