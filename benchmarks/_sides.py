@@ -171,8 +171,8 @@ class Side:
 
     def step(self) -> float:
         from reflowpairs.solvers import SolverConfig
-        from reflowpairs.timesampling import sample_time
         from reflowpairs.train.step import train_step
+        from reflowpairs.train.timesampling import sample_time
 
         batch = next(self.batches)
         self.steps_done += 1

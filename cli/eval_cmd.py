@@ -50,9 +50,7 @@ from reflowpairs.cli.ui import (
     user_errors,
 )
 from reflowpairs.dataset import episodes_text
-from reflowpairs.eval.closed_loop import evaluate_closed_loop
 from reflowpairs.eval.closed_loop_report import write_closed_loop_report
-from reflowpairs.eval.compare import evaluate_students
 from reflowpairs.eval.config import ClosedLoopConfig, EvalConfig
 from reflowpairs.eval.report import frames_text, headline_text, next_text, report_notes, write_report
 from reflowpairs.options_file import EVAL_OPTIONS
@@ -99,6 +97,8 @@ def _local(source: str) -> str:
 
 def _compare_students(cfg, students: dict[str, str], options: dict[str, Any]) -> None:
     """``eval`` with several students: each evaluated into OUT/LABEL/, then one comparison in OUT."""
+    from reflowpairs.eval.compare import evaluate_students  # imports torch and lerobot: not for --help
+
     with progress(prefix="eval") as bar:
         bar.live.transient = True
         stage_bar = StageBar(bar)
@@ -340,6 +340,8 @@ def _closed_loop(ctx: typer.Context, cfg: ClosedLoopConfig) -> None:
     with user_errors():
         with progress(prefix="eval") as bar:
             bar.live.transient = True  # the table replaces the bar
+            from reflowpairs.eval.closed_loop import evaluate_closed_loop  # torch and lerobot: not for --help
+
             report = evaluate_closed_loop(cfg, progress=StageBar(bar))
         files = write_closed_loop_report(report, cfg.out)
     save_options(Path(cfg.out) / EVAL_OPTIONS, "eval", options)

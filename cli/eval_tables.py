@@ -11,9 +11,15 @@ from rich.table import Table
 from rich.text import Text
 
 from reflowpairs.cli.ui import plural
-from reflowpairs.eval.closed_loop_report import TABLE_HEADERS, title_text, verdict_rows, verdict_text
+from reflowpairs.eval.closed_loop_report import (
+    TABLE_HEADERS,
+    closed_loop_note,
+    success_cell,
+    title_text,
+    verdict_rows,
+    verdict_text,
+)
 from reflowpairs.eval.closed_loop_report import table_rows as closed_loop_rows
-from reflowpairs.eval.compare import closed_loop_note, success_cell
 from reflowpairs.eval.report import (
     COLUMNS,
     CONSOLE_HEADERS,

@@ -31,7 +31,7 @@ from reflowpairs.cli.options import (
     teacher_option,
 )
 from reflowpairs.cli.ui import console, out_console, parse_episodes, print_next, progress, user_errors
-from reflowpairs.pipeline import PIPELINE_STATE, PipelineConfig, run_pipeline
+from reflowpairs.pipeline_config import PIPELINE_STATE, PipelineConfig
 
 _DEFAULTS = config_defaults(PipelineConfig)  # the options' defaults are the library config's
 
@@ -126,6 +126,7 @@ def pipeline(
 ) -> None:
     """Run rectified flow's recipe in one command: R reflow rounds (+ distillation), resumable, one summary."""
     from reflowpairs.eval.config import parse_num_steps  # reflowpairs.evaluate imports torch: not for --help
+    from reflowpairs.pipeline import run_pipeline  # the stages import torch and lerobot: not for --help
 
     env_type, env_options = parse_env_options(env_option)
     with user_errors():

@@ -29,7 +29,6 @@ from reflowpairs.next_steps import train_args, validate_args
 from reflowpairs.store.inspect import pair as read_pair
 from reflowpairs.store.inspect import summarize
 from reflowpairs.store.merge import merge_stores
-from reflowpairs.validate.checks import validate as run_validate
 from reflowpairs.validate.config import ValidateConfig
 
 _DEFAULTS = config_defaults(ValidateConfig)  # the options' defaults are the library config's
@@ -271,6 +270,8 @@ def validate(
             if phase not in tasks:
                 tasks[phase] = bar.add_task(phase, total=total, rate="")
             bar.update(tasks[phase], completed=done)
+
+        from reflowpairs.validate.checks import validate as run_validate  # imports torch: not for --help
 
         report = run_validate(cfg, progress=on_progress)
     if json_out:

@@ -9,7 +9,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from reflowpairs.checkpoint import read_state
 from reflowpairs.cli.lerobot_names import lerobot_names_text
 from reflowpairs.cli.options import (
     INPUTS,
@@ -134,6 +133,8 @@ def _resolved_settings(plan: TrainPlan) -> dict[str, Any]:
     """The data/optimiser settings the run uses (``reflowpairs.train.INHERITED``), for its options file: on resume
     the checkpoint's, else the plan's (defaults filled in; lr, warmup and grad clip stay None for the preset's)."""
     if plan.resumed_from:
+        from reflowpairs.checkpoint import read_state  # imports torch and lerobot: not for --help
+
         return dict(read_state(Path(plan.resumed_from))["settings"])
     return {
         name: plan[name]

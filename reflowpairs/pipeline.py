@@ -43,58 +43,26 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from reflowpairs.atomic import write_json_atomically
+from reflowpairs.atomic import load_json_object, write_json_atomically
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.eval.closed_loop import evaluate_closed_loop
+from reflowpairs.eval.closed_loop_env import check_env_package, check_features, make_env_config
+from reflowpairs.eval.closed_loop_report import write_closed_loop_report
+from reflowpairs.eval.compare import add_closed_loop, compare_reports, read_report, write_comparison
+from reflowpairs.eval.config import ClosedLoopConfig, EvalConfig
+from reflowpairs.eval.open_loop import evaluate
+from reflowpairs.eval.report import write_report
+from reflowpairs.generate.config import GenerateConfig
+from reflowpairs.generate.run import generate
 from reflowpairs.next_steps import lerobot_command
 from reflowpairs.options_file import EVAL_OPTIONS, TRAIN_OPTIONS, config_options, plain_value, write_options
+from reflowpairs.pipeline_config import PIPELINE_STATE, STATE_VERSION, STUDENT, PipelineConfig
 from reflowpairs.store.layout import GENERATE_OPTIONS
-
-PIPELINE_STATE = "pipeline_state.json"
-STATE_VERSION = 1
-STUDENT = Path("checkpoints") / "last" / "pretrained_model"  # a training run's latest student, below its out
-
-
-@dataclass
-class PipelineConfig:
-    """Settings of ``reflowpairs pipeline`` (the stages' own settings keep their commands' defaults)."""
-
-    teacher: str
-    dataset: str
-    out: Path
-    dataset_root: Path | None = None
-    episodes: list[int] | None = (
-        None  # pairs are made on these; eval scores the others (None: all / eval's choice)
-    )
-    rounds: int = 2
-    distill: bool = False  # a last stage that fits the 1-step map on round R's pairs
-    samples_per_frame: int = 4  # K noises per frame in every round's store
-    num_steps: int | None = None  # each round's teacher ODE steps (None: the teacher config's)
-    train_steps: int = 2000  # per round
-    distill_steps: int | None = None  # None: train_steps
-    batch_size: int | None = None  # train's (None: its default)
-    lr: float | None = None  # train's (None: the policy preset's)
-    loss: str = "pseudo-huber"  # train's loss (mse or pseudo-huber): pseudo-huber measured best (README)
-    spot_check: int = 16  # pairs re-sampled by each round's validate
-    eval_num_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 10])
-    eval_episodes: list[int] | None = None  # None: the episodes the store does not cover
-    eval_max_frames: int = 64
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 0  # train's data loader workers
-    # closed loop (None: none): every student at eval_num_steps and the teacher at 1 step and its full count, in
-    # this lerobot env type with these --env.FIELD options, env_episodes each (reflowpairs.eval.closed_loop)
-    env_type: str | None = None
-    env_options: dict[str, str] = field(default_factory=dict)
-    env_episodes: int = 50
-    env_batch_size: int = 10
-    env_use_async_envs: bool = False
-    threads: int | str | None = (
-        None  # generate's and train's `threads` (None: keep the caller's torch setting)
-    )
-    # a local tokenizer directory every checkpoint's preprocessor uses (``teacher.load_policy``'s ``tokenizer``):
-    # passed to every stage and written into every stage's options file
-    tokenizer: str | None = None
-
+from reflowpairs.store_features import read_index
+from reflowpairs.train.config import TrainConfig
+from reflowpairs.train.loop import train
+from reflowpairs.validate.checks import validate
+from reflowpairs.validate.config import ValidateConfig
 
 Progress = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: a stage's work so far (``phase``: frames, steps, or validate's and eval's own)."""
@@ -161,7 +129,6 @@ def check_config(cfg: PipelineConfig) -> None:
 def closed_loop_config(cfg: PipelineConfig, students: dict[str, str]):
     """The ``ClosedLoopConfig`` of the pipeline's closed-loop stage (its own checks run as it is built): every
     student at ``eval_num_steps``, the teacher at 1 step and its full count, in ``out/closed_loop``."""
-    from reflowpairs.eval.config import ClosedLoopConfig
 
     return ClosedLoopConfig(
         env_type=cfg.env_type,
@@ -183,7 +150,6 @@ def check_closed_loop(cfg: PipelineConfig) -> None:
     """With ``env_type``: what the closed-loop stage needs, checked before any round runs (``ReflowPairsError``):
     its config, the env type and its ``--env.FIELD`` options, the simulator package (its pip extra named), and the
     teacher's inputs against the env's observations (the students share them)."""
-    from reflowpairs.eval.closed_loop_env import check_env_package, check_features, make_env_config
 
     closed_loop_config(cfg, {})
     env_cfg = make_env_config(cfg.env_type, cfg.env_options)
@@ -193,7 +159,6 @@ def check_closed_loop(cfg: PipelineConfig) -> None:
 
 def read_state(out: Path) -> dict[str, Any] | None:
     """The pipeline state in ``out`` (None for a new pipeline)."""
-    from reflowpairs.atomic import load_json_object
 
     path = Path(out) / PIPELINE_STATE
     if not path.exists():
@@ -221,7 +186,6 @@ def teacher_of_round(cfg: PipelineConfig, r: int) -> str:
 def features_source(cfg: PipelineConfig, r: int) -> str | None:
     """The store round ``r`` reads its image embeddings from (``features_from``): round 1's, when r > 1 and round 1
     cached them; else None (round 1 computes them itself, caching them when the student allows)."""
-    from reflowpairs.store_features import read_index
 
     first = Path(cfg.out) / "round1" / "pairs"
     return str(first) if r > 1 and read_index(first) is not None else None
@@ -248,9 +212,6 @@ def write_stage_options(cfg: PipelineConfig, command: str, config: Any, path: Pa
 
 
 def _generate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]:
-    from reflowpairs.generate.config import GenerateConfig
-    from reflowpairs.generate.run import generate
-    from reflowpairs.store_features import read_index
 
     pairs = Path(cfg.out) / f"round{r}" / "pairs"
     source = features_source(cfg, r)
@@ -291,8 +252,6 @@ def _generate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]
 
 
 def _validate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]:
-    from reflowpairs.validate.checks import validate
-    from reflowpairs.validate.config import ValidateConfig
 
     round_dir = Path(cfg.out) / f"round{r}"
     report = validate(
@@ -318,8 +277,6 @@ def _validate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]
 def _train(
     cfg: PipelineConfig, progress: Progress, run_dir: Path, pairs: Path, init: str | None, steps: int, **extra
 ) -> dict:
-    from reflowpairs.train.config import TrainConfig
-    from reflowpairs.train.loop import train
 
     plans: list = []  # train's plans (reflowpairs.train.planning.TrainPlan) says whether it uses the store's feature cache
     train_cfg = TrainConfig(
@@ -355,9 +312,6 @@ def _train(
 
 
 def _eval(cfg: PipelineConfig, student: Path, out: Path, progress: Progress) -> dict[str, Any]:
-    from reflowpairs.eval.config import EvalConfig
-    from reflowpairs.eval.open_loop import evaluate
-    from reflowpairs.eval.report import write_report
 
     eval_cfg = EvalConfig(
         student=str(student),
@@ -434,7 +388,6 @@ def feature_cache_summary(state: dict[str, Any]) -> dict[str, str]:
 
 def _compare(state: dict[str, Any], out: Path) -> dict[str, Any]:
     """Every model's eval report side by side (``reflowpairs.eval.compare``) in ``out/comparison``."""
-    from reflowpairs.eval.compare import compare_reports, read_report, write_comparison
 
     sources = {
         name.split("/")[0]: done["report"] for name, done in state["stages"].items() if name.endswith("/eval")
@@ -447,8 +400,6 @@ def _compare(state: dict[str, Any], out: Path) -> dict[str, Any]:
 def _closed_loop(cfg: PipelineConfig, state: dict[str, Any], out: Path, progress: Progress | None) -> dict:
     """Every student of ``state`` and the teacher in closed loop (``reflowpairs.eval.closed_loop``) in ``out/closed_loop``;
     finished cells are kept there, so a rerun (or one with more rounds) runs only the new ones."""
-    from reflowpairs.eval.closed_loop import evaluate_closed_loop
-    from reflowpairs.eval.closed_loop_report import write_closed_loop_report
 
     students = {
         name.split("/")[0]: done["student"]
@@ -494,7 +445,6 @@ def run_pipeline(
     state["comparison"] = _compare(state, out)  # always anew: a rerun with more rounds adds models
     state["feature_cache"] = feature_cache_summary(state)
     write_json_atomically(out / PIPELINE_STATE, state)
-    from reflowpairs.eval.compare import add_closed_loop, read_report, write_comparison
 
     comparison = read_report(state["comparison"]["comparison"])
     closed_loop = None

@@ -103,7 +103,7 @@ def test_help_and_inspect_import_neither_torch_nor_lerobot(args, tiny_store, tmp
 # The commands whose defaults come from a library config in a module that imports torch today: their --help imports
 # torch until that config moves to a module without it (GenerateConfig in reflowpairs.generate, TrainConfig in
 # reflowpairs.train, EvalConfig in reflowpairs.eval.open_loop). strict: once one moves, its entry here must go.
-_CONFIG_IMPORTS_TORCH = {"generate", "train", "eval"}
+_CONFIG_IMPORTS_TORCH: set[str] = set()  # none: every command's --help starts without torch
 
 
 @pytest.mark.slow

@@ -196,7 +196,11 @@ def test_library_modules_import_each_other_at_the_top():
 def test_lazy_imports_are_third_party_and_say_why():
     bad = [
         f"{imp.source}:{imp.line} imports {imp.target}"
-        + (" (not third-party: import it at the top)" if not _third_party(imp.target) else " (no comment saying why)")
+        + (
+            " (not third-party: import it at the top)"
+            if not _third_party(imp.target)
+            else " (no comment saying why)"
+        )
         for found in all_imports(LIBRARY).values()
         for imp in found
         if imp.local and (not _third_party(imp.target) or not imp.commented)

@@ -27,11 +27,11 @@ from reflowpairs.checkpoint import MASTER_FILE, STATE_FILE
 from reflowpairs.cli.app import app
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pairdata import PairSampler, drop_action_keys, epoch_order
-from reflowpairs.timesampling import TIME_SAMPLINGS, sample_time, step_generator
 from reflowpairs.train.checkpointing import TEST_SAVED_FD
-from reflowpairs.train.config import TrainConfig, TrainingInterrupted
+from reflowpairs.train.config import TIME_SAMPLINGS, TrainConfig, TrainingInterrupted
 from reflowpairs.train.loop import train
 from reflowpairs.train.optim import plan_optimizer
+from reflowpairs.train.timesampling import sample_time, step_generator
 
 from .helpers import runner
 

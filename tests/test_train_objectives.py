@@ -12,10 +12,10 @@ import torch
 from reflowpairs.cli import app
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.policies import lerobot_sampling_steps
-from reflowpairs.timesampling import sample_time, step_generator
 from reflowpairs.train.config import TrainConfig
 from reflowpairs.train.loop import train
 from reflowpairs.train.loss import PSEUDO_HUBER_C, pseudo_huber, reflow_loss
+from reflowpairs.train.timesampling import sample_time, step_generator
 
 from .helpers import runner
 

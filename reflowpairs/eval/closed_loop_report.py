@@ -157,3 +157,24 @@ def write_closed_loop_report(report: dict[str, Any], out: str | Path) -> ReportF
     replace_atomically(files.markdown, lambda p: Path(p).write_text(markdown(report)))
     replace_atomically(files.plot, lambda p: success_figure(report).savefig(p, dpi=120, format="png"))
     return files
+
+
+def success_cell(row: dict[str, Any]) -> str:
+    """A row's closed-loop success as ``"80% [49-94%]"``, ``n/a`` when it has none."""
+    return success_text(row) if "success_rate" in row else "n/a"
+
+
+def closed_loop_note(comparison: dict[str, Any]) -> str:
+    """One line on the closed-loop column: the env and episodes, and the cells with no open-loop row (the
+    teacher at its full step count, typically); empty without closed loop."""
+    closed = comparison.get("closed_loop")
+    if not closed:
+        return ""
+    shown = {(r["model"], r["num_steps"]) for r in comparison["rows"] if "success_rate" in r}
+    others = [
+        f"{c['model']} at {c['num_steps']} steps {success_cell(c)}"
+        for c in closed["cells"]
+        if (c["model"], c["num_steps"]) not in shown
+    ]
+    text = f"success: closed loop in {closed['env']['type']}, {closed['n_episodes']} episodes per cell"
+    return text + (f"; also {', '.join(others)}" if others else "") + "."

@@ -7,10 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-"""``GenerateConfig.dtype`` -> the torch.autocast dtype the teacher samples in (float32: no autocast)."""
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+"""``GenerateConfig.dtype``'s values: the torch dtype (``getattr(torch, name)``) the teacher samples in, through
+torch.autocast (float32: no autocast)."""
 
 GenerationProgress = Callable[[int, int, float], None]
 """``progress(frames_done_this_run, pairs_done_this_run, seconds)``, called after each batch (the last one once the last

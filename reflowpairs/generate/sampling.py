@@ -12,7 +12,7 @@ import torch
 
 from reflowpairs.cached_features import FeatureSink, add_features, assemble_captured
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.generate.config import COMPUTE_DTYPES, GenerateConfig, GenerationProgress
+from reflowpairs.generate.config import GenerateConfig, GenerationProgress
 from reflowpairs.generate.job import Job
 from reflowpairs.generate.writer import BackgroundWriter, write_failed
 from reflowpairs.noise import batch_noise
@@ -110,7 +110,7 @@ def sample_batch(
     cached = batch.pop(FEATURE_KEY, None)  # (B, S, N, D) read from `features_from`'s cache
     k = cfg.samples_per_frame
     noise = batch_noise(cfg.seed, obs_index.tolist(), k, engine.noise_shape)  # (B, K, T, D0)
-    compute = COMPUTE_DTYPES[cfg.dtype]
+    compute = getattr(torch, cfg.dtype)
     capture = sink is not None and not engine.exact and compute is torch.float32 and cached is None
     captured = sink.family.captured_features(sink.policy) if capture else contextlib.nullcontext([])
     with (

@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.timesampling import check_time_sampling
-from reflowpairs.train.loss import LOSSES
 from reflowpairs.wandb_log import check_mode, require_wandb
 
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -44,6 +42,21 @@ TEACHER_NUM_STEPS = "teacher"  # --student-num-steps teacher: the saved config k
 
 TrainProgress = Callable[[int, int, float], None]
 """``progress(step, total_steps, loss)``: called in the main process after every optimiser step of ``train``."""
+
+TIME_SAMPLINGS = ("beta", "uniform", "u-shaped", "logit-normal", "noise-end")
+"""The training-time distributions of ``t`` (``reflowpairs.train.timesampling``)."""
+LOSSES = ("mse", "pseudo-huber")
+"""The reflow losses (``reflowpairs.train.loss``)."""
+
+
+def check_time_sampling(name: str) -> str:
+    """``name`` if it is a known time sampling, else a ``ReflowPairsError`` listing the choices."""
+    if name not in TIME_SAMPLINGS:
+        raise ReflowPairsError(
+            f"Unknown `time_sampling` {name!r}.",
+            f"Set `time_sampling` to one of: {', '.join(TIME_SAMPLINGS)}.",
+        )
+    return name
 
 
 @dataclass

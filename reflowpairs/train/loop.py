@@ -18,7 +18,6 @@ from reflowpairs.checkpoint import clean_leftovers
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.pairdata import PairDataset, PairSampler, collate_pairs, raise_if_refused
 from reflowpairs.policies import json_step_field
-from reflowpairs.timesampling import sample_time, step_generator
 from reflowpairs.train.checkpointing import CheckpointSaver
 from reflowpairs.train.config import TrainConfig, TrainingInterrupted, TrainProgress, TrainResult
 from reflowpairs.train.inputs import held_out_episodes
@@ -36,6 +35,7 @@ from reflowpairs.train.planning import (
 from reflowpairs.train.processes import release
 from reflowpairs.train.signals import StopOnInterrupt
 from reflowpairs.train.step import NonFiniteLossError, train_step
+from reflowpairs.train.timesampling import sample_time, step_generator
 from reflowpairs.wandb_log import WandbRun
 
 LogSink = Callable[[dict[str, Any]], None]

@@ -15,7 +15,6 @@ from reflowpairs.pairdata import drop_action_keys
 from reflowpairs.policies import family
 from reflowpairs.policies.interface import FEATURE_KEY
 
-LOSSES = ("mse", "pseudo-huber")
 PSEUDO_HUBER_C = 0.00054  # c = 0.00054 sqrt(d) (Song & Dhariwal 2023, used by rectified flow++)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from reflowpairs.errors import ReflowPairsError
 
@@ -42,15 +41,6 @@ SPOT_CHECK_ATOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 5e-2}
 autocast dtype, as the manifest records them: ``teacher.compute_dtype``). Re-sampled on the machine and device that
 made the store, X_1 comes back bit for bit (fixed call shapes); on another device or kernel library half-precision
 X_1 moves by its rounding, ~1e-3-1e-2 in bfloat16 on SmolVLA's real shapes."""
-
-
-def spot_check_atol(generation: dict[str, Any]) -> tuple[float, str]:
-    """The default spot-check tolerance of a store and the compute dtype it follows."""
-    # heavy: reflowpairs.teacher imports torch; validate itself imports without it (the CLI's --help)
-    from reflowpairs.teacher import compute_dtype
-
-    dtype = compute_dtype(generation.get("parameter_dtypes") or {}, generation.get("dtype", "float32"))
-    return SPOT_CHECK_ATOL.get(dtype, SPOT_CHECK_ATOL["float32"]), dtype
 
 
 def check_settings(cfg: ValidateConfig) -> None:

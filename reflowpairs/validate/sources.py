@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from reflowpairs.dataset import dataset_fingerprint, open_dataset
 from reflowpairs.store.reader import PairStore
+from reflowpairs.teacher import fingerprint_checkpoint
 from reflowpairs.validate.config import ValidateConfig
 from reflowpairs.validate.report import FAIL, PASS, CheckResult
 
@@ -42,8 +43,6 @@ def check_dataset(store: PairStore, dataset) -> CheckResult:
 
 def check_teacher(store: PairStore, source: str) -> CheckResult:
     """The checkpoint ``source`` has the fingerprint of the teacher the store recorded."""
-    # heavy: reflowpairs.teacher imports torch; validate itself imports without it (the CLI's --help)
-    from reflowpairs.teacher import fingerprint_checkpoint
 
     recorded = store.manifest.get("teacher", {})
     fingerprint = fingerprint_checkpoint(source)["fingerprint"]

@@ -11,11 +11,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.data import default_collate
 
 from reflowpairs.dataset import check_features, frame_indices
+from reflowpairs.generate.config import COMPUTE_DTYPES
 from reflowpairs.noise import batch_noise
+from reflowpairs.policies import make_engine
+from reflowpairs.solvers import SolverConfig
 from reflowpairs.store.reader import PairStore
-from reflowpairs.validate.config import PhaseProgress, ValidateConfig, spot_check_atol
+from reflowpairs.teacher import compute_dtype, load_policy, rename_map
+from reflowpairs.validate.config import SPOT_CHECK_ATOL, PhaseProgress, ValidateConfig
 from reflowpairs.validate.report import FAIL, PASS, CheckResult, Problems, listed
 from reflowpairs.validate.shards import ShardPass, SpotPair
 
@@ -33,12 +39,15 @@ class _Sampler:
     solver: Any  # reflowpairs.solvers.SolverConfig
 
 
+def spot_check_atol(generation: dict[str, Any]) -> tuple[float, str]:
+    """The default spot-check tolerance of a store and the compute dtype it follows."""
+
+    dtype = compute_dtype(generation.get("parameter_dtypes") or {}, generation.get("dtype", "float32"))
+    return SPOT_CHECK_ATOL.get(dtype, SPOT_CHECK_ATOL["float32"]), dtype
+
+
 def _load_sampler(store: PairStore, cfg: ValidateConfig, dataset) -> _Sampler:
     """The teacher (``cfg.teacher``, else the recorded one) with the recorded solver and sampler."""
-    # heavy: the teacher stack (teacher, engine, solvers) imports torch; validate itself imports without it
-    from reflowpairs.policies import make_engine
-    from reflowpairs.solvers import SolverConfig
-    from reflowpairs.teacher import load_policy, rename_map
 
     generation = store.manifest["generation"]
     solver = SolverConfig(
@@ -110,11 +119,6 @@ def _resample(
 ) -> list[Difference]:
     """Re-sample the frames of ``by_frame`` (obs_index -> its chosen pairs) in batches of ``batch_size`` frames and
     return each chosen pair's difference to its stored X_1 (progress phase ``"spot check"``)."""
-    # heavy: torch, and generate's dtype table (reflowpairs.generate imports torch)
-    import torch
-    from torch.utils.data import default_collate
-
-    from reflowpairs.generate.config import COMPUTE_DTYPES
 
     whole_frames = generation.get("seed") is not None
     k_all = int(generation["samples_per_frame"])
@@ -122,7 +126,11 @@ def _resample(
     groups: dict[int, list[int]] = {}
     for obs, items in by_frame.items():
         groups.setdefault(k_all if whole_frames else len(items), []).append(obs)
-    compute = COMPUTE_DTYPES.get(generation.get("dtype", "float32"), torch.float32)
+    compute = (
+        getattr(torch, generation.get("dtype", "float32"))
+        if generation.get("dtype", "float32") in COMPUTE_DTYPES
+        else torch.float32
+    )
     engine = sampler.engine
     diffs: list[Difference] = []
     done, total = 0, sum(len(v) for v in by_frame.values())

@@ -34,24 +34,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reflowpairs.errors import ReflowPairsError
+from reflowpairs.train.config import check_time_sampling
 
-TIME_SAMPLINGS = ("beta", "uniform", "u-shaped", "logit-normal", "noise-end")
 SCALE = 0.999
 OFFSET = 0.001
 U_SHAPED_A = 4.0
 LOGIT_NORMAL_MEAN = 0.0
 LOGIT_NORMAL_STD = 1.0
-
-
-def check_time_sampling(name: str) -> str:
-    """``name`` if it is a known time sampling, else a ``ReflowPairsError`` listing the choices."""
-    if name not in TIME_SAMPLINGS:
-        raise ReflowPairsError(
-            f"Unknown `time_sampling` {name!r}.",
-            f"Set `time_sampling` to one of: {', '.join(TIME_SAMPLINGS)}.",
-        )
-    return name
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
