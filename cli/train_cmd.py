@@ -136,7 +136,7 @@ def _resolved_settings(plan: TrainPlan) -> dict[str, Any]:
     if plan.resumed_from:
         return dict(read_state(Path(plan.resumed_from))["settings"])
     return {
-        name: plan[name]
+        name: getattr(plan, name)
         for name in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps", "loss")
     }
 
