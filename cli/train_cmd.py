@@ -137,7 +137,7 @@ def _resolved_settings(plan: TrainPlan) -> dict[str, Any]:
 
         return dict(read_state(Path(plan.resumed_from))["settings"])
     return {
-        name: plan[name]
+        name: getattr(plan, name)
         for name in ("batch_size", "seed", "time_sampling", "shuffle_window", "student_num_steps", "loss")
     }
 
