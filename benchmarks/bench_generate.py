@@ -19,7 +19,8 @@ prefix fill of a call's frames (``velocity_field``) per frame, S one ODE step of
 sample, each the median of --repeats timings. --size takes a comma-separated list (one run per size): the SmolVLA
 sizes and the tiny pi0/pi05 architectures of ``reflowpairs.tiny.pi`` (``pi0-small``/``pi05-small``, where the prefix
 is about half of a 10-step call; ``pi0-tiny``/``pi05-tiny`` for smoke runs), and issue #26's families
-(``FAMILY_SIZES``: ``eo1-tiny``, ``dit-tiny``, untrained teachers at the tests' tiny shapes). lerobot's EO-1 and DiT
+(``FAMILY_SIZES``: ``eo1-tiny``, ``dit-tiny`` at the tests' tiny shapes, ``eo1-small``, ``dit-small``;
+untrained). lerobot's EO-1 and DiT
 samplers take no ``noise=``, so their plain loops call the family's ``sample_chunk(policy, batch, noise)`` (lerobot's
 own sampler with its noise draw pinned) once per sample on the frame-batched call, and the bound is measured on the
 family's engine the same way: for EO-1 P is the prompt's KV-cache fill and S one denoise step against it; for DiT P
@@ -51,8 +52,9 @@ GOALS = [(4, "plain_single", 8.0), (4, "plain_batched", 1.3), (16, "plain_batche
 
 SMOLVLA_SIZES = ("tiny", "small", "smolvla-shaped")
 PI_SIZES = ("pi0-tiny", "pi05-tiny", "pi0-small", "pi05-small")
-FAMILY_SIZES = ("eo1-tiny", "dit-tiny")
-"""Issue #26's families, untrained, at the tests' tiny shapes: the plain loops call ``family.sample_chunk``."""
+FAMILY_SIZES = ("eo1-tiny", "dit-tiny", "eo1-small", "dit-small")
+"""Issue #26's families, untrained: ``-tiny`` at the tests' shapes, ``-small`` at 4x the widths, twice the layers
+and chunk 16 (``build_family_teacher``); the plain loops call ``family.sample_chunk``."""
 SIZES = SMOLVLA_SIZES + PI_SIZES + FAMILY_SIZES
 
 
@@ -93,23 +95,44 @@ def pi_specs(size: str):
 
 
 def build_family_teacher(root: Path, size: str) -> Path:
-    """An untrained tiny teacher of a ``FAMILY_SIZES`` size over the tiny world's dataset at ``root / "dataset"``:
-    EO-1 (``reflowpairs.tiny.eo1``: a tiny Qwen2.5-VL, chunk 8, 10 denoise steps by default) or a flow-matching
-    Multi-task DiT (``reflowpairs.tiny.dit``: a tiny CLIP, horizon 8). Built offline, no training step."""
+    """An untrained teacher of a ``FAMILY_SIZES`` size over the tiny world's dataset at ``root / "dataset"``:
+    EO-1 (``reflowpairs.tiny.eo1``: a tiny Qwen2.5-VL; tiny: width 32 over 2 layers, chunk 8; small: width 128 over
+    4 layers, vision width 64 over 2 layers, chunk 16, actions padded to 32) or a flow-matching Multi-task DiT
+    (``reflowpairs.tiny.dit``: a tiny CLIP; tiny: width 32 over 2 layers, horizon 8; small: DiT width 128 over 4
+    layers, CLIP width 64 over 2 layers, horizon 16). Built offline, no training step."""
     from reflowpairs.tiny.world import TINY_REPO_ID
 
-    if size == "eo1-tiny":
-        from reflowpairs.tiny.eo1 import TinyEO1Spec, build_tiny_eo1_teacher
+    small = size.endswith("-small")
+    if size.startswith("eo1"):
+        from reflowpairs.tiny.eo1 import TinyEO1Spec, TinyQwenSpec, build_tiny_eo1_teacher
 
-        spec = TinyEO1Spec(train_steps=0)
-        return build_tiny_eo1_teacher(root / "teacher", TINY_REPO_ID, root / "dataset", spec=spec)
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+        if not small:
+            spec, qwen = TinyEO1Spec(train_steps=0), TinyQwenSpec()
+        else:
+            spec = TinyEO1Spec(chunk_size=16, max_action_dim=32, max_state_dim=32, train_steps=0)
+            qwen = TinyQwenSpec(
+                text_hidden=128,
+                text_layers=4,
+                text_heads=4,
+                text_head_dim=32,
+                mrope_section=(4, 6, 6),
+                vision_hidden=64,
+                vision_layers=2,
+            )
+        return build_tiny_eo1_teacher(root / "teacher", TINY_REPO_ID, root / "dataset", spec=spec, qwen=qwen)
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset  # lazy: heavy, as the other builders
 
-    from reflowpairs.tiny.dit import TinyDitSpec, build_tiny_clip, build_tiny_dit_teacher
+    from reflowpairs.tiny.dit import TinyClipSpec, TinyDitSpec, build_tiny_clip, build_tiny_dit_teacher
 
-    clip = build_tiny_clip(root / "clip")
+    dit, clip_spec = TinyDitSpec(train_steps=0), TinyClipSpec()
+    if small:
+        dit = TinyDitSpec(
+            horizon=16, n_action_steps=16, hidden_dim=128, num_layers=4, num_heads=4, train_steps=0
+        )
+        clip_spec = TinyClipSpec(hidden=64, layers=2)
+    clip = build_tiny_clip(root / "clip", clip_spec)
     dataset = LeRobotDataset(TINY_REPO_ID, root=root / "dataset")
-    return build_tiny_dit_teacher(clip, dataset, root / "teacher", TinyDitSpec(train_steps=0))
+    return build_tiny_dit_teacher(clip, dataset, root / "teacher", dit)
 
 
 def build_world(root: Path, size: str, teacher_dtype: str | None = None):
