@@ -19,13 +19,12 @@ prefix fill of a call's frames (``velocity_field``) per frame, S one ODE step of
 sample, each the median of --repeats timings. --size takes a comma-separated list (one run per size): the SmolVLA
 sizes and the tiny pi0/pi05 architectures of ``reflowpairs.tiny.pi`` (``pi0-small``/``pi05-small``, where the prefix
 is about half of a 10-step call; ``pi0-tiny``/``pi05-tiny`` for smoke runs), and issue #26's families
-(``FAMILY_SIZES``: ``eo1-tiny``, ``dit-tiny`` at the tests' tiny shapes, ``eo1-small``, ``dit-small``;
-untrained). lerobot's EO-1 and DiT
-samplers take no ``noise=``, so their plain loops call the family's ``sample_chunk(policy, batch, noise)`` (lerobot's
-own sampler with its noise draw pinned) once per sample on the frame-batched call, and the bound is measured on the
-family's engine the same way: for EO-1 P is the prompt's KV-cache fill and S one denoise step against it; for DiT P
-is the conditioning vector (``observation_encoder.encode``) and S one ``noise_predictor`` call (the
-conditioning-sharing bound). ``--num-steps`` sets each family's step field (DiT's default is 100; the benchmark's 10).
+(``FAMILY_SIZES``: ``eo1-tiny``, ``dit-tiny`` at the tests' tiny shapes, ``eo1-small``, ``dit-small``; untrained).
+lerobot's EO-1 and DiT samplers take no ``noise=``, so their plain loops call the family's
+``sample_chunk(policy, batch, noise)`` (lerobot's own sampler with its noise draw pinned) once per sample on the
+frame-batched call, and the bound is measured on the family's engine the same way: for EO-1 P is the prompt's
+KV-cache fill and S one denoise step against it; for DiT P is the conditioning vector (``observation_encoder.encode``)
+and S one ``noise_predictor`` call (the conditioning-sharing bound). ``--num-steps`` sets each family's step field (DiT's default is 100; the benchmark's 10).
 
     python benchmarks/bench_generate.py --size small --ks 1,4,16 --batch-size 32 --episodes 0,1,2,3 --device cpu
     python benchmarks/bench_generate.py --size pi0-small,pi05-small --ks 4,16 --batch-size 32 --skip-single
