@@ -44,6 +44,8 @@ bench: bench-generate bench-train bench-memory bench-store bench-exact bench-x0 
 BENCH_GENERATE_ARGS := --size small --ks 1,4,16 --batch-size 32 --episodes 0,1,2,3
 # pi0/pi05 (tiny offline pi teachers of a "small" size): the second line of bench-generate when ARGS is not given.
 BENCH_GENERATE_PI_ARGS := --size pi0-small,pi05-small --ks 4,16 --batch-size 16 --episodes 0,1 --skip-single
+# EO-1 and Multi-task DiT (issue #26; tiny untrained teachers, 10 steps): the third line when ARGS is not given.
+BENCH_GENERATE_FAMILY_ARGS := --size eo1-tiny,dit-tiny --ks 4,16 --batch-size 16 --episodes 0,1 --skip-single
 BENCH_TRAIN_ARGS := --size small --batch-size 16 --steps 5 --repeats 5
 BENCH_MEMORY_ARGS := --size large --batch-size 8 --steps 3
 BENCH_STORE_ARGS := --size small --samples-per-frame 8 --batch-size 32
@@ -54,6 +56,7 @@ BENCH_SCALE_ARGS := --sizes 10000,100000
 bench-generate: $(STAMP)
 	$(PY) benchmarks/bench_generate.py $(or $(ARGS),$(BENCH_GENERATE_ARGS))
 	$(if $(ARGS),,$(PY) benchmarks/bench_generate.py $(BENCH_GENERATE_PI_ARGS))
+	$(if $(ARGS),,$(PY) benchmarks/bench_generate.py $(BENCH_GENERATE_FAMILY_ARGS))
 
 bench-train: $(STAMP)
 	$(PY) benchmarks/bench_train.py $(or $(ARGS),$(BENCH_TRAIN_ARGS))

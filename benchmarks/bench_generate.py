@@ -18,10 +18,17 @@ sample. P and S are measured in the same run on the teacher's own engine (``pref
 prefix fill of a call's frames (``velocity_field``) per frame, S one ODE step of that call (frames x K samples) per
 sample, each the median of --repeats timings. --size takes a comma-separated list (one run per size): the SmolVLA
 sizes and the tiny pi0/pi05 architectures of ``reflowpairs.tiny.pi`` (``pi0-small``/``pi05-small``, where the prefix
-is about half of a 10-step call; ``pi0-tiny``/``pi05-tiny`` for smoke runs).
+is about half of a 10-step call; ``pi0-tiny``/``pi05-tiny`` for smoke runs), and issue #26's families
+(``FAMILY_SIZES``: ``eo1-tiny``, ``dit-tiny`` at the tests' tiny shapes, ``eo1-small``, ``dit-small``; untrained).
+lerobot's EO-1 and DiT samplers take no ``noise=``, so their plain loops call the family's
+``sample_chunk(policy, batch, noise)`` (lerobot's own sampler with its noise draw pinned) once per sample on the
+frame-batched call, and the bound is measured on the family's engine the same way: for EO-1 P is the prompt's
+KV-cache fill and S one denoise step against it; for DiT P is the conditioning vector (``observation_encoder.encode``)
+and S one ``noise_predictor`` call (the conditioning-sharing bound). ``--num-steps`` sets each family's step field (DiT's default is 100; the benchmark's 10).
 
     python benchmarks/bench_generate.py --size small --ks 1,4,16 --batch-size 32 --episodes 0,1,2,3 --device cpu
     python benchmarks/bench_generate.py --size pi0-small,pi05-small --ks 4,16 --batch-size 32 --skip-single
+    python benchmarks/bench_generate.py --size eo1-tiny,dit-tiny --ks 4,16 --batch-size 16 --skip-single
 """
 
 from __future__ import annotations
@@ -44,7 +51,10 @@ GOALS = [(4, "plain_single", 8.0), (4, "plain_batched", 1.3), (16, "plain_batche
 
 SMOLVLA_SIZES = ("tiny", "small", "smolvla-shaped")
 PI_SIZES = ("pi0-tiny", "pi05-tiny", "pi0-small", "pi05-small")
-SIZES = SMOLVLA_SIZES + PI_SIZES
+FAMILY_SIZES = ("eo1-tiny", "dit-tiny", "eo1-small", "dit-small")
+"""Issue #26's families, untrained: ``-tiny`` at the tests' shapes, ``-small`` at 4x the widths, twice the layers
+and chunk 16 (``build_family_teacher``); the plain loops call ``family.sample_chunk``."""
+SIZES = SMOLVLA_SIZES + PI_SIZES + FAMILY_SIZES
 
 
 def pi_specs(size: str):
@@ -83,6 +93,47 @@ def pi_specs(size: str):
     return variant, spec, gemma
 
 
+def build_family_teacher(root: Path, size: str) -> Path:
+    """An untrained teacher of a ``FAMILY_SIZES`` size over the tiny world's dataset at ``root / "dataset"``:
+    EO-1 (``reflowpairs.tiny.eo1``: a tiny Qwen2.5-VL; tiny: width 32 over 2 layers, chunk 8; small: width 128 over
+    4 layers, vision width 64 over 2 layers, chunk 16, actions padded to 32) or a flow-matching Multi-task DiT
+    (``reflowpairs.tiny.dit``: a tiny CLIP; tiny: width 32 over 2 layers, horizon 8; small: DiT width 128 over 4
+    layers, CLIP width 64 over 2 layers, horizon 16). Built offline, no training step."""
+    from reflowpairs.tiny.world import TINY_REPO_ID
+
+    small = size.endswith("-small")
+    if size.startswith("eo1"):
+        from reflowpairs.tiny.eo1 import TinyEO1Spec, TinyQwenSpec, build_tiny_eo1_teacher
+
+        if not small:
+            spec, qwen = TinyEO1Spec(train_steps=0), TinyQwenSpec()
+        else:
+            spec = TinyEO1Spec(chunk_size=16, max_action_dim=32, max_state_dim=32, train_steps=0)
+            qwen = TinyQwenSpec(
+                text_hidden=128,
+                text_layers=4,
+                text_heads=4,
+                text_head_dim=32,
+                mrope_section=(4, 6, 6),
+                vision_hidden=64,
+                vision_layers=2,
+            )
+        return build_tiny_eo1_teacher(root / "teacher", TINY_REPO_ID, root / "dataset", spec=spec, qwen=qwen)
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset  # lazy: heavy, as the other builders
+
+    from reflowpairs.tiny.dit import TinyClipSpec, TinyDitSpec, build_tiny_clip, build_tiny_dit_teacher
+
+    dit, clip_spec = TinyDitSpec(train_steps=0), TinyClipSpec()
+    if small:
+        dit = TinyDitSpec(
+            horizon=16, n_action_steps=16, hidden_dim=128, num_layers=4, num_heads=4, train_steps=0
+        )
+        clip_spec = TinyClipSpec(hidden=64, layers=2)
+    clip = build_tiny_clip(root / "clip", clip_spec)
+    dataset = LeRobotDataset(TINY_REPO_ID, root=root / "dataset")
+    return build_tiny_dit_teacher(clip, dataset, root / "teacher", dit)
+
+
 def build_world(root: Path, size: str, teacher_dtype: str | None = None):
     """A dataset (the tiny world's) and an untrained teacher of the requested size: ``tiny``; ``small`` (9 M
     parameters, the prefix ~30% of a 10-step call, the issue's goals are for it); ``smolvla-shaped`` (SmolVLA's real
@@ -100,6 +151,9 @@ def build_world(root: Path, size: str, teacher_dtype: str | None = None):
         save_untrained_policy,
     )
 
+    if size in FAMILY_SIZES:
+        build_tiny_dataset(root / "dataset")
+        return open_dataset(TINY_REPO_ID, root / "dataset"), build_family_teacher(root, size)
     if size in PI_SIZES:
         from dataclasses import replace
 
@@ -136,23 +190,29 @@ def plain_loop(
     batch_size: int,
     device: str,
     dtype: str = "float32",
+    family=None,
 ) -> int:
     """predict_action_chunk once per sample, frames batched ``batch_size`` at a time (1 = the naive loop), under
-    the same autocast dtype as the reflowpairs side."""
-    from reflowpairs.generate.config import COMPUTE_DTYPES
-
-    compute = COMPUTE_DTYPES[dtype]
+    the same autocast dtype as the reflowpairs side. ``family`` (a ``reflowpairs.policies`` family whose lerobot
+    sampler takes no ``noise=``, EO-1 and DiT): its ``sample_chunk(policy, batch, noise)`` instead, lerobot's own
+    sampler with its noise draw pinned, on the frame-batched call (``family.frame_batch`` first where it has one)."""
+    compute = getattr(torch, dtype)  # the dtype's name (reflowpairs.generate.config.COMPUTE_DTYPES)
     pairs = 0
     for start in range(0, len(positions), batch_size):
         items = [dataset[p] for p in positions[start : start + batch_size]]
         batch = preprocessor(torch.utils.data.default_collate(items))
         noise = noise_of([int(i["index"]) for i in items], k)  # (B, K, T, D)
+        if family is not None and hasattr(family, "frame_batch"):
+            batch = family.frame_batch(batch)
         for s in range(k):
             policy.reset()
             with torch.autocast(
                 torch.device(device).type, dtype=compute, enabled=compute is not torch.float32
             ):
-                x1 = policy.predict_action_chunk(batch, noise=noise[:, s].to(device))
+                if family is None:
+                    x1 = policy.predict_action_chunk(batch, noise=noise[:, s].to(device))
+                else:
+                    x1 = family.sample_chunk(policy, batch, noise[:, s].to(device))
             pairs += x1.shape[0]
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -230,10 +290,11 @@ def run_size(args: argparse.Namespace, size: str) -> None:
     """The whole benchmark for one teacher size."""
     from reflowpairs.dataset import open_dataset
     from reflowpairs.engine import resolve_frames_per_call
-    from reflowpairs.generate.config import COMPUTE_DTYPES, GenerateConfig
+    from reflowpairs.generate.config import GenerateConfig
     from reflowpairs.generate.run import generate
     from reflowpairs.noise import batch_noise
-    from reflowpairs.policies import make_engine, step_field
+    from reflowpairs.policies import family as family_of
+    from reflowpairs.policies import make_engine, pair_shapes, step_field
     from reflowpairs.teacher import load_policy
 
     root = Path(tempfile.mkdtemp(prefix="bench-generate-"))
@@ -245,7 +306,9 @@ def run_size(args: argparse.Namespace, size: str) -> None:
     setattr(policy.config, step_field(policy.config.type), args.num_steps)  # the plain loops' step count
     n_params = sum(p.numel() for p in policy.parameters())
     positions = list(range(len(dataset)))
-    shape = (policy.config.chunk_size, policy.config.max_action_dim)
+    shape = pair_shapes(policy.config)[0]  # X_0's (T, D): (chunk, max_action_dim); DiT (horizon, action dim)
+    family = family_of(policy.config.type) if size in FAMILY_SIZES else None
+    shared = "conditioning" if policy.config.type == "multi_task_dit" else "prefix"
 
     def noise_of(indices, k):
         return batch_noise(0, indices, k, shape)
@@ -289,7 +352,7 @@ def run_size(args: argparse.Namespace, size: str) -> None:
         engine = make_engine(policy, call_frames)
         items = [dataset[p] for p in positions[:call_frames]]
         call = pre(torch.utils.data.default_collate(items))
-        compute = COMPUTE_DTYPES[args.dtype]
+        compute = getattr(torch, args.dtype)
 
         def measure() -> tuple[float, float]:
             with torch.autocast(
@@ -313,7 +376,7 @@ def run_size(args: argparse.Namespace, size: str) -> None:
                     bs = 1 if side == "plain_single" else args.batch_size
                     t0 = time.perf_counter()
                     pairs = plain_loop(
-                        policy, pre, dataset, positions, noise_of, k, bs, args.device, args.dtype
+                        policy, pre, dataset, positions, noise_of, k, bs, args.device, args.dtype, family
                     )
                     rate = pairs / (time.perf_counter() - t0)
                 rates[side].append(rate)
@@ -335,8 +398,8 @@ def run_size(args: argparse.Namespace, size: str) -> None:
             bound = sharing_bound(k, prefix, step, args.num_steps)
             share = prefix / (prefix + args.num_steps * step)
             print(
-                f"  prefix-sharing bound K(P+N*S)/(P+N*K*S): {bound:.2f}x (P {prefix * 1e3:.2f} ms/frame, "
-                f"S {step * 1e3:.3f} ms/sample-step, N {args.num_steps}: the prefix is {share:.0%} of a "
+                f"  {shared}-sharing bound K(P+N*S)/(P+N*K*S): {bound:.2f}x (P {prefix * 1e3:.2f} ms/frame, "
+                f"S {step * 1e3:.3f} ms/sample-step, N {args.num_steps}: the {shared} is {share:.0%} of a "
                 f"{args.num_steps}-step call); reflowpairs / plain_batched is "
                 f"{ratios[k, 'plain_batched'] / bound:.0%} of it"
             )
