@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,10 +116,13 @@ runner = CliRunner()
 
 def cli(*args: str, exit_code: int | None = 0) -> Result:
     """``reflowpairs ARGS`` run in this process (typer's ``CliRunner``), after checking that it exited with
-    ``exit_code`` (the failure shows its output); ``exit_code=None`` accepts any."""
+    ``exit_code`` (the failure shows its output, and the traceback of an exception the command did not turn into a
+    message); ``exit_code=None`` accepts any."""
     result = runner.invoke(app, list(args))
     if exit_code is not None:
-        assert result.exit_code == exit_code, result.output
+        crash = result.exception if not isinstance(result.exception, SystemExit) else None
+        trace = "".join(traceback.format_exception(crash)) if crash is not None else ""
+        assert result.exit_code == exit_code, result.output + trace
     return result
 
 

@@ -725,7 +725,7 @@ def test_train_sets_and_reports_its_threads(tiny_store, tmp_path, monkeypatch):
             on_plan=plans.append,
         )
         expected = plan_threads(0)
-        assert plans[0]["threads"] == expected.describe() and torch.get_num_threads() == expected.main
+        assert plans[0].threads == expected.describe() and torch.get_num_threads() == expected.main
     finally:
         torch.set_num_threads(before)
 

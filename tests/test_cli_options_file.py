@@ -181,8 +181,7 @@ def test_tokenizer_reaches_load_policy_as_an_argument(command, tiny_world, tiny_
         calls.append(tokenizer)
         raise _StoppedAtLoadError("stopped at the load")
 
-    # validate's spot check imports load_policy when it runs (reflowpairs.teacher imports torch)
-    module = "reflowpairs.generate.job" if command == "generate" else "reflowpairs.teacher"
+    module = "reflowpairs.generate.job" if command == "generate" else "reflowpairs.validate.spot"
     monkeypatch.setattr(f"{module}.load_policy", stand_in)
     (tmp_path / "tok").mkdir()
     monkeypatch.chdir(tmp_path)

@@ -21,6 +21,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _is_the_action(key: str) -> bool:
+    """The dataset's action and its padding mask (``action``, ``action.*``, ``action_is_pad``), not a model input that
+    merely starts with the word (EO-1's ``action_token_id``)."""
+    return key == "action" or key.startswith("action.") or key == "action_is_pad"
+
+
 def plain_chunk_call(
     model: ModelUnderEval, batch: dict[str, Any], noise: Tensor, num_steps: int
 ) -> tuple[float, Tensor]:
@@ -57,7 +63,7 @@ def measure_latencies(
         batch = model.loaded.preprocessor(dict(raw_frame))
         # the whole model batch but the action: a family's inputs need not be named observation.* (EO-1's
         # input_ids, pixel_values, ...)
-        batches[name] = {k: v for k, v in batch.items() if not k.startswith("action")}
+        batches[name] = {k: v for k, v in batch.items() if not _is_the_action(k)}
     noise = {name: noise.to(model.engine.device) for name, model in models.items()}
     total, done = len(todo) * (repeats + 1), 0
     warm: dict[tuple[str, int], Tensor] = {}
