@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reflowpairs.atomic import NotAJSONObjectError, fsync_dir, fsync_tree, load_json_object
+from reflowpairs.atomic import TMP_PREFIX, NotAJSONObjectError, fsync_dir, fsync_tree, load_json_object
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.policies import json_step_field
 
@@ -39,7 +39,6 @@ STATE_FILE = "reflow_state.json"
 MASTER_FILE = "master_params.safetensors"
 STATE_FORMAT = "reflowpairs.train"
 STATE_VERSION = 1
-TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 
 TEST_SAVE_GATE = "REFLOWPAIRS_TEST_SAVE_GATE"

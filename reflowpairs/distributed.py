@@ -5,7 +5,8 @@ collectives are no-ops, so the same code runs either way.
 
 ``generate`` uses this context (its processes share nothing but a few object collectives). ``train`` does not: it
 runs its processes through accelerate's ``Accelerator``, as lerobot-train does (``reflowpairs.train.processes``).
-``process_rank``/``is_main_process`` say, before any group is joined, which process of a launch this is.
+``reflowpairs.launcher.process_rank``/``is_main_process`` say, before any group is joined, which process of a
+launch this is.
 """
 
 from __future__ import annotations
@@ -16,17 +17,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-
-def process_rank() -> int:
-    """This process's rank in a launch by ``torchrun`` / ``accelerate launch`` (their ``RANK`` variable); 0 for a
-    process started alone. Needs no process group (the command line reads it before any work)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_main_process() -> bool:
-    """True in the process that reports (prints, logs, writes options files): rank 0, or a process started alone."""
-    return process_rank() == 0
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ from reflowpairs.generate.run import generate
 from reflowpairs.next_steps import lerobot_command
 from reflowpairs.options_file import EVAL_OPTIONS, TRAIN_OPTIONS, config_options, plain_value, write_options
 from reflowpairs.pipeline_config import PIPELINE_STATE, STATE_VERSION, STUDENT, PipelineConfig
+from reflowpairs.progress import PhaseProgress
 from reflowpairs.store.layout import GENERATE_OPTIONS
 from reflowpairs.store_features import read_index
 from reflowpairs.train.config import TrainConfig
@@ -64,19 +65,16 @@ from reflowpairs.train.loop import train
 from reflowpairs.validate.checks import validate
 from reflowpairs.validate.config import ValidateConfig
 
-Progress = Callable[[str, int, int], None]
-"""``progress(phase, done, total)``: a stage's work so far (``phase``: frames, steps, or validate's and eval's own)."""
-
 
 @dataclass(frozen=True)
 class Stage:
     """One step of the pipeline: ``name`` (``round2/train``) and ``run(progress)``, which returns its result."""
 
     name: str
-    run: Callable[[Progress], dict[str, Any]]
+    run: Callable[[PhaseProgress], dict[str, Any]]
 
 
-def _prefixed(progress: Progress | None, stage: str, phase: str, done: int, total: int) -> None:
+def _prefixed(progress: PhaseProgress | None, stage: str, phase: str, done: int, total: int) -> None:
     if progress is not None:
         progress(f"{stage}: {phase}", done, total)
 
@@ -211,7 +209,7 @@ def write_stage_options(cfg: PipelineConfig, command: str, config: Any, path: Pa
     write_options(path, command, options)
 
 
-def _generate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]:
+def _generate(cfg: PipelineConfig, r: int, progress: PhaseProgress) -> dict[str, Any]:
 
     pairs = Path(cfg.out) / f"round{r}" / "pairs"
     source = features_source(cfg, r)
@@ -251,7 +249,7 @@ def _generate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]
     }
 
 
-def _validate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]:
+def _validate(cfg: PipelineConfig, r: int, progress: PhaseProgress) -> dict[str, Any]:
 
     round_dir = Path(cfg.out) / f"round{r}"
     report = validate(
@@ -275,7 +273,13 @@ def _validate(cfg: PipelineConfig, r: int, progress: Progress) -> dict[str, Any]
 
 
 def _train(
-    cfg: PipelineConfig, progress: Progress, run_dir: Path, pairs: Path, init: str | None, steps: int, **extra
+    cfg: PipelineConfig,
+    progress: PhaseProgress,
+    run_dir: Path,
+    pairs: Path,
+    init: str | None,
+    steps: int,
+    **extra,
 ) -> dict:
 
     plans: list = []  # train's plans (reflowpairs.train.planning.TrainPlan) says whether it uses the store's feature cache
@@ -311,7 +315,7 @@ def _train(
     }
 
 
-def _eval(cfg: PipelineConfig, student: Path, out: Path, progress: Progress) -> dict[str, Any]:
+def _eval(cfg: PipelineConfig, student: Path, out: Path, progress: PhaseProgress) -> dict[str, Any]:
 
     eval_cfg = EvalConfig(
         student=str(student),
@@ -397,7 +401,9 @@ def _compare(state: dict[str, Any], out: Path) -> dict[str, Any]:
     return {"comparison": str(files["json"]), "verdict": comparison["verdict"]}
 
 
-def _closed_loop(cfg: PipelineConfig, state: dict[str, Any], out: Path, progress: Progress | None) -> dict:
+def _closed_loop(
+    cfg: PipelineConfig, state: dict[str, Any], out: Path, progress: PhaseProgress | None
+) -> dict:
     """Every student of ``state`` and the teacher in closed loop (``reflowpairs.eval.closed_loop``) in ``out/closed_loop``;
     finished cells are kept there, so a rerun (or one with more rounds) runs only the new ones."""
 
@@ -415,7 +421,7 @@ def _closed_loop(cfg: PipelineConfig, state: dict[str, Any], out: Path, progress
 
 def run_pipeline(
     cfg: PipelineConfig,
-    progress: Progress | None = None,
+    progress: PhaseProgress | None = None,
     on_stage: Callable[[str, bool], None] | None = None,
 ) -> PipelineResult:
     """Run every stage not finished yet; ``on_stage(name, skipped)`` is called as each one starts (or is skipped),

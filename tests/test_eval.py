@@ -611,7 +611,7 @@ def test_eval_settings_import_without_torch_or_lerobot():
     """The CLI builds EvalConfig and ClosedLoopConfig at start-up: reflowpairs.eval.config must not pull torch or
     lerobot in (a fresh interpreter, since this one has both)."""
     code = (
-        "import sys, reflowpairs.eval, reflowpairs.eval.config, reflowpairs.eval.progress; "
+        "import sys, reflowpairs.eval, reflowpairs.eval.config, reflowpairs.progress; "
         "print(sorted(m for m in ('torch', 'lerobot') if m in sys.modules))"
     )
     result = run_child([sys.executable, "-c", code])

@@ -999,7 +999,7 @@ def test_a_bad_wandb_mode_is_refused_before_any_work(tmp_path):
 
 
 def test_process_rank_is_the_launchers(monkeypatch):
-    from reflowpairs.distributed import is_main_process, process_rank
+    from reflowpairs.launcher import is_main_process, process_rank
 
     monkeypatch.delenv("RANK", raising=False)
     assert process_rank() == 0 and is_main_process()

@@ -38,9 +38,9 @@ from reflowpairs.eval.closed_loop_metrics import (
     paired_counts,
 )
 from reflowpairs.eval.config import TEACHER, ClosedLoopConfig
-from reflowpairs.eval.progress import PhaseProgress
 from reflowpairs.eval.rollout import run_cell
 from reflowpairs.policies import config_num_steps, lerobot_version, step_field
+from reflowpairs.progress import PhaseProgress
 from reflowpairs.teacher import fingerprint_checkpoint, load_policy, read_policy_config
 
 Plan = list[tuple[str, str, tuple[int, ...]]]

@@ -28,8 +28,8 @@ from reflowpairs.errors import ReflowPairsError
 from reflowpairs.eval.closed_loop_report import closed_loop_note, success_cell
 from reflowpairs.eval.config import EvalConfig
 from reflowpairs.eval.open_loop import evaluate
-from reflowpairs.eval.progress import PhaseProgress
 from reflowpairs.eval.report import COLUMNS, format_value, markdown_table, steps_vs_error_axes, write_report
+from reflowpairs.progress import PhaseProgress
 
 COMPARISON_FORMAT = "reflowpairs.compare"
 COMPARISON_VERSION = 1

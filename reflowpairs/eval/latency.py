@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reflowpairs.eval.progress import PhaseProgress
 from reflowpairs.eval.sampling import ModelUnderEval
 from reflowpairs.policies import family, lerobot_sampling_steps
+from reflowpairs.progress import PhaseProgress
 
 
 def _synchronize(device: torch.device) -> None:

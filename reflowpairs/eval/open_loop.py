@@ -59,7 +59,6 @@ from reflowpairs.eval.checkpoints import (
 from reflowpairs.eval.config import MODELS, EvalConfig, check_config
 from reflowpairs.eval.latency import measure_latencies
 from reflowpairs.eval.metrics import pick_positions
-from reflowpairs.eval.progress import PhaseProgress
 from reflowpairs.eval.sampling import ModelUnderEval, action_normalizer, measure_held_out, same_action_units
 from reflowpairs.eval.student_training import (
     check_teacher,
@@ -73,6 +72,7 @@ from reflowpairs.eval.summary import headline, labels, next_step
 from reflowpairs.eval.training_pairs import check_store_fits_student_and_dataset, measure_training_pairs
 from reflowpairs.generate.job import software_versions
 from reflowpairs.policies import config_num_steps, pair_shapes, step_field
+from reflowpairs.progress import PhaseProgress
 from reflowpairs.store.reader import PairStore
 from reflowpairs.teacher import rename_map
 

@@ -18,9 +18,9 @@ from torch import Tensor
 
 from reflowpairs.eval.config import MODELS, EvalConfig
 from reflowpairs.eval.metrics import ErrorSums, integrate_recording, straightness
-from reflowpairs.eval.progress import PhaseProgress
 from reflowpairs.noise import batch_noise
 from reflowpairs.policies import make_engine
+from reflowpairs.progress import PhaseProgress
 
 
 class ModelUnderEval:

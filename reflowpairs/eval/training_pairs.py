@@ -15,9 +15,9 @@ from reflowpairs.dataset import frame_indices, open_dataset
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.eval.config import EvalConfig
 from reflowpairs.eval.metrics import ErrorSums, pick_positions
-from reflowpairs.eval.progress import PhaseProgress
 from reflowpairs.eval.sampling import ModelUnderEval, sample_every_step_count
 from reflowpairs.policies import pair_shapes
+from reflowpairs.progress import PhaseProgress
 
 
 def store_frames(store, max_frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

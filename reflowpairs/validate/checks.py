@@ -17,9 +17,10 @@ import numpy as np
 from reflowpairs.cached_features import validate_features
 from reflowpairs.dataset import frame_indices
 from reflowpairs.errors import ReflowPairsError
+from reflowpairs.progress import PhaseProgress
 from reflowpairs.store.layout import MANIFEST
 from reflowpairs.store.reader import PairStore
-from reflowpairs.validate.config import PhaseProgress, ValidateConfig, check_settings
+from reflowpairs.validate.config import ValidateConfig, check_settings
 from reflowpairs.validate.frames import check_frames
 from reflowpairs.validate.manifest import check_leftovers, manifest_problems, resume_command
 from reflowpairs.validate.report import (

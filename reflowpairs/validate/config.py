@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from reflowpairs.errors import ReflowPairsError
-
-PhaseProgress = Callable[[str, int, int], None]
-"""``progress(phase, done, total)``; validate's phases are ``"shards"`` and ``"spot check"``."""
 
 
 @dataclass

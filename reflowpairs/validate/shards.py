@@ -14,10 +14,10 @@ import numpy as np
 
 from reflowpairs.errors import ReflowPairsError
 from reflowpairs.noise import GENERATORS, initial_noise
+from reflowpairs.progress import PhaseProgress
 from reflowpairs.store.layout import DTYPES
 from reflowpairs.store.reader import PairStore
 from reflowpairs.store.soundness import LAYOUT
-from reflowpairs.validate.config import PhaseProgress
 from reflowpairs.validate.report import FAIL, PASS, CheckResult, Problems, listed
 
 SpotPair = tuple[str, int, int, np.ndarray, np.ndarray]

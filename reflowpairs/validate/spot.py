@@ -18,10 +18,11 @@ from reflowpairs.dataset import check_features, frame_indices
 from reflowpairs.generate.config import COMPUTE_DTYPES
 from reflowpairs.noise import batch_noise
 from reflowpairs.policies import make_engine
+from reflowpairs.progress import PhaseProgress
 from reflowpairs.solvers import SolverConfig
 from reflowpairs.store.reader import PairStore
 from reflowpairs.teacher import compute_dtype, load_policy, rename_map
-from reflowpairs.validate.config import SPOT_CHECK_ATOL, PhaseProgress, ValidateConfig
+from reflowpairs.validate.config import SPOT_CHECK_ATOL, ValidateConfig
 from reflowpairs.validate.report import FAIL, PASS, CheckResult, Problems, listed
 from reflowpairs.validate.shards import ShardPass, SpotPair
 
