@@ -176,7 +176,7 @@ def test_reflow_loss_is_lerobots_loss(pi_world, variant):
 def test_reflow_loss_through_a_ddp_wrapper(pi_world, tmp_path):
     """Under data parallelism the loop hands the family loss the ``DistributedDataParallel`` wrapper: the loss runs
     through the wrapper's ``forward`` (so DDP averages the gradients), equals the plain policy's, and gives the same
-    gradients (one process, gloo), step after step; ``reflowpairs.train.reflow_loss`` finds the family through the
+    gradients (one process, gloo), step after step; ``reflowpairs.train.loss.reflow_loss`` finds the family through the
     wrapper. The wrapper needs ``find_unused_parameters=True``, as lerobot-train sets it: pi's loss never uses the
     VLM's last-layer attention output and MLP, its final norm and the lm_heads."""
     import torch.distributed as dist
