@@ -257,10 +257,11 @@ def _is_wrapper(policy) -> bool:
 
 
 @contextmanager
-def pinned_draws(model, noise: Tensor, time: Tensor) -> Iterator[None]:
-    """Within the block, the pi model's ``sample_noise`` returns ``noise`` ``(B, T, max_action_dim)`` and its
-    ``sample_time`` returns ``time`` ``(B,)`` (instance attributes over lerobot's methods, removed after), so the
-    policy-level ``forward`` computes its loss for that noise and time. A draw of another shape is an error."""
+def pinned_draws(model, noise: Tensor, time: Tensor | None = None) -> Iterator[None]:
+    """Within the block, the model's ``sample_noise`` returns ``noise`` ``(B, T, max_action_dim)`` and (given) its
+    ``sample_time`` returns ``time`` ``(B,)`` (instance attributes over lerobot's methods, removed after), so
+    lerobot's own sampler and loss run on that noise and time: the pi models and EO-1 draw both through these two
+    methods. A draw of another shape is an error."""
 
     def sample_noise(shape, device):
         if tuple(shape) != tuple(noise.shape):
@@ -274,11 +275,15 @@ def pinned_draws(model, noise: Tensor, time: Tensor) -> Iterator[None]:
             raise ValueError(f"pinned time has {time.shape[0]} rows, the model asked for {bsize}")
         return time.to(device)
 
-    model.sample_noise, model.sample_time = sample_noise, sample_time
+    model.sample_noise = sample_noise
+    if time is not None:
+        model.sample_time = sample_time
     try:
         yield
     finally:
-        del model.sample_noise, model.sample_time
+        del model.sample_noise
+        if time is not None:
+            del model.sample_time
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from reflowpairs.engine import PrefixCachedEngine
 from reflowpairs.errors import ReflowPairsError
-from reflowpairs.policies._pi_common import check_weights_loaded
+from reflowpairs.policies._pi_common import check_weights_loaded, pinned_draws
 from reflowpairs.policies.interface import NOISE_AT_1
 from reflowpairs.policies.version import require_lerobot_version
 from reflowpairs.solvers import SolverConfig, Velocity
@@ -105,35 +105,6 @@ def lerobot_batch(batch: dict) -> dict:
 
 
 # --- pinned draws ---------------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def pinned_draws(model, noise: Tensor, time: Tensor | None = None) -> Iterator[None]:
-    """Within the block, the EO-1 model's ``sample_noise`` returns ``noise`` ``(B, T, max_action_dim)`` and (given)
-    its ``sample_time`` returns ``time`` ``(B,)`` (instance attributes over lerobot's methods, removed after), so
-    lerobot's own sampler and loss run on that noise and time. A draw of another shape is an error."""
-
-    def sample_noise(shape, device):
-        if tuple(shape) != tuple(noise.shape):
-            raise ValueError(
-                f"pinned noise has shape {tuple(noise.shape)}, the model asked for {tuple(shape)}"
-            )
-        return noise.to(device)
-
-    def sample_time(bsize, device):
-        if bsize != time.shape[0]:
-            raise ValueError(f"pinned time has {time.shape[0]} rows, the model asked for {bsize}")
-        return time.to(device)
-
-    model.sample_noise = sample_noise
-    if time is not None:
-        model.sample_time = sample_time
-    try:
-        yield
-    finally:
-        del model.sample_noise
-        if time is not None:
-            del model.sample_time
 
 
 @contextmanager
