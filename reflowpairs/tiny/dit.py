@@ -26,7 +26,14 @@ from pathlib import Path
 import torch
 
 from reflowpairs.tiny.training import TinyTraining, fit_tiny_teacher
-from reflowpairs.tiny.world import TASKS, TINY_IMAGE, TINY_REPO_ID, TinyDatasetSpec, build_tiny_dataset
+from reflowpairs.tiny.world import (
+    TASKS,
+    TINY_IMAGE,
+    TINY_REPO_ID,
+    TinyDatasetSpec,
+    build_tiny_dataset,
+    policy_features,
+)
 
 CLIP_SPECIAL_TOKENS = ("<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>")
 
@@ -129,15 +136,10 @@ def build_tiny_clip(out_dir: str | Path, spec: TinyClipSpec = TinyClipSpec(), ta
 def tiny_dit_config(clip_dir: str | Path, dataset_meta, spec: TinyDitSpec = TinyDitSpec()):
     """A flow-matching ``MultiTaskDiTConfig`` on the local CLIP in ``clip_dir``, features from ``dataset_meta``.
     Images are used at the dataset's size (no resize, no crop: the CLIP's ``image_size`` is the camera's)."""
-    from lerobot.configs.types import FeatureType  # lazy: lerobot imports torch and its model stack
     from lerobot.policies.multi_task_dit.configuration_multi_task_dit import (
         MultiTaskDiTConfig,  # lazy: lerobot imports torch and its model stack
     )
-    from lerobot.utils.feature_utils import (
-        dataset_to_policy_features,  # lazy: lerobot imports torch and its model stack
-    )
 
-    features = dataset_to_policy_features(dataset_meta.features)
     clip = str(Path(clip_dir).resolve())
     return MultiTaskDiTConfig(
         objective="flow_matching",
@@ -158,8 +160,7 @@ def tiny_dit_config(clip_dir: str | Path, dataset_meta, spec: TinyDitSpec = Tiny
         image_resize_shape=None,
         device="cpu",
         push_to_hub=False,
-        input_features={k: f for k, f in features.items() if f.type is not FeatureType.ACTION},
-        output_features={k: f for k, f in features.items() if f.type is FeatureType.ACTION},
+        **policy_features(dataset_meta),
     )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from reflowpairs.tiny.training import TinyTraining, fit_tiny_teacher
-from reflowpairs.tiny.world import TASKS
+from reflowpairs.tiny.world import TASKS, policy_features
 
 SYSTEM_WORDS = ("You", "are", "a", "helpful", "physical", "assistant", ".", "system", "user")
 """Words of EO-1's prompt (``processor_eo1.SYSTEM_MESSAGE`` and the chat roles) the tiny tokenizer knows."""
@@ -199,17 +199,12 @@ class TinyEO1Spec:
 def tiny_eo1_config(vlm_dir: str | Path, dataset_meta, spec: TinyEO1Spec = TinyEO1Spec()):
     """An ``EO1Config`` for the local Qwen2.5-VL in ``vlm_dir`` (``build_tiny_qwen_vl``) with the features of
     ``dataset_meta``; float32 throughout, the processor's image area read from ``vlm_dir``."""
-    from lerobot.configs.types import FeatureType  # lazy: lerobot imports torch and its model stack
     from lerobot.policies.eo1.configuration_eo1 import (
         EO1Config,  # lazy: lerobot imports torch and its model stack
-    )
-    from lerobot.utils.feature_utils import (
-        dataset_to_policy_features,  # lazy: lerobot imports torch and its model stack
     )
     from transformers import Qwen2_5_VLConfig  # lazy: transformers is heavy
 
     vlm_dir = Path(vlm_dir).resolve()
-    features = dataset_to_policy_features(dataset_meta.features)
     image = json.loads((vlm_dir / "processor_config.json").read_text()).get("image_processor", {})
     pixels = image.get("min_pixels") or image.get("size", {}).get("shortest_edge")
     return EO1Config(
@@ -225,8 +220,7 @@ def tiny_eo1_config(vlm_dir: str | Path, dataset_meta, spec: TinyEO1Spec = TinyE
         dtype="float32",
         device="cpu",
         push_to_hub=False,
-        input_features={k: f for k, f in features.items() if f.type is not FeatureType.ACTION},
-        output_features={k: f for k, f in features.items() if f.type is FeatureType.ACTION},
+        **policy_features(dataset_meta),
     )
 
 

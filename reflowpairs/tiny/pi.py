@@ -22,7 +22,7 @@ import torch
 
 from reflowpairs.tiny.pi_patch import TINY_MARKER, TinyGemmaSpec, tiny_gemma_patch
 from reflowpairs.tiny.training import TinyTraining, fit_tiny_teacher
-from reflowpairs.tiny.world import TASKS
+from reflowpairs.tiny.world import TASKS, policy_features
 
 DEFAULT_GEMMA = TinyGemmaSpec()
 """The tiny pi teachers' default sizes."""
@@ -81,15 +81,12 @@ class TinyPiSpec:
 def tiny_pi_config(variant: str, dataset_meta, spec: TinyPiSpec = TinyPiSpec()):
     """A ``PI0Config``/``PI05Config`` with the tiny world's features (the Gemma sizes come from the patch)."""
     # lazy: lerobot's policy configs are heavy
-    from lerobot.configs.types import FeatureType
     from lerobot.policies.pi0.configuration_pi0 import PI0Config
     from lerobot.policies.pi05.configuration_pi05 import PI05Config
-    from lerobot.utils.feature_utils import dataset_to_policy_features
 
     if variant not in ("pi0", "pi05"):
         raise ValueError(f"variant must be 'pi0' or 'pi05', got {variant!r}")
     config_cls = PI0Config if variant == "pi0" else PI05Config
-    features = dataset_to_policy_features(dataset_meta.features)
     return config_cls(
         chunk_size=spec.chunk_size,
         n_action_steps=spec.chunk_size,
@@ -101,8 +98,7 @@ def tiny_pi_config(variant: str, dataset_meta, spec: TinyPiSpec = TinyPiSpec()):
         dtype=spec.dtype,
         device="cpu",
         push_to_hub=False,
-        input_features={k: f for k, f in features.items() if f.type is not FeatureType.ACTION},
-        output_features={k: f for k, f in features.items() if f.type is FeatureType.ACTION},
+        **policy_features(dataset_meta),
     )
 
 

@@ -338,15 +338,25 @@ def build_pusht_dataset(root: str | Path, num_episodes: int = 4, episode_length:
     return LeRobotDataset(PUSHT_REPO_ID, root=root)
 
 
+def policy_features(dataset_meta) -> dict[str, dict]:
+    """``input_features`` and ``output_features`` of a tiny teacher's policy config (keyword arguments) for a dataset:
+    lerobot's ``dataset_to_policy_features`` of ``dataset_meta``, the action as output and everything else as input."""
+    from lerobot.configs.types import FeatureType  # lazy: lerobot imports torch and its model stack
+    from lerobot.utils.feature_utils import dataset_to_policy_features  # lazy: as above
+
+    features = dataset_to_policy_features(dataset_meta.features)
+    return {
+        "input_features": {k: f for k, f in features.items() if f.type is not FeatureType.ACTION},
+        "output_features": {k: f for k, f in features.items() if f.type is FeatureType.ACTION},
+    }
+
+
 def tiny_smolvla_config(vlm_dir: str | Path, dataset_meta, spec: TinyTeacherSpec = TinyTeacherSpec()):
     """A ``SmolVLAConfig`` for the local VLM in ``vlm_dir`` with features taken from ``dataset_meta``."""
     # lazy: lerobot's policy configs and transformers are heavy
-    from lerobot.configs.types import FeatureType
     from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
-    from lerobot.utils.feature_utils import dataset_to_policy_features
     from transformers import AutoConfig
 
-    features = dataset_to_policy_features(dataset_meta.features)
     vlm = AutoConfig.from_pretrained(vlm_dir)
     image = vlm.vision_config.image_size
     return SmolVLAConfig(
@@ -362,8 +372,7 @@ def tiny_smolvla_config(vlm_dir: str | Path, dataset_meta, spec: TinyTeacherSpec
         num_vlm_layers=vlm.text_config.num_hidden_layers,
         device="cpu",
         push_to_hub=False,
-        input_features={k: f for k, f in features.items() if f.type is not FeatureType.ACTION},
-        output_features={k: f for k, f in features.items() if f.type is FeatureType.ACTION},
+        **policy_features(dataset_meta),
     )
 
 
