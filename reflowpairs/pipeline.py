@@ -210,7 +210,6 @@ def write_stage_options(cfg: PipelineConfig, command: str, config: Any, path: Pa
 
 
 def _generate(cfg: PipelineConfig, r: int, progress: PhaseProgress) -> dict[str, Any]:
-
     pairs = Path(cfg.out) / f"round{r}" / "pairs"
     source = features_source(cfg, r)
     gen = GenerateConfig(
@@ -250,7 +249,6 @@ def _generate(cfg: PipelineConfig, r: int, progress: PhaseProgress) -> dict[str,
 
 
 def _validate(cfg: PipelineConfig, r: int, progress: PhaseProgress) -> dict[str, Any]:
-
     round_dir = Path(cfg.out) / f"round{r}"
     report = validate(
         ValidateConfig(
@@ -281,7 +279,6 @@ def _train(
     steps: int,
     **extra,
 ) -> dict:
-
     plans: list = []  # train's plans (reflowpairs.train.planning.TrainPlan) says whether it uses the store's feature cache
     train_cfg = TrainConfig(
         pairs=pairs,
@@ -316,7 +313,6 @@ def _train(
 
 
 def _eval(cfg: PipelineConfig, student: Path, out: Path, progress: PhaseProgress) -> dict[str, Any]:
-
     eval_cfg = EvalConfig(
         student=str(student),
         teacher=cfg.teacher,  # every model is scored against the ORIGINAL teacher's full-step sample
